@@ -1,0 +1,103 @@
+"""The `paro` torch.compile backend.
+
+Graph level: we rewrite the Dynamo (torch-level) FX graph, before AOT autograd, then hand it to
+Inductor's `compile_fx`. Reasons (see docs/DESIGN_NOTES.md): SDPA is one node there on every device
+(after AOT on CUDA it is a device-specific ATen variant that cannot be produced on a CPU machine, so a
+post-grad matcher would be untestable in CI); nodes still carry ``nn_module_stack`` for stable site ids;
+the layout ops around attention (flatten/transpose/cat of the patchify) are still visible as such for
+the folding pass. Inductor then compiles the rewritten graph with its FX graph cache intact, because we
+register no custom Inductor pass.
+
+Registered once, through the ``torch_dynamo_backends`` entry point in pyproject.toml.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from paro_compile.config import ParoConfig
+from paro_compile.passes.discover import find_attention_sites
+from paro_compile.passes.lower import lower_attention_sites
+from paro_compile.report import CompileReport, new_report
+
+log = logging.getLogger("paro_compile")
+
+
+class UnsupportedAttentionError(RuntimeError):
+    """Raised with ``fallback="error"`` when a site cannot be lowered."""
+
+
+def load_plan(plan: Any):
+    if plan is None:
+        return None
+    if isinstance(plan, (str, Path)):
+        from paro_compile.plan import Plan
+
+        path = Path(plan)
+        if not path.exists():
+            raise FileNotFoundError(f"paro plan file {str(path)!r} does not exist; build one with paro_compile.calibrate(...).save(path)")
+        return Plan.load(path)
+    return plan
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileReport) -> fx.GraphModule:
+    """Run the paro passes on a copy of ``gm``; fill ``report``. Returns the rewritten graph module."""
+    gm = copy.deepcopy(gm)
+    before = graph_code(gm)
+    sites = find_attention_sites(gm, config)
+    unsupported = [s for s in sites if not s.supported]
+    if unsupported and config.fallback == "error":
+        details = "\n".join(f"  {s.site_id}: {'; '.join(s.reasons)}" for s in unsupported)
+        raise UnsupportedAttentionError(
+            f"{len(unsupported)} attention site(s) cannot use paro attention:\n{details}\n"
+            "Fix the causes above, or use options={'fallback': 'sdpa'} to keep those sites on SDPA."
+        )
+    if plan is not None and hasattr(plan, "check_sites"):
+        plan.check_sites([s for s in sites if s.supported])
+    kernel_perms = None
+    fold_records: dict[str, str] = {}
+    if plan is not None and config.fold_permutations:
+        try:
+            from paro_compile.passes import fold
+        except ImportError:
+            fold = None
+        if fold is not None:
+            result = fold.fold_permutations(gm, sites, plan, config)
+            kernel_perms, fold_records, report.gathers_left = result.kernel_perms, result.descriptions, result.gathers
+            report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
+            before = report.passes[-1]["after"]
+    report.sites = lower_attention_sites(gm, sites, config, plan, kernel_perms)
+    for record in report.sites:
+        if record.site_id in fold_records and record.lowered:
+            record.permutation = fold_records[record.site_id]
+    report.passes.append({"name": "lower_attention", "before": before, "after": graph_code(gm)})
+    log.info("%s", report.summary())
+    return gm
+
+
+def paro_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+    """Dynamo backend: ``torch.compile(model, backend="paro", options={...}, mode=...)``."""
+    config = ParoConfig.from_options(kwargs.get("options"), kwargs.get("mode"))
+    plan = load_plan(config.plan)
+
+    def compile_with_plan(plan_to_use) -> Callable:
+        report = new_report()
+        rewritten = rewrite_graph(gm, config, plan_to_use, report)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(rewritten, example_inputs, config_patches=dict(config.inductor) or None)
+
+    if plan is None and config.auto_calibrate:
+        from paro_compile.autocalib import make_auto_calibrating_callable
+
+        return make_auto_calibrating_callable(gm, example_inputs, config, compile_with_plan)
+    return compile_with_plan(plan)

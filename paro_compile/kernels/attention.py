@@ -1,0 +1,286 @@
+"""Block-sparse INT8/INT4-QKᵀ, FP8/INT8-PV attention over a CSR list of kept KV blocks (Triton).
+
+`paro_attention_triton` computes exactly `paro_compile.kernels.reference.paro_attention_reference`:
+the fused prologue (`prologue.py`) permutes, smooths and quantizes Q/K/V once; then one program per
+(query tile, batch·head) walks the kept KV blocks of its query block in CSR order:
+
+- QKᵀ on tensor cores: ``tl.dot(int8, int8) → int32`` (qk_bits 8). For qk_bits 4 the prologue
+  stores two INT4 per byte (split-nibble layout, see prologue.py) and the kernel unpacks them to
+  INT8 with shifts and runs two INT8 dots over the half head dims. **Hopper (sm_90) has no INT4
+  tensor cores** (neither does Ada/Blackwell in the mma path Triton uses), so INT4 here is a
+  *numerics* mode: it halves Q/K bytes but runs at INT8 tensor-core speed minus the unpack cost;
+  it is never faster than qk_bits=8 on an H100. qk_bits 16 runs the dot in the input dtype.
+- Dequantize with q_scale·k_scale (sm_scale·log2 e already folded into q_scale), mask key tokens ≥ N,
+  online softmax in base 2 (exp2), P = exp2(s − m) ∈ [0, 1].
+- P·448 → FP8 e4m3 with FP8 V (pv "fp8"), round(P·127) → INT8 with INT8 V (pv "int8", int32
+  accumulate), or P in V's dtype (pv "fp16"); PV accumulates in fp32; the row sum uses the
+  unquantized fp32 P. The 1/448 (1/127) P factor and V's per-channel scale are applied once at
+  the end (mathematically identical to the reference's per-step factor; differs by fp rounding).
+- Rows are stored through the inverse permutation: row i of the permuted order goes to token
+  ``perm[h, i]``; rows ≥ N are not written; query blocks with zero kept KV blocks store zeros.
+
+Tiling: BLOCK_N is the plan's block_n (the P quantization depends on the running max after each
+64-key block, so the walk must go block by block). The query tile is block_m rows, or 2·block_m
+for dense masks (rows are independent, so two query blocks that share their KV list can share a
+tile; with a sparse mask each query block has its own list). num_warps / num_stages (and the
+query tile for dense) are autotuned with `triton.autotune`, keyed on (N bucket, D, density bucket,
+dtypes, modes); winners are persisted in ``${PARO_CACHE_DIR:-~/.cache/paro_compile}/autotune/<gpu>.json``
+(see `tuning.py`). ``PARO_AUTOTUNE=0`` uses a fixed config; under ``TRITON_INTERPRET=1`` a single
+config is used and nothing is tuned.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from paro_compile.kernels import tuning
+from paro_compile.kernels.prologue import V_MODES, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
+from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, num_blocks
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _load_k_int4(K, kbase, rn, offs_h, HALF: tl.constexpr):
+    kp = tl.load(K + (kbase + rn[:, None]) * HALF + offs_h[None, :]).to(tl.int32)
+    k_lo = ((kp << 28) >> 28).to(tl.int8)
+    k_hi = (kp >> 4).to(tl.int8)
+    return k_lo, k_hi
+
+
+@triton.jit
+def _attn_fwd(
+    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX,
+    N, H, NQB, NKB, p_factor,
+    sob, soh, son, sod,
+    n_bucket, density_bucket,  # autotune key only
+    TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    NQ_ROWS = NQB * BLOCK_M
+    NK_ROWS = NKB * BLOCK_N
+    rm = pid_m * TILE_M + tl.arange(0, TILE_M)  # rows of the permuted order
+    rn = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_in = rm < NQ_ROWS
+
+    # Q tile and its per-row dequantization factor (one scale per block_m rows).
+    qs = tl.load(QS + pid_bh * NQB + rm // BLOCK_M, mask=row_in, other=0.0)
+    if QK_BITS == 4:
+        HALF: tl.constexpr = D // 2
+        offs_h = tl.arange(0, HALF)
+        qp = tl.load(QQ + (pid_bh * NQ_ROWS + rm[:, None]) * HALF + offs_h[None, :], mask=row_in[:, None], other=0)
+        qp = qp.to(tl.int32)
+        q_lo = ((qp << 28) >> 28).to(tl.int8)
+        q_hi = (qp >> 4).to(tl.int8)
+    else:
+        q = tl.load(QQ + (pid_bh * NQ_ROWS + rm[:, None]) * D + offs_d[None, :], mask=row_in[:, None], other=0)
+        if DOT_F32 and QK_BITS == 16:
+            q = q.to(tl.float32)
+
+    m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TILE_M], dtype=tl.float32)
+    acc = tl.zeros([TILE_M, D], dtype=tl.float32)
+
+    if DENSE:
+        count = NKB
+    else:
+        count = tl.load(COUNTS + h * NQB + pid_m)
+    idx_base = IDX + (h * NQB + pid_m) * NKB
+    kbase = pid_bh * NK_ROWS
+    vbase = VT + pid_bh * D * NK_ROWS + offs_d[:, None] * NK_ROWS
+    for s in range(0, count):
+        if DENSE:
+            j = s
+        else:
+            j = tl.load(idx_base + s)
+        rows_k = j * BLOCK_N + rn
+        # ---- S = Q Kᵀ (log2 domain after dequantization) ----
+        if QK_BITS == 4:
+            k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
+            qk = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
+            qk = tl.dot(q_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
+            qk = qk.to(tl.float32)
+        elif QK_BITS == 8:
+            k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        else:
+            k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+            if DOT_F32:
+                k = k.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+        ks = tl.load(KS + pid_bh * NKB + j)
+        sc = qk * (qs * ks)[:, None]
+        if not EVEN_N:
+            sc = tl.where((rows_k < N)[None, :], sc, float("-inf"))
+        # ---- online softmax, base 2 ----
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        # ---- O += P V ----
+        vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
+        v = tl.trans(vt)
+        if PV_MODE == 1:
+            pq = fp32_to_fp8e4(p * 448.0, EMULATE)
+            acc = tl.dot(pq, v, acc)
+        elif PV_MODE == 2:
+            pq = tl.floor(p * 127.0 + 0.5).to(tl.int8)
+            acc += tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32)
+        else:
+            if VT.dtype.element_ty == tl.bfloat16:
+                pq = fp32_to_bf16(p, EMULATE)
+            else:
+                pq = p.to(VT.dtype.element_ty)
+            if DOT_F32:
+                acc = tl.dot(pq.to(tl.float32), v.to(tl.float32), acc)
+            elif IEEE:
+                acc = tl.dot(pq, v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(pq, v, acc)
+        m_i = m_new
+
+    vs = tl.load(VS + pid_bh * D + offs_d)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc * (vs * p_factor)[None, :] / l_safe[:, None]
+    valid = rm < N
+    if HAS_PERM:
+        dst = tl.load(PERM + h * N + rm, mask=valid, other=0)
+    else:
+        dst = rm
+    if OUT.dtype.element_ty == tl.bfloat16:
+        o = fp32_to_bf16(out, EMULATE)
+    else:
+        o = out.to(OUT.dtype.element_ty)
+    tl.store(OUT + b * sob + h * soh + dst[:, None] * son + offs_d[None, :] * sod, o, mask=valid[:, None])
+
+
+def _prune(configs, named_args, **kwargs):
+    dense = kwargs.get("DENSE", named_args.get("DENSE", False))
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+    kept = [c for c in configs if dense or c.kwargs["TILE_M"] == block_m]
+    kept = [c for c in kept if c.kwargs["TILE_M"] in (block_m, 2 * block_m)]
+    return kept or [triton.Config({"TILE_M": block_m}, num_warps=4, num_stages=2)]
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=tuning.candidate_configs(),
+    key=["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_attn_fwd)
+
+
+def _density_bucket(kv_counts: Optional[torch.Tensor], nk: int) -> int:
+    if kv_counts is None:
+        return 100
+    dens = float(kv_counts.float().mean().item()) / max(nk, 1)
+    return tuning.density_bucket(dens)
+
+
+def paro_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    perm: Optional[torch.Tensor] = None,
+    kv_counts: Optional[torch.Tensor] = None,
+    kv_indices: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    qk_bits: int = 8,
+    pv_dtype: str = "fp8",
+    block_m: int = 64,
+    block_n: int = 64,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triton implementation of `paro_attention_reference` (same arguments, same result).
+
+    ``out`` (optional, contiguous [B, H, N, D] of q's dtype) receives the result; rows are only
+    written where the kernel computes them (tests poison it with NaN to catch unwritten rows).
+    """
+    if qk_bits not in QK_BITS:
+        raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
+    if pv_dtype not in PV_DTYPES:
+        raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {pv_dtype!r}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    bsz, heads, n, d = q.shape
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
+    dense = kv_counts is None or kv_indices is None
+    if not dense:
+        if tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape) != (heads, nqb, nkb):
+            raise ValueError(
+                f"block mask has shape counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
+                f"expected ({heads}, {nqb}) and ({heads}, {nqb}, {nkb}) for N={n}, block_m={block_m}, block_n={block_n}"
+            )
+        kv_counts = kv_counts.to(device=q.device, dtype=torch.int32).contiguous()
+        kv_indices = kv_indices.to(device=q.device, dtype=torch.int32).contiguous()
+
+    pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
+                        block_m=block_m, block_n=block_n)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
+    dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
+    perm_arg = perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None else None
+    p_factor = {"fp8": 1.0 / 448.0, "int8": 1.0 / 127.0, "fp16": 1.0}[pv_dtype]
+    interp = q.device.type == "cpu"
+    # The interpreter multiplies bf16 bit patterns in tl.dot (DESIGN.md): upcast bf16 operands to fp32 there.
+    dot_f32 = interp and q.dtype == torch.bfloat16
+    args = (
+        pro.q, pro.q_scale, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
+        perm_arg if perm_arg is not None else dummy,
+        kv_counts if not dense else dummy, kv_indices if not dense else dummy,
+        n, heads, nqb, nkb, p_factor,
+        *out.stride(),
+        tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb),
+    )
+    meta = dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],
+        HAS_PERM=perm is not None, DENSE=dense, EVEN_N=(n % block_n == 0),
+        DOT_F32=dot_f32, IEEE=(q.dtype == torch.float32 and not interp), EMULATE=interp,
+    )
+
+    def grid(cfg):
+        return (triton.cdiv(nqb * block_m, cfg["TILE_M"]), bsz * heads)
+
+    cfg = tuning.select_config(_attn_fwd_tuned, q.device, args, meta, interp)
+    if cfg is None:  # not cached: run triton.autotune, then persist its winner on disk
+        _attn_fwd_tuned[grid](*args, **meta)
+        entry = tuning.record(_attn_fwd_tuned, q.device, args, meta)
+        _LAST.clear()
+        _LAST.update(entry or {})
+        _LAST["tuned_now"] = True
+    else:
+        _attn_fwd[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _LAST.clear()
+        _LAST.update({"key": tuning._key(args, meta), "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps,
+                      "num_stages": cfg.num_stages, "tuned_now": False})
+    return out
+
+
+_LAST: dict = {}
+
+
+def last_launch_info() -> dict:
+    """Key and config of the most recent attention launch (for `tuning.tune` and the benchmark)."""
+    return dict(_LAST)

@@ -1,0 +1,347 @@
+"""Fused prologue of the paro attention: permute + smooth K + quantize Q/K + quantize V, one pass.
+
+Computes exactly steps 1-3 of `paro_compile.kernels.reference` (and V's per-channel quantization of
+step 4), in the layout the attention kernel (`paro_compile.kernels.attention`) reads:
+
+============  ===========================================  =====================================
+tensor        shape (contiguous)                           dtype
+============  ===========================================  =====================================
+``q``         [B*H, NQB*block_m, DQ]                       int8 (qk_bits 8/4) or q.dtype (16)
+``q_scale``   [B*H, NQB]    (amax/qmax · sm_scale·log2e)   float32
+``k``         [B*H, NKB*block_n, DQ]                       int8 (qk_bits 8/4) or k.dtype (16)
+``k_scale``   [B*H, NKB]    (amax/qmax of smoothed K)      float32
+``vt``        [B*H, D, NKB*block_n]  (V **transposed**)    float8_e4m3fn / int8 / v.dtype
+``v_scale``   [B*H, D]      (amax/448, amax/127 or 1)      float32
+============  ===========================================  =====================================
+
+Rows are in PARO (permuted) order: row ``i`` of head ``h`` holds token ``perm[h, i]``; the gather is
+folded into the loads (no permuted copy of the inputs is ever materialised). Rows past N are zero.
+
+- ``DQ = D`` for INT8; for INT4 (values in [-7, 7]) two values share a byte: byte ``c`` of a row
+  holds channel ``c`` in its low nibble and channel ``c + D/2`` in its high nibble (two's complement
+  nibbles). That split layout lets the attention kernel unpack with shifts and run QKᵀ as two INT8
+  dots over the half head dims, with no register shuffles.
+- V is stored transposed (token axis contiguous) because Hopper's 8-bit wgmma wants its B operand
+  K-major: ``tl.dot(p, tl.trans(vt_tile))`` then needs no layout conversion.
+
+Two launches: a small reduction (per-(b, h) channel sums of K for the smoothing mean and channel
+amax of V, split over token chunks, then summed in torch), and the fused quantization pass.
+Rounding: divisions use `tl.math.div_rn` (IEEE, like torch); integer rounding is half away from
+zero, like `reference.round_half_away`; fp32→e4m3 uses the hardware RTNE conversion (the
+interpreter's conversion is off by one e4m3 step for ~2 % of values, see DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from paro_compile.kernels.reference import FP8_MAX, LOG2E, num_blocks, qmax_for_bits
+
+V_MODES = {"fp16": 0, "fp8": 1, "int8": 2}
+
+
+@dataclass
+class Prologue:
+    """Output of `paro_prologue` (see the module docstring for layouts)."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    vt: torch.Tensor
+    v_scale: torch.Tensor
+    qk_bits: int
+    pv_dtype: str
+    block_m: int
+    block_n: int
+    n: int
+
+
+@triton.jit
+def _round_half_away(y):
+    return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+
+
+@triton.jit
+def _rint_even(t):
+    r = tl.floor(t + 0.5)
+    tie = (r - t) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def fp32_to_fp8e4(x, EMULATE: tl.constexpr):
+    """fp32 → e4m3 (round to nearest even). EMULATE rounds in fp32 first: the interpreter's own
+    conversion drops the carry into the next binade (e.g. 127.8 → 64), see tests."""
+    if EMULATE:
+        ax = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
+        e = tl.maximum(e, -6.0)  # subnormal spacing 2^-9
+        step = tl.exp2(e - 3.0)
+        y = _rint_even(ax / step) * step
+        y = tl.minimum(y, 448.0)
+        return tl.where(x < 0, -y, y).to(tl.float8e4nv)
+    else:
+        return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def fp32_to_bf16(x, EMULATE: tl.constexpr):
+    """fp32 → bf16 (round to nearest even). The interpreter truncates; EMULATE rounds the bits first."""
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = bits & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _stats_kernel(
+    K, V, KSUM, VAMAX,
+    N, H, CHUNK,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+):
+    """Per (b, h, token chunk): sum of K over tokens and amax |V| over tokens, per channel."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    nchunks = tl.num_programs(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D)
+    ksum = tl.zeros([D], dtype=tl.float32)
+    vamax = tl.zeros([D], dtype=tl.float32)
+    start = pid_c * CHUNK
+    for t0 in range(start, start + CHUNK, BLOCK_T):
+        rows = t0 + offs_t
+        rmask = (rows < N)[:, None]
+        if NEED_K:
+            kt = tl.load(K + b * skb + h * skh + rows[:, None] * skn + offs_d[None, :] * skd, mask=rmask, other=0.0)
+            ksum += tl.sum(kt.to(tl.float32), axis=0)
+        if NEED_V:
+            vt = tl.load(V + b * svb + h * svh + rows[:, None] * svn + offs_d[None, :] * svd, mask=rmask, other=0.0)
+            vamax = tl.maximum(vamax, tl.max(tl.abs(vt.to(tl.float32)), axis=0))
+    out = (pid_bh * nchunks + pid_c) * D + offs_d
+    if NEED_K:
+        tl.store(KSUM + out, ksum)
+    if NEED_V:
+        tl.store(VAMAX + out, vamax)
+
+
+@triton.jit
+def _load_rows(X, base, src, rmask, offs_d, sxn, sxd):
+    return tl.load(X + base + src[:, None] * sxn + offs_d[None, :] * sxd, mask=rmask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, sxd, scale_mult,
+                 D: tl.constexpr, BLOCK: tl.constexpr, QK_BITS: tl.constexpr, SMOOTH: tl.constexpr):
+    """Quantize one block of BLOCK gathered rows of X; store values [BLOCK, DQ] and one scale."""
+    nrows = nblk * BLOCK
+    if QK_BITS == 16:
+        offs_d = tl.arange(0, D)
+        x = tl.load(X + base + src[:, None] * sxn + offs_d[None, :] * sxd, mask=rmask[:, None], other=0.0)
+        tl.store(XQ + (pid_bh * nrows + rows[:, None]) * D + offs_d[None, :], x)
+        tl.store(XS + pid_bh * nblk + t, scale_mult)
+    elif QK_BITS == 8:
+        qmax: tl.constexpr = 127.0
+        offs_d = tl.arange(0, D)
+        x = _load_rows(X, base, src, rmask, offs_d, sxn, sxd)
+        if SMOOTH:
+            mean = tl.load(MEAN + pid_bh * D + offs_d)
+            x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
+        y = _round_half_away(tl.math.div_rn(x, scale))
+        y = tl.minimum(tl.maximum(y, -qmax), qmax)
+        tl.store(XQ + (pid_bh * nrows + rows[:, None]) * D + offs_d[None, :], y.to(tl.int8))
+        tl.store(XS + pid_bh * nblk + t, scale * scale_mult)
+    else:
+        qmax4: tl.constexpr = 7.0
+        HALF: tl.constexpr = D // 2
+        offs_h = tl.arange(0, HALF)
+        lo = _load_rows(X, base, src, rmask, offs_h, sxn, sxd)
+        hi = _load_rows(X, base, src, rmask, offs_h + HALF, sxn, sxd)
+        if SMOOTH:
+            mlo = tl.load(MEAN + pid_bh * D + offs_h)
+            mhi = tl.load(MEAN + pid_bh * D + HALF + offs_h)
+            lo = tl.where(rmask[:, None], lo - mlo[None, :], 0.0)
+            hi = tl.where(rmask[:, None], hi - mhi[None, :], 0.0)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(lo), axis=1), axis=0), tl.max(tl.max(tl.abs(hi), axis=1), axis=0))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax4), 1.0)
+        ylo = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(lo, scale)), -qmax4), qmax4).to(tl.int32)
+        yhi = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(hi, scale)), -qmax4), qmax4).to(tl.int32)
+        packed = ((ylo & 15) | (yhi << 4)).to(tl.int8)
+        tl.store(XQ + (pid_bh * nrows + rows[:, None]) * HALF + offs_h[None, :], packed)
+        tl.store(XS + pid_bh * nblk + t, scale * scale_mult)
+
+
+@triton.jit
+def _prologue_kernel(
+    Q, K, V, PERM, KMEAN, VSCALE,
+    QQ, QS, KQ, KS, VT,
+    N, H, NQB, NKB, q_mult,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QK_BITS: tl.constexpr, V_MODE: tl.constexpr, HAS_PERM: tl.constexpr, EMULATE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    if t < NQB:
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        if HAS_PERM:
+            src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+        else:
+            src = rows
+        _quant_block(Q, QQ, QS, KMEAN, b * sqb + h * sqh, src, rows, rmask, pid_bh, t, NQB, sqn, sqd, q_mult,
+                     D, BLOCK_M, QK_BITS, False)
+    if t < NKB:
+        rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        if HAS_PERM:
+            src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+        else:
+            src = rows
+        _quant_block(K, KQ, KS, KMEAN, b * skb + h * skh, src, rows, rmask, pid_bh, t, NKB, skn, skd, 1.0,
+                     D, BLOCK_N, QK_BITS, QK_BITS != 16)
+        # V, stored transposed: VT[pid_bh, d, row].
+        offs_d = tl.arange(0, D)
+        vptr = V + b * svb + h * svh + src[:, None] * svn + offs_d[None, :] * svd
+        dst = VT + (pid_bh * D + offs_d[None, :]) * (NKB * BLOCK_N) + rows[:, None]
+        if V_MODE == 0:
+            v = tl.load(vptr, mask=rmask[:, None], other=0.0)
+            tl.store(dst, v)
+        else:
+            v = tl.load(vptr, mask=rmask[:, None], other=0.0).to(tl.float32)
+            vs = tl.load(VSCALE + pid_bh * D + offs_d)
+            y = tl.math.div_rn(v, vs[None, :])
+            if V_MODE == 1:
+                y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+                tl.store(dst, fp32_to_fp8e4(y, EMULATE))
+            else:
+                y = tl.minimum(tl.maximum(_round_half_away(y), -127.0), 127.0)
+                tl.store(dst, y.to(tl.int8))
+
+
+def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool):
+    bsz, heads, n, d = k.shape
+    block_t = 32
+    # Enough chunks to fill the GPU even at B*H small; chunk a multiple of block_t.
+    target = max(1, min(64, (4 * 132) // max(1, bsz * heads)))
+    chunk = triton.cdiv(triton.cdiv(n, target), block_t) * block_t
+    nchunks = triton.cdiv(n, chunk)
+    dev = k.device
+    ksum = torch.empty(bsz * heads, nchunks, d, device=dev, dtype=torch.float32) if need_k else None
+    vamax = torch.empty(bsz * heads, nchunks, d, device=dev, dtype=torch.float32) if need_v else None
+    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    _stats_kernel[(nchunks, bsz * heads)](
+        k, v, ksum if need_k else dummy, vamax if need_v else dummy,
+        n, heads, chunk,
+        *k.stride(), *v.stride(),
+        D=d, BLOCK_T=block_t, NEED_K=need_k, NEED_V=need_v, num_warps=4,
+    )
+    kmean = ksum.sum(1) / n if need_k else None
+    vmax = vamax.amax(1) if need_v else None
+    return kmean, vmax
+
+
+def paro_prologue(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    perm: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    qk_bits: int = 8,
+    pv_dtype: str = "fp8",
+    block_m: int = 64,
+    block_n: int = 64,
+) -> Prologue:
+    """Permute, smooth and quantize q, k, v [B, H, N, D] for the attention kernel (see module docstring)."""
+    if qk_bits not in (4, 8, 16):
+        raise ValueError(f"qk_bits must be 4, 8 or 16, got {qk_bits}")
+    if pv_dtype not in V_MODES:
+        raise ValueError(f"pv_dtype must be one of {tuple(V_MODES)}, got {pv_dtype!r}")
+    bsz, heads, n, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    dev = q.device
+    bh = bsz * heads
+    nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
+    if perm is not None:
+        perm = perm.to(device=dev, dtype=torch.int64).contiguous()
+        if tuple(perm.shape) != (heads, n):
+            raise ValueError(f"perm must have shape ({heads}, {n}), got {tuple(perm.shape)}")
+
+    kmean, vmax = _stats(k, v, need_k=qk_bits != 16, need_v=pv_dtype != "fp16")
+    if pv_dtype == "fp16":
+        v_scale = torch.ones(bh, d, device=dev, dtype=torch.float32)
+        v_store = v.dtype
+    else:
+        qv = FP8_MAX if pv_dtype == "fp8" else 127.0
+        vmax = vmax.view(bh, d)
+        v_scale = torch.where(vmax > 0, vmax / qv, torch.ones_like(vmax))
+        v_store = torch.float8_e4m3fn if pv_dtype == "fp8" else torch.int8
+
+    if qk_bits == 16:
+        qk_store, dq = q.dtype, d
+        q_mult = sm_scale * LOG2E
+    else:
+        qk_store, dq = torch.int8, (d if qk_bits == 8 else d // 2)
+        q_mult = sm_scale * LOG2E
+    qq = torch.empty(bh, nqb * block_m, dq, device=dev, dtype=qk_store)
+    kq = torch.empty(bh, nkb * block_n, dq, device=dev, dtype=qk_store)
+    qs = torch.empty(bh, nqb, device=dev, dtype=torch.float32)
+    ks = torch.empty(bh, nkb, device=dev, dtype=torch.float32)
+    vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=v_store)
+    dummy = torch.zeros(1, device=dev, dtype=torch.float32)
+    _prologue_kernel[(max(nqb, nkb), bh)](
+        q, k, v, perm if perm is not None else dummy,
+        kmean.contiguous() if kmean is not None else dummy, v_scale,
+        qq, qs, kq, ks, vt,
+        n, heads, nqb, nkb, q_mult,
+        *q.stride(), *k.stride(), *v.stride(),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
+        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", num_warps=4,
+    )
+    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] int8 in the split-nibble layout → [..., D] int8 (channel c low nibble, c + D/2 high)."""
+    x = packed.to(torch.int32)
+    lo = (x << 28) >> 28
+    hi = x >> 4
+    return torch.cat([lo, hi], dim=-1).to(torch.int8)
+
+
+def dequantized_views(p: Prologue) -> dict:
+    """Helper for tests/debugging: the prologue's outputs as float32 [B*H, N, D] values and raw scales."""
+    n = p.n
+    if p.qk_bits == 4:
+        qv, kv = unpack_int4(p.q).float(), unpack_int4(p.k).float()
+    else:
+        qv, kv = p.q.float(), p.k.float()
+    return {
+        "q": qv[:, :n], "q_scale": p.q_scale,
+        "k": kv[:, :n], "k_scale": p.k_scale,
+        "v": p.vt.float().transpose(1, 2)[:, :n], "v_scale": p.v_scale,
+    }

@@ -1,0 +1,233 @@
+"""Pure-PyTorch oracle of the paro attention numerics.
+
+Every Triton kernel in this package computes the same function as `paro_attention_reference`
+and is tested against it. The function, for q, k, v of shape [B, H, N, D] in model token order:
+
+1. Gather tokens per head by ``perm[h]`` (PARO order). The output is scattered back through the
+   inverse, so the caller never sees the permuted order.
+2. Smooth K: subtract its per-(b, h, channel) mean over tokens. Softmax is invariant to adding a
+   per-row constant to the scores, so this changes nothing mathematically but removes the channel
+   outliers that make K hard to quantize.
+3. Quantize Q per block of ``block_m`` tokens and K per block of ``block_n`` tokens, symmetric,
+   ``scale = amax / qmax`` with qmax 127 (INT8) or 7 (INT4); round half away from zero. The softmax
+   scale and log2(e) are folded into Q's dequantization factor so scores come out in the log2 domain.
+4. For every (b, h, query block) walk the kept KV blocks in CSR order (``kv_indices[h, i, :kv_counts[h, i]]``)
+   with an online softmax in base 2. P = exp2(s - running max) lies in [0, 1]:
+   - ``pv_dtype="fp8"``: P·448 is rounded to float8 e4m3 (no computed scale needed); V is quantized per
+     (b, h, channel) to e4m3 with scale amax/448.
+   - ``pv_dtype="int8"``: P·127 rounded to INT8; V per channel INT8 with scale amax/127.
+   - ``pv_dtype="fp16"``: no PV quantization; P is rounded to V's dtype (a no-op for fp32 inputs).
+   PV accumulates in fp32; the row sum uses the unquantized fp32 P.
+5. A query row that has no kept block (only possible with a hand-made mask: plans always keep the
+   diagonal) returns zeros. Key tokens past N (the tail block) are masked out.
+
+``qk_bits=16`` skips steps 2-3 (plain fp32 scores). With qk_bits=16, pv_dtype="fp16", identity perm and
+a full mask the result equals SDPA to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0
+PV_DTYPES = ("fp8", "int8", "fp16")
+QK_BITS = (4, 8, 16)
+
+
+def qmax_for_bits(bits: int) -> float:
+    """Largest magnitude of the symmetric integer grid for ``bits`` (127 for INT8, 7 for INT4)."""
+    return float(2 ** (bits - 1) - 1)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero: the rounding the Triton kernels implement with floor/ceil."""
+    return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
+
+
+def num_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def permute_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[b, h, perm[h, i]] for x of shape [B, H, N, D] and perm of shape [H, N] (None = identity)."""
+    if perm is None:
+        return x
+    index = perm.to(device=x.device, dtype=torch.long)[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1])
+    return torch.gather(x, 2, index)
+
+
+def unpermute_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `permute_tokens`: out[b, h, perm[h, i]] = x[b, h, i]."""
+    if perm is None:
+        return x
+    index = perm.to(device=x.device, dtype=torch.long)[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1])
+    return torch.empty_like(x).scatter_(2, index, x)
+
+
+def quantize_blockwise(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token-block quantization of x [B, H, N, D] (float32).
+
+    Returns the integer values (as float32, exactly representable) and the per-block scale
+    [B, H, ceil(N / block)] such that ``x ≈ values * scale``. An all-zero block gets scale 1 (values 0).
+    """
+    b, h, n, d = x.shape
+    nb = num_blocks(n, block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, nb * block - n))
+    blocks = padded.view(b, h, nb, block, d)
+    amax = blocks.abs().amax(dim=(-1, -2))
+    qmax = qmax_for_bits(bits)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    values = round_half_away(blocks / scale[..., None, None]).clamp_(-qmax, qmax)
+    return values.view(b, h, nb * block, d)[:, :, :n], scale
+
+
+def quantize_v_per_channel(v: torch.Tensor, pv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """V [B, H, N, D] float32 → (quantized values as float32, scale [B, H, D])."""
+    amax = v.abs().amax(dim=2)
+    if pv_dtype == "fp8":
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        values = (v / scale[:, :, None, :]).to(torch.float8_e4m3fn).float()
+    elif pv_dtype == "int8":
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        values = round_half_away(v / scale[:, :, None, :]).clamp_(-127, 127)
+    else:
+        raise ValueError(f"pv_dtype {pv_dtype!r} has no V quantization")
+    return values, scale
+
+
+def quantize_p(p: torch.Tensor, pv_dtype: str, v_dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """P in [0, 1] → (quantized P as float32, factor that undoes the P scaling)."""
+    if pv_dtype == "fp8":
+        return (p * FP8_MAX).to(torch.float8_e4m3fn).float(), 1.0 / FP8_MAX
+    if pv_dtype == "int8":
+        return round_half_away(p * 127.0), 1.0 / 127.0
+    return p.to(v_dtype).float(), 1.0
+
+
+def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of a full mask: every query block keeps every KV block, in order."""
+    counts = torch.full((num_heads, num_q_blocks), num_kv_blocks, dtype=torch.int32, device=device)
+    indices = torch.arange(num_kv_blocks, dtype=torch.int32, device=device).expand(num_heads, num_q_blocks, -1).contiguous()
+    return counts, indices
+
+
+def block_mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense boolean block mask [..., Mq, Nk] → (counts [..., Mq] int32, indices [..., Mq, Nk] int32).
+
+    Kept KV blocks come first in ascending order; unused slots hold the last kept index (or 0), so a
+    kernel that prefetches one slot past the count still reads a valid block.
+    """
+    mask = mask.bool()
+    counts = mask.sum(-1, dtype=torch.int32)
+    nk = mask.shape[-1]
+    key = torch.where(mask, torch.arange(nk, device=mask.device), nk + torch.arange(nk, device=mask.device))
+    order = key.argsort(dim=-1, stable=True).to(torch.int32)
+    slot = torch.arange(nk, device=mask.device)
+    last = (counts.long() - 1).clamp(min=0).unsqueeze(-1)
+    fill = torch.gather(order, -1, last)
+    indices = torch.where(slot < counts.unsqueeze(-1), order, fill).to(torch.int32)
+    return counts, indices.contiguous()
+
+
+def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Inverse of `block_mask_to_csr`: boolean [..., Mq, Nk]."""
+    nk = indices.shape[-1]
+    slot = torch.arange(nk, device=indices.device)
+    valid = slot < counts.unsqueeze(-1).long()
+    # Unused slots write into a spare column that is cut off, so repeated fill indices never clear a kept block.
+    target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
+    mask = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, target, True)[..., :nk]
+
+
+def paro_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    perm: Optional[torch.Tensor] = None,
+    kv_counts: Optional[torch.Tensor] = None,
+    kv_indices: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    qk_bits: int = 8,
+    pv_dtype: str = "fp8",
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Block-sparse, quantized attention; see the module docstring for the exact numerics.
+
+    q, k, v: [B, H, N, D]; perm: [H, N] (None = identity); kv_counts: [H, ceil(N/block_m)];
+    kv_indices: [H, ceil(N/block_m), ceil(N/block_n)] (both None = dense). Returns [B, H, N, D] in q's dtype.
+    """
+    if qk_bits not in QK_BITS:
+        raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
+    if pv_dtype not in PV_DTYPES:
+        raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {pv_dtype!r}")
+    bsz, heads, n, d = q.shape
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    mq, nk = num_blocks(n, block_m), num_blocks(n, block_n)
+    if kv_counts is None or kv_indices is None:
+        kv_counts, kv_indices = dense_csr(heads, mq, nk, q.device)
+    if tuple(kv_counts.shape) != (heads, mq) or tuple(kv_indices.shape[:2]) != (heads, mq):
+        raise ValueError(
+            f"block mask has shape counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
+            f"expected ({heads}, {mq}) and ({heads}, {mq}, {nk}) for N={n}, block_m={block_m}, block_n={block_n}"
+        )
+
+    qf = permute_tokens(q, perm).float()
+    kf = permute_tokens(k, perm).float()
+    vf = permute_tokens(v, perm).float()
+
+    if qk_bits == 16:
+        q_vals, k_vals = qf * (sm_scale * LOG2E), kf
+        q_scale = torch.ones(bsz, heads, mq, device=q.device)
+        k_scale = torch.ones(bsz, heads, nk, device=q.device)
+    else:
+        kf = kf - kf.mean(dim=2, keepdim=True)
+        q_vals, q_scale = quantize_blockwise(qf, block_m, qk_bits)
+        k_vals, k_scale = quantize_blockwise(kf, block_n, qk_bits)
+        q_scale = q_scale * (sm_scale * LOG2E)
+
+    if pv_dtype == "fp16":
+        v_vals, v_scale = vf, torch.ones(bsz, heads, d, device=q.device)
+    else:
+        v_vals, v_scale = quantize_v_per_channel(vf, pv_dtype)
+
+    # Pad the token axis to whole blocks so blocks can be gathered by index.
+    def pad_to(x: torch.Tensor, block: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, num_blocks(n, block) * block - n))
+
+    q_blk = pad_to(q_vals, block_m).view(bsz, heads, mq, block_m, d)
+    k_blk = pad_to(k_vals, block_n).view(bsz, heads, nk, block_n, d)
+    v_blk = pad_to(v_vals, block_n).view(bsz, heads, nk, block_n, d)
+    key_valid = (torch.arange(nk * block_n, device=q.device) < n).view(nk, block_n)
+
+    m_i = torch.full((bsz, heads, mq, block_m), -math.inf, device=q.device)
+    l_i = torch.zeros(bsz, heads, mq, block_m, device=q.device)
+    acc = torch.zeros(bsz, heads, mq, block_m, d, device=q.device)
+    counts = kv_counts.to(q.device).long()
+    indices = kv_indices.to(q.device).long()
+    head_index = torch.arange(heads, device=q.device)[:, None]
+    for slot in range(int(counts.max().item()) if counts.numel() else 0):
+        active = (slot < counts)  # [H, Mq]
+        j = indices[:, :, slot].clamp(0, nk - 1)  # [H, Mq]
+        k_j = k_blk[:, head_index, j]  # [B, H, Mq, block_n, D]
+        v_j = v_blk[:, head_index, j]
+        s = torch.einsum("bhmid,bhmjd->bhmij", q_blk, k_j)
+        s = s * q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None]
+        s = s.masked_fill(~key_valid[j][None, :, :, None, :], -math.inf)
+        s = s.masked_fill(~active[None, :, :, None, None], -math.inf)
+        m_new = torch.maximum(m_i, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp2(m_i - m_safe)
+        p = torch.exp2(s - m_safe[..., None])
+        p_q, p_factor = quantize_p(p, pv_dtype, v.dtype)
+        l_i = l_i * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhmij,bhmjd->bhmid", p_q, v_j) * p_factor
+        m_i = m_new
+    out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
+    out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]
+    return unpermute_tokens(out, perm).to(q.dtype)

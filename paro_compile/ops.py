@@ -1,0 +1,70 @@
+"""The `paro::attention` custom op: what the lowering pass puts in place of SDPA.
+
+A `torch.library.custom_op` with a fake impl (not `triton_op`: under TRITON_INTERPRET=1 a triton_op
+fails in every torch.compile backend on torch 2.13, see DESIGN.md). Inductor treats it as an opaque
+extern call, so everything around it keeps Inductor's codegen.
+
+Dispatch of ``impl``:
+- ``"reference"``: `paro_compile.kernels.reference` (pure PyTorch; any device).
+- ``"triton"``: the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
+- ``"auto"``: Triton on CUDA, the reference elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from paro_compile.kernels.reference import paro_attention_reference
+
+IMPLS = ("auto", "reference", "triton")
+
+
+def triton_available_for(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.library.custom_op("paro::attention", mutates_args=())
+def paro_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    kv_counts: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
+    scale: float,
+    qk_bits: int,
+    pv_dtype: str,
+    block_m: int,
+    block_n: int,
+    impl: str,
+) -> torch.Tensor:
+    """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
+    kwargs = dict(
+        perm=perm, kv_counts=kv_counts, kv_indices=kv_indices, scale=scale, qk_bits=qk_bits,
+        pv_dtype=pv_dtype, block_m=block_m, block_n=block_n,
+    )
+    if use_triton:
+        if not triton_available_for(q.device):
+            raise RuntimeError(
+                f"impl='triton' needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
+                "before importing paro_compile, or use impl='reference'"
+            )
+        from paro_compile.kernels.attention import paro_attention_triton
+
+        out = paro_attention_triton(q, k, v, **kwargs)
+    else:
+        out = paro_attention_reference(q, k, v, **kwargs)
+    # The fake impl promises a contiguous result; Inductor asserts the strides.
+    return out.contiguous()
+
+
+@paro_attention.register_fake
+def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

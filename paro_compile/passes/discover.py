@@ -1,0 +1,187 @@
+"""Pass 1: find every attention site in a Dynamo FX graph and decide whether it can be lowered.
+
+We match at the Dynamo (torch-level) graph: SDPA is one node there, on every device, and nodes carry
+``nn_module_stack`` for stable site ids. The ATen variants (``aten._scaled_dot_product_*``) are matched
+too, for graphs that reach us already lowered (e.g. a user calling the pass on an exported graph).
+
+A site id is ``<module path>#<ordinal>``: the innermost module's qualified name (as in
+``model.named_modules()``) and the index of this call among the SDPA calls inside that module, in graph
+order. It never depends on FX node names, so plans survive re-tracing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from paro_compile.config import SUPPORTED_HEAD_DIMS, ParoConfig
+
+SDPA_TARGETS: set[Any] = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+for _name in (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "scaled_dot_product_attention",
+):
+    _op = getattr(torch.ops.aten, _name, None)
+    if _op is not None:
+        SDPA_TARGETS.add(_op)
+        SDPA_TARGETS.update(getattr(_op, overload) for overload in _op.overloads())
+
+# Positional parameter order of F.scaled_dot_product_attention after (query, key, value).
+SDPA_OPTIONAL_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+ATEN_FLASH_OPTIONAL_ARGS = ("dropout_p", "is_causal", "return_debug_mask", "scale")
+
+
+@dataclass
+class AttentionSite:
+    """One SDPA call in the graph, with what we know about it."""
+
+    site_id: str
+    node: fx.Node
+    module_path: str
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: Optional[float]
+    batch: Any = None
+    heads: Any = None
+    seq_len: Any = None
+    kv_seq_len: Any = None
+    head_dim: Any = None
+    dtype: Optional[torch.dtype] = None
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def supported(self) -> bool:
+        return not self.reasons
+
+    @property
+    def shape(self) -> tuple:
+        return (self.batch, self.heads, self.seq_len, self.head_dim)
+
+
+def normalize_module_path(dynamo_path: str) -> str:
+    """``L['self'].blocks[0]._modules['attn']`` → ``blocks.0.attn`` (the `named_modules()` name)."""
+    path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", dynamo_path)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    # Dynamo may spell submodule access through the module's __dict__ / _modules dicts.
+    parts = [p for p in path.split(".") if p and p not in ("__dict__", "_modules")]
+    return ".".join(parts)
+
+
+def innermost_module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return normalize_module_path(path)
+
+
+def fake_value(node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    """Normalise positional/keyword arguments of any SDPA form into one dict."""
+    target_name = str(getattr(node.target, "__name__", node.target))
+    names = ["query", "key", "value"]
+    if "_scaled_dot_product_" in target_name and "efficient" in target_name:
+        names += ["attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "scale"]
+    elif "_scaled_dot_product_" in target_name and "cudnn" in target_name:
+        names += ["attn_bias", "compute_log_sumexp", "dropout_p", "is_causal", "return_debug_mask", "scale"]
+    elif "_scaled_dot_product_" in target_name:
+        names += list(ATEN_FLASH_OPTIONAL_ARGS)
+    else:
+        names += list(SDPA_OPTIONAL_ARGS)
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if "attn_bias" in args:
+        args["attn_mask"] = args.pop("attn_bias")
+    return args
+
+
+def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig) -> list[str]:
+    """Every reason this site cannot run on the paro op; empty = supported."""
+    reasons = []
+    target_name = str(getattr(site.node.target, "__name__", site.node.target))
+    if "_scaled_dot_product_" in target_name:
+        reasons.append(f"ATen-level SDPA ({target_name}) returns extra outputs; lower at the Dynamo graph instead")
+    if args.get("attn_mask") is not None:
+        reasons.append("attn_mask is given (paro masks are static block masks; an explicit mask is kept as SDPA)")
+    dropout = args.get("dropout_p", 0.0)
+    if not isinstance(dropout, (int, float)) or dropout > 0:
+        reasons.append(f"dropout_p={dropout} (inference only; call model.eval())")
+    if args.get("is_causal", False):
+        reasons.append("is_causal=True (visual DiT attention is bidirectional; causal stays SDPA)")
+    if not isinstance(args.get("scale"), (type(None), int, float)):
+        reasons.append("scale is a tensor, not a constant")
+    q, k, v = (fake_value(args.get(name)) for name in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        reasons.append("query/key/value shapes unknown in the graph")
+        return reasons
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        reasons.append(f"inputs are not 4-D [B, H, N, D] (query {tuple(q.shape)})")
+        return reasons
+    if any(t.requires_grad for t in (q, k, v)):
+        reasons.append("inputs require grad (paro is inference-only; run under torch.no_grad())")
+    if q.dtype not in (torch.float16, torch.bfloat16) and not (q.dtype == torch.float32 and config.allow_fp32):
+        reasons.append(f"dtype {q.dtype} (paro kernels take float16/bfloat16; cast the model or set allow_fp32=True)")
+    if not (q.dtype == k.dtype == v.dtype):
+        reasons.append(f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}")
+    head_dim = q.shape[-1]
+    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != head_dim:
+        reasons.append(f"head_dim {head_dim} (v: {v.shape[-1]}) not in {SUPPORTED_HEAD_DIMS}")
+    if args.get("enable_gqa", False) or q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
+        reasons.append(f"grouped-query heads (q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]})")
+    if q.shape[0] != k.shape[0]:
+        reasons.append("query and key batch sizes differ")
+    if q.shape[2] != k.shape[2]:
+        reasons.append(f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]}); paro reorders self-attention")
+    return reasons
+
+
+def find_attention_sites(gm: fx.GraphModule, config: Optional[ParoConfig] = None) -> list[AttentionSite]:
+    """All SDPA calls of ``gm`` in graph order, each with its site id and support verdict."""
+    config = config or ParoConfig()
+    sites: list[AttentionSite] = []
+    ordinals: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if not is_sdpa(node):
+            continue
+        args = sdpa_arguments(node)
+        module_path = innermost_module_path(node)
+        ordinal = ordinals.get(module_path, 0)
+        ordinals[module_path] = ordinal + 1
+        q = fake_value(args.get("query"))
+        scale = args.get("scale")
+        site = AttentionSite(
+            site_id=f"{module_path or '<root>'}#{ordinal}",
+            node=node,
+            module_path=module_path,
+            q=args.get("query"),
+            k=args.get("key"),
+            v=args.get("value"),
+            scale=float(scale) if isinstance(scale, (int, float)) else None,
+        )
+        if q is not None and q.dim() == 4:
+            site.batch, site.heads, site.seq_len, site.head_dim = tuple(q.shape)
+            site.dtype = q.dtype
+            kv = fake_value(args.get("key"))
+            site.kv_seq_len = kv.shape[2] if kv is not None and kv.dim() == 4 else None
+        site.reasons = check_support(site, args, config)
+        sites.append(site)
+    return sites

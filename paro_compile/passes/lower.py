@@ -1,0 +1,126 @@
+"""Pass 2: replace each supported SDPA site by `paro::attention`, carrying the site's plan.
+
+Plan tensors (permutation, CSR of kept blocks, step-bucket boundaries) become buffers of the graph
+module, referenced by ``get_attr`` nodes, so Inductor sees them as constants. With several step
+buckets the bucket is picked on the device from the timestep input (no host sync, no recompilation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from paro_compile.config import ParoConfig
+from paro_compile.kernels.reference import block_mask_to_csr
+from paro_compile.passes.discover import AttentionSite
+from paro_compile.report import SiteRecord
+
+
+def select_step_bucket(per_bucket: torch.Tensor, boundaries: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """per_bucket[number of boundaries above the current timestep] (boundaries descend: early steps first)."""
+    t = timestep.reshape(-1)[:1].to(boundaries.dtype)
+    bucket = (boundaries > t).sum()
+    return per_bucket.index_select(0, bucket.reshape(1)).squeeze(0)
+
+
+def find_timestep_input(gm: fx.GraphModule, name: str) -> Optional[fx.Node]:
+    """The placeholder Dynamo made for the model's ``name`` argument (``L_timestep_`` and variants)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target.strip("_").lower() in (f"l_{name}", name, f"l_kwargs_{name}"):
+            return node
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and name in node.target:
+            return node
+    return None
+
+
+def _safe_buffer_name(site_id: str, what: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in site_id)
+    return f"_paro_{cleaned}_{what}"
+
+
+def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def lower_attention_sites(
+    gm: fx.GraphModule,
+    sites: list[AttentionSite],
+    config: ParoConfig,
+    plan=None,
+    kernel_perms: Optional[dict[str, Optional[torch.Tensor]]] = None,
+) -> list[SiteRecord]:
+    """Rewrite ``gm`` in place; returns one record per site (lowered or not, with reasons).
+
+    ``kernel_perms`` overrides, per site, the permutation left for the kernel after folding (None = the
+    folding pass applied it elsewhere). Without it the plan's permutation goes to the kernel.
+    """
+    records: list[SiteRecord] = []
+    for site in sites:
+        record = SiteRecord(
+            site_id=site.site_id, shape=tuple(int(s) if isinstance(s, int) else str(s) for s in site.shape),
+            dtype=str(site.dtype).replace("torch.", ""), lowered=False, reasons=list(site.reasons),
+        )
+        records.append(record)
+        if not site.supported:
+            continue
+        site_plan = plan.sites.get(site.site_id) if plan is not None else None
+        block = site_plan.block_size if site_plan is not None else config.block_size
+        perm = site_plan.perm if site_plan is not None else None
+        if kernel_perms is not None and site.site_id in kernel_perms:
+            perm = kernel_perms[site.site_id]
+        node = site.node
+        graph = gm.graph
+        perm_node = None
+        if perm is not None:
+            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous())
+        counts_node = indices_node = None
+        record.density = 1.0
+        if site_plan is not None and not bool(site_plan.block_masks.all()):
+            masks = site_plan.block_masks.bool()
+            counts, indices = block_mask_to_csr(masks)
+            record.density = float(masks.float().mean())
+            record.step_buckets = masks.shape[0]
+            counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts)
+            indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices)
+            if masks.shape[0] == 1:
+                with graph.inserting_before(node):
+                    counts_node = graph.call_function(torch.squeeze, (counts_node, 0))
+                    indices_node = graph.call_function(torch.squeeze, (indices_node, 0))
+            else:
+                timestep = find_timestep_input(gm, plan.timestep_arg)
+                if timestep is None:
+                    raise RuntimeError(
+                        f"the plan has {masks.shape[0]} step buckets for site {site.site_id}, but the compiled graph "
+                        f"has no input named {plan.timestep_arg!r}; pass the timestep as that argument or rebuild "
+                        "the plan with step_buckets=1"
+                    )
+                boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
+                bounds_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "step_boundaries"), boundaries)
+                with graph.inserting_before(node):
+                    counts_node = graph.call_function(select_step_bucket, (counts_node, bounds_node, timestep))
+                    indices_node = graph.call_function(select_step_bucket, (indices_node, bounds_node, timestep))
+        scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.paro.attention.default,
+                (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
+                 config.qk_bits, config.pv_dtype, block, block, config.impl),
+            )
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
+        new.meta["paro_site_id"] = site.site_id
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        site.node = new
+        record.lowered = True
+        record.qk_bits = config.qk_bits
+        record.pv_dtype = config.pv_dtype
+        record.orders = list(site_plan.orders) if site_plan is not None else []
+        record.permutation = "kernel" if perm is not None else ("identity" if site_plan is None or site_plan.perm is None else "folded")
+    gm.graph.lint()
+    gm.recompile()
+    return records

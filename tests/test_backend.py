@@ -1,0 +1,171 @@
+"""The paro backend end to end on the built-in toy video DiT."""
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import paro_compile
+from paro_compile.config import ParoConfig
+from paro_compile.models import ToyVideoDiT, toy_inputs
+from tests.conftest import rel_l2
+
+EXACT = {"allow_fp32": True, "qk_bits": 16, "pv_dtype": "fp16"}
+
+
+def make_model(device, dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    return ToyVideoDiT(**kwargs).eval().to(device, dtype)
+
+
+def test_entry_point_registers_backend_once():
+    names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends") if ep.name == "paro"]
+    assert names == ["paro"]
+    assert "paro" in torch._dynamo.list_backends()
+
+
+@torch.no_grad()
+def test_toy_dit_no_quant_matches_eager_exactly(device):
+    model = make_model(device)
+    inputs = toy_inputs(device=device)
+    ref = model(**inputs)
+    out = torch.compile(model, backend="paro", options=EXACT)(**inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    report = paro_compile.last_report()
+    assert [s.site_id for s in report.sites] == ["blocks.0.attn#0", "blocks.1.attn#0"]
+    assert all(s.lowered for s in report.sites)
+
+
+@pytest.mark.parametrize("qk_bits,pv_dtype,bound", [(8, "fp8", 3e-2), (8, "int8", 3e-2), (4, "fp8", 0.15)])
+@torch.no_grad()
+def test_toy_dit_quantized_close_to_eager(device, qk_bits, pv_dtype, bound):
+    model = make_model(device)
+    inputs = toy_inputs(device=device)
+    ref = model(**inputs)
+    out = torch.compile(model, backend="paro", options={"allow_fp32": True, "qk_bits": qk_bits, "pv_dtype": pv_dtype})(**inputs)
+    err = rel_l2(out, ref)
+    assert err < bound, f"rel-L2 {err:.3e}"
+    assert err > 0, "quantization had no effect: the site was not lowered"
+
+
+@torch.no_grad()
+def test_toy_dit_bf16_default_options(device):
+    model = make_model(device, torch.bfloat16)
+    inputs = toy_inputs(device=device, dtype=torch.bfloat16)
+    ref = model(**inputs)
+    out = torch.compile(model, backend="paro")(**inputs)
+    assert rel_l2(out, ref) < 5e-2
+    assert all(s.lowered and s.qk_bits == 8 and s.pv_dtype == "fp8" for s in paro_compile.last_report().sites)
+
+
+@torch.no_grad()
+def test_same_shapes_compile_once():
+    model = make_model("cpu")
+    compiled = torch.compile(model, backend="paro", options=EXACT)
+    compiled(**toy_inputs(seed=1))
+    compiled(**toy_inputs(seed=2))
+    assert len(paro_compile.report.compile_reports) == 1
+
+
+class SingleAttention(nn.Module):
+    def __init__(self, head_dim=64, heads=2, kv_heads=2, kv_len=None, **sdpa_kwargs):
+        super().__init__()
+        self.head_dim, self.heads, self.kv_heads, self.kv_len, self.sdpa_kwargs = head_dim, heads, kv_heads, kv_len, sdpa_kwargs
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.proj(x)[..., :1].expand(b, n, self.heads * self.head_dim).reshape(b, n, self.heads, self.head_dim).transpose(1, 2) * x.sum()
+        m = self.kv_len or n
+        k = torch.sin(torch.arange(b * self.kv_heads * m * self.head_dim, dtype=x.dtype, device=x.device)).view(b, self.kv_heads, m, self.head_dim)
+        v = torch.cos(k)
+        kwargs = dict(self.sdpa_kwargs)
+        if kwargs.pop("with_mask", False):
+            kwargs["attn_mask"] = torch.ones(n, m, dtype=torch.bool, device=x.device)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+FALLBACKS = [
+    ("attn_mask", dict(with_mask=True), {}),
+    ("dropout_p", dict(dropout_p=0.5), {}),
+    ("is_causal", dict(is_causal=True), {}),
+    ("head_dim", dict(head_dim=32), {}),
+    ("grouped-query", dict(heads=4, kv_heads=2, enable_gqa=True), {}),
+    ("cross-attention", dict(kv_len=24), {}),
+    ("dtype torch.float32", {}, {"allow_fp32": False}),
+]
+
+
+@pytest.mark.parametrize("reason,module_kwargs,options", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_unsupported_sites_fall_back_with_reason(reason, module_kwargs, options):
+    model = SingleAttention(**module_kwargs).eval()
+    x = torch.randn(1, 40, 16)
+    with torch.no_grad():
+        if reason == "dropout_p":
+            torch.manual_seed(0)
+        ref = model(x)
+        if reason == "dropout_p":
+            torch.manual_seed(0)
+        out = torch.compile(model, backend="paro", options={"allow_fp32": True, **options})(x)
+    site = paro_compile.last_report().sites[0]
+    assert not site.lowered
+    assert any(reason in r for r in site.reasons), site.reasons
+    if reason != "dropout_p":  # dropout draws different random numbers once compiled
+        torch.testing.assert_close(out, ref)
+
+
+def test_needs_grad_falls_back():
+    model = SingleAttention()
+    x = torch.randn(1, 40, 16)
+    out = torch.compile(model, backend="paro", options={"allow_fp32": True})(x)
+    site = paro_compile.last_report().sites[0]
+    assert not site.lowered and any("require grad" in r for r in site.reasons)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_fallback_error_policy_names_site_and_fix():
+    model = SingleAttention(head_dim=32).eval()
+    with torch.no_grad(), pytest.raises(Exception, match=r"(?s)<root>#0: head_dim 32.*fallback"):
+        torch.compile(model, backend="paro", options={"allow_fp32": True, "fallback": "error"})(torch.randn(1, 40, 16))
+
+
+def test_options_split_between_paro_and_inductor():
+    config = ParoConfig.from_options({"density": 0.3, "qk_bits": 4, "max_autotune": True}, mode="max-autotune-no-cudagraphs")
+    assert config.density == 0.3 and config.qk_bits == 4
+    assert config.inductor["max_autotune"] is True
+    assert config.inductor["coordinate_descent_tuning"] is True
+    assert ParoConfig.from_options({"mode": "reduce-overhead"}).inductor["triton.cudagraphs"] is True
+    with pytest.raises(ValueError, match="unknown paro/Inductor option"):
+        ParoConfig.from_options({"densty": 0.3})
+    with pytest.raises(ValueError, match="qk_bits"):
+        ParoConfig.from_options({"qk_bits": 3})
+
+
+@torch.no_grad()
+def test_mode_reaches_inductor(monkeypatch):
+    seen = {}
+    import torch._inductor.compile_fx as compile_fx_module
+
+    original = compile_fx_module.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        seen.setdefault("patches", config_patches)  # compile_fx re-enters itself without patches
+        return original(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    model = SingleAttention().eval()
+    torch.compile(model, backend="paro", mode="max-autotune-no-cudagraphs")(torch.randn(1, 40, 16))
+    assert seen["patches"]["max_autotune"] is True
+    torch._dynamo.reset()
+    seen.clear()
+    torch.compile(model, backend="paro", options={"mode": "max-autotune-no-cudagraphs", "allow_fp32": True})(torch.randn(1, 40, 16))
+    assert seen["patches"]["max_autotune"] is True
+    assert paro_compile.last_report().sites[0].lowered
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
+    perm = torch.stack([torch.randperm(70) for _ in range(2)])
+    torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, perm, None, None, 0.125, 8, "fp8", 64, 64, "reference"))
+    torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, None, None, None, 0.125, 16, "fp16", 64, 64, "reference"))
