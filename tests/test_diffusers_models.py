@@ -29,20 +29,32 @@ def tiny_cogvideox(device):
     return model, inputs
 
 
+def pack_flux_latents(latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, H/2·W/2, 4C]: the 2×2 packing Flux pipelines do (importing them needs transformers)."""
+    b, c, h, w = latent.shape
+    return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def flux_image_ids(h: int, w: int) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
 def tiny_flux(device):
     from diffusers import FluxTransformer2DModel
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24),
     ).eval().to(device)
-    packed = FluxPipeline._pack_latents(torch.randn(1, 16, 8, 8), 1, 16, 8, 8).to(device)
+    packed = pack_flux_latents(torch.randn(1, 16, 8, 8)).to(device)
     inputs = dict(
         hidden_states=packed, encoder_hidden_states=torch.randn(1, 8, 32, device=device),
         pooled_projections=torch.randn(1, 32, device=device), timestep=torch.tensor([0.5], device=device),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, device, torch.float32),
+        img_ids=flux_image_ids(4, 4).to(device),
         txt_ids=torch.zeros(8, 3, device=device), return_dict=False,
     )
     return model, inputs
