@@ -1,0 +1,261 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from paro_compile.calibrate import (
+    CalibrationError,
+    CalibrationOptions,
+    SiteStatistics,
+    calibrate,
+    calibrate_site,
+    chunk_rows_for,
+    derive_step_boundaries,
+    infer_grid,
+    mandatory_blocks,
+    select_blocks,
+    synthetic_qk,
+)
+from paro_compile.config import ParoConfig
+from paro_compile.grid import TokenGrid, order_permutation
+from paro_compile.passes.discover import find_attention_sites
+from paro_compile.plan import Plan
+
+# 32 frames of 4x8 tokens + 16 text tokens; 16-token blocks -> 65 blocks per side.
+GRID = TokenGrid(frames=32, height=4, width=8, text_tokens=16)
+BLOCK = 16
+HEADS = [
+    {"F": 30.0, "H": 2.0, "W": 2.0},  # local in (H, W) within a frame
+    {"F": 0.0, "H": 30.0, "W": 30.0},  # all frames at a fixed (h, w)
+    {"F": 30.0, "W": 30.0, "H": 1.0},  # local in H at fixed (f, w)
+    {"F": 30.0, "H": 30.0, "W": 1.0},  # local in W at fixed (f, h)
+]
+GOOD_ORDERS = [{"FHW", "FWH"}, {"HWF", "WHF"}, {"FWH", "WFH"}, {"FHW", "HFW"}]
+
+
+@pytest.fixture(scope="module")
+def qk():
+    return synthetic_qk(GRID, HEADS)
+
+
+def test_orders_and_masks_on_structured_heads(qk):
+    q, k = qk
+    site = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK)
+    for h, order in enumerate(site.orders):
+        assert order in GOOD_ORDERS[h], (h, order)
+    kept = site.stats["kept_mass_per_head"][0]
+    natural = site.stats["natural_kept_mass_per_head"][0]
+    assert min(kept) >= 0.9, kept
+    assert natural[1] < 0.5, natural  # the model's order scatters head 1 over every frame's block
+    assert site.density() == pytest.approx(0.2, abs=0.01)
+    assert torch.equal(site.perm[1], order_permutation(GRID, site.orders[1]))
+    # Diagonal and text blocks are always kept.
+    mandatory = mandatory_blocks(GRID, BLOCK)
+    assert bool(site.block_masks[0][:, mandatory].all())
+
+
+def test_kept_mass_matches_dense_reference(qk):
+    """The mask's kept mass, measured on the full dense attention in the chosen order."""
+    q, k = qk
+    site = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK)
+    p = torch.softmax(q[0] @ k[0].transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)  # [H, N, N] small here
+    nb = site.num_blocks
+    for h in range(len(HEADS)):
+        perm = site.perm[h]
+        ph = p[h][perm][:, perm]
+        padded = F.pad(ph, (0, nb * BLOCK - GRID.num_tokens, 0, nb * BLOCK - GRID.num_tokens))
+        blocks = padded.view(nb, BLOCK, nb, BLOCK).sum((1, 3))
+        kept = (blocks * site.block_masks[0, h]).sum() / blocks.sum()
+        assert kept.item() == pytest.approx(site.stats["kept_mass_per_head"][0][h], abs=1e-4)
+
+
+def test_statistics_equal_brute_force_with_odd_chunks():
+    grid = TokenGrid(frames=3, height=4, width=5, text_tokens=5)  # 65 tokens, tail block of 1
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, grid.num_tokens, 16, generator=gen) * 2
+    k = torch.randn(2, 3, grid.num_tokens, 16, generator=gen) * 2
+    opts = CalibrationOptions(density=0.3, block_size=8, chunk_rows=7, eps=1e-2)
+    stats = SiteStatistics(grid, 3, opts)
+    stats.update(q, k)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1)  # [B, H, N, N]
+    n, nb, bs = grid.num_tokens, stats.nb, 8
+    rows = torch.tensor([min(bs, n - i * bs) for i in range(nb)], dtype=torch.float32)
+    for o, order in enumerate(stats.orders):
+        perm = order_permutation(grid, order)
+        po = F.pad(p[:, :, perm][:, :, :, perm], (0, nb * bs - n, 0, nb * bs - n))
+        blocks = po.view(2, 3, nb, bs, nb, bs)
+        mass = blocks.sum((0, 3, 5))
+        torch.testing.assert_close(stats.mass[0][o], mass, atol=1e-5, rtol=1e-5)
+        valid_entry = F.pad(torch.ones(n, n), (0, nb * bs - n, 0, nb * bs - n)).view(nb, bs, nb, bs).bool()
+        small = ((blocks < 1e-2) & valid_entry).sum((0, 3, 5)).float()
+        count = 2 * rows[:, None] * rows[None, :]
+        sparse_share = (small >= 0.9 * count - 0.5).float().mean((-1, -2))
+        psi = (blocks.amax((0, 3, 5)) * count / mass).mean((-1, -2))
+        torch.testing.assert_close(stats.scores()["block_sparsity"][o].float(), sparse_share)
+        torch.testing.assert_close(stats.scores()["incoherence"][o].float(), psi, rtol=1e-4, atol=1e-4)
+
+
+class CountingMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_statistics_never_allocate_n_by_n():
+    grid = TokenGrid(frames=4, height=32, width=32)  # N = 4096
+    n, heads, budget = grid.num_tokens, 2, 2**21
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, n, 64, generator=gen)
+    k = torch.randn(1, heads, n, 64, generator=gen)
+    stats = SiteStatistics(grid, heads, CalibrationOptions(block_size=64, max_chunk_elements=budget))
+    stats.tables(q.device)
+    rows = chunk_rows_for(1, heads, n, budget)
+    assert heads * rows * (n + 1) <= budget
+    mode = CountingMode()
+    with mode:
+        stats.update(q, k)
+    assert mode.max_numel <= budget + heads * rows * 64  # one chunk (+ block padding), never N x N
+    assert mode.max_numel < n * n // 4
+
+
+def test_select_blocks_density_threshold_and_mandatory():
+    gen = torch.Generator().manual_seed(0)
+    mass = torch.rand(3, 10, 10, generator=gen)
+    mandatory = torch.eye(10, dtype=torch.bool)
+    mask = select_blocks(mass, 0.3, mandatory)
+    assert mask.sum((-1, -2)).tolist() == [30, 30, 30] and bool(mask[:, mandatory].all())
+    assert select_blocks(mass, 0.01, mandatory).sum((-1, -2)).tolist() == [10, 10, 10]  # mandatory wins
+    thr = select_blocks(mass, 0.3, mandatory, mass_threshold=0.5)
+    for h in range(3):
+        share = (mass[h] * thr[h]).sum() / mass[h].sum()
+        assert share >= 0.5
+        # Minimal: dropping the lightest kept non-mandatory block falls below the threshold.
+        kept = mass[h].masked_fill(~thr[h] | mandatory, math.inf)
+        assert (share - kept.min() / mass[h].sum()) < 0.5
+    text_grid = TokenGrid(frames=None, height=4, width=8, text_tokens=20)  # text in blocks 0, 1 (block 16)
+    mand = mandatory_blocks(text_grid, 16)
+    assert bool(mand[:2].all() and mand[:, :2].all()) and not bool(mand[2, 3])
+
+
+def test_empty_heads_and_errors(qk):
+    q, k = qk
+    v = torch.randn(1, 4, GRID.num_tokens, 64)
+    v[:, 2] = 1e-7
+    site = calibrate_site(q, k, GRID, v=v, density=0.2, block_size=BLOCK, empty_heads="minimal")
+    assert site.empty_heads == [2]
+    assert torch.equal(site.block_masks[0, 2], mandatory_blocks(GRID, BLOCK))
+    with pytest.raises(CalibrationError, match="does not match the grid"):
+        calibrate_site(q[:, :, :-1], k[:, :, :-1], GRID)
+    with pytest.raises(ValueError, match="density"):
+        CalibrationOptions(density=0.0)
+
+
+def test_step_boundaries():
+    ts = [999, 800, 600, 400, 200, 0]
+    assert derive_step_boundaries(ts, 2) == ([500.0], [])
+    assert derive_step_boundaries(ts, 2, dense_steps=2) == ([700.0, 300.0], [0])
+    with pytest.raises(CalibrationError, match="distinct timesteps"):
+        derive_step_boundaries([999, 999], 2)
+
+
+def test_infer_grid():
+    meta = dict(device="meta")
+    cog = {"hidden_states": torch.empty(1, 13, 16, 60, 90, **meta), "encoder_hidden_states": torch.empty(1, 226, 4096, **meta)}
+    assert infer_grid(17776, cog, patch_sizes=[2], temporal_patch_sizes=[1]) == TokenGrid(13, 30, 45, 226)
+    wan = {"hidden_states": torch.empty(1, 16, 21, 60, 104, **meta), "encoder_hidden_states": torch.empty(1, 512, 4096, **meta)}
+    assert infer_grid(21 * 30 * 52, wan) == TokenGrid(21, 30, 52, 0)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(6.0), indexing="ij"), -1).reshape(-1, 3)
+    flux = {"hidden_states": torch.empty(1, 24, 64), "img_ids": ids, "txt_ids": torch.zeros(7, 3)}
+    assert infer_grid(31, flux) == TokenGrid(None, 4, 6, 7)
+    assert infer_grid(1000, cog) is None
+
+
+# ---- end to end through calibrate(model, ...) -------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(64, 64)
+
+    def forward(self, q, k, v):
+        return self.out(F.scaled_dot_product_attention(q, k, v))
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Attention(), Attention()])
+
+    def forward(self, q, k, v, timestep=None):
+        x = v
+        for block in self.blocks:
+            x = block(q, k, x)
+        return x
+
+
+def model_inputs(qk, timesteps=(999.0,)):
+    q, k = qk
+    gen = torch.Generator().manual_seed(1)
+    return [((q, k, torch.randn(q.shape, generator=gen)), {"timestep": torch.tensor([t])}) for t in timesteps]
+
+
+def test_calibrate_model_end_to_end(qk, tmp_path):
+    model = TinyModel()
+    plan = calibrate(model, model_inputs(qk, (999.0, 500.0, 10.0)), density=0.2, grid=GRID, block_size=BLOCK,
+                     step_buckets=2, dense_steps=1, progress=False)
+    assert set(plan.sites) == {"blocks.0#0", "blocks.1#0"}
+    assert plan.step_boundaries == [749.5, 255.0] and plan.num_buckets == 3
+    for site in plan.sites.values():
+        assert site.dense_buckets == [0] and bool(site.block_masks[0].all())
+        assert site.density(1) == pytest.approx(0.2, abs=0.01)
+        for h, order in enumerate(site.orders):
+            assert order in GOOD_ORDERS[h]
+        assert min(site.stats["kept_mass_per_head"][1]) >= 0.9
+        assert site.stats["bucket_calls"] == [1, 1, 1]
+    # The plan fits the graph the backend will see (sites discovered in a Dynamo graph).
+    seen = []
+
+    def grab(gm, example_inputs):
+        seen.extend(find_attention_sites(gm, ParoConfig(allow_fp32=True)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(TinyModel(), backend=grab, dynamic=False)(*model_inputs(qk)[0][0])
+    plan.check_sites(seen, block_size=BLOCK)
+    loaded = Plan.load(plan.save(tmp_path / "plan.safetensors"), model=model)
+    assert loaded.sites["blocks.0#0"].orders == plan.sites["blocks.0#0"].orders
+
+
+def test_calibrate_output_unchanged_and_grid_sources(qk):
+    model = TinyModel()
+    (args, kwargs), = model_inputs(qk)
+    expected = model(*args, **kwargs)
+    calls = []
+
+    def hook(site):
+        calls.append(site.site_id)
+        return GRID if site.site_id == "blocks.1#0" else None
+
+    plan = calibrate(model, [(args, kwargs)], density=0.3, grid={"blocks.0#0": GRID}, grid_for_site=hook,
+                     block_size=BLOCK, progress=False)
+    assert calls == ["blocks.1#0"] and set(plan.sites) == {"blocks.0#0", "blocks.1#0"}
+    torch.testing.assert_close(model(*args, **kwargs), expected)
+
+
+def test_calibrate_unknown_layout_is_a_clear_error(qk):
+    with pytest.raises(CalibrationError, match=r"pass grid=TokenGrid"):
+        calibrate(TinyModel(), model_inputs(qk), progress=False)
+    wrong = TokenGrid(frames=2, height=2, width=2)
+    with pytest.raises(CalibrationError, match="has 1040 tokens but the grid"):
+        calibrate(TinyModel(), model_inputs(qk), grid=wrong, progress=False)
+    with pytest.raises(CalibrationError, match="timestep"):
+        calibrate(TinyModel(), [((qk[0], qk[1], qk[1]), {})], grid=GRID, step_buckets=2, progress=False)
