@@ -208,10 +208,12 @@ class Plan:
                 "(parameter names/shapes differ): re-run paro_compile.calibrate on this model"
             )
 
-    def check_sites(self, sites: Iterable[Any], *, block_size: Optional[int] = None, allow_missing: bool = False) -> None:
+    def check_sites(self, sites: Iterable[Any], *, block_size: Optional[int] = None, allow_missing: bool = False,
+                    allow_extra: bool = False) -> None:
         """Check the plan against the `AttentionSite`s of a graph; raise PlanMismatchError naming every mismatch.
 
-        - a plan site id that is not in the graph → error ("extra");
+        - a plan site id that is not in the graph → error ("extra"), unless ``allow_extra`` (the backend sets it:
+          with graph breaks each graph holds only some of the model's sites);
         - a supported graph site that the plan does not cover → error ("missing"), unless ``allow_missing``;
         - a site whose heads or sequence length differ from the plan's → error;
         - ``block_size`` given and different from a site's → error.
@@ -221,7 +223,7 @@ class Plan:
         by_id = {site.site_id: site for site in sites}
         problems: list[str] = []
         extra = [sid for sid in self.sites if sid not in by_id]
-        if extra:
+        if extra and not allow_extra:
             problems.append(f"plan has site(s) the graph does not: {extra}")
         missing = [s.site_id for s in sites if s.supported and s.site_id not in self.sites]
         if missing and not allow_missing:

@@ -1,0 +1,212 @@
+"""Folding pass: PARO orders applied by layout ops, exact outputs, zero runtime gathers."""
+import itertools
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import paro_compile
+from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation, orders_permutation
+from paro_compile.kernels.reference import permute_tokens
+from paro_compile.passes.fold import residual_permutation
+from tests.passes.fold_helpers import EXACT, GRIDS, capture, first, make, make_plan
+
+GATHER_TARGETS = {torch.ops.aten.index.Tensor, torch.gather, torch.index_select, torch.ops.aten.gather.default,
+                  torch.ops.aten.index_select.default}
+
+
+def token_gathers(code: str) -> None:
+    """Inductor code with no indirect load on the token axis (aten.index/gather/index_select lower to
+    bounds-checked indirect loads) and no permutation buffer handed to the attention op."""
+    FileCheck().check_not("index out of bounds").check_not("aten.index").check_not("gather").check_not("index_select").run(code)
+
+
+def compile_and_run(model, inputs, plan):
+    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, **inputs)
+    return first(out), "\n".join(codes), paro_compile.last_report()
+
+
+def test_residual_algebra():
+    grid = TokenGrid(3, 4, 5, 7)
+    orders = ["HWF", "WFH", "FHW", "HWF"]
+    perm = orders_permutation(grid, orders)
+    common = order_permutation(grid, "HWF")
+    residual = residual_permutation(perm, common)
+    x = torch.randn(2, len(orders), grid.num_tokens, 8)
+    # tokens already in the common order, then the residual == the plan's per-head order
+    in_common = permute_tokens(x, common.expand(len(orders), -1))
+    torch.testing.assert_close(permute_tokens(in_common, residual), permute_tokens(x, perm), rtol=0, atol=0)
+    assert torch.equal(residual[0], torch.arange(grid.num_tokens)) and torch.equal(residual[3], residual[0])
+    # composition of consecutive sites: π⁻¹ of one then π of the next is the identity when equal
+    inv = inverse_permutation(common)
+    assert torch.equal(common[inv], torch.arange(grid.num_tokens))
+
+
+def test_gather_check_sees_a_gather():
+    perm = torch.randperm(40)
+    f = torch.compile(lambda x: (x[:, perm] * 2).sum(-1), backend="inductor")
+    _, codes = run_and_get_code(f, torch.randn(2, 40, 8))
+    with pytest.raises(RuntimeError):
+        token_gathers("\n".join(codes))
+
+
+@pytest.mark.parametrize("order", ["".join(p) for p in itertools.permutations("FHW")])
+def test_toy_every_order_folds_exactly(order):
+    model, inputs = make("toy")
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS["toy"], [order])
+    with torch.no_grad():
+        ref = model(**inputs)
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert report.gathers_left == 0
+    expected = "identity" if order == "FHW" else "folded:flatten(flatten)"
+    assert [s.permutation for s in report.sites] == [expected] * 2 or order == "FHW"
+    token_gathers(code)
+    assert not re.search(r"_paro_\w*_perm", code) or order == "FHW"
+    fold_pass = next(p for p in report.passes if p["name"] == "fold_permutations")
+    if order != "FHW":
+        assert "torch.permute" in fold_pass["after"] and "torch.permute" not in fold_pass["before"]
+
+
+def test_toy_mixed_orders_go_to_kernel_as_residuals():
+    model, inputs = make("toy")
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS["toy"], ["HWF", "WHF"])
+    from paro_compile.config import ParoConfig
+    from paro_compile.passes.fold import fold_permutations
+
+    result = fold_permutations(gm, sites, plan, ParoConfig(**EXACT))
+    assert result.order == "HWF" and result.gathers == 0
+    for sid, sp in plan.sites.items():
+        r = result.kernel_perms[sid]
+        assert torch.equal(r[0], torch.arange(40))  # head 0 uses the folded order
+        common = order_permutation(GRIDS["toy"], "HWF")
+        assert torch.equal(common[r[1]], sp.perm[1])  # c ∘ r == perm
+        assert result.descriptions[sid] == "kernel"
+    with torch.no_grad():
+        ref = model(**inputs)
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert all(s.permutation == "kernel" for s in report.sites) and report.gathers_left == 0
+
+
+@pytest.mark.parametrize("name,orders,folded", [
+    ("cogvideox", ["HWF"], True), ("cogvideox", ["WHF", "FWH"], False),
+    ("wan", ["WFH"], True), ("flux", ["WH"], True), ("flux", ["WH", "HW"], False),
+])
+def test_diffusers_models_fold(name, orders, folded):
+    model, inputs = make(name)
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS[name], orders)
+    with torch.no_grad():
+        ref = first(model(**inputs))
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    lowered = [s for s in report.sites if s.lowered]
+    assert lowered and report.gathers_left == 0
+    if folded:
+        assert all(s.permutation.startswith("folded:") for s in lowered), report.summary()
+        assert not re.search(r"_paro_\w*_perm", code)
+        token_gathers(code)
+    else:
+        assert all(s.permutation == "kernel" for s in lowered), report.summary()
+
+
+class FlatTokens(nn.Module):
+    """Tokens arrive flat with no layout op, and the plan has no grid: nothing can fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 3 * 128)
+        self.out = nn.Linear(128, 32)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 64).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 128))
+
+
+def test_flat_input_without_grid_stays_in_kernel():
+    model = FlatTokens().eval()
+    x = torch.randn(1, 40, 32)
+    gm, sites = capture(model, {"x": x})
+    plan = make_plan(sites, GRIDS["toy"], ["HWF"], with_grid=False)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    report = paro_compile.last_report()
+    assert [s.permutation for s in report.sites] == ["kernel"] and report.gathers_left == 0
+
+
+class TokenMixing(nn.Module):
+    """The toy DiT plus ops that read token positions (a flip and a cumulative sum over tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        from paro_compile.models import ToyVideoDiT
+
+        torch.manual_seed(0)
+        self.dit = ToyVideoDiT()
+
+    def forward(self, latent, text, timestep):
+        d = self.dit
+        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
+        tokens = tokens + 0.1 * tokens.flip(1) + 0.01 * tokens.cumsum(1)
+        x = torch.cat([d.text_proj(text), tokens], dim=1)
+        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
+        for block in d.blocks:
+            x = block(x, temb)
+        return x.mean(1)
+
+
+def test_token_position_ops_get_inverse_layout_ops():
+    from paro_compile.models import toy_inputs
+
+    model, inputs = TokenMixing().eval(), toy_inputs()
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS["toy"], ["WHF"])
+    with torch.no_grad():
+        ref = model(**inputs)
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert report.gathers_left == 0
+    token_gathers(code)
+
+
+@torch.no_grad()
+def test_dynamic_shapes_fold_symbolic_grid():
+    """Plans are per shape (Plan.check_sites refuses symbolic sites), so the dynamic path folds an order
+    string on the inferred symbolic grid: `fold_order(gm, sites, "HWF")`, kernels get no permutation."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from paro_compile.config import ParoConfig
+    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.passes.discover import find_attention_sites
+    from paro_compile.passes.fold import fold_order
+    from paro_compile.passes.lower import lower_attention_sites
+
+    results = []
+
+    def backend(gm, example_inputs, **kwargs):
+        config = ParoConfig(**EXACT)
+        sites = find_attention_sites(gm, config)
+        results.append(fold_order(gm, sites, "HWF"))
+        lower_attention_sites(gm, sites, config, None, results[-1].kernel_perms)
+        return compile_fx(gm, example_inputs)
+
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for size in (8, 12):
+        inputs = toy_inputs(height=size, width=size, frames=3 if size == 12 else 2)
+        torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
+    assert results and all(r.order == "HWF" for r in results)
+    assert all(d.startswith("folded:") for d in results[-1].descriptions.values())

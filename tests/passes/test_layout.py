@@ -1,0 +1,51 @@
+"""Layout inference: the token grid of every site, recovered from the graph."""
+import pytest
+import sympy
+import torch
+
+from paro_compile.grid import TokenGrid
+from paro_compile.passes.layout import infer_layouts, infer_token_grids, map_view_backward, map_view_forward
+from tests.passes.fold_helpers import GRIDS, capture, make
+
+
+def test_view_axis_maps():
+    s = lambda *xs: tuple(sympy.Integer(x) for x in xs)  # noqa: E731
+    assert map_view_forward(s(2, 40, 128), s(2, 40, 2, 64), 1) == 1
+    assert map_view_forward(s(2, 40, 128), s(80, 128), 1) is None
+    assert map_view_backward(s(1, 128, 2, 4, 4), s(1, 128, 32), 2) == ("merge", [2, 3, 4])
+    assert map_view_backward(s(1, 3, 16, 128), s(1, 48, 128), 1) == ("merge", [1, 2])
+
+
+@pytest.mark.parametrize("name", ["toy", "cogvideox", "wan"])
+def test_grid_from_patchify(name):
+    model, inputs = make(name)
+    gm, sites = capture(model, inputs)
+    grids = infer_token_grids(gm, sites)
+    self_attn = [s for s in sites if s.supported]
+    assert self_attn
+    for site in self_attn:
+        assert grids[site.site_id] == GRIDS[name], (site.site_id, grids[site.site_id])
+
+
+def test_flux_tokens_arrive_flat():
+    model, inputs = make("flux")
+    gm, sites = capture(model, inputs)
+    grids = infer_token_grids(gm, sites)
+    layouts = infer_layouts(gm, sites)
+    for site in sites:
+        assert grids[site.site_id] is None  # no layout op: the grid comes from the plan / the user
+        leaves = [(src.node.name, int(off), int(src.length)) for src, off in layouts[site.site_id].flat_leaves]
+        assert ("l_kwargs_hidden_states_", 8, 16) in leaves  # the packed latents: visual tokens after 8 text tokens
+
+
+def test_symbolic_grid_dynamic():
+    model, inputs = make("toy")
+    gm, sites = capture(model, inputs, dynamic=True)
+    layouts = infer_layouts(gm, sites)
+    for site in sites:
+        grid = layouts[site.site_id].symbolic_grid()
+        assert grid["axes"] == "FHW" and grid["text_position"] == "prefix"
+        assert any(not sympy.sympify(s).is_number for s in grid["sizes"])
+        total = grid["text_tokens"] + grid["sizes"][0] * grid["sizes"][1] * grid["sizes"][2]
+        assert sympy.simplify(total - layouts[site.site_id].seq_len) == 0
+    assert all(g is None for g in infer_token_grids(gm, sites).values())  # TokenGrid holds ints only
