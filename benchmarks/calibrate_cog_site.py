@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paro_compile.calibrate import CalibrationOptions, SiteStatistics, chunk_rows_for, synthetic_qk  # noqa: E402
+from paro_compile.calibration import CalibrationOptions, SiteStatistics, chunk_rows_for, synthetic_qk  # noqa: E402
 from paro_compile.grid import TokenGrid  # noqa: E402
 
 

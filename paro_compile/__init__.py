@@ -1,11 +1,36 @@
 """paro_compile: sparse, low-bit attention for visual diffusion transformers inside torch.compile.
 
 ``torch.compile(model, backend="paro")`` — see README.md.
+
+``inspect``, ``calibrate``, ``Plan``, ``SitePlan`` and ``TokenGrid`` are imported on first use, so importing
+paro_compile never imports the calibration code or the Triton kernels (which must see TRITON_INTERPRET
+before they load).
 """
+import importlib as _importlib
+
 from paro_compile.config import ParoConfig
 from paro_compile.ops import paro_attention
 from paro_compile.report import CompileReport, SiteRecord, clear_reports, last_report
 
 __version__ = "0.1.0"
 
-__all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "clear_reports", "__version__"]
+_LAZY = {
+    "inspect": ("paro_compile.inspection", "inspect"),
+    "calibrate": ("paro_compile.calibration", "calibrate"),
+    "Plan": ("paro_compile.plan", "Plan"),
+    "SitePlan": ("paro_compile.plan", "SitePlan"),
+    "TokenGrid": ("paro_compile.grid", "TokenGrid"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        value = getattr(_importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'paro_compile' has no attribute {name!r}")
+
+
+__all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "clear_reports", "inspect",
+           "calibrate", "Plan", "SitePlan", "TokenGrid", "__version__"]

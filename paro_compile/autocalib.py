@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.fx as fx
 
-from paro_compile.calibrate import (
+from paro_compile.calibration import (
     DEFAULT_ALPHA,
     CalibrationOptions,
     GridHook,

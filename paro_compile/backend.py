@@ -62,7 +62,7 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
             "Fix the causes above, or use options={'fallback': 'sdpa'} to keep those sites on SDPA."
         )
     if plan is not None and hasattr(plan, "check_sites"):
-        plan.check_sites([s for s in sites if s.supported])
+        plan.check_sites(sites, allow_extra=True)
     kernel_perms = None
     fold_records: dict[str, str] = {}
     if plan is not None and config.fold_permutations:
@@ -81,6 +81,9 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
             record.permutation = fold_records[record.site_id]
     report.passes.append({"name": "lower_attention", "before": before, "after": graph_code(gm)})
     log.info("%s", report.summary())
+    from paro_compile.inspection import emit_report_artifacts
+
+    emit_report_artifacts(report)
     return gm
 
 

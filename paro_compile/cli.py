@@ -1,20 +1,439 @@
-"""`paro` console script."""
+"""`paro` console script: calibrate, diff, tune, bench, demo.
+
+Exit codes (docs/cli.md):
+  0  success
+  1  the command ran and failed (calibration error, model raised, benchmark failed)
+  2  bad usage: bad argument, unimportable factory, missing file, no GPU for a GPU-only command
+  3  the plan file is invalid or does not match the model
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PLAN = 0, 1, 2, 3
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paro", description="paro_compile command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the built-in demo (python -m paro_compile.demo)", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
+class CliError(Exception):
+    """A problem the user can act on: printed as ``paro <command>: error: <message>``, exit ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------------
+# Factories, inputs, options
+# ------------------------------------------------------------------------------------------------------
+def load_object(spec: str, what: str) -> Any:
+    """``"package.module:name"`` → the object (the current directory is importable, as with ``python -m``)."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise CliError(f"{what}: expected module:factory (e.g. paro_compile.models:toy_model), got {spec!r}")
+    module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise CliError(f"{what}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?") from error
+    except Exception as error:
+        raise CliError(f"{what}: importing module {module_name!r} failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_model(spec: str, dtype: Optional[str] = None):
+    import torch
+
+    obj = load_object(spec, "model")
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise CliError(f"model: {spec} is neither an nn.Module nor a callable returning one")
+        try:
+            obj = obj()
+        except Exception as error:
+            raise CliError(f"model: calling {spec}() failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+    if not isinstance(obj, torch.nn.Module):
+        raise CliError(f"model: {spec}() returned {type(obj).__name__}, expected a torch.nn.Module")
+    obj = obj.eval()
+    if dtype:
+        obj = obj.to(getattr(torch, dtype))
+    return obj
+
+
+def normalize_item(item: Any, index: int) -> tuple[tuple, dict]:
+    from collections.abc import Mapping
+
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (tuple, list)) and isinstance(item[1], Mapping):
+        return tuple(item[0]), dict(item[1])
+    raise CliError(f"inputs: item {index} is a {type(item).__name__}; each item must be an (args, kwargs) pair "
+                   "or a dict of keyword arguments")
+
+
+def cast_floats(value: Any, dtype: Optional[str]) -> Any:
+    import torch
+
+    if dtype is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(getattr(torch, dtype)) if value.is_floating_point() and value.dim() > 1 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def load_inputs(spec: str, dtype: Optional[str] = None) -> list[tuple[tuple, dict]]:
+    """``module:factory`` returning an iterable of (args, kwargs) pairs or dicts (a single dict is one call).
+    With ``dtype``, floating tensors of 2+ dims are cast (1-D ones, e.g. timesteps, are kept)."""
+    from collections.abc import Mapping
+
+    obj = load_object(spec, "inputs")
+    if callable(obj) and not isinstance(obj, (list, tuple, Mapping)):
+        try:
+            obj = obj()
+        except Exception as error:
+            raise CliError(f"inputs: calling {spec}() failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+    if isinstance(obj, Mapping):
+        obj = [obj]
+    if not isinstance(obj, Iterable):
+        raise CliError(f"inputs: {spec} gave {type(obj).__name__}, expected an iterable of (args, kwargs) or dicts")
+    items = [normalize_item(item, i) for i, item in enumerate(obj)]
+    if not items:
+        raise CliError(f"inputs: {spec} gave no inputs")
+    return [(cast_floats(a, dtype), cast_floats(k, dtype)) for a, k in items]
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is parsed as JSON when it parses (1, 0.3, true, null, "x", [..]), else a string."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise CliError(f"-o expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def parse_options(pairs: Optional[list[str]]) -> dict[str, Any]:
+    options = dict(parse_option(p) for p in pairs or [])
+    from paro_compile.config import ParoConfig
+
+    try:
+        ParoConfig.from_options(options)
+    except (TypeError, ValueError) as error:
+        raise CliError(f"bad -o option: {error}") from error
+    plan = options.get("plan")
+    if isinstance(plan, str) and not Path(plan).exists():
+        raise CliError(f"plan file {plan!r} does not exist (build one with `paro calibrate ... --out {plan}`)")
+    return options
+
+
+def find_cause(error: BaseException, types: tuple) -> Optional[BaseException]:
+    """The first exception of ``types`` in ``error``'s chain (Dynamo wraps backend errors)."""
+    seen = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, types):
+            return e
+        stack += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+    return None
+
+
+def plan_error_types() -> tuple:
+    try:
+        from paro_compile.plan import PlanError
+
+        return (PlanError,)
+    except Exception:  # pragma: no cover
+        return ()
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise CliError(f"{what}: empty list")
+    return values
+
+
+def parse_shape(text: str) -> list[int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = [int(p) for p in parts]
+    except ValueError:
+        shape = []
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise CliError(f"--shapes: expected B,H,N,D (four positive integers, e.g. 1,24,17776,64), got {text!r}")
+    return shape
+
+
+def cuda_available() -> bool:
+    if os.environ.get("PARO_CLI_FORCE_NO_CUDA") == "1":  # for tests on GPU machines
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Subcommands
+# ------------------------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    try:
+        from paro_compile.calibration import calibrate
+    except ImportError as error:
+        raise CliError(f"calibration is not available in this install: {error}", EXIT_FAILED) from error
+    if not 0.0 < args.density <= 1.0:
+        raise CliError(f"--density must be in (0, 1], got {args.density}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.step_buckets < 1:
+        raise CliError(f"--step-buckets must be >= 1, got {args.step_buckets}")
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise CliError(f"--out: directory {str(out.parent)!r} does not exist")
+    model = load_model(args.model, args.dtype)
+    inputs = load_inputs(args.inputs, args.dtype)
+    extra = {}
+    if args.block_size is not None:
+        extra["block_size"] = args.block_size
+    if args.mass_threshold is not None:
+        extra["mass_threshold"] = args.mass_threshold
+    print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), density {args.density}, alpha {args.alpha}, "
+          f"{args.step_buckets} step bucket(s)", file=sys.stderr)
+    try:
+        plan = calibrate(model, inputs, density=args.density, alpha=args.alpha, step_buckets=args.step_buckets,
+                         timestep_arg=args.timestep_arg, progress=not args.quiet, **extra)
+    except Exception as error:
+        cause = find_cause(error, plan_error_types())
+        if cause is not None:
+            raise CliError(str(cause), EXIT_PLAN) from error
+        from paro_compile.calibration import CalibrationError
+
+        cause = find_cause(error, (CalibrationError, ValueError))
+        raise CliError(f"calibration failed: {cause or error}", EXIT_FAILED) from error
+    plan.save(out)
+    if args.quiet:  # with progress, calibrate() already printed the summary
+        print(plan.summary())
+    print(f"wrote plan {out} (use: torch.compile(model, backend='paro', options={{'plan': '{out}'}}) "
+          f"or `paro diff ... -o plan={out}`)")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    options = parse_options(args.option)
+    for path in (args.html, args.json):
+        if path and not Path(path).resolve().parent.exists():
+            raise CliError(f"output directory {str(Path(path).parent)!r} does not exist")
+    model = load_model(args.model, args.dtype)
+    inputs = load_inputs(args.inputs, args.dtype)
+    if not 0 <= args.call < len(inputs):
+        raise CliError(f"--call {args.call}: the inputs factory gave {len(inputs)} input(s)")
+    call_args, call_kwargs = inputs[args.call]
+    from paro_compile.inspection import inspect
+
+    try:
+        report = inspect(model, *call_args, example_kwargs=call_kwargs, **options)
+    except Exception as error:
+        cause = find_cause(error, plan_error_types())
+        if cause is not None:
+            raise CliError(f"the plan does not fit this model/inputs:\n{cause}", EXIT_PLAN) from error
+        from paro_compile.backend import UnsupportedAttentionError
+
+        cause = find_cause(error, (UnsupportedAttentionError,))
+        raise CliError(f"compiling/running the model failed: {cause or error}", EXIT_FAILED) from error
+    report.model_name = args.model
+    if not args.quiet:
+        from rich.console import Console
+
+        report.render(Console() if sys.stdout.isatty() else Console(width=160), code=args.code)
+    if args.html:
+        report.to_html(args.html)
+        print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        report.to_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    shapes = [parse_shape(s) for s in args.shapes]
+    densities = parse_float_list(args.densities, "--densities")
+    if any(not 0.0 < d <= 1.0 for d in densities):
+        raise CliError(f"--densities must lie in (0, 1], got {densities}")
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtype_names if d not in ("float16", "bfloat16")]
+    if bad or not dtype_names:
+        raise CliError(f"--dtypes: the kernels take float16/bfloat16, got {args.dtypes!r}")
+    if not cuda_available():
+        raise CliError("tuning needs a CUDA GPU: no CUDA device is visible here. Run `paro tune` on the GPU machine "
+                       "that will run the model; the winners are cached per GPU under $PARO_CACHE_DIR/autotune.")
+    import torch
+
+    from paro_compile.kernels.tuning import cache_file, tune
+
+    try:
+        winners = tune(shapes, densities, [getattr(torch, d) for d in dtype_names], qk_bits=args.qk_bits,
+                       pv_dtype=args.pv_dtype, perm=args.perm, force=args.force)
+    except RuntimeError as error:
+        raise CliError(f"tuning failed: {error}", EXIT_FAILED) from error
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"paro attention kernel: tuned configs (cache {cache_file(0)})")
+    for column in ("shape", "density", "dtype", "config", "warps", "stages", "tuned now"):
+        table.add_column(column)
+    for w in winners:
+        table.add_row("×".join(str(x) for x in w.get("shape", [])), f"{w.get('density', '')}", str(w.get("dtype", "")),
+                      json.dumps(w.get("kwargs", {})), str(w.get("num_warps", "")), str(w.get("num_stages", "")),
+                      "yes" if w.get("tuned_now") else "cached")
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(winners, indent=2, default=str) + "\n")
+    return EXIT_OK
+
+
+def find_bench_script() -> Optional[Path]:
+    candidates = [Path.cwd() / "benchmarks" / "bench_attention.py",
+                  Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if not cuda_available():
+        raise CliError("the attention benchmark needs a CUDA GPU: no CUDA device is visible here "
+                       "(on a CPU paro runs its PyTorch reference numerics; speed is a GPU matter). "
+                       "Run `paro bench` on the GPU machine.")
+    script = find_bench_script()
+    if script is None:
+        raise CliError("benchmarks/bench_attention.py not found (run `paro bench` from a source checkout of paro_compile)")
+    spec = importlib.util.spec_from_file_location("paro_bench_attention", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        raise CliError(f"{script} has no main(argv) function", EXIT_FAILED)
+    argv = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []) + rest
+    result = int(module.main(argv) or 0)
+    if result == 0:
+        out = Path(args.out) if args.out else script.parent / "results"
+        written = [str(out / name) for name in ("attention.csv", "attention.json", "attention.png") if (out / name).exists()]
+        if written:
+            print("wrote " + ", ".join(written))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------------------
+EPILOG = """exit codes: 0 ok, 1 the run failed, 2 bad usage / missing file / no GPU, 3 plan invalid or mismatched.
+examples:
+  paro calibrate paro_compile.models:toy_model --inputs paro_compile.models:toy_calibration_inputs --density 0.3 --out toy.paro.safetensors
+  paro diff paro_compile.models:toy_model --inputs paro_compile.models:toy_calibration_inputs -o allow_fp32=true -o plan=toy.paro.safetensors --html diff.html --json diff.json
+  paro tune --shapes 1,48,17776,64 --densities 1.0,0.5,0.3 --dtypes bfloat16
+  paro bench --quick --out bench_results
+  paro demo --frames 2
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paro", description="paro_compile command line (PAROAttention for torch.compile)",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,diff,tune,bench,demo}")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="module:factory returning an nn.Module (e.g. paro_compile.models:toy_model)")
+        p.add_argument("--inputs", required=True, metavar="MODULE:FACTORY",
+                       help="module:factory returning an iterable of (args, kwargs) pairs or dicts of keyword arguments")
+        p.add_argument("--dtype", choices=DTYPES, help="cast the model and the floating inputs (2+ dims) to this dtype")
+
+    p = sub.add_parser("calibrate", help="calibrate a model on inputs and write a plan file")
+    model_args(p)
+    p.add_argument("--density", type=float, default=0.3, help="fraction of attention blocks kept (default 0.3)")
+    p.add_argument("--alpha", type=float, default=0.7, help="weight of the sparsity score vs the quantization score")
+    p.add_argument("--step-buckets", type=int, default=1, help="mask sets per range of timesteps (default 1)")
+    p.add_argument("--timestep-arg", default="timestep", help="name of the model's timestep argument")
+    p.add_argument("--block-size", type=int, default=None, help="token block of the masks (default 64)")
+    p.add_argument("--mass-threshold", type=float, default=None, help="keep blocks until this share of mass instead")
+    p.add_argument("--out", default="plan.paro.safetensors", help="plan file to write (default plan.paro.safetensors)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("diff", help="compile with backend='paro' and show what each pass did")
+    model_args(p)
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="paro/Inductor option (repeatable); values are JSON when they parse: -o qk_bits=4 -o plan=p.safetensors")
+    p.add_argument("--call", type=int, default=0, help="which item of the inputs to run (default 0)")
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report")
+    p.add_argument("--json", metavar="PATH", help="also write the JSON report (docs/report_schema.md)")
+    p.add_argument("--code", action="store_true", help="also print the full graph code after each pass")
+    p.add_argument("-q", "--quiet", action="store_true", help="no terminal report")
+
+    p = sub.add_parser("tune", help="pre-tune the attention kernel for shapes/densities (CUDA only)")
+    p.add_argument("--shapes", action="append", required=True, metavar="B,H,N,D", help="attention shape (repeatable)")
+    p.add_argument("--densities", default="1.0,0.5,0.3,0.2", help="comma-separated block densities")
+    p.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
+    p.add_argument("--qk-bits", type=int, default=8, choices=(4, 8))
+    p.add_argument("--pv-dtype", default="fp8", choices=("fp8", "int8", "fp16"))
+    p.add_argument("--perm", action="store_true", help="tune the variant with a per-head token permutation in the kernel")
+    p.add_argument("--force", action="store_true", help="re-benchmark configs that are already cached")
+    p.add_argument("--json", metavar="PATH", help="also write the winners as JSON")
+
+    p = sub.add_parser("bench", help="run benchmarks/bench_attention.py (CUDA only); extra arguments are passed on "
+                       "(--shapes, --densities, --modes, --no-flex, --rep)")
+    p.add_argument("--quick", action="store_true", help="CogVideoX shape only, densities 1.0 and 0.2")
+    p.add_argument("--out", metavar="DIR", help="where attention.csv / .json / .png go (default benchmarks/results)")
+
+    sub.add_parser("demo", help="run the built-in demo (python -m paro_compile.demo; its options pass through)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "demo":
         from paro_compile.demo import main as demo_main
 
-        return demo_main(rest)
-    return 2
+        return demo_main(argv[1:])
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers: dict[str, Callable[[], int]] = {
+        "calibrate": lambda: cmd_calibrate(args),
+        "diff": lambda: cmd_diff(args),
+        "tune": lambda: cmd_tune(args),
+        "bench": lambda: cmd_bench(args, rest),
+    }
+    try:
+        return handlers[args.command]()
+    except CliError as error:
+        print(f"paro {args.command}: error: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print(f"paro {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -85,3 +85,21 @@ def toy_inputs(batch: int = 1, frames: int = 2, height: int = 8, width: int = 8,
         "text": torch.randn(batch, text_tokens, 32, generator=generator).to(device, dtype),
         "timestep": torch.full((batch,), 500.0, device=device),
     }
+
+
+def toy_model(dim: int = 128, heads: int = 2, depth: int = 2, seed: int = 0) -> ToyVideoDiT:
+    """Factory for the CLI and examples (``paro diff paro_compile.models:toy_model ...``): a small, seeded,
+    eval-mode `ToyVideoDiT` (fp32, CPU; ``--dtype`` in the CLI casts it)."""
+    torch.manual_seed(seed)
+    return ToyVideoDiT(dim=dim, heads=heads, depth=depth).eval()
+
+
+def toy_calibration_inputs(count: int = 2, frames: int = 2, size: int = 16, text_tokens: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Factory for the CLI and examples: ``count`` keyword-argument dicts for `toy_model` (different seeds and
+    timesteps; 2 × 8 × 8 video tokens + 8 text tokens by default, i.e. 136 tokens = 3 blocks of 64)."""
+    items = []
+    for i in range(count):
+        item = toy_inputs(frames=frames, height=size, width=size, text_tokens=text_tokens, seed=i)
+        item["timestep"] = torch.full((1,), 900.0 - 800.0 * i / max(1, count - 1))
+        items.append(item)
+    return items

@@ -205,7 +205,7 @@ class Plan:
         if actual != self.fingerprint:
             raise PlanMismatchError(
                 f"plan was calibrated on a model with fingerprint {self.fingerprint}, this model has {actual} "
-                "(parameter names/shapes differ): re-run paro_compile.calibrate on this model"
+                "(parameter names/shapes differ): re-run paro_compile.calibration on this model"
             )
 
     def check_sites(self, sites: Iterable[Any], *, block_size: Optional[int] = None, allow_missing: bool = False,

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paro_compile.autocalib import graph_fingerprint, make_auto_calibrating_callable
-from paro_compile.calibrate import calibrate
+from paro_compile.calibration import calibrate
 from paro_compile.config import ParoConfig
 from paro_compile.grid import TokenGrid
 from paro_compile.passes.discover import is_sdpa

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from paro_compile.calibrate import (
+from paro_compile.calibration import (
     CalibrationError,
     CalibrationOptions,
     SiteStatistics,

@@ -14,8 +14,9 @@ the fused prologue (`prologue.py`) permutes, smooths and quantizes Q/K/V once; t
   online softmax in base 2 (exp2), P = exp2(s − m) ∈ [0, 1].
 - P·448 → FP8 e4m3 with FP8 V (pv "fp8"), round(P·127) → INT8 with INT8 V (pv "int8", int32
   accumulate), or P in V's dtype (pv "fp16"); PV accumulates in fp32; the row sum uses the
-  unquantized fp32 P. The 1/448 (1/127) P factor and V's per-channel scale are applied once at
-  the end (mathematically identical to the reference's per-step factor; differs by fp rounding).
+  unquantized fp32 P. The kernel computes P·448 (P·127) directly as exp2(s − (m − log2 448)), so
+  the row sum and the accumulator carry the same factor and it cancels; V's per-channel scale is
+  applied once at the end (mathematically identical to the reference; differs by fp rounding).
 - Rows are stored through the inverse permutation: row i of the permuted order goes to token
   ``perm[h, i]``; rows ≥ N are not written; query blocks with zero kept KV blocks store zeros.
 
@@ -54,14 +55,21 @@ def _load_k_int4(K, kbase, rn, offs_h, HALF: tl.constexpr):
 
 
 @triton.jit
+def _i32_to_f32(x):
+    """Exact int32 → fp32 for |x| < 2^22 without the quarter-rate I2F instruction: add the bits of
+    1.5·2^23 and subtract it as a float (|QKᵀ| ≤ 127²·256 < 2^22 for int8 and head_dim ≤ 256)."""
+    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
 def _attn_fwd(
     QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX,
-    N, H, NQB, NKB, p_factor,
+    N, H, NQB, NKB, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -110,10 +118,10 @@ def _attn_fwd(
             k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
             qk = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
             qk = tl.dot(q_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
-            qk = qk.to(tl.float32)
+            qk = _i32_to_f32(qk)
         elif QK_BITS == 8:
             k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            qk = _i32_to_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
         else:
             k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
             if DOT_F32:
@@ -123,24 +131,26 @@ def _attn_fwd(
             else:
                 qk = tl.dot(q, tl.trans(k))
         ks = tl.load(KS + pid_bh * NKB + j)
-        sc = qk * (qs * ks)[:, None]
-        if not EVEN_N:
-            sc = tl.where((rows_k < N)[None, :], sc, float("-inf"))
+        # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
+        bias = tl.where(rows_k < N, 0.0, float("-inf"))
+        sc = qk * (qs * ks)[:, None] + bias[None, :]
         # ---- online softmax, base 2 ----
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(sc - m_safe[:, None])
+        # fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor folded into the row max),
+        # so the row sum and the accumulator carry the same factor and it cancels in the epilogue.
+        p = tl.math.exp2(sc - (m_safe - P_LOG2)[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         # ---- O += P V ----
         vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
         v = tl.trans(vt)
         if PV_MODE == 1:
-            pq = fp32_to_fp8e4(p * 448.0, EMULATE)
+            pq = fp32_to_fp8e4(p, EMULATE)
             acc = tl.dot(pq, v, acc)
         elif PV_MODE == 2:
-            pq = tl.floor(p * 127.0 + 0.5).to(tl.int8)
+            pq = tl.floor(p + 0.5).to(tl.int8)
             acc += tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32)
         else:
             if VT.dtype.element_ty == tl.bfloat16:
@@ -157,7 +167,7 @@ def _attn_fwd(
 
     vs = tl.load(VS + pid_bh * D + offs_d)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc * (vs * p_factor)[None, :] / l_safe[:, None]
+    out = acc * vs[None, :] / l_safe[:, None]
     valid = rm < N
     if HAS_PERM:
         dst = tl.load(PERM + h * N + rm, mask=valid, other=0)
@@ -185,11 +195,20 @@ _attn_fwd_tuned = triton.autotune(
 )(_attn_fwd)
 
 
+_DENSITY_MEMO: dict = {}
+
+
 def _density_bucket(kv_counts: Optional[torch.Tensor], nk: int) -> int:
+    """Density bucket of a CSR mask; memoised per tensor (the .item() is a device sync)."""
     if kv_counts is None:
         return 100
-    dens = float(kv_counts.float().mean().item()) / max(nk, 1)
-    return tuning.density_bucket(dens)
+    key = (kv_counts.data_ptr(), kv_counts._version, tuple(kv_counts.shape), nk, kv_counts.device)
+    hit = _DENSITY_MEMO.get(key)
+    if hit is None:
+        if len(_DENSITY_MEMO) > 256:
+            _DENSITY_MEMO.clear()
+        hit = _DENSITY_MEMO[key] = tuning.density_bucket(float(kv_counts.float().mean().item()) / max(nk, 1))
+    return hit
 
 
 def paro_attention_triton(
@@ -242,7 +261,7 @@ def paro_attention_triton(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
     dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
     perm_arg = perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None else None
-    p_factor = {"fp8": 1.0 / 448.0, "int8": 1.0 / 127.0, "fp16": 1.0}[pv_dtype]
+    p_log2 = {"fp8": math.log2(448.0), "int8": math.log2(127.0), "fp16": 0.0}[pv_dtype]
     interp = q.device.type == "cpu"
     # The interpreter multiplies bf16 bit patterns in tl.dot (DESIGN.md): upcast bf16 operands to fp32 there.
     dot_f32 = interp and q.dtype == torch.bfloat16
@@ -250,13 +269,13 @@ def paro_attention_triton(
         pro.q, pro.q_scale, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
         perm_arg if perm_arg is not None else dummy,
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
-        n, heads, nqb, nkb, p_factor,
+        n, heads, nqb, nkb, p_log2,
         *out.stride(),
         tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb),
     )
     meta = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],
-        HAS_PERM=perm is not None, DENSE=dense, EVEN_N=(n % block_n == 0),
+        HAS_PERM=perm is not None, DENSE=dense,
         DOT_F32=dot_f32, IEEE=(q.dtype == torch.float32 and not interp), EMULATE=interp,
     )
 

@@ -152,7 +152,8 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
         offs_d = tl.arange(0, D)
         x = tl.load(X + base + src[:, None] * sxn + offs_d[None, :] * sxd, mask=rmask[:, None], other=0.0)
         tl.store(XQ + (pid_bh * nrows + rows[:, None]) * D + offs_d[None, :], x)
-        tl.store(XS + pid_bh * nblk + t, scale_mult)
+        # (a scalar tensor, so a constexpr scale_mult of 1.0 is stored like a runtime one)
+        tl.store(XS + pid_bh * nblk + t, tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0) + scale_mult)
     elif QK_BITS == 8:
         qmax: tl.constexpr = 127.0
         offs_d = tl.arange(0, D)

@@ -89,6 +89,26 @@ def cache_file(device) -> Path:
     return cache_dir() / f"{gpu_name(device)}.json"
 
 
+_SRC_HASH: Optional[str] = None
+
+
+def _source_hash() -> str:
+    """Short hash of the kernel sources: a cached config never outlives the kernel it was tuned for."""
+    global _SRC_HASH
+    if _SRC_HASH is None:
+        import hashlib
+
+        here = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for name in ("attention.py", "prologue.py"):
+            try:
+                h.update((here / name).read_bytes())
+            except OSError:
+                pass
+        _SRC_HASH = h.hexdigest()[:10]
+    return _SRC_HASH
+
+
 def _key(args: tuple, meta: dict) -> str:
     # args layout of attention._attn_fwd: ..., OUT at index 6, ..., n_bucket, density_bucket at the end.
     out = args[6]
@@ -96,7 +116,7 @@ def _key(args: tuple, meta: dict) -> str:
         "attn_fwd", f"n{args[-2]}", f"d{meta['D']}", f"dens{args[-1]}", str(out.dtype).replace("torch.", ""),
         f"qk{meta['QK_BITS']}", f"pv{meta['PV_MODE']}", f"dense{int(bool(meta['DENSE']))}",
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}", f"perm{int(bool(meta['HAS_PERM']))}",
-        f"even{int(bool(meta['EVEN_N']))}", f"triton{triton.__version__}",
+        f"triton{triton.__version__}", f"src{_source_hash()}",
     ]
     return "|".join(parts)
 

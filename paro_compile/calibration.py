@@ -19,7 +19,7 @@ and mixed: ``score = alpha * sparsity + (1 - alpha) * quantization``; each head 
 model's own order on ties).
 
 Default alpha = 0.9 with sparsity_metric="mass" (``DEFAULT_ALPHA``), chosen by `_alpha_sweep`
-(``python -m paro_compile.calibrate``): 48 synthetic heads with random per-axis locality, three
+(``python -m paro_compile.calibration``): 48 synthetic heads with random per-axis locality, three
 noise/temperature settings, density 0.2; regret = best candidate's kept mass - chosen order's kept mass,
 Psi ratio = chosen order's Psi / best candidate's Psi:
 
@@ -893,7 +893,7 @@ def calibrate(
 
 
 # ------------------------------------------------------------------------------------------------------
-# α sweep on synthetic heads (documentation of DEFAULT_ALPHA): python -m paro_compile.calibrate
+# α sweep on synthetic heads (documentation of DEFAULT_ALPHA): python -m paro_compile.calibration
 # ------------------------------------------------------------------------------------------------------
 def synthetic_qk(grid: TokenGrid, head_axes: list[dict[str, float]], *, dim: int = 64, temperature: float = 1.0,
                  noise: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,217 @@
+"""paro attention Triton kernel vs the pure-PyTorch reference (same function) and vs float64 attention.
+
+Liger-Kernel style: odd shapes (N not a multiple of the block), fresh random inputs and masks every run
+(seed printed; replay with PARO_TEST_SEED), output poisoned with NaN so an unwritten row fails.
+On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); GPU-only tests are
+marked ``gpu`` and skipped without CUDA.
+"""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from paro_compile.kernels import reference as R
+from paro_compile.kernels import tuning
+from paro_compile.kernels.attention import paro_attention_triton
+
+from paro_kernel_helpers import attention_f64, kernel_device, rel_l2, requires_cuda
+
+# rel-L2 of (kernel vs reference): accumulation order / fp rounding only (an fp8/int8 P value next to a
+# rounding boundary may move one step). Tolerances by output dtype.
+KERNEL_TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+# rel-L2 of (reference vs float64 attention) on Gaussian inputs: the quantization error of each mode.
+QUANT_TOL = {(8, "fp8"): 0.07, (8, "int8"): 0.04, (8, "fp16"): 0.03, (4, "fp8"): 0.4, (4, "int8"): 0.4,
+             (4, "fp16"): 0.4, (16, "fp8"): 0.07, (16, "int8"): 0.04, (16, "fp16"): 0.01}
+
+
+def _make(gen, b, h, n, d, dtype, device, perm, density, block_m=64, block_n=64, empty_row=True):
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    k = k + 2.0 * torch.randn(1, 1, 1, d, generator=gen)
+    q = q * 1.5
+    pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)]) if perm else None
+    mq, nk = R.num_blocks(n, block_m), R.num_blocks(n, block_n)
+    if density is None:
+        mask = None
+    else:
+        mask = tuning.random_block_mask(h, mq, nk, density, generator=gen, block_m=block_m, block_n=block_n)
+        if empty_row:  # one query block keeps nothing -> zeros
+            hh, ii = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(mq, (1,), generator=gen))
+            mask[hh, ii] = False
+    to = lambda x: x.to(dtype).to(device)
+    return to(q), to(k), to(v), (pm.to(device) if pm is not None else None), mask
+
+
+def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, scale=None, check_f64=True):
+    b, h, n, d = q.shape
+    counts = indices = None
+    if mask is not None:
+        counts, indices = R.block_mask_to_csr(mask)
+        counts, indices = counts.to(q.device), indices.to(q.device)
+    out = torch.full_like(q, float("nan"))
+    res = paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
+                                qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n, out=out)
+    assert res is out
+    ref = R.paro_attention_reference(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
+                                     qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n)
+    msg = (f"seed={seed} bits={bits} pv={pv} dtype={q.dtype} shape={tuple(q.shape)} perm={pm is not None} "
+           f"dense={mask is None} block=({block_m},{block_n}) device={q.device}")
+    assert not out.isnan().any(), f"unwritten (NaN) output rows: {out.isnan().any(-1).sum().item()} rows; {msg}"
+    err = rel_l2(out, ref)
+    assert err <= KERNEL_TOL[q.dtype], f"kernel vs reference rel-L2 {err:.3e} > {KERNEL_TOL[q.dtype]:.1e}; {msg}"
+    if mask is not None:
+        # Query blocks without kept KV blocks: exact zeros, in model order.
+        empty = (mask.sum(-1) == 0).cpu()  # [H, Mq]
+        rows_perm = empty.repeat_interleave(block_m, dim=1)[:, :n]  # [H, N] in permuted order
+        rows = R.unpermute_tokens(rows_perm[None, :, :, None].float(), pm.cpu() if pm is not None else None)[0, :, :, 0] > 0
+        if rows.any():
+            assert torch.equal(out.cpu()[:, rows], torch.zeros_like(out.cpu()[:, rows])), f"empty rows not zero; {msg}"
+    if check_f64:
+        exact = attention_f64(q, k, v, pm, mask, block_m, block_n, scale)
+        e_ref, e_ker = rel_l2(ref, exact), rel_l2(out, exact)
+        tol = QUANT_TOL[(bits, pv)] + (0.01 if q.dtype == torch.bfloat16 else 0.0)
+        assert e_ref <= tol and e_ker <= tol, \
+            f"vs float64: reference rel-L2 {e_ref:.3e}, kernel {e_ker:.3e} > {tol:.2e}; {msg}"
+    return out, ref
+
+
+@pytest.mark.parametrize("perm", [True, False], ids=["perm", "noperm"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("pv", ["fp8", "int8", "fp16"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sparse_matches_reference(seed, gen, bits, pv, dtype, d, perm):
+    n = int(torch.randint(65, 200, (1,), generator=gen))
+    if n % 64 == 0:
+        n += 1
+    density = float(torch.empty(1).uniform_(0.3, 0.8, generator=gen))
+    q, k, v, pm, mask = _make(gen, 1, 2, n, d, dtype, kernel_device(), perm, density)
+    _run_and_check(seed, q, k, v, pm, mask, bits, pv)
+
+
+@pytest.mark.parametrize("bits,pv", [(8, "fp8"), (4, "int8"), (16, "fp16"), (16, "fp8")])
+def test_dense_matches_reference(seed, gen, bits, pv):
+    n = int(torch.randint(130, 300, (1,), generator=gen))
+    q, k, v, pm, _ = _make(gen, 2, 1, n, 64, torch.float16, kernel_device(), True, None)
+    _run_and_check(seed, q, k, v, pm, None, bits, pv, scale=0.2)
+
+
+def test_multiple_of_block_and_tiny(seed, gen):
+    for n in (128, 17):
+        q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, 0.5, empty_row=False)
+        _run_and_check(seed, q, k, v, pm, mask, 8, "fp8")
+
+
+@pytest.mark.parametrize("block_m,block_n", [(128, 64), (32, 32)])
+def test_other_block_sizes(seed, gen, block_m, block_n):
+    q, k, v, pm, mask = _make(gen, 1, 2, 201, 64, torch.float16, kernel_device(), True, 0.6, block_m, block_n)
+    _run_and_check(seed, q, k, v, pm, mask, 8, "int8", block_m, block_n)
+
+
+def test_text_prefix_permutation(seed, gen):
+    """A text prefix is just part of the permutation (kept in place, video tokens reordered)."""
+    h, n_text, f, hh, ww = 2, 13, 2, 6, 10
+    n = n_text + f * hh * ww
+    video = torch.arange(f * hh * ww).view(f, hh, ww)
+    orders = [video.permute(1, 2, 0).reshape(-1), video.permute(2, 0, 1).reshape(-1)]
+    perm = torch.stack([torch.cat([torch.arange(n_text), n_text + o]) for o in orders])
+    q, k, v, _, mask = _make(gen, 1, h, n, 64, torch.float16, kernel_device(), False, 0.7)
+    _run_and_check(seed, q, k, v, perm.to(q.device), mask, 8, "fp8")
+
+
+def test_through_custom_op(seed, gen):
+    import paro_compile.ops  # noqa: F401  (registers paro::attention)
+
+    q, k, v, pm, mask = _make(gen, 1, 2, 150, 64, torch.float16, kernel_device(), True, 0.5)
+    counts, indices = (x.to(q.device) for x in R.block_mask_to_csr(mask))
+    args = (q, k, v, pm, counts, indices, 0.125, 8, "fp8", 64, 64)
+    out = torch.ops.paro.attention(*args, "triton")
+    ref = torch.ops.paro.attention(*args, "reference")
+    assert rel_l2(out, ref) < KERNEL_TOL[q.dtype], f"seed={seed}"
+
+
+def test_rejects_bad_arguments():
+    q = torch.zeros(1, 1, 70, 64, device=kernel_device())
+    with pytest.raises(ValueError):
+        paro_attention_triton(q, q, q, qk_bits=2)
+    with pytest.raises(ValueError):
+        paro_attention_triton(q, q, q, pv_dtype="bf8")
+    with pytest.raises(ValueError):
+        paro_attention_triton(q, q, q, kv_counts=torch.ones(1, 3, dtype=torch.int32),
+                              kv_indices=torch.zeros(1, 3, 2, dtype=torch.int32))
+
+
+def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
+    """Winners persist as JSON per GPU and are read back by a fresh process (simulated by `forget`)."""
+    import triton
+
+    monkeypatch.setenv("PARO_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("PARO_AUTOTUNE", raising=False)
+    tuning.forget()
+
+    class FakeTuned:
+        best_config = triton.Config({"TILE_M": 128}, num_warps=8, num_stages=3)
+
+    out = torch.empty(1, 1, 8, 64, dtype=torch.bfloat16)
+    args = (None,) * 6 + (out,) + (None,) * 12 + (tuning.n_bucket(17776), tuning.density_bucket(0.2))
+    meta = dict(BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=1, HAS_PERM=True, DENSE=False)
+    assert tuning.select_config(FakeTuned, "cpu", args, meta, interp=False) is None  # nothing cached: autotune
+    tuning.record(FakeTuned, "cpu", args, meta)
+    data = json.loads(tuning.cache_file("cpu").read_text())
+    assert str(tuning.cache_file("cpu")).startswith(str(tmp_path / "autotune"))
+    assert list(data["configs"].values()) == [{"kwargs": {"TILE_M": 128}, "num_warps": 8, "num_stages": 3}]
+    tuning.forget()
+    cfg = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
+    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"TILE_M": 128}, 8, 3)
+    monkeypatch.setenv("PARO_AUTOTUNE", "0")
+    fixed = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
+    assert fixed.kwargs["TILE_M"] == 64
+    tuning.forget()
+
+
+def test_buckets():
+    assert tuning.n_bucket(17776) == 32768 and tuning.n_bucket(4608) == 8192 and tuning.n_bucket(100) == 1024
+    assert tuning.density_bucket(1.0) == 100 and tuning.density_bucket(0.2) == 20 and tuning.density_bucket(0.21) == 30
+
+
+# ----------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("bits,pv", [(8, "fp8"), (8, "int8"), (8, "fp16"), (4, "fp8"), (16, "fp16")])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_bf16_large(seed, gen, bits, pv, d):
+    """Real bf16 tensor-core paths (the interpreter cannot run bf16 dots) at a size with many blocks."""
+    n = 2000 + int(torch.randint(0, 63, (1,), generator=gen))
+    q, k, v, pm, mask = _make(gen, 2, 3, n, d, torch.bfloat16, "cuda", True, 0.3)
+    _run_and_check(seed, q, k, v, pm, mask, bits, pv, check_f64=(d == 64))
+    q, k, v, pm, _ = _make(gen, 1, 2, n, d, torch.bfloat16, "cuda", False, None)
+    _run_and_check(seed, q, k, v, pm, None, bits, pv, check_f64=False)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_autotune_persists(tmp_path, monkeypatch, gen):
+    monkeypatch.setenv("PARO_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PARO_AUTOTUNE", raising=False)
+    tuning.forget()
+    winners = tuning.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
+    assert len(winners) == 2 and all("num_warps" in w for w in winners)
+    data = json.loads(tuning.cache_file("cuda").read_text())
+    assert len(data["configs"]) == 2
+    tuning.forget()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_sparse_is_faster_than_dense_sdpa(gen):
+    import triton
+
+    b, h, n, d = 1, 8, 8192, 64
+    q, k, v, pm, mask = _make(gen, b, h, n, d, torch.bfloat16, "cuda", True, 0.2, empty_row=False)
+    counts, indices = (x.cuda() for x in R.block_mask_to_csr(mask))
+    ours = triton.testing.do_bench(lambda: paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices))
+    sdpa = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    print(f"ours(0.2) {ours:.3f} ms, sdpa dense {sdpa:.3f} ms")
+    assert ours < sdpa, f"ours {ours:.3f} ms vs SDPA {sdpa:.3f} ms"
