@@ -45,13 +45,86 @@ from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+EXP2_MODES = (0, 1, 2)
+
+
+def default_exp2_mode() -> int:
+    """exp2 of P when the caller passes no ``exp2_mode``: ``$PARO_EXP2_MODE`` (read per call), else
+    `DEFAULT_EXP2_MODE`. 0 = MUFU ``ex2.approx`` (tl.math.exp2), 1 = FMA-pipe polynomial for every
+    entry, 2 = polynomial for half of the columns (FlashAttention-4 style MUFU/FMA balance)."""
+    env = os.environ.get("PARO_EXP2_MODE")
+    mode = int(env) if env not in (None, "") else DEFAULT_EXP2_MODE
+    if mode not in EXP2_MODES:
+        raise ValueError(f"PARO_EXP2_MODE must be one of {EXP2_MODES}, got {mode}")
+    return mode
+
+
+# Stays 0 (MUFU) until the H100 shows a polynomial mode is faster (benchmarks/kernel_variants.py).
+DEFAULT_EXP2_MODE = 0
+
+
+@triton.jit
+def unpack_int4_pair(x):
+    """Packed split-nibble byte(s) (int8, any shape) → (low nibble, high nibble) as signed int8 in [-8, 7].
+
+    Done in fp32 arithmetic, not with integer shifts: the byte is sign-extended to fp32 exactly
+    (magic-number add, no I2F), hi = floor(x / 16) (the packed byte is 16·hi + (lo mod 16)),
+    lo = x − 16·hi mapped to [-8, 7], and both go back to int8 through the low byte of a
+    magic-number sum (no F2I). No integer op here is ever truncated to 8 bits, so LLVM cannot
+    narrow it to 8/16-bit (packed) integer instructions; the result is the same on the GPU and under
+    the interpreter (numpy). The shift version ``(x << 28) >> 28`` / ``x >> 4`` was exact under the
+    interpreter but disagreed with the reference on the H100 (see NOTES_attention.md)."""
+    xf = (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact, |x| <= 128
+    hf = tl.floor(xf * 0.0625)
+    lf = xf - 16.0 * hf
+    lf = tl.where(lf >= 8.0, lf - 16.0, lf)
+    lo = (lf + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)  # low byte = two's complement of lf
+    hi = (hf + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+    return lo, hi
+
 
 @triton.jit
 def _load_k_int4(K, kbase, rn, offs_h, HALF: tl.constexpr):
-    kp = tl.load(K + (kbase + rn[:, None]) * HALF + offs_h[None, :]).to(tl.int32)
-    k_lo = ((kp << 28) >> 28).to(tl.int8)
-    k_hi = (kp >> 4).to(tl.int8)
+    kp = tl.load(K + (kbase + rn[:, None]) * HALF + offs_h[None, :])
+    k_lo, k_hi = unpack_int4_pair(kp)
     return k_lo, k_hi
+
+
+@triton.jit
+def exp2_poly(x):
+    """2^x on the FMA pipe (FlashAttention-4 trick), no MUFU, no int<->float conversion instruction.
+
+    x ≤ ~9 here (P·448 = 2^(s − m + log2 448)). j = x + 1.5·2^23 rounds x to the nearest integer n in
+    j's low mantissa bits; f = x − n ∈ [-0.5, 0.5]; p(f) ≈ 2^f is a degree-3 minimax polynomial
+    (max rel. error 7.5e-5, fp32 Horner); 2^n is applied by adding n to p's exponent field:
+    ``bits(p) + (bits(j) << 23)`` (the shift keeps j's low 9 bits = n mod 512, which is n << 23
+    mod 2^32). x ≤ -125 (incl. -inf of masked keys) gives exactly 0 (torch.exp2 would give
+    < 2^-125: 0 after FP8 rounding and negligible in the row sum)."""
+    xc = tl.maximum(x, -125.0)
+    j = xc + 12582912.0
+    n = j - 12582912.0
+    f = xc - n
+    p = 0.05517132207751274 * f + 0.24261054396629333
+    p = p * f + 0.6932609677314758
+    p = p * f + 0.9999281167984009
+    bits = p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)
+    return tl.where(x > -125.0, bits.to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def _exp2(x, MODE: tl.constexpr):
+    """exp2 of a [M, N] tile. MODE 0: MUFU (tl.math.exp2); 1: polynomial everywhere; 2: polynomial on the
+    odd columns, MUFU on the even ones (columns split as adjacent pairs, which the MMA accumulator
+    layout keeps in one thread's registers, so the split/join should be register-local)."""
+    if MODE == 0:
+        return tl.math.exp2(x)
+    elif MODE == 1:
+        return exp2_poly(x)
+    else:
+        M: tl.constexpr = x.shape[0]
+        N: tl.constexpr = x.shape[1]
+        xa, xb = tl.split(tl.reshape(x, [M, N // 2, 2]))
+        return tl.reshape(tl.join(tl.math.exp2(xa), exp2_poly(xb)), [M, N])
 
 
 @triton.jit
@@ -69,7 +142,7 @@ def _attn_fwd(
     n_bucket, density_bucket,  # autotune key only
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -88,9 +161,7 @@ def _attn_fwd(
         HALF: tl.constexpr = D // 2
         offs_h = tl.arange(0, HALF)
         qp = tl.load(QQ + (pid_bh * NQ_ROWS + rm[:, None]) * HALF + offs_h[None, :], mask=row_in[:, None], other=0)
-        qp = qp.to(tl.int32)
-        q_lo = ((qp << 28) >> 28).to(tl.int8)
-        q_hi = (qp >> 4).to(tl.int8)
+        q_lo, q_hi = unpack_int4_pair(qp)
     else:
         q = tl.load(QQ + (pid_bh * NQ_ROWS + rm[:, None]) * D + offs_d[None, :], mask=row_in[:, None], other=0)
         if DOT_F32 and QK_BITS == 16:
@@ -140,7 +211,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         # fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor folded into the row max),
         # so the row sum and the accumulator carry the same factor and it cancels in the epilogue.
-        p = tl.math.exp2(sc - (m_safe - P_LOG2)[:, None])
+        p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         # ---- O += P V ----
@@ -190,7 +261,7 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=tuning.candidate_configs(),
-    key=["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N"],
+    key=["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N", "EXP2_MODE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -225,12 +296,22 @@ def paro_attention_triton(
     block_m: int = 64,
     block_n: int = 64,
     out: Optional[torch.Tensor] = None,
+    exp2_mode: Optional[int] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
     ``out`` (optional, contiguous [B, H, N, D] of q's dtype) receives the result; rows are only
     written where the kernel computes them (tests poison it with NaN to catch unwritten rows).
+    ``exp2_mode`` (0/1/2, default `default_exp2_mode()`): how P = exp2(·) is computed, see `_exp2`.
+    Modes 1/2 differ from the reference's torch.exp2 by ≤ 7.5e-5 relative in P before quantization.
+    ``config`` (benchmarks): ``{"TILE_M", "num_warps", "num_stages"}`` launched as is, bypassing the
+    autotuner and its cache; TILE_M must be block_m, or 2·block_m for a dense mask.
     """
+    if exp2_mode is None:
+        exp2_mode = default_exp2_mode()
+    if exp2_mode not in EXP2_MODES:
+        raise ValueError(f"exp2_mode must be one of {EXP2_MODES}, got {exp2_mode}")
     if qk_bits not in QK_BITS:
         raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
     if pv_dtype not in PV_DTYPES:
@@ -277,12 +358,20 @@ def paro_attention_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],
         HAS_PERM=perm is not None, DENSE=dense,
         DOT_F32=dot_f32, IEEE=(q.dtype == torch.float32 and not interp), EMULATE=interp,
+        EXP2_MODE=int(exp2_mode),
     )
 
     def grid(cfg):
         return (triton.cdiv(nqb * block_m, cfg["TILE_M"]), bsz * heads)
 
-    cfg = tuning.select_config(_attn_fwd_tuned, q.device, args, meta, interp)
+    if config is not None:
+        tile_m = int(config.get("TILE_M", block_m))
+        if tile_m not in ((block_m, 2 * block_m) if dense else (block_m,)):
+            raise ValueError(f"config TILE_M={tile_m} is not legal (block_m={block_m}, dense={dense})")
+        cfg = triton.Config({"TILE_M": tile_m}, num_warps=int(config.get("num_warps", 4)),
+                            num_stages=int(config.get("num_stages", 1 if interp else 2)))
+    else:
+        cfg = tuning.select_config(_attn_fwd_tuned, q.device, args, meta, interp)
     if cfg is None:  # not cached: run triton.autotune, then persist its winner on disk
         _attn_fwd_tuned[grid](*args, **meta)
         entry = tuning.record(_attn_fwd_tuned, q.device, args, meta)

@@ -68,6 +68,17 @@ def _round_half_away(y):
 
 
 @triton.jit
+def pack_int4_pair(lo, hi):
+    """Two integer-valued fp32 tiles in [-8, 7] → int8 byte 16·hi + (lo mod 16) (split-nibble layout).
+
+    fp32 arithmetic plus the low byte of a magic-number sum: no integer op is truncated to 8 bits, so
+    the compiler cannot narrow it (the GPU and the interpreter give the same bytes; the former
+    ``((lo & 15) | (hi << 4)).to(int8)`` relied on backend integer narrowing)."""
+    b = 16.0 * hi + tl.where(lo < 0, lo + 16.0, lo)  # in [-128, 127]
+    return (b + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
 def _rint_even(t):
     r = tl.floor(t + 0.5)
     tie = (r - t) == 0.5
@@ -180,9 +191,9 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
             hi = tl.where(rmask[:, None], hi - mhi[None, :], 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(lo), axis=1), axis=0), tl.max(tl.max(tl.abs(hi), axis=1), axis=0))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax4), 1.0)
-        ylo = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(lo, scale)), -qmax4), qmax4).to(tl.int32)
-        yhi = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(hi, scale)), -qmax4), qmax4).to(tl.int32)
-        packed = ((ylo & 15) | (yhi << 4)).to(tl.int8)
+        ylo = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(lo, scale)), -qmax4), qmax4)
+        yhi = tl.minimum(tl.maximum(_round_half_away(tl.math.div_rn(hi, scale)), -qmax4), qmax4)
+        packed = pack_int4_pair(ylo, yhi)
         tl.store(XQ + (pid_bh * nrows + rows[:, None]) * HALF + offs_h[None, :], packed)
         tl.store(XS + pid_bh * nblk + t, scale * scale_mult)
 

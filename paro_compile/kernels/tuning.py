@@ -2,7 +2,7 @@
 
 The attention kernel (`attention._attn_fwd`) is wrapped in `triton.autotune` over
 `candidate_configs()` (num_warps × num_stages × query tile), keyed on (N bucket, D, density bucket,
-modes, block sizes, dtypes). Winners are persisted as JSON in
+modes (incl. the exp2 mode), block sizes, dtypes). Winners are persisted as JSON in
 ``${PARO_CACHE_DIR:-~/.cache/paro_compile}/autotune/<gpu name>.json`` so a new process launches the
 tuned config directly (no re-benchmarking). Switches:
 
@@ -116,6 +116,7 @@ def _key(args: tuple, meta: dict) -> str:
         "attn_fwd", f"n{args[-2]}", f"d{meta['D']}", f"dens{args[-1]}", str(out.dtype).replace("torch.", ""),
         f"qk{meta['QK_BITS']}", f"pv{meta['PV_MODE']}", f"dense{int(bool(meta['DENSE']))}",
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}", f"perm{int(bool(meta['HAS_PERM']))}",
+        f"exp2{int(meta.get('EXP2_MODE', 0))}",
         f"triton{triton.__version__}", f"src{_source_hash()}",
     ]
     return "|".join(parts)

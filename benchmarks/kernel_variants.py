@@ -1,0 +1,250 @@
+"""Kernel variants of the paro attention on the CogVideoX shape: exp2 mode × fixed launch config.
+
+One short run (budget ~90 s on an H100) that answers "which exp2 mode / config is fastest, and is it
+still right":
+
+- shape B2 H48 N17776 D64 bf16 (``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);
+- dense and density 0.2 (random 64×64 block mask keeping the diagonal, `tuning.random_block_mask`);
+- every exp2 mode (0 = MUFU, 1 = polynomial everywhere, 2 = polynomial on half the columns) ×
+  a few fixed configs (TILE_M / num_warps / num_stages), launched through ``config=`` (no autotune);
+- peers in the same run: cuDNN SDPA (dense) and compiled FlexAttention with the same block mask;
+- rel-L2 of each variant vs the mode-0 kernel with the first config (same function, so ~1e-3 for
+  the polynomial modes) and vs the bf16 peer (SDPA dense / Flex sparse: the quantization error);
+- INT4 diagnostic (the open GPU bug): prologue values vs torch quantization, kernel vs reference at
+  the failing test's shape (2, 3, 2010, 64), INT4 and INT8.
+
+Prints a table per density sorted by time and writes JSON to ``--out`` (after every measurement,
+so a run cut by a timeout still leaves its numbers). Usage on the GPU::
+
+    python benchmarks/kernel_variants.py --out $OUT/variants.json
+
+and on a CPU (smoke test)::
+
+    TRITON_INTERPRET=1 python benchmarks/kernel_variants.py --tiny --out /tmp/variants.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--tiny" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
+    try:
+        import torch as _t
+
+        if not _t.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from paro_compile.kernels import reference as R  # noqa: E402
+from paro_compile.kernels import tuning  # noqa: E402
+from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
+from paro_compile.kernels.prologue import dequantized_views, paro_prologue  # noqa: E402
+
+# (TILE_M, num_warps, num_stages); TILE_M 128 only for the dense mask.
+DENSE_CONFIGS = [(128, 8, 2), (128, 8, 3), (64, 4, 3)]
+SPARSE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 2)]
+
+
+def rel_l2(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def timer(cuda: bool, rep_ms: int):
+    if cuda:
+        import triton
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+    def cpu_time(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return cpu_time
+
+
+def flex_block_mask(mask, n, block):
+    """BlockMask with every kept block as a full block, from a [H, Mq, Nk] bool mask (as bench_attention.py)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts, indices = R.block_mask_to_csr(mask)
+    counts, indices = counts[None].contiguous(), indices[None].contiguous()
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices.clone(), counts, indices, BLOCK_SIZE=block,
+                                    seq_lengths=(n, n))
+
+
+def int4_diagnostic(dev, tiny: bool) -> dict:
+    """Where does INT4 differ from the reference on this backend: prologue values or the kernel?"""
+    gen = torch.Generator().manual_seed(192678357)
+    b, h, n, d = (1, 2, 150, 64) if tiny else (2, 3, 2010, 64)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    k = k + 2.0 * torch.randn(1, 1, 1, d, generator=gen)
+    q = q * 1.5
+    pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)])
+    mq = R.num_blocks(n, 64)
+    mask = tuning.random_block_mask(h, mq, mq, 0.3, generator=gen)
+    counts, indices = R.block_mask_to_csr(mask)
+    q, k, v = (x.to(torch.bfloat16).to(dev) for x in (q, k, v))
+    pm, counts, indices = pm.to(dev), counts.to(dev), indices.to(dev)
+    res = {"shape": [b, h, n, d]}
+    for bits in (4, 8):
+        p = paro_prologue(q, k, v, perm=pm, qk_bits=bits, pv_dtype="fp8")
+        got = {key: val.cpu() for key, val in dequantized_views(p).items()}
+        qf, kf = (R.permute_tokens(x.cpu(), pm.cpu()).float() for x in (q, k))
+        kf = kf - kf.mean(2, keepdim=True)
+        qv, _ = R.quantize_blockwise(qf, 64, bits)
+        kv, _ = R.quantize_blockwise(kf, 64, bits)
+        dq = (got["q"].view(b, h, n, -1) - qv).abs()
+        dk = (got["k"].view(b, h, n, -1) - kv).abs()
+        kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=bits, pv_dtype="fp8")
+        out = paro_attention_triton(q, k, v, exp2_mode=0, **kw)
+        ref = R.paro_attention_reference(q, k, v, **kw)
+        res[f"int{bits}"] = {
+            "q_values_differing": int((dq > 0).sum()), "k_values_differing": int((dk > 0).sum()),
+            "k_max_diff": float(dk.max()), "kernel_vs_reference_rel_l2": rel_l2(out, ref),
+            "kernel_nan": bool(out.isnan().any()),
+        }
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="B1 H2 N200 on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--out", default="kernel_variants.json")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per variant")
+    ap.add_argument("--modes", default="0,1,2")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-int4", action="store_true")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("no CUDA: run with --tiny (TRITON_INTERPRET=1)")
+    dev = "cuda" if cuda else "cpu"
+    os.environ["PARO_AUTOTUNE"] = "0"  # fixed configs only (config= bypasses it anyway)
+    modes = [int(m) for m in args.modes.split(",")]
+    b, h, n, d = (1, 2, 200, 64) if args.tiny else (2, 48, 17776, 64)
+    dtype = torch.bfloat16
+    bench = timer(cuda, args.rep)
+    t_start = time.time()
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
+               "torch": torch.__version__, "shape": [b, h, n, d], "dtype": "bfloat16", "rows": [], "int4": None}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        results["elapsed_s"] = round(time.time() - t_start, 1)
+        out_path.write_text(json.dumps(results, indent=1))
+
+    def log(msg):
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dtype).to(dev) for _ in range(3))
+    mq = R.num_blocks(n, 64)
+    flex = None
+    if cuda and not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    for dens in (1.0, 0.2):
+        if dens >= 1.0:
+            mask, counts, indices, configs = None, None, None, DENSE_CONFIGS
+        else:
+            mask = tuning.random_block_mask(h, mq, mq, dens, generator=gen)
+            counts, indices = (x.to(dev) for x in R.block_mask_to_csr(mask))
+            configs = SPARSE_CONFIGS
+        if not cuda:
+            configs = sorted({(c[0], 4, 1) for c in configs})
+        rows = []
+
+        def add(method, ms, err_base=None, err_peer=None, **extra):
+            row = {"density": dens, "method": method, "ms": round(ms, 4), "rel_l2_vs_mode0": err_base,
+                   "rel_l2_vs_peer": err_peer, **extra}
+            rows.append(row)
+            results["rows"].append(row)
+            save()
+            log(f"dens {dens}: {method:34s} {ms:9.3f} ms  vs mode0 {err_base if err_base is None else f'{err_base:.2e}'}"
+                f"  vs peer {err_peer if err_peer is None else f'{err_peer:.2e}'}")
+
+        # ---- peers ----
+        peer = None
+        if dens >= 1.0:
+            if cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    peer = F.scaled_dot_product_attention(q, k, v)
+                    add("sdpa_cudnn", bench(lambda: F.scaled_dot_product_attention(q, k, v)))
+            else:
+                peer = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+        elif flex is not None:
+            try:
+                bm = flex_block_mask(mask.to(dev), n, 64)
+                kopt = {"BLOCK_M": 64, "BLOCK_N": 64}
+                peer = flex(q, k, v, block_mask=bm, kernel_options=kopt)
+                torch.cuda.synchronize()
+                add("flex_attention (compiled, 64x64)", bench(lambda: flex(q, k, v, block_mask=bm, kernel_options=kopt)))
+            except Exception as e:  # noqa: BLE001
+                log(f"FlexAttention failed: {type(e).__name__}: {str(e)[:300]}")
+        if peer is None and not cuda:  # CPU: the quantized reference of the same mask
+            peer = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
+
+        # ---- our kernel variants ----
+        base = None
+        for mode in modes:
+            for tile_m, warps, stages in configs:
+                cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages}
+                name = f"ours exp2={mode} tile{tile_m} w{warps} s{stages}"
+                try:
+                    fn = lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices,  # noqa: E731
+                                                       exp2_mode=mode, config=cfg)
+                    o = fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if base is None:
+                        base = o
+                    ms = bench(fn)
+                    add(name, ms, rel_l2(o, base), rel_l2(o, peer) if peer is not None else None,
+                        exp2_mode=mode, config=cfg)
+                except Exception as e:  # noqa: BLE001
+                    log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
+        if not cuda:  # the kernel (mode 0) vs the reference of the same function
+            ref = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
+            results.setdefault("tiny_mode0_vs_reference", {})[str(dens)] = rel_l2(base, ref)
+        print(f"\n== density {dens}: sorted by time ==")
+        peer_ms = min((r["ms"] for r in rows if not r["method"].startswith("ours")), default=None)
+        for r in sorted(rows, key=lambda r: r["ms"]):
+            ratio = f"{r['ms'] / peer_ms:6.3f}x peer" if peer_ms else ""
+            e0 = "" if r["rel_l2_vs_mode0"] is None else f"vs mode0 {r['rel_l2_vs_mode0']:.2e}"
+            ep = "" if r["rel_l2_vs_peer"] is None else f"vs peer {r['rel_l2_vs_peer']:.2e}"
+            print(f"  {r['method']:36s} {r['ms']:9.3f} ms  {ratio}  {e0}  {ep}")
+        print(flush=True)
+        del base, peer
+
+    if not args.no_int4:
+        try:
+            results["int4"] = int4_diagnostic(dev, args.tiny)
+            log(f"INT4 diagnostic: {json.dumps(results['int4'])}")
+        except Exception as e:  # noqa: BLE001
+            log(f"INT4 diagnostic failed: {type(e).__name__}: {str(e)[:300]}")
+    save()
+    log(f"wrote {out_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Quality of backend="paro" on the trained toy CogVideoX (paro_compile/fixtures/toy_cogvideox) vs the FP model.
+
+For a fixed set of evaluation prompts and seeds, generate latent videos (Euler flow matching, CFG) with
+- "fp": the model in bf16 with SDPA (eager; the reference every other variant is compared with);
+- "paro d=…": torch.compile(model, backend="paro", options={plan, qk_bits, pv_dtype}) with plans from
+  `paro_compile.calibration.calibrate` (2 calibration prompts, different from the evaluation prompts, their
+  own sampling trajectories; 2 step buckets as in the paper) at each density;
+- "natural d=…": the same, but calibrated with ``orders=[natural order]`` (identity permutation, masks
+  chosen in the model's own token order): PARO's reordering vs none at equal density;
+- "dense": the paro backend with no plan (INT8/FP8 quantization only);
+- "dynamic d=…": a per-call dynamic block mask (top blocks by mean-pooled q·kᵀ, + diagonal + text),
+  bf16 SDPA with that mask (eager): a cheap stand-in for dynamic sparse peers;
+- numerics INT8/INT8, INT4/FP8 and no quantization (fp16) at one density.
+Metrics vs "fp" (latents → "pixels" = (clamp(x, −1, 1) + 1) / 2): PSNR, SSIM (gaussian window 11,
+σ 1.5, per frame and channel), cosine similarity of the raw latents; per layer, the rel-L2 of the variant's
+attention vs fp32 SDPA on the same q/k/v (captured from the FP model at the middle sampling step).
+
+Outputs under --out: results.json, results.md, per_layer.csv, samples.png, plans/*.safetensors.
+GPU:  python benchmarks/quality.py --out OUT                      (~4–9 min on an H100; --max-minutes guards)
+CI:   python benchmarks/quality.py --out OUT --tiny               (CPU, random tiny model, seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import paro_compile  # noqa: E402
+from paro_compile.fixtures_loader import paro_backend_arg  # noqa: E402
+from paro_compile import fixtures_loader as fl  # noqa: E402
+
+EVAL_PROMPTS = [
+    dict(shape="circle", colour="red", motion="right"),
+    dict(shape="square", colour="blue", motion="rotate"),
+    dict(shape="ring", colour="yellow", motion="down"),
+    dict(shape="cross", colour="green", motion="colour_shift"),
+    dict(shape="triangle", colour="magenta", motion="left"),
+    dict(shape="circle", colour="cyan", motion="grow"),
+]
+CALIB_PROMPTS = [
+    dict(shape="square", colour="yellow", motion="up"),
+    dict(shape="triangle", colour="cyan", motion="rotate"),
+]
+NUMERICS = {"int8/fp8": (8, "fp8"), "int8/int8": (8, "int8"), "int4/fp8": (4, "fp8"), "fp16": (16, "fp16")}
+_ORIG_SDPA = F.scaled_dot_product_attention
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--fixture", type=Path, default=None, help="model folder (default: the packaged fixture)")
+    p.add_argument("--tiny", action="store_true", help="CPU, random-init tiny CogVideoX, 2 steps, few variants (CI)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--prompts", type=int, default=len(EVAL_PROMPTS), help="number of evaluation prompts")
+    p.add_argument("--densities", default="0.5,0.3,0.2")
+    p.add_argument("--numerics-density", type=float, default=0.3, help="density of the INT8/INT8, INT4/FP8, fp16 variants")
+    p.add_argument("--calib-every", type=int, default=2, help="use every n-th sampling step of the calibration prompts")
+    p.add_argument("--step-buckets", type=int, default=2)
+    p.add_argument("--impl", default="auto", help="paro kernel impl: auto | triton | reference")
+    p.add_argument("--variants", default="all",
+                   help="comma list among paro,natural,dense,dynamic,numerics (default all)")
+    p.add_argument("--exec", dest="exec_mode", default="compile", choices=("compile", "eager"),
+                   help="compile: torch.compile(backend='paro') per variant (the product path); eager: the same paro op "
+                        "called in place of SDPA without compiling (same numerics, no compile time)")
+    p.add_argument("--max-minutes", type=float, default=8.0, help="skip remaining variants past this wall time")
+    p.add_argument("--allow-random", action="store_true", help="use a random-init toy model if the fixture is missing")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over videos of 10·log10(1 / MSE) on pixels in [0, 1]."""
+    a, b = fl.to_pixels(x), fl.to_pixels(ref)
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """SSIM (Wang et al. 2004; K1 0.01, K2 0.03, data range 1) of pixels, per frame and channel, 'valid' gaussian window."""
+    a = fl.to_pixels(x).flatten(0, 1)  # [B*F, C, H, W]
+    b = fl.to_pixels(ref).flatten(0, 1)
+    c = a.shape[1]
+    size = min(window, a.shape[-1], a.shape[-2])
+    size -= (size + 1) % 2  # odd
+    w = gaussian_window(size, sigma, a.device)[None, None].expand(c, 1, size, size)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    saa = filt(a * a) - mu_a ** 2
+    sbb = filt(b * b) - mu_b ** 2
+    sab = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+    return float(s.mean())
+
+
+def cosine(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(F.cosine_similarity(x.flatten(1).double(), ref.flatten(1).double(), dim=1).mean())
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention capture and per-site attention variants
+# ---------------------------------------------------------------------------------------------------
+class patched_sdpa:
+    """Temporarily replace torch.nn.functional.scaled_dot_product_attention (diffusers looks it up per call)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __enter__(self):
+        torch.nn.functional.scaled_dot_product_attention = self.fn
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = _ORIG_SDPA
+        return False
+
+
+def capture_qkv(model, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[float]]]:
+    calls = []
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        calls.append((query.detach().clone(), key.detach().clone(), value.detach().clone(), scale))
+        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    with torch.no_grad(), patched_sdpa(spy):
+        model(**inputs)
+    return calls
+
+
+def dynamic_block_mask(q: torch.Tensor, k: torch.Tensor, density: float, grid, block: int) -> torch.Tensor:
+    """bool [B, H, nb, nb]: per call, the top blocks by mean-pooled q·kᵀ (+ diagonal and text blocks)."""
+    from paro_compile.calibration import mandatory_blocks, select_blocks
+
+    b, h, n, d = q.shape
+    nb = math.ceil(n / block)
+    pad = nb * block - n
+    counts = torch.full((nb,), float(block), device=q.device)
+    counts[-1] = block - pad
+    qp = F.pad(q.float(), (0, 0, 0, pad)).view(b, h, nb, block, d).sum(3) / counts[:, None]
+    kp = F.pad(k.float(), (0, 0, 0, pad)).view(b, h, nb, block, d).sum(3) / counts[:, None]
+    scores = qp @ kp.transpose(-1, -2)
+    return select_blocks(scores, density, mandatory_blocks(grid, block, q.device))
+
+
+def dynamic_attention(q, k, v, scale, density, grid, block):
+    n = q.shape[2]
+    mask = dynamic_block_mask(q, k, density, grid, block)
+    token_mask = mask.repeat_interleave(block, -1).repeat_interleave(block, -2)[..., :n, :n]
+    return _ORIG_SDPA(q, k, v, attn_mask=token_mask, scale=scale)
+
+
+def site_ids(model) -> list[str]:
+    return [f"transformer_blocks.{i}.attn1#0" for i in range(int(model.config.num_layers))]
+
+
+def paro_site_attention(q, k, v, scale, site_plan, bucket: int, qk_bits: int, pv_dtype: str, impl: str, block: int):
+    perm = counts = indices = None
+    if site_plan is not None:
+        block = site_plan.block_size
+        perm = None if site_plan.perm is None else site_plan.perm.to(q.device)
+        if not bool(site_plan.block_masks[bucket].all()):
+            counts, indices = (t.to(q.device) for t in site_plan.csr(bucket))
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.paro.attention(q, k, v, perm, counts, indices, float(scale), qk_bits, pv_dtype, block, block, impl)
+
+
+# ---------------------------------------------------------------------------------------------------
+# plotting
+# ---------------------------------------------------------------------------------------------------
+def save_samples_png(rows: list[tuple[str, torch.Tensor]], path: Path, prompt_index: int = 0, columns: int = 4) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        frames = rows[0][1].shape[1]
+        cols = min(columns, frames)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1.5, 1.6 * len(rows)), squeeze=False)
+        for r, (name, video) in enumerate(rows):
+            rgb = fl.to_rgb_frames(video[prompt_index])
+            for c in range(cols):
+                f = c * frames // cols
+                axes[r][c].imshow(rgb[f].numpy())
+                axes[r][c].set_xticks([])
+                axes[r][c].set_yticks([])
+                if r == 0:
+                    axes[r][c].set_title(f"frame {f}", fontsize=7)
+            axes[r][0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    except Exception as error:
+        print(f"[quality] samples plot failed: {error!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans").mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    from paro_compile.calibration import calibrate
+
+    # ---- model ----
+    if args.tiny:
+        model = fl.new_toy_cogvideox(fl.TINY_CONFIG, seed=0, device=device, dtype=torch.float32).eval()
+        model_source = "random tiny CogVideoX (TINY_CONFIG)"
+        dtype = torch.float32
+        block = 16
+        steps = 2
+        densities = [0.5]
+        eval_prompts = EVAL_PROMPTS[:2]
+        wanted = {"paro", "natural", "dynamic"}
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        path = args.fixture or fl.FIXTURE_DIR
+        if fl.fixture_available(path):
+            model = fl.load_toy_cogvideox(device=device, dtype=dtype, path=path)
+            model_source = f"trained fixture {path}"
+        elif args.allow_random:
+            model = fl.new_toy_cogvideox(fl.TOY_CONFIG, device=device, dtype=dtype).eval()
+            model_source = "random-init TOY_CONFIG (fixture missing!)"
+        else:
+            raise SystemExit(f"fixture weights not found in {path}: pass --fixture OUT/toy_cogvideox or --allow-random")
+        block = 64
+        steps = args.steps
+        densities = [float(d) for d in args.densities.split(",") if d]
+        eval_prompts = EVAL_PROMPTS[: args.prompts]
+        wanted = {"paro", "natural", "dense", "dynamic", "numerics"} if args.variants == "all" else set(args.variants.split(","))
+    allow_fp32 = dtype == torch.float32
+    grid = fl.token_grid(model)
+    text_dim = int(model.config.text_embed_dim)
+    print(f"[quality] device={device} dtype={dtype} model: {model_source}; grid {grid}; block {block}; steps {steps}; "
+          f"CFG {args.guidance}; {len(eval_prompts)} prompts", flush=True)
+
+    results: dict[str, Any] = {
+        "config": {"device": str(device), "dtype": str(dtype), "model": model_source, "grid": str(grid), "block": block,
+                   "steps": steps, "guidance": args.guidance, "seed": args.seed, "eval_prompts": [fl.prompt_name(p) for p in eval_prompts],
+                   "calib_prompts": [fl.prompt_name(p) for p in CALIB_PROMPTS], "torch": torch.__version__,
+                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "impl": args.impl},
+        "variants": [], "per_layer": [], "targets": {},
+    }
+
+    def dump() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    # ---- FP reference ----
+    cond = fl.encode_prompts(eval_prompts, text_dim, device=device)
+    g = torch.Generator().manual_seed(args.seed)
+    f0, c0, h0, w0 = fl.video_shape(model)
+    noise = torch.randn(len(eval_prompts), f0, c0, h0, w0, generator=g)
+    mid_inputs: dict[str, Any] = {}
+    call_counter = [0]
+
+    def record_mid(inputs):
+        if call_counter[0] == steps // 2:
+            mid_inputs.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+        call_counter[0] += 1
+
+    t0 = time.perf_counter()
+    ref = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=record_mid)
+    fp_seconds = time.perf_counter() - t0
+    print(f"[quality] FP sampling {fp_seconds:.1f}s; latents mean {ref.mean():.3f} std {ref.std():.3f}", flush=True)
+    mid_t = float(mid_inputs["timestep"].reshape(-1)[0]) / 1000.0
+    captured = capture_qkv(model, mid_inputs)
+    sids = site_ids(model)
+    if len(captured) != len(sids):
+        print(f"[quality] warning: captured {len(captured)} SDPA calls, expected {len(sids)}")
+    fp32_ref = [_ORIG_SDPA(q.float(), k.float(), v.float(), scale=s) for q, k, v, s in captured]
+    fp_attn = [rel_l2(_ORIG_SDPA(q, k, v, scale=s).float(), r) for (q, k, v, s), r in zip(captured, fp32_ref)]
+    results["fp_attention_rel_l2_vs_fp32"] = fp_attn
+    rows_png: list[tuple[str, torch.Tensor]] = [("fp", ref.cpu())]
+
+    # ---- calibration inputs (their own trajectories) ----
+    calib_inputs: list[dict] = []
+    calib_counter = [0]
+
+    def record_calib(inputs):
+        if calib_counter[0] % max(1, args.calib_every) == 0:
+            calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+        calib_counter[0] += 1
+
+    ccond = fl.encode_prompts(CALIB_PROMPTS, text_dim, device=device)
+    fl.sample_video(model, ccond, steps=steps, seed=args.seed + 1, guidance=args.guidance, on_call=record_calib)
+    step_buckets = 1 if args.tiny else args.step_buckets
+    print(f"[quality] calibration: {len(calib_inputs)} calls from {len(CALIB_PROMPTS)} prompts, {step_buckets} step bucket(s)", flush=True)
+
+    plans: dict[tuple[str, float], Any] = {}
+    calib_seconds: dict[tuple[str, float], float] = {}
+
+    def get_plan(kind: str, density: float):
+        key = (kind, density)
+        if key not in plans:
+            t_cal = time.perf_counter()
+            extra = {"orders": [grid.natural_order]} if kind == "natural" else {}
+            torch._dynamo.reset()
+            plan = calibrate(model, calib_inputs, density=density, grid=grid, block_size=block, step_buckets=step_buckets,
+                             progress=False, **extra)
+            plans[key] = plan
+            calib_seconds[key] = time.perf_counter() - t_cal
+            plan.save(out / "plans" / f"{kind}_d{density:g}.paro.safetensors")
+            print(f"[quality] calibrated {kind} d={density}: {time.perf_counter() - t_cal:.1f}s, "
+                  f"overall density {plan.overall_density():.3f}", flush=True)
+        return plans[key]
+
+    # ---- variants, in priority order ----
+    variants: list[dict] = []
+    nd = args.numerics_density if args.numerics_density in densities else densities[len(densities) // 2]
+    for d in densities:
+        if "paro" in wanted:
+            variants.append(dict(name=f"paro d={d:g} int8/fp8", kind="paro", density=d, numerics="int8/fp8"))
+        if "natural" in wanted:
+            variants.append(dict(name=f"natural d={d:g} int8/fp8", kind="natural", density=d, numerics="int8/fp8"))
+    if "dynamic" in wanted:
+        variants += [dict(name=f"dynamic d={d:g} bf16", kind="dynamic", density=d, numerics="bf16") for d in densities]
+    if "dense" in wanted:
+        variants.append(dict(name="dense int8/fp8", kind="dense", density=1.0, numerics="int8/fp8"))
+    if "numerics" in wanted:
+        for num in ("int8/int8", "int4/fp8", "fp16"):
+            variants.append(dict(name=f"paro d={nd:g} {num}", kind="paro", density=nd, numerics=num))
+    # paro-first: all paro/natural pairs before extras, so a time-out keeps the comparison.
+    variants.sort(key=lambda v: {"paro": 0, "natural": 0, "dynamic": 1, "dense": 2}[v["kind"]] + (3 if v["numerics"] not in ("int8/fp8", "bf16") else 0))
+
+    per_layer_rows = []
+    longest = {"compile": 0.0, "eager": 0.0}
+    for var in variants:
+        elapsed = time.perf_counter() - t_start
+        entry = dict(var)
+        needed = longest["eager" if var["kind"] == "dynamic" or args.exec_mode == "eager" else "compile"]
+        if elapsed + needed > args.max_minutes * 60:
+            entry["skipped"] = f"time budget ({args.max_minutes} min; {elapsed:.0f}s used, ~{needed:.0f}s needed)"
+            results["variants"].append(entry)
+            print(f"[quality] skip {var['name']}: time budget", flush=True)
+            continue
+        t_var = time.perf_counter()
+        try:
+            kind, d = var["kind"], var["density"]
+            plan = None
+            if kind in ("paro", "natural"):
+                fresh = (kind, d) not in plans
+                plan = get_plan(kind, d)
+                entry["achieved_density"] = plan.overall_density()
+                entry["orders"] = sorted({o for s in plan.sites.values() for o in s.orders})
+                entry["calibration_s"] = calib_seconds.get((kind, d), 0.0)
+                if fresh:  # "seconds" = generation + metrics; calibration is reported apart
+                    t_var += entry["calibration_s"]
+            t_gen = time.perf_counter()
+            if kind == "dynamic":
+                def dyn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+                    return dynamic_attention(query, key, value, scale, d, grid, block)
+
+                with patched_sdpa(dyn):
+                    lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise)
+                masks = [dynamic_block_mask(q, k, d, grid, block) for q, k, _, _ in captured]
+                entry["achieved_density"] = float(sum(m.float().mean() for m in masks) / max(1, len(masks)))
+            elif args.exec_mode == "eager" or (args.tiny and results["variants"]):
+                # Same paro op, called in place of SDPA (sites in call order); the tiny CI mode compiles only its
+                # first variant to stay fast.
+                qk_bits, pv_dtype = NUMERICS[var["numerics"]]
+                state = {"call": 0, "bucket": 0}
+
+                def on_call(inputs, state=state, plan=plan):
+                    state["bucket"] = plan.bucket_for_timestep(inputs["timestep"]) if plan is not None else 0
+
+                def eager_paro(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+                    sid = sids[state["call"] % len(sids)]
+                    state["call"] += 1
+                    site_plan = plan.sites.get(sid) if plan is not None else None
+                    return paro_site_attention(query, key, value, scale, site_plan, state["bucket"], qk_bits, pv_dtype,
+                                               args.impl, block)
+
+                with patched_sdpa(eager_paro):
+                    lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
+                entry["exec"] = "eager"
+            else:
+                qk_bits, pv_dtype = NUMERICS[var["numerics"]]
+                entry["exec"] = "compile"
+                options = {"qk_bits": qk_bits, "pv_dtype": pv_dtype, "impl": args.impl, "allow_fp32": allow_fp32,
+                           "fallback": "sdpa", **({"compile_threads": 1} if args.tiny else {})}
+                if plan is not None:
+                    options["plan"] = plan
+                torch._dynamo.reset()
+                paro_compile.clear_reports()
+                compiled = torch.compile(model, backend=paro_backend_arg(), options=options, dynamic=False)
+                lat = fl.sample_video(compiled, cond, steps=steps, guidance=args.guidance, noise=noise, config_model=model)
+                report = paro_compile.last_report()
+                if report is not None:
+                    entry["sites_lowered"] = f"{len(report.lowered)}/{len(report.sites)}"
+                    entry["gathers_left"] = report.gathers_left
+                    entry["fallback_reasons"] = sorted({r for s in report.fallbacks for r in s.reasons})
+                    entry["permutation"] = sorted({s.permutation for s in report.lowered})
+                del compiled
+            entry["generate_seconds"] = time.perf_counter() - t_gen
+            entry.update(psnr=psnr(lat, ref), ssim=ssim(lat, ref), cosine=cosine(lat, ref),
+                         finite=bool(torch.isfinite(lat).all()))
+            # per-layer attention error on the FP model's q/k/v at the middle step
+            errs = []
+            for i, ((q, k, v, s), r) in enumerate(zip(captured, fp32_ref)):
+                sid = sids[i] if i < len(sids) else f"call{i}"
+                if kind == "dynamic":
+                    o = dynamic_attention(q, k, v, s, d, grid, block)
+                else:
+                    site_plan = plan.sites.get(sid) if plan is not None else None
+                    bucket = plan.bucket_for_timestep(mid_t * 1000.0) if plan is not None else 0
+                    qk_bits, pv_dtype = NUMERICS[var["numerics"]]
+                    o = paro_site_attention(q, k, v, s, site_plan, bucket, qk_bits, pv_dtype, args.impl, block)
+                e = rel_l2(o.float(), r)
+                errs.append(e)
+                per_layer_rows.append({"variant": var["name"], "site": sid, "rel_l2": e, "fp_bf16_rel_l2": fp_attn[i] if i < len(fp_attn) else None})
+            entry["attn_rel_l2_mean"] = sum(errs) / max(1, len(errs))
+            entry["attn_rel_l2_max"] = max(errs) if errs else None
+            rows_png.append((var["name"], lat.cpu()))
+        except Exception as error:  # record and go on: one broken variant must not lose the others
+            entry["error"] = f"{type(error).__name__}: {error}"
+            entry["traceback"] = traceback.format_exc()[-3000:]
+            print(f"[quality] {var['name']} FAILED: {entry['error'][:500]}", flush=True)
+        entry["seconds"] = time.perf_counter() - t_var
+        kind_key = "compile" if entry.get("exec") == "compile" else "eager"
+        longest[kind_key] = max(longest[kind_key], entry["seconds"])
+        results["variants"].append(entry)
+        if "psnr" in entry:
+            print(f"[quality] {var['name']:28s} PSNR {entry['psnr']:6.2f} dB  SSIM {entry['ssim']:.4f}  cos {entry['cosine']:.5f}  "
+                  f"attn rel-L2 {entry['attn_rel_l2_mean']:.4f}  ({entry['seconds']:.1f}s)", flush=True)
+        results["per_layer"] = per_layer_rows
+        dump()
+
+    # ---- targets ----
+    by_name = {v["name"]: v for v in results["variants"] if "psnr" in v}
+    t03 = by_name.get("paro d=0.3 int8/fp8")
+    if t03 is not None:
+        results["targets"]["d0.3_int8fp8_psnr_ge_30"] = t03["psnr"] >= 30.0
+        results["targets"]["d0.3_int8fp8_cos_ge_0.99"] = t03["cosine"] >= 0.99
+    for d in densities:
+        a, b = by_name.get(f"paro d={d:g} int8/fp8"), by_name.get(f"natural d={d:g} int8/fp8")
+        if a is not None and b is not None:
+            results["targets"][f"paro_beats_natural_d{d:g}"] = a["psnr"] > b["psnr"]
+    results["total_seconds"] = time.perf_counter() - t_start
+    dump()
+
+    with open(out / "per_layer.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["variant", "site", "rel_l2", "fp_bf16_rel_l2"])
+        writer.writeheader()
+        writer.writerows(per_layer_rows)
+    save_samples_png(rows_png, out / "samples.png")
+    md = [f"# paro quality on the toy CogVideoX ({model_source})", "",
+          f"{len(eval_prompts)} prompts × seed {args.seed}, {steps} Euler steps, CFG {args.guidance}, grid {grid}, block {block}, "
+          f"device {results['config']['gpu'] or device}. Metrics vs the FP model ({dtype}, SDPA); attention rel-L2 vs fp32 SDPA "
+          f"at step {steps // 2} (FP bf16 SDPA itself: {sum(fp_attn) / max(1, len(fp_attn)):.4f}).", "",
+          "| variant | density (achieved) | PSNR dB | SSIM | cosine | attn rel-L2 mean / max | sites lowered | s |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in results["variants"]:
+        if "psnr" in v:
+            md.append(f"| {v['name']} | {v['density']:g} ({v.get('achieved_density', float('nan')):.3f}) | {v['psnr']:.2f} | {v['ssim']:.4f} | "
+                      f"{v['cosine']:.5f} | {v['attn_rel_l2_mean']:.4f} / {v['attn_rel_l2_max']:.4f} | {v.get('sites_lowered', '-')} | {v['seconds']:.1f} |")
+        else:
+            md.append(f"| {v['name']} | {v['density']:g} | {v.get('skipped') or ('ERROR ' + v.get('error', '')[:120])} | | | | | |")
+    md += ["", "Targets: " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, ok in results["targets"].items()), ""]
+    (out / "results.md").write_text("\n".join(md))
+    print("\n".join(md), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

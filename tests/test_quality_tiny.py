@@ -1,0 +1,50 @@
+"""CI smoke run of benchmarks/quality.py --tiny and benchmarks/train_video_dit.py --tiny (CPU, seconds)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_tiny(tmp_path):
+    summary = load_script("train_video_dit").main(["--tiny", "--out", str(tmp_path)])
+    assert summary["steps"] == 3
+    assert math.isfinite(summary["final_loss_ema"])
+    assert summary["sample_stats"]["finite"]
+    saved = tmp_path / "toy_cogvideox"
+    assert (saved / "config.json").exists() and (saved / "diffusion_pytorch_model.safetensors").exists()
+    for name in ("train_log.csv", "train_summary.json", "samples.png", "attention_orders.png", "attention_orders.json"):
+        assert (tmp_path / name).exists(), name
+    orders = json.loads((tmp_path / "attention_orders.json").read_text())
+    assert len(orders["heads"]) == 2 and all(h["best_order"] for h in orders["heads"])
+    from paro_compile.fixtures_loader import load_toy_cogvideox
+
+    assert load_toy_cogvideox(path=saved).config.num_layers == 2
+
+
+def test_quality_tiny(tmp_path):
+    results = load_script("quality").main(["--tiny", "--out", str(tmp_path)])
+    for name in ("results.json", "results.md", "per_layer.csv", "samples.png"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "plans").glob("*.paro.safetensors"))
+    done = [v for v in results["variants"] if "psnr" in v]
+    assert {v["kind"] for v in done} == {"paro", "natural", "dynamic"}, [v.get("error") for v in results["variants"]]
+    for v in done:
+        for key in ("psnr", "ssim", "cosine", "attn_rel_l2_mean"):
+            assert math.isfinite(v[key]), (v["name"], key)
+        assert v["finite"]
+    compiled = [v for v in done if v.get("exec") == "compile"]
+    assert compiled and compiled[0]["sites_lowered"] == "2/2"
+    assert json.loads((tmp_path / "results.json").read_text())["per_layer"]
