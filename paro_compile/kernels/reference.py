@@ -12,12 +12,13 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    ``scale = amax / qmax`` with qmax 127 (INT8) or 7 (INT4); round half away from zero. The softmax
    scale and log2(e) are folded into Q's dequantization factor so scores come out in the log2 domain.
 4. For every (b, h, query block) walk the kept KV blocks in CSR order (``kv_indices[h, i, :kv_counts[h, i]]``)
-   with an online softmax in base 2. P = exp2(s - running max) lies in [0, 1]:
+   with an online softmax in base 2. P = exp2(s - running max) lies in [0, 1]; it is computed already
+   scaled, as exp2(s - (running max - log2 factor)), so the scaling rounds exactly as in the kernel:
    - ``pv_dtype="fp8"``: P·448 is rounded to float8 e4m3 (no computed scale needed); V is quantized per
      (b, h, channel) to e4m3 with scale amax/448.
    - ``pv_dtype="int8"``: P·127 rounded to INT8; V per channel INT8 with scale amax/127.
    - ``pv_dtype="fp16"``: no PV quantization; P is rounded to V's dtype (a no-op for fp32 inputs).
-   PV accumulates in fp32; the row sum uses the unquantized fp32 P.
+   PV accumulates in fp32; the row sum uses the unquantized fp32 P·factor (the factor cancels).
 5. A query row that has no kept block (only possible with a hand-made mask: plans always keep the
    diagonal) returns zeros. Key tokens past N (the tail block) are masked out.
 
@@ -98,13 +99,16 @@ def quantize_v_per_channel(v: torch.Tensor, pv_dtype: str) -> tuple[torch.Tensor
     return values, scale
 
 
-def quantize_p(p: torch.Tensor, pv_dtype: str, v_dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """P in [0, 1] → (quantized P as float32, factor that undoes the P scaling)."""
+P_LOG2 = {"fp8": math.log2(FP8_MAX), "int8": math.log2(127.0), "fp16": 0.0}
+
+
+def quantize_scaled_p(p_scaled: torch.Tensor, pv_dtype: str, v_dtype: torch.dtype) -> torch.Tensor:
+    """P·factor (factor 448 / 127 / 1, see `P_LOG2`) → its quantized values as float32."""
     if pv_dtype == "fp8":
-        return (p * FP8_MAX).to(torch.float8_e4m3fn).float(), 1.0 / FP8_MAX
+        return p_scaled.to(torch.float8_e4m3fn).float()
     if pv_dtype == "int8":
-        return round_half_away(p * 127.0), 1.0 / 127.0
-    return p.to(v_dtype).float(), 1.0
+        return round_half_away(p_scaled)
+    return p_scaled.to(v_dtype).float()
 
 
 def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +194,7 @@ def paro_attention_reference(
         q_vals, q_scale = quantize_blockwise(qf, block_m, qk_bits)
         k_vals, k_scale = quantize_blockwise(kf, block_n, qk_bits)
         q_scale = q_scale * (sm_scale * LOG2E)
+    # Scores are dequantized with one combined factor q_scale·k_scale per block pair, as in the kernel.
 
     if pv_dtype == "fp16":
         v_vals, v_scale = vf, torch.ones(bsz, heads, d, device=q.device)
@@ -211,22 +216,24 @@ def paro_attention_reference(
     counts = kv_counts.to(q.device).long()
     indices = kv_indices.to(q.device).long()
     head_index = torch.arange(heads, device=q.device)[:, None]
+    # P is produced already multiplied by its quantization factor (448 for FP8, 127 for INT8) by folding
+    # log2(factor) into the exponent, as the kernel does; the factor cancels between acc and l.
+    p_log2 = P_LOG2[pv_dtype]
     for slot in range(int(counts.max().item()) if counts.numel() else 0):
         active = (slot < counts)  # [H, Mq]
         j = indices[:, :, slot].clamp(0, nk - 1)  # [H, Mq]
         k_j = k_blk[:, head_index, j]  # [B, H, Mq, block_n, D]
         v_j = v_blk[:, head_index, j]
         s = torch.einsum("bhmid,bhmjd->bhmij", q_blk, k_j)
-        s = s * q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None]
+        s = s * (q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None])
         s = s.masked_fill(~key_valid[j][None, :, :, None, :], -math.inf)
         s = s.masked_fill(~active[None, :, :, None, None], -math.inf)
         m_new = torch.maximum(m_i, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         alpha = torch.exp2(m_i - m_safe)
-        p = torch.exp2(s - m_safe[..., None])
-        p_q, p_factor = quantize_p(p, pv_dtype, v.dtype)
+        p = torch.exp2(s - (m_safe - p_log2)[..., None])
         l_i = l_i * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("bhmij,bhmjd->bhmid", p_q, v_j) * p_factor
+        acc = acc * alpha[..., None] + torch.einsum("bhmij,bhmjd->bhmid", quantize_scaled_p(p, pv_dtype, v.dtype), v_j)
         m_i = m_new
     out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
     out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]

@@ -21,6 +21,11 @@ from paro_kernel_helpers import attention_f64, kernel_device, rel_l2, requires_c
 # rel-L2 of (kernel vs reference): accumulation order / fp rounding only (an fp8/int8 P value next to a
 # rounding boundary may move one step). Tolerances by output dtype.
 KERNEL_TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+# INT4 scores take few distinct values, so many P entries are exactly equal; where the GPU's approximate
+# exp2 (MUFU ex2.approx) differs by an ulp from torch.exp2 near an FP8 rounding boundary, all the copies
+# round the other way together. Measured on the H100: 1.6e-2 kernel vs reference with identical prologue
+# values and identical integer scores from two different dot layouts (INT8 on the same inputs: 2.1e-3).
+INT4_GPU_EXTRA_TOL = 1.5e-2
 # exp2_mode 1/2 (polynomial exp2 on the FMA pipe, ≤ 7.5e-5 relative error in P vs torch.exp2 in the
 # reference): besides rounding, an FP8/INT8 P value within 7.5e-5 of a rounding boundary moves one step
 # (~1e-3 of the entries, each by ≤ 1/16 relative for e4m3). Measured 0.3-2.1e-3 rel-L2 (N=300, all modes/dtypes); allowed:
@@ -65,7 +70,7 @@ def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, sc
            f"dense={mask is None} block=({block_m},{block_n}) exp2_mode={exp2_mode} device={q.device}")
     assert not out.isnan().any(), f"unwritten (NaN) output rows: {out.isnan().any(-1).sum().item()} rows; {msg}"
     err = rel_l2(out, ref)
-    ktol = KERNEL_TOL[q.dtype] + (POLY_EXTRA_TOL if exp2_mode else 0.0)
+    ktol = KERNEL_TOL[q.dtype] + (POLY_EXTRA_TOL if exp2_mode else 0.0) + (INT4_GPU_EXTRA_TOL if bits == 4 and q.is_cuda else 0.0)
     assert err <= ktol, f"kernel vs reference rel-L2 {err:.3e} > {ktol:.1e}; {msg}"
     if mask is not None:
         # Query blocks without kept KV blocks: exact zeros, in model order.
