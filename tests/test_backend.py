@@ -169,3 +169,25 @@ def test_custom_op_passes_opcheck():
     perm = torch.stack([torch.randperm(70) for _ in range(2)])
     torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, perm, None, None, 0.125, 8, "fp8", 64, 64, "reference"))
     torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, None, None, None, 0.125, 16, "fp16", 64, 64, "reference"))
+
+
+@torch.no_grad()
+def test_auto_calibration_through_the_backend_builds_plan_once(tmp_path):
+    model = make_model("cpu")
+    options = {**EXACT, "auto_calibrate": True, "density": 0.5, "block_size": 16, "cache_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="paro", options=options)
+    outputs = [compiled(**toy_inputs(seed=s)) for s in range(3)]
+    lowered_reports = [r for r in paro_compile.report.compile_reports if r.sites]
+    assert len(lowered_reports) == 1, "the plan must be built and compiled exactly once"
+    assert all(s.lowered and s.density < 1.0 for s in lowered_reports[0].sites)
+    plans = list((tmp_path / "plans").glob("*.safetensors"))
+    assert len(plans) == 1
+    # The first (observed) call is dense SDPA; later calls use the sparse plan.
+    torch.testing.assert_close(outputs[0], model(**toy_inputs(seed=0)), rtol=1e-5, atol=1e-5)
+    assert (outputs[2] - model(**toy_inputs(seed=2))).abs().max() > 0
+
+    # A new process-level compile of the same model and shapes reuses the cached plan: no calibration.
+    torch._dynamo.reset()
+    paro_compile.clear_reports()
+    torch.compile(model, backend="paro", options=options)(**toy_inputs(seed=3))
+    assert len(paro_compile.report.compile_reports) == 1
