@@ -70,9 +70,14 @@ def unpack_bool(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
 
 
 def _as_int(value: Any) -> Optional[int]:
+    """The value as an int, or None when it is symbolic. Never calls int() on a SymInt: that would guard on
+    (specialize) the size and turn a dynamic graph static."""
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        return int(expr) if getattr(expr, "is_number", False) else None
     try:
         return int(value)
-    except Exception:  # symbolic sizes
+    except Exception:  # symbolic sizes (sympy expressions)
         return None
 
 
@@ -141,6 +146,23 @@ class SitePlan:
         """Share of kept blocks (of one bucket, or averaged over buckets)."""
         masks = self.block_masks if bucket is None else self.block_masks[bucket]
         return float(masks.float().mean().item()) if masks.numel() else 1.0
+
+    def applies_to_symbolic_grid(self) -> bool:
+        """True when the site can be applied to a graph whose token count is symbolic (dynamic=True): an
+        identity order, or per-head order strings (axis permutations of whatever grid the graph has)."""
+        return self.perm is None or self.is_identity_perm() or (bool(self.orders) and len(self.orders) == self.heads)
+
+    @classmethod
+    def from_orders(cls, site_id: str, orders: list[str], grid: TokenGrid, block_size: int = 64,
+                    block_masks: Optional[torch.Tensor] = None) -> "SitePlan":
+        """An order plan: per-head order strings on ``grid`` (perm derived), dense masks unless given.
+        With dynamic shapes only the orders are used (applied to the graph's symbolic grid)."""
+        heads, n = len(orders), grid.num_tokens
+        if block_masks is None:
+            nb = num_blocks(n, block_size)
+            block_masks = torch.ones(1, heads, nb, nb, dtype=torch.bool)
+        return cls(site_id, heads, n, block_size, orders_permutation(grid, list(orders)), block_masks,
+                   orders=list(orders), grid=grid)
 
     def is_identity_perm(self) -> bool:
         if self.perm is None:
@@ -216,6 +238,9 @@ class Plan:
           with graph breaks each graph holds only some of the model's sites);
         - a supported graph site that the plan does not cover → error ("missing"), unless ``allow_missing``;
         - a site whose heads or sequence length differ from the plan's → error;
+        - a symbolic sequence length (``dynamic=True``) → accepted only for order plans
+          (`SitePlan.applies_to_symbolic_grid`: per-head order strings, applied by the folding pass to the
+          symbolic grid, masks dense), else an error; a symbolic head count → error;
         - ``block_size`` given and different from a site's → error.
         Sites present in both but unsupported in the graph are not errors: they stay SDPA with their reason.
         """
@@ -233,9 +258,14 @@ class Plan:
             if site is None:
                 continue
             heads, seq_len = _as_int(site.heads), _as_int(site.seq_len)
-            if site.heads is not None and heads is None or site.seq_len is not None and seq_len is None:
-                problems.append(f"site {sid}: symbolic shape (heads={site.heads}, seq_len={site.seq_len}); "
-                                "plans need static shapes (compile with dynamic=False)")
+            if site.heads is not None and heads is None:
+                problems.append(f"site {sid}: symbolic head count ({site.heads}); plans need a static number of heads")
+                continue
+            if site.seq_len is not None and seq_len is None and not site_plan.applies_to_symbolic_grid():
+                problems.append(f"site {sid}: symbolic sequence length ({site.seq_len}) and the plan has a fixed "
+                                "[H, N] permutation without per-head order strings; compile with dynamic=False, or "
+                                "use an order plan (SitePlan.orders + grid, e.g. SitePlan.from_orders) whose orders "
+                                "are applied to the symbolic grid (block masks are then dense)")
                 continue
             if heads is not None and heads != site_plan.heads:
                 problems.append(f"site {sid}: plan has {site_plan.heads} heads, graph has {heads}")

@@ -91,3 +91,28 @@ def test_missing_plan_file_says_how_to_make_one(tmp_path):
     model = ToyVideoDiT().eval()
     with torch.no_grad(), pytest.raises(Exception, match="does not exist.*calibrate"):
         torch.compile(model, backend="paro", options={**EXACT, "plan": str(tmp_path / "nope.safetensors")})(**toy_inputs())
+
+
+def test_plan_constants_live_on_the_activations_device():
+    """A CPU constant feeding a CUDA op is copied host→device on every call; plans must follow the activations.
+    The meta device stands in for CUDA here (no GPU in CI)."""
+    from paro_compile.backend import rewrite_graph
+    from paro_compile.config import ParoConfig
+    from paro_compile.report import CompileReport
+
+    captured = {}
+
+    def capture(gm, example_inputs):
+        captured["gm"] = gm
+        return gm.forward
+
+    model = ToyVideoDiT().eval().to("meta")
+    inputs = {k: v.to("meta") for k, v in toy_inputs().items()}
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(**inputs)
+    plan = random_plan(buckets=2)
+    config = ParoConfig(allow_fp32=True, fold_permutations=False)
+    rewritten = rewrite_graph(captured["gm"], config, plan, CompileReport(graph_index=0))
+    constants = {name: buf for name, buf in rewritten.named_buffers() if name.startswith("_paro_")}
+    assert {n.rsplit("_", 1)[-1] for n in constants} >= {"perm", "counts", "indices", "boundaries"}
+    assert all(buf.device.type == "meta" for buf in constants.values()), {n: b.device for n, b in constants.items()}

@@ -31,7 +31,7 @@ import torch.fx as fx
 from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation
 from paro_compile.passes.discover import sdpa_arguments
 from paro_compile.passes.layout import (
-    ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SiteLayout, arg, getitem_axis_map,
+    fake_value, ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SiteLayout, arg, getitem_axis_map,
     infer_layouts, is_one, map_view_forward, norm_dim, op_name, permute_dims, shape_of, sym_eq, sym_prod, to_sym,
 )
 
@@ -489,6 +489,46 @@ class Rewriter:
                 pieces.append(piece)
             return self._call(torch.cat, (pieces, dim))
 
+    def _mul_all(self, values: list) -> Any:
+        total = values[0]
+        for v in values[1:]:
+            total = self._call(operator.mul, (total, v)) if isinstance(total, fx.Node) or isinstance(v, fx.Node) else total * v
+        return total
+
+    def _add(self, a: Any, b: Any) -> Any:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            return self._call(operator.add, (a, b))
+        return a + b
+
+    def residual(self, segs: tuple, head_orders: list[str], device, before: fx.Node) -> fx.Node:
+        """In-graph ``r[h] = c⁻¹[perm[h]]`` ([H, N] int64) for tokens already in the common order, built from
+        the (possibly symbolic) grid sizes: ``c⁻¹`` as a grid over the natural axes, permuted to each head's
+        order. Used when the sequence length is symbolic (no [H, N] constant can be built at compile time)."""
+        axes, order = self.axes, self.order
+        with self.graph.inserting_before(before):
+            sizes = self.grid_sizes()
+            nvis = self._mul_all(list(sizes))
+            rows: dict[str, fx.Node] = {}
+            for o in dict.fromkeys(head_orders):
+                parts, offset = [], 0
+                for seg in segs:
+                    if seg.kind == "vis":
+                        pos = self._call(torch.arange, (nvis,))
+                        pos.kwargs = {"dtype": torch.int64, "device": device}
+                        pos = self._call(torch.reshape, (pos, tuple(sizes[axes.index(a)] for a in order)))
+                        pos = self._call(torch.permute, (pos, [order.index(a) for a in axes]))  # c⁻¹ over natural axes
+                        pos = self._call(torch.permute, (pos, [axes.index(a) for a in o]))
+                        pos = self._call(torch.flatten, (pos,))
+                        length = nvis
+                    else:
+                        length = int(seg.length) if seg.length.is_number else self.size_value(seg.ref)
+                        pos = self._call(torch.arange, (length,))
+                        pos.kwargs = {"dtype": torch.int64, "device": device}
+                    parts.append(self._call(operator.add, (pos, offset)) if not (isinstance(offset, int) and offset == 0) else pos)
+                    offset = self._add(offset, length)
+                rows[o] = parts[0] if len(parts) == 1 else self._call(torch.cat, (parts,))
+            return self._call(torch.stack, ([rows[o] for o in head_orders],))
+
     def _apply(self, x, dim, view_sizes, perm, k, rank):
         y = self._call(torch.unflatten, (x, dim, tuple(view_sizes)))
         full = perm + list(range(dim + k, rank + k - 1))
@@ -589,7 +629,7 @@ def _grid_from(axes: str, fvals: list, text: int, position: str) -> Optional[Tok
     return TokenGrid(None, sizes[0], sizes[1], text, position)
 
 
-def apply_order(gm: fx.GraphModule, sites, analysis: Analysis, sources, axes: str, fvals, order: str, result: FoldResult) -> None:
+def apply_order(gm: fx.GraphModule, sites, analysis: Analysis, sources, axes: str, fvals, order: str, result: FoldResult) -> "Rewriter":
     """Phase 2: insert the layout permutes for ``order`` (mutates gm)."""
     rw = Rewriter(gm, order, axes, fvals)
     current: dict[fx.Node, fx.Node] = {}
@@ -624,6 +664,7 @@ def apply_order(gm: fx.GraphModule, sites, analysis: Analysis, sources, axes: st
     for site in sites:
         args = sdpa_arguments(site.node)
         site.q, site.k, site.v = args.get("query"), args.get("key"), args.get("value")
+    return rw
 
 
 def build_region(analysis: Analysis) -> nx.DiGraph:
@@ -638,18 +679,55 @@ def build_region(analysis: Analysis) -> nx.DiGraph:
     return g
 
 
+def site_device(site) -> Optional[torch.device]:
+    """Device of the site's activations (from the graph's fake values), None when unknown."""
+    value = fake_value(site.q) if isinstance(site.q, fx.Node) else None
+    return value.device if value is not None else None
+
+
+def _on_device(perm: Optional[torch.Tensor], device: Optional[torch.device]) -> Optional[torch.Tensor]:
+    """Kernel permutations live on the activations' device: a CPU [H, N] buffer handed to a CUDA kernel is
+    copied host→device (pageable, synchronising) on every call, twice per site (prologue and epilogue)."""
+    if perm is None or device is None or perm.device == device:
+        return perm
+    return perm.to(device)
+
+
+def _is_symbolic(fvals) -> bool:
+    for v in fvals:
+        if isinstance(v, tuple) and not shape_of(v[0])[v[1]].is_number:
+            return True
+    return False
+
+
+class DynamicPlanError(FoldError):
+    """A plan that cannot be applied to a graph with symbolic token counts."""
+
+
 def fold_permutations(gm: fx.GraphModule, sites, plan, config=None, grid: Optional[TokenGrid] = None) -> FoldResult:
-    """Fold the plan's per-site permutations into layout ops (see module docstring). Mutates ``gm``."""
+    """Fold the plan's per-site permutations into layout ops (see module docstring). Mutates ``gm``.
+
+    With a symbolic token grid (``dynamic=True``) the plan's per-head order strings are applied to the
+    inferred symbolic grid: the common order goes into the layout ops and the residuals are computed in the
+    graph from the grid sizes (`Rewriter.residual`). A plan without order strings raises DynamicPlanError.
+    """
     result = FoldResult()
+    by_id = {s.site_id: s for s in sites}
     planned = {s.site_id: plan.sites.get(s.site_id) for s in sites if s.supported and plan is not None}
     planned = {k: v for k, v in planned.items() if v is not None and v.perm is not None}
+    symbolic_sites = {sid for sid in planned if not _static_seq(by_id[sid])}
     for sid, sp in list(planned.items()):
         if sp.is_identity_perm():
             result.kernel_perms[sid] = None
             result.descriptions[sid] = "identity"
             del planned[sid]
             continue
-        result.kernel_perms[sid] = sp.perm
+        if sid in symbolic_sites and not (sp.orders and len(sp.orders) == sp.heads):
+            raise DynamicPlanError(
+                f"site {sid} has a symbolic sequence length and its plan holds a [H, N] permutation but no per-head "
+                "order strings: with dynamic shapes only order plans (SitePlan.orders + grid) apply; compile with "
+                "dynamic=False or use a plan with orders")
+        result.kernel_perms[sid] = _on_device(sp.perm, site_device(by_id[sid])) if sid not in symbolic_sites else None
         result.descriptions[sid] = "kernel"
     if not planned:
         result.reason = "no site has a permutation"
@@ -657,9 +735,13 @@ def fold_permutations(gm: fx.GraphModule, sites, plan, config=None, grid: Option
     try:
         layouts, sources, axes, fvals, analysis = analyse(gm, sites, plan, grid)
     except FoldError as error:
+        if symbolic_sites & set(planned):
+            raise DynamicPlanError(f"symbolic shapes with a permuted plan need the token grid from the graph: {error}") from error
         result.reason = str(error)
         return result
     site_states = {s.site_id: analysis.state.get(s.node) for s in sites}
+    if _is_symbolic(fvals):
+        return _fold_symbolic(gm, sites, planned, analysis, sources, axes, fvals, site_states, result)
     # choose the common order: the one most heads of the reached sites use
     counts: Counter = Counter()
     site_grids: dict[str, TokenGrid] = {}
@@ -702,9 +784,60 @@ def fold_permutations(gm: fx.GraphModule, sites, plan, config=None, grid: Option
             result.kernel_perms[sid] = None
             result.descriptions[sid] = f"folded:{label}"
         else:
-            result.kernel_perms[sid] = residual
+            result.kernel_perms[sid] = _on_device(residual, site_device(by_id[sid]))
             result.descriptions[sid] = "kernel"
     # sites reached without a plan entry run in the permuted order: attention is equivariant, nothing to do.
+    result.grid = {"axes": axes, "order": order}
+    return result
+
+
+def _static_seq(site) -> bool:
+    """Static (not symbolic) size; never int() on a SymInt (it would specialize the graph)."""
+    from paro_compile.plan import _as_int
+
+    return _as_int(site.seq_len) is not None
+
+
+def _fold_symbolic(gm, sites, planned, analysis, sources, axes, fvals, site_states, result: FoldResult) -> FoldResult:
+    """Order plans on a symbolic grid: fold the common order, residuals computed in the graph."""
+    by_id = {s.site_id: s for s in sites}
+    counts: Counter = Counter()
+    for sid, sp in planned.items():
+        st = site_states.get(sid)
+        if not sp.orders or len(sp.orders) != sp.heads:
+            raise DynamicPlanError(f"site {sid}: a plan applied to a symbolic grid needs per-head order strings")
+        if st is None or sum(1 for s in st.segs if s.kind == "vis") != 1:
+            raise DynamicPlanError(f"site {sid}: its tokens are not reached from the visual token source of the "
+                                   "graph, so its orders cannot be applied to the symbolic grid")
+        bad = [o for o in sp.orders if sorted(o) != sorted(axes)]
+        if bad:
+            raise DynamicPlanError(f"site {sid}: orders {sorted(set(bad))} do not name the grid axes {axes!r}")
+        counts.update(sp.orders)
+    best = max(counts.values())
+    order = axes if counts.get(axes, 0) == best else next(o for o, c in counts.most_common() if c == best)
+    if order != axes:
+        rw = apply_order(gm, sites, analysis, sources, axes, fvals, order, result)
+        result.order = order
+        result.region = build_region(analysis)
+    else:
+        rw = Rewriter(gm, order, axes, fvals)
+        result.reason = f"most heads use the natural order {axes}: nothing to fold"
+    label = result.sources[0] if result.sources else "layout"
+    cache: dict[tuple, fx.Node] = {}
+    first_site = next(s for s in gm.graph.nodes if any(s is by_id[sid].node for sid in planned))
+    for sid, sp in planned.items():
+        if all(o == order for o in sp.orders):
+            result.kernel_perms[sid] = None
+            result.descriptions[sid] = f"folded:{label}"
+            continue
+        st = site_states[sid]
+        key = (tuple(sp.orders), tuple((seg.kind, str(seg.length)) for seg in st.segs))
+        if key not in cache:  # one index computation per distinct (orders, layout), not per layer
+            cache[key] = rw.residual(st.segs, list(sp.orders), site_device(by_id[sid]), first_site)
+        result.kernel_perms[sid] = cache[key]
+        result.descriptions[sid] = "kernel"
+    gm.graph.lint()
+    gm.recompile()
     result.grid = {"axes": axes, "order": order}
     return result
 

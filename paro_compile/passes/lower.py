@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from paro_compile.config import ParoConfig
 from paro_compile.kernels.reference import block_mask_to_csr
-from paro_compile.passes.discover import AttentionSite
+from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
 
@@ -36,13 +36,23 @@ def find_timestep_input(gm: fx.GraphModule, name: str) -> Optional[fx.Node]:
     return None
 
 
+def _is_static(size) -> bool:
+    """Static (not symbolic) size; never int() on a SymInt (it would specialize the graph)."""
+    from paro_compile.plan import _as_int
+
+    return _as_int(size) is not None
+
+
 def _safe_buffer_name(site_id: str, what: str) -> str:
     cleaned = "".join(c if c.isalnum() else "_" for c in site_id)
     return f"_paro_{cleaned}_{what}"
 
 
-def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
-    gm.register_buffer(name, value)
+def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor,
+                 device: Optional[torch.device] = None) -> fx.Node:
+    """Register ``value`` as a buffer on the activations' device: a CPU constant feeding a CUDA op would be
+    copied host→device, synchronously, on every call."""
+    gm.register_buffer(name, value.to(device) if device is not None else value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 
@@ -73,20 +83,33 @@ def lower_attention_sites(
         perm = site_plan.perm if site_plan is not None else None
         if kernel_perms is not None and site.site_id in kernel_perms:
             perm = kernel_perms[site.site_id]
+        symbolic = not _is_static(site.seq_len)
+        if symbolic and isinstance(perm, torch.Tensor) and site_plan is not None and site_plan.is_identity_perm():
+            perm = None
+        if symbolic and isinstance(perm, torch.Tensor):
+            raise RuntimeError(
+                f"site {site.site_id} has a symbolic sequence length but its plan permutation is a fixed [H, N] "
+                "tensor; dynamic shapes need an order plan folded by the folding pass (fold_permutations=True)")
         node = site.node
         graph = gm.graph
+        activations = fake_value(site.q)
+        device = activations.device if activations is not None else None
         perm_node = None
-        if perm is not None:
-            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous())
+        if isinstance(perm, fx.Node):  # computed in the graph (order plan on a symbolic grid)
+            perm_node = perm
+        elif perm is not None:
+            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous(), device)
         counts_node = indices_node = None
         record.density = 1.0
-        if site_plan is not None and not bool(site_plan.block_masks.all()):
+        if symbolic and site_plan is not None and not bool(site_plan.block_masks.all()):
+            record.reasons.append("block masks need static shapes; dense at this site")
+        elif site_plan is not None and not bool(site_plan.block_masks.all()):
             masks = site_plan.block_masks.bool()
             counts, indices = block_mask_to_csr(masks)
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts)
-            indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices)
+            counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts, device)
+            indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices, device)
             if masks.shape[0] == 1:
                 with graph.inserting_before(node):
                     counts_node = graph.call_function(torch.squeeze, (counts_node, 0))
@@ -100,7 +123,7 @@ def lower_attention_sites(
                         "the plan with step_buckets=1"
                     )
                 boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
-                bounds_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "step_boundaries"), boundaries)
+                bounds_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "step_boundaries"), boundaries, device)
                 with graph.inserting_before(node):
                     counts_node = graph.call_function(select_step_bucket, (counts_node, bounds_node, timestep))
                     indices_node = graph.call_function(select_step_bucket, (indices_node, bounds_node, timestep))

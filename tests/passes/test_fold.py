@@ -183,8 +183,8 @@ def test_token_position_ops_get_inverse_layout_ops():
 
 @torch.no_grad()
 def test_dynamic_shapes_fold_symbolic_grid():
-    """Plans are per shape (Plan.check_sites refuses symbolic sites), so the dynamic path folds an order
-    string on the inferred symbolic grid: `fold_order(gm, sites, "HWF")`, kernels get no permutation."""
+    """Without a plan, the dynamic path folds an order string on the inferred symbolic grid:
+    `fold_order(gm, sites, "HWF")`, kernels get no permutation (with a plan: the test below)."""
     from torch._inductor.compile_fx import compile_fx
 
     from paro_compile.config import ParoConfig
@@ -210,3 +210,116 @@ def test_dynamic_shapes_fold_symbolic_grid():
         torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
     assert results and all(r.order == "HWF" for r in results)
     assert all(d.startswith("folded:") for d in results[-1].descriptions.values())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("orders", [["HWF"], ["HWF", "WHF"]])
+def test_dynamic_shapes_with_order_plan_through_backend(orders):
+    """dynamic=True + a plan of per-head order strings: the orders are applied to the symbolic grid (common
+    order folded, residuals computed in the graph), block masks cannot apply (dense, reason recorded)."""
+    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.plan import Plan, SitePlan
+
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    _, sites = capture(model, toy_inputs())
+    grid = GRIDS["toy"]
+    empty = torch.zeros(1, 2, 1, 1, dtype=torch.bool)  # not dense (would zero the output): dropped with symbolic N
+    plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, (orders * 2)[:2], grid, block_masks=empty)
+                 for s in sites if s.supported})
+    compiled = torch.compile(model, backend="paro", dynamic=True, options={**EXACT, "plan": plan})
+    for size, frames in ((8, 2), (12, 3)):  # text length 5 ≠ the grid sizes, so Dynamo keeps separate symbols
+        inputs = toy_inputs(height=size, width=size, frames=frames, text_tokens=5)
+        torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
+        report = paro_compile.last_report()
+        lowered = [s for s in report.sites if s.lowered]
+        assert len(lowered) == 2 and report.gathers_left == 0
+        assert all(not isinstance(s.shape[2], int) for s in lowered), "expected a symbolic sequence length"
+        for record in lowered:
+            assert record.density == 1.0
+            assert "block masks need static shapes; dense at this site" in record.reasons
+            assert record.permutation == ("kernel" if len(orders) > 1 else "folded:flatten(flatten)")
+
+
+def test_dynamic_shapes_plan_without_orders_is_a_clear_error():
+    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.plan import PlanMismatchError
+
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    _, sites = capture(model, toy_inputs())
+    plan = make_plan(sites, GRIDS["toy"], ["HWF", "WHF"])
+    for sp in plan.sites.values():
+        sp.orders = []
+    compiled = torch.compile(model, backend="paro", dynamic=True, options={**EXACT, "plan": plan})
+    with pytest.raises(Exception, match="order strings"):
+        with torch.no_grad():
+            compiled(**toy_inputs(text_tokens=5))
+    torch._dynamo.reset()
+
+
+def _per_layer_ops(code: str) -> list[tuple]:
+    """Inductor's `call` split at each paro attention call: per segment, (kernel calls, extern/aten calls,
+    buffer allocations). The first segment is everything before the first attention (patch embed etc.)."""
+    body = code[code.index("def call("):]
+    segments = re.split(r"torch\.ops\.paro\.attention\.default\(", body)
+    out = []
+    for seg in segments:
+        kernels = len(re.findall(r"^\s+(?:cpp_fused\w*|triton_\w+\.run)\(", seg, re.M))
+        externs = len(re.findall(r"^\s+\w+ = (?:extern_kernels|aten|torch\.ops\.aten)\.", seg, re.M))
+        externs += len(re.findall(r"^\s+extern_kernels\.", seg, re.M))
+        allocs = len(re.findall(r"empty_strided", seg))
+        out.append((kernels, externs, allocs))
+    return out
+
+
+@pytest.mark.parametrize("name,mixed", [("cogvideox", ["HWF", "WHF"]), ("toy", ["HWF", "WHF"])])
+def test_mixed_orders_add_no_kernels_per_layer(name, mixed, monkeypatch):
+    """Issue 4 follow-up: the mixed-order graph (common order folded, residuals in the kernel) has, per layer,
+    the same Inductor kernels, extern calls and allocations as the identity-order graph: no extra copy,
+    permute or index kernel per layer (the RoPE table permutes fuse into the RoPE kernel), and the residual
+    permutation reaches the op as a constant input on the activations' device.
+
+    Inductor assumes every CPU graph input unaligned (`should_assume_input_aligned` is GPU-only), which would
+    taint the attention output through the permutation input (one more allocation per layer, CPU only); the
+    test applies the GPU rule (aligned when the storage offset is) so the CPU code is what a GPU would get
+    for a device-resident permutation. The FX graph cache is off so the rule applies to this compilation."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import graph as inductor_graph
+    from torch._inductor.utils import tensor_is_aligned
+
+    monkeypatch.setattr(inductor_graph, "should_assume_input_aligned", tensor_is_aligned)
+    model, inputs = make(name)
+    gm, sites = capture(model, inputs)
+    codes = {}
+    for tag, orders in (("identity", [GRIDS[name].natural_order]), ("mixed", mixed)):
+        plan = make_plan(sites, GRIDS[name], orders)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = first(model(**inputs))
+        with inductor_config.patch(fx_graph_cache=False):
+            out, codes[tag], report = compile_and_run(model, inputs, plan)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        expected = "identity" if tag == "identity" else "kernel"
+        assert [s.permutation for s in report.sites if s.lowered] == [expected] * 2, report.summary()
+    ident, mix = _per_layer_ops(codes["identity"]), _per_layer_ops(codes["mixed"])
+    assert len(ident) == len(mix) == 3  # before layer 0's attention, between the two, after the last
+    assert ident == mix, (ident, mix)
+    count = lambda code: len(re.findall(r"async_compile\.(?:cpp|triton)", code))  # noqa: E731
+    assert count(codes["identity"]) == count(codes["mixed"])
+    token_gathers(codes["mixed"])  # the residual is applied by the kernel, not by a gather in the graph
+
+
+def test_kernel_permutations_live_on_the_activation_device(monkeypatch):
+    """A CPU [H, N] residual handed to a CUDA kernel is copied host→device on every call (twice per site):
+    the pass places kernel permutations on the device of the site's activations."""
+    from paro_compile.config import ParoConfig
+    from paro_compile.passes import fold
+
+    model, inputs = make("toy")
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS["toy"], ["HWF", "WHF"])
+    monkeypatch.setattr(fold, "site_device", lambda site: torch.device("meta"))
+    result = fold.fold_permutations(gm, sites, plan, ParoConfig(**EXACT))
+    perms = [p for p in result.kernel_perms.values() if p is not None]
+    assert perms and all(p.device.type == "meta" for p in perms)
