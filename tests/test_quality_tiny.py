@@ -48,3 +48,14 @@ def test_quality_tiny(tmp_path):
     compiled = [v for v in done if v.get("exec") == "compile"]
     assert compiled and compiled[0]["sites_lowered"] == "2/2"
     assert json.loads((tmp_path / "results.json").read_text())["per_layer"]
+
+
+def test_quality_sweep_tiny(tmp_path):
+    load_script("quality_sweep").main(["--tiny", "--out", str(tmp_path)])
+    for name in ("sweep.json", "sweep.md"):
+        assert (tmp_path / name).exists(), name
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert all(math.isfinite(v["psnr"]) for v in data["variants"] if "psnr" in v)
+    assert any("dense_steps" in v["name"] for v in data["variants"])
+    # The derived plans must equal a direct calibrate() call on the same inputs.
+    assert all(data["check_direct"].values()), data["check_direct"]
