@@ -199,6 +199,26 @@ def paro_site_attention(q, k, v, scale, site_plan, bucket: int, qk_bits: int, pv
 # ---------------------------------------------------------------------------------------------------
 # plotting
 # ---------------------------------------------------------------------------------------------------
+def fp_reference(model, prompts, text_dim: int, steps: int, guidance: float, seed: int, device=None):
+    """Sample the FP model from seeded noise; also keep the model inputs of the middle sampling call.
+
+    Returns (cond, noise, latents, mid-step inputs, seconds)."""
+    cond = fl.encode_prompts(prompts, text_dim, device=device)
+    f0, c0, h0, w0 = fl.video_shape(model)
+    noise = torch.randn(len(prompts), f0, c0, h0, w0, generator=torch.Generator().manual_seed(seed))
+    mid_inputs: dict[str, Any] = {}
+    calls = [0]
+
+    def record_mid(inputs):
+        if calls[0] == steps // 2:
+            mid_inputs.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+        calls[0] += 1
+
+    start = time.perf_counter()
+    latents = fl.sample_video(model, cond, steps=steps, guidance=guidance, noise=noise, on_call=record_mid)
+    return cond, noise, latents, mid_inputs, time.perf_counter() - start
+
+
 def save_samples_png(rows: list[tuple[str, torch.Tensor]], path: Path, prompt_index: int = 0, columns: int = 4) -> None:
     try:
         import matplotlib
@@ -280,21 +300,8 @@ def main(argv=None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
     # ---- FP reference ----
-    cond = fl.encode_prompts(eval_prompts, text_dim, device=device)
-    g = torch.Generator().manual_seed(args.seed)
-    f0, c0, h0, w0 = fl.video_shape(model)
-    noise = torch.randn(len(eval_prompts), f0, c0, h0, w0, generator=g)
-    mid_inputs: dict[str, Any] = {}
-    call_counter = [0]
-
-    def record_mid(inputs):
-        if call_counter[0] == steps // 2:
-            mid_inputs.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
-        call_counter[0] += 1
-
-    t0 = time.perf_counter()
-    ref = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=record_mid)
-    fp_seconds = time.perf_counter() - t0
+    cond, noise, ref, mid_inputs, fp_seconds = fp_reference(model, eval_prompts, text_dim, steps, args.guidance,
+                                                            args.seed, device=device)
     print(f"[quality] FP sampling {fp_seconds:.1f}s; latents mean {ref.mean():.3f} std {ref.std():.3f}", flush=True)
     mid_t = float(mid_inputs["timestep"].reshape(-1)[0]) / 1000.0
     captured = capture_qkv(model, mid_inputs)

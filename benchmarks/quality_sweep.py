@@ -227,20 +227,7 @@ def main(argv=None) -> dict:
                                       "torch": torch.__version__}, "variants": []}
 
     # ---- FP reference + mid-step q/k/v ----
-    cond = fl.encode_prompts(eval_prompts, text_dim)
-    f0, c0, h0, w0 = fl.video_shape(model)
-    noise = torch.randn(len(eval_prompts), f0, c0, h0, w0, generator=torch.Generator().manual_seed(args.seed))
-    mid: dict[str, Any] = {}
-    counter = [0]
-
-    def record_mid(inputs):
-        if counter[0] == steps // 2:
-            mid.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
-        counter[0] += 1
-
-    t0 = time.perf_counter()
-    ref = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=record_mid)
-    res["fp_seconds"] = time.perf_counter() - t0
+    cond, noise, ref, mid, res["fp_seconds"] = Q.fp_reference(model, eval_prompts, text_dim, steps, args.guidance, args.seed)
     print(f"[sweep] FP generation {res['fp_seconds']:.1f}s", flush=True)
     captured = Q.capture_qkv(model, mid)
     fp32_ref = [Q._ORIG_SDPA(q.float(), k.float(), v.float(), scale=s) for q, k, v, s in captured]
