@@ -18,11 +18,14 @@ from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
 
-def select_step_bucket(per_bucket: torch.Tensor, boundaries: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """per_bucket[number of boundaries above the current timestep] (boundaries descend: early steps first)."""
+def step_bucket_index(boundaries: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """[1] int64: the number of boundaries above the current timestep (boundaries descend: early steps first)."""
     t = timestep.reshape(-1)[:1].to(boundaries.dtype)
-    bucket = (boundaries > t).sum()
-    return per_bucket.index_select(0, bucket.reshape(1)).squeeze(0)
+    return (boundaries > t).sum().reshape(1)
+
+
+def select_step_bucket(per_bucket: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+    return per_bucket.index_select(0, bucket).squeeze(0)
 
 
 def find_timestep_input(gm: fx.GraphModule, name: str) -> Optional[fx.Node]:
@@ -70,6 +73,7 @@ def lower_attention_sites(
     folding pass applied it elsewhere). Without it the plan's permutation goes to the kernel.
     """
     records: list[SiteRecord] = []
+    bucket_node: Optional[fx.Node] = None  # one step-bucket index per graph, shared by every site
     for site in sites:
         record = SiteRecord(
             site_id=site.site_id, shape=tuple(int(s) if isinstance(s, int) else str(s) for s in site.shape),
@@ -108,25 +112,27 @@ def lower_attention_sites(
             counts, indices = block_mask_to_csr(masks)
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts, device)
-            indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices, device)
             if masks.shape[0] == 1:
-                with graph.inserting_before(node):
-                    counts_node = graph.call_function(torch.squeeze, (counts_node, 0))
-                    indices_node = graph.call_function(torch.squeeze, (indices_node, 0))
+                counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts[0], device)
+                indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices[0], device)
             else:
-                timestep = find_timestep_input(gm, plan.timestep_arg)
-                if timestep is None:
-                    raise RuntimeError(
-                        f"the plan has {masks.shape[0]} step buckets for site {site.site_id}, but the compiled graph "
-                        f"has no input named {plan.timestep_arg!r}; pass the timestep as that argument or rebuild "
-                        "the plan with step_buckets=1"
-                    )
-                boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
-                bounds_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "step_boundaries"), boundaries, device)
+                if bucket_node is None:
+                    timestep = find_timestep_input(gm, plan.timestep_arg)
+                    if timestep is None:
+                        raise RuntimeError(
+                            f"the plan has {masks.shape[0]} step buckets for site {site.site_id}, but the compiled graph "
+                            f"has no input named {plan.timestep_arg!r}; pass the timestep as that argument or rebuild "
+                            "the plan with step_buckets=1"
+                        )
+                    boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
+                    bounds_node = add_constant(gm, node, "_paro_step_boundaries", boundaries, device)
+                    with graph.inserting_before(node):
+                        bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
+                counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts, device)
+                indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices, device)
                 with graph.inserting_before(node):
-                    counts_node = graph.call_function(select_step_bucket, (counts_node, bounds_node, timestep))
-                    indices_node = graph.call_function(select_step_bucket, (indices_node, bounds_node, timestep))
+                    counts_node = graph.call_function(select_step_bucket, (counts_node, bucket_node))
+                    indices_node = graph.call_function(select_step_bucket, (indices_node, bucket_node))
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
