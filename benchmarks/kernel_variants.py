@@ -1,17 +1,18 @@
-"""Kernel variants of the paro attention on the CogVideoX shape: exp2 mode × fixed launch config.
+"""Kernel variants of the paro attention on the CogVideoX shape: code variant × fixed launch config.
 
-One short run (budget ~90 s on an H100) that answers "which exp2 mode / config is fastest, and is it
+One short run (budget ~90 s on an H100) that answers "which kernel variant / config is fastest, and is it
 still right":
 
 - shape B2 H48 N17776 D64 bf16 (``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);
 - dense and density 0.2 (random 64×64 block mask keeping the diagonal, `tuning.random_block_mask`);
-- every exp2 mode (0 = MUFU, 1 = polynomial everywhere, 2 = polynomial on half the columns) ×
-  a few fixed configs (TILE_M / num_warps / num_stages), launched through ``config=`` (no autotune);
+- every kernel variant of `KERNEL_VARIANTS` (PV dtype × exp2 mode × code-generation switches of
+  `attention.KERNEL_VARIANT_DEFAULTS`) × a few fixed configs (TILE_M / num_warps / num_stages),
+  launched through ``config=`` / ``variant=`` (no autotune);
 - peers in the same run: cuDNN SDPA (dense) and compiled FlexAttention with the same block mask;
-- rel-L2 of each variant vs the mode-0 kernel with the first config (same function, so ~1e-3 for
-  the polynomial modes) and vs the bf16 peer (SDPA dense / Flex sparse: the quantization error);
-- INT4 diagnostic (the open GPU bug): prologue values vs torch quantization, kernel vs reference at
-  the failing test's shape (2, 3, 2010, 64), INT4 and INT8.
+- rel-L2 of each variant vs the first variant's first config and vs the bf16 peer (SDPA dense /
+  Flex sparse: the quantization error of that PV dtype);
+- ``--int4``: INT4 diagnostic: prologue values vs torch quantization, kernel vs reference at
+  the shape (2, 3, 2010, 64), INT4 and INT8.
 
 Prints a table per density sorted by time and writes JSON to ``--out`` (after every measurement,
 so a run cut by a timeout still leaves its numbers). Usage on the GPU::
@@ -52,8 +53,20 @@ from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 from paro_compile.kernels.prologue import dequantized_views, paro_prologue  # noqa: E402
 
 # (TILE_M, num_warps, num_stages); TILE_M 128 only for the dense mask.
-DENSE_CONFIGS = [(128, 8, 2), (128, 8, 3), (64, 4, 3)]
-SPARSE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 2)]
+DENSE_CONFIGS = [(128, 8, 2), (64, 4, 3)]
+SPARSE_CONFIGS = [(64, 4, 3), (64, 4, 2)]
+
+# name -> (pv_dtype, exp2_mode, code-generation switches of attention.KERNEL_VARIANT_DEFAULTS)
+KERNEL_VARIANTS = {
+    "fp8 unfused": ("fp8", 0, {"fused_softmax": False}),
+    "fp8": ("fp8", 0, {}),
+    "fp8 ftz": ("fp8", 3, {}),
+    "fp8 ftz ws": ("fp8", 3, {"warp_specialize": True}),
+    "int8 ftz": ("int8", 3, {}),
+    "bf16 ftz": ("fp16", 3, {}),
+    "bf16 ftz intround": ("fp16", 3, {"p_round_int": True}),
+    "fp8 poly-half": ("fp8", 2, {}),
+}
 
 
 def rel_l2(a, b):
@@ -124,9 +137,10 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="B1 H2 N200 on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--out", default="kernel_variants.json")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per variant")
-    ap.add_argument("--modes", default="0,1,2")
+    ap.add_argument("--variants", default=",".join(KERNEL_VARIANTS),
+                    help=f"comma list of kernel variants (default all): {', '.join(KERNEL_VARIANTS)}")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--int4", action="store_true", help="also run the INT4 diagnostic")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -134,7 +148,10 @@ def main(argv=None):
         raise SystemExit("no CUDA: run with --tiny (TRITON_INTERPRET=1)")
     dev = "cuda" if cuda else "cpu"
     os.environ["PARO_AUTOTUNE"] = "0"  # fixed configs only (config= bypasses it anyway)
-    modes = [int(m) for m in args.modes.split(",")]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in KERNEL_VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}; known: {list(KERNEL_VARIANTS)}")
     b, h, n, d = (1, 2, 200, 64) if args.tiny else (2, 48, 17776, 64)
     dtype = torch.bfloat16
     bench = timer(cuda, args.rep)
@@ -177,7 +194,7 @@ def main(argv=None):
             rows.append(row)
             results["rows"].append(row)
             save()
-            log(f"dens {dens}: {method:34s} {ms:9.3f} ms  vs mode0 {err_base if err_base is None else f'{err_base:.2e}'}"
+            log(f"dens {dens}: {method:34s} {ms:9.3f} ms  vs first {err_base if err_base is None else f'{err_base:.2e}'}"
                 f"  vs peer {err_peer if err_peer is None else f'{err_peer:.2e}'}")
 
         # ---- peers ----
@@ -205,13 +222,14 @@ def main(argv=None):
 
         # ---- our kernel variants ----
         base = None
-        for mode in modes:
+        for vname in variants:
+            pv, mode, knobs = KERNEL_VARIANTS[vname]
             for tile_m, warps, stages in configs:
                 cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages}
-                name = f"ours exp2={mode} tile{tile_m} w{warps} s{stages}"
+                name = f"ours {vname} tile{tile_m} w{warps} s{stages}"
                 try:
                     fn = lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices,  # noqa: E731
-                                                       exp2_mode=mode, config=cfg)
+                                                       pv_dtype=pv, exp2_mode=mode, config=cfg, variant=knobs)
                     o = fn()
                     if cuda:
                         torch.cuda.synchronize()
@@ -219,23 +237,23 @@ def main(argv=None):
                         base = o
                     ms = bench(fn)
                     add(name, ms, rel_l2(o, base), rel_l2(o, peer) if peer is not None else None,
-                        exp2_mode=mode, config=cfg)
+                        variant=vname, pv_dtype=pv, exp2_mode=mode, knobs=knobs, config=cfg)
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
-        if not cuda:  # the kernel (mode 0) vs the reference of the same function
+        if not cuda:  # the first variant vs the reference of the same function
             ref = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
-            results.setdefault("tiny_mode0_vs_reference", {})[str(dens)] = rel_l2(base, ref)
+            results.setdefault("tiny_first_vs_reference", {})[str(dens)] = rel_l2(base, ref)
         print(f"\n== density {dens}: sorted by time ==")
         peer_ms = min((r["ms"] for r in rows if not r["method"].startswith("ours")), default=None)
         for r in sorted(rows, key=lambda r: r["ms"]):
             ratio = f"{r['ms'] / peer_ms:6.3f}x peer" if peer_ms else ""
-            e0 = "" if r["rel_l2_vs_mode0"] is None else f"vs mode0 {r['rel_l2_vs_mode0']:.2e}"
+            e0 = "" if r["rel_l2_vs_mode0"] is None else f"vs first {r['rel_l2_vs_mode0']:.2e}"
             ep = "" if r["rel_l2_vs_peer"] is None else f"vs peer {r['rel_l2_vs_peer']:.2e}"
             print(f"  {r['method']:36s} {r['ms']:9.3f} ms  {ratio}  {e0}  {ep}")
         print(flush=True)
         del base, peer
 
-    if not args.no_int4:
+    if args.int4:
         try:
             results["int4"] = int4_diagnostic(dev, args.tiny)
             log(f"INT4 diagnostic: {json.dumps(results['int4'])}")

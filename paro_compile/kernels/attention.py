@@ -45,7 +45,7 @@ from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-EXP2_MODES = (0, 1, 2)
+EXP2_MODES = (0, 1, 2, 3)
 
 
 def default_exp2_mode() -> int:
@@ -112,14 +112,29 @@ def exp2_poly(x):
 
 
 @triton.jit
-def _exp2(x, MODE: tl.constexpr):
+def _ex2_ftz(x):
+    """MUFU ``ex2.approx.ftz.f32`` directly: `tl.math.exp2` may emit the non-ftz form, which ptxas wraps
+    in a compare and two predicated multiplies for subnormal inputs/outputs (P never needs them: an
+    output below 2^-126 rounds to 0 in FP8/INT8/bf16 P and is negligible in the row sum)."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp2(x, MODE: tl.constexpr, EMULATE: tl.constexpr):
     """exp2 of a [M, N] tile. MODE 0: MUFU (tl.math.exp2); 1: polynomial everywhere; 2: polynomial on the
     odd columns, MUFU on the even ones (columns split as adjacent pairs, which the MMA accumulator
-    layout keeps in one thread's registers, so the split/join should be register-local)."""
+    layout keeps in one thread's registers, so the split/join should be register-local); 3: MUFU
+    through ``ex2.approx.ftz.f32`` inline PTX (the interpreter has no inline PTX: tl.math.exp2 there)."""
     if MODE == 0:
         return tl.math.exp2(x)
     elif MODE == 1:
         return exp2_poly(x)
+    elif MODE == 3:
+        if EMULATE:
+            return tl.math.exp2(x)
+        else:
+            return _ex2_ftz(x)
     else:
         M: tl.constexpr = x.shape[0]
         N: tl.constexpr = x.shape[1]
@@ -135,6 +150,21 @@ def _i32_to_f32(x):
 
 
 @triton.jit
+def _round_scale_22bits(c):
+    """Clear the 2 low mantissa bits of a positive fp32 (as `reference.round_scale_22bits`)."""
+    return (c.to(tl.uint32, bitcast=True) & 0xFFFFFFFC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_round_bits(p):
+    """fp32 → bf16 with integer ops only (round half up on the dropped 16 bits): keeps the
+    conversion off the quarter-rate pipe that ``cvt.rn.bf16x2.f32`` shares with MUFU ex2. For P ≥ 0
+    this equals round-to-nearest-even except on exact ties (one in 2^16 of the values)."""
+    bits = p.to(tl.uint32, bitcast=True) + 0x8000
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _attn_fwd(
     QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX,
     N, H, NQB, NKB, P_LOG2,
@@ -143,6 +173,7 @@ def _attn_fwd(
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
+    FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -155,8 +186,9 @@ def _attn_fwd(
     offs_d = tl.arange(0, D)
     row_in = rm < NQ_ROWS
 
-    # Q tile and its per-row dequantization factor (one scale per block_m rows).
-    qs = tl.load(QS + pid_bh * NQB + rm // BLOCK_M, mask=row_in, other=0.0)
+    # Q tile and its per-row dequantization factor (one scale per block_m rows). Rows past the padded
+    # end get scale 1 (never 0), so a -inf key score times the scale stays -inf instead of NaN.
+    qs = tl.load(QS + pid_bh * NQB + rm // BLOCK_M, mask=row_in, other=1.0)
     if QK_BITS == 4:
         HALF: tl.constexpr = D // 2
         offs_h = tl.arange(0, HALF)
@@ -178,54 +210,85 @@ def _attn_fwd(
     idx_base = IDX + (h * NQB + pid_m) * NKB
     kbase = pid_bh * NK_ROWS
     vbase = VT + pid_bh * D * NK_ROWS + offs_d[:, None] * NK_ROWS
-    for s in range(0, count):
+    for s in tl.range(0, count, warp_specialize=WARP_SPEC):
         if DENSE:
             j = s
         else:
             j = tl.load(idx_base + s)
         rows_k = j * BLOCK_N + rn
-        # ---- S = Q Kᵀ (log2 domain after dequantization) ----
-        if QK_BITS == 4:
-            k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
-            qk = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
-            qk = tl.dot(q_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
-            qk = _i32_to_f32(qk)
-        elif QK_BITS == 8:
-            k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
-            qk = _i32_to_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
-        else:
-            k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
-            if DOT_F32:
-                k = k.to(tl.float32)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
         ks = tl.load(KS + pid_bh * NKB + j)
-        # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
-        bias = tl.where(rows_k < N, 0.0, float("-inf"))
-        sc = qk * (qs * ks)[:, None] + bias[None, :]
-        # ---- online softmax, base 2 ----
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        # fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor folded into the row max),
-        # so the row sum and the accumulator carry the same factor and it cancels in the epilogue.
-        p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE)
+        if FUSED_SOFTMAX and QK_BITS != 16:
+            # ---- S = Q Kᵀ kept as raw = 1.5·2^23 + qkᵀ (exact fp32 bits of an integer add) ----
+            if QK_BITS == 4:
+                k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
+                qk_i = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
+                qk_i = tl.dot(q_hi, tl.trans(k_hi), qk_i, out_dtype=tl.int32)
+            else:
+                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+                qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+            raw = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
+            if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
+                raw = tl.where((rows_k < N)[None, :], raw, float("-inf"))
+            # Dequantization, row max and exp2 argument work on raw. The scale c > 0 is rounded to 22
+            # significant bits so that 1.5·2^23·c is exact: fma(raw, c, −1.5·2^23·c) is then exactly
+            # round(qkᵀ·c) (one FFMA replaces the FADD of the magic number and the FMUL of the scale).
+            c = _round_scale_22bits(qs * ks)
+            m_new = tl.maximum(m_i, (tl.max(raw, axis=1) - 12582912.0) * c)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            if EMULATE:  # the interpreter has no fused multiply-add: same value via the exact subtraction
+                sc = (raw - 12582912.0) * c[:, None]
+            else:
+                sc = tl.fma(raw, c[:, None], (-12582912.0 * c)[:, None])
+            p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
+        else:
+            # ---- S = Q Kᵀ (log2 domain after dequantization) ----
+            if QK_BITS == 4:
+                k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
+                qk = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
+                qk = tl.dot(q_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
+                qk = _i32_to_f32(qk)
+            elif QK_BITS == 8:
+                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+                qk = _i32_to_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
+            else:
+                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                if IEEE:
+                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    qk = tl.dot(q, tl.trans(k))
+            # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
+            bias = tl.where(rows_k < N, 0.0, float("-inf"))
+            sc = qk * (qs * ks)[:, None] + bias[None, :]
+            # ---- online softmax, base 2 ----
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            # fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor folded into the row max),
+            # so the row sum and the accumulator carry the same factor and it cancels in the epilogue.
+            p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
         # ---- O += P V ----
         vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
         v = tl.trans(vt)
         if PV_MODE == 1:
             pq = fp32_to_fp8e4(p, EMULATE)
-            acc = tl.dot(pq, v, acc)
+            acc = tl.dot(pq, v, acc * alpha[:, None])
         elif PV_MODE == 2:
-            pq = tl.floor(p + 0.5).to(tl.int8)
-            acc += tl.dot(pq, v, out_dtype=tl.int32).to(tl.float32)
+            # round(P·127) to INT8 and the int32 PV partial back to fp32, both through the 1.5·2^23
+            # magic number (an FADD / IADD+FADD on the full-rate pipes instead of F2I / I2F):
+            # P·127 ≤ 127 and |ΣP·V| ≤ 127²·BLOCK_N < 2^22.
+            pq = (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+            acc = acc * alpha[:, None] + _i32_to_f32(tl.dot(pq, v, out_dtype=tl.int32))
         else:
+            acc = acc * alpha[:, None]
             if VT.dtype.element_ty == tl.bfloat16:
-                pq = fp32_to_bf16(p, EMULATE)
+                if P_ROUND_INT:
+                    pq = _bf16_round_bits(p)
+                else:
+                    pq = fp32_to_bf16(p, EMULATE)
             else:
                 pq = p.to(VT.dtype.element_ty)
             if DOT_F32:
@@ -298,6 +361,7 @@ def paro_attention_triton(
     out: Optional[torch.Tensor] = None,
     exp2_mode: Optional[int] = None,
     config: Optional[dict] = None,
+    variant: Optional[dict] = None,
 ) -> torch.Tensor:
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
@@ -307,7 +371,14 @@ def paro_attention_triton(
     Modes 1/2 differ from the reference's torch.exp2 by ≤ 7.5e-5 relative in P before quantization.
     ``config`` (benchmarks): ``{"TILE_M", "num_warps", "num_stages"}`` launched as is, bypassing the
     autotuner and its cache; TILE_M must be block_m, or 2·block_m for a dense mask.
+    ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
+    is its own compiled kernel and its own autotune cache entry.
     """
+    knobs = dict(KERNEL_VARIANT_DEFAULTS)
+    unknown = set(variant or {}) - set(knobs)
+    if unknown:
+        raise ValueError(f"unknown kernel variant switch(es) {sorted(unknown)}; known: {sorted(knobs)}")
+    knobs.update(variant or {})
     if exp2_mode is None:
         exp2_mode = default_exp2_mode()
     if exp2_mode not in EXP2_MODES:
@@ -359,6 +430,8 @@ def paro_attention_triton(
         HAS_PERM=perm is not None, DENSE=dense,
         DOT_F32=dot_f32, IEEE=(q.dtype == torch.float32 and not interp), EMULATE=interp,
         EXP2_MODE=int(exp2_mode),
+        FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
+        WARP_SPEC=bool(knobs["warp_specialize"]) and not interp,
     )
 
     def grid(cfg):
@@ -387,6 +460,13 @@ def paro_attention_triton(
 
 
 _LAST: dict = {}
+
+# Code-generation switches of `_attn_fwd` (the defaults are what the H100 measured fastest; see
+# benchmarks/NOTES_attention.md): fused_softmax = dequantize, max and exp2 argument on the raw
+# magic-number scores (one FFMA per element; INT8/INT4 QKᵀ only); p_round_int = bf16 P (pv "fp16"
+# with bf16 V) rounded with integer ops instead of cvt; warp_specialize = Triton's warp
+# specialization of the KV loop (ignored under the interpreter).
+KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False}
 
 
 def last_launch_info() -> dict:

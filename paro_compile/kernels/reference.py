@@ -16,7 +16,7 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    scaled, as exp2(s - (running max - log2 factor)), so the scaling rounds exactly as in the kernel:
    - ``pv_dtype="fp8"``: P·448 is rounded to float8 e4m3 (no computed scale needed); V is quantized per
      (b, h, channel) to e4m3 with scale amax/448.
-   - ``pv_dtype="int8"``: P·127 rounded to INT8; V per channel INT8 with scale amax/127.
+   - ``pv_dtype="int8"``: P·127 rounded (to nearest even) to INT8; V per channel INT8 with scale amax/127.
    - ``pv_dtype="fp16"``: no PV quantization; P is rounded to V's dtype (a no-op for fp32 inputs).
    PV accumulates in fp32; the row sum uses the unquantized fp32 P·factor (the factor cancels).
 5. A query row that has no kept block (only possible with a hand-made mask: plans always keep the
@@ -107,8 +107,20 @@ def quantize_scaled_p(p_scaled: torch.Tensor, pv_dtype: str, v_dtype: torch.dtyp
     if pv_dtype == "fp8":
         return p_scaled.to(torch.float8_e4m3fn).float()
     if pv_dtype == "int8":
-        return round_half_away(p_scaled)
+        # Round to nearest even: the kernel rounds P·127 ≥ 0 with a 1.5·2^23 magic-number add.
+        return torch.round(p_scaled)
     return p_scaled.to(v_dtype).float()
+
+
+def round_scale_22bits(c: torch.Tensor) -> torch.Tensor:
+    """Positive fp32 scale with its 2 low mantissa bits cleared (relative change < 2^-21). The kernel
+    needs 1.5·2^23·c exact in fp32 to fuse the integer-to-float magic number into the dequantizing FFMA."""
+    return (c.float().contiguous().view(torch.int32) & ~3).view(torch.float32)
+
+
+def combined_scale(c: torch.Tensor, qk_bits: int) -> torch.Tensor:
+    """The q·k dequantization factor as the kernel uses it (22-bit for integer QKᵀ, see `round_scale_22bits`)."""
+    return c if qk_bits == 16 else round_scale_22bits(c)
 
 
 def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +237,7 @@ def paro_attention_reference(
         k_j = k_blk[:, head_index, j]  # [B, H, Mq, block_n, D]
         v_j = v_blk[:, head_index, j]
         s = torch.einsum("bhmid,bhmjd->bhmij", q_blk, k_j)
-        s = s * (q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None])
+        s = s * combined_scale(q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None], qk_bits)
         s = s.masked_fill(~key_valid[j][None, :, :, None, :], -math.inf)
         s = s.masked_fill(~active[None, :, :, None, None], -math.inf)
         m_new = torch.maximum(m_i, s.amax(-1))

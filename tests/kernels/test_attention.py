@@ -53,7 +53,7 @@ def _make(gen, b, h, n, d, dtype, device, perm, density, block_m=64, block_n=64,
 
 
 def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, scale=None, check_f64=True,
-                   exp2_mode=None):
+                   exp2_mode=None, variant=None):
     b, h, n, d = q.shape
     counts = indices = None
     if mask is not None:
@@ -62,12 +62,12 @@ def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, sc
     out = torch.full_like(q, float("nan"))
     res = paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
                                 qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n, out=out,
-                                exp2_mode=exp2_mode)
+                                exp2_mode=exp2_mode, variant=variant)
     assert res is out
     ref = R.paro_attention_reference(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
                                      qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n)
     msg = (f"seed={seed} bits={bits} pv={pv} dtype={q.dtype} shape={tuple(q.shape)} perm={pm is not None} "
-           f"dense={mask is None} block=({block_m},{block_n}) exp2_mode={exp2_mode} device={q.device}")
+           f"dense={mask is None} block=({block_m},{block_n}) exp2_mode={exp2_mode} variant={variant} device={q.device}")
     assert not out.isnan().any(), f"unwritten (NaN) output rows: {out.isnan().any(-1).sum().item()} rows; {msg}"
     err = rel_l2(out, ref)
     ktol = KERNEL_TOL[q.dtype] + (POLY_EXTRA_TOL if exp2_mode else 0.0) + (INT4_GPU_EXTRA_TOL if bits == 4 and q.is_cuda else 0.0)
@@ -102,7 +102,7 @@ def test_sparse_matches_reference(seed, gen, bits, pv, dtype, d, perm):
     _run_and_check(seed, q, k, v, pm, mask, bits, pv)
 
 
-@pytest.mark.parametrize("exp2_mode", [1, 2])
+@pytest.mark.parametrize("exp2_mode", [1, 2, 3])
 @pytest.mark.parametrize("bits,pv,dtype", [(8, "fp8", torch.bfloat16), (4, "int8", torch.float16),
                                            (16, "fp16", torch.float32), (8, "fp8", torch.float16)])
 def test_exp2_poly_modes(seed, gen, exp2_mode, bits, pv, dtype):
@@ -113,6 +113,28 @@ def test_exp2_poly_modes(seed, gen, exp2_mode, bits, pv, dtype):
     _run_and_check(seed, q, k, v, pm, mask, bits, pv, exp2_mode=exp2_mode)
     q, k, v, pm, _ = _make(gen, 1, 1, n, 64, dtype, kernel_device(), False, None)
     _run_and_check(seed, q, k, v, pm, None, bits, pv, exp2_mode=exp2_mode, check_f64=False)
+
+
+@pytest.mark.parametrize("knobs,bits,pv,dtype", [
+    ({"fused_softmax": False}, 8, "fp8", torch.bfloat16),
+    ({"fused_softmax": False}, 4, "int8", torch.float16),
+    ({"p_round_int": True}, 8, "fp16", torch.bfloat16),
+    ({"p_round_int": True, "fused_softmax": False}, 8, "fp16", torch.bfloat16),
+    ({"warp_specialize": True}, 8, "int8", torch.bfloat16),
+])
+def test_kernel_variants_match_reference(seed, gen, knobs, bits, pv, dtype):
+    """Every code-generation switch computes the same function (sparse with a key tail, dense)."""
+    n = int(torch.randint(65, 200, (1,), generator=gen)) | 1
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, dtype, kernel_device(), True, 0.5)
+    _run_and_check(seed, q, k, v, pm, mask, bits, pv, variant=knobs)
+    q, k, v, pm, _ = _make(gen, 1, 1, n, 64, dtype, kernel_device(), False, None)
+    _run_and_check(seed, q, k, v, pm, None, bits, pv, check_f64=False, variant=knobs)
+
+
+def test_kernel_variant_validation():
+    q = torch.randn(1, 1, 70, 64, device=kernel_device())
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        paro_attention_triton(q, q, q, variant={"fused": True})
 
 
 def test_exp2_mode_default_and_validation(monkeypatch):
@@ -131,7 +153,7 @@ def test_exp2_mode_default_and_validation(monkeypatch):
     with pytest.raises(ValueError):
         paro_attention_triton(q, q, q)
     with pytest.raises(ValueError):
-        paro_attention_triton(q, q, q, exp2_mode=3)
+        paro_attention_triton(q, q, q, exp2_mode=4)
     with pytest.raises(ValueError):  # TILE_M 2*block_m is only legal for dense masks
         counts, indices = R.block_mask_to_csr(torch.ones(1, 2, 2, dtype=torch.bool))
         paro_attention_triton(q, q, q, kv_counts=counts, kv_indices=indices, config={"TILE_M": 128}, exp2_mode=0)
