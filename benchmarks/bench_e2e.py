@@ -65,7 +65,23 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip remaining variants past this wall time")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs (--model both for Flux too), density 0.5 (CI)")
     p.add_argument("--device", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 2 calls per variant (torch.profiler) and write the top GPU kernels "
+                        "to OUT/profile_<model>_<variant>.txt")
     return p.parse_args(argv)
+
+
+def profile_calls(call: Callable, device, path: Path, calls: int = 2, top: int = 30) -> None:
+    """GPU time per kernel over `calls` calls (where the time goes inside one variant)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        sync(device)
+    sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
+    path.write_text(f"{calls} calls\n" + prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=90))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,6 +333,8 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     entry["compile_s"] = max(0.0, entry["first_call_s"] - entry["median_ms"] / 1e3) if variant != "eager" else 0.0
     entry["inductor_compile_fx_s"] = TIMERS["inductor"]
     entry["paro_passes_s"] = TIMERS["paro_passes"]
+    if getattr(args, "profile", False) and getattr(args, "profile_dir", None) is not None:
+        profile_calls(call, device, Path(args.profile_dir) / f"profile_{args.profile_model}_{variant}.txt")
     if torch.device(device).type == "cuda":
         entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     report = paro_compile.last_report()
@@ -404,6 +422,7 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
             on_row(rows[-1])
             continue
         try:
+            args.profile_dir, args.profile_model = args.out, name
             entry = run_variant(model, inputs, variant, device, args, plans, allow_fp32)
         except Exception as error:
             entry = {"variant": variant, "error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-3000:]}
