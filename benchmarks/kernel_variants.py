@@ -66,6 +66,8 @@ KERNEL_VARIANTS = {
     "bf16 ftz": ("fp16", 3, {}),
     "bf16 ftz intround": ("fp16", 3, {"p_round_int": True}),
     "fp8 poly-half": ("fp8", 2, {}),
+    "fp8 prefetch": ("fp8", 0, {"prefetch_qk": True}),
+    "bf16 prefetch": ("fp16", 0, {"prefetch_qk": True}),
 }
 
 

@@ -81,7 +81,29 @@ def _as_int(value: Any) -> Optional[int]:
         return None
 
 
-@dataclass
+def _fields_equal(a: Any, b: Any) -> bool:
+    """Dataclass field equality that compares tensors by value (never "ambiguous truth value" errors)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_fields_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_fields_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _dataclass_eq(self, other) -> bool:
+    # torch.compile compares backend options (a Plan among them) when it looks up cached graphs, so
+    # equality must work on tensors: compiling one model twice with two plans used to raise here.
+    if type(self) is not type(other):
+        return NotImplemented
+    from dataclasses import fields
+
+    return all(_fields_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+@dataclass(eq=False)
 class SitePlan:
     """What the backend needs to lower one site.
 
@@ -89,6 +111,8 @@ class SitePlan:
     block_masks: bool [S, H, ceil(N/block_size), ceil(N/block_size)], one mask per step bucket, in the
     permuted order. S == 1 when masks do not depend on the denoising step.
     """
+
+    __eq__ = _dataclass_eq
 
     site_id: str
     heads: int
@@ -171,8 +195,10 @@ class SitePlan:
         return bool((self.perm == ident).all().item())
 
 
-@dataclass
+@dataclass(eq=False)
 class Plan:
+    __eq__ = _dataclass_eq
+
     sites: dict[str, SitePlan]
     step_boundaries: list[float] = field(default_factory=list)
     """Descending timesteps; bucket = number of boundaries greater than the current timestep."""

@@ -160,3 +160,39 @@ def test_siteplan_validation():
     with pytest.raises(PlanError, match="perm has shape"):
         SitePlan(site_id="s", heads=2, seq_len=43, block_size=8, perm=torch.zeros(2, 40, dtype=torch.long),
                  block_masks=torch.ones(1, 2, 6, 6, dtype=torch.bool))
+
+
+def test_plan_equality_compares_tensors_by_value():
+    """torch.compile compares backend options (the plan) on cache lookups: == must not raise on tensors."""
+    grid = TokenGrid(2, 4, 4, 0)
+    def make(flip: bool) -> Plan:
+        masks = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+        if flip:
+            masks = masks.clone()
+            masks[0, 1] = False
+        perm = torch.arange(32).repeat(2, 1)
+        return Plan({"a#0": SitePlan("a#0", 2, 32, 64, perm, masks, orders=["FHW", "FHW"], grid=grid)})
+    assert make(False) == make(False)
+    assert make(False) != make(True)
+    assert make(False).sites["a#0"] == make(False).sites["a#0"]
+    assert (make(False) == "plan") is False
+
+
+def test_one_model_compiled_with_two_plans():
+    """Two compiled wrappers of the same module with different plans run side by side (the cache
+    lookup compares their options)."""
+    import paro_compile
+    from paro_compile.models import toy_calibration_inputs, toy_model
+
+    model = toy_model(seed=0)
+    inputs = toy_calibration_inputs(count=1)
+    plans = [paro_compile.calibrate(model, inputs, density=d, block_size=16, progress=False) for d in (0.5, 0.9)]
+    assert plans[0] != plans[1]
+    compiled = [torch.compile(model, backend="paro", options={"plan": p, "impl": "reference", "allow_fp32": True})
+                for p in plans]
+    with torch.no_grad():
+        first = [c(**inputs[0]) for c in compiled]
+        again = [c(**inputs[0]) for c in compiled]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])

@@ -173,7 +173,7 @@ def _attn_fwd(
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
-    FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr,
+    FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -210,6 +210,16 @@ def _attn_fwd(
     idx_base = IDX + (h * NQB + pid_m) * NKB
     kbase = pid_bh * NK_ROWS
     vbase = VT + pid_bh * D * NK_ROWS + offs_d[:, None] * NK_ROWS
+    # PREFETCH_QK (INT8 QKᵀ, fused softmax): QKᵀ of the next kept block is issued before the softmax of
+    # the current one, so the tensor cores can work while the softmax runs (FA3's intra-warpgroup
+    # overlap, left to Triton's async wgmma). The last iteration recomputes its own block (unused).
+    if PREFETCH_QK:
+        if DENSE:
+            j_first = 0
+        else:
+            j_first = tl.load(idx_base, mask=count > 0, other=0)
+        k_first = tl.load(KQ + (kbase + j_first * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
+        qk_next = tl.dot(q, tl.trans(k_first), out_dtype=tl.int32)
     for s in tl.range(0, count, warp_specialize=WARP_SPEC):
         if DENSE:
             j = s
@@ -223,6 +233,15 @@ def _attn_fwd(
                 k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
                 qk_i = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
                 qk_i = tl.dot(q_hi, tl.trans(k_hi), qk_i, out_dtype=tl.int32)
+            elif PREFETCH_QK:
+                qk_i = qk_next
+                s_next = tl.minimum(s + 1, count - 1)
+                if DENSE:
+                    j_next = s_next
+                else:
+                    j_next = tl.load(idx_base + s_next)
+                k_nx = tl.load(KQ + (kbase + j_next * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
+                qk_next = tl.dot(q, tl.trans(k_nx), out_dtype=tl.int32)
             else:
                 k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
                 qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
@@ -432,6 +451,7 @@ def paro_attention_triton(
         EXP2_MODE=int(exp2_mode),
         FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
         WARP_SPEC=bool(knobs["warp_specialize"]) and not interp,
+        PREFETCH_QK=bool(knobs["prefetch_qk"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
     )
 
     def grid(cfg):
@@ -465,8 +485,10 @@ _LAST: dict = {}
 # benchmarks/NOTES_attention.md): fused_softmax = dequantize, max and exp2 argument on the raw
 # magic-number scores (one FFMA per element; INT8/INT4 QKᵀ only); p_round_int = bf16 P (pv "fp16"
 # with bf16 V) rounded with integer ops instead of cvt; warp_specialize = Triton's warp
-# specialization of the KV loop (ignored under the interpreter).
-KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False}
+# specialization of the KV loop (ignored under the interpreter); prefetch_qk = issue the next block's
+# INT8 QKᵀ before the current softmax (qk_bits 8 with fused_softmax only).
+KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
+                           "prefetch_qk": False}
 
 
 def last_launch_info() -> dict:

@@ -9,7 +9,8 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    per-row constant to the scores, so this changes nothing mathematically but removes the channel
    outliers that make K hard to quantize.
 3. Quantize Q per block of ``block_m`` tokens and K per block of ``block_n`` tokens, symmetric,
-   ``scale = amax / qmax`` with qmax 127 (INT8) or 7 (INT4); round half away from zero. The softmax
+   ``scale = amax / qmax`` with qmax 127 (INT8) or 7 (INT4); values = x · (1 / scale) rounded half
+   away from zero. The softmax
    scale and log2(e) are folded into Q's dequantization factor so scores come out in the log2 domain.
 4. For every (b, h, query block) walk the kept KV blocks in CSR order (``kv_indices[h, i, :kv_counts[h, i]]``)
    with an online softmax in base 2. P = exp2(s - running max) lies in [0, 1]; it is computed already
@@ -81,7 +82,7 @@ def quantize_blockwise(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Te
     amax = blocks.abs().amax(dim=(-1, -2))
     qmax = qmax_for_bits(bits)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    values = round_half_away(blocks / scale[..., None, None]).clamp_(-qmax, qmax)
+    values = round_half_away(blocks * (1.0 / scale)[..., None, None]).clamp_(-qmax, qmax)
     return values.view(b, h, nb * block, d)[:, :, :n], scale
 
 
@@ -90,10 +91,10 @@ def quantize_v_per_channel(v: torch.Tensor, pv_dtype: str) -> tuple[torch.Tensor
     amax = v.abs().amax(dim=2)
     if pv_dtype == "fp8":
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        values = (v / scale[:, :, None, :]).to(torch.float8_e4m3fn).float()
+        values = (v * (1.0 / scale)[:, :, None, :]).to(torch.float8_e4m3fn).float()
     elif pv_dtype == "int8":
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        values = round_half_away(v / scale[:, :, None, :]).clamp_(-127, 127)
+        values = round_half_away(v * (1.0 / scale)[:, :, None, :]).clamp_(-127, 127)
     else:
         raise ValueError(f"pv_dtype {pv_dtype!r} has no V quantization")
     return values, scale

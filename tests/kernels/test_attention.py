@@ -121,6 +121,8 @@ def test_exp2_poly_modes(seed, gen, exp2_mode, bits, pv, dtype):
     ({"p_round_int": True}, 8, "fp16", torch.bfloat16),
     ({"p_round_int": True, "fused_softmax": False}, 8, "fp16", torch.bfloat16),
     ({"warp_specialize": True}, 8, "int8", torch.bfloat16),
+    ({"prefetch_qk": True}, 8, "fp8", torch.bfloat16),
+    ({"prefetch_qk": True}, 8, "fp16", torch.float16),
 ])
 def test_kernel_variants_match_reference(seed, gen, knobs, bits, pv, dtype):
     """Every code-generation switch computes the same function (sparse with a key tail, dense)."""
