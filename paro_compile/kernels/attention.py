@@ -394,6 +394,8 @@ def paro_attention_triton(
     is its own compiled kernel and its own autotune cache entry.
     """
     knobs = dict(KERNEL_VARIANT_DEFAULTS)
+    if variant is None:
+        variant = variant_from_env()
     unknown = set(variant or {}) - set(knobs)
     if unknown:
         raise ValueError(f"unknown kernel variant switch(es) {sorted(unknown)}; known: {sorted(knobs)}")
@@ -480,6 +482,19 @@ def paro_attention_triton(
 
 
 _LAST: dict = {}
+
+
+def variant_from_env() -> dict:
+    """``$PARO_KERNEL_VARIANT`` ("prefetch_qk=1,fused_softmax=0"): switches used when a call passes no
+    ``variant`` (read per call, for A/B runs of whole models without code changes)."""
+    spec = os.environ.get("PARO_KERNEL_VARIANT", "").strip()
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or value.strip() not in ("0", "1"):
+            raise ValueError(f"PARO_KERNEL_VARIANT entries must look like name=0 or name=1, got {item!r}")
+        out[name.strip()] = value.strip() == "1"
+    return out
 
 # Code-generation switches of `_attn_fwd` (the defaults are what the H100 measured fastest; see
 # benchmarks/NOTES_attention.md): fused_softmax = dequantize, max and exp2 argument on the raw

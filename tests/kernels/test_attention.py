@@ -133,10 +133,20 @@ def test_kernel_variants_match_reference(seed, gen, knobs, bits, pv, dtype):
     _run_and_check(seed, q, k, v, pm, None, bits, pv, check_f64=False, variant=knobs)
 
 
-def test_kernel_variant_validation():
+def test_kernel_variant_validation(monkeypatch):
+    from paro_compile.kernels import attention as A
+
     q = torch.randn(1, 1, 70, 64, device=kernel_device())
     with pytest.raises(ValueError, match="unknown kernel variant"):
         paro_attention_triton(q, q, q, variant={"fused": True})
+    monkeypatch.setenv("PARO_KERNEL_VARIANT", "prefetch_qk=1, fused_softmax=0")
+    assert A.variant_from_env() == {"prefetch_qk": True, "fused_softmax": False}
+    monkeypatch.setenv("PARO_KERNEL_VARIANT", "prefetch_qk")
+    with pytest.raises(ValueError, match="name=0 or name=1"):
+        paro_attention_triton(q, q, q)
+    monkeypatch.setenv("PARO_KERNEL_VARIANT", "bogus=1")
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        paro_attention_triton(q, q, q)
 
 
 def test_exp2_mode_default_and_validation(monkeypatch):
