@@ -60,6 +60,7 @@ SPARSE_CONFIGS = [(64, 4, 3), (64, 4, 2)]
 KERNEL_VARIANTS = {
     "fp8 unfused": ("fp8", 0, {"fused_softmax": False}),
     "fp8": ("fp8", 0, {}),
+    "fp8 no-prefetch": ("fp8", 0, {"prefetch_qk": False}),
     "fp8 ftz": ("fp8", 3, {}),
     "fp8 ftz ws": ("fp8", 3, {"warp_specialize": True}),
     "int8 ftz": ("int8", 3, {}),

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from paro_compile.kernels import tuning
-from paro_compile.kernels.prologue import V_MODES, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
+from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -432,7 +432,7 @@ def paro_attention_triton(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
-    dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
+    dummy = dummy_tensor(q.device, torch.int32)
     perm_arg = perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None else None
     p_log2 = {"fp8": math.log2(448.0), "int8": math.log2(127.0), "fp16": 0.0}[pv_dtype]
     interp = q.device.type == "cpu"
@@ -453,7 +453,8 @@ def paro_attention_triton(
         EXP2_MODE=int(exp2_mode),
         FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
         WARP_SPEC=bool(knobs["warp_specialize"]) and not interp,
-        PREFETCH_QK=bool(knobs["prefetch_qk"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
+        PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"]))
+        and qk_bits == 8 and bool(knobs["fused_softmax"]),
     )
 
     def grid(cfg):
@@ -501,9 +502,11 @@ def variant_from_env() -> dict:
 # magic-number scores (one FFMA per element; INT8/INT4 QKᵀ only); p_round_int = bf16 P (pv "fp16"
 # with bf16 V) rounded with integer ops instead of cvt; warp_specialize = Triton's warp
 # specialization of the KV loop (ignored under the interpreter); prefetch_qk = issue the next block's
-# INT8 QKᵀ before the current softmax (qk_bits 8 with fused_softmax only).
+# INT8 QKᵀ before the current softmax (qk_bits 8 with fused_softmax only; None = for dense masks only:
+# on the H100 it took the CogVideoX dense call from 17.80 to 16.88 ms but slowed density 0.2 from 4.17
+# to 4.64 ms, where the next block index is a dependent load).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
-                           "prefetch_qk": False}
+                           "prefetch_qk": None}
 
 
 def last_launch_info() -> dict:

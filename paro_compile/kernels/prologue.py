@@ -24,8 +24,9 @@ folded into the loads (no permuted copy of the inputs is ever materialised). Row
 - V is stored transposed (token axis contiguous) because Hopper's 8-bit wgmma wants its B operand
   K-major: ``tl.dot(p, tl.trans(vt_tile))`` then needs no layout conversion.
 
-Two launches: a small reduction (per-(b, h) channel sums of K for the smoothing mean and channel
-amax of V, split over token chunks, then summed in torch), and the fused quantization pass.
+Three launches: a reduction (per-(b, h) channel sums of K for the smoothing mean and channel amax
+of V, split over token chunks), a tiny one that turns the chunk partials into K's mean and V's
+scale, and the fused quantization pass.
 Rounding: values are multiplied by the IEEE reciprocal of their scale (`tl.math.div_rn(1, scale)`
 once per block or channel, then one multiply per element, as the reference does in torch: an
 element-wise correctly rounded division costs ~10 instructions); integer rounding is half away from
@@ -152,6 +153,38 @@ def _stats_kernel(
 
 
 @triton.jit
+def _stats_finalize_kernel(KSUM, VAMAX, KMEAN, VSCALE, NCHUNKS, n_tokens, v_qmax,
+                           D: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr):
+    """Per (b, h): K's channel mean from the chunk sums, V's per-channel scale amax / qmax (1 where
+    amax is 0) from the chunk maxima. One launch instead of ~6 small torch ops per call."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    ksum = tl.zeros([D], dtype=tl.float32)
+    vamax = tl.zeros([D], dtype=tl.float32)
+    for c in range(0, NCHUNKS):
+        if NEED_K:
+            ksum += tl.load(KSUM + (pid_bh * NCHUNKS + c) * D + offs_d)
+        if NEED_V:
+            vamax = tl.maximum(vamax, tl.load(VAMAX + (pid_bh * NCHUNKS + c) * D + offs_d))
+    if NEED_K:
+        tl.store(KMEAN + pid_bh * D + offs_d, tl.math.div_rn(ksum, n_tokens))
+    if NEED_V:
+        tl.store(VSCALE + pid_bh * D + offs_d, tl.where(vamax > 0, tl.math.div_rn(vamax, v_qmax), 1.0))
+
+
+_DUMMIES: dict = {}
+
+
+def dummy_tensor(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 1-element tensor for pointer arguments a kernel never reads (no allocation per call)."""
+    key = (str(device), dtype)
+    hit = _DUMMIES.get(key)
+    if hit is None:
+        hit = _DUMMIES[key] = torch.zeros(1, device=device, dtype=dtype)
+    return hit
+
+
+@triton.jit
 def _load_rows(X, base, src, rmask, offs_d, sxn, sxd):
     return tl.load(X + base + src[:, None] * sxn + offs_d[None, :] * sxd, mask=rmask[:, None], other=0.0).to(tl.float32)
 
@@ -253,27 +286,34 @@ def _prologue_kernel(
                 tl.store(dst, y.to(tl.int8))
 
 
-def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool):
+def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool, v_qmax: float):
+    """(K channel mean [B·H, D] or None, V per-channel scale [B·H, D] or None)."""
     bsz, heads, n, d = k.shape
     block_t = 64
     # ~16 programs per SM (a memory-bound pass needs many loads in flight), at least 1 chunk per (b, h);
-    # chunk a multiple of block_t. The partial sums are reduced by torch afterwards.
+    # chunk a multiple of block_t. A second tiny launch reduces the chunk partials.
     target = max(1, min(256, (16 * 132) // max(1, bsz * heads)))
     chunk = triton.cdiv(triton.cdiv(n, target), block_t) * block_t
     nchunks = triton.cdiv(n, chunk)
     dev = k.device
-    ksum = torch.empty(bsz * heads, nchunks, d, device=dev, dtype=torch.float32) if need_k else None
-    vamax = torch.empty(bsz * heads, nchunks, d, device=dev, dtype=torch.float32) if need_v else None
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
-    _stats_kernel[(nchunks, bsz * heads)](
-        k, v, ksum if need_k else dummy, vamax if need_v else dummy,
+    bh = bsz * heads
+    dummy = dummy_tensor(dev, torch.float32)
+    ksum = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
+    vamax = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_v else dummy
+    _stats_kernel[(nchunks, bh)](
+        k, v, ksum, vamax,
         n, heads, chunk,
         *k.stride(), *v.stride(),
         D=d, BLOCK_T=block_t, NEED_K=need_k, NEED_V=need_v, num_warps=4,
     )
-    kmean = ksum.sum(1) / n if need_k else None
-    vmax = vamax.amax(1) if need_v else None
-    return kmean, vmax
+    kmean = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_k else None
+    v_scale = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_v else None
+    if need_k or need_v:
+        _stats_finalize_kernel[(bh,)](
+            ksum, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, float(n), v_qmax,
+            D=d, NEED_K=need_k, NEED_V=need_v, num_warps=1,
+        )
+    return kmean, v_scale
 
 
 def paro_prologue(
@@ -307,14 +347,12 @@ def paro_prologue(
         if tuple(perm.shape) != (heads, n):
             raise ValueError(f"perm must have shape ({heads}, {n}), got {tuple(perm.shape)}")
 
-    kmean, vmax = _stats(k, v, need_k=qk_bits != 16, need_v=pv_dtype != "fp16")
+    v_qmax = FP8_MAX if pv_dtype == "fp8" else 127.0
+    kmean, v_scale = _stats(k, v, need_k=qk_bits != 16, need_v=pv_dtype != "fp16", v_qmax=v_qmax)
     if pv_dtype == "fp16":
         v_scale = torch.ones(bh, d, device=dev, dtype=torch.float32)
         v_store = v.dtype
     else:
-        qv = FP8_MAX if pv_dtype == "fp8" else 127.0
-        vmax = vmax.view(bh, d)
-        v_scale = torch.where(vmax > 0, vmax / qv, torch.ones_like(vmax))
         v_store = torch.float8_e4m3fn if pv_dtype == "fp8" else torch.int8
 
     if qk_bits == 16:
@@ -328,10 +366,10 @@ def paro_prologue(
     qs = torch.empty(bh, nqb, device=dev, dtype=torch.float32)
     ks = torch.empty(bh, nkb, device=dev, dtype=torch.float32)
     vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=v_store)
-    dummy = torch.zeros(1, device=dev, dtype=torch.float32)
+    dummy = dummy_tensor(dev, torch.float32)
     _prologue_kernel[(max(nqb, nkb), bh)](
         q, k, v, perm if perm is not None else dummy,
-        kmean.contiguous() if kmean is not None else dummy, v_scale,
+        kmean if kmean is not None else dummy, v_scale,
         qq, qs, kq, ks, vt,
         n, heads, nqb, nkb, q_mult,
         *q.stride(), *k.stride(), *v.stride(),
