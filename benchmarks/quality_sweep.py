@@ -9,6 +9,8 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
 2. ONE calibration run: `paro_compile.calibration.calibrate` on the 2 calibration prompts' own trajectories,
    every sampling step, with one step bucket per calibration timestep (explicit ``step_boundaries``). The
    statistics (`SiteStatistics` of every site) are kept.
+   One such calibration per block size used by the selected variants (``block`` option; the default 64, or
+   16 with ``--tiny``, as in quality.py), each run when its first variant needs it.
 3. Every variant's plan is then derived from those statistics with the library's own code
    (`SiteStatistics.build_site_plan` with the variant's options; per-step bucket masses summed into the
    variant's buckets, boundaries from `derive_step_boundaries`), i.e. the plan `calibrate(step_buckets=…,
@@ -25,6 +27,9 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
     python benchmarks/quality_sweep.py --out OUT                 # CPU (2 cores), ~30 min (2 prompts, 10 steps);
                                                                  # calibration ~5.5 min, the check another ~5.5 (--no-check)
     python benchmarks/quality_sweep.py --out OUT --tiny          # random tiny model, seconds (CI)
+    python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
+        --variants "baseline B=2 (quality.py),block=32 B=2,block=16 B=2,block=32 B=2 dense_steps=1"
+                                                                 # block-size variants only (one calibration per block size)
 Outputs: OUT/sweep.json, OUT/sweep.md (and the table on stdout).
 """
 from __future__ import annotations
@@ -71,7 +76,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 # variants: calibrate() options (+ the bisection knob)
 # ---------------------------------------------------------------------------------------------------
-BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2)
+BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
+            block=None)
+"""``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
+None = the run's default (64; 16 with --tiny)."""
 
 
 def variant_list(tiny: bool) -> list[dict]:
@@ -95,9 +103,17 @@ def variant_list(tiny: bool) -> list[dict]:
         dict(name="B=4 mass_threshold", step_buckets=4, mass_threshold=True),
         dict(name="B=1 mass_threshold", step_buckets=1, mass_threshold=True),
         dict(name="B=4 mass_threshold calib all", step_buckets=4, mass_threshold=True, calib_every=1),
+        # block size (finer blocks: more kv blocks per query row, so the same density can follow the mass more closely)
+        dict(name="block=32 B=2", block=32),
+        dict(name="block=32 B=2 dense_steps=1", block=32, dense_steps=1),
+        dict(name="block=16 B=2", block=16),
+        dict(name="block=16 B=2 dense_steps=1", block=16, dense_steps=1),
+        dict(name="dense (no plan) block=32", dense=True, block=32),  # quantization-block effect alone
+        dict(name="dense (no plan) block=16", dense=True, block=16),
+        dict(name="block=32 B=4 dense_steps=1", block=32, step_buckets=4, dense_steps=1),
     ]
-    if tiny:
-        keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold"}
+    if tiny:  # tiny runs at block 16 (80 tokens); block=32 there only exercises the per-block calibration path
+        keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold", "block=32 B=2"}
         v = [x for x in v if x["name"] in keep]
     return [{**BASE, **x} for x in v]
 
@@ -188,11 +204,14 @@ def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: in
             lo = mid
     knob, d, plan = best
     d, kept = step_weighted(plan, eval_ts)
+    first = next(iter(plan.sites.values()))
     info = {"knob": "mass_threshold" if var["mass_threshold"] else "density", "knob_value": knob,
             "achieved_density": d, "kept_mass": kept,
             "bucket_densities": [round(plan.overall_density(b), 4) for b in range(plan.num_buckets)],
             "step_boundaries": plan.step_boundaries,
-            "orders": sorted({o for s in plan.sites.values() for o in s.orders})}
+            "orders": sorted({o for s in plan.sites.values() for o in s.orders}),
+            "block": first.block_size, "num_blocks": first.num_blocks,  # kv blocks per query block row
+            "mandatory_density": float(C.mandatory_blocks(first.grid, first.block_size).float().mean())}  # diagonal + text floor
     if var["mass_threshold"]:  # spread of per-head densities: what the threshold reallocates
         per_head = torch.cat([s.block_masks.float().mean((-1, -2)).flatten() for s in plan.sites.values()])
         info["per_head_density_min_max"] = [round(float(per_head.min()), 4), round(float(per_head.max()), 4)]
@@ -234,19 +253,28 @@ def main(argv=None) -> dict:
     mid_t = float(mid["timestep"].reshape(-1)[0])
     eval_ts = [t * 1000.0 for t in fl.flow_times(steps)[:-1]]
 
-    # ---- one calibration run, per-step buckets ----
+    # ---- one calibration run per block size (per-step buckets), on first use ----
     calib_inputs: list[dict] = []
     fl.sample_video(model, fl.encode_prompts(Q.CALIB_PROMPTS, text_dim), steps=steps, seed=args.seed + 1, guidance=args.guidance,
                     on_call=lambda x: calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}))
-    t0 = time.perf_counter()
-    _, recorder, ts_desc = calibrate_per_step(model, calib_inputs, grid, block, target)
-    res["calibration_seconds"] = time.perf_counter() - t0
-    print(f"[sweep] calibration ({len(calib_inputs)} calls, per-step buckets) {res['calibration_seconds']:.1f}s", flush=True)
+    recorders: dict[int, tuple[Any, list[float]]] = {}
+    res["calibration_seconds"] = {}
+
+    def recorder_for(bs: int):
+        if bs not in recorders:
+            t0 = time.perf_counter()
+            _, rec, ts = calibrate_per_step(model, calib_inputs, grid, bs, target)
+            recorders[bs] = (rec, ts)
+            res["calibration_seconds"][bs] = time.perf_counter() - t0
+            print(f"[sweep] calibration block {bs} ({len(calib_inputs)} calls, per-step buckets) "
+                  f"{res['calibration_seconds'][bs]:.1f}s", flush=True)
+        return recorders[bs]
 
     # check: derived plan == direct calibrate(step_buckets=2) on the same (all) calls
     try:
         if args.no_check:
             raise RuntimeError("skipped (--no-check)")
+        recorder, ts_desc = recorder_for(block)
         torch._dynamo.reset()
         direct = C.calibrate(model, calib_inputs, density=target, grid=grid, block_size=block, step_buckets=2, progress=False)
         derived = derive_plan(recorder, ts_desc, step_buckets=2, dense_steps=0, density=target, alpha=C.DEFAULT_ALPHA,
@@ -260,13 +288,19 @@ def main(argv=None) -> dict:
     print(f"[sweep] derived-vs-direct calibrate() check: {res['check_direct']}", flush=True)
 
     wanted = None if args.variants == "all" else set(args.variants.split(","))
+    known = {v["name"] for v in variant_list(args.tiny)}
+    if wanted is not None and wanted - known:
+        print(f"[sweep] unknown variants ignored: {sorted(wanted - known)}", flush=True)
     longest = 0.0
     for var in variant_list(args.tiny):
         if wanted is not None and var["name"] not in wanted:
             continue
+        var = {**var, "block": var["block"] or block}
         entry = dict(var)
         elapsed = time.perf_counter() - t_start
-        if elapsed + longest > args.max_minutes * 60:
+        needs_calibration = not var.get("dense") and var["block"] not in recorders
+        expected = longest + (max(res["calibration_seconds"].values(), default=0.0) if needs_calibration else 0.0)
+        if elapsed + expected > args.max_minutes * 60:
             entry["skipped"] = f"time budget ({elapsed:.0f}s used)"
             res["variants"].append(entry)
             print(f"[sweep] skip {var['name']}", flush=True)
@@ -274,9 +308,11 @@ def main(argv=None) -> dict:
         t_var = time.perf_counter()
         try:
             plan = None
+            vblock = var["block"]
             if var.get("dense"):
                 entry.update(achieved_density=1.0, kept_mass=1.0)
             else:
+                recorder, ts_desc = recorder_for(vblock)
                 plan, info = matched_plan(recorder, ts_desc, eval_ts, var, target)
                 entry.update(info)
             state = {"call": 0, "bucket": 0}
@@ -288,7 +324,7 @@ def main(argv=None) -> dict:
                 sid = sids[state["call"] % len(sids)]
                 state["call"] += 1
                 site_plan = plan.sites.get(sid) if plan is not None else None
-                return Q.paro_site_attention(query, key, value, scale, site_plan, state["bucket"], qk_bits, pv_dtype, args.impl, block)
+                return Q.paro_site_attention(query, key, value, scale, site_plan, state["bucket"], qk_bits, pv_dtype, args.impl, vblock)
 
             with Q.patched_sdpa(eager_paro):
                 lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
@@ -297,7 +333,7 @@ def main(argv=None) -> dict:
             bucket = plan.bucket_for_timestep(mid_t) if plan is not None else 0
             for i, ((q, k, v, s), r) in enumerate(zip(captured, fp32_ref)):
                 sp = plan.sites.get(sids[i]) if plan is not None else None
-                errs.append(Q.rel_l2(Q.paro_site_attention(q, k, v, s, sp, bucket, qk_bits, pv_dtype, args.impl, block).float(), r))
+                errs.append(Q.rel_l2(Q.paro_site_attention(q, k, v, s, sp, bucket, qk_bits, pv_dtype, args.impl, vblock).float(), r))
             entry["attn_rel_l2_mid"] = sum(errs) / len(errs)
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"
@@ -307,7 +343,7 @@ def main(argv=None) -> dict:
         longest = max(longest, entry["seconds"])
         res["variants"].append(entry)
         if "psnr" in entry:
-            print(f"[sweep] {var['name']:32s} dens {entry['achieved_density']:.4f} kept {entry['kept_mass']:.3f} "
+            print(f"[sweep] {var['name']:32s} block {var['block']} dens {entry['achieved_density']:.4f} kept {entry['kept_mass']:.3f} "
                   f"PSNR {entry['psnr']:6.2f} SSIM {entry['ssim']:.4f} cos {entry['cosine']:.5f} "
                   f"attn {entry['attn_rel_l2_mid']:.4f} ({entry['seconds']:.0f}s)", flush=True)
         (out / "sweep.json").write_text(json.dumps(res, indent=2, default=str))
@@ -320,16 +356,17 @@ def main(argv=None) -> dict:
           f"Density = step-weighted mean over the {steps} evaluation steps (dense steps count 1.0), matched by bisection on "
           "the knob. kept = calibration attention mass kept by the masks (step-weighted). attn = rel-L2 of attention "
           f"vs fp32 SDPA at step {steps // 2} (mean over layers).", "",
-          "| variant | knob | achieved density | bucket densities | kept mass | PSNR dB | SSIM | cosine | attn rel-L2 |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| variant | block | knob | achieved density | bucket densities | kept mass | PSNR dB | SSIM | cosine | attn rel-L2 |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in res["variants"]:
         if "psnr" in v:
             knob = f"{v['knob']}={v['knob_value']:.4f}" if "knob" in v else "-"
-            md.append(f"| {v['name']} | {knob} | {v['achieved_density']:.4f} | {v.get('bucket_densities', '-')} | {v['kept_mass']:.3f} | "
+            md.append(f"| {v['name']} | {v['block']} | {knob} | {v['achieved_density']:.4f} | {v.get('bucket_densities', '-')} | {v['kept_mass']:.3f} | "
                       f"{v['psnr']:.2f} | {v['ssim']:.4f} | {v['cosine']:.5f} | {v['attn_rel_l2_mid']:.4f} |")
         else:
-            md.append(f"| {v['name']} | {v.get('skipped') or 'ERROR ' + v.get('error', '')[:100]} | | | | | | | |")
-    md += ["", f"FP generation {res['fp_seconds']:.1f}s; calibration {res['calibration_seconds']:.1f}s; total {res['total_seconds']:.0f}s; "
+            md.append(f"| {v['name']} | {v['block']} | {v.get('skipped') or 'ERROR ' + v.get('error', '')[:100]} | | | | | | | |")
+    calib_s = ", ".join(f"block {b}: {t:.1f}s" for b, t in res["calibration_seconds"].items()) or "none"
+    md += ["", f"FP generation {res['fp_seconds']:.1f}s; calibration {calib_s}; total {res['total_seconds']:.0f}s; "
            f"derived-vs-direct check {res.get('check_direct')}", ""]
     (out / "sweep.md").write_text("\n".join(md))
     print("\n".join(md), flush=True)
