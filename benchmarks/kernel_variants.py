@@ -69,6 +69,7 @@ KERNEL_VARIANTS = {
     "fp8 poly-half": ("fp8", 2, {}),
     "fp8 prefetch": ("fp8", 0, {"prefetch_qk": True}),
     "bf16 prefetch": ("fp16", 0, {"prefetch_qk": True}),
+    "bf16": ("fp16", 0, {}),
 }
 
 

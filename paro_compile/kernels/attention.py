@@ -213,16 +213,22 @@ def _attn_fwd(
     # PREFETCH_QK (INT8 QKᵀ, fused softmax): QKᵀ of the next kept block is issued before the softmax of
     # the current one, so the tensor cores can work while the softmax runs (FA3's intra-warpgroup
     # overlap, left to Triton's async wgmma). The last iteration recomputes its own block (unused).
+    # Sparse masks carry the kept-block indices one and two steps ahead (j_cur, j_nxt) so no index load
+    # sits between one QKᵀ issue and the next.
     if PREFETCH_QK:
         if DENSE:
             j_first = 0
         else:
             j_first = tl.load(idx_base, mask=count > 0, other=0)
+            j_cur = j_first
+            j_nxt = tl.load(idx_base + tl.minimum(1, count - 1), mask=count > 0, other=0)
         k_first = tl.load(KQ + (kbase + j_first * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
         qk_next = tl.dot(q, tl.trans(k_first), out_dtype=tl.int32)
     for s in tl.range(0, count, warp_specialize=WARP_SPEC):
         if DENSE:
             j = s
+        elif PREFETCH_QK:
+            j = j_cur
         else:
             j = tl.load(idx_base + s)
         rows_k = j * BLOCK_N + rn
@@ -235,11 +241,12 @@ def _attn_fwd(
                 qk_i = tl.dot(q_hi, tl.trans(k_hi), qk_i, out_dtype=tl.int32)
             elif PREFETCH_QK:
                 qk_i = qk_next
-                s_next = tl.minimum(s + 1, count - 1)
                 if DENSE:
-                    j_next = s_next
+                    j_next = tl.minimum(s + 1, count - 1)
                 else:
-                    j_next = tl.load(idx_base + s_next)
+                    j_next = j_nxt
+                    j_cur = j_nxt
+                    j_nxt = tl.load(idx_base + tl.minimum(s + 2, count - 1))
                 k_nx = tl.load(KQ + (kbase + j_next * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
                 qk_next = tl.dot(q, tl.trans(k_nx), out_dtype=tl.int32)
             else:
