@@ -447,7 +447,10 @@ def paro_attention_triton(
     dot_f32 = interp and q.dtype == torch.bfloat16
     args = (
         pro.q, pro.q_scale, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
-        perm_arg if perm_arg is not None else dummy,
+        # An int64 placeholder, like a real perm: triton.autotune keys on argument dtypes, and a call with
+        # a per-head permutation must share the tuned config of the same call without one (the H100 times
+        # them equal; separate tunings picked configs up to 8 % apart and showed up as "fold overhead").
+        perm_arg if perm_arg is not None else dummy_tensor(q.device, torch.int64),
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
         n, heads, nqb, nkb, p_log2,
         *out.stride(),

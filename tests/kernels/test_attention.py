@@ -248,6 +248,9 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     tuning.forget()
     cfg = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
     assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"TILE_M": 128}, 8, 3)
+    # A call without a per-head permutation shares the winner (same speed; separate tunings drift apart).
+    cfg = tuning.select_config(FakeTuned, "cpu", args, dict(meta, HAS_PERM=False), interp=False)
+    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"TILE_M": 128}, 8, 3)
     monkeypatch.setenv("PARO_AUTOTUNE", "0")
     fixed = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
     assert fixed.kwargs["TILE_M"] == 64
