@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--profile", default=None,
+                        help="folder: write a torch.profiler kernel table of 2 calls per variant there")
     args = parser.parse_args()
 
     import paro_compile
@@ -154,6 +156,20 @@ def main() -> None:
         for _ in range(iters):
             for name, compiled in calls.items():
                 samples[name].append(timeit(lambda compiled=compiled: compiled(*inputs), 0, 1, cuda))
+    if args.profile:
+        from pathlib import Path
+
+        from torch.profiler import ProfilerActivity, profile
+
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        for name, compiled in calls.items():
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    compiled(*inputs)
+                torch.cuda.synchronize() if cuda else None
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=80)
+            (Path(args.profile) / f"fold_profile_{name}.txt").write_text(table)
     for name, values in samples.items():
         results[name + "_ms"] = statistics.median(values)
         results[name + "_samples_ms"] = [round(v, 4) for v in values]
