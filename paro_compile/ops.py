@@ -41,8 +41,13 @@ def paro_attention(
     block_m: int,
     block_n: int,
     impl: str,
+    density: float = -1.0,
 ) -> torch.Tensor:
-    """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order."""
+    """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order.
+
+    ``density`` (kept blocks / all blocks, known when the plan is lowered) picks the kernel's autotune
+    bucket without reading ``kv_counts`` back from the device; -1 = measure it (one host sync per new
+    mask tensor)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
@@ -58,7 +63,7 @@ def paro_attention(
             )
         from paro_compile.kernels.attention import paro_attention_triton
 
-        out = paro_attention_triton(q, k, v, **kwargs)
+        out = paro_attention_triton(q, k, v, density=density if density >= 0 else None, **kwargs)
     else:
         out = paro_attention_reference(q, k, v, **kwargs)
     # The fake impl promises a contiguous result; Inductor asserts the strides.
@@ -66,5 +71,6 @@ def paro_attention(
 
 
 @paro_attention.register_fake
-def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl):
+def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl,
+                         density=-1.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -79,6 +79,31 @@ def test_step_buckets_follow_the_timestep_without_recompiling():
 
 
 @torch.no_grad()
+def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch):
+    """With step buckets the CSR is selected on the device each call; the kernel must take the autotune
+    density from the plan (compile time), not by reading the selected counts back (a host sync per site)."""
+    from paro_compile.kernels import attention as kernel_module
+
+    def no_sync(kv_counts, nk):
+        assert kv_counts is None, "density measured on the device: a host sync per call"
+        return 100
+
+    monkeypatch.setattr(kernel_module, "_density_bucket", no_sync)
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    plan = random_plan(buckets=2)
+    compiled = torch.compile(model, backend="paro",
+                             options={**EXACT, "plan": plan, "fold_permutations": False, "impl": "triton"})
+    inputs = toy_inputs()
+    inputs["timestep"] = torch.full((1,), 300.0)
+    with PlannedAttention(plan, 1, qk_bits=16, pv_dtype="fp16"):
+        expected = model(**inputs)
+    torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
+    densities = [s.density for s in paro_compile.last_report().sites]
+    assert all(0 < d < 1 for d in densities)
+
+
+@torch.no_grad()
 def test_plan_for_other_shapes_is_refused():
     model = ToyVideoDiT().eval()
     plan = random_plan()

@@ -388,6 +388,7 @@ def paro_attention_triton(
     exp2_mode: Optional[int] = None,
     config: Optional[dict] = None,
     variant: Optional[dict] = None,
+    density: Optional[float] = None,
 ) -> torch.Tensor:
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
@@ -397,6 +398,8 @@ def paro_attention_triton(
     Modes 1/2 differ from the reference's torch.exp2 by ≤ 7.5e-5 relative in P before quantization.
     ``config`` (benchmarks): ``{"TILE_M", "num_warps", "num_stages"}`` launched as is, bypassing the
     autotuner and its cache; TILE_M must be block_m, or 2·block_m for a dense mask.
+    ``density`` (optional): the mask's kept fraction, for the autotune key; without it the kernel
+    counts ``kv_counts`` on the device and reads the result back (a sync, memoised per tensor).
     ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
     is its own compiled kernel and its own autotune cache entry.
     """
@@ -454,7 +457,8 @@ def paro_attention_triton(
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
         n, heads, nqb, nkb, p_log2,
         *out.stride(),
-        tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb),
+        tuning.n_bucket(n),
+        tuning.density_bucket(density) if density is not None and not dense else _density_bucket(None if dense else kv_counts, nkb),
     )
     meta = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],

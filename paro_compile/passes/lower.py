@@ -138,7 +138,8 @@ def lower_attention_sites(
             new = graph.call_function(
                 torch.ops.paro.attention.default,
                 (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
-                 config.qk_bits, config.pv_dtype, block, block, config.impl),
+                 config.qk_bits, config.pv_dtype, block, block, config.impl,
+                 record.density if counts_node is not None else -1.0),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
