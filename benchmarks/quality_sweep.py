@@ -30,6 +30,9 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
     python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
         --variants "baseline B=2 (quality.py),block=32 B=2,block=16 B=2,block=32 B=2 dense_steps=1"
                                                                  # block-size variants only (one calibration per block size)
+    python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
+        --variants "block=32 B=2 dense_steps=1,block=32 B=2 dense_steps=1 alloc=site,block=32 B=2 dense_steps=1 alloc=global"
+                                                                 # mass-ranked allocation across heads / sites
 Outputs: OUT/sweep.json, OUT/sweep.md (and the table on stdout).
 """
 from __future__ import annotations
@@ -67,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--numerics", default="int8/fp8", choices=sorted(Q.NUMERICS))
     p.add_argument("--impl", default="reference")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default="all", help="comma list of variant names (default all)")
+    p.add_argument("--variants", default="all", help="comma list of variant names, run in that order (default all)")
     p.add_argument("--no-check", action="store_true", help="skip the derived-vs-direct calibrate() check (a 2nd calibration run)")
     p.add_argument("--max-minutes", type=float, default=38.0, help="skip remaining variants past this wall time")
     return p.parse_args(argv)
@@ -77,9 +80,11 @@ def parse_args(argv=None):
 # variants: calibrate() options (+ the bisection knob)
 # ---------------------------------------------------------------------------------------------------
 BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
-            block=None)
+            block=None, allocation="uniform")
 """``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
-None = the run's default (64; 16 with --tiny)."""
+None = the run's default (64; 16 with --tiny). ``allocation``: calibrate(allocation=…): "uniform" (every head at the
+same density), "site" (blocks of all heads of a site ranked together by row-normalised mass), "global" (all heads
+of all sites ranked together; only the model average is matched)."""
 
 
 def variant_list(tiny: bool) -> list[dict]:
@@ -111,9 +116,19 @@ def variant_list(tiny: bool) -> list[dict]:
         dict(name="dense (no plan) block=32", dense=True, block=32),  # quantization-block effect alone
         dict(name="dense (no plan) block=16", dense=True, block=16),
         dict(name="block=32 B=4 dense_steps=1", block=32, step_buckets=4, dense_steps=1),
+        # kept-block budget allocated by calibrated mass across heads (site) or across heads and sites (global)
+        dict(name="B=2 alloc=site", allocation="site"),
+        dict(name="B=2 alloc=global", allocation="global"),
+        dict(name="B=2 dense_steps=1 alloc=site", dense_steps=1, allocation="site"),
+        dict(name="B=2 dense_steps=1 alloc=global", dense_steps=1, allocation="global"),
+        dict(name="block=32 B=2 alloc=site", block=32, allocation="site"),
+        dict(name="block=32 B=2 alloc=global", block=32, allocation="global"),
+        dict(name="block=32 B=2 dense_steps=1 alloc=site", block=32, dense_steps=1, allocation="site"),
+        dict(name="block=32 B=2 dense_steps=1 alloc=global", block=32, dense_steps=1, allocation="global"),
     ]
     if tiny:  # tiny runs at block 16 (80 tokens); block=32 there only exercises the per-block calibration path
-        keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold", "block=32 B=2"}
+        keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold", "block=32 B=2",
+                "B=2 alloc=global", "B=2 dense_steps=1 alloc=site"}
         v = [x for x in v if x["name"] in keep]
     return [{**BASE, **x} for x in v]
 
@@ -145,7 +160,7 @@ def calibrate_per_step(model, calib_inputs: list[dict], grid, block: int, densit
 
 
 def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: int, density: float, alpha: float,
-                mass_threshold: Optional[float], orders: str, calib_every: int) -> Plan:
+                mass_threshold: Optional[float], orders: str, calib_every: int, allocation: str = "uniform") -> Plan:
     """The plan calibrate() would build with these options from the recorder's per-step statistics."""
     used = list(range(0, len(ts_desc), max(1, calib_every)))  # calibration steps seen (quality.py: every n-th call)
     used_ts = [ts_desc[i] for i in used]
@@ -158,15 +173,18 @@ def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: in
     groups: list[list[int]] = [[] for _ in range(shell.num_buckets)]
     for i in used:
         groups[shell.bucket_for_timestep(ts_desc[i])].append(i)
-    sites = {}
+    derived, explicit = {}, {}
     for sid, stats in recorder.sites.items():
         s = copy.copy(stats)
-        s.options = dataclasses.replace(stats.options, density=float(density), alpha=float(alpha), mass_threshold=mass_threshold)
+        s.options = dataclasses.replace(stats.options, density=float(density), alpha=float(alpha), mass_threshold=mass_threshold,
+                                        allocation=allocation)
         s.num_buckets = len(groups)
         s.mass = [None if not g else torch.stack([stats.mass[i] for i in g if stats.mass[i] is not None]).sum(0) for g in groups]
         s.bucket_calls = [sum(stats.bucket_calls[i] for i in g) for g in groups]
-        explicit = [stats.grid.natural_order] * stats.heads if orders == "natural" else None
-        sites[sid] = s.build_site_plan(sid, dense_buckets=dense_buckets, orders=explicit)
+        derived[sid] = s
+        if orders == "natural":
+            explicit[sid] = [stats.grid.natural_order] * stats.heads
+    sites = C.build_site_plans(derived, dense_buckets=dense_buckets, orders=explicit)  # what Recorder.build_plan calls
     return Plan(sites=sites, step_boundaries=bounds, density=float(density), alpha=float(alpha))
 
 
@@ -183,7 +201,7 @@ def step_weighted(plan: Plan, eval_ts: list[float]) -> tuple[float, float]:
 def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: int = 22) -> tuple[Plan, dict]:
     """Bisection on the variant's knob (sparse-bucket density, or mass_threshold) to hit ``target`` average density."""
     common = dict(step_buckets=var["step_buckets"], dense_steps=var["dense_steps"], alpha=var["alpha"],
-                  orders=var["orders"], calib_every=var["calib_every"])
+                  orders=var["orders"], calib_every=var["calib_every"], allocation=var["allocation"])
 
     def build(x):
         if var["mass_threshold"]:
@@ -212,9 +230,12 @@ def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: in
             "orders": sorted({o for s in plan.sites.values() for o in s.orders}),
             "block": first.block_size, "num_blocks": first.num_blocks,  # kv blocks per query block row
             "mandatory_density": float(C.mandatory_blocks(first.grid, first.block_size).float().mean())}  # diagonal + text floor
-    if var["mass_threshold"]:  # spread of per-head densities: what the threshold reallocates
-        per_head = torch.cat([s.block_masks.float().mean((-1, -2)).flatten() for s in plan.sites.values()])
+    if var["mass_threshold"] or var["allocation"] != "uniform":  # spread of densities: what the threshold / allocation moves
+        sparse = [b for b in range(plan.num_buckets) if b not in first.dense_buckets]
+        per_head = torch.cat([s.block_masks[sparse].float().mean((-1, -2)).flatten() for s in plan.sites.values()])
+        per_site = [round(s.density(b), 4) for s in plan.sites.values() for b in sparse]
         info["per_head_density_min_max"] = [round(float(per_head.min()), 4), round(float(per_head.max()), 4)]
+        info["per_site_density_min_max"] = [min(per_site), max(per_site)]
     return plan, info
 
 
@@ -287,14 +308,15 @@ def main(argv=None) -> dict:
         res["check_direct"] = {"error": repr(error)}
     print(f"[sweep] derived-vs-direct calibrate() check: {res['check_direct']}", flush=True)
 
-    wanted = None if args.variants == "all" else set(args.variants.split(","))
+    wanted = None if args.variants == "all" else [w.strip() for w in args.variants.split(",") if w.strip()]
     known = {v["name"] for v in variant_list(args.tiny)}
-    if wanted is not None and wanted - known:
-        print(f"[sweep] unknown variants ignored: {sorted(wanted - known)}", flush=True)
+    if wanted is not None and set(wanted) - known:
+        print(f"[sweep] unknown variants ignored: {sorted(set(wanted) - known)}", flush=True)
+    selected = variant_list(args.tiny)
+    if wanted is not None:  # in the order given (the time budget skips the last ones first)
+        selected = sorted((v for v in selected if v["name"] in wanted), key=lambda v: wanted.index(v["name"]))
     longest = 0.0
-    for var in variant_list(args.tiny):
-        if wanted is not None and var["name"] not in wanted:
-            continue
+    for var in selected:
         var = {**var, "block": var["block"] or block}
         entry = dict(var)
         elapsed = time.perf_counter() - t_start

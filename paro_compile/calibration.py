@@ -43,8 +43,12 @@ ignore Psi completely (and double it on some heads). So 0.9: sparsity-led, Psi b
 
 Masks (`select_blocks`): per head, in the chosen order, blocks are ranked by calibration mass and kept
 until the target density (or, with ``mass_threshold``, until that share of the mass is kept); diagonal
-blocks and the blocks holding text rows or text columns are always kept. Step buckets: one mask set per
-range of timesteps (`Plan.step_boundaries`), optionally with dense first steps.
+blocks and the blocks holding text rows or text columns are always kept. ``allocation`` ("uniform" by
+default) moves that budget between heads: "site" ranks the blocks of all heads of a site together,
+"global" those of all sites of the model (`allocate_blocks`, on row-normalised mass: `row_normalized_mass`),
+so heads and sites with concentrated attention get fewer blocks and diffuse ones more, at the same
+average. Step buckets: one mask set per range of timesteps (`Plan.step_boundaries`), optionally with
+dense first steps.
 
 Model-level API: `calibrate(model, inputs_iter, ...)` compiles the model with its own Dynamo backend that
 replaces every supported SDPA site by `_observe_sdpa` (dense SDPA + statistics), runs the inputs eagerly
@@ -75,6 +79,7 @@ DEFAULT_ALPHA = 0.9
 DEFAULT_EPS = 1e-3
 DEFAULT_SIGMA = 0.9
 SPARSITY_METRICS = ("both", "paper", "mass")
+ALLOCATIONS = ("uniform", "site", "global")
 EMPTY_HEAD_POLICIES = ("keep", "minimal")
 CUDA_CHUNK_ELEMENTS = 2**27
 CPU_CHUNK_ELEMENTS = 2**22
@@ -97,7 +102,17 @@ class CalibrationOptions:
     alpha: float = DEFAULT_ALPHA
     block_size: int = 64
     mass_threshold: Optional[float] = None
-    """Keep blocks until this share of the calibration mass is kept (per head) instead of a fixed density."""
+    """Keep blocks until this share of the calibration mass is kept (per head; with ``allocation`` "site" /
+    "global": of the site's / model's row-normalised mass) instead of a fixed density."""
+    allocation: str = "uniform"
+    """How the kept-block budget of a step bucket is spread (mandatory diagonal/text blocks always kept):
+    "uniform" (default): every head of every site keeps ``ceil(density · nb²)`` blocks, its heaviest;
+    "site": the heaviest blocks of all heads of a site together, ``ceil(density · H · nb²)`` in all, so the
+    site's density is ``density`` but its heads' densities differ; "global": the heaviest blocks of all
+    heads of all sites (step bucket by step bucket), so only the model's block-weighted average density
+    (`Plan.overall_density`) is ``density``. Blocks are ranked by `row_normalized_mass` (each query row's
+    attention sums to 1, so rows of different heads, sites, call counts and batch sizes compare): this
+    maximises the summed kept attention share over all query rows and heads."""
     eps: float = DEFAULT_EPS
     sigma: float = DEFAULT_SIGMA
     sparsity_metric: str = "mass"
@@ -123,6 +138,8 @@ class CalibrationOptions:
             raise ValueError(f"mass_threshold must be in (0, 1], got {self.mass_threshold}")
         if self.sparsity_metric not in SPARSITY_METRICS:
             raise ValueError(f"sparsity_metric must be one of {SPARSITY_METRICS}, got {self.sparsity_metric!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.empty_heads not in EMPTY_HEAD_POLICIES:
             raise ValueError(f"empty_heads must be one of {EMPTY_HEAD_POLICIES}, got {self.empty_heads!r}")
         if self.block_size < 1:
@@ -174,6 +191,65 @@ def select_blocks(
         keep_count = torch.full(flat.shape[:-1], min(k, total), device=mass.device)
     keep_sorted = torch.arange(total, device=mass.device) < keep_count[..., None]
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(*lead, mq, nk)
+
+
+def row_normalized_mass(mass: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """[..., nb, nb] block mass → share of each query block row's attention, weighted by its valid rows.
+
+    Every query row's attention sums to 1 (per head and call), so ``mass[..., i, :]`` sums to
+    calls · batch · rows(i). Dividing by that row sum and multiplying by rows(i) / block_size gives every
+    block its mean attention share per query slot of the block: the last, partial query block counts for its
+    rows only, and maps accumulated over different call counts or batch sizes (other sites, buckets) compare.
+    The sum of the kept values over all blocks of all heads is the kept attention share summed over query
+    rows (/ block_size), the quantity `allocate_blocks` maximises.
+    """
+    nb = mass.shape[-2]
+    rows = torch.full((nb,), float(block_size), dtype=torch.float32, device=mass.device)
+    rows[-1] = seq_len - (nb - 1) * block_size
+    mass = mass.float()
+    row_sum = mass.sum(-1, keepdim=True)
+    share = torch.where(row_sum > 0, mass / row_sum.clamp_min(1e-30), torch.zeros_like(mass))
+    return share * (rows / block_size)[:, None]
+
+
+def allocate_blocks(
+    maps: list[torch.Tensor],
+    density: float,
+    mandatory: list[torch.Tensor],
+    mass_threshold: Optional[float] = None,
+) -> list[torch.Tensor]:
+    """Keep the heaviest blocks of several maps *together* → one bool mask per map.
+
+    maps[i]: [H_i, nb_i, nb_i] block scores (`row_normalized_mass`), mandatory[i]: bool [nb_i, nb_i] blocks every
+    head of map i keeps. The mandatory blocks of all maps are kept first (they count toward the budget); then
+    the remaining blocks of all maps are ranked together by score and kept until ``ceil(density · total
+    blocks)`` are kept, or, with ``mass_threshold``, until that share of the summed scores is kept. So each
+    map's (and head's) density follows its scores; only the overall density is ``density``. One map = the
+    per-site allocation. Memory: the concatenated scores (4 B/block) and their sort order (8 B/block).
+    """
+    if not maps:
+        return []
+    keys, values, sizes, n_mand = [], [], [], 0
+    for score, mand in zip(maps, mandatory):
+        score = score.float().cpu()
+        mand = mand.cpu().expand_as(score)
+        flat = score.reshape(-1)
+        values.append(flat)
+        keys.append(torch.where(mand.reshape(-1), torch.full_like(flat, math.inf), flat))
+        sizes.append(flat.numel())
+        n_mand += int(mand.sum())
+    key, value = torch.cat(keys), torch.cat(values)
+    total = key.numel()
+    order = key.argsort(descending=True, stable=True)
+    if mass_threshold is not None:
+        cum = value[order].cumsum(0) / value.sum().clamp_min(1e-30)
+        keep_count = int((cum < mass_threshold - 1e-7).sum()) + 1
+    else:
+        keep_count = math.ceil(float(density) * total - 1e-9)
+    keep_count = min(max(keep_count, n_mand, 1), total)
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[order[:keep_count]] = True
+    return [part.view(m.shape) for part, m in zip(keep.split(sizes), maps)]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -384,14 +460,24 @@ class SiteStatistics:
             raise CalibrationError("no attention call was observed for this site")
         return torch.stack(seen).sum(0)
 
+    def chosen_mass(self, bucket: int, orders: list[str]) -> torch.Tensor:
+        """[H, nb, nb] (float32, CPU) mass of ``bucket``, each head in its order of ``orders``."""
+        order_index = torch.tensor([self.orders.index(o) for o in orders])
+        return self.bucket_mass(bucket).float().cpu()[order_index, torch.arange(self.heads)]
+
     def build_site_plan(
         self,
         site_id: str = "site",
         *,
         dense_buckets: Iterable[int] = (),
         orders: Optional[list[str]] = None,
+        masks: Optional[Mapping[int, torch.Tensor]] = None,
     ) -> SitePlan:
-        """Choose orders, build the masks of every bucket and return the `SitePlan` (with a JSON report)."""
+        """Choose orders, build the masks of every bucket and return the `SitePlan` (with a JSON report).
+
+        ``masks``: {bucket: bool [H, nb, nb]} chosen elsewhere (``allocation="global"``: `build_site_plans`)
+        for those sparse buckets; the others follow ``options.allocation`` ("global" alone = "site").
+        """
         opts = self.options
         dense_buckets = sorted(set(int(b) for b in dense_buckets))
         orders = orders or self.choose_orders()
@@ -399,6 +485,7 @@ class SiteStatistics:
         heads = torch.arange(self.heads)
         empty = self.empty_heads()
         natural = self.orders.index(self.grid.natural_order) if self.grid.natural_order in self.orders else 0
+        given = dict(masks or {})
         masks, densities, kept, kept_per_head, natural_kept = [], [], [], [], []
         for bucket in range(self.num_buckets):
             mass = self.bucket_mass(bucket).float().cpu()
@@ -407,7 +494,13 @@ class SiteStatistics:
             if bucket in dense_buckets:
                 mask = torch.ones(self.heads, self.nb, self.nb, dtype=torch.bool)
             else:
-                mask = select_blocks(chosen_mass, opts.density, mandatory, opts.mass_threshold)
+                if bucket in given:
+                    mask = given[bucket].to(torch.bool).cpu().clone()
+                elif opts.allocation == "uniform":
+                    mask = select_blocks(chosen_mass, opts.density, mandatory, opts.mass_threshold)
+                else:
+                    score = row_normalized_mass(chosen_mass, self.seq_len, self.block_size)
+                    mask, = allocate_blocks([score], opts.density, [mandatory], opts.mass_threshold)
                 if opts.empty_heads == "minimal" and empty:
                     mask[empty] = mandatory
             natural_mask = select_blocks(mass[natural], opts.density, mandatory, opts.mass_threshold)
@@ -443,6 +536,39 @@ class SiteStatistics:
             dense_buckets=dense_buckets,
             stats=stats,
         )
+
+
+def build_site_plans(
+    statistics: Mapping[str, SiteStatistics],
+    *,
+    dense_buckets: Iterable[int] = (),
+    orders: Optional[Mapping[str, list[str]]] = None,
+) -> dict[str, SitePlan]:
+    """`SitePlan` of every site; with ``allocation="global"`` (options of the first site) the masks of each
+    sparse step bucket are allocated over all sites together (`allocate_blocks`), else per site."""
+    orders = dict(orders or {})
+    dense = {int(b) for b in dense_buckets}
+    if not statistics:
+        return {}
+    first = next(iter(statistics.values()))
+    if first.options.allocation != "global":
+        return {sid: stats.build_site_plan(sid, dense_buckets=dense, orders=orders.get(sid)) for sid, stats in statistics.items()}
+    num_buckets = {stats.num_buckets for stats in statistics.values()}
+    if len(num_buckets) != 1:
+        raise CalibrationError(f"allocation='global' needs the same step buckets at every site, got {sorted(num_buckets)}")
+    chosen = {sid: orders.get(sid) or stats.choose_orders() for sid, stats in statistics.items()}
+    given: dict[str, dict[int, torch.Tensor]] = {sid: {} for sid in statistics}
+    for bucket in range(num_buckets.pop()):
+        if bucket in dense:
+            continue
+        sids = list(statistics)
+        scores = [row_normalized_mass(statistics[s].chosen_mass(bucket, chosen[s]), statistics[s].seq_len,
+                                      statistics[s].block_size) for s in sids]
+        mandatory = [mandatory_blocks(statistics[s].grid, statistics[s].block_size) for s in sids]
+        for s, mask in zip(sids, allocate_blocks(scores, first.options.density, mandatory, first.options.mass_threshold)):
+            given[s][bucket] = mask
+    return {sid: stats.build_site_plan(sid, dense_buckets=dense, orders=chosen[sid], masks=given[sid])
+            for sid, stats in statistics.items()}
 
 
 def calibrate_site(
@@ -706,9 +832,7 @@ class Recorder:
         if not self.sites:
             reasons = "; ".join(f"{sid}: {', '.join(r)}" for sid, r in self.skipped.items()) or "no SDPA call found"
             raise CalibrationError(f"no supported attention site was observed ({reasons})")
-        sites = {}
-        for site_id, stats in self.sites.items():
-            sites[site_id] = stats.build_site_plan(site_id, dense_buckets=dense_buckets)
+        sites = build_site_plans(self.sites, dense_buckets=dense_buckets)
         return Plan(
             sites=sites,
             step_boundaries=list(step_boundaries),
@@ -805,6 +929,7 @@ def calibrate(
     timestep_arg: str = "timestep",
     block_size: int = 64,
     mass_threshold: Optional[float] = None,
+    allocation: str = "uniform",
     grid_for_site: Optional[GridHook] = None,
     text_position: str = "prefix",
     use_layout_pass: bool = True,
@@ -821,10 +946,16 @@ def calibrate(
     derived from the calibration timesteps (or given as ``step_boundaries``, descending). dense_steps: with
     derived boundaries, that many largest timesteps form an extra all-dense bucket 0; with explicit
     boundaries, any value > 0 makes bucket 0 dense.
+    allocation: how each sparse bucket's block budget is spread (`CalibrationOptions.allocation`):
+    "uniform" (default, every head keeps the same share ``density``), "site" (the heaviest blocks of all
+    heads of a site, by row-normalised calibration mass; each site at ``density``) or "global" (of all
+    heads of all sites; only the model's average density is ``density``). Diagonal and text blocks are
+    always kept.
     Other keyword options: `CalibrationOptions` fields (eps, sigma, sparsity_metric, chunk_rows,
     max_chunk_elements, empty_head_tol, empty_heads, stats_device, orders).
     """
-    opts = CalibrationOptions(density=density, alpha=alpha, block_size=block_size, mass_threshold=mass_threshold, **options)
+    opts = CalibrationOptions(density=density, alpha=alpha, block_size=block_size, mass_threshold=mass_threshold,
+                              allocation=allocation, **options)
     if step_buckets < 1:
         raise ValueError(f"step_buckets must be >= 1, got {step_buckets}")
     model = getattr(model, "_orig_mod", model)  # an already compiled module: calibrate the original
@@ -882,7 +1013,8 @@ def calibrate(
         if not calls:
             raise CalibrationError("inputs_iter yielded no calibration inputs")
         plan = recorder.build_plan(step_boundaries=boundaries, dense_buckets=dense_buckets, timestep_arg=timestep_arg,
-                                   fingerprint=model_fingerprint(model), meta={"calls": calls})
+                                   fingerprint=model_fingerprint(model),
+                                   meta={"calls": calls, **({"allocation": opts.allocation} if opts.allocation != "uniform" else {})})
     finally:
         recorder.close()
     if progress:

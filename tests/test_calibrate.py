@@ -10,12 +10,15 @@ from paro_compile.calibration import (
     CalibrationError,
     CalibrationOptions,
     SiteStatistics,
+    allocate_blocks,
+    build_site_plans,
     calibrate,
     calibrate_site,
     chunk_rows_for,
     derive_step_boundaries,
     infer_grid,
     mandatory_blocks,
+    row_normalized_mass,
     select_blocks,
     synthetic_qk,
 )
@@ -145,6 +148,74 @@ def test_select_blocks_density_threshold_and_mandatory():
     text_grid = TokenGrid(frames=None, height=4, width=8, text_tokens=20)  # text in blocks 0, 1 (block 16)
     mand = mandatory_blocks(text_grid, 16)
     assert bool(mand[:2].all() and mand[:, :2].all()) and not bool(mand[2, 3])
+
+
+def test_row_normalized_mass_and_allocate_blocks():
+    gen = torch.Generator().manual_seed(0)
+    mass = torch.rand(2, 5, 5, generator=gen) * 7.0
+    score = row_normalized_mass(mass, seq_len=4 * 8 + 3, block_size=8)  # last query block: 3 of 8 rows
+    torch.testing.assert_close(score.sum(-1), torch.tensor([1, 1, 1, 1, 3 / 8]).expand(2, 5))
+    # Two maps: a concentrated one (mass on few blocks) and a diffuse one; the budget goes to the heaviest blocks
+    # of both together, so the diffuse map gets more of it.
+    conc = torch.full((2, 10, 10), 1e-3)
+    conc[:, :, 0] = 1.0
+    diffuse = torch.rand(3, 10, 10, generator=gen) + 0.5
+    maps = [row_normalized_mass(m, 80, 8) for m in (conc, diffuse)]
+    mand = [torch.eye(10, dtype=torch.bool)] * 2
+    a, b = allocate_blocks(maps, 0.3, mand)
+    assert int(a.sum() + b.sum()) == math.ceil(0.3 * 500) and bool(a[:, mand[0]].all() and b[:, mand[1]].all())
+    assert int(a.sum()) == 2 * 19  # diagonal + column 0: nothing else is worth a block
+    kept_min = min(maps[0][a & ~mand[0]].min(), maps[1][b & ~mand[1]].min())
+    dropped_max = max(maps[0][~a].max(), maps[1][~b].max())
+    assert kept_min >= dropped_max  # one threshold over both maps
+    # One map = per-site allocation; mandatory blocks win over a tiny density; mass_threshold keeps a share.
+    only, = allocate_blocks([maps[1]], 0.01, [mand[1]])
+    assert torch.equal(only, mand[1].expand(3, 10, 10))
+    a, b = allocate_blocks(maps, 0.3, mand, mass_threshold=0.6)
+    kept = (maps[0] * a).sum() + (maps[1] * b).sum()
+    assert kept / (maps[0].sum() + maps[1].sum()) >= 0.6
+
+
+def test_allocation_site_and_global(qk):
+    q, k = qk
+    with pytest.raises(ValueError, match="allocation"):
+        CalibrationOptions(allocation="heads")
+    base = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK)
+    site = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK, allocation="site")
+    assert site.orders == base.orders
+    assert site.density() == pytest.approx(base.density(), abs=1e-3)  # same budget, spread over heads
+    per_head = site.block_masks[0].float().mean((-1, -2))
+    assert float(per_head.max() - per_head.min()) > 0.01  # heads no longer all at 0.2
+    assert bool(site.block_masks[0][:, mandatory_blocks(GRID, BLOCK)].all())
+    # Same budget, more of the (row-normalised) attention kept than uniform per-head selection.
+    stats = SiteStatistics(GRID, 4, CalibrationOptions(density=0.2, block_size=BLOCK))
+    stats.update(q, k)
+    score = row_normalized_mass(stats.chosen_mass(0, base.orders), GRID.num_tokens, BLOCK)
+    assert (score * site.block_masks[0]).sum() >= (score * base.block_masks[0]).sum()
+    # Global: two sites (sharp and blurred attention), the average density is the target, the diffuse site gets more.
+    def stats_for(scale, allocation):
+        st = SiteStatistics(GRID, 4, CalibrationOptions(density=0.2, block_size=BLOCK, allocation=allocation), num_buckets=2)
+        st.update(q * scale, k, bucket=0)
+        st.update(q * scale, k, bucket=1)
+        return st
+    for allocation in ("uniform", "site", "global"):
+        plans = build_site_plans({"sharp": stats_for(1.0, allocation), "blurred": stats_for(0.05, allocation)}, dense_buckets=[0])
+        assert bool(plans["sharp"].block_masks[0].all())  # dense bucket untouched
+        dens = {sid: p.density(1) for sid, p in plans.items()}
+        assert (dens["sharp"] + dens["blurred"]) / 2 == pytest.approx(0.2, abs=1e-3), (allocation, dens)
+        if allocation == "global":
+            assert dens["blurred"] > dens["sharp"] + 0.05, dens
+        else:
+            assert dens["blurred"] == pytest.approx(dens["sharp"], abs=1e-3), (allocation, dens)
+    # Through calibrate(): the default is unchanged, "global" is recorded in the plan's meta.
+    model = TinyModel()
+    inputs = model_inputs(qk)
+    default = calibrate(model, inputs, density=0.2, grid=GRID, block_size=BLOCK, progress=False)
+    for sid in default.sites:
+        assert torch.equal(default.sites[sid].block_masks[0], base.block_masks[0])
+    glob = calibrate(model, inputs, density=0.2, grid=GRID, block_size=BLOCK, allocation="global", progress=False)
+    assert glob.meta["allocation"] == "global" and "allocation" not in default.meta
+    assert glob.overall_density() == pytest.approx(default.overall_density(), abs=1e-3)
 
 
 def test_empty_heads_and_errors(qk):

@@ -629,12 +629,132 @@ def _grid_from(axes: str, fvals: list, text: int, position: str) -> Optional[Tok
     return TokenGrid(None, sizes[0], sizes[1], text, position)
 
 
+CONV2D_TARGETS = {torch.conv2d, torch.nn.functional.conv2d}
+
+
+def _static_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    shape = shape_of(node)
+    if shape is None or not all(getattr(s, "is_number", False) for s in shape):
+        return None
+    return tuple(int(s) for s in shape)
+
+
+def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
+    """Match the per-frame patch embedding of CogVideoX-style models, ending at ``source``:
+    ``conv2d(x [B·F, C, H, W], kernel = stride, no padding)`` → ``view(B, F, C', H', W')`` →
+    ``flatten(3)`` → ``transpose(2, 3)`` → ``flatten(1, 2)`` = tokens [B, F·H'·W', C'] (dim 1).
+    Every intermediate must have one user, and all shapes must be static."""
+    def method(node, name):
+        return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name and len(node.users) == 1
+
+    if dim != 1 or not (source.op == "call_method" and source.target == "flatten"):
+        return None
+    if tuple(source.args[1:3]) != (1, 2) and (len(source.args) < 2 or source.args[1] != 1 or source.kwargs.get("end_dim", 2) != 2):
+        return None
+    transpose = source.args[0]
+    if not method(transpose, "transpose") or tuple(transpose.args[1:]) != (2, 3):
+        return None
+    flat = transpose.args[0]
+    if not method(flat, "flatten") or tuple(flat.args[1:]) not in ((3,), (3, -1), (3, 4)):
+        return None
+    view = flat.args[0]
+    if not (isinstance(view, fx.Node) and view.op == "call_method" and view.target in ("view", "reshape")
+            and len(view.users) == 1):
+        return None
+    conv = view.args[0]
+    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in CONV2D_TARGETS
+            and len(conv.users) == 1 and not conv.kwargs):
+        return None
+    args = list(conv.args) + [None] * (7 - len(conv.args))
+    x, weight, bias, stride, padding, dilation, groups = args
+    stride = tuple(stride) if stride is not None else (1, 1)
+    padding = tuple(padding) if padding is not None else (0, 0)
+    dilation = tuple(dilation) if dilation is not None else (1, 1)
+    x_shape, w_shape, v_shape = _static_shape(x), _static_shape(weight), _static_shape(view)
+    if x_shape is None or w_shape is None or v_shape is None or len(v_shape) != 5 or len(x_shape) != 4:
+        return None
+    if isinstance(padding, str) or any(p != 0 for p in padding) or any(d != 1 for d in dilation):
+        return None
+    if tuple(w_shape[2:]) != stride:
+        return None  # patches must not overlap: each output pixel reads its own kernel-sized patch
+    b, f, c_out, h_out, w_out = v_shape
+    if x_shape[0] != b * f or x_shape[2] != h_out * stride[0] or x_shape[3] != w_out * stride[1]:
+        return None
+    return {"x": x, "weight": weight, "bias": bias, "stride": stride, "groups": groups if groups is not None else 1,
+            "conv": conv, "chain": [source, transpose, flat, view, conv], "b": b, "f": f, "c_in": x_shape[1],
+            "c_out": c_out, "sizes": {"F": f, "H": h_out, "W": w_out}}
+
+
+def fold_into_patch_conv(gm: fx.GraphModule, source: fx.Node, dim: int, axes: str, order: str) -> Optional[fx.Node]:
+    """Apply ``order`` to the *input* of a per-frame patch conv instead of to its output tokens.
+
+    The conv's output pixels are (conv batch, row, column); rearranging the latent so that these are the
+    three grid axes in ``order`` makes the conv emit the tokens already in that order:
+    ``x.view(B, F, C, H', p, W', q).permute(B, A1, C, A2, p, A3, q).reshape(B·A1, C, A2·p, A3·q)``.
+    That permutes the small latent (C input channels) instead of reading the C'-channel conv output
+    in a scattered token order (uncoalesced on the GPU: see docs/folding.md). Returns the new token
+    node, or None when the graph does not have that pattern (the caller then uses a layout permute)."""
+    if axes != "FHW" or sorted(order) != sorted(axes):
+        return None
+    match = _conv2d_patch_chain(source, dim)
+    if match is None:
+        return None
+    graph = gm.graph
+    b, f, c_in, c_out = match["b"], match["f"], match["c_in"], match["c_out"]
+    sizes = match["sizes"]
+    p, q = match["stride"]
+    x5_dim = {"F": 1, "H": 3, "W": 5}  # in x.view(B, F, C, H', p, W', q)
+    a1, a2, a3 = order
+    with graph.inserting_before(match["conv"]):
+        x5 = graph.call_method("view", (match["x"], b, f, c_in, sizes["H"], p, sizes["W"], q))
+        xp = graph.call_method("permute", (x5, 0, x5_dim[a1], 2, x5_dim[a2], 4, x5_dim[a3], 6))
+        x4 = graph.call_method("reshape", (xp, b * sizes[a1], c_in, sizes[a2] * p, sizes[a3] * q))
+        conv = graph.call_function(match["conv"].target, (x4, match["weight"], match["bias"], (p, q), (0, 0), (1, 1),
+                                                         match["groups"]))
+        y = graph.call_method("view", (conv, b, sizes[a1], c_out, sizes[a2] * sizes[a3]))
+        y = graph.call_method("transpose", (y, 2, 3))
+        tokens = graph.call_method("flatten", (y, 1, 2))
+    source.replace_all_uses_with(tokens)
+    for node in match["chain"]:
+        if not node.users:
+            graph.erase_node(node)
+    _propagate_fake_values(gm, [x5, xp, x4, conv, y.args[0], y, tokens])
+    return tokens
+
+
+def _propagate_fake_values(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Give new nodes the fake "example_value" later passes read shapes from (run on the fake inputs)."""
+    for node in nodes:
+        def value_of(a):
+            return fake_value(a) if isinstance(a, fx.Node) else a
+
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
+        first_val = args[0]
+        if first_val is None:
+            continue
+        fake_mode = getattr(first_val, "fake_mode", None)
+        from contextlib import nullcontext
+
+        with fake_mode if fake_mode is not None else nullcontext():
+            if node.op == "call_method":
+                out = getattr(first_val, node.target)(*args[1:], **kwargs)
+            else:
+                out = node.target(*args, **kwargs)
+        node.meta["example_value"] = out
+
+
 def apply_order(gm: fx.GraphModule, sites, analysis: Analysis, sources, axes: str, fvals, order: str, result: FoldResult) -> "Rewriter":
     """Phase 2: insert the layout permutes for ``order`` (mutates gm)."""
     rw = Rewriter(gm, order, axes, fvals)
     current: dict[fx.Node, fx.Node] = {}
     graph = gm.graph
     for node, dim in sources:
+        folded = fold_into_patch_conv(gm, node, dim, axes, order)
+        if folded is not None:
+            current[node] = folded
+            result.sources.append(f"conv2d input({folded.name})")
+            continue
         users = list(node.users)
         anchor = rw.last_placeholder if node.op == "placeholder" else node
         # insert after the anchor (and after any size nodes read from it)

@@ -304,7 +304,12 @@ def test_mixed_orders_add_no_kernels_per_layer(name, mixed, monkeypatch):
         assert [s.permutation for s in report.sites if s.lowered] == [expected] * 2, report.summary()
     ident, mix = _per_layer_ops(codes["identity"]), _per_layer_ops(codes["mixed"])
     assert len(ident) == len(mix) == 3  # before layer 0's attention, between the two, after the last
-    assert ident == mix, (ident, mix)
+    # Same kernels and extern calls everywhere. Allocations: the patch embed (segment 0) may hold one more
+    # small buffer when the order is folded into the conv's input (the permuted latent); Inductor then
+    # reuses it, so no later segment allocates more than with the identity order.
+    assert [m[:2] for m in mix] == [i[:2] for i in ident], (ident, mix)
+    assert mix[0][2] <= ident[0][2] + 1 and all(m[2] <= i[2] for m, i in zip(mix[1:], ident[1:])), (ident, mix)
+    assert sum(m[2] for m in mix) == sum(i[2] for i in ident), (ident, mix)
     count = lambda code: len(re.findall(r"async_compile\.(?:cpp|triton)", code))  # noqa: E731
     assert count(codes["identity"]) == count(codes["mixed"])
     token_gathers(codes["mixed"])  # the residual is applied by the kernel, not by a gather in the graph
@@ -323,3 +328,54 @@ def test_kernel_permutations_live_on_the_activation_device(monkeypatch):
     result = fold.fold_permutations(gm, sites, plan, ParoConfig(**EXACT))
     perms = [p for p in result.kernel_perms.values() if p is not None]
     assert perms and all(p.device.type == "meta" for p in perms)
+
+
+class FramePatchStack(nn.Module):
+    """CogVideoX-style tokens: a Conv2d patch embed per frame, view/flatten/transpose/flatten to tokens,
+    text prefix, two attention blocks, unpatchify (as benchmarks/bench_fold.py, tiny)."""
+
+    def __init__(self, dim=128, heads=2, channels=4, patch=2):
+        super().__init__()
+        self.heads, self.patch = heads, patch
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
+        self.text = nn.Linear(16, dim)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.out = nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, latent, text):
+        b, f, c, h, w = latent.shape
+        p = self.patch
+        v = self.proj(latent.reshape(-1, c, h, w)).view(b, f, -1, h // p, w // p).flatten(3).transpose(2, 3).flatten(1, 2)
+        x = torch.cat([self.text(text), v], dim=1)
+        for qkv in self.qkv:
+            n, d = x.shape[1], x.shape[2]
+            q, k, v_ = qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + F.scaled_dot_product_attention(q, k, v_).transpose(1, 2).reshape(b, n, d)
+        x = self.out(x[:, text.shape[1]:])
+        x = x.reshape(b, f, h // p, w // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, f, c, h, w)
+
+
+@pytest.mark.parametrize("order", ["".join(p) for p in itertools.permutations("FHW") if "".join(p) != "FHW"])
+def test_order_folds_into_the_patch_conv_input(order):
+    """The common order is applied to the conv's input latent (B = 2, so the batch/axis reshuffle is
+    exercised), the conv emits tokens already in the PARO order: exact output, no layout permute on the
+    conv output, zero gathers."""
+    torch.manual_seed(0)
+    model = FramePatchStack().eval()
+    inputs = {"latent": torch.randn(2, 3, 4, 8, 6), "text": torch.randn(2, 5, 16)}
+    grid = TokenGrid(3, 4, 3, 5)
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, grid, [order])
+    with torch.no_grad():
+        ref = model(**inputs)
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    lowered = [s for s in report.sites if s.lowered]
+    assert len(lowered) == 2 and report.gathers_left == 0
+    assert all(s.permutation.startswith("folded:conv2d input") for s in lowered), report.summary()
+    token_gathers(code)
+    folded = next(p["after"] for p in report.passes if p["name"] == "fold_permutations")
+    # the conv reads the rearranged latent; the only token-axis layout permute left is the unpatchify's inverse
+    assert re.search(r"conv2d\((reshape\w*)", folded), folded
+    assert folded.count("torch.unflatten(") == 1, folded
