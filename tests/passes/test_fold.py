@@ -330,30 +330,17 @@ def test_kernel_permutations_live_on_the_activation_device(monkeypatch):
     assert perms and all(p.device.type == "meta" for p in perms)
 
 
-class FramePatchStack(nn.Module):
-    """CogVideoX-style tokens: a Conv2d patch embed per frame, view/flatten/transpose/flatten to tokens,
-    text prefix, two attention blocks, unpatchify (as benchmarks/bench_fold.py, tiny)."""
+def _bench_fold_stack():
+    """benchmarks/bench_fold.py's `Stack`: CogVideoX-style Conv2d patch embed per frame → view/flatten/transpose/
+    flatten → text prefix → attention blocks → unpatchify."""
+    import importlib.util
+    from pathlib import Path
 
-    def __init__(self, dim=128, heads=2, channels=4, patch=2):
-        super().__init__()
-        self.heads, self.patch = heads, patch
-        self.proj = nn.Conv2d(channels, dim, patch, patch)
-        self.text = nn.Linear(16, dim)
-        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(2))
-        self.out = nn.Linear(dim, patch * patch * channels)
-
-    def forward(self, latent, text):
-        b, f, c, h, w = latent.shape
-        p = self.patch
-        v = self.proj(latent.reshape(-1, c, h, w)).view(b, f, -1, h // p, w // p).flatten(3).transpose(2, 3).flatten(1, 2)
-        x = torch.cat([self.text(text), v], dim=1)
-        for qkv in self.qkv:
-            n, d = x.shape[1], x.shape[2]
-            q, k, v_ = qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            x = x + F.scaled_dot_product_attention(q, k, v_).transpose(1, 2).reshape(b, n, d)
-        x = self.out(x[:, text.shape[1]:])
-        x = x.reshape(b, f, h // p, w // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, f, c, h, w)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fold.py"
+    spec = importlib.util.spec_from_file_location("bench_fold", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Stack
 
 
 @pytest.mark.parametrize("order", ["".join(p) for p in itertools.permutations("FHW") if "".join(p) != "FHW"])
@@ -362,7 +349,7 @@ def test_order_folds_into_the_patch_conv_input(order):
     exercised), the conv emits tokens already in the PARO order: exact output, no layout permute on the
     conv output, zero gathers."""
     torch.manual_seed(0)
-    model = FramePatchStack().eval()
+    model = _bench_fold_stack()(128, 2, 2, channels=4, text_dim=16).eval()
     inputs = {"latent": torch.randn(2, 3, 4, 8, 6), "text": torch.randn(2, 5, 16)}
     grid = TokenGrid(3, 4, 3, 5)
     gm, sites = capture(model, inputs)
