@@ -722,6 +722,51 @@ def fold_into_patch_conv(gm: fx.GraphModule, source: fx.Node, dim: int, axes: st
     return tokens
 
 
+CONV3D_TARGETS = {torch.conv3d, torch.nn.functional.conv3d}
+
+
+def fold_into_conv3d_input(gm: fx.GraphModule, source: fx.Node, dim: int, axes: str, order: str) -> Optional[fx.Node]:
+    """Wan / toy-DiT patch embed: ``conv3d(x [B, C, F, H, W]) → flatten(2)`` with tokens on dim 2.
+
+    A 3-D convolution commutes with permuting the input's spatial dims together with the kernel's
+    (and stride, padding, dilation), so permuting both into ``order`` makes the conv emit its tokens in
+    that order, reading the small latent instead of the wide conv output in a scattered order."""
+    if axes != "FHW" or sorted(order) != sorted(axes) or dim != 2:
+        return None
+    if not (source.op == "call_method" and source.target == "flatten" and not source.kwargs):
+        return None
+    if tuple(source.args[1:]) not in ((2,), (2, -1), (2, 4)):
+        return None
+    conv = source.args[0]
+    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in CONV3D_TARGETS
+            and len(conv.users) == 1 and not conv.kwargs):
+        return None
+    args = list(conv.args) + [None] * (7 - len(conv.args))
+    x, weight, bias, stride, padding, dilation, groups = args
+    if isinstance(padding, str) or _static_shape(x) is None or len(_static_shape(x)) != 5:
+        return None
+
+    def triple(value, default):
+        value = default if value is None else value
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+    spatial = [axes.index(a) for a in order]
+    dims = (0, 1, *(2 + i for i in spatial))
+    graph = gm.graph
+    with graph.inserting_before(conv):
+        xp = graph.call_method("permute", (x, *dims))
+        wp = graph.call_method("permute", (weight, *dims))
+        new_conv = graph.call_function(conv.target, (
+            xp, wp, bias, tuple(triple(stride, 1)[i] for i in spatial), tuple(triple(padding, 0)[i] for i in spatial),
+            tuple(triple(dilation, 1)[i] for i in spatial), groups if groups is not None else 1))
+        tokens = graph.call_method("flatten", (new_conv, 2))
+    source.replace_all_uses_with(tokens)
+    graph.erase_node(source)
+    graph.erase_node(conv)
+    _propagate_fake_values(gm, [xp, wp, new_conv, tokens])
+    return tokens
+
+
 def _propagate_fake_values(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Give new nodes the fake "example_value" later passes read shapes from (run on the fake inputs)."""
     for node in nodes:
@@ -751,9 +796,12 @@ def apply_order(gm: fx.GraphModule, sites, analysis: Analysis, sources, axes: st
     graph = gm.graph
     for node, dim in sources:
         folded = fold_into_patch_conv(gm, node, dim, axes, order)
+        kind = "conv2d"
+        if folded is None:
+            folded, kind = fold_into_conv3d_input(gm, node, dim, axes, order), "conv3d"
         if folded is not None:
             current[node] = folded
-            result.sources.append(f"conv2d input({folded.name})")
+            result.sources.append(f"{kind} input({folded.name})")
             continue
         users = list(node.users)
         anchor = rw.last_placeholder if node.op == "placeholder" else node

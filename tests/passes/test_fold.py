@@ -66,8 +66,10 @@ def test_toy_every_order_folds_exactly(order):
     out, code, report = compile_and_run(model, inputs, plan)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert report.gathers_left == 0
-    expected = "identity" if order == "FHW" else "folded:flatten(flatten)"
-    assert [s.permutation for s in report.sites] == [expected] * 2 or order == "FHW"
+    if order == "FHW":
+        assert [s.permutation for s in report.sites] == ["identity"] * 2
+    else:  # the order is applied to the Conv3d patch embed's input and kernel (see fold_into_conv3d_input)
+        assert all(s.permutation.startswith("folded:conv3d input(") for s in report.sites), report.summary()
     token_gathers(code)
     assert not re.search(r"_paro_\w*_perm", code) or order == "FHW"
     fold_pass = next(p for p in report.passes if p["name"] == "fold_permutations")
@@ -304,14 +306,15 @@ def test_mixed_orders_add_no_kernels_per_layer(name, mixed, monkeypatch):
         assert [s.permutation for s in report.sites if s.lowered] == [expected] * 2, report.summary()
     ident, mix = _per_layer_ops(codes["identity"]), _per_layer_ops(codes["mixed"])
     assert len(ident) == len(mix) == 3  # before layer 0's attention, between the two, after the last
-    # Same kernels and extern calls everywhere. Allocations: the patch embed (segment 0) may hold one more
-    # small buffer when the order is folded into the conv's input (the permuted latent); Inductor then
-    # reuses it, so no later segment allocates more than with the identity order.
-    assert [m[:2] for m in mix] == [i[:2] for i in ident], (ident, mix)
-    assert mix[0][2] <= ident[0][2] + 1 and all(m[2] <= i[2] for m, i in zip(mix[1:], ident[1:])), (ident, mix)
-    assert sum(m[2] for m in mix) == sum(i[2] for i in ident), (ident, mix)
+    # Per layer (segments 1, 2): the same kernels and extern calls, no more allocations. The patch embed
+    # (segment 0, once per call) may add one small copy and buffer when the order is folded into the conv's
+    # input: the permuted latent (Conv3d: its own copy kernel; Conv2d: fused into the existing layout copy).
+    assert [m[:2] for m in mix[1:]] == [i[:2] for i in ident[1:]], (ident, mix)
+    assert all(m[2] <= i[2] for m, i in zip(mix[1:], ident[1:])), (ident, mix)
+    assert mix[0][1] == ident[0][1] and ident[0][0] <= mix[0][0] <= ident[0][0] + 1, (ident, mix)
+    assert ident[0][2] <= mix[0][2] <= ident[0][2] + 1, (ident, mix)
     count = lambda code: len(re.findall(r"async_compile\.(?:cpp|triton)", code))  # noqa: E731
-    assert count(codes["identity"]) == count(codes["mixed"])
+    assert count(codes["identity"]) <= count(codes["mixed"]) <= count(codes["identity"]) + 1  # + the latent copy
     token_gathers(codes["mixed"])  # the residual is applied by the kernel, not by a gather in the graph
 
 
