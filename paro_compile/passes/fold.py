@@ -639,6 +639,15 @@ def _static_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return tuple(int(s) for s in shape)
 
 
+def _sole_conv_args(conv: Any, targets: set) -> Optional[list]:
+    """(x, weight, bias, stride, padding, dilation, groups) of a positional conv call whose only user is
+    the patchify chain; None for anything else (another op, keyword arguments, several users)."""
+    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in targets
+            and len(conv.users) == 1 and not conv.kwargs):
+        return None
+    return list(conv.args) + [None] * (7 - len(conv.args))
+
+
 def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
     """Match the per-frame patch embedding of CogVideoX-style models, ending at ``source``:
     ``conv2d(x [B·F, C, H, W], kernel = stride, no padding)`` → ``view(B, F, C', H', W')`` →
@@ -662,10 +671,9 @@ def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
             and len(view.users) == 1):
         return None
     conv = view.args[0]
-    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in CONV2D_TARGETS
-            and len(conv.users) == 1 and not conv.kwargs):
+    args = _sole_conv_args(conv, CONV2D_TARGETS)
+    if args is None:
         return None
-    args = list(conv.args) + [None] * (7 - len(conv.args))
     x, weight, bias, stride, padding, dilation, groups = args
     stride = tuple(stride) if stride is not None else (1, 1)
     padding = tuple(padding) if padding is not None else (0, 0)
@@ -738,10 +746,9 @@ def fold_into_conv3d_input(gm: fx.GraphModule, source: fx.Node, dim: int, axes: 
     if tuple(source.args[1:]) not in ((2,), (2, -1), (2, 4)):
         return None
     conv = source.args[0]
-    if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in CONV3D_TARGETS
-            and len(conv.users) == 1 and not conv.kwargs):
+    args = _sole_conv_args(conv, CONV3D_TARGETS)
+    if args is None:
         return None
-    args = list(conv.args) + [None] * (7 - len(conv.args))
     x, weight, bias, stride, padding, dilation, groups = args
     if isinstance(padding, str) or _static_shape(x) is None or len(_static_shape(x)) != 5:
         return None
