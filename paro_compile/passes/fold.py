@@ -698,7 +698,7 @@ def fold_into_patch_conv(gm: fx.GraphModule, source: fx.Node, dim: int, axes: st
 
     The conv's output pixels are (conv batch, row, column); rearranging the latent so that these are the
     three grid axes in ``order`` makes the conv emit the tokens already in that order:
-    ``x.view(B, F, C, H', p, W', q).permute(B, A1, C, A2, p, A3, q).reshape(B·A1, C, A2·p, A3·q)``.
+    ``x.reshape(B, F, C, H', p, W', q).permute(B, A1, C, A2, p, A3, q).reshape(B·A1, C, A2·p, A3·q)``.
     That permutes the small latent (C input channels) instead of reading the C'-channel conv output
     in a scattered token order (uncoalesced on the GPU: see docs/folding.md). Returns the new token
     node, or None when the graph does not have that pattern (the caller then uses a layout permute)."""
@@ -714,12 +714,13 @@ def fold_into_patch_conv(gm: fx.GraphModule, source: fx.Node, dim: int, axes: st
     x5_dim = {"F": 1, "H": 3, "W": 5}  # in x.view(B, F, C, H', p, W', q)
     a1, a2, a3 = order
     with graph.inserting_before(match["conv"]):
-        x5 = graph.call_method("view", (match["x"], b, f, c_in, sizes["H"], p, sizes["W"], q))
+        # reshape, not view: the conv input or output may come in another memory format (channels-last)
+        x5 = graph.call_method("reshape", (match["x"], b, f, c_in, sizes["H"], p, sizes["W"], q))
         xp = graph.call_method("permute", (x5, 0, x5_dim[a1], 2, x5_dim[a2], 4, x5_dim[a3], 6))
         x4 = graph.call_method("reshape", (xp, b * sizes[a1], c_in, sizes[a2] * p, sizes[a3] * q))
         conv = graph.call_function(match["conv"].target, (x4, match["weight"], match["bias"], (p, q), (0, 0), (1, 1),
                                                          match["groups"]))
-        y = graph.call_method("view", (conv, b, sizes[a1], c_out, sizes[a2] * sizes[a3]))
+        y = graph.call_method("reshape", (conv, b, sizes[a1], c_out, sizes[a2] * sizes[a3]))
         y = graph.call_method("transpose", (y, 2, 3))
         tokens = graph.call_method("flatten", (y, 1, 2))
     source.replace_all_uses_with(tokens)
