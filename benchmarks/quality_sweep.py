@@ -33,6 +33,9 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
     python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
         --variants "block=32 B=2 dense_steps=1,block=32 B=2 dense_steps=1 alloc=site,block=32 B=2 dense_steps=1 alloc=global"
                                                                  # mass-ranked allocation across heads / sites
+    python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
+        --variants "B=2 dense_steps=1 score=output,block=32 B=2 dense_steps=1 score=output,B=2 dense_steps=1"
+                                                                 # output-aware block ranking (calibrate(block_score="output"))
 Outputs: OUT/sweep.json, OUT/sweep.md (and the table on stdout).
 """
 from __future__ import annotations
@@ -80,11 +83,13 @@ def parse_args(argv=None):
 # variants: calibrate() options (+ the bisection knob)
 # ---------------------------------------------------------------------------------------------------
 BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
-            block=None, allocation="uniform")
+            block=None, allocation="uniform", block_score="mass")
 """``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
 None = the run's default (64; 16 with --tiny). ``allocation``: calibrate(allocation=…): "uniform" (every head at the
 same density), "site" (blocks of all heads of a site ranked together by row-normalised mass), "global" (all heads
-of all sites ranked together; only the model average is matched)."""
+of all sites ranked together; only the model average is matched). ``block_score``: calibrate(block_score=…): "mass"
+(blocks ranked by calibrated attention mass) or "output" (by the first-order output change of dropping them); a block
+size used by an "output" variant is calibrated with the output statistics (its mass statistics are the same)."""
 
 
 def variant_list(tiny: bool) -> list[dict]:
@@ -125,10 +130,15 @@ def variant_list(tiny: bool) -> list[dict]:
         dict(name="block=32 B=2 alloc=global", block=32, allocation="global"),
         dict(name="block=32 B=2 dense_steps=1 alloc=site", block=32, dense_steps=1, allocation="site"),
         dict(name="block=32 B=2 dense_steps=1 alloc=global", block=32, dense_steps=1, allocation="global"),
+        # output-aware block ranking (dropped mass × distance of the dropped values from the output)
+        dict(name="B=2 dense_steps=1 score=output", dense_steps=1, block_score="output"),
+        dict(name="block=32 B=2 dense_steps=1 score=output", block=32, dense_steps=1, block_score="output"),
+        dict(name="B=2 score=output", block_score="output"),
+        dict(name="block=32 B=2 score=output", block=32, block_score="output"),
     ]
     if tiny:  # tiny runs at block 16 (80 tokens); block=32 there only exercises the per-block calibration path
         keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold", "block=32 B=2",
-                "B=2 alloc=global", "B=2 dense_steps=1 alloc=site"}
+                "B=2 alloc=global", "B=2 dense_steps=1 alloc=site", "B=2 dense_steps=1 score=output"}
         v = [x for x in v if x["name"] in keep]
     return [{**BASE, **x} for x in v]
 
@@ -160,7 +170,8 @@ def calibrate_per_step(model, calib_inputs: list[dict], grid, block: int, densit
 
 
 def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: int, density: float, alpha: float,
-                mass_threshold: Optional[float], orders: str, calib_every: int, allocation: str = "uniform") -> Plan:
+                mass_threshold: Optional[float], orders: str, calib_every: int, allocation: str = "uniform",
+                block_score: str = "mass") -> Plan:
     """The plan calibrate() would build with these options from the recorder's per-step statistics."""
     used = list(range(0, len(ts_desc), max(1, calib_every)))  # calibration steps seen (quality.py: every n-th call)
     used_ts = [ts_desc[i] for i in used]
@@ -177,9 +188,12 @@ def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: in
     for sid, stats in recorder.sites.items():
         s = copy.copy(stats)
         s.options = dataclasses.replace(stats.options, density=float(density), alpha=float(alpha), mass_threshold=mass_threshold,
-                                        allocation=allocation)
+                                        allocation=allocation, block_score=block_score)
         s.num_buckets = len(groups)
         s.mass = [None if not g else torch.stack([stats.mass[i] for i in g if stats.mass[i] is not None]).sum(0) for g in groups]
+        s.output_score = [None if not g or stats.output_score[g[0]] is None
+                          else torch.stack([stats.output_score[i] for i in g if stats.output_score[i] is not None]).sum(0)
+                          for g in groups]
         s.bucket_calls = [sum(stats.bucket_calls[i] for i in g) for g in groups]
         derived[sid] = s
         if orders == "natural":
@@ -201,7 +215,8 @@ def step_weighted(plan: Plan, eval_ts: list[float]) -> tuple[float, float]:
 def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: int = 22) -> tuple[Plan, dict]:
     """Bisection on the variant's knob (sparse-bucket density, or mass_threshold) to hit ``target`` average density."""
     common = dict(step_buckets=var["step_buckets"], dense_steps=var["dense_steps"], alpha=var["alpha"],
-                  orders=var["orders"], calib_every=var["calib_every"], allocation=var["allocation"])
+                  orders=var["orders"], calib_every=var["calib_every"], allocation=var["allocation"],
+                  block_score=var["block_score"])
 
     def build(x):
         if var["mass_threshold"]:
@@ -278,16 +293,27 @@ def main(argv=None) -> dict:
     calib_inputs: list[dict] = []
     fl.sample_video(model, fl.encode_prompts(Q.CALIB_PROMPTS, text_dim), steps=steps, seed=args.seed + 1, guidance=args.guidance,
                     on_call=lambda x: calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}))
+    wanted = None if args.variants == "all" else [w.strip() for w in args.variants.split(",") if w.strip()]
+    known = {v["name"] for v in variant_list(args.tiny)}
+    if wanted is not None and set(wanted) - known:
+        print(f"[sweep] unknown variants ignored: {sorted(set(wanted) - known)}", flush=True)
+    selected = variant_list(args.tiny)
+    if wanted is not None:  # in the order given (the time budget skips the last ones first)
+        selected = sorted((v for v in selected if v["name"] in wanted), key=lambda v: wanted.index(v["name"]))
+    # block sizes whose calibration also collects the output-aware block scores (block_score="output" variants)
+    output_blocks = {v["block"] or block for v in selected if v["block_score"] == "output" and not v.get("dense")}
     recorders: dict[int, tuple[Any, list[float]]] = {}
     res["calibration_seconds"] = {}
 
     def recorder_for(bs: int):
         if bs not in recorders:
             t0 = time.perf_counter()
-            _, rec, ts = calibrate_per_step(model, calib_inputs, grid, bs, target)
+            _, rec, ts = calibrate_per_step(model, calib_inputs, grid, bs, target,
+                                            block_score="output" if bs in output_blocks else "mass")
             recorders[bs] = (rec, ts)
             res["calibration_seconds"][bs] = time.perf_counter() - t0
-            print(f"[sweep] calibration block {bs} ({len(calib_inputs)} calls, per-step buckets) "
+            print(f"[sweep] calibration block {bs} ({len(calib_inputs)} calls, per-step buckets"
+                  f"{', output scores' if bs in output_blocks else ''}) "
                   f"{res['calibration_seconds'][bs]:.1f}s", flush=True)
         return recorders[bs]
 
@@ -308,13 +334,6 @@ def main(argv=None) -> dict:
         res["check_direct"] = {"error": repr(error)}
     print(f"[sweep] derived-vs-direct calibrate() check: {res['check_direct']}", flush=True)
 
-    wanted = None if args.variants == "all" else [w.strip() for w in args.variants.split(",") if w.strip()]
-    known = {v["name"] for v in variant_list(args.tiny)}
-    if wanted is not None and set(wanted) - known:
-        print(f"[sweep] unknown variants ignored: {sorted(set(wanted) - known)}", flush=True)
-    selected = variant_list(args.tiny)
-    if wanted is not None:  # in the order given (the time budget skips the last ones first)
-        selected = sorted((v for v in selected if v["name"] in wanted), key=lambda v: wanted.index(v["name"]))
     longest = 0.0
     for var in selected:
         var = {**var, "block": var["block"] or block}

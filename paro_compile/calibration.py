@@ -47,7 +47,9 @@ blocks and the blocks holding text rows or text columns are always kept. ``alloc
 default) moves that budget between heads: "site" ranks the blocks of all heads of a site together,
 "global" those of all sites of the model (`allocate_blocks`, on row-normalised mass: `row_normalized_mass`),
 so heads and sites with concentrated attention get fewer blocks and diffuse ones more, at the same
-average. Step buckets: one mask set per range of timesteps (`Plan.step_boundaries`), optionally with
+average. ``block_score="output"`` ranks blocks instead by the first-order output change of dropping them
+(dropped probability mass × distance of the dropped values from the row's output, summed over query rows:
+one more [O, H, nb, nb] map, accumulated in the same chunked pass from P·V per key block). Step buckets: one mask set per range of timesteps (`Plan.step_boundaries`), optionally with
 dense first steps.
 
 Model-level API: `calibrate(model, inputs_iter, ...)` compiles the model with its own Dynamo backend that
@@ -80,6 +82,7 @@ DEFAULT_EPS = 1e-3
 DEFAULT_SIGMA = 0.9
 SPARSITY_METRICS = ("both", "paper", "mass")
 ALLOCATIONS = ("uniform", "site", "global")
+BLOCK_SCORES = ("mass", "output")
 EMPTY_HEAD_POLICIES = ("keep", "minimal")
 CUDA_CHUNK_ELEMENTS = 2**27
 CPU_CHUNK_ELEMENTS = 2**22
@@ -113,6 +116,14 @@ class CalibrationOptions:
     (`Plan.overall_density`) is ``density``. Blocks are ranked by `row_normalized_mass` (each query row's
     attention sums to 1, so rows of different heads, sites, call counts and batch sizes compare): this
     maximises the summed kept attention share over all query rows and heads."""
+    block_score: str = "mass"
+    """What ranks the blocks of a mask: "mass" (default: calibrated attention mass of the block) or "output"
+    (output-aware: the first-order change of the attention output that dropping the block causes,
+    ``score(i, j) = sum over query rows r of block i (and calls, batch) of || P_r(j) · o_r − sum_{c in j} P_rc v_c ||``
+    = ``P_r(j) · || o_r − vbar_r(j) ||`` with P_r(j) the row's probability mass in key block j, vbar_r(j) the
+    P-weighted mean of the block's values and o_r the row's output; accumulated in the same chunked pass,
+    no N×N map; needs v). A block whose values equal the output costs nothing to drop whatever its mass.
+    Only ranking changes: orders are still chosen by mass; uniform allocation only."""
     eps: float = DEFAULT_EPS
     sigma: float = DEFAULT_SIGMA
     sparsity_metric: str = "mass"
@@ -140,6 +151,10 @@ class CalibrationOptions:
             raise ValueError(f"sparsity_metric must be one of {SPARSITY_METRICS}, got {self.sparsity_metric!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.block_score not in BLOCK_SCORES:
+            raise ValueError(f"block_score must be one of {BLOCK_SCORES}, got {self.block_score!r}")
+        if self.block_score != "mass" and self.allocation != "uniform":
+            raise ValueError("block_score='output' supports allocation='uniform' only")
         if self.empty_heads not in EMPTY_HEAD_POLICIES:
             raise ValueError(f"empty_heads must be one of {EMPTY_HEAD_POLICIES}, got {self.empty_heads!r}")
         if self.block_size < 1:
@@ -296,6 +311,9 @@ class SiteStatistics:
         self.bucket_calls = [0] * self.num_buckets
         self.score_sums: dict[str, torch.Tensor] = {}
         self.mass: list[Optional[torch.Tensor]] = [None] * self.num_buckets
+        self.output_score: list[Optional[torch.Tensor]] = [None] * self.num_buckets
+        """[O, H, nb, nb] per bucket with ``block_score="output"``: summed first-order output change of dropping
+        each block (see `CalibrationOptions.block_score`)."""
         self.out_sq = torch.zeros(self.heads, dtype=torch.float64)
         self.out_count = 0
         self._tables: dict[str, Any] = {}
@@ -357,6 +375,12 @@ class SiteStatistics:
         small = torch.zeros(n_orders, heads, nb, nb, device=device)
         peak = torch.zeros(n_orders, heads, nb, nb, device=device)
         out_sq = torch.zeros(heads, device=device, dtype=torch.float64)
+        want_output = opts.block_score == "output"
+        if want_output and v is None:
+            raise CalibrationError("block_score='output' needs v in the statistics update")
+        out_score = torch.zeros(n_orders, heads, nb, nb, device=device) if want_output else None
+        v_blocks = ([v_ext.index_select(2, tab["key_index"][o]).view(bsz, heads, nb, bs, -1) for o in range(n_orders)]
+                    if want_output else None)  # values per key block under each order
 
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
@@ -365,11 +389,21 @@ class SiteStatistics:
             p[..., n] = -math.inf
             p.sub_(p.amax(-1, keepdim=True)).exp_()
             p.div_(p.sum(-1, keepdim=True))
+            out = None
             if v_ext is not None:
-                out_sq += torch.matmul(p, v_ext).double().pow_(2).sum((0, 2, 3))
+                out = torch.matmul(p, v_ext)  # [B, H, C, D]
+                out_sq += out.double().pow_(2).sum((0, 2, 3))
             for o in range(n_orders):
                 po = p.index_select(-1, tab["key_index"][o]).view(bsz, heads, rows, nb, bs)
-                row_mass = po.sum(-1).sum(0)  # [H, C, nb]
+                batch_mass = po.sum(-1)  # [B, H, C, nb]
+                row_mass = batch_mass.sum(0)  # [H, C, nb]
+                if want_output:
+                    # sum_{c in block j} P_rc v_c for every row r and key block j: [B, H, nb, C, D]
+                    part = torch.matmul(po.permute(0, 1, 3, 2, 4), v_blocks[o])
+                    part.sub_(batch_mass.permute(0, 1, 3, 2)[..., None] * out[:, :, None])
+                    err = torch.linalg.vector_norm(part, dim=-1).sum(0).transpose(1, 2)  # [H, C, nb]
+                    del part
+                    out_score[o].index_add_(1, tab["block_of"][o, start:stop], err)
                 row_max = po.amax(-1).amax(0)
                 row_small = (po < opts.eps).sum(-1, dtype=torch.float32).sum(0)
                 del po
@@ -394,6 +428,9 @@ class SiteStatistics:
             self.score_sums[name] = self.score_sums.get(name, torch.zeros_like(value)) + value
         mass = mass.to(stats_device)
         self.mass[bucket] = mass if self.mass[bucket] is None else self.mass[bucket] + mass
+        if out_score is not None:
+            out_score = out_score.to(stats_device)
+            self.output_score[bucket] = out_score if self.output_score[bucket] is None else self.output_score[bucket] + out_score
         self.out_sq += out_sq.cpu()
         self.out_count += bsz * n * (v.shape[-1] if v is not None else 0)
         self.calls += 1
@@ -460,6 +497,19 @@ class SiteStatistics:
             raise CalibrationError("no attention call was observed for this site")
         return torch.stack(seen).sum(0)
 
+    def bucket_block_score(self, bucket: int) -> torch.Tensor:
+        """[O, H, nb, nb] map that ranks the blocks of ``bucket``: its mass, or with ``block_score="output"`` its
+        accumulated output-change score (all calls' scores if the bucket saw none)."""
+        if self.options.block_score == "mass":
+            return self.bucket_mass(bucket)
+        if self.output_score[bucket] is not None:
+            return self.output_score[bucket]
+        seen = [m for m in self.output_score if m is not None]
+        if not seen:
+            raise CalibrationError("block_score='output': no output statistics were collected (calibrate with "
+                                   "block_score='output' and v)")
+        return torch.stack(seen).sum(0)
+
     def chosen_mass(self, bucket: int, orders: list[str]) -> torch.Tensor:
         """[H, nb, nb] (float32, CPU) mass of ``bucket``, each head in its order of ``orders``."""
         order_index = torch.tensor([self.orders.index(o) for o in orders])
@@ -497,7 +547,9 @@ class SiteStatistics:
                 if bucket in given:
                     mask = given[bucket].to(torch.bool).cpu().clone()
                 elif opts.allocation == "uniform":
-                    mask = select_blocks(chosen_mass, opts.density, mandatory, opts.mass_threshold)
+                    rank = chosen_mass if opts.block_score == "mass" else \
+                        self.bucket_block_score(bucket).float().cpu()[order_index, heads]
+                    mask = select_blocks(rank, opts.density, mandatory, opts.mass_threshold)
                 else:
                     score = row_normalized_mass(chosen_mass, self.seq_len, self.block_size)
                     mask, = allocate_blocks([score], opts.density, [mandatory], opts.mass_threshold)
@@ -930,6 +982,7 @@ def calibrate(
     block_size: int = 64,
     mass_threshold: Optional[float] = None,
     allocation: str = "uniform",
+    block_score: str = "mass",
     grid_for_site: Optional[GridHook] = None,
     text_position: str = "prefix",
     use_layout_pass: bool = True,
@@ -951,11 +1004,15 @@ def calibrate(
     heads of a site, by row-normalised calibration mass; each site at ``density``) or "global" (of all
     heads of all sites; only the model's average density is ``density``). Diagonal and text blocks are
     always kept.
+    block_score: what ranks the blocks (`CalibrationOptions.block_score`): "mass" (default, calibrated
+    attention mass) or "output" (output-aware: dropped probability mass times the distance of the dropped
+    values from the row's output, summed over query rows; uniform allocation only). Orders are chosen by mass
+    either way.
     Other keyword options: `CalibrationOptions` fields (eps, sigma, sparsity_metric, chunk_rows,
     max_chunk_elements, empty_head_tol, empty_heads, stats_device, orders).
     """
     opts = CalibrationOptions(density=density, alpha=alpha, block_size=block_size, mass_threshold=mass_threshold,
-                              allocation=allocation, **options)
+                              allocation=allocation, block_score=block_score, **options)
     if step_buckets < 1:
         raise ValueError(f"step_buckets must be >= 1, got {step_buckets}")
     model = getattr(model, "_orig_mod", model)  # an already compiled module: calibrate the original
@@ -1014,7 +1071,8 @@ def calibrate(
             raise CalibrationError("inputs_iter yielded no calibration inputs")
         plan = recorder.build_plan(step_boundaries=boundaries, dense_buckets=dense_buckets, timestep_arg=timestep_arg,
                                    fingerprint=model_fingerprint(model),
-                                   meta={"calls": calls, **({"allocation": opts.allocation} if opts.allocation != "uniform" else {})})
+                                   meta={"calls": calls, **({"allocation": opts.allocation} if opts.allocation != "uniform" else {}),
+                                         **({"block_score": opts.block_score} if opts.block_score != "mass" else {})})
     finally:
         recorder.close()
     if progress:

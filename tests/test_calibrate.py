@@ -330,3 +330,55 @@ def test_calibrate_unknown_layout_is_a_clear_error(qk):
         calibrate(TinyModel(), model_inputs(qk), grid=wrong, progress=False)
     with pytest.raises(CalibrationError, match="timestep"):
         calibrate(TinyModel(), [((qk[0], qk[1], qk[1]), {})], grid=GRID, step_buckets=2, progress=False)
+
+
+def test_block_score_output():
+    with pytest.raises(ValueError, match="block_score"):
+        CalibrationOptions(block_score="error")
+    with pytest.raises(ValueError, match="block_score"):
+        CalibrationOptions(block_score="output", allocation="global")
+    # Uniform attention (q = 0) over 4 key blocks of 8 tokens: every block has the same mass 1/4 for every row.
+    # Values: blocks 0 and 2 are 0 = the output (mean of all values), blocks 1 and 3 are +1 / -1. Dropping
+    # block 0 or 2 leaves the output unchanged, dropping 1 or 3 moves it: the output score ranks them apart.
+    grid = TokenGrid(frames=1, height=4, width=8)
+    n, bs, d = 32, 8, 4
+    q = torch.zeros(1, 1, n, d)
+    k = torch.randn(1, 1, n, d)
+    v = torch.zeros(1, 1, n, d)
+    v[:, :, 8:16] = 1.0
+    v[:, :, 24:32] = -1.0
+    opts = dict(block_size=bs, orders=[grid.natural_order], empty_head_tol=None)
+    stats = SiteStatistics(grid, 1, CalibrationOptions(density=0.5, block_score="output", **opts))
+    stats.update(q, k, v)
+    mass, score = stats.bucket_mass(0)[0, 0], stats.bucket_block_score(0)[0, 0]
+    torch.testing.assert_close(mass, torch.full((4, 4), 8 / 4))  # equal mass everywhere
+    torch.testing.assert_close(score[:, [0, 2]], torch.zeros(4, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score[:, [1, 3]], torch.full((4, 2), 8 * 0.25 * math.sqrt(d)))
+    mask = stats.build_site_plan().block_masks[0, 0]
+    assert int(mask.sum()) == 8 and bool(mask.diagonal().all())
+    off = mask & ~torch.eye(4, dtype=torch.bool)
+    assert not bool(off[:, [0, 2]].any())  # the free blocks are never kept off the diagonal
+    # The default ("mass") is unchanged and collects no output statistics.
+    plain = SiteStatistics(grid, 1, CalibrationOptions(density=0.5, **opts))
+    plain.update(q, k, v)
+    assert plain.output_score == [None] and torch.equal(plain.bucket_block_score(0), plain.bucket_mass(0))
+    # Random q, k, v, odd chunks, a partial tail block, several orders: equal to the dense formula
+    # sum_r || P_r(j) o_r - sum_{c in j} P_rc v_c || per (query block, key block).
+    grid = TokenGrid(frames=3, height=4, width=5, text_tokens=5)  # 65 tokens
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 65, 8, generator=gen) for _ in range(3))
+    stats = SiteStatistics(grid, 2, CalibrationOptions(block_size=16, block_score="output", chunk_rows=7))
+    stats.update(q, k, v)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
+    o = p @ v
+    for oi, order in enumerate(stats.orders):
+        perm = order_permutation(grid, order)
+        pp, vp, op = p[:, :, perm][:, :, :, perm], v[:, :, perm], o[:, :, perm]
+        ref = torch.zeros(2, 5, 5)
+        for j in range(5):
+            cols = slice(16 * j, 16 * (j + 1))
+            part = pp[..., cols] @ vp[:, :, cols]
+            err = (pp[..., cols].sum(-1, keepdim=True) * op - part).norm(dim=-1).sum(0)  # [H, N]
+            for i in range(5):
+                ref[:, i, j] = err[:, 16 * i: 16 * (i + 1)].sum(-1)
+        torch.testing.assert_close(stats.output_score[0][oi], ref, atol=1e-4, rtol=1e-4)
