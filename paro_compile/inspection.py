@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from paro_compile.report import CompileReport, SiteRecord
+from paro_compile.report import CompileReport, SiteFilters, SiteRecord
 
 SCHEMA_VERSION = 1
 ARTIFACT_NAME = "paro_graph_diff"
@@ -182,7 +182,7 @@ def graph_dict(report: CompileReport) -> dict[str, Any]:
 # The report
 # ------------------------------------------------------------------------------------------------------
 @dataclass
-class InspectionReport:
+class InspectionReport(SiteFilters):
     """Everything the paro backend did while compiling one model (one `CompileReport` per graph)."""
 
     reports: list[CompileReport]
@@ -197,14 +197,6 @@ class InspectionReport:
     @property
     def sites(self) -> list[SiteRecord]:
         return [s for r in self.reports for s in r.sites]
-
-    @property
-    def lowered(self) -> list[SiteRecord]:
-        return [s for s in self.sites if s.lowered]
-
-    @property
-    def fallbacks(self) -> list[SiteRecord]:
-        return [s for s in self.sites if not s.lowered]
 
     @property
     def diff(self) -> str:

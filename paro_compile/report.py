@@ -25,13 +25,10 @@ class SiteRecord:
     step_buckets: int = 1
 
 
-@dataclass
-class CompileReport:
-    graph_index: int
-    sites: list[SiteRecord] = field(default_factory=list)
-    gathers_left: int = 0
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    """Per pass: {"name", "before", "after"} (readable graph code), for the diff report."""
+class SiteFilters:
+    """`lowered` / `fallbacks` over ``self.sites`` (one graph's sites or a whole model's)."""
+
+    sites: list[SiteRecord]
 
     @property
     def lowered(self) -> list[SiteRecord]:
@@ -40,6 +37,15 @@ class CompileReport:
     @property
     def fallbacks(self) -> list[SiteRecord]:
         return [s for s in self.sites if not s.lowered]
+
+
+@dataclass
+class CompileReport(SiteFilters):
+    graph_index: int
+    sites: list[SiteRecord] = field(default_factory=list)
+    gathers_left: int = 0
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    """Per pass: {"name", "before", "after"} (readable graph code), for the diff report."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
