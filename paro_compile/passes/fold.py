@@ -19,6 +19,7 @@ Nothing here emits a gather: the residuals go to the attention kernel (its fused
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -639,13 +640,22 @@ def _static_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return tuple(int(s) for s in shape)
 
 
-def _sole_conv_args(conv: Any, targets: set) -> Optional[list]:
+def _sole_conv_args(conv: Any, targets: set, spatial: int) -> Optional[tuple]:
     """(x, weight, bias, stride, padding, dilation, groups) of a positional conv call whose only user is
-    the patchify chain; None for anything else (another op, keyword arguments, several users)."""
+    the patchify chain, with stride / dilation as ``spatial``-tuples, padding as a tuple (or the string
+    "same" / "valid") and groups an int, whichever way the call spelled them (``F.conv2d(x, w, b, 2)``
+    passes ints); None for anything else (another op, keyword arguments, several users)."""
     if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in targets
-            and len(conv.users) == 1 and not conv.kwargs):
+            and len(conv.users) == 1 and not conv.kwargs and len(conv.args) <= 7):
         return None
-    return list(conv.args) + [None] * (7 - len(conv.args))
+    x, weight, bias, stride, padding, dilation, groups = list(conv.args) + [None] * (7 - len(conv.args))
+
+    def per_dim(value, default):
+        value = default if value is None else value
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial
+
+    padding = padding if isinstance(padding, str) else per_dim(padding, 0)
+    return x, weight, bias, per_dim(stride, 1), padding, per_dim(dilation, 1), 1 if groups is None else groups
 
 
 def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
@@ -671,13 +681,10 @@ def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
             and len(view.users) == 1):
         return None
     conv = view.args[0]
-    args = _sole_conv_args(conv, CONV2D_TARGETS)
+    args = _sole_conv_args(conv, CONV2D_TARGETS, 2)
     if args is None:
         return None
     x, weight, bias, stride, padding, dilation, groups = args
-    stride = tuple(stride) if stride is not None else (1, 1)
-    padding = tuple(padding) if padding is not None else (0, 0)
-    dilation = tuple(dilation) if dilation is not None else (1, 1)
     x_shape, w_shape, v_shape = _static_shape(x), _static_shape(weight), _static_shape(view)
     if x_shape is None or w_shape is None or v_shape is None or len(v_shape) != 5 or len(x_shape) != 4:
         return None
@@ -688,7 +695,7 @@ def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
     b, f, c_out, h_out, w_out = v_shape
     if x_shape[0] != b * f or x_shape[2] != h_out * stride[0] or x_shape[3] != w_out * stride[1]:
         return None
-    return {"x": x, "weight": weight, "bias": bias, "stride": stride, "groups": groups if groups is not None else 1,
+    return {"x": x, "weight": weight, "bias": bias, "stride": stride, "groups": groups,
             "conv": conv, "chain": [source, transpose, flat, view, conv], "b": b, "f": f, "c_in": x_shape[1],
             "c_out": c_out, "sizes": {"F": f, "H": h_out, "W": w_out}}
 
@@ -727,7 +734,7 @@ def fold_into_patch_conv(gm: fx.GraphModule, source: fx.Node, dim: int, axes: st
     for node in match["chain"]:
         if not node.users:
             graph.erase_node(node)
-    _propagate_fake_values(gm, [x5, xp, x4, conv, y.args[0], y, tokens])
+    _propagate_fake_values([x5, xp, x4, conv, y.args[0], y, tokens])
     return tokens
 
 
@@ -747,17 +754,12 @@ def fold_into_conv3d_input(gm: fx.GraphModule, source: fx.Node, dim: int, axes: 
     if tuple(source.args[1:]) not in ((2,), (2, -1), (2, 4)):
         return None
     conv = source.args[0]
-    args = _sole_conv_args(conv, CONV3D_TARGETS)
+    args = _sole_conv_args(conv, CONV3D_TARGETS, 3)
     if args is None:
         return None
     x, weight, bias, stride, padding, dilation, groups = args
     if isinstance(padding, str) or _static_shape(x) is None or len(_static_shape(x)) != 5:
         return None
-
-    def triple(value, default):
-        value = default if value is None else value
-        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
-
     spatial = [axes.index(a) for a in order]
     dims = (0, 1, *(2 + i for i in spatial))
     graph = gm.graph
@@ -765,30 +767,28 @@ def fold_into_conv3d_input(gm: fx.GraphModule, source: fx.Node, dim: int, axes: 
         xp = graph.call_method("permute", (x, *dims))
         wp = graph.call_method("permute", (weight, *dims))
         new_conv = graph.call_function(conv.target, (
-            xp, wp, bias, tuple(triple(stride, 1)[i] for i in spatial), tuple(triple(padding, 0)[i] for i in spatial),
-            tuple(triple(dilation, 1)[i] for i in spatial), groups if groups is not None else 1))
+            xp, wp, bias, tuple(stride[i] for i in spatial), tuple(padding[i] for i in spatial),
+            tuple(dilation[i] for i in spatial), groups))
         tokens = graph.call_method("flatten", (new_conv, 2))
     source.replace_all_uses_with(tokens)
     graph.erase_node(source)
     graph.erase_node(conv)
-    _propagate_fake_values(gm, [xp, wp, new_conv, tokens])
+    _propagate_fake_values([xp, wp, new_conv, tokens])
     return tokens
 
 
-def _propagate_fake_values(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+def _propagate_fake_values(nodes: list[fx.Node]) -> None:
     """Give new nodes the fake "example_value" later passes read shapes from (run on the fake inputs)."""
-    for node in nodes:
-        def value_of(a):
-            return fake_value(a) if isinstance(a, fx.Node) else a
+    def value_of(a):
+        return fake_value(a) if isinstance(a, fx.Node) else a
 
+    for node in nodes:
         args = fx.node.map_arg(node.args, value_of)
         kwargs = fx.node.map_arg(node.kwargs, value_of)
         first_val = args[0]
         if first_val is None:
             continue
         fake_mode = getattr(first_val, "fake_mode", None)
-        from contextlib import nullcontext
-
         with fake_mode if fake_mode is not None else nullcontext():
             if node.op == "call_method":
                 out = getattr(first_val, node.target)(*args[1:], **kwargs)

@@ -369,3 +369,18 @@ def test_order_folds_into_the_patch_conv_input(order):
     # the conv reads the rearranged latent; the only token-axis layout permute left is the unpatchify's inverse
     assert re.search(r"conv2d\((reshape\w*)", folded), folded
     assert folded.count("torch.unflatten(") == 1, folded
+
+
+def test_conv_arguments_are_normalised_however_they_are_spelled():
+    """``F.conv2d(x, w, b, 2)`` passes the stride as an int; the patch-conv rules read it as (2, 2)."""
+    import torch.fx as fx
+
+    from paro_compile.passes.fold import CONV2D_TARGETS, CONV3D_TARGETS, _sole_conv_args
+
+    def patchify(x, w):
+        return torch.conv2d(x, w, None, 2) + 0
+
+    conv = next(n for n in fx.symbolic_trace(patchify).graph.nodes if n.target is torch.conv2d)
+    _, _, bias, stride, padding, dilation, groups = _sole_conv_args(conv, CONV2D_TARGETS, 2)
+    assert (bias, stride, padding, dilation, groups) == (None, (2, 2), (0, 0), (1, 1), 1)
+    assert _sole_conv_args(conv, CONV3D_TARGETS, 3) is None  # another op
