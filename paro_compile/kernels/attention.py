@@ -239,13 +239,13 @@ def _attn_fwd(
             j = tl.load(idx_base + s)
         rows_k = j * BLOCK_N + rn
         ks = tl.load(KS + pid_bh * NKB + j)
-        if FUSED_SOFTMAX and QK_BITS != 16:
-            # ---- S = Q Kᵀ kept as raw = 1.5·2^23 + qkᵀ (exact fp32 bits of an integer add) ----
-            if QK_BITS == 4:
-                k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
-                qk_i = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
-                qk_i = tl.dot(q_hi, tl.trans(k_hi), qk_i, out_dtype=tl.int32)
-            elif PREFETCH_QK:
+        # ---- S = Q Kᵀ: int32 for INT8/INT4, else in the input dtype ----
+        if QK_BITS == 4:
+            k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
+            qk_i = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
+            qk_i = tl.dot(q_hi, tl.trans(k_hi), qk_i, out_dtype=tl.int32)
+        elif QK_BITS == 8:
+            if PREFETCH_QK:
                 qk_i = qk_next
                 if DENSE:
                     j_next = tl.minimum(s + 1, count - 1)
@@ -258,12 +258,22 @@ def _attn_fwd(
             else:
                 k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
                 qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+        else:
+            k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+            if DOT_F32:
+                k = k.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+        if FUSED_SOFTMAX and QK_BITS != 16:
+            # raw = 1.5·2^23 + qkᵀ (exact fp32 bits of an integer add). Dequantization, row max and exp2
+            # argument work on raw. The scale c > 0 is rounded to 22 significant bits so that 1.5·2^23·c
+            # is exact: fma(raw, c, −1.5·2^23·c) is then exactly round(qkᵀ·c) (one FFMA replaces the FADD
+            # of the magic number and the FMUL of the scale).
             raw = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
             if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
                 raw = tl.where((rows_k < N)[None, :], raw, float("-inf"))
-            # Dequantization, row max and exp2 argument work on raw. The scale c > 0 is rounded to 22
-            # significant bits so that 1.5·2^23·c is exact: fma(raw, c, −1.5·2^23·c) is then exactly
-            # round(qkᵀ·c) (one FFMA replaces the FADD of the magic number and the FMUL of the scale).
             c = _round_scale_22bits(qs * ks)
             m_new = tl.maximum(m_i, (tl.max(raw, axis=1) - 12582912.0) * c)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -272,35 +282,18 @@ def _attn_fwd(
                 sc = (raw - 12582912.0) * c[:, None]
             else:
                 sc = tl.fma(raw, c[:, None], (-12582912.0 * c)[:, None])
-            p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
         else:
-            # ---- S = Q Kᵀ (log2 domain after dequantization) ----
-            if QK_BITS == 4:
-                k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
-                qk = tl.dot(q_lo, tl.trans(k_lo), out_dtype=tl.int32)
-                qk = tl.dot(q_hi, tl.trans(k_hi), qk, out_dtype=tl.int32)
-                qk = _i32_to_f32(qk)
-            elif QK_BITS == 8:
-                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
-                qk = _i32_to_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
-            else:
-                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
-                if DOT_F32:
-                    k = k.to(tl.float32)
-                if IEEE:
-                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(k))
+            if QK_BITS != 16:
+                qk = _i32_to_f32(qk_i)
             # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
             bias = tl.where(rows_k < N, 0.0, float("-inf"))
             sc = qk * (qs * ks)[:, None] + bias[None, :]
-            # ---- online softmax, base 2 ----
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
-            # fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor folded into the row max),
-            # so the row sum and the accumulator carry the same factor and it cancels in the epilogue.
-            p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
+        # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
+        # folded into the row max), so the row sum and the accumulator carry the same factor and it cancels.
+        p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- O += P V ----
         vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
@@ -364,10 +357,17 @@ _attn_fwd_tuned = triton.autotune(
 _DENSITY_MEMO: dict = {}
 
 
-def _density_bucket(kv_counts: Optional[torch.Tensor], nk: int) -> int:
-    """Density bucket of a CSR mask; memoised per tensor (the .item() is a device sync)."""
+def _density_bucket(kv_counts: Optional[torch.Tensor], nk: int, density: Optional[float] = None) -> int:
+    """Density bucket of a CSR mask: from ``density`` when the caller knows it (the lowered op passes the
+    plan's), else counted on the device and memoised per tensor (the .item() is a device sync)."""
     if kv_counts is None:
         return 100
+    if density is not None:
+        return tuning.density_bucket(density)
+    return _measured_density_bucket(kv_counts, nk)
+
+
+def _measured_density_bucket(kv_counts: torch.Tensor, nk: int) -> int:
     key = (kv_counts.data_ptr(), kv_counts._version, tuple(kv_counts.shape), nk, kv_counts.device)
     hit = _DENSITY_MEMO.get(key)
     if hit is None:
@@ -463,8 +463,7 @@ def paro_attention_triton(
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
         n, heads, nqb, nkb, p_log2,
         *out.stride(),
-        tuning.n_bucket(n),
-        tuning.density_bucket(density) if density is not None and not dense else _density_bucket(None if dense else kv_counts, nkb),
+        tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb, density),
     )
     meta = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],
