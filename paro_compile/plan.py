@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -98,8 +98,6 @@ def _dataclass_eq(self, other) -> bool:
     # equality must work on tensors: compiling one model twice with two plans used to raise here.
     if type(self) is not type(other):
         return NotImplemented
-    from dataclasses import fields
-
     return all(_fields_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
 
