@@ -47,6 +47,11 @@ ALL_VARIANTS = ("eager", "compile", "compile-flash", "compile-cudnn")
 DEFAULT_DENSITIES = (0.5, 0.3, 0.2)
 
 
+def paro_density(variant: str) -> float:
+    """``paro-0.2`` / ``paro-0.2+comp`` (with skipped-block compensation) -> 0.2."""
+    return float(variant.split("-", 1)[1].removesuffix("+comp"))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
@@ -54,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=42, help="CogVideoX layers (5B: 42)")
     p.add_argument("--flux-layers", default="19,38", help="Flux double,single blocks (dev: 19,38)")
     p.add_argument("--variants", default="all",
-                   help="comma list of eager,compile,compile-flash,compile-cudnn,paro-<d> (default: all with --densities)")
+                   help="comma list of eager,compile,compile-flash,compile-cudnn,paro-<d>,paro-<d>+comp (+comp: "
+                        "compensate_skipped=True) (default: all with --densities)")
     p.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES))
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
@@ -307,12 +313,13 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     elif variant.startswith("compile"):
         fn_model = torch.compile(model, dynamic=False)
     elif variant.startswith("paro-"):
-        density = float(variant.split("-", 1)[1])
+        density = paro_density(variant)
         plan = plans[density]
         entry["density"] = density
         entry["achieved_density"] = plan.overall_density()
         fn_model = torch.compile(model, backend=paro_backend_arg(), dynamic=False, options={
-            "plan": plan, "qk_bits": args.qk_bits, "pv_dtype": args.pv_dtype, "impl": args.impl, "allow_fp32": allow_fp32})
+            "plan": plan, "qk_bits": args.qk_bits, "pv_dtype": args.pv_dtype, "impl": args.impl, "allow_fp32": allow_fp32,
+            "compensate_skipped": variant.endswith("+comp")})
     else:
         raise ValueError(f"unknown variant {variant!r}")
 
@@ -340,6 +347,7 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     report = paro_compile.last_report()
     if variant.startswith("paro-") and report is not None:
         entry["sites_lowered"] = f"{len(report.lowered)}/{len(report.sites)}"
+        entry["compensated_sites"] = sum(bool(s.compensated) for s in report.lowered)
         entry["gathers_left"] = report.gathers_left
         entry["permutation"] = sorted({s.permutation for s in report.lowered})
         entry["fallback_reasons"] = sorted({r for s in report.fallbacks for r in s.reasons})
@@ -405,7 +413,7 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     plans = {}
     for v in variants:
         if v.startswith("paro-"):
-            d = float(v.split("-", 1)[1])
+            d = paro_density(v)
             t = time.perf_counter()
             plans[d] = synthetic_plan(site_ids, heads, grid, d, block, args.seed)
             print(f"[bench] synthetic plan d={d}: achieved {plans[d].overall_density():.3f} ({time.perf_counter() - t:.1f}s)", flush=True)

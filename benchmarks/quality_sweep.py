@@ -83,11 +83,12 @@ def parse_args(argv=None):
 # variants: calibrate() options (+ the bisection knob)
 # ---------------------------------------------------------------------------------------------------
 BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
-            block=None, allocation="uniform", block_score="mass")
+            block=None, allocation="uniform", block_score="mass", compensate=False)
 """``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
 None = the run's default (64; 16 with --tiny). ``allocation``: calibrate(allocation=…): "uniform" (every head at the
 same density), "site" (blocks of all heads of a site ranked together by row-normalised mass), "global" (all heads
-of all sites ranked together; only the model average is matched). ``block_score``: calibrate(block_score=…): "mass"
+of all sites ranked together; only the model average is matched). ``compensate``: the paro op's skipped-block
+compensation (``compensate_skipped``: skipped blocks enter as pooled keys; variants named "... comp"). ``block_score``: calibrate(block_score=…): "mass"
 (blocks ranked by calibrated attention mass) or "output" (by the first-order output change of dropping them); a block
 size used by an "output" variant is calibrated with the output statistics (its mass statistics are the same)."""
 
@@ -136,9 +137,15 @@ def variant_list(tiny: bool) -> list[dict]:
         dict(name="B=2 score=output", block_score="output"),
         dict(name="block=32 B=2 score=output", block=32, block_score="output"),
     ]
+    # skipped-block compensation (the op's ``compensate``): the same plans, skipped blocks as pooled keys
+    v += [dict(x, name=x["name"] + " comp", compensate=True) for x in v
+          if x["name"] in ("baseline B=2 (quality.py)", "B=2 dense_steps=1", "block=32 B=2", "block=32 B=2 dense_steps=1",
+                           "block=16 B=2 dense_steps=1", "B=2 dense_steps=1 calib all", "B=2 alloc=global",
+                           "block=32 B=2 dense_steps=1 alloc=global", "B=2 natural order")]
     if tiny:  # tiny runs at block 16 (80 tokens); block=32 there only exercises the per-block calibration path
         keep = {"dense (no plan)", "baseline B=2 (quality.py)", "B=2 dense_steps=1", "B=2 mass_threshold", "block=32 B=2",
-                "B=2 alloc=global", "B=2 dense_steps=1 alloc=site", "B=2 dense_steps=1 score=output"}
+                "B=2 alloc=global", "B=2 dense_steps=1 alloc=site", "B=2 dense_steps=1 score=output",
+                "B=2 dense_steps=1 comp"}
         v = [x for x in v if x["name"] in keep]
     return [{**BASE, **x} for x in v]
 
@@ -204,12 +211,9 @@ def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: in
 
 def step_weighted(plan: Plan, eval_ts: list[float]) -> tuple[float, float]:
     """(density, kept calibration mass) averaged over the evaluation steps (each step's bucket, all sites)."""
-    dens, kept = [], []
-    for t in eval_ts:
-        b = plan.bucket_for_timestep(t)
-        dens.append(plan.overall_density(b))
-        kept.append(sum(s.stats["kept_mass"][b] for s in plan.sites.values()) / len(plan.sites))
-    return sum(dens) / len(dens), sum(kept) / len(kept)
+    kept = [sum(s.stats["kept_mass"][plan.bucket_for_timestep(t)] for s in plan.sites.values()) / len(plan.sites)
+            for t in eval_ts]
+    return Q.step_weighted_density(plan, eval_ts), sum(kept) / len(kept)
 
 
 def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: int = 22) -> tuple[Plan, dict]:
@@ -365,7 +369,8 @@ def main(argv=None) -> dict:
                 sid = sids[state["call"] % len(sids)]
                 state["call"] += 1
                 site_plan = plan.sites.get(sid) if plan is not None else None
-                return Q.paro_site_attention(query, key, value, scale, site_plan, state["bucket"], qk_bits, pv_dtype, args.impl, vblock)
+                return Q.paro_site_attention(query, key, value, scale, site_plan, state["bucket"], qk_bits, pv_dtype, args.impl, vblock,
+                                             compensate=var["compensate"])
 
             with Q.patched_sdpa(eager_paro):
                 lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
@@ -374,7 +379,8 @@ def main(argv=None) -> dict:
             bucket = plan.bucket_for_timestep(mid_t) if plan is not None else 0
             for i, ((q, k, v, s), r) in enumerate(zip(captured, fp32_ref)):
                 sp = plan.sites.get(sids[i]) if plan is not None else None
-                errs.append(Q.rel_l2(Q.paro_site_attention(q, k, v, s, sp, bucket, qk_bits, pv_dtype, args.impl, vblock).float(), r))
+                errs.append(Q.rel_l2(Q.paro_site_attention(q, k, v, s, sp, bucket, qk_bits, pv_dtype, args.impl, vblock,
+                                                     compensate=var["compensate"]).float(), r))
             entry["attn_rel_l2_mid"] = sum(errs) / len(errs)
         except Exception as error:
             entry["error"] = f"{type(error).__name__}: {error}"

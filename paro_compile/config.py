@@ -32,6 +32,10 @@ class ParoConfig:
     """Type of P and V in the PV product: "fp8" (e4m3), "int8", or "fp16" (no quantization: the input dtype)."""
     block_size: int = 64
     """Token block of masks and Q/K quantization (query and key blocks alike)."""
+    compensate_skipped: bool = False
+    """Skipped-block compensation: every KV block a sparse mask skips still enters the softmax as one pooled
+    key (its mean K with weight log2(token count), its mean V), so rows keep an estimate of the skipped mass
+    instead of losing it (docs/quality_tuning.md). Costs one extra pooled tile per 64 skipped blocks."""
     plan: Optional[Union[str, Path, Any]] = None
     """A `paro_compile.plan.Plan` or a path to a plan file; None = no plan (dense, identity order)."""
     fallback: str = "sdpa"

@@ -166,6 +166,7 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
         "order_summary": order_summary(site.orders),
         "permutation": site.permutation,
         "step_buckets": int(site.step_buckets),
+        "compensated": bool(site.compensated),
     }
 
 

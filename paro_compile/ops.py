@@ -42,18 +42,22 @@ def paro_attention(
     block_n: int,
     impl: str,
     density: float = -1.0,
+    compensate: bool = False,
+    kv_kept_bits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order.
 
     ``density`` (kept blocks / all blocks, known when the plan is lowered) picks the kernel's autotune
     bucket without reading ``kv_counts`` back from the device; -1 = measure it (one host sync per new
-    mask tensor)."""
+    mask tensor). ``compensate``: skipped KV blocks take part as one pooled key each (block-mean K/V;
+    `paro_compile.kernels.reference`, step 6); no effect on dense masks. ``kv_kept_bits`` (optional): the
+    mask's kept blocks as `reference.kept_block_bits` words, for the Triton kernel (derived when absent)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
     kwargs = dict(
         perm=perm, kv_counts=kv_counts, kv_indices=kv_indices, scale=scale, qk_bits=qk_bits,
-        pv_dtype=pv_dtype, block_m=block_m, block_n=block_n,
+        pv_dtype=pv_dtype, block_m=block_m, block_n=block_n, compensate=compensate,
     )
     if use_triton:
         if not triton_available_for(q.device):
@@ -63,7 +67,8 @@ def paro_attention(
             )
         from paro_compile.kernels.attention import paro_attention_triton
 
-        out = paro_attention_triton(q, k, v, density=density if density >= 0 else None, **kwargs)
+        out = paro_attention_triton(q, k, v, density=density if density >= 0 else None, kv_kept_bits=kv_kept_bits,
+                                    **kwargs)
     else:
         out = paro_attention_reference(q, k, v, **kwargs)
     # The fake impl promises a contiguous result; Inductor asserts the strides.
@@ -72,5 +77,5 @@ def paro_attention(
 
 @paro_attention.register_fake
 def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl,
-                         density=-1.0):
+                         density=-1.0, compensate=False, kv_kept_bits=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

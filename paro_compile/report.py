@@ -23,6 +23,8 @@ class SiteRecord:
     """How the token order is applied: "identity", "kernel" (gather in the prologue, scatter in the
     epilogue), "folded:<op>" (absorbed by a layout op), or "gather" (an explicit runtime gather)."""
     step_buckets: int = 1
+    compensated: bool = False
+    """Skipped blocks enter as pooled keys (``compensate_skipped`` and a sparse mask at this site)."""
 
 
 class SiteFilters:
@@ -56,7 +58,7 @@ class CompileReport(SiteFilters):
         for s in self.sites:
             if s.lowered:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} density={s.density:.2f} qk={s.qk_bits}b "
-                             f"pv={s.pv_dtype} perm={s.permutation}")
+                             f"pv={s.pv_dtype} perm={s.permutation}" + (" compensated" if s.compensated else ""))
             else:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} SDPA: {'; '.join(s.reasons)}")
         return "\n".join(lines)

@@ -15,11 +15,11 @@ def test_bench_e2e_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "bench_e2e.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--tiny", "--variants", "eager,paro-0.5", "--iters", "1", "--out", str(tmp_path)])
+    results = module.main(["--tiny", "--variants", "eager,paro-0.5,paro-0.5+comp", "--iters", "1", "--out", str(tmp_path)])
     for name in ("results.json", "results.csv", "results.md"):
         assert (tmp_path / name).exists(), name
     rows = {r["variant"]: r for r in results["rows"]}
-    assert set(rows) == {"eager", "paro-0.5"}, results["rows"]
+    assert set(rows) == {"eager", "paro-0.5", "paro-0.5+comp"}, results["rows"]
     for r in rows.values():
         assert "error" not in r, r.get("error")
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
@@ -29,6 +29,8 @@ def test_bench_e2e_tiny(tmp_path):
     assert paro["paro_passes_s"] > 0 and paro["inductor_compile_fx_s"] > 0
     assert 0.5 <= paro["achieved_density"] <= 1.0
     assert math.isfinite(paro["speedup_vs_eager"])
+    assert rows["paro-0.5+comp"]["sites_lowered"] == "2/2" and rows["paro-0.5+comp"]["density"] == 0.5
+    assert rows["paro-0.5+comp"]["compensated_sites"] == 2 and paro["compensated_sites"] == 0
     assert json.loads((tmp_path / "results.json").read_text())["rows"]
     # the synthetic plan builder covers every layer and keeps the mandatory blocks
     from paro_compile.grid import TokenGrid

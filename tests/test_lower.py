@@ -63,6 +63,37 @@ def test_plan_masks_and_perms_reach_the_op():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fold", [False, True], ids=["kernel-perm", "folded"])
+def test_compensate_skipped_reaches_the_op(fold):
+    torch.manual_seed(1)
+    model = ToyVideoDiT().eval()
+    inputs = toy_inputs()
+    plan = random_plan()
+    with PlannedAttention(plan, 0, qk_bits=16, pv_dtype="fp16", compensate=True):
+        expected = model(**inputs)
+    with PlannedAttention(plan, 0, qk_bits=16, pv_dtype="fp16"):
+        uncompensated = model(**inputs)
+    options = {**EXACT, "plan": plan, "fold_permutations": fold, "compensate_skipped": True}
+    out = torch.compile(model, backend="paro", options=options)(**inputs)
+    # fp16 rounding of the pooled operands (reference step 6) differs by op order between the two paths
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    assert (out - uncompensated).abs().max() > 1e-3, "compensation had no effect"
+    report = paro_compile.last_report()
+    assert [s.compensated for s in report.sites] == [True, True]
+    assert "compensated" in report.summary()
+
+
+@torch.no_grad()
+def test_compensation_is_off_by_default_and_not_reported_for_dense_sites():
+    model = ToyVideoDiT().eval()
+    torch.compile(model, backend="paro", options={**EXACT, "plan": random_plan()})(**toy_inputs())
+    assert not any(s.compensated for s in paro_compile.last_report().sites)
+    torch._dynamo.reset()
+    torch.compile(model, backend="paro", options={**EXACT, "compensate_skipped": True})(**toy_inputs())
+    assert not any(s.compensated for s in paro_compile.last_report().sites)  # dense: nothing is skipped
+
+
+@torch.no_grad()
 def test_step_buckets_follow_the_timestep_without_recompiling():
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()
@@ -100,6 +131,29 @@ def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch)
     torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
     densities = [s.density for s in paro_compile.last_report().sites]
     assert all(0 < d < 1 for d in densities)
+
+
+@torch.no_grad()
+def test_compensated_step_buckets_use_the_plans_kept_bits(monkeypatch):
+    """Kernel path: the kept-block bits are plan constants selected per step bucket, never rebuilt per call."""
+    from paro_compile.kernels import attention as kernel_module
+
+    def rebuilt(mask):
+        raise AssertionError("kept-block bits derived from the CSR at run time")
+
+    monkeypatch.setattr(kernel_module, "kept_block_bits", rebuilt)
+    torch.manual_seed(2)
+    model = ToyVideoDiT().eval()
+    plan = random_plan(buckets=2)
+    compiled = torch.compile(model, backend="paro", options={
+        **EXACT, "plan": plan, "fold_permutations": False, "impl": "triton", "compensate_skipped": True})
+    for timestep, bucket in [(300.0, 1), (900.0, 0)]:
+        inputs = toy_inputs()
+        inputs["timestep"] = torch.full((1,), timestep)
+        with PlannedAttention(plan, bucket, qk_bits=16, pv_dtype="fp16", compensate=True):
+            expected = model(**inputs)
+        torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-3, atol=1e-3)
+    assert all(s.compensated for s in paro_compile.last_report().sites)
 
 
 @torch.no_grad()

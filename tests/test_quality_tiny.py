@@ -35,7 +35,7 @@ def test_train_tiny(tmp_path):
 
 
 def test_quality_tiny(tmp_path):
-    results = load_script("quality").main(["--tiny", "--out", str(tmp_path)])
+    results = load_script("quality").main(["--tiny", "--out", str(tmp_path), "--compensate", "both"])
     for name in ("results.json", "results.md", "per_layer.csv", "samples.png"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "plans").glob("*.paro.safetensors"))
@@ -47,6 +47,11 @@ def test_quality_tiny(tmp_path):
         assert v["finite"]
     compiled = [v for v in done if v.get("exec") == "compile"]
     assert compiled and compiled[0]["sites_lowered"] == "2/2"
+    by_name = {v["name"]: v for v in done}
+    plain, comp = by_name["paro d=0.5 int8/fp8"], by_name["paro d=0.5 int8/fp8 +comp"]
+    assert comp["compensate"] and not plain["compensate"]
+    assert comp["attn_rel_l2_mean"] != plain["attn_rel_l2_mean"]  # the flag reached the op
+    assert 0.5 <= plain["avg_density"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["per_layer"]
 
 

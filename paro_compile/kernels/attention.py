@@ -47,7 +47,7 @@ import triton.language as tl
 
 from paro_compile.kernels import tuning
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
-from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, num_blocks
+from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, csr_to_block_mask, kept_block_bits, num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -172,7 +172,7 @@ def _bf16_round_bits(p):
 
 @triton.jit
 def _attn_fwd(
-    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX,
+    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS,
     N, H, NQB, NKB, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
@@ -180,6 +180,7 @@ def _attn_fwd(
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
+    COMPENSATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -300,7 +301,14 @@ def _attn_fwd(
         v = tl.trans(vt)
         if PV_MODE == 1:
             pq = fp32_to_fp8e4(p, EMULATE)
-            acc = tl.dot(pq, v, acc * alpha[:, None])
+            if BLOCK_N < 32:  # 8-bit MMAs need K >= 32: the same products in fp16 (e4m3 values are exact there)
+                acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
+            else:
+                acc = tl.dot(pq, v, acc * alpha[:, None])
+        elif PV_MODE == 2 and BLOCK_N < 32:
+            # INT8 P·V with K < 32 in fp16 (INT8 values and their 16-term sums are exact in fp16/fp32)
+            pq = (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+            acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
         elif PV_MODE == 2:
             # round(P·127) to INT8 and the int32 PV partial back to fp32, both through the 1.5·2^23
             # magic number (an FADD / IADD+FADD on the full-rate pipes instead of F2I / I2F):
@@ -323,6 +331,43 @@ def _attn_fwd(
             else:
                 acc = tl.dot(pq, v, acc)
         m_i = m_new
+
+    if COMPENSATE:
+        # Skipped-block compensation (sparse masks only, so the tile is one query block): every KV block whose
+        # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
+        # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
+        # at a time, so no load address depends on a loaded index (a gathered walk of the skipped list
+        # measured 3x slower per tile on the H100); fp16 dots (the int8 Q is exact in fp16).
+        if QK_BITS == 4:
+            q_lo16 = q_lo.to(tl.float16)
+            q_hi16 = q_hi.to(tl.float16)
+        else:
+            q16 = q.to(tl.float16)
+        bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
+        for t in range(0, NKB, BLOCK_N):
+            cols = t + rn
+            col_in = cols < NKB
+            kb_ptr = KBAR + (pid_bh * NKB + cols[:, None]) * D
+            if QK_BITS == 4:
+                kb_lo = tl.load(kb_ptr + offs_h[None, :], mask=col_in[:, None], other=0.0)
+                kb_hi = tl.load(kb_ptr + HALF + offs_h[None, :], mask=col_in[:, None], other=0.0)
+                sb = tl.dot(q_lo16, tl.trans(kb_lo))
+                sb = tl.dot(q_hi16, tl.trans(kb_hi), sb)
+            else:
+                kb = tl.load(kb_ptr + offs_d[None, :], mask=col_in[:, None], other=0.0)
+                sb = tl.dot(q16, tl.trans(kb))
+            kept = (tl.load(bits_base + cols // 32, mask=col_in, other=0) >> (cols % 32)) & 1
+            n_tok = tl.minimum(N - cols * BLOCK_N, BLOCK_N).to(tl.float32)
+            bias = tl.where(col_in & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0)), float("-inf"))
+            sb = sb * qs[:, None] + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(sb, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            pb = tl.math.exp2(sb - (m_safe - P_LOG2)[:, None])
+            l_i = l_i * alpha + tl.sum(pb, axis=1)
+            vb = tl.load(VBAR + (pid_bh * NKB + cols[:, None]) * D + offs_d[None, :], mask=col_in[:, None], other=0.0)
+            acc = tl.dot(pb.to(tl.float16), vb, acc * alpha[:, None])
+            m_i = m_new
 
     vs = tl.load(VS + pid_bh * D + offs_d)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -349,7 +394,8 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=tuning.candidate_configs(),
-    key=["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N", "EXP2_MODE"],
+    key=["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N", "EXP2_MODE",
+         "COMPENSATE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -395,6 +441,8 @@ def paro_attention_triton(
     config: Optional[dict] = None,
     variant: Optional[dict] = None,
     density: Optional[float] = None,
+    compensate: bool = False,
+    kv_kept_bits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
@@ -406,6 +454,9 @@ def paro_attention_triton(
     autotuner and its cache; TILE_M must be block_m, or 2·block_m for a dense mask.
     ``density`` (optional): the mask's kept fraction, for the autotune key; without it the kernel
     counts ``kv_counts`` on the device and reads the result back (a sync, memoised per tensor).
+    ``compensate``: skipped-block compensation (reference step 6; sparse masks only); ``kv_kept_bits``
+    (optional, int32 [H, NQB, ceil(NKB/32)] = `reference.kept_block_bits` of the mask) saves deriving them
+    from the CSR on every call.
     ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
     is its own compiled kernel and its own autotune cache entry.
     """
@@ -442,8 +493,18 @@ def paro_attention_triton(
         kv_counts = kv_counts.to(device=q.device, dtype=torch.int32).contiguous()
         kv_indices = kv_indices.to(device=q.device, dtype=torch.int32).contiguous()
 
+    # Compensation only changes sparse masks (a dense row skips nothing).
+    compensate = bool(compensate) and not dense
+    if compensate:
+        words = -(-nkb // 32)
+        if kv_kept_bits is None:  # the lowered op passes them precomputed (plan constants)
+            kv_kept_bits = kept_block_bits(csr_to_block_mask(kv_counts, kv_indices))
+        elif tuple(kv_kept_bits.shape) != (heads, nqb, words):
+            raise ValueError(f"kv_kept_bits has shape {tuple(kv_kept_bits.shape)}, expected ({heads}, {nqb}, {words}) "
+                             "(reference.kept_block_bits of the block mask)")
+        kv_kept_bits = kv_kept_bits.to(device=q.device, dtype=torch.int32).contiguous()
     pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
-                        block_m=block_m, block_n=block_n)
+                        block_m=block_m, block_n=block_n, pooled=compensate)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
@@ -461,6 +522,8 @@ def paro_attention_triton(
         # them equal; separate tunings picked configs up to 8 % apart and showed up as "fold overhead").
         perm_arg if perm_arg is not None else dummy_tensor(q.device, torch.int64),
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
+        pro.k_bar if compensate else dummy, pro.v_bar if compensate else dummy,
+        kv_kept_bits if compensate else dummy,
         n, heads, nqb, nkb, p_log2,
         *out.stride(),
         tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb, density),
@@ -474,6 +537,7 @@ def paro_attention_triton(
         WARP_SPEC=bool(knobs["warp_specialize"]) and not interp,
         PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"]))
         and qk_bits == 8 and bool(knobs["fused_softmax"]),
+        COMPENSATE=compensate,
     )
 
     def grid(cfg):

@@ -63,6 +63,10 @@ class Prologue:
     block_m: int
     block_n: int
     n: int
+    k_bar: Optional[torch.Tensor] = None
+    """[B*H, NKB, D] fp16 mean K row per KV block (smoothed unless qk_bits=16); only with ``pooled=True``."""
+    v_bar: Optional[torch.Tensor] = None
+    """[B*H, NKB, D] fp16 mean V row per KV block divided by ``v_scale``; only with ``pooled=True``."""
 
 
 @triton.jit
@@ -237,13 +241,14 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
 @triton.jit
 def _prologue_kernel(
     Q, K, V, PERM, KMEAN, VSCALE,
-    QQ, QS, KQ, KS, VT,
+    QQ, QS, KQ, KS, VT, KBAR, VBAR,
     N, H, NQB, NKB, q_mult,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK_BITS: tl.constexpr, V_MODE: tl.constexpr, HAS_PERM: tl.constexpr, EMULATE: tl.constexpr,
+    POOLED: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -269,15 +274,30 @@ def _prologue_kernel(
                      D, BLOCK_N, QK_BITS, QK_BITS != 16)
         # V, stored transposed: VT[pid_bh, d, row].
         offs_d = tl.arange(0, D)
+        if POOLED:
+            # Block means for skipped-block compensation (reference.pooled_blocks), fp16: K smoothed like the
+            # quantized K (the rows were just loaded, so this re-read hits the cache), V in quantized-V units.
+            inv_cnt = 1.0 / tl.sum(rmask.to(tl.float32), axis=0)
+            kx = _load_rows(K, b * skb + h * skh, src, rmask, offs_d, skn, skd)
+            k_mean = tl.sum(kx, axis=0) * inv_cnt
+            if QK_BITS != 16:
+                k_mean = k_mean - tl.load(KMEAN + pid_bh * D + offs_d)
+            tl.store(KBAR + (pid_bh * NKB + t) * D + offs_d, k_mean.to(tl.float16))
+            vbar = VBAR + (pid_bh * NKB + t) * D + offs_d
         vptr = V + b * svb + h * svh + src[:, None] * svn + offs_d[None, :] * svd
         dst = VT + (pid_bh * D + offs_d[None, :]) * (NKB * BLOCK_N) + rows[:, None]
         if V_MODE == 0:
             v = tl.load(vptr, mask=rmask[:, None], other=0.0)
             tl.store(dst, v)
+            if POOLED:
+                tl.store(vbar, (tl.sum(v.to(tl.float32), axis=0) * inv_cnt).to(tl.float16))
         else:
             v = tl.load(vptr, mask=rmask[:, None], other=0.0).to(tl.float32)
             vs = tl.load(VSCALE + pid_bh * D + offs_d)
-            y = v * tl.math.div_rn(1.0, vs)[None, :]
+            inv_vs = tl.math.div_rn(1.0, vs)
+            y = v * inv_vs[None, :]
+            if POOLED:
+                tl.store(vbar, ((tl.sum(v, axis=0) * inv_cnt) * inv_vs).to(tl.float16))
             if V_MODE == 1:
                 y = tl.minimum(tl.maximum(y, -448.0), 448.0)
                 tl.store(dst, fp32_to_fp8e4(y, EMULATE))
@@ -327,8 +347,12 @@ def paro_prologue(
     pv_dtype: str = "fp8",
     block_m: int = 64,
     block_n: int = 64,
+    pooled: bool = False,
 ) -> Prologue:
-    """Permute, smooth and quantize q, k, v [B, H, N, D] for the attention kernel (see module docstring)."""
+    """Permute, smooth and quantize q, k, v [B, H, N, D] for the attention kernel (see module docstring).
+
+    ``pooled=True`` also stores each KV block's mean K and V rows (``k_bar``/``v_bar``, fp16, for skipped-block
+    compensation; `reference.pooled_blocks` computes the same in fp32)."""
     if qk_bits not in (4, 8, 16):
         raise ValueError(f"qk_bits must be 4, 8 or 16, got {qk_bits}")
     if pv_dtype not in V_MODES:
@@ -367,16 +391,18 @@ def paro_prologue(
     ks = torch.empty(bh, nkb, device=dev, dtype=torch.float32)
     vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=v_store)
     dummy = dummy_tensor(dev, torch.float32)
+    k_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
+    v_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
     _prologue_kernel[(max(nqb, nkb), bh)](
         q, k, v, perm if perm is not None else dummy,
         kmean if kmean is not None else dummy, v_scale,
-        qq, qs, kq, ks, vt,
+        qq, qs, kq, ks, vt, k_bar if pooled else dummy, v_bar if pooled else dummy,
         n, heads, nqb, nkb, q_mult,
         *q.stride(), *k.stride(), *v.stride(),
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
-        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", num_warps=4,
+        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled, num_warps=4,
     )
-    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n)
+    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n, k_bar, v_bar)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,14 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    PV accumulates in fp32; the row sum uses the unquantized fp32 P·factor (the factor cancels).
 5. A query row that has no kept block (only possible with a hand-made mask: plans always keep the
    diagonal) returns zeros. Key tokens past N (the tail block) are masked out.
+6. ``compensate=True`` (skipped-block compensation): after the kept blocks, every KV block the row's
+   mask skips takes part in the same online softmax as **one pooled key**: score
+   ``q·k̄_j · q_scale + log2(n_j)`` and value ``v̄_j``, where k̄_j / v̄_j are the means of the block's
+   n_j tokens (K smoothed as in step 2, V divided by its per-channel scale). This is the first-order
+   estimate Σ_t exp(q·k_t) v_t ≈ n_j · exp(q·k̄_j) · v̄_j (it underestimates the mass by Jensen's
+   inequality, exactly when the block's scores spread). q (the quantized integers, or the raw values for
+   qk_bits=16), k̄, the pooled P and v̄ are rounded to fp16 (the kernel's fp16 dots); the pooled P is not
+   quantized to FP8/INT8. A query row with no kept block then gets the pooled estimate instead of zeros.
 
 ``qk_bits=16`` skips steps 2-3 (plain fp32 scores). With qk_bits=16, pv_dtype="fp16", identity perm and
 a full mask the result equals SDPA to float rounding.
@@ -134,19 +142,24 @@ def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None
 def block_mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense boolean block mask [..., Mq, Nk] → (counts [..., Mq] int32, indices [..., Mq, Nk] int32).
 
-    Kept KV blocks come first in ascending order; unused slots hold the last kept index (or 0), so a
-    kernel that prefetches one slot past the count still reads a valid block.
+    Kept KV blocks come first in ascending order, then the skipped blocks in ascending order (each row
+    is a permutation of range(Nk)), so a kernel that prefetches past the count still reads a valid block.
     """
     mask = mask.bool()
     counts = mask.sum(-1, dtype=torch.int32)
     nk = mask.shape[-1]
     key = torch.where(mask, torch.arange(nk, device=mask.device), nk + torch.arange(nk, device=mask.device))
-    order = key.argsort(dim=-1, stable=True).to(torch.int32)
-    slot = torch.arange(nk, device=mask.device)
-    last = (counts.long() - 1).clamp(min=0).unsqueeze(-1)
-    fill = torch.gather(order, -1, last)
-    indices = torch.where(slot < counts.unsqueeze(-1), order, fill).to(torch.int32)
-    return counts, indices.contiguous()
+    return counts, key.argsort(dim=-1, stable=True).to(torch.int32).contiguous()
+
+
+def kept_block_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean block mask [..., Mq, Nk] → int32 [..., Mq, ceil(Nk/32)]: bit j % 32 of word j // 32 is set when KV
+    block j is kept (what the kernel's skipped-block compensation reads to tell kept from skipped blocks)."""
+    nk = mask.shape[-1]
+    words = -(-nk // 32)
+    padded = torch.nn.functional.pad(mask.bool(), (0, words * 32 - nk)).view(*mask.shape[:-1], words, 32)
+    value = (padded.long() << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32).contiguous()
 
 
 def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -158,6 +171,20 @@ def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
     mask = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
     return mask.scatter_(-1, target, True)[..., :nk]
+
+
+def pooled_blocks(kf: torch.Tensor, vf: torch.Tensor, block_n: int, v_scale: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per KV block of the (permuted, smoothed) fp32 K and V [B, H, N, D]: the mean K row and the mean V row
+    in V's quantized units (mean / v_scale), each [B, H, ceil(N/block_n), D] fp32, averaged over the
+    block's tokens < N."""
+    bsz, heads, n, d = kf.shape
+    nk = num_blocks(n, block_n)
+    pad = nk * block_n - n
+    cnt = (torch.arange(nk * block_n, device=kf.device) < n).view(nk, block_n).sum(-1).float()[:, None]
+    k_sum = torch.nn.functional.pad(kf, (0, 0, 0, pad)).view(bsz, heads, nk, block_n, d).sum(3)
+    v_sum = torch.nn.functional.pad(vf, (0, 0, 0, pad)).view(bsz, heads, nk, block_n, d).sum(3)
+    return k_sum / cnt, (v_sum / cnt) * (1.0 / v_scale)[:, :, None, :]
 
 
 def paro_attention_reference(
@@ -173,11 +200,13 @@ def paro_attention_reference(
     pv_dtype: str = "fp8",
     block_m: int = 64,
     block_n: int = 64,
+    compensate: bool = False,
 ) -> torch.Tensor:
     """Block-sparse, quantized attention; see the module docstring for the exact numerics.
 
     q, k, v: [B, H, N, D]; perm: [H, N] (None = identity); kv_counts: [H, ceil(N/block_m)];
     kv_indices: [H, ceil(N/block_m), ceil(N/block_n)] (both None = dense). Returns [B, H, N, D] in q's dtype.
+    ``compensate``: skipped KV blocks enter as pooled keys (module docstring, step 6).
     """
     if qk_bits not in QK_BITS:
         raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
@@ -247,6 +276,23 @@ def paro_attention_reference(
         p = torch.exp2(s - (m_safe - p_log2)[..., None])
         l_i = l_i * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhmij,bhmjd->bhmid", quantize_scaled_p(p, pv_dtype, v.dtype), v_j)
+        m_i = m_new
+    if compensate and not bool((counts >= nk).all()):
+        # Every skipped block enters the softmax as one pooled key: its mean (smoothed) K with weight
+        # log2(token count) and its mean V. Operands are rounded to fp16 as the kernel's fp16 dots see them.
+        cnt = key_valid.sum(-1).float()  # [nk]
+        k_mean, v_mean = pooled_blocks(kf, vf, block_n, v_scale)
+        q_half = q_blk.to(torch.float16).float()
+        s_bar = torch.einsum("bhmid,bhjd->bhmij", q_half, k_mean.to(torch.float16).float())
+        s_bar = s_bar * q_scale[..., None, None] + torch.log2(cnt)
+        s_bar = s_bar.masked_fill(csr_to_block_mask(counts, indices)[None, :, :, None, :], -math.inf)
+        m_new = torch.maximum(m_i, s_bar.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp2(m_i - m_safe)
+        p = torch.exp2(s_bar - (m_safe - p_log2)[..., None])
+        l_i = l_i * alpha + p.sum(-1)
+        pv = torch.einsum("bhmij,bhjd->bhmid", p.to(torch.float16).float(), v_mean.to(torch.float16).float())
+        acc = acc * alpha[..., None] + pv
         m_i = m_new
     out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
     out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]

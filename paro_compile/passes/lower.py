@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
-from paro_compile.kernels.reference import block_mask_to_csr
+from paro_compile.kernels.reference import block_mask_to_csr, kept_block_bits
 from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
@@ -103,7 +103,8 @@ def lower_attention_sites(
             perm_node = perm
         elif perm is not None:
             perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous(), device)
-        counts_node = indices_node = None
+        counts_node = indices_node = bits_node = None
+        compensate = bool(config.compensate_skipped)
         record.density = 1.0
         if symbolic and site_plan is not None and not bool(site_plan.block_masks.all()):
             record.reasons.append("block masks need static shapes; dense at this site")
@@ -112,9 +113,12 @@ def lower_attention_sites(
             counts, indices = block_mask_to_csr(masks)
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
+            bits = kept_block_bits(masks) if compensate else None
             if masks.shape[0] == 1:
                 counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts[0], device)
                 indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices[0], device)
+                if compensate:
+                    bits_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_kept_bits"), bits[0], device)
             else:
                 if bucket_node is None:
                     timestep = find_timestep_input(gm, plan.timestep_arg)
@@ -130,16 +134,21 @@ def lower_attention_sites(
                         bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
                 counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts, device)
                 indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices, device)
+                if compensate:
+                    bits_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_kept_bits"), bits, device)
                 with graph.inserting_before(node):
                     counts_node = graph.call_function(select_step_bucket, (counts_node, bucket_node))
                     indices_node = graph.call_function(select_step_bucket, (indices_node, bucket_node))
+                    if compensate:
+                        bits_node = graph.call_function(select_step_bucket, (bits_node, bucket_node))
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
                 torch.ops.paro.attention.default,
                 (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
                  config.qk_bits, config.pv_dtype, block, block, config.impl,
-                 record.density if counts_node is not None else -1.0),
+                 record.density if counts_node is not None else -1.0,
+                 compensate and counts_node is not None, bits_node),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
@@ -149,6 +158,7 @@ def lower_attention_sites(
         record.lowered = True
         record.qk_bits = config.qk_bits
         record.pv_dtype = config.pv_dtype
+        record.compensated = compensate and counts_node is not None
         record.orders = list(site_plan.orders) if site_plan is not None else []
         record.permutation = "kernel" if perm is not None else ("identity" if site_plan is None or site_plan.perm is None else "folded")
     gm.graph.lint()
