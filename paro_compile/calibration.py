@@ -933,6 +933,29 @@ def derive_step_boundaries(timesteps: Iterable[float], step_buckets: int, dense_
     return boundaries, ([0] if dense_steps else [])
 
 
+def solve_sparse_density(average_density: float, boundaries: list[float], dense_buckets: list[int],
+                         timesteps: Iterable[float]) -> tuple[float, float]:
+    """Density of the sparse buckets that makes the kept share, averaged over ``timesteps`` (dense buckets count
+    1.0), equal ``average_density``. Returns (sparse density, share of the timesteps that fall in dense buckets).
+
+    With a share w of dense steps: ``sparse = (average - w) / (1 - w)``. The plan's mandatory diagonal and text
+    blocks can push the achieved average above the target at very low sparse densities (the plan records it)."""
+    ts = [float(t) for t in timesteps]
+    if not ts:
+        raise CalibrationError("average_density needs at least one timestep to average over")
+    shell = Plan(sites={}, step_boundaries=list(boundaries))
+    dense_share = sum(shell.bucket_for_timestep(t) in dense_buckets for t in ts) / len(ts)
+    if dense_share >= 1.0:
+        raise CalibrationError(f"every one of the {len(ts)} timesteps falls in a dense bucket: there is no sparse step "
+                               f"to bring the average down to {average_density}; lower dense_steps")
+    sparse = (average_density - dense_share) / (1.0 - dense_share)
+    if sparse <= 0.0:
+        raise CalibrationError(
+            f"average_density={average_density} is not reachable: the dense bucket already holds {dense_share:.0%} of the "
+            f"{len(ts)} timesteps; lower dense_steps or raise average_density above {dense_share:.3f}")
+    return min(sparse, 1.0), dense_share
+
+
 # ------------------------------------------------------------------------------------------------------
 # Model-level calibration
 # ------------------------------------------------------------------------------------------------------
@@ -972,7 +995,9 @@ def calibrate(
     model: torch.nn.Module,
     inputs_iter: Iterable[Any],
     *,
-    density: float = 0.3,
+    density: Optional[float] = None,
+    average_density: Optional[float] = None,
+    sampling_timesteps: Optional[Iterable[float]] = None,
     grid: GridSpec = None,
     alpha: float = DEFAULT_ALPHA,
     step_buckets: int = 1,
@@ -992,6 +1017,12 @@ def calibrate(
     """Run ``model`` on ``inputs_iter`` with instrumented attention and build a `Plan`.
 
     inputs_iter yields ``(args, kwargs)`` or a dict of keyword arguments, one model call each.
+    density: kept share of the blocks in every sparse bucket (default 0.3). average_density (instead of
+    ``density``): the kept share averaged over the sampling steps, dense buckets counting 1.0; the sparse
+    buckets' density is solved from it (`solve_sparse_density`) over ``sampling_timesteps`` (default: the
+    calibration calls' timesteps). This is how to spend a fixed budget on dense high-noise steps
+    (``dense_steps``) without raising the average cost (docs/quality_tuning.md). The plan's ``meta`` records
+    the target, the solved sparse density, the dense share and the achieved average.
     grid: one `TokenGrid` for every site, a dict {site_id: TokenGrid}, or None. Sites it does not cover ask
     ``grid_for_site(site)``, then the layout-inference pass (``use_layout_pass``), then the inputs' shapes
     (`infer_grid`); a layout none of them determines raises `CalibrationError`.
@@ -1011,14 +1042,21 @@ def calibrate(
     Other keyword options: `CalibrationOptions` fields (eps, sigma, sparsity_metric, chunk_rows,
     max_chunk_elements, empty_head_tol, empty_heads, stats_device, orders).
     """
-    opts = CalibrationOptions(density=density, alpha=alpha, block_size=block_size, mass_threshold=mass_threshold,
-                              allocation=allocation, block_score=block_score, **options)
+    if density is not None and average_density is not None:
+        raise ValueError("pass density (per sparse bucket) or average_density (over the sampling steps), not both")
+    if average_density is not None and not 0.0 < float(average_density) <= 1.0:
+        raise ValueError(f"average_density must be in (0, 1], got {average_density}")
+    if sampling_timesteps is not None and average_density is None:
+        raise ValueError("sampling_timesteps only weights average_density; pass average_density too")
+    opts = CalibrationOptions(density=0.3 if density is None else density, alpha=alpha, block_size=block_size,
+                              mass_threshold=mass_threshold, allocation=allocation, block_score=block_score, **options)
     if step_buckets < 1:
         raise ValueError(f"step_buckets must be >= 1, got {step_buckets}")
     model = getattr(model, "_orig_mod", model)  # an already compiled module: calibrate the original
     items: Iterable[Any] = inputs_iter
     total = len(items) if hasattr(items, "__len__") else None
     dense_buckets: list[int] = []
+    timesteps: list[float] = []
     if step_boundaries is not None:
         boundaries = sorted((float(b) for b in step_boundaries), reverse=True)
         if dense_steps:
@@ -1039,6 +1077,29 @@ def calibrate(
         boundaries, dense_buckets = derive_step_boundaries(timesteps, step_buckets, dense_steps)
     else:
         boundaries = []
+    average_meta: dict[str, float] = {}
+    if average_density is not None:
+        weights_from = sampling_timesteps
+        if weights_from is None and dense_buckets:
+            if not timesteps:  # explicit boundaries: read the calibration timesteps now
+                items = list(items)
+                total = len(items)
+                for item in items:
+                    args, kwargs = _split_inputs(item)
+                    t = timestep_value(named_inputs(model, args, kwargs).get(timestep_arg))
+                    if t is None:
+                        raise CalibrationError(f"average_density with dense buckets needs the timestep: input "
+                                               f"{timestep_arg!r} not found (or pass sampling_timesteps=[...])")
+                    timesteps.append(t)
+            weights_from = timesteps
+        if dense_buckets:
+            sparse, dense_share = solve_sparse_density(float(average_density), boundaries, dense_buckets, weights_from)
+        else:
+            sparse, dense_share = float(average_density), 0.0
+        opts.density = sparse
+        average_meta = {"average_density_target": float(average_density), "sparse_density": sparse,
+                        "dense_step_share": dense_share}
+        weights_ts = list(weights_from) if weights_from is not None else []
     plan_shell = Plan(sites={}, step_boundaries=boundaries)
     resolver = GridResolver(grid, grid_for_site, model=model, text_position=text_position, use_layout_pass=use_layout_pass)
     recorder = Recorder(opts, resolver, num_buckets=plan_shell.num_buckets, progress=progress)
@@ -1072,7 +1133,12 @@ def calibrate(
         plan = recorder.build_plan(step_boundaries=boundaries, dense_buckets=dense_buckets, timestep_arg=timestep_arg,
                                    fingerprint=model_fingerprint(model),
                                    meta={"calls": calls, **({"allocation": opts.allocation} if opts.allocation != "uniform" else {}),
-                                         **({"block_score": opts.block_score} if opts.block_score != "mass" else {})})
+                                         **({"block_score": opts.block_score} if opts.block_score != "mass" else {}),
+                                         **average_meta})
+        if average_meta:
+            plan.meta["average_density_achieved"] = (
+                sum(plan.overall_density(plan.bucket_for_timestep(t)) for t in weights_ts) / len(weights_ts)
+                if weights_ts else plan.overall_density())
     finally:
         recorder.close()
     if progress:

@@ -208,6 +208,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"calibration is not available in this install: {error}", EXIT_FAILED) from error
     if not 0.0 < args.density <= 1.0:
         raise CliError(f"--density must be in (0, 1], got {args.density}")
+    if args.average_density is not None and not 0.0 < args.average_density <= 1.0:
+        raise CliError(f"--average-density must be in (0, 1], got {args.average_density}")
+    if args.dense_steps < 0:
+        raise CliError(f"--dense-steps must be >= 0, got {args.dense_steps}")
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.step_buckets < 1:
@@ -222,10 +226,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         extra["block_size"] = args.block_size
     if args.mass_threshold is not None:
         extra["mass_threshold"] = args.mass_threshold
-    print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), density {args.density}, alpha {args.alpha}, "
-          f"{args.step_buckets} step bucket(s)", file=sys.stderr)
+    if args.average_density is not None:  # replaces --density
+        extra["average_density"] = args.average_density
+    else:
+        extra["density"] = args.density
+    budget = (f"average density {args.average_density}" if args.average_density is not None
+              else f"density {args.density}")
+    print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), {budget}, alpha {args.alpha}, "
+          f"{args.step_buckets} step bucket(s), {args.dense_steps} dense step(s)", file=sys.stderr)
     try:
-        plan = calibrate(model, inputs, density=args.density, alpha=args.alpha, step_buckets=args.step_buckets,
+        plan = calibrate(model, inputs, alpha=args.alpha, step_buckets=args.step_buckets, dense_steps=args.dense_steps,
                          timestep_arg=args.timestep_arg, progress=not args.quiet, **extra)
     except Exception as error:
         cause = find_cause(error, plan_error_types())
@@ -374,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.3, help="fraction of attention blocks kept (default 0.3)")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the sparsity score vs the quantization score")
     p.add_argument("--step-buckets", type=int, default=1, help="mask sets per range of timesteps (default 1)")
+    p.add_argument("--dense-steps", type=int, default=0,
+                   help="that many largest calibration timesteps form an all-dense bucket (default 0)")
+    p.add_argument("--average-density", type=float, default=None,
+                   help="instead of --density: the kept share averaged over the calibration timesteps, dense steps "
+                        "counting 1.0 (the sparse density is solved from it)")
     p.add_argument("--timestep-arg", default="timestep", help="name of the model's timestep argument")
     p.add_argument("--block-size", type=int, default=None, help="token block of the masks (default 64)")
     p.add_argument("--mass-threshold", type=float, default=None, help="keep blocks until this share of mass instead")

@@ -20,8 +20,7 @@ from paro_compile.calibration import (
     mandatory_blocks,
     row_normalized_mass,
     select_blocks,
-    synthetic_qk,
-)
+    synthetic_qk, solve_sparse_density)
 from paro_compile.config import ParoConfig
 from paro_compile.grid import TokenGrid, order_permutation
 from paro_compile.passes.discover import find_attention_sites
@@ -382,3 +381,41 @@ def test_block_score_output():
             for i in range(5):
                 ref[:, i, j] = err[:, 16 * i: 16 * (i + 1)].sum(-1)
         torch.testing.assert_close(stats.output_score[0][oi], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_solve_sparse_density():
+    ts = [1000.0 - 100 * i for i in range(10)]  # 1000 ... 100
+    boundaries, dense = derive_step_boundaries(ts, 1, dense_steps=2)  # dense: 1000, 900
+    sparse, share = solve_sparse_density(0.3, boundaries, dense, ts)
+    assert share == pytest.approx(0.2) and sparse == pytest.approx(0.125)
+    # weighted by another sampling schedule: 20 steps 1000 ... 50 with a 950 boundary (dense: 1000 and 950,
+    # a timestep equal to a boundary stays in the bucket above it) -> 2 of 20
+    b2, d2 = derive_step_boundaries([1000.0, 900.0, 800.0], 1, dense_steps=1)
+    assert b2 == [950.0]
+    sparse20, share20 = solve_sparse_density(0.3, b2, d2, [1000.0 - 50 * i for i in range(20)])
+    assert share20 == pytest.approx(0.1) and sparse20 == pytest.approx(0.2 / 0.9)
+    with pytest.raises(CalibrationError, match="not reachable"):
+        solve_sparse_density(0.15, boundaries, dense, ts)
+    with pytest.raises(CalibrationError, match="no sparse step"):
+        solve_sparse_density(0.5, boundaries, dense, [1000.0, 950.0])
+
+
+def test_calibrate_average_density(qk):
+    model = TinyModel()
+    inputs = model_inputs(qk, (999.0, 750.0, 500.0, 250.0))
+    plan = calibrate(model, inputs, average_density=0.5, grid=GRID, block_size=BLOCK, dense_steps=1, progress=False)
+    meta = plan.meta
+    assert meta["dense_step_share"] == pytest.approx(0.25)
+    assert meta["sparse_density"] == pytest.approx((0.5 - 0.25) / 0.75)
+    for site in plan.sites.values():
+        assert site.dense_buckets == [0] and site.density(1) == pytest.approx(meta["sparse_density"], abs=0.02)
+    expected = sum(plan.overall_density(plan.bucket_for_timestep(t)) for t in (999.0, 750.0, 500.0, 250.0)) / 4
+    assert meta["average_density_achieved"] == pytest.approx(expected)
+    assert meta["average_density_achieved"] == pytest.approx(0.5, abs=0.02)
+    # Without dense steps the average is the density of every bucket.
+    flat = calibrate(model, inputs, average_density=0.4, grid=GRID, block_size=BLOCK, progress=False)
+    assert flat.meta["sparse_density"] == 0.4 and flat.meta["dense_step_share"] == 0.0
+    with pytest.raises(ValueError, match="not both"):
+        calibrate(model, inputs, density=0.3, average_density=0.3, grid=GRID, block_size=BLOCK, progress=False)
+    with pytest.raises(CalibrationError, match="not reachable"):
+        calibrate(model, inputs, average_density=0.2, grid=GRID, block_size=BLOCK, dense_steps=1, progress=False)

@@ -72,6 +72,21 @@ def test_calibrate_writes_a_loadable_plan(plan_file):
     assert all(site.seq_len == 136 and site.heads == 2 for site in plan.sites.values())
 
 
+def test_calibrate_average_density_with_dense_steps(workdir, plan_file):
+    from paro_compile.plan import Plan
+
+    out = workdir / "avg.paro.safetensors"
+    done = paro(workdir, "calibrate", MODEL, "--inputs", CALIB, "--dense-steps", "1", "--average-density", "0.75",
+                "--out", str(out), "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "average density 0.75" in done.stderr and "1 dense step(s)" in done.stderr
+    meta = Plan.load(out).meta
+    assert meta["dense_step_share"] == 0.5 and meta["sparse_density"] == 0.5  # timesteps 900 (dense) and 100
+    bad = paro(workdir, "calibrate", MODEL, "--inputs", CALIB, "--dense-steps", "1", "--average-density", "0.4",
+               "--out", str(workdir / "bad.paro.safetensors"), "-q")
+    assert bad.returncode != 0 and "not reachable" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_diff_with_plan_html_and_json(workdir, plan_file):
     html, js = workdir / "diff.html", workdir / "diff.json"
     done = paro(workdir, "diff", MODEL, "--inputs", CALIB, "-o", "allow_fp32=true", "-o", f"plan={plan_file}",
