@@ -336,8 +336,9 @@ def _attn_fwd(
         # Skipped-block compensation (sparse masks only, so the tile is one query block): every KV block whose
         # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
         # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
-        # at a time, so no load address depends on a loaded index (a gathered walk of the skipped list
-        # measured 3x slower per tile on the H100); fp16 dots (the int8 Q is exact in fp16).
+        # at a time, and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
+        # count measured 5-7 % faster on the H100 but would make CSR padding part of the op's contract;
+        # docs/quality_tuning.md); fp16 dots (the int8 Q is exact in fp16).
         if QK_BITS == 4:
             q_lo16 = q_lo.to(tl.float16)
             q_hi16 = q_hi.to(tl.float16)
