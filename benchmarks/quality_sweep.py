@@ -87,8 +87,7 @@ BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold
 """``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
 None = the run's default (64; 16 with --tiny). ``allocation``: calibrate(allocation=…): "uniform" (every head at the
 same density), "site" (blocks of all heads of a site ranked together by row-normalised mass), "global" (all heads
-of all sites ranked together; only the model average is matched); "residual" variants rank blocks by what their
-pooled key misses (calibrate(block_score="residual"), for compensated plans). ``compensate``: the paro op's skipped-block
+of all sites ranked together; only the model average is matched). ``compensate``: the paro op's skipped-block
 compensation (``compensate_skipped``: skipped blocks enter as pooled keys; variants named "... comp"). ``block_score``: calibrate(block_score=…): "mass"
 (blocks ranked by calibrated attention mass) or "output" (by the first-order output change of dropping them); a block
 size used by an "output" variant is calibrated with the output statistics (its mass statistics are the same)."""
@@ -137,11 +136,6 @@ def variant_list(tiny: bool) -> list[dict]:
         dict(name="block=32 B=2 dense_steps=1 score=output", block=32, dense_steps=1, block_score="output"),
         dict(name="B=2 score=output", block_score="output"),
         dict(name="block=32 B=2 score=output", block=32, block_score="output"),
-        # compensation-aware ranking: keep the blocks their pooled key describes worst (run with compensation)
-        dict(name="B=2 score=residual comp", block_score="residual", compensate=True),
-        dict(name="B=2 dense_steps=1 score=residual comp", dense_steps=1, block_score="residual", compensate=True),
-        dict(name="block=32 B=2 dense_steps=1 score=residual comp", block=32, dense_steps=1, block_score="residual",
-             compensate=True),
     ]
     # skipped-block compensation (the op's ``compensate``): the same plans, skipped blocks as pooled keys
     v += [dict(x, name=x["name"] + " comp", compensate=True) for x in v
@@ -310,15 +304,8 @@ def main(argv=None) -> dict:
     selected = variant_list(args.tiny)
     if wanted is not None:  # in the order given (the time budget skips the last ones first)
         selected = sorted((v for v in selected if v["name"] in wanted), key=lambda v: wanted.index(v["name"]))
-    # block sizes whose calibration also collects a block-score map ("output" or "residual" variants; one kind per
-    # block size and run, both are kept in the same statistics slot)
-    score_kind: dict[int, str] = {}
-    for v in selected:
-        if v["block_score"] != "mass" and not v.get("dense"):
-            bs = v["block"] or block
-            if score_kind.setdefault(bs, v["block_score"]) != v["block_score"]:
-                raise SystemExit(f"block {bs}: block_score {score_kind[bs]!r} and {v['block_score']!r} variants need "
-                                 "separate runs")
+    # block sizes whose calibration also collects the output-aware block scores (block_score="output" variants)
+    output_blocks = {v["block"] or block for v in selected if v["block_score"] == "output" and not v.get("dense")}
     recorders: dict[int, tuple[Any, list[float]]] = {}
     res["calibration_seconds"] = {}
 
@@ -326,11 +313,11 @@ def main(argv=None) -> dict:
         if bs not in recorders:
             t0 = time.perf_counter()
             _, rec, ts = calibrate_per_step(model, calib_inputs, grid, bs, target,
-                                            block_score=score_kind.get(bs, "mass"))
+                                            block_score="output" if bs in output_blocks else "mass")
             recorders[bs] = (rec, ts)
             res["calibration_seconds"][bs] = time.perf_counter() - t0
             print(f"[sweep] calibration block {bs} ({len(calib_inputs)} calls, per-step buckets"
-                  f"{', ' + score_kind[bs] + ' scores' if bs in score_kind else ''}) "
+                  f"{', output scores' if bs in output_blocks else ''}) "
                   f"{res['calibration_seconds'][bs]:.1f}s", flush=True)
         return recorders[bs]
 

@@ -82,7 +82,7 @@ DEFAULT_EPS = 1e-3
 DEFAULT_SIGMA = 0.9
 SPARSITY_METRICS = ("both", "paper", "mass")
 ALLOCATIONS = ("uniform", "site", "global")
-BLOCK_SCORES = ("mass", "output", "residual")
+BLOCK_SCORES = ("mass", "output")
 EMPTY_HEAD_POLICIES = ("keep", "minimal")
 CUDA_CHUNK_ELEMENTS = 2**27
 CPU_CHUNK_ELEMENTS = 2**22
@@ -123,10 +123,6 @@ class CalibrationOptions:
     = ``P_r(j) · || o_r − vbar_r(j) ||`` with P_r(j) the row's probability mass in key block j, vbar_r(j) the
     P-weighted mean of the block's values and o_r the row's output; accumulated in the same chunked pass,
     no N×N map; needs v). A block whose values equal the output costs nothing to drop whatever its mass.
-    "residual" (for plans run with skipped-block compensation, ``compensate_skipped``): what is lost when the
-    block is replaced by its pooled key, ``sum over query rows r of || sum_{c in j} P_rc v_c − Pbar_r(j) vbar(j) ||``
-    with ``Pbar_r(j) = exp(q_r·kbar(j)·scale + log n_j − lse_r)`` (kbar, vbar the block's mean key and value,
-    lse_r the row's log-normaliser); a block its mean describes well costs little to drop. Needs v.
     Only ranking changes: orders are still chosen by mass; uniform allocation only."""
     eps: float = DEFAULT_EPS
     sigma: float = DEFAULT_SIGMA
@@ -158,7 +154,7 @@ class CalibrationOptions:
         if self.block_score not in BLOCK_SCORES:
             raise ValueError(f"block_score must be one of {BLOCK_SCORES}, got {self.block_score!r}")
         if self.block_score != "mass" and self.allocation != "uniform":
-            raise ValueError(f"block_score={self.block_score!r} supports allocation='uniform' only")
+            raise ValueError("block_score='output' supports allocation='uniform' only")
         if self.empty_heads not in EMPTY_HEAD_POLICIES:
             raise ValueError(f"empty_heads must be one of {EMPTY_HEAD_POLICIES}, got {self.empty_heads!r}")
         if self.block_size < 1:
@@ -379,30 +375,20 @@ class SiteStatistics:
         small = torch.zeros(n_orders, heads, nb, nb, device=device)
         peak = torch.zeros(n_orders, heads, nb, nb, device=device)
         out_sq = torch.zeros(heads, device=device, dtype=torch.float64)
-        want_output = opts.block_score in ("output", "residual")
-        want_residual = opts.block_score == "residual"
+        want_output = opts.block_score == "output"
         if want_output and v is None:
-            raise CalibrationError(f"block_score={opts.block_score!r} needs v in the statistics update")
+            raise CalibrationError("block_score='output' needs v in the statistics update")
         out_score = torch.zeros(n_orders, heads, nb, nb, device=device) if want_output else None
         v_blocks = ([v_ext.index_select(2, tab["key_index"][o]).view(bsz, heads, nb, bs, -1) for o in range(n_orders)]
                     if want_output else None)  # values per key block under each order
-        if want_residual:  # pooled keys / values per key block under each order (padding keys are zero rows)
-            counts = tab["rows"].float()  # valid tokens per block
-            k_bar = [k_ext.index_select(2, tab["key_index"][o]).view(bsz, heads, nb, bs, d).sum(3) / counts[:, None]
-                     for o in range(n_orders)]
-            v_bar = [vb.sum(3) / counts[:, None] for vb in v_blocks]
-            log_counts = counts.log()
 
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
             rows = stop - start
             p = torch.matmul(q[:, :, start:stop].float() * sm_scale, k_ext.transpose(-1, -2))  # [B, H, C, N+1]
             p[..., n] = -math.inf
-            s_max = p.amax(-1, keepdim=True)
-            p.sub_(s_max).exp_()
-            z = p.sum(-1, keepdim=True)
-            p.div_(z)
-            lse = (s_max + z.log()) if want_residual else None  # [B, H, C, 1]
+            p.sub_(p.amax(-1, keepdim=True)).exp_()
+            p.div_(p.sum(-1, keepdim=True))
             out = None
             if v_ext is not None:
                 out = torch.matmul(p, v_ext)  # [B, H, C, D]
@@ -414,12 +400,7 @@ class SiteStatistics:
                 if want_output:
                     # sum_{c in block j} P_rc v_c for every row r and key block j: [B, H, nb, C, D]
                     part = torch.matmul(po.permute(0, 1, 3, 2, 4), v_blocks[o])
-                    if want_residual:
-                        s_bar = torch.matmul(q[:, :, start:stop].float() * sm_scale, k_bar[o].transpose(-1, -2))
-                        p_bar = (s_bar + log_counts - lse).exp_()  # [B, H, C, nb]
-                        part.sub_(p_bar.permute(0, 1, 3, 2)[..., None] * v_bar[o][:, :, :, None, :])
-                    else:
-                        part.sub_(batch_mass.permute(0, 1, 3, 2)[..., None] * out[:, :, None])
+                    part.sub_(batch_mass.permute(0, 1, 3, 2)[..., None] * out[:, :, None])
                     err = torch.linalg.vector_norm(part, dim=-1).sum(0).transpose(1, 2)  # [H, C, nb]
                     del part
                     out_score[o].index_add_(1, tab["block_of"][o, start:stop], err)

@@ -383,41 +383,6 @@ def test_block_score_output():
         torch.testing.assert_close(stats.output_score[0][oi], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_block_score_residual_matches_dense_formula():
-    """block_score="residual": sum over query rows of || sum_{c in j} P_rc v_c - Pbar_r(j) vbar(j) ||, with the
-    pooled probability Pbar_r(j) = exp(q_r kbar(j) scale + log n_j - lse_r), per (query block, key block)."""
-    grid = TokenGrid(frames=3, height=4, width=5, text_tokens=5)  # 65 tokens: a partial tail block
-    gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 2, 65, 8, generator=gen) for _ in range(3))
-    stats = SiteStatistics(grid, 2, CalibrationOptions(block_size=16, block_score="residual", chunk_rows=7))
-    stats.update(q, k, v)
-    scale = 1 / math.sqrt(8)
-    s = q @ k.transpose(-1, -2) * scale
-    p, lse = torch.softmax(s, -1), torch.logsumexp(s, -1)
-    for oi, order in enumerate(stats.orders):
-        perm = order_permutation(grid, order)
-        pp, qp, kp, vp, lp = p[:, :, perm][:, :, :, perm], q[:, :, perm], k[:, :, perm], v[:, :, perm], lse[:, :, perm]
-        ref = torch.zeros(2, 5, 5)
-        for j in range(5):
-            cols = slice(16 * j, min(65, 16 * (j + 1)))
-            n_j = cols.stop - cols.start
-            k_bar, v_bar = kp[:, :, cols].mean(2), vp[:, :, cols].mean(2)  # [B, H, D]
-            p_bar = torch.exp((qp @ k_bar[..., None])[..., 0] * scale + math.log(n_j) - lp)  # [B, H, N]
-            err = (pp[..., cols] @ vp[:, :, cols] - p_bar[..., None] * v_bar[:, :, None]).norm(dim=-1).sum(0)
-            for i in range(5):
-                ref[:, i, j] = err[:, 16 * i: 16 * (i + 1)].sum(-1)
-        torch.testing.assert_close(stats.output_score[0][oi], ref, atol=1e-4, rtol=1e-4)
-    # A block whose keys and values are all equal is described exactly by its pooled key: zero residual.
-    q1 = torch.randn(1, 1, 32, 4, generator=gen)
-    k1, v1 = torch.randn(1, 1, 32, 4, generator=gen), torch.randn(1, 1, 32, 4, generator=gen)
-    k1[:, :, 8:16], v1[:, :, 8:16] = k1[:, :, 8:9], v1[:, :, 8:9]
-    flat = SiteStatistics(TokenGrid(frames=1, height=4, width=8), 1, CalibrationOptions(
-        block_size=8, block_score="residual", orders=["FHW"], empty_head_tol=None))
-    flat.update(q1, k1, v1)
-    assert float(flat.output_score[0][0, 0, :, 1].abs().max()) < 1e-5
-    assert float(flat.output_score[0][0, 0, :, 0].min()) > 1e-3
-
-
 def test_solve_sparse_density():
     ts = [1000.0 - 100 * i for i in range(10)]  # 1000 ... 100
     boundaries, dense = derive_step_boundaries(ts, 1, dense_steps=2)  # dense: 1000, 900
