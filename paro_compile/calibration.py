@@ -959,6 +959,18 @@ def solve_sparse_density(average_density: float, boundaries: list[float], dense_
 # ------------------------------------------------------------------------------------------------------
 # Model-level calibration
 # ------------------------------------------------------------------------------------------------------
+def _calibration_timesteps(model: torch.nn.Module, items: list, timestep_arg: str, why: str) -> list[float]:
+    """The ``timestep_arg`` value of every calibration input (raises `CalibrationError` saying ``why`` if absent)."""
+    out = []
+    for item in items:
+        args, kwargs = _split_inputs(item)
+        t = timestep_value(named_inputs(model, args, kwargs).get(timestep_arg))
+        if t is None:
+            raise CalibrationError(f"{why}: input {timestep_arg!r} not found in a calibration input (set timestep_arg=...)")
+        out.append(t)
+    return out
+
+
 def _split_inputs(item: Any) -> tuple[tuple, dict]:
     if isinstance(item, Mapping):
         return (), dict(item)
@@ -1048,6 +1060,8 @@ def calibrate(
         raise ValueError(f"average_density must be in (0, 1], got {average_density}")
     if sampling_timesteps is not None and average_density is None:
         raise ValueError("sampling_timesteps only weights average_density; pass average_density too")
+    if average_density is not None and mass_threshold is not None:
+        raise ValueError("average_density and mass_threshold both set the kept-block budget; pass one")
     opts = CalibrationOptions(density=0.3 if density is None else density, alpha=alpha, block_size=block_size,
                               mass_threshold=mass_threshold, allocation=allocation, block_score=block_score, **options)
     if step_buckets < 1:
@@ -1066,14 +1080,7 @@ def calibrate(
     elif step_buckets > 1 or dense_steps:
         items = list(items)
         total = len(items)
-        timesteps = []
-        for item in items:
-            args, kwargs = _split_inputs(item)
-            t = timestep_value(named_inputs(model, args, kwargs).get(timestep_arg))
-            if t is None:
-                raise CalibrationError(f"step buckets need the timestep: input {timestep_arg!r} not found in a calibration "
-                                       "input (set timestep_arg=...)")
-            timesteps.append(t)
+        timesteps = _calibration_timesteps(model, items, timestep_arg, "step buckets need the timestep")
         boundaries, dense_buckets = derive_step_boundaries(timesteps, step_buckets, dense_steps)
     else:
         boundaries = []
@@ -1084,13 +1091,9 @@ def calibrate(
             if not timesteps:  # explicit boundaries: read the calibration timesteps now
                 items = list(items)
                 total = len(items)
-                for item in items:
-                    args, kwargs = _split_inputs(item)
-                    t = timestep_value(named_inputs(model, args, kwargs).get(timestep_arg))
-                    if t is None:
-                        raise CalibrationError(f"average_density with dense buckets needs the timestep: input "
-                                               f"{timestep_arg!r} not found (or pass sampling_timesteps=[...])")
-                    timesteps.append(t)
+                timesteps = _calibration_timesteps(model, items, timestep_arg,
+                                                   "average_density with dense buckets needs the timestep "
+                                                   "(or pass sampling_timesteps=[...])")
             weights_from = timesteps
         if dense_buckets:
             sparse, dense_share = solve_sparse_density(float(average_density), boundaries, dense_buckets, weights_from)

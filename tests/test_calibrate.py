@@ -419,3 +419,14 @@ def test_calibrate_average_density(qk):
         calibrate(model, inputs, density=0.3, average_density=0.3, grid=GRID, block_size=BLOCK, progress=False)
     with pytest.raises(CalibrationError, match="not reachable"):
         calibrate(model, inputs, average_density=0.2, grid=GRID, block_size=BLOCK, dense_steps=1, progress=False)
+    with pytest.raises(ValueError, match="mass_threshold"):
+        calibrate(model, inputs, average_density=0.3, mass_threshold=0.8, grid=GRID, block_size=BLOCK, progress=False)
+    # Explicit boundaries: the calibration timesteps are read for the weights; without a timestep input it says so.
+    explicit = calibrate(model, inputs, average_density=0.75, step_boundaries=[600.0], dense_steps=1, grid=GRID,
+                         block_size=BLOCK, progress=False)
+    assert explicit.meta["dense_step_share"] == pytest.approx(0.5)  # 999 and 750 above 600
+    assert explicit.meta["sparse_density"] == pytest.approx(0.5)
+    no_t = [(args, {}) for args, _ in inputs]
+    with pytest.raises(CalibrationError, match="average_density with dense buckets needs the timestep"):
+        calibrate(model, no_t, average_density=0.75, step_boundaries=[600.0], dense_steps=1, grid=GRID,
+                  block_size=BLOCK, progress=False)
