@@ -113,34 +113,32 @@ def lower_attention_sites(
             counts, indices = block_mask_to_csr(masks)
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            bits = kept_block_bits(masks) if compensate else None
-            if masks.shape[0] == 1:
-                counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts[0], device)
-                indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices[0], device)
-                if compensate:
-                    bits_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_kept_bits"), bits[0], device)
-            else:
-                if bucket_node is None:
-                    timestep = find_timestep_input(gm, plan.timestep_arg)
-                    if timestep is None:
-                        raise RuntimeError(
-                            f"the plan has {masks.shape[0]} step buckets for site {site.site_id}, but the compiled graph "
-                            f"has no input named {plan.timestep_arg!r}; pass the timestep as that argument or rebuild "
-                            "the plan with step_buckets=1"
-                        )
-                    boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
-                    bounds_node = add_constant(gm, node, "_paro_step_boundaries", boundaries, device)
-                    with graph.inserting_before(node):
-                        bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
-                counts_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_counts"), counts, device)
-                indices_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_indices"), indices, device)
-                if compensate:
-                    bits_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "kv_kept_bits"), bits, device)
+            per_bucket = {"kv_counts": counts, "kv_indices": indices}
+            if compensate:
+                per_bucket["kv_kept_bits"] = kept_block_bits(masks)
+            multi = masks.shape[0] > 1
+            if multi and bucket_node is None:
+                timestep = find_timestep_input(gm, plan.timestep_arg)
+                if timestep is None:
+                    raise RuntimeError(
+                        f"the plan has {masks.shape[0]} step buckets for site {site.site_id}, but the compiled graph "
+                        f"has no input named {plan.timestep_arg!r}; pass the timestep as that argument or rebuild "
+                        "the plan with step_buckets=1"
+                    )
+                boundaries = torch.tensor(plan.step_boundaries, dtype=torch.float32)
+                bounds_node = add_constant(gm, node, "_paro_step_boundaries", boundaries, device)
                 with graph.inserting_before(node):
-                    counts_node = graph.call_function(select_step_bucket, (counts_node, bucket_node))
-                    indices_node = graph.call_function(select_step_bucket, (indices_node, bucket_node))
-                    if compensate:
-                        bits_node = graph.call_function(select_step_bucket, (bits_node, bucket_node))
+                    bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
+            # One constant per mask tensor; with step buckets all buckets are stored and one is selected per call.
+            mask_nodes = {}
+            for name, tensor in per_bucket.items():
+                const = add_constant(gm, node, _safe_buffer_name(site.site_id, name), tensor if multi else tensor[0], device)
+                if multi:
+                    with graph.inserting_before(node):
+                        const = graph.call_function(select_step_bucket, (const, bucket_node))
+                mask_nodes[name] = const
+            counts_node, indices_node = mask_nodes["kv_counts"], mask_nodes["kv_indices"]
+            bits_node = mask_nodes.get("kv_kept_bits")
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
