@@ -187,6 +187,15 @@ def pooled_blocks(kf: torch.Tensor, vf: torch.Tensor, block_n: int, v_scale: tor
     return k_sum / cnt, (v_sum / cnt) * (1.0 / v_scale)[:, :, None, :]
 
 
+def _online_softmax_step(m_i: torch.Tensor, s: torch.Tensor, p_log2: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One base-2 online-softmax step over scores ``s`` [..., rows, cols]: (new running max, rescale factor of
+    the old row sum / accumulator, P·2^p_log2). Rows still at -inf keep max -inf and get P = 0."""
+    m_new = torch.maximum(m_i, s.amax(-1))
+    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    return m_new, torch.exp2(m_i - m_safe), torch.exp2(s - (m_safe - p_log2)[..., None])
+
+
 def paro_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -270,13 +279,9 @@ def paro_attention_reference(
         s = s * combined_scale(q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None], qk_bits)
         s = s.masked_fill(~key_valid[j][None, :, :, None, :], -math.inf)
         s = s.masked_fill(~active[None, :, :, None, None], -math.inf)
-        m_new = torch.maximum(m_i, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp2(m_i - m_safe)
-        p = torch.exp2(s - (m_safe - p_log2)[..., None])
+        m_i, alpha, p = _online_softmax_step(m_i, s, p_log2)
         l_i = l_i * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhmij,bhmjd->bhmid", quantize_scaled_p(p, pv_dtype, v.dtype), v_j)
-        m_i = m_new
     if compensate and not bool((counts >= nk).all()):
         # Every skipped block enters the softmax as one pooled key: its mean (smoothed) K with weight
         # log2(token count) and its mean V. Operands are rounded to fp16 as the kernel's fp16 dots see them.
@@ -286,14 +291,10 @@ def paro_attention_reference(
         s_bar = torch.einsum("bhmid,bhjd->bhmij", q_half, k_mean.to(torch.float16).float())
         s_bar = s_bar * q_scale[..., None, None] + torch.log2(cnt)
         s_bar = s_bar.masked_fill(csr_to_block_mask(counts, indices)[None, :, :, None, :], -math.inf)
-        m_new = torch.maximum(m_i, s_bar.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp2(m_i - m_safe)
-        p = torch.exp2(s_bar - (m_safe - p_log2)[..., None])
+        m_i, alpha, p = _online_softmax_step(m_i, s_bar, p_log2)
         l_i = l_i * alpha + p.sum(-1)
         pv = torch.einsum("bhmij,bhjd->bhmid", p.to(torch.float16).float(), v_mean.to(torch.float16).float())
         acc = acc * alpha[..., None] + pv
-        m_i = m_new
     out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
     out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]
     return unpermute_tokens(out, perm).to(q.dtype)
