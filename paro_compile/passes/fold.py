@@ -642,9 +642,9 @@ def _static_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 
 def _sole_conv_args(conv: Any, targets: set, spatial: int) -> Optional[tuple]:
     """(x, weight, bias, stride, padding, dilation, groups) of a positional conv call whose only user is
-    the patchify chain, with stride / dilation as ``spatial``-tuples, padding as a tuple (or the string
-    "same" / "valid") and groups an int, whichever way the call spelled them (``F.conv2d(x, w, b, 2)``
-    passes ints); None for anything else (another op, keyword arguments, several users)."""
+    the patchify chain, with stride / padding / dilation as ``spatial``-tuples and groups an int, whichever
+    way the call spelled them (``F.conv2d(x, w, b, 2)`` passes ints); None for anything else (another op,
+    keyword arguments, several users, string padding "same" / "valid", which neither patch rule folds)."""
     if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in targets
             and len(conv.users) == 1 and not conv.kwargs and len(conv.args) <= 7):
         return None
@@ -654,8 +654,9 @@ def _sole_conv_args(conv: Any, targets: set, spatial: int) -> Optional[tuple]:
         value = default if value is None else value
         return tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial
 
-    padding = padding if isinstance(padding, str) else per_dim(padding, 0)
-    return x, weight, bias, per_dim(stride, 1), padding, per_dim(dilation, 1), 1 if groups is None else groups
+    if isinstance(padding, str):
+        return None
+    return x, weight, bias, per_dim(stride, 1), per_dim(padding, 0), per_dim(dilation, 1), 1 if groups is None else groups
 
 
 def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
@@ -688,7 +689,7 @@ def _conv2d_patch_chain(source: fx.Node, dim: int) -> Optional[dict]:
     x_shape, w_shape, v_shape = _static_shape(x), _static_shape(weight), _static_shape(view)
     if x_shape is None or w_shape is None or v_shape is None or len(v_shape) != 5 or len(x_shape) != 4:
         return None
-    if isinstance(padding, str) or any(p != 0 for p in padding) or any(d != 1 for d in dilation):
+    if any(p != 0 for p in padding) or any(d != 1 for d in dilation):
         return None
     if tuple(w_shape[2:]) != stride:
         return None  # patches must not overlap: each output pixel reads its own kernel-sized patch
@@ -758,7 +759,8 @@ def fold_into_conv3d_input(gm: fx.GraphModule, source: fx.Node, dim: int, axes: 
     if args is None:
         return None
     x, weight, bias, stride, padding, dilation, groups = args
-    if isinstance(padding, str) or _static_shape(x) is None or len(_static_shape(x)) != 5:
+    x_shape = _static_shape(x)
+    if x_shape is None or len(x_shape) != 5:
         return None
     spatial = [axes.index(a) for a in order]
     dims = (0, 1, *(2 + i for i in spatial))
