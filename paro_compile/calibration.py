@@ -1086,7 +1086,8 @@ def calibrate(
         boundaries = []
     average_meta: dict[str, float] = {}
     if average_density is not None:
-        weights_from = sampling_timesteps
+        # a list: the timesteps are read twice (the solve, then the achieved average), and may come as a generator
+        weights_from = None if sampling_timesteps is None else [float(t) for t in sampling_timesteps]
         if weights_from is None and dense_buckets:
             if not timesteps:  # explicit boundaries: read the calibration timesteps now
                 items = list(items)
@@ -1102,7 +1103,7 @@ def calibrate(
         opts.density = sparse
         average_meta = {"average_density_target": float(average_density), "sparse_density": sparse,
                         "dense_step_share": dense_share}
-        weights_ts = list(weights_from) if weights_from is not None else []
+        weights_ts = weights_from or []
     plan_shell = Plan(sites={}, step_boundaries=boundaries)
     resolver = GridResolver(grid, grid_for_site, model=model, text_position=text_position, use_layout_pass=use_layout_pass)
     recorder = Recorder(opts, resolver, num_buckets=plan_shell.num_buckets, progress=progress)

@@ -419,6 +419,12 @@ def test_calibrate_average_density(qk):
         calibrate(model, inputs, density=0.3, average_density=0.3, grid=GRID, block_size=BLOCK, progress=False)
     with pytest.raises(CalibrationError, match="not reachable"):
         calibrate(model, inputs, average_density=0.2, grid=GRID, block_size=BLOCK, dense_steps=1, progress=False)
+    # sampling_timesteps as a one-shot generator: weights the solve and the achieved average alike
+    schedule = calibrate(model, inputs, average_density=0.5, sampling_timesteps=(t for t in (999.0, 500.0, 400.0, 300.0)),
+                         grid=GRID, block_size=BLOCK, dense_steps=1, progress=False)
+    assert schedule.meta["dense_step_share"] == pytest.approx(0.25)
+    expected = sum(schedule.overall_density(schedule.bucket_for_timestep(t)) for t in (999.0, 500.0, 400.0, 300.0)) / 4
+    assert schedule.meta["average_density_achieved"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="mass_threshold"):
         calibrate(model, inputs, average_density=0.3, mass_threshold=0.8, grid=GRID, block_size=BLOCK, progress=False)
     # Explicit boundaries: the calibration timesteps are read for the weights; without a timestep input it says so.
