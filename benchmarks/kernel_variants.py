@@ -53,8 +53,8 @@ from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 from paro_compile.kernels.prologue import dequantized_views, paro_prologue  # noqa: E402
 
 # (TILE_M, num_warps, num_stages); TILE_M 128 only for the dense mask.
-DENSE_CONFIGS = [(128, 8, 2), (64, 4, 3)]
-SPARSE_CONFIGS = [(64, 4, 3), (64, 4, 2)]
+DENSE_CONFIGS = [(128, 8, 2, None), (64, 4, 3, None)]
+SPARSE_CONFIGS = [(64, 4, 3, None), (64, 4, 2, None)]
 
 # name -> (pv_dtype, exp2_mode, code-generation switches of attention.KERNEL_VARIANT_DEFAULTS)
 KERNEL_VARIANTS = {
@@ -70,7 +70,20 @@ KERNEL_VARIANTS = {
     "fp8 prefetch": ("fp8", 0, {"prefetch_qk": True}),
     "bf16 prefetch": ("fp16", 0, {"prefetch_qk": True}),
     "bf16": ("fp16", 0, {}),
+    "fp8 tma": ("fp8", 0, {"tma_kv": True}),
+    "fp8 tma prefetch": ("fp8", 0, {"tma_kv": True, "prefetch_qk": True}),
 }
+
+
+def parse_configs(spec: str) -> list[tuple]:
+    """``"128,8,2;64,4,3,168"`` → [(TILE_M, num_warps, num_stages, maxnreg or None), ...]."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        vals = [int(x) for x in item.split(",")]
+        if len(vals) not in (3, 4):
+            raise SystemExit(f"a config is TILE_M,num_warps,num_stages[,maxnreg], got {item!r}")
+        out.append((*vals[:3], vals[3] if len(vals) == 4 and vals[3] > 0 else None))
+    return out
 
 
 def rel_l2(a, b):
@@ -144,6 +157,9 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(KERNEL_VARIANTS),
                     help=f"comma list of kernel variants (default all): {', '.join(KERNEL_VARIANTS)}")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--dense-configs", default=None, help='"TILE_M,warps,stages[,maxnreg];..." (default: DENSE_CONFIGS)')
+    ap.add_argument("--sparse-configs", default=None, help="as --dense-configs, for the sparse densities")
+    ap.add_argument("--densities", default="1.0,0.2", help="comma list; < 1 = random block mask keeping the diagonal")
     ap.add_argument("--int4", action="store_true", help="also run the INT4 diagnostic")
     args = ap.parse_args(argv)
 
@@ -181,15 +197,17 @@ def main(argv=None):
 
         flex = torch.compile(flex_attention, dynamic=False)
 
-    for dens in (1.0, 0.2):
+    dense_configs = parse_configs(args.dense_configs) if args.dense_configs else DENSE_CONFIGS
+    sparse_configs = parse_configs(args.sparse_configs) if args.sparse_configs else SPARSE_CONFIGS
+    for dens in (float(x) for x in args.densities.split(",") if x.strip()):
         if dens >= 1.0:
-            mask, counts, indices, configs = None, None, None, DENSE_CONFIGS
+            mask, counts, indices, configs = None, None, None, dense_configs
         else:
             mask = tuning.random_block_mask(h, mq, mq, dens, generator=gen)
             counts, indices = (x.to(dev) for x in R.block_mask_to_csr(mask))
-            configs = SPARSE_CONFIGS
+            configs = sparse_configs
         if not cuda:
-            configs = sorted({(c[0], 4, 1) for c in configs})
+            configs = sorted({(c[0], 4, 1, None) for c in configs})
         rows = []
 
         def add(method, ms, err_base=None, err_peer=None, **extra):
@@ -228,9 +246,9 @@ def main(argv=None):
         base = None
         for vname in variants:
             pv, mode, knobs = KERNEL_VARIANTS[vname]
-            for tile_m, warps, stages in configs:
-                cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages}
-                name = f"ours {vname} tile{tile_m} w{warps} s{stages}"
+            for tile_m, warps, stages, maxnreg in configs:
+                cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
+                name = f"ours {vname} tile{tile_m} w{warps} s{stages}" + (f" r{maxnreg}" if maxnreg else "")
                 try:
                     fn = lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices,  # noqa: E731
                                                        pv_dtype=pv, exp2_mode=mode, config=cfg, variant=knobs)

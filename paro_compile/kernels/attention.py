@@ -171,6 +171,15 @@ def _bf16_round_bits(p):
 
 
 @triton.jit
+def _load_k_tile(KQ, k_desc, kbase, j, rn, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Quantized K rows [j·BLOCK_N, (j+1)·BLOCK_N) of this (batch, head): [BLOCK_N, D]."""
+    if TMA:
+        return k_desc.load([j * BLOCK_N, 0])
+    else:
+        return tl.load(KQ + (kbase + j * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
+
+
+@triton.jit
 def _attn_fwd(
     QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS,
     N, H, NQB, NKB, P_LOG2,
@@ -180,7 +189,7 @@ def _attn_fwd(
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
-    COMPENSATE: tl.constexpr,
+    COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -217,6 +226,16 @@ def _attn_fwd(
     idx_base = IDX + (h * NQB + pid_m) * NKB
     kbase = pid_bh * NK_ROWS
     vbase = VT + pid_bh * D * NK_ROWS + offs_d[:, None] * NK_ROWS
+    if TMA_KV:
+        # TMA (Hopper tensor-memory-accelerator) loads of this (batch, head)'s K [NK_ROWS, D] and Vᵀ [D, NK_ROWS]:
+        # one descriptor per program instead of a pointer tensor per tile (fewer registers and address ops).
+        k_desc = tl.make_tensor_descriptor(KQ + kbase * D, shape=[NK_ROWS, D], strides=[D, 1],
+                                           block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(VT + pid_bh * D * NK_ROWS, shape=[D, NK_ROWS], strides=[NK_ROWS, 1],
+                                           block_shape=[D, BLOCK_N])
+    else:
+        k_desc = KQ
+        v_desc = VT
     # PREFETCH_QK (INT8 QKᵀ, fused softmax): QKᵀ of the next kept block is issued before the softmax of
     # the current one, so the tensor cores can work while the softmax runs (FA3's intra-warpgroup
     # overlap, left to Triton's async wgmma). The last iteration recomputes its own block (unused).
@@ -229,7 +248,7 @@ def _attn_fwd(
             j_first = tl.load(idx_base, mask=count > 0, other=0)
             j_cur = j_first
             j_nxt = tl.load(idx_base + tl.minimum(1, count - 1), mask=count > 0, other=0)
-        k_first = tl.load(KQ + (kbase + j_first * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
+        k_first = _load_k_tile(KQ, k_desc, kbase, j_first, rn, offs_d, BLOCK_N, D, TMA_KV)
         qk_next = tl.dot(q, tl.trans(k_first), out_dtype=tl.int32)
     for s in tl.range(0, count, warp_specialize=WARP_SPEC):
         if DENSE:
@@ -254,10 +273,10 @@ def _attn_fwd(
                     j_next = j_nxt
                     j_cur = j_nxt
                     j_nxt = tl.load(idx_base + tl.minimum(s + 2, count - 1))
-                k_nx = tl.load(KQ + (kbase + j_next * BLOCK_N + rn[:, None]) * D + offs_d[None, :])
+                k_nx = _load_k_tile(KQ, k_desc, kbase, j_next, rn, offs_d, BLOCK_N, D, TMA_KV)
                 qk_next = tl.dot(q, tl.trans(k_nx), out_dtype=tl.int32)
             else:
-                k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
+                k = _load_k_tile(KQ, k_desc, kbase, j, rn, offs_d, BLOCK_N, D, TMA_KV)
                 qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
         else:
             k = tl.load(KQ + (kbase + rows_k[:, None]) * D + offs_d[None, :])
@@ -297,7 +316,10 @@ def _attn_fwd(
         p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- O += P V ----
-        vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
+        if TMA_KV:
+            vt = v_desc.load([0, j * BLOCK_N])
+        else:
+            vt = tl.load(vbase + rows_k[None, :])  # [D, BLOCK_N], token axis contiguous
         v = tl.trans(vt)
         if PV_MODE == 1:
             pq = fp32_to_fp8e4(p, EMULATE)
@@ -539,7 +561,10 @@ def paro_attention_triton(
         PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"]))
         and qk_bits == 8 and bool(knobs["fused_softmax"]),
         COMPENSATE=compensate,
+        TMA_KV=bool(knobs["tma_kv"]) and qk_bits == 8,
     )
+    if meta["TMA_KV"] and not interp:
+        _ensure_tma_allocator()
 
     def grid(cfg):
         return (triton.cdiv(nqb * block_m, cfg["TILE_M"]), bsz * heads)
@@ -548,8 +573,10 @@ def paro_attention_triton(
         tile_m = int(config.get("TILE_M", block_m))
         if tile_m not in ((block_m, 2 * block_m) if dense else (block_m,)):
             raise ValueError(f"config TILE_M={tile_m} is not legal (block_m={block_m}, dense={dense})")
+        maxnreg = config.get("maxnreg")
         cfg = triton.Config({"TILE_M": tile_m}, num_warps=int(config.get("num_warps", 4)),
-                            num_stages=int(config.get("num_stages", 1 if interp else 2)))
+                            num_stages=int(config.get("num_stages", 1 if interp else 2)),
+                            maxnreg=int(maxnreg) if maxnreg and not interp else None)
     else:
         cfg = tuning.select_config(_attn_fwd_tuned, q.device, args, meta, interp)
     if cfg is None:  # not cached: run triton.autotune, then persist its winner on disk
@@ -559,14 +586,26 @@ def paro_attention_triton(
         _LAST.update(entry or {})
         _LAST["tuned_now"] = True
     else:
-        _attn_fwd[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.maxnreg:
+            launch["maxnreg"] = cfg.maxnreg
+        _attn_fwd[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, **launch)
         _LAST.clear()
         _LAST.update({"key": tuning._key(args, meta), "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps,
-                      "num_stages": cfg.num_stages, "tuned_now": False})
+                      "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg, "tuned_now": False})
     return out
 
 
 _LAST: dict = {}
+_TMA_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side TMA descriptors (`tl.make_tensor_descriptor`) need Triton's global scratch allocator."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _TMA_ALLOCATOR_SET = True
 
 
 def variant_from_env() -> dict:
@@ -588,9 +627,10 @@ def variant_from_env() -> dict:
 # specialization of the KV loop (ignored under the interpreter); prefetch_qk = issue the next block's
 # INT8 QKᵀ before the current softmax (qk_bits 8 with fused_softmax only; None = for dense masks only:
 # on the H100 it took the CogVideoX dense call from 17.80 to 16.88 ms but slowed density 0.2 from 4.17
-# to 4.64 ms, where the next block index is a dependent load).
+# to 4.64 ms, where the next block index is a dependent load); tma_kv = K (INT8 QKᵀ only) and Vᵀ tiles through
+# TMA descriptors instead of pointer tensors.
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
-                           "prefetch_qk": None}
+                           "prefetch_qk": None, "tma_kv": False}
 
 
 def last_launch_info() -> dict:

@@ -118,7 +118,7 @@ def _key(args: tuple, meta: dict) -> str:
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
         f"exp2{int(meta.get('EXP2_MODE', 0))}",
         *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
-        "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK")),
+        "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV")),
         f"triton{triton.__version__}", f"src{_source_hash()}",
     ]
     return "|".join(parts)
@@ -138,11 +138,15 @@ def _load(path: Path) -> None:
 
 
 def _to_config(entry: dict) -> triton.Config:
-    return triton.Config(dict(entry["kwargs"]), num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]))
+    return triton.Config(dict(entry["kwargs"]), num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]),
+                         maxnreg=entry.get("maxnreg"))
 
 
 def _from_config(cfg: triton.Config) -> dict:
-    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    entry = {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if getattr(cfg, "maxnreg", None):
+        entry["maxnreg"] = cfg.maxnreg
+    return entry
 
 
 def select_config(tuned_kernel, device, args: tuple, meta: dict, interp: bool) -> Optional[triton.Config]:
