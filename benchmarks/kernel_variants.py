@@ -72,6 +72,11 @@ KERNEL_VARIANTS = {
     "bf16": ("fp16", 0, {}),
     "fp8 tma": ("fp8", 0, {"tma_kv": True}),
     "fp8 tma prefetch": ("fp8", 0, {"tma_kv": True, "prefetch_qk": True}),
+    "fp8 fmaexp": ("fp8", 0, {"fma_exp_arg": True}),
+    "bf16 fmaexp": ("fp16", 0, {"fma_exp_arg": True}),
+    "int8 fmaexp": ("int8", 0, {"fma_exp_arg": True}),
+    "fp8 fmaexp rowsum": ("fp8", 0, {"fma_exp_arg": True, "rowsum_mma": True}),
+    "fp8 rowsum": ("fp8", 0, {"rowsum_mma": True}),
 }
 
 
