@@ -72,11 +72,7 @@ KERNEL_VARIANTS = {
     "bf16": ("fp16", 0, {}),
     "fp8 tma": ("fp8", 0, {"tma_kv": True}),
     "fp8 tma prefetch": ("fp8", 0, {"tma_kv": True, "prefetch_qk": True}),
-    "fp8 fmaexp": ("fp8", 0, {"fma_exp_arg": True}),
-    "bf16 fmaexp": ("fp16", 0, {"fma_exp_arg": True}),
-    "int8 fmaexp": ("int8", 0, {"fma_exp_arg": True}),
-    "fp8 fmaexp rowsum": ("fp8", 0, {"fma_exp_arg": True, "rowsum_mma": True}),
-    "fp8 rowsum": ("fp8", 0, {"rowsum_mma": True}),
+    "fp8 two-step exp-arg": ("fp8", 0, {"fma_exp_arg": False}),
 }
 
 
@@ -164,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--dense-configs", default=None, help='"TILE_M,warps,stages[,maxnreg];..." (default: DENSE_CONFIGS)')
     ap.add_argument("--sparse-configs", default=None, help="as --dense-configs, for the sparse densities")
+    ap.add_argument("--compensate", action="store_true", help="skipped-block compensation on the sparse densities")
     ap.add_argument("--densities", default="1.0,0.2", help="comma list; < 1 = random block mask keeping the diagonal")
     ap.add_argument("--int4", action="store_true", help="also run the INT4 diagnostic")
     args = ap.parse_args(argv)
@@ -253,10 +250,12 @@ def main(argv=None):
             pv, mode, knobs = KERNEL_VARIANTS[vname]
             for tile_m, warps, stages, maxnreg in configs:
                 cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
-                name = f"ours {vname} tile{tile_m} w{warps} s{stages}" + (f" r{maxnreg}" if maxnreg else "")
+                name = (f"ours {vname}{' +comp' if args.compensate and counts is not None else ''} tile{tile_m} w{warps} "
+                        f"s{stages}" + (f" r{maxnreg}" if maxnreg else ""))
                 try:
                     fn = lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices,  # noqa: E731
-                                                       pv_dtype=pv, exp2_mode=mode, config=cfg, variant=knobs)
+                                                       pv_dtype=pv, exp2_mode=mode, config=cfg, variant=knobs,
+                                                       compensate=args.compensate)
                     o = fn()
                     if cuda:
                         torch.cuda.synchronize()
@@ -268,7 +267,8 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
         if not cuda:  # the first variant vs the reference of the same function
-            ref = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
+            ref = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices,
+                                             compensate=args.compensate)
             results.setdefault("tiny_first_vs_reference", {})[str(dens)] = rel_l2(base, ref)
         print(f"\n== density {dens}: sorted by time ==")
         peer_ms = min((r["ms"] for r in rows if not r["method"].startswith("ours")), default=None)

@@ -13,8 +13,9 @@ the fused prologue (`prologue.py`) permutes, smooths and quantizes Q/K/V once; t
 - Dequantize with q_scale·k_scale (sm_scale·log2 e already folded into q_scale), mask key tokens ≥ N,
   online softmax in base 2 (exp2), P = exp2(s − m) ∈ [0, 1]. For integer QKᵀ this is fused: the int32
   scores become fp32 through a 1.5·2^23 magic-number add, the row max is taken on those raw values and
-  one FFMA per element gives the exp2 argument (the combined scale is rounded to 22 bits so that this
-  is exact; the reference rounds it the same way).
+  one FFMA per element gives the exp2 argument, row max included (the combined scale is rounded to 22
+  bits; the reference rounds it the same way and subtracts the max in a second step, so the two differ
+  by one fp32 rounding of the argument).
 - Dense masks issue the next block's QKᵀ before the current block's softmax (``prefetch_qk``), so
   the tensor cores and the softmax overlap: 5 % faster on the H100. Sparse masks keep the plain loop,
   because prefetching measured slower there.
@@ -189,7 +190,7 @@ def _attn_fwd(
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
-    COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, ROWSUM_MMA: tl.constexpr,
+    COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -218,9 +219,6 @@ def _attn_fwd(
     m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE_M], dtype=tl.float32)
     acc = tl.zeros([TILE_M, D], dtype=tl.float32)
-    if ROWSUM_MMA:
-        l_mma = tl.zeros([TILE_M, 16], dtype=tl.float32)
-        ones8 = tl.full([BLOCK_N, 16], 1.0, dtype=tl.float32).to(tl.float8e4nv)  # (tl.full in fp8 is bits 0x01 in the interpreter)
 
     if DENSE:
         count = NKB
@@ -301,7 +299,7 @@ def _attn_fwd(
             m_new = tl.maximum(m_i, (tl.max(raw, axis=1) - 12582912.0) * c)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
-            if FMA_EXP_ARG and not EMULATE:
+            if FMA_EXP_ARG and QK_BITS == 8 and not EMULATE:
                 # The exp2 argument in one FFMA: raw·c − (1.5·2^23·c + m − log2 448), one rounding instead of
                 # the FFMA's and the FADD's (saves one issue slot per score in an issue-bound loop).
                 sc = tl.fma(raw, c[:, None], (-12582912.0 * c - (m_safe - P_LOG2))[:, None])
@@ -320,12 +318,11 @@ def _attn_fwd(
             alpha = tl.math.exp2(m_i - m_safe)
         # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
         # folded into the row max), so the row sum and the accumulator carry the same factor and it cancels.
-        if FMA_EXP_ARG and FUSED_SOFTMAX and QK_BITS != 16 and not EMULATE:
+        if FMA_EXP_ARG and FUSED_SOFTMAX and QK_BITS == 8 and not EMULATE:
             p = _exp2(sc, EXP2_MODE, EMULATE)
         else:
             p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
-        if not ROWSUM_MMA:
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- O += P V ----
         if TMA_KV:
             vt = v_desc.load([0, j * BLOCK_N])
@@ -338,9 +335,6 @@ def _attn_fwd(
                 acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
             else:
                 acc = tl.dot(pq, v, acc * alpha[:, None])
-                if ROWSUM_MMA:
-                    # the row sum of the *quantized* P on the tensor cores (P·1 into a 16-column accumulator)
-                    l_mma = tl.dot(pq, ones8, l_mma * alpha[:, None])
         elif PV_MODE == 2 and BLOCK_N < 32:
             # INT8 P·V with K < 32 in fp16 (INT8 values and their 16-term sums are exact in fp16/fp32)
             pq = (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
@@ -367,8 +361,6 @@ def _attn_fwd(
             else:
                 acc = tl.dot(pq, v, acc)
         m_i = m_new
-    if ROWSUM_MMA:
-        l_i = tl.max(l_mma, axis=1)
 
     if COMPENSATE:
         # Skipped-block compensation (sparse masks only, so the tile is one query block): every KV block whose
@@ -578,8 +570,9 @@ def paro_attention_triton(
         and qk_bits == 8 and bool(knobs["fused_softmax"]),
         COMPENSATE=compensate,
         TMA_KV=bool(knobs["tma_kv"]) and qk_bits == 8,
-        FMA_EXP_ARG=bool(knobs["fma_exp_arg"]),
-        ROWSUM_MMA=bool(knobs["rowsum_mma"]) and pv_dtype == "fp8" and block_n >= 32,
+        # INT8 QKᵀ only: with INT4 the one-FFMA form disagreed with the reference on the H100 (rel-L2 1.2 on
+        # a 67-token sparse case, not diagnosed), so INT4 keeps the two-step form.
+        FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
@@ -647,12 +640,10 @@ def variant_from_env() -> dict:
 # on the H100 it took the CogVideoX dense call from 17.80 to 16.88 ms but slowed density 0.2 from 4.17
 # to 4.64 ms, where the next block index is a dependent load); tma_kv = K (INT8 QKᵀ only) and Vᵀ tiles through
 # TMA descriptors instead of pointer tensors; fma_exp_arg = the exp2 argument of the fused softmax in one FFMA
-# (row max folded into the addend; GPU only: the interpreter keeps the exact two-step form); rowsum_mma = the
-# softmax row sum as P_fp8 · ones on the tensor cores (FP8 PV, block_n >= 32): the sum of the quantized P, a
-# different function from the reference's fp32 row sum (speed probe).
+# (row max folded into the addend; INT8 QKᵀ on the GPU only: the interpreter keeps the exact two-step form; on
+# the H100 dense 16.89 → 15.73 ms, density 0.2 4.17 → 3.99 ms, same error vs bf16).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
-                           "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": False,
-                           "rowsum_mma": False}
+                           "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True}
 
 
 def last_launch_info() -> dict:

@@ -118,7 +118,7 @@ def _key(args: tuple, meta: dict) -> str:
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
         f"exp2{int(meta.get('EXP2_MODE', 0))}",
         *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
-        "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG", "ROWSUM_MMA")),
+        "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")),
         f"triton{triton.__version__}", f"src{_source_hash()}",
     ]
     return "|".join(parts)
