@@ -418,8 +418,11 @@ def _attn_fwd(
 def _prune(configs, named_args, **kwargs):
     dense = kwargs.get("DENSE", named_args.get("DENSE", False))
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+    compensate = kwargs.get("COMPENSATE", named_args.get("COMPENSATE", False))
     kept = [c for c in configs if dense or c.kwargs["TILE_M"] == block_m]
     kept = [c for c in kept if c.kwargs["TILE_M"] in (block_m, 2 * block_m)]
+    # Register caps only pay off for the compensated kernel (208 registers uncapped: 2 CTAs per SM).
+    kept = [c for c in kept if compensate or not c.maxnreg]
     return kept or [triton.Config({"TILE_M": block_m}, num_warps=4, num_stages=2)]
 
 
@@ -598,7 +601,7 @@ def paro_attention_triton(
         _LAST["tuned_now"] = True
     else:
         launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.maxnreg:
+        if cfg.maxnreg and not interp:
             launch["maxnreg"] = cfg.maxnreg
         _attn_fwd[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, **launch)
         _LAST.clear()

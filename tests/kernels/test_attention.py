@@ -276,6 +276,24 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     tuning.forget()
 
 
+def test_register_caps_only_for_the_compensated_kernel(monkeypatch):
+    """The autotuner's capped configs reach the compensated kernel only; the fixed config caps it at 168."""
+    import triton
+
+    from paro_compile.kernels import attention as A
+
+    configs = [triton.Config({"TILE_M": 64}, num_warps=4, num_stages=3),
+               triton.Config({"TILE_M": 64}, num_warps=4, num_stages=3, maxnreg=168)]
+    plain = A._prune(configs, {}, DENSE=False, BLOCK_M=64, COMPENSATE=False)
+    comp = A._prune(configs, {}, DENSE=False, BLOCK_M=64, COMPENSATE=True)
+    assert [c.maxnreg for c in plain] == [None] and [c.maxnreg for c in comp] == [None, 168]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    meta = {"DENSE": False, "BLOCK_M": 64, "COMPENSATE": True}
+    assert tuning.fixed_config(meta).maxnreg == 168
+    assert tuning.fixed_config({**meta, "COMPENSATE": False}).maxnreg is None
+    assert any(c.maxnreg for c in tuning.candidate_configs())
+
+
 def test_buckets():
     assert tuning.n_bucket(17776) == 32768 and tuning.n_bucket(4608) == 8192 and tuning.n_bucket(100) == 1024
     assert tuning.density_bucket(1.0) == 100 and tuning.density_bucket(0.2) == 20 and tuning.density_bucket(0.21) == 30
