@@ -47,9 +47,15 @@ ALL_VARIANTS = ("eager", "compile", "compile-flash", "compile-cudnn")
 DEFAULT_DENSITIES = (0.5, 0.3, 0.2)
 
 
+def split_variant(variant: str) -> tuple[str, bool]:
+    """``compile-cudnn+cg`` → ("compile-cudnn", True): a ``+cg`` suffix runs the variant with CUDA graphs
+    (Inductor's ``mode="reduce-overhead"``), which removes per-kernel launch and Python overhead."""
+    return (variant.removesuffix("+cg"), True) if variant.endswith("+cg") else (variant, False)
+
+
 def paro_density(variant: str) -> float:
-    """``paro-0.2`` / ``paro-0.2+comp`` (with skipped-block compensation) -> 0.2."""
-    return float(variant.split("-", 1)[1].removesuffix("+comp"))
+    """``paro-0.2`` / ``paro-0.2+comp`` (with skipped-block compensation) / ``paro-0.2+comp+cg`` -> 0.2."""
+    return float(split_variant(variant)[0].split("-", 1)[1].removesuffix("+comp"))
 
 
 def parse_args(argv=None):
@@ -60,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--flux-layers", default="19,38", help="Flux double,single blocks (dev: 19,38)")
     p.add_argument("--variants", default="all",
                    help="comma list of eager,compile,compile-flash,compile-cudnn,paro-<d>,paro-<d>+comp (+comp: "
-                        "compensate_skipped=True) (default: all with --densities)")
+                        "compensate_skipped=True); any compiled variant may end in +cg (CUDA graphs, "
+                        "mode='reduce-overhead') (default: all with --densities)")
     p.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES))
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
@@ -307,19 +314,23 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ctx = sdpa_context(variant)
-    if variant == "eager":
+    base, graphs = split_variant(variant)
+    ctx = sdpa_context(base)
+    torch._dynamo.utils.counters.clear()
+    if base == "eager" and not graphs:
         fn_model = model
-    elif variant.startswith("compile"):
-        fn_model = torch.compile(model, dynamic=False)
-    elif variant.startswith("paro-"):
+    elif base.startswith("compile"):
+        fn_model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
+    elif base.startswith("paro-"):
         density = paro_density(variant)
         plan = plans[density]
         entry["density"] = density
         entry["achieved_density"] = plan.overall_density()
-        fn_model = torch.compile(model, backend=paro_backend_arg(), dynamic=False, options={
-            "plan": plan, "qk_bits": args.qk_bits, "pv_dtype": args.pv_dtype, "impl": args.impl, "allow_fp32": allow_fp32,
-            "compensate_skipped": variant.endswith("+comp")})
+        options = {"plan": plan, "qk_bits": args.qk_bits, "pv_dtype": args.pv_dtype, "impl": args.impl,
+                   "allow_fp32": allow_fp32, "compensate_skipped": base.endswith("+comp")}
+        if graphs:
+            options["mode"] = "reduce-overhead"
+        fn_model = torch.compile(model, backend=paro_backend_arg(), dynamic=False, options=options)
     else:
         raise ValueError(f"unknown variant {variant!r}")
 
@@ -334,6 +345,12 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     first = out[0] if isinstance(out, (tuple, list)) else out
     entry["output_finite"] = bool(torch.isfinite(first).all())
     del out, first
+    if graphs:  # cudagraph trees record on the 2nd-3rd call: keep that out of the timed calls
+        for _ in range(2):
+            call()
+        sync(device)
+        skips = dict(torch._dynamo.utils.counters.get("inductor", {}))
+        entry["cudagraph_skips"] = int(skips.get("cudagraph_skips", 0))
     times = time_calls(call, device, args.iters, args.warmup)
     entry["times_ms"] = times
     entry["median_ms"] = statistics.median(times)
@@ -345,7 +362,7 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     if torch.device(device).type == "cuda":
         entry["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     report = paro_compile.last_report()
-    if variant.startswith("paro-") and report is not None:
+    if base.startswith("paro-") and report is not None:
         entry["sites_lowered"] = f"{len(report.lowered)}/{len(report.sites)}"
         entry["compensated_sites"] = sum(bool(s.compensated) for s in report.lowered)
         entry["gathers_left"] = report.gathers_left
@@ -409,7 +426,8 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     else:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if torch.device(device).type != "cuda":
-        variants = [v for v in variants if v not in ("compile-flash", "compile-cudnn")]
+        variants = [v for v in variants if split_variant(v)[0] not in ("compile-flash", "compile-cudnn")]
+        variants = [v for v in variants if not split_variant(v)[1]]  # CUDA graphs need a GPU
     plans = {}
     for v in variants:
         if v.startswith("paro-"):
@@ -447,7 +465,7 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
                   f"{'  sites ' + entry['sites_lowered'] if 'sites_lowered' in entry else ''}", flush=True)
     ok = {r["variant"]: r for r in rows if "median_ms" in r}
     eager = ok.get("eager")
-    compiled = [ok[v] for v in ("compile", "compile-flash", "compile-cudnn") if v in ok]
+    compiled = [r for v, r in ok.items() if split_variant(v)[0] in ("compile", "compile-flash", "compile-cudnn")]
     best = min(compiled, key=lambda r: r["median_ms"]) if compiled else None
     for r in rows:
         if "median_ms" not in r:

@@ -164,6 +164,27 @@ def test_mode_reaches_inductor(monkeypatch):
     assert paro_compile.last_report().sites[0].lowered
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@torch.no_grad()
+def test_cuda_graphs_through_the_backend():
+    """mode="reduce-overhead" (Inductor's CUDA graphs) records the paro op and replays it: no cudagraph skip, and
+    replays give the result of the op's first (eager, autotuning) call on new inputs."""
+    from torch._dynamo.utils import counters
+
+    model = make_model("cuda", torch.bfloat16)
+    counters.clear()
+    compiled = torch.compile(model, backend="paro", options={"mode": "reduce-overhead"})
+    plain = torch.compile(make_model("cuda", torch.bfloat16), backend="paro")
+    for seed in range(4):  # warm-up, record, replays
+        inputs = toy_inputs(device="cuda", dtype=torch.bfloat16, seed=seed)
+        out = compiled(**inputs).clone()
+        ref = plain(**inputs)
+        assert rel_l2(out, ref) < 1e-2, f"call {seed}: CUDA-graph replay differs from the plain compile"
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+    assert all(s.lowered for s in paro_compile.last_report().sites)
+
+
 def test_custom_op_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
     perm = torch.stack([torch.randperm(70) for _ in range(2)])

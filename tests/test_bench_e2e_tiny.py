@@ -41,3 +41,12 @@ def test_bench_e2e_tiny(tmp_path):
         assert site.block_masks[0].diagonal(dim1=-2, dim2=-1).all()
         assert site.block_masks[0][:, 0, :].all() and site.block_masks[0][:, :, 0].all()  # text blocks
         assert len(site.orders) == 3
+
+
+def test_variant_names_with_cuda_graphs():
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.split_variant("compile-cudnn+cg") == ("compile-cudnn", True)
+    assert module.split_variant("paro-0.2+comp") == ("paro-0.2+comp", False)
+    assert module.paro_density("paro-0.2+comp+cg") == 0.2 and module.paro_density("paro-0.3+cg") == 0.3
