@@ -172,6 +172,9 @@ def test_cuda_graphs_through_the_backend():
     replays give the result of the op's first (eager, autotuning) call on new inputs."""
     from torch._dynamo.utils import counters
 
+    from paro_compile.kernels import prologue
+
+    prologue._DUMMIES.clear()  # so that the op's cached argument tensors are first made inside the graph pool
     model = make_model("cuda", torch.bfloat16)
     counters.clear()
     compiled = torch.compile(model, backend="paro", options={"mode": "reduce-overhead"})

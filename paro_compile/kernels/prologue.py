@@ -180,11 +180,15 @@ _DUMMIES: dict = {}
 
 
 def dummy_tensor(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached 1-element tensor for pointer arguments a kernel never reads (no allocation per call)."""
+    """A cached empty tensor for pointer arguments a kernel never reads (Triton passes its null pointer).
+
+    Empty, so that it owns no memory: a cached 1-element tensor first made inside a CUDA-graph memory pool (the
+    warm-up of ``mode="reduce-overhead"``) stayed alive in that pool and made Inductor's CUDA-graph trees refuse
+    to record ("tensors in the cudagraph pool not tracked as outputs")."""
     key = (str(device), dtype)
     hit = _DUMMIES.get(key)
     if hit is None:
-        hit = _DUMMIES[key] = torch.zeros(1, device=device, dtype=dtype)
+        hit = _DUMMIES[key] = torch.empty(0, device=device, dtype=dtype)
     return hit
 
 
