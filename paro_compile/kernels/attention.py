@@ -48,7 +48,8 @@ import triton.language as tl
 
 from paro_compile.kernels import tuning
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
-from paro_compile.kernels.reference import PV_DTYPES, QK_BITS, csr_to_block_mask, kept_block_bits, num_blocks
+from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, block_mask_to_csr, csr_to_block_mask, kept_block_bits,
+                                            num_blocks)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -182,7 +183,7 @@ def _load_k_tile(KQ, k_desc, kbase, j, rn, offs_d, BLOCK_N: tl.constexpr, D: tl.
 
 @triton.jit
 def _attn_fwd(
-    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS,
+    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS,
     N, H, NQB, NKB, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
@@ -190,7 +191,7 @@ def _attn_fwd(
     QK_BITS: tl.constexpr, PV_MODE: tl.constexpr, HAS_PERM: tl.constexpr, DENSE: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
-    COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr,
+    COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -223,8 +224,13 @@ def _attn_fwd(
     if DENSE:
         count = NKB
     else:
-        count = tl.load(COUNTS + h * NQB + pid_m)
-    idx_base = IDX + (h * NQB + pid_m) * NKB
+        count = tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m)
+    # GROUP > 1 (sparse, block_m < 64): the tile holds GROUP query blocks and walks the union of their kept blocks
+    # (COUNTS / IDX are that union's CSR, ascending); SLOT_BITS says per slot which of the GROUP blocks keep it, and
+    # the rows of the others get P = 0 and an unchanged max: exactly their own walk, in 64-row tensor-core tiles.
+    idx_base = IDX + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB
+    if GROUP > 1:
+        sub_block = (rm % TILE_M) // BLOCK_M
     kbase = pid_bh * NK_ROWS
     vbase = VT + pid_bh * D * NK_ROWS + offs_d[:, None] * NK_ROWS
     if TMA_KV:
@@ -260,6 +266,8 @@ def _attn_fwd(
             j = tl.load(idx_base + s)
         rows_k = j * BLOCK_N + rn
         ks = tl.load(KS + pid_bh * NKB + j)
+        if GROUP > 1:
+            row_keep = ((tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB + s) >> sub_block) & 1) != 0
         # ---- S = Q Kᵀ: int32 for INT8/INT4, else in the input dtype ----
         if QK_BITS == 4:
             k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
@@ -296,13 +304,19 @@ def _attn_fwd(
             if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
                 raw = tl.where((rows_k < N)[None, :], raw, float("-inf"))
             c = _round_scale_22bits(qs * ks)
-            m_new = tl.maximum(m_i, (tl.max(raw, axis=1) - 12582912.0) * c)
+            row_max = (tl.max(raw, axis=1) - 12582912.0) * c
+            if GROUP > 1:
+                row_max = tl.where(row_keep, row_max, float("-inf"))
+            m_new = tl.maximum(m_i, row_max)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
+            shift = m_safe - P_LOG2
+            if GROUP > 1:  # rows whose query block does not keep this KV block: exp2(· − inf) = 0
+                shift = tl.where(row_keep, shift, float("inf"))
             if FMA_EXP_ARG and QK_BITS == 8 and not EMULATE:
                 # The exp2 argument in one FFMA: raw·c − (1.5·2^23·c + m − log2 448), one rounding instead of
                 # the FFMA's and the FADD's (saves one issue slot per score in an issue-bound loop).
-                sc = tl.fma(raw, c[:, None], (-12582912.0 * c - (m_safe - P_LOG2))[:, None])
+                sc = tl.fma(raw, c[:, None], (-12582912.0 * c - shift)[:, None])
             elif EMULATE:  # the interpreter has no fused multiply-add: same value via the exact subtraction
                 sc = (raw - 12582912.0) * c[:, None]
             else:
@@ -313,15 +327,21 @@ def _attn_fwd(
             # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
             bias = tl.where(rows_k < N, 0.0, float("-inf"))
             sc = qk * (qs * ks)[:, None] + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            row_max = tl.max(sc, axis=1)
+            if GROUP > 1:
+                row_max = tl.where(row_keep, row_max, float("-inf"))
+            m_new = tl.maximum(m_i, row_max)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
+            shift = m_safe - P_LOG2
+            if GROUP > 1:
+                shift = tl.where(row_keep, shift, float("inf"))
         # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
         # folded into the row max), so the row sum and the accumulator carry the same factor and it cancels.
         if FMA_EXP_ARG and FUSED_SOFTMAX and QK_BITS == 8 and not EMULATE:
             p = _exp2(sc, EXP2_MODE, EMULATE)
         else:
-            p = _exp2(sc - (m_safe - P_LOG2)[:, None], EXP2_MODE, EMULATE)
+            p = _exp2(sc - shift[:, None], EXP2_MODE, EMULATE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- O += P V ----
         if TMA_KV:
@@ -419,11 +439,12 @@ def _prune(configs, named_args, **kwargs):
     dense = kwargs.get("DENSE", named_args.get("DENSE", False))
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
     compensate = kwargs.get("COMPENSATE", named_args.get("COMPENSATE", False))
-    kept = [c for c in configs if dense or c.kwargs["TILE_M"] == block_m]
-    kept = [c for c in kept if c.kwargs["TILE_M"] in (block_m, 2 * block_m)]
+    tile = block_m * kwargs.get("GROUP", named_args.get("GROUP", 1))  # sparse: one tile = GROUP query blocks
+    kept = [c for c in configs if dense or c.kwargs["TILE_M"] == tile]
+    kept = [c for c in kept if c.kwargs["TILE_M"] in (tile, 2 * block_m)]
     # Register caps only pay off for the compensated kernel (208 registers uncapped: 2 CTAs per SM).
     kept = [c for c in kept if compensate or not c.maxnreg]
-    return kept or [triton.Config({"TILE_M": block_m}, num_warps=4, num_stages=2)]
+    return kept or [triton.Config({"TILE_M": tile}, num_warps=4, num_stages=2)]
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -537,6 +558,11 @@ def paro_attention_triton(
             raise ValueError(f"kv_kept_bits has shape {tuple(kv_kept_bits.shape)}, expected ({heads}, {nqb}, {words}) "
                              "(reference.kept_block_bits of the block mask)")
         kv_kept_bits = kv_kept_bits.to(device=q.device, dtype=torch.int32).contiguous()
+    # Query blocks under 64 rows share 64-row tensor-core tiles and walk the union of their kept blocks.
+    group = 64 // block_m if (not dense and not compensate and block_m < 64 and knobs["group_query_blocks"]) else 1
+    slot_bits = None
+    if group > 1:
+        kv_counts, kv_indices, slot_bits = grouped_csr(kv_counts, kv_indices, group)
     pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
                         block_m=block_m, block_n=block_n, pooled=compensate)
     if out is None:
@@ -557,7 +583,7 @@ def paro_attention_triton(
         perm_arg if perm_arg is not None else dummy_tensor(q.device, torch.int64),
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
         pro.k_bar if compensate else dummy, pro.v_bar if compensate else dummy,
-        kv_kept_bits if compensate else dummy,
+        kv_kept_bits if compensate else dummy, slot_bits if group > 1 else dummy,
         n, heads, nqb, nkb, p_log2,
         *out.stride(),
         tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb, density),
@@ -576,6 +602,7 @@ def paro_attention_triton(
         # INT8 QKᵀ only: with INT4 the one-FFMA form disagreed with the reference on the H100 (rel-L2 1.2 on
         # a 67-token sparse case, not diagnosed), so INT4 keeps the two-step form.
         FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
+        GROUP=group,
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
@@ -584,9 +611,11 @@ def paro_attention_triton(
         return (triton.cdiv(nqb * block_m, cfg["TILE_M"]), bsz * heads)
 
     if config is not None:
-        tile_m = int(config.get("TILE_M", block_m))
-        if tile_m not in ((block_m, 2 * block_m) if dense else (block_m,)):
-            raise ValueError(f"config TILE_M={tile_m} is not legal (block_m={block_m}, dense={dense})")
+        tile_m = int(config.get("TILE_M", block_m * group))
+        legal = (block_m, 2 * block_m) if dense else (block_m * group,)
+        if tile_m not in legal:
+            raise ValueError(f"config TILE_M={tile_m} is not legal (block_m={block_m}, dense={dense}, "
+                             f"query blocks per tile {group}): use one of {legal}")
         maxnreg = config.get("maxnreg")
         cfg = triton.Config({"TILE_M": tile_m}, num_warps=int(config.get("num_warps", 4)),
                             num_stages=int(config.get("num_stages", 1 if interp else 2)),
@@ -612,6 +641,33 @@ def paro_attention_triton(
 
 _LAST: dict = {}
 _TMA_ALLOCATOR_SET = False
+_GROUPED_MEMO: dict = {}
+
+
+def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of the union of every ``group`` consecutive query blocks' kept KV blocks, ascending, and per slot the
+    bits of the query blocks that keep it: (counts [H, ⌈Mq/group⌉], indices [H, ⌈Mq/group⌉, Nk], slot_bits (same
+    shape, int32, bit g = query block group·t + g keeps the slot's block)). Memoised per mask tensor (plan constants
+    are static: computed once per plan and device)."""
+    key = (kv_counts.data_ptr(), kv_counts._version, kv_indices.data_ptr(), kv_indices._version,
+           tuple(kv_indices.shape), group, kv_counts.device)
+    hit = _GROUPED_MEMO.get(key)
+    if hit is not None:
+        return hit
+    mask = csr_to_block_mask(kv_counts, kv_indices)  # [H, Mq, Nk]
+    heads, mq, nk = mask.shape
+    mqt = -(-mq // group)
+    mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(heads, mqt, group, nk)
+    counts, indices = block_mask_to_csr(mask.any(2))
+    weights = (1 << torch.arange(group, device=mask.device, dtype=torch.int32)).view(1, 1, group, 1)
+    bits = (mask.to(torch.int32) * weights).sum(2, dtype=torch.int32)
+    slot_bits = bits.gather(-1, indices.long()).to(torch.int32).contiguous()
+    if len(_GROUPED_MEMO) > 64:
+        _GROUPED_MEMO.clear()
+    hit = _GROUPED_MEMO[key] = (counts.contiguous(), indices.contiguous(), slot_bits)
+    return hit
+
 
 
 def _ensure_tma_allocator() -> None:
@@ -646,7 +702,8 @@ def variant_from_env() -> dict:
 # (row max folded into the addend; INT8 QKᵀ on the GPU only: the interpreter keeps the exact two-step form; on
 # the H100 dense 16.89 → 15.73 ms, density 0.2 4.17 → 3.99 ms, same error vs bf16).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
-                           "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True}
+                           "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True,
+                           "group_query_blocks": True}
 
 
 def last_launch_info() -> dict:

@@ -18,6 +18,14 @@ from paro_compile.kernels.attention import paro_attention_triton
 
 from paro_kernel_helpers import attention_f64, kernel_device, rel_l2, requires_cuda
 
+
+def A_last_group() -> int:
+    """Query blocks per tile of the most recent launch (GROUP in its autotune key)."""
+    from paro_compile.kernels.attention import last_launch_info
+
+    key = last_launch_info()["key"]
+    return int(next(part for part in key.split("|") if part.startswith("g"))[1:])
+
 # rel-L2 of (kernel vs reference): accumulation order / fp rounding only (an fp8/int8 P value next to a
 # rounding boundary may move one step). Tolerances by output dtype.
 KERNEL_TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -209,6 +217,40 @@ def test_other_block_sizes(seed, gen, block_m, block_n, pv):
     # 16: the 8-bit PV products run as fp16 MMAs there (8-bit MMAs need K >= 32; the H100 refused to compile it)
     q, k, v, pm, mask = _make(gen, 1, 2, 201, 64, torch.float16, kernel_device(), True, 0.6, block_m, block_n)
     _run_and_check(seed, q, k, v, pm, mask, 8, pv, block_m, block_n)
+
+
+@pytest.mark.parametrize("block,bits,pv,dtype", [(32, 8, "fp8", torch.float16), (16, 8, "int8", torch.bfloat16),
+                                                   (32, 4, "fp8", torch.float16), (32, 16, "fp16", torch.float16)])
+def test_grouped_query_blocks_match_reference(seed, gen, block, bits, pv, dtype):
+    """Query blocks under 64 rows share a 64-row tile and walk the union of their lists (grouped CSR): each row
+    still sees exactly its own kept blocks — including a query block that keeps nothing next to ones that do,
+    and a tail tile with fewer than 64 // block query blocks."""
+    n = 64 * 3 + block + 7  # the last tile holds a partial group
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, dtype, kernel_device(), True, 0.4, block, block)
+    _run_and_check(seed, q, k, v, pm, mask, bits, pv, block, block)
+    grouped = paro_attention_triton(q, k, v, perm=pm, kv_counts=R.block_mask_to_csr(mask)[0].to(q.device),
+                                    kv_indices=R.block_mask_to_csr(mask)[1].to(q.device), qk_bits=bits, pv_dtype=pv,
+                                    block_m=block, block_n=block)
+    assert A_last_group() == 64 // block
+    alone = paro_attention_triton(q, k, v, perm=pm, kv_counts=R.block_mask_to_csr(mask)[0].to(q.device),
+                                  kv_indices=R.block_mask_to_csr(mask)[1].to(q.device), qk_bits=bits, pv_dtype=pv,
+                                  block_m=block, block_n=block, variant={"group_query_blocks": False})
+    assert A_last_group() == 1
+    torch.testing.assert_close(grouped.float(), alone.float(), rtol=0, atol=2e-2 * float(alone.float().abs().max()))
+
+
+def test_grouped_csr_union_and_bits():
+    from paro_compile.kernels.attention import grouped_csr
+
+    mask = torch.zeros(1, 5, 4, dtype=torch.bool)
+    mask[0, 0, [0, 2]] = True
+    mask[0, 1, [2, 3]] = True
+    mask[0, 4, 1] = True  # query blocks 2, 3 keep nothing; block 4 is alone in the last group
+    counts, indices = R.block_mask_to_csr(mask)
+    ucounts, uindices, bits = grouped_csr(counts, indices, 2)
+    assert ucounts.tolist() == [[3, 0, 1]]
+    assert uindices[0, 0, :3].tolist() == [0, 2, 3] and uindices[0, 2, :1].tolist() == [1]
+    assert bits[0, 0, :3].tolist() == [0b01, 0b11, 0b10] and bits[0, 2, 0].item() == 0b01
 
 
 def test_text_prefix_permutation(seed, gen):
