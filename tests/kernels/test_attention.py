@@ -86,10 +86,13 @@ def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, sc
         # by an ulp) moves one quantization step; where that entry dominates a short row, the row moves by a few
         # percent (seed 550482993: 5 of 140 rows, up to 4.2 %, overall 3.6e-3 vs 2e-3). Accepted only when it is
         # confined to a few rows and the kernel stays exactly as accurate as the reference against float64.
+        # INT4 scores take few distinct values, so equal P entries sit on the same boundary and flip together
+        # (seed 447842360, INT4, fp32: 22 of 258 rows, kernel and reference equally accurate): up to 15 % of rows.
         row = ((out - ref).double().norm(dim=-1) / ref.double().norm(dim=-1).clamp_min(1e-30)).flatten()
         exact = attention_f64(q, k, v, pm, mask, block_m, block_n, scale)
         e_ref, e_ker = rel_l2(ref, exact), rel_l2(out, exact)
-        assert (row > ktol).float().mean() <= 0.05 and row.max() <= 0.15 and e_ker <= 1.02 * e_ref + 1e-4, (
+        rows_allowed = 0.15 if bits == 4 else 0.05
+        assert (row > ktol).float().mean() <= rows_allowed and row.max() <= 0.15 and e_ker <= 1.02 * e_ref + 1e-4, (
             f"kernel vs reference rel-L2 {err:.3e} > {ktol:.1e}: {int((row > ktol).sum())} of {row.numel()} rows off "
             f"(max {row.max():.3e}), vs float64 kernel {e_ker:.4e} / reference {e_ref:.4e}; {msg}")
     else:
