@@ -4,7 +4,9 @@ CogVideoX shape B2·H48·N17776·D64, INT8 QKᵀ / FP8 PV, block 32 and 16 at de
 - "coherent" masks: a random 64×64 block mask refined to the finer blocks (neighbouring query blocks keep the same
   KV blocks: the union costs nothing; PARO masks are spatially coherent like this), and
 - "independent" masks: random at the finer block (neighbours share little: the union is the worst case),
-plus block 64 at the same density as the yardstick. Medians of triton.testing.do_bench; writes $OUT/grouped_probe.json.
+plus block 64 at the same density as the yardstick; and with skipped-block compensation on the coherent masks.
+Fixed launch configs (PARO_AUTOTUNE=0: 64-row tiles, 4 warps, 3 stages; compensated: 168 registers), so every row
+is the same config. Medians of triton.testing.do_bench; writes $OUT/grouped_probe.json.
 """
 import json
 import os
@@ -12,6 +14,8 @@ import sys
 
 import torch
 import triton
+
+os.environ["PARO_AUTOTUNE"] = "0"
 
 sys.path.insert(0, os.getcwd())
 from paro_compile.kernels import reference as R, tuning  # noqa: E402
@@ -32,9 +36,10 @@ def bench(fn):
 for dens in (0.3, 0.2):
     m64 = tuning.random_block_mask(h, R.num_blocks(n, 64), R.num_blocks(n, 64), dens, generator=gen)
     c64, i64 = (x.cuda() for x in R.block_mask_to_csr(m64))
-    ms = bench(lambda: paro_attention_triton(q, k, v, kv_counts=c64, kv_indices=i64))
-    rows.append({"density": dens, "block": 64, "mask": "random", "grouped": False, "ms": ms})
-    print(f"dens {dens} block 64 random              {ms:8.3f} ms", flush=True)
+    for comp in (False, True):
+        ms = bench(lambda: paro_attention_triton(q, k, v, kv_counts=c64, kv_indices=i64, compensate=comp))
+        rows.append({"density": dens, "block": 64, "mask": "random", "grouped": False, "compensate": comp, "ms": ms})
+        print(f"dens {dens} block 64 random     comp={comp!s:5s}      {ms:8.3f} ms", flush=True)
     for blk in (32, 16):
         f = 64 // blk
         nb = R.num_blocks(n, blk)
@@ -44,15 +49,16 @@ for dens in (0.3, 0.2):
         for name, mask in (("coherent", coherent), ("independent", independent)):
             counts, indices = (x.cuda() for x in R.block_mask_to_csr(mask))
             union = grouped_csr(counts, indices, f)[0].float().mean().item() * f / max(counts.float().mean().item(), 1)
-            for grouped in (True, False):
+            for grouped, comp in ((True, False), (False, False)) + (((True, True), (False, True)) if name == "coherent" else ()):
                 try:
                     t = bench(lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices, block_m=blk,
-                                                            block_n=blk, variant={"group_query_blocks": grouped}))
+                                                            block_n=blk, variant={"group_query_blocks": grouped},
+                                                            compensate=comp))
                 except Exception as e:  # noqa: BLE001
                     t = float("nan")
                     print("failed", blk, name, grouped, type(e).__name__, str(e)[:300], flush=True)
-                rows.append({"density": dens, "block": blk, "mask": name, "grouped": grouped, "ms": t,
+                rows.append({"density": dens, "block": blk, "mask": name, "grouped": grouped, "compensate": comp, "ms": t,
                              "kept": float(mask.float().mean()), "union_over_own": union})
-                print(f"dens {dens} block {blk} {name:11s} grouped={grouped!s:5s} {t:8.3f} ms  kept {mask.float().mean():.3f}"
+                print(f"dens {dens} block {blk} {name:11s} grouped={grouped!s:5s} comp={comp!s:5s} {t:8.3f} ms  kept {mask.float().mean():.3f}"
                       f"  union/own {union:.2f}", flush=True)
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "grouped_probe.json"), "w"), indent=1)

@@ -383,7 +383,7 @@ def _attn_fwd(
         m_i = m_new
 
     if COMPENSATE:
-        # Skipped-block compensation (sparse masks only, so the tile is one query block): every KV block whose
+        # Skipped-block compensation (sparse masks only; with GROUP > 1 each row reads its own block's bits): every KV block whose
         # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
         # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
         # at a time, and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
@@ -395,6 +395,8 @@ def _attn_fwd(
         else:
             q16 = q.to(tl.float16)
         bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
+        if GROUP > 1:
+            bits_rows = KEPT_BITS + (h * NQB + tl.minimum(pid_m * GROUP + sub_block, NQB - 1)) * tl.cdiv(NKB, 32)
         for t in range(0, NKB, BLOCK_N):
             cols = t + rn
             col_in = cols < NKB
@@ -407,10 +409,19 @@ def _attn_fwd(
             else:
                 kb = tl.load(kb_ptr + offs_d[None, :], mask=col_in[:, None], other=0.0)
                 sb = tl.dot(q16, tl.trans(kb))
-            kept = (tl.load(bits_base + cols // 32, mask=col_in, other=0) >> (cols % 32)) & 1
             n_tok = tl.minimum(N - cols * BLOCK_N, BLOCK_N).to(tl.float32)
-            bias = tl.where(col_in & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0)), float("-inf"))
-            sb = sb * qs[:, None] + bias[None, :]
+            if GROUP > 1:  # each row reads its own query block's kept bits
+                words = tl.load(bits_rows[:, None] + (cols // 32)[None, :], mask=col_in[None, :], other=0)
+                kept = (words >> (cols % 32)[None, :]) & 1
+                bias = tl.where(col_in[None, :] & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0))[None, :],
+                                float("-inf"))
+            else:
+                kept = (tl.load(bits_base + cols // 32, mask=col_in, other=0) >> (cols % 32)) & 1
+                bias = tl.where(col_in & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0)), float("-inf"))
+            if GROUP > 1:
+                sb = sb * qs[:, None] + bias
+            else:
+                sb = sb * qs[:, None] + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(sb, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
@@ -559,7 +570,7 @@ def paro_attention_triton(
                              "(reference.kept_block_bits of the block mask)")
         kv_kept_bits = kv_kept_bits.to(device=q.device, dtype=torch.int32).contiguous()
     # Query blocks under 64 rows share 64-row tensor-core tiles and walk the union of their kept blocks.
-    group = 64 // block_m if (not dense and not compensate and block_m < 64 and knobs["group_query_blocks"]) else 1
+    group = 64 // block_m if (not dense and block_m < 64 and knobs["group_query_blocks"]) else 1
     slot_bits = None
     if group > 1:
         kv_counts, kv_indices, slot_bits = grouped_csr(kv_counts, kv_indices, group)
