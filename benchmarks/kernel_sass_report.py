@@ -43,14 +43,15 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
     """ptx, cubin path and ptxas' resource line of one specialisation (INT8 QKᵀ, bf16 out, D 64, block 64)."""
     knobs = dict(A.KERNEL_VARIANT_DEFAULTS, **(variant or {}))
     ptrs = {"QQ": "*i8", "QS": "*fp32", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
-            "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32"}
+            "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32",
+            "SLOT_BITS": "*i32"}
     consts = dict(TILE_M=tile_m, BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,
                   DENSE=dense, DOT_F32=False, IEEE=False, EMULATE=False, EXP2_MODE=0,
                   FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
                   WARP_SPEC=bool(knobs["warp_specialize"]),
                   PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"])),
                   COMPENSATE=compensate and not dense, TMA_KV=bool(knobs["tma_kv"]),
-                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]))
+                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=1)
     names = A._attn_fwd.arg_names
     missing = [n for n in names if n not in ptrs and n not in consts and n != "P_LOG2" and not n.islower()
                and n not in ("N", "H", "NQB", "NKB")]

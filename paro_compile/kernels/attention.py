@@ -652,20 +652,15 @@ def paro_attention_triton(
 
 _LAST: dict = {}
 _TMA_ALLOCATOR_SET = False
-_GROUPED_MEMO: dict = {}
 
 
 def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CSR of the union of every ``group`` consecutive query blocks' kept KV blocks, ascending, and per slot the
     bits of the query blocks that keep it: (counts [H, ⌈Mq/group⌉], indices [H, ⌈Mq/group⌉, Nk], slot_bits (same
-    shape, int32, bit g = query block group·t + g keeps the slot's block)). Memoised per mask tensor (plan constants
-    are static: computed once per plan and device)."""
-    key = (kv_counts.data_ptr(), kv_counts._version, kv_indices.data_ptr(), kv_indices._version,
-           tuple(kv_indices.shape), group, kv_counts.device)
-    hit = _GROUPED_MEMO.get(key)
-    if hit is not None:
-        return hit
+    shape, int32, bit g = query block group·t + g keeps the slot's block)). A few device ops per call, not memoised:
+    with step buckets the CSR is selected per call into recycled memory, so a cache keyed on the tensor's address
+    returned another bucket's union (a test caught it)."""
     mask = csr_to_block_mask(kv_counts, kv_indices)  # [H, Mq, Nk]
     heads, mq, nk = mask.shape
     mqt = -(-mq // group)
@@ -674,10 +669,7 @@ def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int
     weights = (1 << torch.arange(group, device=mask.device, dtype=torch.int32)).view(1, 1, group, 1)
     bits = (mask.to(torch.int32) * weights).sum(2, dtype=torch.int32)
     slot_bits = bits.gather(-1, indices.long()).to(torch.int32).contiguous()
-    if len(_GROUPED_MEMO) > 64:
-        _GROUPED_MEMO.clear()
-    hit = _GROUPED_MEMO[key] = (counts.contiguous(), indices.contiguous(), slot_bits)
-    return hit
+    return counts.contiguous(), indices.contiguous(), slot_bits
 
 
 
