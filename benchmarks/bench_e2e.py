@@ -69,6 +69,7 @@ def parse_args(argv=None):
                         "compensate_skipped=True); any compiled variant may end in +cg (CUDA graphs, "
                         "mode='reduce-overhead') (default: all with --densities)")
     p.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES))
+    p.add_argument("--block", type=int, default=None, help="mask block of the synthetic plans (default 64; 16 with --tiny)")
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
     p.add_argument("--impl", default="auto")
@@ -377,7 +378,7 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     import diffusers
 
     tiny = args.tiny
-    block = 16 if tiny else 64
+    block = args.block or (16 if tiny else 64)
     allow_fp32 = dtype == torch.float32
     t_build = time.perf_counter()
     if name == "cog":
