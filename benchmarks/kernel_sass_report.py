@@ -44,7 +44,7 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
     knobs = dict(A.KERNEL_VARIANT_DEFAULTS, **(variant or {}))
     ptrs = {"QQ": "*i8", "QS": "*fp32", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
             "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32",
-            "SLOT_BITS": "*i32"}
+            "SLOT_BITS": "*i8"}
     consts = dict(TILE_M=tile_m, BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,
                   DENSE=dense, DOT_F32=False, IEEE=False, EMULATE=False, EXP2_MODE=0,
                   FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),

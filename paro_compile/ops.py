@@ -44,6 +44,9 @@ def paro_attention(
     density: float = -1.0,
     compensate: bool = False,
     kv_kept_bits: Optional[torch.Tensor] = None,
+    group_counts: Optional[torch.Tensor] = None,
+    group_indices: Optional[torch.Tensor] = None,
+    group_bits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order.
 
@@ -51,7 +54,10 @@ def paro_attention(
     bucket without reading ``kv_counts`` back from the device; -1 = measure it (one host sync per new
     mask tensor). ``compensate``: skipped KV blocks take part as one pooled key each (block-mean K/V;
     `paro_compile.kernels.reference`, step 6); no effect on dense masks. ``kv_kept_bits`` (optional): the
-    mask's kept blocks as `reference.kept_block_bits` words, for the Triton kernel (derived when absent)."""
+    mask's kept blocks as `reference.kept_block_bits` words, for the Triton kernel (derived when absent).
+    ``group_counts`` / ``group_indices`` / ``group_bits`` (optional, block_m < 64): `reference.grouped_block_csr`
+    of the mask with group 64 // block_m, the walk of the Triton kernel's shared 64-row tiles (derived per call when
+    absent); the reference ignores them."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
@@ -67,8 +73,11 @@ def paro_attention(
             )
         from paro_compile.kernels.attention import paro_attention_triton
 
+        grouped = None
+        if group_counts is not None and group_indices is not None and group_bits is not None:
+            grouped = (group_counts, group_indices, group_bits)
         out = paro_attention_triton(q, k, v, density=density if density >= 0 else None, kv_kept_bits=kv_kept_bits,
-                                    **kwargs)
+                                    grouped=grouped, **kwargs)
     else:
         out = paro_attention_reference(q, k, v, **kwargs)
     # The fake impl promises a contiguous result; Inductor asserts the strides.
@@ -77,5 +86,6 @@ def paro_attention(
 
 @paro_attention.register_fake
 def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl,
-                         density=-1.0, compensate=False, kv_kept_bits=None):
+                         density=-1.0, compensate=False, kv_kept_bits=None, group_counts=None, group_indices=None,
+                         group_bits=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -110,6 +110,30 @@ def test_step_buckets_follow_the_timestep_without_recompiling():
 
 
 @torch.no_grad()
+def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
+    """Blocks under 64 rows: the lowering stores the grouped CSR of every step bucket (the walk of the kernel's shared
+    64-row tiles) and selects it per call; the kernel never derives it at run time, and the result is the plan's."""
+    from paro_compile.kernels import attention as kernel_module
+
+    def derive(*args, **kwargs):
+        raise AssertionError("grouped CSR derived at run time: the plan constants did not reach the kernel")
+
+    monkeypatch.setattr(kernel_module, "grouped_csr", derive)
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    plan = random_plan(buckets=2)
+    assert BLOCK < 64
+    compiled = torch.compile(model, backend="paro",
+                             options={**EXACT, "plan": plan, "fold_permutations": False, "impl": "triton"})
+    for timestep, bucket in [(300.0, 1), (900.0, 0)]:
+        inputs = toy_inputs()
+        inputs["timestep"] = torch.full((1,), timestep)
+        with PlannedAttention(plan, bucket, qk_bits=16, pv_dtype="fp16"):
+            expected = model(**inputs)
+        torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch):
     """With step buckets the CSR is selected on the device each call; the kernel must take the autotune
     density from the plan (compile time), not by reading the selected counts back (a host sync per site)."""

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from paro_compile.kernels import tuning
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
-from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, block_mask_to_csr, csr_to_block_mask, kept_block_bits,
+from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, csr_to_block_mask, grouped_block_csr, kept_block_bits,
                                             num_blocks)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -267,7 +267,8 @@ def _attn_fwd(
         rows_k = j * BLOCK_N + rn
         ks = tl.load(KS + pid_bh * NKB + j)
         if GROUP > 1:
-            row_keep = ((tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB + s) >> sub_block) & 1) != 0
+            slot_bits = tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB + s).to(tl.int32)
+            row_keep = ((slot_bits >> sub_block) & 1) != 0
         # ---- S = Q Kᵀ: int32 for INT8/INT4, else in the input dtype ----
         if QK_BITS == 4:
             k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
@@ -509,6 +510,7 @@ def paro_attention_triton(
     density: Optional[float] = None,
     compensate: bool = False,
     kv_kept_bits: Optional[torch.Tensor] = None,
+    grouped: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
@@ -522,7 +524,8 @@ def paro_attention_triton(
     counts ``kv_counts`` on the device and reads the result back (a sync, memoised per tensor).
     ``compensate``: skipped-block compensation (reference step 6; sparse masks only); ``kv_kept_bits``
     (optional, int32 [H, NQB, ceil(NKB/32)] = `reference.kept_block_bits` of the mask) saves deriving them
-    from the CSR on every call.
+    from the CSR on every call. ``grouped`` (optional, block_m < 64): `reference.grouped_block_csr` of the mask with
+    group 64 // block_m — the CSR that shared 64-row tiles walk; derived per call when absent (a few tensor ops).
     ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
     is its own compiled kernel and its own autotune cache entry.
     """
@@ -573,7 +576,15 @@ def paro_attention_triton(
     group = 64 // block_m if (not dense and block_m < 64 and knobs["group_query_blocks"]) else 1
     slot_bits = None
     if group > 1:
-        kv_counts, kv_indices, slot_bits = grouped_csr(kv_counts, kv_indices, group)
+        mqt = -(-nqb // group)
+        if grouped is None:
+            grouped = grouped_csr(kv_counts, kv_indices, group)
+        elif (tuple(grouped[0].shape) != (heads, mqt) or tuple(grouped[1].shape) != (heads, mqt, nkb)
+              or tuple(grouped[2].shape) != (heads, mqt, nkb)):
+            raise ValueError(f"grouped CSR has shapes {[tuple(t.shape) for t in grouped]}, expected ({heads}, {mqt}), "
+                             f"({heads}, {mqt}, {nkb}) twice (reference.grouped_block_csr of the mask, group {group})")
+        kv_counts, kv_indices, slot_bits = (t.to(device=q.device).contiguous() for t in grouped)
+        kv_counts, kv_indices = kv_counts.to(torch.int32), kv_indices.to(torch.int32)
     pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
                         block_m=block_m, block_n=block_n, pooled=compensate)
     if out is None:
@@ -656,21 +667,10 @@ _TMA_ALLOCATOR_SET = False
 
 def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR of the union of every ``group`` consecutive query blocks' kept KV blocks, ascending, and per slot the
-    bits of the query blocks that keep it: (counts [H, ⌈Mq/group⌉], indices [H, ⌈Mq/group⌉, Nk], slot_bits (same
-    shape, int32, bit g = query block group·t + g keeps the slot's block)). A few device ops per call, not memoised:
-    with step buckets the CSR is selected per call into recycled memory, so a cache keyed on the tensor's address
-    returned another bucket's union (a test caught it)."""
-    mask = csr_to_block_mask(kv_counts, kv_indices)  # [H, Mq, Nk]
-    heads, mq, nk = mask.shape
-    mqt = -(-mq // group)
-    mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(heads, mqt, group, nk)
-    counts, indices = block_mask_to_csr(mask.any(2))
-    weights = (1 << torch.arange(group, device=mask.device, dtype=torch.int32)).view(1, 1, group, 1)
-    bits = (mask.to(torch.int32) * weights).sum(2, dtype=torch.int32)
-    slot_bits = bits.gather(-1, indices.long()).to(torch.int32).contiguous()
-    return counts.contiguous(), indices.contiguous(), slot_bits
-
+    """`reference.grouped_block_csr` of a CSR mask, on its device (a few tensor ops). Not memoised: with step
+    buckets the CSR is selected per call into recycled memory, so a cache keyed on the tensor's address returned
+    another bucket's union (a test caught it). The lowered op passes the grouped CSR as plan constants instead."""
+    return grouped_block_csr(csr_to_block_mask(kv_counts, kv_indices), group)
 
 
 def _ensure_tma_allocator() -> None:

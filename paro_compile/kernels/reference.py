@@ -162,6 +162,21 @@ def kept_block_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32).contiguous()
 
 
+def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean block mask [..., Mq, Nk] → the CSR that 64-row kernel tiles walk when ``group`` query blocks share a
+    tile: (counts [..., ⌈Mq/group⌉] int32, indices [..., ⌈Mq/group⌉, Nk] int32: the union of the group's kept blocks,
+    ascending, then the rest, as `block_mask_to_csr`; slot_bits, indices' shape, int8: bit g set when query block
+    group·t + g keeps the block in that slot). Each row still sees exactly its own blocks, in ascending order."""
+    mask = mask.bool()
+    *lead, mq, nk = mask.shape
+    mqt = -(-mq // group)
+    mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(*lead, mqt, group, nk)
+    counts, indices = block_mask_to_csr(mask.any(-2))
+    weights = (1 << torch.arange(group, device=mask.device, dtype=torch.int32)).view(group, 1)
+    bits = (mask.to(torch.int32) * weights).sum(-2, dtype=torch.int32)
+    return counts, indices, bits.gather(-1, indices.long()).to(torch.int8).contiguous()
+
+
 def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Inverse of `block_mask_to_csr`: boolean [..., Mq, Nk]."""
     nk = indices.shape[-1]

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
-from paro_compile.kernels.reference import block_mask_to_csr, kept_block_bits
+from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, kept_block_bits
 from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
@@ -104,6 +104,7 @@ def lower_attention_sites(
         elif perm is not None:
             perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous(), device)
         counts_node = indices_node = bits_node = None
+        group_nodes = [None, None, None]
         compensate = bool(config.compensate_skipped)
         record.density = 1.0
         if symbolic and site_plan is not None and not bool(site_plan.block_masks.all()):
@@ -116,6 +117,9 @@ def lower_attention_sites(
             per_bucket = {"kv_counts": counts, "kv_indices": indices}
             if compensate:
                 per_bucket["kv_kept_bits"] = kept_block_bits(masks)
+            if block < 64:  # the Triton kernel walks query blocks under 64 rows in shared 64-row tiles
+                group_csr = grouped_block_csr(masks, 64 // block)
+                per_bucket.update(zip(("group_counts", "group_indices", "group_bits"), group_csr))
             multi = masks.shape[0] > 1
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)
@@ -139,6 +143,7 @@ def lower_attention_sites(
                 mask_nodes[name] = const
             counts_node, indices_node = mask_nodes["kv_counts"], mask_nodes["kv_indices"]
             bits_node = mask_nodes.get("kv_kept_bits")
+            group_nodes = [mask_nodes.get(name) for name in ("group_counts", "group_indices", "group_bits")]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
@@ -146,7 +151,7 @@ def lower_attention_sites(
                 (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
                  config.qk_bits, config.pv_dtype, block, block, config.impl,
                  record.density if counts_node is not None else -1.0,
-                 compensate and counts_node is not None, bits_node),
+                 compensate and counts_node is not None, bits_node, *group_nodes),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
