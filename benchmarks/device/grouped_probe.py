@@ -47,7 +47,10 @@ for dens in (0.3, 0.2):
         coherent = m64.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].clone()
         coherent[:, torch.arange(nb), torch.arange(nb)] = True
         independent = tuning.random_block_mask(h, nb, nb, dens, generator=gen, block_m=blk, block_n=blk)
-        for name, mask in (("coherent", coherent), ("independent", independent)):
+        masks = (("coherent", coherent), ("independent", independent))
+        if os.environ.get("PROBE_COHERENT_ONLY"):
+            masks = masks[:1]
+        for name, mask in masks:
             counts, indices = (x.cuda() for x in R.block_mask_to_csr(mask))
             # kept blocks walked per 64-row tile over the kept blocks of one of its query blocks (1 = no extra work)
             grouped_plan = grouped_csr(counts, indices, f)  # as the lowered op gets it: plan constants
