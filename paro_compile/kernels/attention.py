@@ -30,7 +30,10 @@ the fused prologue (`prologue.py`) permutes, smooths and quantizes Q/K/V once; t
 Tiling: BLOCK_N is the plan's block_n (the P quantization depends on the running max after each
 64-key block, so the walk must go block by block). The query tile is block_m rows, or 2·block_m
 for dense masks (rows are independent, so two query blocks that share their KV list can share a
-tile; with a sparse mask each query block has its own list). num_warps / num_stages (and the
+tile). Sparse masks with block_m < 64 put GROUP = 64 // block_m query blocks in one 64-row tile (Hopper's
+wgmma M) that walks the union of their kept blocks in ascending order; per slot a GROUP-bit word says
+which of them keep the block, and the other rows get P = 0 and an unchanged max, so each row sees exactly
+its own blocks (`reference.grouped_block_csr`, passed as plan constants by the lowering). num_warps / num_stages (and the
 query tile for dense) are autotuned with `triton.autotune`, keyed on (N bucket, D, density bucket,
 dtypes, modes); winners are persisted in ``${PARO_CACHE_DIR:-~/.cache/paro_compile}/autotune/<gpu>.json``
 (see `tuning.py`). ``PARO_AUTOTUNE=0`` uses a fixed config; under ``TRITON_INTERPRET=1`` a single
