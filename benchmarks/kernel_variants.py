@@ -73,8 +73,6 @@ KERNEL_VARIANTS = {
     "fp8 tma": ("fp8", 0, {"tma_kv": True}),
     "fp8 tma prefetch": ("fp8", 0, {"tma_kv": True, "prefetch_qk": True}),
     "fp8 two-step exp-arg": ("fp8", 0, {"fma_exp_arg": False}),
-    "fp8 pool32": ("fp8", 0, {"pool_n": 32}),
-    "fp8 pool128": ("fp8", 0, {"pool_n": 128}),
 }
 
 

@@ -195,7 +195,6 @@ def _attn_fwd(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
     COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, GROUP: tl.constexpr,
-    POOL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -402,8 +401,8 @@ def _attn_fwd(
         bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
         if GROUP > 1:
             bits_rows = KEPT_BITS + (h * NQB + tl.minimum(pid_m * GROUP + sub_block, NQB - 1)) * tl.cdiv(NKB, 32)
-        for t in range(0, NKB, POOL_N):
-            cols = t + tl.arange(0, POOL_N)
+        for t in range(0, NKB, BLOCK_N):
+            cols = t + rn
             col_in = cols < NKB
             kb_ptr = KBAR + (pid_bh * NKB + cols[:, None]) * D
             if QK_BITS == 4:
@@ -540,8 +539,6 @@ def paro_attention_triton(
     if unknown:
         raise ValueError(f"unknown kernel variant switch(es) {sorted(unknown)}; known: {sorted(knobs)}")
     knobs.update(variant or {})
-    if int(knobs["pool_n"]) not in (32, 64, 128):
-        raise ValueError(f"pool_n (pooled keys per compensation step) must be 32, 64 or 128, got {knobs['pool_n']}")
     if exp2_mode is None:
         exp2_mode = default_exp2_mode()
     if exp2_mode not in EXP2_MODES:
@@ -631,7 +628,6 @@ def paro_attention_triton(
         # a 67-token sparse case, not diagnosed), so INT4 keeps the two-step form.
         FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
         GROUP=group,
-        POOL_N=int(knobs["pool_n"]) if compensate else 64,
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
@@ -713,7 +709,7 @@ def variant_from_env() -> dict:
 # the H100 dense 16.89 → 15.73 ms, density 0.2 4.17 → 3.99 ms, same error vs bf16).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
                            "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True,
-                           "group_query_blocks": True, "pool_n": 64}
+                           "group_query_blocks": True}
 
 
 def last_launch_info() -> dict:

@@ -125,7 +125,7 @@ def _key(args: tuple, meta: dict) -> str:
         f"qk{meta['QK_BITS']}", f"pv{meta['PV_MODE']}", f"dense{int(bool(meta['DENSE']))}",
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
         f"exp2{int(meta.get('EXP2_MODE', 0))}",
-        *([f"comp{int(meta.get('POOL_N', 64))}"] if meta.get("COMPENSATE") else []),
+        *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
         "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")), f"g{int(meta.get('GROUP', 1))}",
         f"triton{triton.__version__}", f"src{_source_hash()}",
     ]

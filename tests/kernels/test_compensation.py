@@ -159,22 +159,6 @@ def test_kernel_matches_reference(seed, gen, bits, pv, dtype, d, block):
     assert out[:, 0, tokens].abs().max() > 0, msg
 
 
-@pytest.mark.parametrize("pool_n,block", [(32, 64), (128, 64), (128, 32)])
-def test_pooled_keys_per_step_do_not_change_the_result(seed, gen, pool_n, block):
-    """The compensation walks the pooled keys pool_n at a time (a speed knob): same function as the reference."""
-    device = kernel_device()
-    n = 64 * 9 + 5  # more pooled keys than one step of 128 at block 32
-    q, k, v, pm = _inputs(gen, 1, 2, n, 64, torch.float16, device)
-    mask = _mask(gen, 2, n, block, 0.3)
-    counts, indices = (t.to(device) for t in R.block_mask_to_csr(mask))
-    kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, block_m=block, block_n=block)
-    out = paro_attention_triton(q, k, v, compensate=True, variant={"pool_n": pool_n}, **kw)
-    ref = R.paro_attention_reference(q, k, v, compensate=True, **kw)
-    assert rel_l2(out, ref) <= KERNEL_TOL[torch.float16], f"seed={seed} pool_n={pool_n}: {rel_l2(out, ref):.3e}"
-    with pytest.raises(ValueError, match="pool_n"):
-        paro_attention_triton(q, k, v, compensate=True, variant={"pool_n": 48}, **kw)
-
-
 def test_kernel_compensation_ignored_for_dense(seed, gen):
     device = kernel_device()
     q, k, v, pm = _inputs(gen, 1, 2, 100, 32, torch.float16, device)
