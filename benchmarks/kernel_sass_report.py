@@ -39,19 +39,21 @@ _V_PTR = {"fp8": "*fp8e4nv", "int8": "*i8", "fp16": "*bf16"}
 
 
 def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int = 4, stages: int = 3,
-                   maxnreg=None, compensate: bool = False, variant: dict | None = None) -> dict:
-    """ptx, cubin path and ptxas' resource line of one specialisation (INT8 QKᵀ, bf16 out, D 64, block 64)."""
+                   maxnreg=None, compensate: bool = False, variant: dict | None = None, group: int = 1) -> dict:
+    """ptx, cubin path and ptxas' resource line of one specialisation (INT8 QKᵀ, bf16 out, D 64, block 64, or
+    block 64 // group in shared 64-row tiles for a sparse mask)."""
+    group = 1 if dense else group
     knobs = dict(A.KERNEL_VARIANT_DEFAULTS, **(variant or {}))
     ptrs = {"QQ": "*i8", "QS": "*fp32", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
             "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32",
             "SLOT_BITS": "*i8"}
-    consts = dict(TILE_M=tile_m, BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,
+    consts = dict(TILE_M=tile_m, BLOCK_M=64 // group, BLOCK_N=64 // group, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,
                   DENSE=dense, DOT_F32=False, IEEE=False, EMULATE=False, EXP2_MODE=0,
                   FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
                   WARP_SPEC=bool(knobs["warp_specialize"]),
                   PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"])),
                   COMPENSATE=compensate and not dense, TMA_KV=bool(knobs["tma_kv"]),
-                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=1)
+                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group)
     names = A._attn_fwd.arg_names
     missing = [n for n in names if n not in ptrs and n not in consts and n != "P_LOG2" and not n.islower()
                and n not in ("N", "H", "NQB", "NKB")]
@@ -100,6 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--compensate", action="store_true", help="skipped-block compensation (sparse only)")
+    ap.add_argument("--group", type=int, default=1, choices=(1, 2, 4),
+                    help="sparse: query blocks of 64 // group tokens sharing a 64-row tile")
     ap.add_argument("--variant", default="", help="attention.KERNEL_VARIANT_DEFAULTS overrides, e.g. fma_exp_arg=0")
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="nvdisasm binary (optional)")
     args = ap.parse_args(argv)
@@ -112,8 +116,9 @@ def main(argv=None) -> None:
     print(f"{'mask':7s} {'tile':>4s} {'warps':>5s} {'stages':>6s}  resources / KV-loop instructions")
     for dense in (False, True):
         res = compile_kernel(dense=dense, pv=args.pv, warps=args.warps, stages=args.stages, maxnreg=args.maxnreg,
-                             compensate=args.compensate, variant=variant)
-        print(f"{'dense' if dense else 'sparse':7s} {64:4d} {args.warps:5d} {args.stages:6d}  {res['resources']}")
+                             compensate=args.compensate, variant=variant, group=args.group)
+        print(f"{'dense' if dense else 'sparse':7s} {64:4d} {args.warps:5d} {args.stages:6d}  {res['resources']}"
+              + (f"  (block {64 // args.group}, {args.group} per tile)" if args.group > 1 and not dense else ""))
         if args.nvdisasm and os.path.exists(args.nvdisasm):
             total, ops = loop_histogram(res["cubin"], args.nvdisasm)
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))

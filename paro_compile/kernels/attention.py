@@ -185,6 +185,20 @@ def _load_k_tile(KQ, k_desc, kbase, j, rn, offs_d, BLOCK_N: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _row_max_step(m_i, row_max, row_keep, P_LOG2, GROUP: tl.constexpr):
+    """Running max, rescale factor and exp2 shift (m − log2 of P's factor) after one KV block. In grouped tiles
+    (GROUP > 1) rows whose query block does not keep the block keep their max and get shift +inf (P = 0)."""
+    if GROUP > 1:
+        row_max = tl.where(row_keep, row_max, float("-inf"))
+    m_new = tl.maximum(m_i, row_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = m_safe - P_LOG2
+    if GROUP > 1:
+        shift = tl.where(row_keep, shift, float("inf"))
+    return m_new, tl.math.exp2(m_i - m_safe), shift
+
+
+@triton.jit
 def _attn_fwd(
     QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS,
     N, H, NQB, NKB, P_LOG2,
@@ -272,6 +286,8 @@ def _attn_fwd(
         if GROUP > 1:
             slot_bits = tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB + s).to(tl.int32)
             row_keep = ((slot_bits >> sub_block) & 1) != 0
+        else:
+            row_keep = None
         # ---- S = Q Kᵀ: int32 for INT8/INT4, else in the input dtype ----
         if QK_BITS == 4:
             k_lo, k_hi = _load_k_int4(KQ, kbase, rows_k, offs_h, HALF)
@@ -308,15 +324,7 @@ def _attn_fwd(
             if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
                 raw = tl.where((rows_k < N)[None, :], raw, float("-inf"))
             c = _round_scale_22bits(qs * ks)
-            row_max = (tl.max(raw, axis=1) - 12582912.0) * c
-            if GROUP > 1:
-                row_max = tl.where(row_keep, row_max, float("-inf"))
-            m_new = tl.maximum(m_i, row_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            shift = m_safe - P_LOG2
-            if GROUP > 1:  # rows whose query block does not keep this KV block: exp2(· − inf) = 0
-                shift = tl.where(row_keep, shift, float("inf"))
+            m_new, alpha, shift = _row_max_step(m_i, (tl.max(raw, axis=1) - 12582912.0) * c, row_keep, P_LOG2, GROUP)
             if FMA_EXP_ARG and QK_BITS == 8 and not EMULATE:
                 # The exp2 argument in one FFMA: raw·c − (1.5·2^23·c + m − log2 448), one rounding instead of
                 # the FFMA's and the FADD's (saves one issue slot per score in an issue-bound loop).
@@ -331,15 +339,7 @@ def _attn_fwd(
             # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
             bias = tl.where(rows_k < N, 0.0, float("-inf"))
             sc = qk * (qs * ks)[:, None] + bias[None, :]
-            row_max = tl.max(sc, axis=1)
-            if GROUP > 1:
-                row_max = tl.where(row_keep, row_max, float("-inf"))
-            m_new = tl.maximum(m_i, row_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            shift = m_safe - P_LOG2
-            if GROUP > 1:
-                shift = tl.where(row_keep, shift, float("inf"))
+            m_new, alpha, shift = _row_max_step(m_i, tl.max(sc, axis=1), row_keep, P_LOG2, GROUP)
         # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
         # folded into the row max), so the row sum and the accumulator carry the same factor and it cancels.
         if FMA_EXP_ARG and FUSED_SOFTMAX and QK_BITS == 8 and not EMULATE:
@@ -417,14 +417,11 @@ def _attn_fwd(
             if GROUP > 1:  # each row reads its own query block's kept bits
                 words = tl.load(bits_rows[:, None] + (cols // 32)[None, :], mask=col_in[None, :], other=0)
                 kept = (words >> (cols % 32)[None, :]) & 1
-                bias = tl.where(col_in[None, :] & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0))[None, :],
-                                float("-inf"))
+                sb = sb * qs[:, None] + tl.where(col_in[None, :] & (kept == 0),
+                                                 tl.math.log2(tl.maximum(n_tok, 1.0))[None, :], float("-inf"))
             else:
                 kept = (tl.load(bits_base + cols // 32, mask=col_in, other=0) >> (cols % 32)) & 1
                 bias = tl.where(col_in & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0)), float("-inf"))
-            if GROUP > 1:
-                sb = sb * qs[:, None] + bias
-            else:
                 sb = sb * qs[:, None] + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(sb, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
