@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from paro_compile.kernels.reference import paro_attention_reference
+from paro_compile.kernels.reference import block_mask_to_csr, paro_attention_reference, ungrouped_block_mask
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -57,10 +57,16 @@ def paro_attention(
     mask's kept blocks as `reference.kept_block_bits` words, for the Triton kernel (derived when absent).
     ``group_counts`` / ``group_indices`` / ``group_bits`` (optional, block_m < 64): `reference.grouped_block_csr`
     of the mask with group 64 // block_m, the walk of the Triton kernel's shared 64-row tiles (derived per call when
-    absent); the reference ignores them."""
+    absent). They may stand for the mask alone (``kv_counts`` / ``kv_indices`` None): the lowering stores only them
+    for blocks under 64 rows, which the kernel needs, and the reference then rebuilds the per-block CSR."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
+    grouped_only = (kv_counts is None or kv_indices is None) and group_counts is not None
+    if grouped_only and not use_triton:  # the reference walks per query block: rebuild that CSR
+        mask = ungrouped_block_mask(group_counts, group_indices, group_bits, 64 // block_m,
+                                    -(-q.shape[2] // block_m))
+        kv_counts, kv_indices = block_mask_to_csr(mask)
     kwargs = dict(
         perm=perm, kv_counts=kv_counts, kv_indices=kv_indices, scale=scale, qk_bits=qk_bits,
         pv_dtype=pv_dtype, block_m=block_m, block_n=block_n, compensate=compensate,

@@ -119,6 +119,14 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
         raise AssertionError("grouped CSR derived at run time: the plan constants did not reach the kernel")
 
     monkeypatch.setattr(kernel_module, "grouped_csr", derive)
+    calls = []
+    original = kernel_module.paro_attention_triton
+
+    def spy(q, k, v, **kwargs):
+        calls.append((kwargs.get("kv_counts"), kwargs.get("kv_indices"), kwargs.get("grouped")))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "paro_attention_triton", spy)
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()
     plan = random_plan(buckets=2)
@@ -131,6 +139,8 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
         with PlannedAttention(plan, bucket, qk_bits=16, pv_dtype="fp16"):
             expected = model(**inputs)
         torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
+    # the grouped CSR stands for the mask alone: no per-block CSR is stored or passed
+    assert calls and all(c is None and i is None and g is not None for c, i, g in calls)
 
 
 @torch.no_grad()

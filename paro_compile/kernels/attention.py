@@ -51,8 +51,8 @@ import triton.language as tl
 
 from paro_compile.kernels import tuning
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
-from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, csr_to_block_mask, grouped_block_csr, kept_block_bits,
-                                            num_blocks)
+from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, block_mask_to_csr, csr_to_block_mask, grouped_block_csr,
+                                            kept_block_bits, num_blocks, ungrouped_block_mask)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -552,8 +552,19 @@ def paro_attention_triton(
     bsz, heads, n, d = q.shape
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
-    dense = kv_counts is None or kv_indices is None
-    if not dense:
+    if (kv_counts is None or kv_indices is None) and grouped is not None:
+        # The mask given by its grouped CSR alone (the lowering stores only that for blocks under 64 rows).
+        if block_m >= 64:
+            raise ValueError(f"a grouped CSR without kv_counts / kv_indices needs block_m < 64, got {block_m}")
+        group_of_plan = 64 // block_m
+        if not knobs["group_query_blocks"] or (compensate and kv_kept_bits is None):
+            mask = ungrouped_block_mask(*grouped, group_of_plan, nqb)
+            kv_counts, kv_indices = block_mask_to_csr(mask)
+            grouped = grouped if knobs["group_query_blocks"] else None
+        else:
+            kv_counts = kv_indices = None
+    dense = grouped is None and (kv_counts is None or kv_indices is None)
+    if not dense and kv_counts is not None and kv_indices is not None:
         if tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape) != (heads, nqb, nkb):
             raise ValueError(
                 f"block mask has shape counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
@@ -574,6 +585,8 @@ def paro_attention_triton(
         kv_kept_bits = kv_kept_bits.to(device=q.device, dtype=torch.int32).contiguous()
     # Query blocks under 64 rows share 64-row tensor-core tiles and walk the union of their kept blocks.
     group = 64 // block_m if (not dense and block_m < 64 and knobs["group_query_blocks"]) else 1
+    if kv_counts is None and density is None and group > 1:  # grouped-only mask: its kept share, for the autotune key
+        density = float(ungrouped_block_mask(*grouped, group, nqb).float().mean())
     slot_bits = None
     if group > 1:
         mqt = -(-nqb // group)

@@ -177,6 +177,19 @@ def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return counts, indices, bits.gather(-1, indices.long()).to(torch.int8).contiguous()
 
 
+def ungrouped_block_mask(counts: torch.Tensor, indices: torch.Tensor, slot_bits: torch.Tensor, group: int,
+                         mq: int) -> torch.Tensor:
+    """Inverse of `grouped_block_csr`: the boolean block mask [..., mq, Nk] of the query blocks."""
+    *lead, mqt, nk = indices.shape
+    slot = torch.arange(nk, device=indices.device)
+    valid = slot < counts.unsqueeze(-1).long()
+    bits = torch.zeros((*lead, mqt, nk), dtype=torch.int32, device=indices.device)
+    bits.scatter_(-1, indices.long(), torch.where(valid, slot_bits.to(torch.int32), 0))
+    weights = (1 << torch.arange(group, device=indices.device, dtype=torch.int32)).view(group, 1)
+    mask = (bits.unsqueeze(-2) & weights) != 0  # [..., mqt, group, nk]
+    return mask.reshape(*lead, mqt * group, nk)[..., :mq, :]
+
+
 def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Inverse of `block_mask_to_csr`: boolean [..., Mq, Nk]."""
     nk = indices.shape[-1]

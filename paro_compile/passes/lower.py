@@ -105,21 +105,25 @@ def lower_attention_sites(
             perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous(), device)
         counts_node = indices_node = bits_node = None
         group_nodes = [None, None, None]
+        sparse = False
         compensate = bool(config.compensate_skipped)
         record.density = 1.0
         if symbolic and site_plan is not None and not bool(site_plan.block_masks.all()):
             record.reasons.append("block masks need static shapes; dense at this site")
         elif site_plan is not None and not bool(site_plan.block_masks.all()):
             masks = site_plan.block_masks.bool()
-            counts, indices = block_mask_to_csr(masks)
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            per_bucket = {"kv_counts": counts, "kv_indices": indices}
+            if block < 64:
+                # The Triton kernel walks query blocks under 64 rows in shared 64-row tiles; their grouped CSR
+                # stands for the mask alone (the per-block CSR, 2-4x larger, would only serve the reference path,
+                # which rebuilds it).
+                per_bucket = dict(zip(("group_counts", "group_indices", "group_bits"),
+                                      grouped_block_csr(masks, 64 // block)))
+            else:
+                per_bucket = dict(zip(("kv_counts", "kv_indices"), block_mask_to_csr(masks)))
             if compensate:
                 per_bucket["kv_kept_bits"] = kept_block_bits(masks)
-            if block < 64:  # the Triton kernel walks query blocks under 64 rows in shared 64-row tiles
-                group_csr = grouped_block_csr(masks, 64 // block)
-                per_bucket.update(zip(("group_counts", "group_indices", "group_bits"), group_csr))
             multi = masks.shape[0] > 1
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)
@@ -141,8 +145,9 @@ def lower_attention_sites(
                     with graph.inserting_before(node):
                         const = graph.call_function(select_step_bucket, (const, bucket_node))
                 mask_nodes[name] = const
-            counts_node, indices_node = mask_nodes["kv_counts"], mask_nodes["kv_indices"]
+            counts_node, indices_node = mask_nodes.get("kv_counts"), mask_nodes.get("kv_indices")
             bits_node = mask_nodes.get("kv_kept_bits")
+            sparse = True
             group_nodes = [mask_nodes.get(name) for name in ("group_counts", "group_indices", "group_bits")]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
@@ -150,8 +155,7 @@ def lower_attention_sites(
                 torch.ops.paro.attention.default,
                 (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
                  config.qk_bits, config.pv_dtype, block, block, config.impl,
-                 record.density if counts_node is not None else -1.0,
-                 compensate and counts_node is not None, bits_node, *group_nodes),
+                 record.density if sparse else -1.0, compensate and sparse, bits_node, *group_nodes),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
@@ -161,7 +165,7 @@ def lower_attention_sites(
         record.lowered = True
         record.qk_bits = config.qk_bits
         record.pv_dtype = config.pv_dtype
-        record.compensated = compensate and counts_node is not None
+        record.compensated = compensate and sparse
         record.orders = list(site_plan.orders) if site_plan is not None else []
         record.permutation = "kernel" if perm is not None else ("identity" if site_plan is None or site_plan.perm is None else "folded")
     gm.graph.lint()

@@ -267,6 +267,37 @@ def test_grouped_csr_union_and_bits():
     assert torch.equal(both[0][1], ucounts[0]) and torch.equal(both[2][0], bits[0])
 
 
+@pytest.mark.parametrize("group,mq", [(2, 7), (4, 9), (4, 4)])
+def test_grouped_csr_round_trip(gen, group, mq):
+    mask = torch.rand(3, 2, mq, 11, generator=gen) < 0.35  # [S, H, Mq, Nk], some rows empty
+    mask[0, 0, 1] = False
+    counts, indices, bits = R.grouped_block_csr(mask, group)
+    assert torch.equal(R.ungrouped_block_mask(counts, indices, bits, group, mq), mask)
+
+
+@pytest.mark.parametrize("block,compensate", [(32, False), (16, True)])
+def test_mask_given_by_its_grouped_csr_alone(seed, gen, block, compensate):
+    """kv_counts / kv_indices None + the grouped CSR (what the lowering stores for small blocks): the same result
+    through the kernel (grouped or not) and the op's reference path."""
+    import paro_compile.ops  # noqa: F401  (registers paro::attention)
+
+    n = 64 * 2 + block + 5
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, 0.4, block, block)
+    counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
+    grouped = tuple(t.to(q.device) for t in R.grouped_block_csr(mask, 64 // block))
+    kw = dict(perm=pm, block_m=block, block_n=block, compensate=compensate)
+    full = paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices, **kw)
+    alone = paro_attention_triton(q, k, v, grouped=grouped, **kw)
+    ungrouped = paro_attention_triton(q, k, v, grouped=grouped, variant={"group_query_blocks": False}, **kw)
+    torch.testing.assert_close(alone, full, rtol=0, atol=0)
+    torch.testing.assert_close(ungrouped.float(), full.float(), rtol=0, atol=2e-2 * float(full.float().abs().max()))
+    op = torch.ops.paro.attention.default
+    via_reference = op(q, k, v, pm, None, None, 0.125, 8, "fp8", block, block, "reference", -1.0, compensate, None,
+                       *grouped)
+    reference = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, scale=0.125, **kw)
+    torch.testing.assert_close(via_reference, reference, rtol=0, atol=0)
+
+
 def test_text_prefix_permutation(seed, gen):
     """A text prefix is just part of the permutation (kept in place, video tokens reordered)."""
     h, n_text, f, hh, ww = 2, 13, 2, 6, 10
