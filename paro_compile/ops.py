@@ -63,6 +63,10 @@ def paro_attention(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
     grouped_only = (kv_counts is None or kv_indices is None) and group_counts is not None
+    if grouped_only and (group_indices is None or group_bits is None or block_m >= 64):
+        raise ValueError("a mask given by its grouped CSR alone needs group_counts, group_indices and group_bits "
+                         f"(reference.grouped_block_csr) and block_m < 64 (got block_m={block_m}); otherwise pass "
+                         "kv_counts / kv_indices")
     if grouped_only and not use_triton:  # the reference walks per query block: rebuild that CSR
         mask = ungrouped_block_mask(group_counts, group_indices, group_bits, 64 // block_m,
                                     -(-q.shape[2] // block_m))

@@ -296,6 +296,9 @@ def test_mask_given_by_its_grouped_csr_alone(seed, gen, block, compensate):
                        *grouped)
     reference = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, scale=0.125, **kw)
     torch.testing.assert_close(via_reference, reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grouped CSR alone"):
+        op(q, k, v, pm, None, None, 0.125, 8, "fp8", block, block, "reference", -1.0, compensate, None, grouped[0],
+           grouped[1], None)
 
 
 def test_text_prefix_permutation(seed, gen):
