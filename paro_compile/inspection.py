@@ -167,6 +167,7 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
         "permutation": site.permutation,
         "step_buckets": int(site.step_buckets),
         "compensated": bool(site.compensated),
+        "plan_bytes": int(site.plan_bytes),
     }
 
 

@@ -25,6 +25,8 @@ class SiteRecord:
     step_buckets: int = 1
     compensated: bool = False
     """Skipped blocks enter as pooled keys (``compensate_skipped`` and a sparse mask at this site)."""
+    plan_bytes: int = 0
+    """Device memory of the plan constants lowered for this site (permutation, masks of every step bucket)."""
 
 
 class SiteFilters:
@@ -58,7 +60,8 @@ class CompileReport(SiteFilters):
         for s in self.sites:
             if s.lowered:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} density={s.density:.2f} qk={s.qk_bits}b "
-                             f"pv={s.pv_dtype} perm={s.permutation}" + (" compensated" if s.compensated else ""))
+                             f"pv={s.pv_dtype} perm={s.permutation}" + (" compensated" if s.compensated else "")
+                             + (f" plan={s.plan_bytes / 2**20:.1f}MiB" if s.plan_bytes else ""))
             else:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} SDPA: {'; '.join(s.reasons)}")
         return "\n".join(lines)

@@ -141,6 +141,15 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
         torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
     # the grouped CSR stands for the mask alone: no per-block CSR is stored or passed
     assert calls and all(c is None and i is None and g is not None for c, i, g in calls)
+    # the report counts the site's plan constants: permutation + grouped CSR of both buckets
+    from paro_compile.kernels.reference import grouped_block_csr
+
+    for record in paro_compile.last_report().sites:
+        masks = plan.sites[record.site_id].block_masks
+        grouped = grouped_block_csr(masks, 64 // BLOCK)
+        expected = HEADS * N * 8 + sum(t.numel() * t.element_size() for t in grouped)
+        assert record.plan_bytes == expected, (record.plan_bytes, expected)
+        assert "plan=" in paro_compile.last_report().summary()
 
 
 @torch.no_grad()

@@ -102,7 +102,9 @@ def lower_attention_sites(
         if isinstance(perm, fx.Node):  # computed in the graph (order plan on a symbolic grid)
             perm_node = perm
         elif perm is not None:
-            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm.to(torch.int64).contiguous(), device)
+            perm_const = perm.to(torch.int64).contiguous()
+            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm_const, device)
+            record.plan_bytes += perm_const.numel() * perm_const.element_size()
         counts_node = indices_node = bits_node = None
         group_nodes = [None, None, None]
         sparse = False
@@ -140,7 +142,9 @@ def lower_attention_sites(
             # One constant per mask tensor; with step buckets all buckets are stored and one is selected per call.
             mask_nodes = {}
             for name, tensor in per_bucket.items():
-                const = add_constant(gm, node, _safe_buffer_name(site.site_id, name), tensor if multi else tensor[0], device)
+                value = tensor if multi else tensor[0]
+                const = add_constant(gm, node, _safe_buffer_name(site.site_id, name), value, device)
+                record.plan_bytes += value.numel() * value.element_size()
                 if multi:
                     with graph.inserting_before(node):
                         const = graph.call_function(select_step_bucket, (const, bucket_node))
