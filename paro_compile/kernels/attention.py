@@ -556,13 +556,14 @@ def paro_attention_triton(
         # The mask given by its grouped CSR alone (the lowering stores only that for blocks under 64 rows).
         if block_m >= 64:
             raise ValueError(f"a grouped CSR without kv_counts / kv_indices needs block_m < 64, got {block_m}")
-        group_of_plan = 64 // block_m
+        kv_counts = kv_indices = None
         if not knobs["group_query_blocks"] or (compensate and kv_kept_bits is None):
-            mask = ungrouped_block_mask(*grouped, group_of_plan, nqb)
-            kv_counts, kv_indices = block_mask_to_csr(mask)
-            grouped = grouped if knobs["group_query_blocks"] else None
-        else:
-            kv_counts = kv_indices = None
+            mask = ungrouped_block_mask(*grouped, 64 // block_m, nqb)
+            if compensate and kv_kept_bits is None:
+                kv_kept_bits = kept_block_bits(mask)
+            if not knobs["group_query_blocks"]:  # the per-block walk needs the per-block CSR
+                kv_counts, kv_indices = block_mask_to_csr(mask)
+                grouped = None
     dense = grouped is None and (kv_counts is None or kv_indices is None)
     if not dense and kv_counts is not None and kv_indices is not None:
         if tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape) != (heads, nqb, nkb):

@@ -68,11 +68,9 @@ def candidate_configs() -> list[triton.Config]:
 
 def fixed_config(meta: dict) -> triton.Config:
     """The config used with PARO_AUTOTUNE=0 and under the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return triton.Config({"TILE_M": meta["BLOCK_M"] * int(meta.get("GROUP", 1))}, num_warps=4, num_stages=1)
-    if meta.get("DENSE") and meta["BLOCK_M"] == 64:
-        return triton.Config({"TILE_M": 64}, num_warps=4, num_stages=3)
     tile = meta["BLOCK_M"] * int(meta.get("GROUP", 1))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.Config({"TILE_M": tile}, num_warps=4, num_stages=1)
     if meta.get("COMPENSATE"):
         return triton.Config({"TILE_M": tile}, num_warps=4, num_stages=3, maxnreg=168)
     return triton.Config({"TILE_M": tile}, num_warps=4, num_stages=3)
@@ -126,7 +124,9 @@ def _key(args: tuple, meta: dict) -> str:
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
         f"exp2{int(meta.get('EXP2_MODE', 0))}",
         *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
-        "v" + "".join(str(int(bool(meta.get(k, 0)))) for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")), f"g{int(meta.get('GROUP', 1))}",
+        "v" + "".join(str(int(bool(meta.get(k, 0))))
+                      for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")),
+        f"g{int(meta.get('GROUP', 1))}",
         f"triton{triton.__version__}", f"src{_source_hash()}",
     ]
     return "|".join(parts)

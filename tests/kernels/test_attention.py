@@ -238,13 +238,11 @@ def test_grouped_query_blocks_match_reference(seed, gen, block, bits, pv, dtype)
     n = 64 * 3 + block + 7  # the last tile holds a partial group
     q, k, v, pm, mask = _make(gen, 1, 2, n, 64, dtype, kernel_device(), True, 0.4, block, block)
     _run_and_check(seed, q, k, v, pm, mask, bits, pv, block, block)
-    grouped = paro_attention_triton(q, k, v, perm=pm, kv_counts=R.block_mask_to_csr(mask)[0].to(q.device),
-                                    kv_indices=R.block_mask_to_csr(mask)[1].to(q.device), qk_bits=bits, pv_dtype=pv,
-                                    block_m=block, block_n=block)
+    counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
+    kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=bits, pv_dtype=pv, block_m=block, block_n=block)
+    grouped = paro_attention_triton(q, k, v, **kw)
     assert A_last_group() == 64 // block
-    alone = paro_attention_triton(q, k, v, perm=pm, kv_counts=R.block_mask_to_csr(mask)[0].to(q.device),
-                                  kv_indices=R.block_mask_to_csr(mask)[1].to(q.device), qk_bits=bits, pv_dtype=pv,
-                                  block_m=block, block_n=block, variant={"group_query_blocks": False})
+    alone = paro_attention_triton(q, k, v, **kw, variant={"group_query_blocks": False})
     assert A_last_group() == 1
     torch.testing.assert_close(grouped.float(), alone.float(), rtol=0, atol=2e-2 * float(alone.float().abs().max()))
 
