@@ -49,9 +49,14 @@ EVAL_PROMPTS = [
     dict(shape="triangle", colour="magenta", motion="left"),
     dict(shape="circle", colour="cyan", motion="grow"),
 ]
+# Calibration prompts differ from the evaluation prompts; --calib-prompts takes the first n (default 2).
 CALIB_PROMPTS = [
     dict(shape="square", colour="yellow", motion="up"),
     dict(shape="triangle", colour="cyan", motion="rotate"),
+    dict(shape="ring", colour="green", motion="left"),
+    dict(shape="cross", colour="red", motion="grow"),
+    dict(shape="circle", colour="blue", motion="colour_shift"),
+    dict(shape="square", colour="magenta", motion="down"),
 ]
 NUMERICS = {"int8/fp8": (8, "fp8"), "int8/int8": (8, "int8"), "int4/fp8": (4, "fp8"), "fp16": (16, "fp16")}
 _ORIG_SDPA = F.scaled_dot_product_attention
@@ -71,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--numerics-density", type=float, default=0.3, help="density of the INT8/INT8, INT4/FP8, fp16 variants")
     p.add_argument("--calib-every", type=int, default=2, help="use every n-th sampling step of the calibration prompts")
     p.add_argument("--step-buckets", type=int, default=2)
+    p.add_argument("--calib-prompts", type=int, default=2,
+                   help=f"number of calibration prompts (1..{len(CALIB_PROMPTS)}; never an evaluation prompt)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "site", "global"),
+                   help="calibrate(allocation=...): how each sparse bucket's block budget is spread over heads / sites")
     p.add_argument("--block", type=int, default=64, help="mask / quantization block (calibrate(block_size=...))")
     p.add_argument("--dense-steps", type=int, default=0,
                    help="calibrate(dense_steps=...): the first calibration timesteps' bucket stays dense; --densities is "
@@ -85,7 +94,10 @@ def parse_args(argv=None):
                         "called in place of SDPA without compiling (same numerics, no compile time)")
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip remaining variants past this wall time")
     p.add_argument("--allow-random", action="store_true", help="use a random-init toy model if the fixture is missing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.calib_prompts <= len(CALIB_PROMPTS):
+        p.error(f"--calib-prompts must be in 1..{len(CALIB_PROMPTS)}, got {args.calib_prompts}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,6 +308,7 @@ def main(argv=None) -> dict:
         eval_prompts = EVAL_PROMPTS[: args.prompts]
         wanted = {"paro", "natural", "dense", "dynamic", "numerics"} if args.variants == "all" else set(args.variants.split(","))
     allow_fp32 = dtype == torch.float32
+    calib_prompts = CALIB_PROMPTS[: args.calib_prompts]
     grid = fl.token_grid(model)
     text_dim = int(model.config.text_embed_dim)
     print(f"[quality] device={device} dtype={dtype} model: {model_source}; grid {grid}; block {block}; steps {steps}; "
@@ -304,7 +317,8 @@ def main(argv=None) -> dict:
     results: dict[str, Any] = {
         "config": {"device": str(device), "dtype": str(dtype), "model": model_source, "grid": str(grid), "block": block,
                    "steps": steps, "guidance": args.guidance, "seed": args.seed, "eval_prompts": [fl.prompt_name(p) for p in eval_prompts],
-                   "calib_prompts": [fl.prompt_name(p) for p in CALIB_PROMPTS], "torch": torch.__version__,
+                   "calib_prompts": [fl.prompt_name(p) for p in calib_prompts],
+                   "allocation": args.allocation, "torch": torch.__version__,
                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "impl": args.impl},
         "variants": [], "per_layer": [], "targets": {},
     }
@@ -336,10 +350,10 @@ def main(argv=None) -> dict:
             calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
         calib_counter[0] += 1
 
-    ccond = fl.encode_prompts(CALIB_PROMPTS, text_dim, device=device)
+    ccond = fl.encode_prompts(calib_prompts, text_dim, device=device)
     fl.sample_video(model, ccond, steps=steps, seed=args.seed + 1, guidance=args.guidance, on_call=record_calib)
     step_buckets = 1 if args.tiny else args.step_buckets
-    print(f"[quality] calibration: {len(calib_inputs)} calls from {len(CALIB_PROMPTS)} prompts, {step_buckets} step bucket(s)", flush=True)
+    print(f"[quality] calibration: {len(calib_inputs)} calls from {len(calib_prompts)} prompts, {step_buckets} step bucket(s)", flush=True)
 
     plans: dict[tuple[str, float], Any] = {}
     calib_seconds: dict[tuple[str, float], float] = {}
@@ -351,7 +365,8 @@ def main(argv=None) -> dict:
             extra = {"orders": [grid.natural_order]} if kind == "natural" else {}
             torch._dynamo.reset()
             plan = calibrate(model, calib_inputs, density=density, grid=grid, block_size=block, step_buckets=step_buckets,
-                             dense_steps=0 if args.tiny else args.dense_steps, progress=False, **extra)
+                             dense_steps=0 if args.tiny else args.dense_steps, allocation=args.allocation,
+                             progress=False, **extra)
             plans[key] = plan
             calib_seconds[key] = time.perf_counter() - t_cal
             plan.save(out / "plans" / f"{kind}_d{density:g}.paro.safetensors")

@@ -55,6 +55,19 @@ def test_quality_tiny(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["per_layer"]
 
 
+def test_quality_tiny_calibration_options(tmp_path):
+    quality = load_script("quality")
+    results = quality.main(["--tiny", "--out", str(tmp_path), "--variants", "paro", "--calib-prompts", "3",
+                            "--allocation", "site"])
+    config = results["config"]
+    assert config["allocation"] == "site"
+    assert config["calib_prompts"] == [quality.fl.prompt_name(p) for p in quality.CALIB_PROMPTS[:3]]
+    assert not set(config["calib_prompts"]) & set(config["eval_prompts"])
+    assert [v for v in results["variants"] if "psnr" in v], [v.get("error") for v in results["variants"]]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--out", str(tmp_path), "--calib-prompts", str(len(quality.CALIB_PROMPTS) + 1)])
+
+
 def test_quality_sweep_tiny(tmp_path):
     load_script("quality_sweep").main(["--tiny", "--out", str(tmp_path)])
     for name in ("sweep.json", "sweep.md"):
