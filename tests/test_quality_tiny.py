@@ -63,7 +63,11 @@ def test_quality_tiny_calibration_options(tmp_path):
     assert config["allocation"] == "site"
     assert config["calib_prompts"] == [quality.fl.prompt_name(p) for p in quality.CALIB_PROMPTS[:3]]
     assert not set(config["calib_prompts"]) & set(config["eval_prompts"])
-    assert [v for v in results["variants"] if "psnr" in v], [v.get("error") for v in results["variants"]]
+    done = [v for v in results["variants"] if "psnr" in v]
+    assert done, [v.get("error") for v in results["variants"]]
+    for v in done:  # per-video PSNR, so runs with other seeds can be pooled
+        assert len(v["psnr_per_video"]) == len(config["eval_prompts"])
+        assert v["psnr"] == pytest.approx(sum(v["psnr_per_video"]) / len(v["psnr_per_video"]))
     with pytest.raises(SystemExit):
         quality.parse_args(["--out", str(tmp_path), "--calib-prompts", str(len(quality.CALIB_PROMPTS) + 1)])
 

@@ -10,7 +10,7 @@ source benchmarks/device/setup.sh
 IFS=';' read -ra ITEMS <<< "${SPECS:-16,3,0.1765,3,2,uniform;16,3,0.1765,3,4,uniform}"
 for spec in "${ITEMS[@]}"; do
   IFS=',' read -r blk ds dens sb cp alloc <<< "$spec"
-  tag="b${blk}ds${ds}sb${sb}cp${cp}${alloc}s${SEED:-1234}"
+  tag="b${blk}ds${ds}d${dens}sb${sb}cp${cp}${alloc}s${SEED:-1234}"
   timeout 240 python3 benchmarks/quality.py --exec eager --max-minutes 3.5 --out $OUT/q_$tag --block $blk --calib-every 1 \
       --dense-steps $ds --densities $dens --step-buckets $sb --calib-prompts $cp --allocation $alloc \
       --seed ${SEED:-1234} \
