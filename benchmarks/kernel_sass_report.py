@@ -56,11 +56,13 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
                   FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group)
     names = A._attn_fwd.arg_names
     missing = [n for n in names if n not in ptrs and n not in consts and n != "P_LOG2" and not n.islower()
-               and n not in ("N", "H", "NQB", "NKB")]
+               and n not in ("N", "H", "NQB", "NKB", "IDX_STRIDE")]
     if missing:
         raise SystemExit(f"kernel has arguments this report does not know: {missing}")
+    if not dense:  # plans store compact CSRs (reference.trim_csr): int16 indices, rows a multiple of 16 slots
+        ptrs["IDX"] = "*i16"
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n == "P_LOG2" else "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n in ("N", "sob", "soh", "son")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n in ("N", "IDX_STRIDE", "sob", "soh", "son")}
     opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     kernel = triton.compile(ASTSource(A._attn_fwd, sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=opts)

@@ -58,7 +58,8 @@ def paro_attention(
     ``group_counts`` / ``group_indices`` / ``group_bits`` (optional, block_m < 64): `reference.grouped_block_csr`
     of the mask with group 64 // block_m, the walk of the Triton kernel's shared 64-row tiles (derived per call when
     absent). They may stand for the mask alone (``kv_counts`` / ``kv_indices`` None): the lowering stores only them
-    for blocks under 64 rows, which the kernel needs, and the reference then rebuilds the per-block CSR."""
+    for blocks under 64 rows, which the kernel needs, and the reference then rebuilds the per-block CSR.
+    Index tensors may be compact (`reference.trim_csr`: rows cut to the largest count, int16), as plans store them."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
@@ -69,7 +70,7 @@ def paro_attention(
                          "kv_counts / kv_indices")
     if grouped_only and not use_triton:  # the reference walks per query block: rebuild that CSR
         mask = ungrouped_block_mask(group_counts, group_indices, group_bits, 64 // block_m,
-                                    -(-q.shape[2] // block_m))
+                                    -(-q.shape[2] // block_m), -(-q.shape[2] // block_n))
         kv_counts, kv_indices = block_mask_to_csr(mask)
     kwargs = dict(
         perm=perm, kv_counts=kv_counts, kv_indices=kv_indices, scale=scale, qk_bits=qk_bits,

@@ -142,11 +142,12 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
     # the grouped CSR stands for the mask alone: no per-block CSR is stored or passed
     assert calls and all(c is None and i is None and g is not None for c, i, g in calls)
     # the report counts the site's plan constants: permutation + grouped CSR of both buckets
-    from paro_compile.kernels.reference import grouped_block_csr
+    from paro_compile.kernels.reference import grouped_block_csr, trim_csr
 
     for record in paro_compile.last_report().sites:
         masks = plan.sites[record.site_id].block_masks
-        grouped = grouped_block_csr(masks, 64 // BLOCK)
+        grouped = trim_csr(*grouped_block_csr(masks, 64 // BLOCK))  # compact: int16, rows cut to the largest count
+        assert grouped[1].dtype == torch.int16
         expected = HEADS * N * 8 + sum(t.numel() * t.element_size() for t in grouped)
         assert record.plan_bytes == expected, (record.plan_bytes, expected)
         assert "plan=" in paro_compile.last_report().summary()

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from paro_compile.kernels.reference import (
-    block_mask_to_csr, csr_to_block_mask, dense_csr, paro_attention_reference, quantize_blockwise,
+    block_mask_to_csr, csr_to_block_mask, dense_csr, grouped_block_csr, paro_attention_reference, quantize_blockwise,
+    trim_csr, ungrouped_block_mask,
 )
 from tests.conftest import rel_l2
 
@@ -95,3 +96,36 @@ def test_bad_arguments_say_what_is_wrong():
         paro_attention_reference(q, q, q, pv_dtype="fp4")
     with pytest.raises(ValueError, match="block mask has shape"):
         paro_attention_reference(q, q, q, kv_counts=torch.ones(2, 1, dtype=torch.int32), kv_indices=torch.zeros(2, 1, 1, dtype=torch.int32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from([1, 4, 16]))
+def test_trim_csr_round_trip(heads, mq, nk, p, multiple):
+    """Compact CSR (plan constants): rows cut to the largest count, rounded up to ``multiple``, int16 indices."""
+    mask = torch.rand(2, heads, mq, nk) < p  # [S, H, Mq, Nk]: one width for all step buckets
+    counts, indices = block_mask_to_csr(mask)
+    tc, ti = trim_csr(counts, indices, multiple=multiple)
+    largest = int(counts.max())
+    assert ti.dtype == torch.int16 and tc.dtype == torch.int32
+    assert ti.shape[-1] == min(nk, max(1, -(-largest // multiple) * multiple)) >= min(largest, nk)
+    assert torch.equal(csr_to_block_mask(tc, ti, nk), mask)
+    group = 2
+    gc, gi, gb = grouped_block_csr(mask, group)
+    tgc, tgi, tgb = trim_csr(gc, gi, gb, multiple=multiple)
+    assert tgb.dtype == torch.int8 and tgb.shape == tgi.shape
+    assert torch.equal(ungrouped_block_mask(tgc, tgi, tgb, group, mq, nk), mask)
+
+
+def test_reference_accepts_a_trimmed_csr_and_rejects_a_short_one():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 64) for _ in range(3))
+    mask = torch.rand(2, 5, 5) < 0.4
+    mask[:, torch.arange(5), torch.arange(5)] = True
+    counts, indices = block_mask_to_csr(mask)
+    full = paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, compensate=True)
+    tc, ti = trim_csr(counts, indices, multiple=1)
+    assert ti.shape[-1] < 5
+    torch.testing.assert_close(paro_attention_reference(q, k, v, kv_counts=tc, kv_indices=ti, compensate=True), full,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="largest count"):
+        paro_attention_reference(q, k, v, kv_counts=tc, kv_indices=ti[..., : ti.shape[-1] - 1])

@@ -201,7 +201,7 @@ def _row_max_step(m_i, row_max, row_keep, P_LOG2, GROUP: tl.constexpr):
 @triton.jit
 def _attn_fwd(
     QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS,
-    N, H, NQB, NKB, P_LOG2,
+    N, H, NQB, NKB, IDX_STRIDE, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -241,11 +241,12 @@ def _attn_fwd(
     if DENSE:
         count = NKB
     else:
-        count = tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m)
+        # A trimmed CSR (reference.trim_csr) has IDX_STRIDE slots per row; the clamp keeps a malformed one in bounds.
+        count = tl.minimum(tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m), IDX_STRIDE)
     # GROUP > 1 (sparse, block_m < 64): the tile holds GROUP query blocks and walks the union of their kept blocks
     # (COUNTS / IDX are that union's CSR, ascending); SLOT_BITS says per slot which of the GROUP blocks keep it, and
     # the rows of the others get P = 0 and an unchanged max: exactly their own walk, in 64-row tensor-core tiles.
-    idx_base = IDX + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB
+    idx_base = IDX + (h * tl.cdiv(NQB, GROUP) + pid_m) * IDX_STRIDE
     if GROUP > 1:
         sub_block = (rm % TILE_M) // BLOCK_M
     kbase = pid_bh * NK_ROWS
@@ -269,9 +270,9 @@ def _attn_fwd(
         if DENSE:
             j_first = 0
         else:
-            j_first = tl.load(idx_base, mask=count > 0, other=0)
+            j_first = tl.load(idx_base, mask=count > 0, other=0).to(tl.int32)  # int16 in compact plans
             j_cur = j_first
-            j_nxt = tl.load(idx_base + tl.minimum(1, count - 1), mask=count > 0, other=0)
+            j_nxt = tl.load(idx_base + tl.minimum(1, count - 1), mask=count > 0, other=0).to(tl.int32)
         k_first = _load_k_tile(KQ, k_desc, kbase, j_first, rn, offs_d, BLOCK_N, D, TMA_KV)
         qk_next = tl.dot(q, tl.trans(k_first), out_dtype=tl.int32)
     for s in tl.range(0, count, warp_specialize=WARP_SPEC):
@@ -280,11 +281,11 @@ def _attn_fwd(
         elif PREFETCH_QK:
             j = j_cur
         else:
-            j = tl.load(idx_base + s)
+            j = tl.load(idx_base + s).to(tl.int32)
         rows_k = j * BLOCK_N + rn
         ks = tl.load(KS + pid_bh * NKB + j)
         if GROUP > 1:
-            slot_bits = tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * NKB + s).to(tl.int32)
+            slot_bits = tl.load(SLOT_BITS + (h * tl.cdiv(NQB, GROUP) + pid_m) * IDX_STRIDE + s).to(tl.int32)
             row_keep = ((slot_bits >> sub_block) & 1) != 0
         else:
             row_keep = None
@@ -301,7 +302,7 @@ def _attn_fwd(
                 else:
                     j_next = j_nxt
                     j_cur = j_nxt
-                    j_nxt = tl.load(idx_base + tl.minimum(s + 2, count - 1))
+                    j_nxt = tl.load(idx_base + tl.minimum(s + 2, count - 1)).to(tl.int32)
                 k_nx = _load_k_tile(KQ, k_desc, kbase, j_next, rn, offs_d, BLOCK_N, D, TMA_KV)
                 qk_next = tl.dot(q, tl.trans(k_nx), out_dtype=tl.int32)
             else:
@@ -526,6 +527,7 @@ def paro_attention_triton(
     (optional, int32 [H, NQB, ceil(NKB/32)] = `reference.kept_block_bits` of the mask) saves deriving them
     from the CSR on every call. ``grouped`` (optional, block_m < 64): `reference.grouped_block_csr` of the mask with
     group 64 // block_m — the CSR that shared 64-row tiles walk; derived per call when absent (a few tensor ops).
+    Either CSR may be compact (`reference.trim_csr`: rows cut to at least the largest count, int16 indices).
     ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
     is its own compiled kernel and its own autotune cache entry.
     """
@@ -558,7 +560,7 @@ def paro_attention_triton(
             raise ValueError(f"a grouped CSR without kv_counts / kv_indices needs block_m < 64, got {block_m}")
         kv_counts = kv_indices = None
         if not knobs["group_query_blocks"] or (compensate and kv_kept_bits is None):
-            mask = ungrouped_block_mask(*grouped, 64 // block_m, nqb)
+            mask = ungrouped_block_mask(*grouped, 64 // block_m, nqb, nkb)
             if compensate and kv_kept_bits is None:
                 kv_kept_bits = kept_block_bits(mask)
             if not knobs["group_query_blocks"]:  # the per-block walk needs the per-block CSR
@@ -566,20 +568,23 @@ def paro_attention_triton(
                 grouped = None
     dense = grouped is None and (kv_counts is None or kv_indices is None)
     if not dense and kv_counts is not None and kv_indices is not None:
-        if tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape) != (heads, nqb, nkb):
+        if (tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape[:2]) != (heads, nqb)
+                or not 1 <= kv_indices.shape[-1] <= nkb):
             raise ValueError(
                 f"block mask has shape counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
-                f"expected ({heads}, {nqb}) and ({heads}, {nqb}, {nkb}) for N={n}, block_m={block_m}, block_n={block_n}"
+                f"expected ({heads}, {nqb}) and ({heads}, {nqb}, {nkb}) (or a trimmed last dim of at least the largest "
+                f"count, reference.trim_csr) for N={n}, block_m={block_m}, block_n={block_n}"
             )
+        _check_slots(kv_counts, kv_indices, "kv_indices")
         kv_counts = kv_counts.to(device=q.device, dtype=torch.int32).contiguous()
-        kv_indices = kv_indices.to(device=q.device, dtype=torch.int32).contiguous()
+        kv_indices = _index_tensor(kv_indices, q.device)
 
     # Compensation only changes sparse masks (a dense row skips nothing).
     compensate = bool(compensate) and not dense
     if compensate:
         words = -(-nkb // 32)
         if kv_kept_bits is None:  # the lowered op passes them precomputed (plan constants)
-            kv_kept_bits = kept_block_bits(csr_to_block_mask(kv_counts, kv_indices))
+            kv_kept_bits = kept_block_bits(csr_to_block_mask(kv_counts, kv_indices, nkb))
         elif tuple(kv_kept_bits.shape) != (heads, nqb, words):
             raise ValueError(f"kv_kept_bits has shape {tuple(kv_kept_bits.shape)}, expected ({heads}, {nqb}, {words}) "
                              "(reference.kept_block_bits of the block mask)")
@@ -587,18 +592,22 @@ def paro_attention_triton(
     # Query blocks under 64 rows share 64-row tensor-core tiles and walk the union of their kept blocks.
     group = 64 // block_m if (not dense and block_m < 64 and knobs["group_query_blocks"]) else 1
     if kv_counts is None and density is None and group > 1:  # grouped-only mask: its kept share, for the autotune key
-        density = float(ungrouped_block_mask(*grouped, group, nqb).float().mean())
+        density = float(ungrouped_block_mask(*grouped, group, nqb, nkb).float().mean())
     slot_bits = None
     if group > 1:
         mqt = -(-nqb // group)
         if grouped is None:
-            grouped = grouped_csr(kv_counts, kv_indices, group)
-        elif (tuple(grouped[0].shape) != (heads, mqt) or tuple(grouped[1].shape) != (heads, mqt, nkb)
-              or tuple(grouped[2].shape) != (heads, mqt, nkb)):
+            grouped = grouped_csr(kv_counts, kv_indices, group, nkb)
+        elif (tuple(grouped[0].shape) != (heads, mqt) or tuple(grouped[1].shape[:2]) != (heads, mqt)
+              or grouped[2].shape != grouped[1].shape or not 1 <= grouped[1].shape[-1] <= nkb):
             raise ValueError(f"grouped CSR has shapes {[tuple(t.shape) for t in grouped]}, expected ({heads}, {mqt}), "
-                             f"({heads}, {mqt}, {nkb}) twice (reference.grouped_block_csr of the mask, group {group})")
-        kv_counts, kv_indices, slot_bits = (t.to(device=q.device).contiguous() for t in grouped)
-        kv_counts, kv_indices = kv_counts.to(torch.int32), kv_indices.to(torch.int32)
+                             f"({heads}, {mqt}, {nkb}) twice (reference.grouped_block_csr of the mask, group {group}; "
+                             "or both cut to the same width of at least the largest count, reference.trim_csr)")
+        else:
+            _check_slots(grouped[0], grouped[1], "group_indices")
+        kv_counts = grouped[0].to(device=q.device, dtype=torch.int32).contiguous()
+        kv_indices = _index_tensor(grouped[1], q.device)
+        slot_bits = grouped[2].to(device=q.device).contiguous()
     pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
                         block_m=block_m, block_n=block_n, pooled=compensate)
     if out is None:
@@ -620,7 +629,7 @@ def paro_attention_triton(
         kv_counts if not dense else dummy, kv_indices if not dense else dummy,
         pro.k_bar if compensate else dummy, pro.v_bar if compensate else dummy,
         kv_kept_bits if compensate else dummy, slot_bits if group > 1 else dummy,
-        n, heads, nqb, nkb, p_log2,
+        n, heads, nqb, nkb, kv_indices.shape[-1] if not dense else nkb, p_log2,
         *out.stride(),
         tuning.n_bucket(n), _density_bucket(None if dense else kv_counts, nkb, density),
     )
@@ -679,12 +688,28 @@ _LAST: dict = {}
 _TMA_ALLOCATOR_SET = False
 
 
-def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int
+def grouped_csr(kv_counts: torch.Tensor, kv_indices: torch.Tensor, group: int, num_kv_blocks: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`reference.grouped_block_csr` of a CSR mask, on its device (a few tensor ops). Not memoised: with step
     buckets the CSR is selected per call into recycled memory, so a cache keyed on the tensor's address returned
     another bucket's union (a test caught it). The lowered op passes the grouped CSR as plan constants instead."""
-    return grouped_block_csr(csr_to_block_mask(kv_counts, kv_indices), group)
+    return grouped_block_csr(csr_to_block_mask(kv_counts, kv_indices, num_kv_blocks), group)
+
+
+def _index_tensor(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CSR indices for the kernel: int16 (compact plans, `reference.trim_csr`) or int32 as given, else int32."""
+    dtype = indices.dtype if indices.dtype in (torch.int16, torch.int32) else torch.int32
+    return indices.to(device=device, dtype=dtype).contiguous()
+
+
+def _check_slots(counts: torch.Tensor, indices: torch.Tensor, name: str) -> None:
+    """A trimmed CSR must hold every row's count. Checked where it costs no device sync (CPU counts, as direct
+    callers and the interpreter pass them); plan constants on the GPU are trimmed by `reference.trim_csr` and the
+    kernel clamps each count to the row width, so a malformed one cannot read out of bounds."""
+    width = indices.shape[-1]
+    if counts.device.type == "cpu" and counts.numel() and int(counts.max()) > width:
+        raise ValueError(f"{name} has {width} slots per row but a row keeps {int(counts.max())} blocks; a trimmed CSR "
+                         "(reference.trim_csr) must keep at least the largest count")
 
 
 def _ensure_tma_allocator() -> None:

@@ -178,27 +178,54 @@ def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
 
 
 def ungrouped_block_mask(counts: torch.Tensor, indices: torch.Tensor, slot_bits: torch.Tensor, group: int,
-                         mq: int) -> torch.Tensor:
-    """Inverse of `grouped_block_csr`: the boolean block mask [..., mq, Nk] of the query blocks."""
-    *lead, mqt, nk = indices.shape
-    slot = torch.arange(nk, device=indices.device)
+                         mq: int, num_kv_blocks: Optional[int] = None) -> torch.Tensor:
+    """Inverse of `grouped_block_csr` (also of its `trim_csr` form: pass ``num_kv_blocks``, the mask's Nk, when the
+    rows were trimmed): the boolean block mask [..., mq, Nk] of the query blocks."""
+    *lead, mqt, width = indices.shape
+    nk = width if num_kv_blocks is None else int(num_kv_blocks)
+    slot = torch.arange(width, device=indices.device)
     valid = slot < counts.unsqueeze(-1).long()
-    bits = torch.zeros((*lead, mqt, nk), dtype=torch.int32, device=indices.device)
-    bits.scatter_(-1, indices.long(), torch.where(valid, slot_bits.to(torch.int32), 0))
+    # Unused slots scatter into a spare column that is cut off (trimmed rows may repeat fill indices).
+    target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
+    bits = torch.zeros((*lead, mqt, nk + 1), dtype=torch.int32, device=indices.device)
+    bits.scatter_(-1, target, torch.where(valid, slot_bits.to(torch.int32), 0))
+    bits = bits[..., :nk]
     weights = (1 << torch.arange(group, device=indices.device, dtype=torch.int32)).view(group, 1)
     mask = (bits.unsqueeze(-2) & weights) != 0  # [..., mqt, group, nk]
     return mask.reshape(*lead, mqt * group, nk)[..., :mq, :]
 
 
-def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Inverse of `block_mask_to_csr`: boolean [..., Mq, Nk]."""
-    nk = indices.shape[-1]
-    slot = torch.arange(nk, device=indices.device)
+def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks: Optional[int] = None) -> torch.Tensor:
+    """Inverse of `block_mask_to_csr` (also of its `trim_csr` form: pass ``num_kv_blocks``, the mask's Nk, when the
+    rows were trimmed): boolean [..., Mq, Nk]."""
+    nk = indices.shape[-1] if num_kv_blocks is None else int(num_kv_blocks)
+    slot = torch.arange(indices.shape[-1], device=indices.device)
     valid = slot < counts.unsqueeze(-1).long()
     # Unused slots write into a spare column that is cut off, so repeated fill indices never clear a kept block.
     target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
     mask = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
     return mask.scatter_(-1, target, True)[..., :nk]
+
+
+INDEX_SLOT_MULTIPLE = 16
+
+
+def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
+             multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
+    """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
+    largest kept count (rounded up to a multiple of 16, at most Nk) and the indices stored as int16 when Nk allows.
+    ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are cut alike, keeping their dtype.
+
+    A sparse row keeps a fraction of its Nk blocks, so this is several times smaller than the padded int32 CSR
+    (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count; readers that rebuild the mask
+    (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
+    nk = indices.shape[-1]
+    largest = int(counts.max()) if counts.numel() else 0
+    width = min(nk, max(1, -(-largest // multiple) * multiple))
+    index_dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
+    trimmed = [indices[..., :width].to(index_dtype).contiguous()]
+    trimmed += [t[..., :width].contiguous() for t in slot_tensors]
+    return (counts.to(torch.int32).contiguous(), *trimmed)
 
 
 def pooled_blocks(kf: torch.Tensor, vf: torch.Tensor, block_n: int, v_scale: torch.Tensor
@@ -242,7 +269,8 @@ def paro_attention_reference(
     """Block-sparse, quantized attention; see the module docstring for the exact numerics.
 
     q, k, v: [B, H, N, D]; perm: [H, N] (None = identity); kv_counts: [H, ceil(N/block_m)];
-    kv_indices: [H, ceil(N/block_m), ceil(N/block_n)] (both None = dense). Returns [B, H, N, D] in q's dtype.
+    kv_indices: [H, ceil(N/block_m), W] with W = ceil(N/block_n), or fewer slots per row as long as every row's
+    count fits (`trim_csr`), int16 or int32 (both None = dense). Returns [B, H, N, D] in q's dtype.
     ``compensate``: skipped KV blocks enter as pooled keys (module docstring, step 6).
     """
     if qk_bits not in QK_BITS:
@@ -254,10 +282,12 @@ def paro_attention_reference(
     mq, nk = num_blocks(n, block_m), num_blocks(n, block_n)
     if kv_counts is None or kv_indices is None:
         kv_counts, kv_indices = dense_csr(heads, mq, nk, q.device)
-    if tuple(kv_counts.shape) != (heads, mq) or tuple(kv_indices.shape[:2]) != (heads, mq):
+    if (tuple(kv_counts.shape) != (heads, mq) or tuple(kv_indices.shape[:2]) != (heads, mq)
+            or not 1 <= kv_indices.shape[-1] <= nk):
         raise ValueError(
             f"block mask has shape counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
-            f"expected ({heads}, {mq}) and ({heads}, {mq}, {nk}) for N={n}, block_m={block_m}, block_n={block_n}"
+            f"expected ({heads}, {mq}) and ({heads}, {mq}, {nk}) (or a trimmed last dim of at least the largest count) "
+            f"for N={n}, block_m={block_m}, block_n={block_n}"
         )
 
     qf = permute_tokens(q, perm).float()
@@ -298,7 +328,11 @@ def paro_attention_reference(
     # P is produced already multiplied by its quantization factor (448 for FP8, 127 for INT8) by folding
     # log2(factor) into the exponent, as the kernel does; the factor cancels between acc and l.
     p_log2 = P_LOG2[pv_dtype]
-    for slot in range(int(counts.max().item()) if counts.numel() else 0):
+    largest = int(counts.max().item()) if counts.numel() else 0
+    if largest > indices.shape[-1]:
+        raise ValueError(f"kv_indices has {indices.shape[-1]} slots per row but a row of kv_counts keeps {largest} "
+                         "blocks; a trimmed CSR (reference.trim_csr) must keep at least the largest count")
+    for slot in range(largest):
         active = (slot < counts)  # [H, Mq]
         j = indices[:, :, slot].clamp(0, nk - 1)  # [H, Mq]
         k_j = k_blk[:, head_index, j]  # [B, H, Mq, block_n, D]
@@ -318,7 +352,7 @@ def paro_attention_reference(
         q_half = q_blk.to(torch.float16).float()
         s_bar = torch.einsum("bhmid,bhjd->bhmij", q_half, k_mean.to(torch.float16).float())
         s_bar = s_bar * q_scale[..., None, None] + torch.log2(cnt)
-        s_bar = s_bar.masked_fill(csr_to_block_mask(counts, indices)[None, :, :, None, :], -math.inf)
+        s_bar = s_bar.masked_fill(csr_to_block_mask(counts, indices, nk)[None, :, :, None, :], -math.inf)
         m_i, alpha, p = _online_softmax_step(m_i, s_bar, p_log2)
         l_i = l_i * alpha + p.sum(-1)
         pv = torch.einsum("bhmij,bhjd->bhmid", p.to(torch.float16).float(), v_mean.to(torch.float16).float())

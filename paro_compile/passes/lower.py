@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
-from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, kept_block_bits
+from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, kept_block_bits, trim_csr
 from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
@@ -58,6 +58,23 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
     gm.register_buffer(name, value.to(device) if device is not None else value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
+
+
+def mask_constants(masks: torch.Tensor, block: int, compensate: bool = False) -> dict[str, torch.Tensor]:
+    """The op arguments that stand for a site's block masks [S, H, Mq, Nk] (one per step bucket), as plan constants.
+
+    Compact CSRs (`trim_csr`): rows cut to the largest kept count over all step buckets, int16 indices. Blocks under 64
+    rows get only the grouped CSR (the walk of the kernel's shared 64-row tiles; the per-block CSR, 2-4x larger, would
+    only serve the reference path, which rebuilds it). ``compensate`` adds the kept-block bit words."""
+    masks = masks.bool()
+    if block < 64:
+        names = ("group_counts", "group_indices", "group_bits")
+        constants = dict(zip(names, trim_csr(*grouped_block_csr(masks, 64 // block))))
+    else:
+        constants = dict(zip(("kv_counts", "kv_indices"), trim_csr(*block_mask_to_csr(masks))))
+    if compensate:
+        constants["kv_kept_bits"] = kept_block_bits(masks)
+    return constants
 
 
 def lower_attention_sites(
@@ -116,16 +133,7 @@ def lower_attention_sites(
             masks = site_plan.block_masks.bool()
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            if block < 64:
-                # The Triton kernel walks query blocks under 64 rows in shared 64-row tiles; their grouped CSR
-                # stands for the mask alone (the per-block CSR, 2-4x larger, would only serve the reference path,
-                # which rebuilds it).
-                per_bucket = dict(zip(("group_counts", "group_indices", "group_bits"),
-                                      grouped_block_csr(masks, 64 // block)))
-            else:
-                per_bucket = dict(zip(("kv_counts", "kv_indices"), block_mask_to_csr(masks)))
-            if compensate:
-                per_bucket["kv_kept_bits"] = kept_block_bits(masks)
+            per_bucket = mask_constants(masks, block, compensate)
             multi = masks.shape[0] > 1
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)

@@ -255,7 +255,7 @@ def test_grouped_csr_union_and_bits():
     mask[0, 1, [2, 3]] = True
     mask[0, 4, 1] = True  # query blocks 2, 3 keep nothing; block 4 is alone in the last group
     counts, indices = R.block_mask_to_csr(mask)
-    ucounts, uindices, bits = grouped_csr(counts, indices, 2)
+    ucounts, uindices, bits = grouped_csr(counts, indices, 2, 4)
     assert ucounts.tolist() == [[3, 0, 1]]
     assert uindices[0, 0, :3].tolist() == [0, 2, 3] and uindices[0, 2, :1].tolist() == [1]
     assert bits[0, 0, :3].tolist() == [0b01, 0b11, 0b10] and bits[0, 2, 0].item() == 0b01
@@ -297,6 +297,35 @@ def test_mask_given_by_its_grouped_csr_alone(seed, gen, block, compensate):
     with pytest.raises(ValueError, match="grouped CSR alone"):
         op(q, k, v, pm, None, None, 0.125, 8, "fp8", block, block, "reference", -1.0, compensate, None, grouped[0],
            grouped[1], None)
+
+
+@pytest.mark.parametrize("block,compensate", [(64, False), (64, True), (32, False), (16, True)])
+def test_compact_csr_matches_full(seed, gen, block, compensate):
+    """Plan constants are compact CSRs (`reference.trim_csr`: rows cut to the largest count, int16 indices): the
+    kernel reads the row width from the tensor and gives exactly the result of the padded int32 CSR, per-block
+    (block 64) and grouped (blocks under 64); a CSR cut below the largest count is refused."""
+    n = 64 * 4 + 9
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, 0.3, block, block)
+    nk = R.num_blocks(n, block)
+    kw = dict(perm=pm, block_m=block, block_n=block, compensate=compensate)
+    if block < 64:
+        full_csr = tuple(t.to(q.device) for t in R.grouped_block_csr(mask, 64 // block))
+        compact = R.trim_csr(*full_csr, multiple=1)
+        full = paro_attention_triton(q, k, v, grouped=full_csr, **kw)
+        out = paro_attention_triton(q, k, v, grouped=compact, **kw)
+        short = (compact[0].cpu(), compact[1][..., :-1], compact[2][..., :-1])
+        call_short = lambda: paro_attention_triton(q, k, v, grouped=short, **kw)  # noqa: E731
+    else:
+        counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
+        compact = R.trim_csr(counts, indices, multiple=1)
+        full = paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices, **kw)
+        out = paro_attention_triton(q, k, v, kv_counts=compact[0], kv_indices=compact[1], **kw)
+        call_short = lambda: paro_attention_triton(q, k, v, kv_counts=compact[0].cpu(),  # noqa: E731
+                                                   kv_indices=compact[1][..., :-1], **kw)
+    assert compact[1].dtype == torch.int16 and compact[1].shape[-1] < nk, (compact[1].shape, nk)
+    torch.testing.assert_close(out, full, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="largest count"):
+        call_short()
 
 
 def test_text_prefix_permutation(seed, gen):

@@ -1,0 +1,38 @@
+"""benchmarks/plan_memory.py: compact plan constants vs padded int32 CSRs (small synthetic sites, CPU)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from paro_compile.kernels.reference import csr_to_block_mask, ungrouped_block_mask
+from paro_compile.passes.lower import mask_constants
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_plan_memory():
+    spec = importlib.util.spec_from_file_location("bench_plan_memory", ROOT / "benchmarks" / "plan_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compact_constants_are_smaller_and_stand_for_the_same_masks(tmp_path):
+    bench = load_plan_memory()
+    rows = bench.main(["--heads", "2", "--n", "1100", "--blocks", "64,16", "--densities", "0.2",
+                       "--layers", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "plan_memory.json").exists()
+    assert {(r["block"], r["masks"]) for r in rows} == {(64, "any"), (16, "coherent"), (16, "random")}
+    for r in rows:
+        assert r["slots"] < r["kv_blocks"] and r["ratio"] > 2.0, r
+    coherent, random = (next(r for r in rows if r["block"] == 16 and r["masks"] == kind) for kind in ("coherent", "random"))
+    assert coherent["slots"] <= random["slots"]  # coherent neighbours share kept blocks: narrower unions
+    for block in (64, 16):
+        masks = bench.synthetic_masks("random", 2, 1100, block, 0.2, 2, seed=1)
+        constants = mask_constants(masks, block)
+        if block == 64:
+            rebuilt = csr_to_block_mask(constants["kv_counts"], constants["kv_indices"], masks.shape[-1])
+        else:
+            rebuilt = ungrouped_block_mask(constants["group_counts"], constants["group_indices"],
+                                           constants["group_bits"], 4, masks.shape[-2], masks.shape[-1])
+        assert torch.equal(rebuilt, masks)
