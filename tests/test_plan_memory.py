@@ -1,24 +1,15 @@
 """benchmarks/plan_memory.py: compact plan constants vs padded int32 CSRs (small synthetic sites, CPU)."""
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from paro_compile.kernels.reference import csr_to_block_mask, ungrouped_block_mask
 from paro_compile.passes.lower import mask_constants
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_plan_memory():
-    spec = importlib.util.spec_from_file_location("bench_plan_memory", ROOT / "benchmarks" / "plan_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_helpers import load_benchmark
 
 
 def test_compact_constants_are_smaller_and_stand_for_the_same_masks(tmp_path):
-    bench = load_plan_memory()
+    bench = load_benchmark("plan_memory")
     rows = bench.main(["--heads", "2", "--n", "1100", "--blocks", "64,16", "--densities", "0.2",
                        "--layers", "3", "--out", str(tmp_path)])
     assert (tmp_path / "plan_memory.json").exists()

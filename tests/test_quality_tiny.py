@@ -1,25 +1,16 @@
 """CI smoke run of benchmarks/quality.py --tiny and benchmarks/train_video_dit.py --tiny (CPU, seconds)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from bench_helpers import load_benchmark
+
 pytest.importorskip("diffusers")
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_tiny(tmp_path):
-    summary = load_script("train_video_dit").main(["--tiny", "--out", str(tmp_path)])
+    summary = load_benchmark("train_video_dit").main(["--tiny", "--out", str(tmp_path)])
     assert summary["steps"] == 3
     assert math.isfinite(summary["final_loss_ema"])
     assert summary["sample_stats"]["finite"]
@@ -35,7 +26,7 @@ def test_train_tiny(tmp_path):
 
 
 def test_quality_tiny(tmp_path):
-    results = load_script("quality").main(["--tiny", "--out", str(tmp_path), "--compensate", "both"])
+    results = load_benchmark("quality").main(["--tiny", "--out", str(tmp_path), "--compensate", "both"])
     for name in ("results.json", "results.md", "per_layer.csv", "samples.png"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "plans").glob("*.paro.safetensors"))
@@ -56,7 +47,7 @@ def test_quality_tiny(tmp_path):
 
 
 def test_quality_tiny_calibration_options(tmp_path):
-    quality = load_script("quality")
+    quality = load_benchmark("quality")
     results = quality.main(["--tiny", "--out", str(tmp_path), "--variants", "paro", "--calib-prompts", "3",
                             "--allocation", "site"])
     config = results["config"]
@@ -73,7 +64,7 @@ def test_quality_tiny_calibration_options(tmp_path):
 
 
 def test_quality_sweep_tiny(tmp_path):
-    load_script("quality_sweep").main(["--tiny", "--out", str(tmp_path)])
+    load_benchmark("quality_sweep").main(["--tiny", "--out", str(tmp_path)])
     for name in ("sweep.json", "sweep.md"):
         assert (tmp_path / name).exists(), name
     data = json.loads((tmp_path / "sweep.json").read_text())

@@ -1,22 +1,13 @@
 """benchmarks/quantization_floor.py: each quantization step's error in isolation, at a small size (CPU)."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_floor():
-    spec = importlib.util.spec_from_file_location("bench_quantization_floor", ROOT / "benchmarks" / "quantization_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_helpers import load_benchmark
 
 
 def test_fp8_pv_floor_and_op_error(tmp_path):
-    result = load_floor().main(["--n", "520", "--heads", "2", "--seed", "3", "--out", str(tmp_path)])
+    result = load_benchmark("quantization_floor").main(["--n", "520", "--heads", "2", "--seed", "3", "--out", str(tmp_path)])
     err = {row["step"]: row["rel_l2_vs_fp64"] for row in result["rows"]}
     assert (tmp_path / "quantization_floor.json").exists()
     # one e4m3 rounding of P or of V costs ~2.5e-2 relative; together ~3.6e-2 (above issue 3's 2e-2 target)
