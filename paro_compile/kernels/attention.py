@@ -554,6 +554,16 @@ def paro_attention_triton(
     bsz, heads, n, d = q.shape
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
+    if grouped is not None and block_m < 64:  # checked before anything reads it (the mask may be rebuilt from it)
+        mqt = -(-nqb // (64 // block_m))
+        if (tuple(grouped[0].shape) != (heads, mqt) or tuple(grouped[1].shape[:2]) != (heads, mqt)
+                or grouped[2].shape != grouped[1].shape or not 1 <= grouped[1].shape[-1] <= nkb):
+            raise ValueError(f"grouped CSR has shapes {[tuple(t.shape) for t in grouped]}, expected ({heads}, {mqt}), "
+                             f"({heads}, {mqt}, {nkb}) twice (reference.grouped_block_csr of the mask, group "
+                             f"{64 // block_m}; or both cut to the same width of at least the largest count, "
+                             "reference.trim_csr)")
+        _check_slots(grouped[0], grouped[1], "group_indices")
+        grouped = tuple(t.to(q.device) for t in grouped)
     if (kv_counts is None or kv_indices is None) and grouped is not None:
         # The mask given by its grouped CSR alone (the lowering stores only that for blocks under 64 rows).
         if block_m >= 64:
@@ -595,16 +605,8 @@ def paro_attention_triton(
         density = float(ungrouped_block_mask(*grouped, group, nqb, nkb).float().mean())
     slot_bits = None
     if group > 1:
-        mqt = -(-nqb // group)
         if grouped is None:
             grouped = grouped_csr(kv_counts, kv_indices, group, nkb)
-        elif (tuple(grouped[0].shape) != (heads, mqt) or tuple(grouped[1].shape[:2]) != (heads, mqt)
-              or grouped[2].shape != grouped[1].shape or not 1 <= grouped[1].shape[-1] <= nkb):
-            raise ValueError(f"grouped CSR has shapes {[tuple(t.shape) for t in grouped]}, expected ({heads}, {mqt}), "
-                             f"({heads}, {mqt}, {nkb}) twice (reference.grouped_block_csr of the mask, group {group}; "
-                             "or both cut to the same width of at least the largest count, reference.trim_csr)")
-        else:
-            _check_slots(grouped[0], grouped[1], "group_indices")
         kv_counts = grouped[0].to(device=q.device, dtype=torch.int32).contiguous()
         kv_indices = _index_tensor(grouped[1], q.device)
         slot_bits = grouped[2].to(device=q.device).contiguous()
