@@ -226,6 +226,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         extra["block_size"] = args.block_size
     if args.mass_threshold is not None:
         extra["mass_threshold"] = args.mass_threshold
+    if args.allocation != "uniform":
+        extra["allocation"] = args.allocation
     if args.average_density is not None:  # replaces --density
         extra["average_density"] = args.average_density
     else:
@@ -233,7 +235,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     budget = (f"average density {args.average_density}" if args.average_density is not None
               else f"density {args.density}")
     print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), {budget}, alpha {args.alpha}, "
-          f"{args.step_buckets} step bucket(s), {args.dense_steps} dense step(s)", file=sys.stderr)
+          f"{args.step_buckets} step bucket(s), {args.dense_steps} dense step(s), allocation {args.allocation}",
+          file=sys.stderr)
     try:
         plan = calibrate(model, inputs, alpha=args.alpha, step_buckets=args.step_buckets, dense_steps=args.dense_steps,
                          timestep_arg=args.timestep_arg, progress=not args.quiet, **extra)
@@ -389,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-density", type=float, default=None,
                    help="instead of --density: the kept share averaged over the calibration timesteps, dense steps "
                         "counting 1.0 (the sparse density is solved from it)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "site", "global"),
+                   help="how the kept-block budget is spread: the same share per head (uniform, default), by "
+                        "calibrated mass across the heads of a site (site) or across all sites (global)")
     p.add_argument("--timestep-arg", default="timestep", help="name of the model's timestep argument")
     p.add_argument("--block-size", type=int, default=None, help="token block of the masks (default 64)")
     p.add_argument("--mass-threshold", type=float, default=None, help="keep blocks until this share of mass instead")

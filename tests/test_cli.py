@@ -87,6 +87,27 @@ def test_calibrate_average_density_with_dense_steps(workdir, plan_file):
     assert bad.returncode != 0 and "not reachable" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_calibrate_global_allocation(workdir):
+    """--allocation global ranks the blocks of all sites together: the model's average stays at --density while the
+    sites' densities may differ; the plan records the allocation."""
+    from paro_compile.plan import Plan
+
+    out = workdir / "global.paro.safetensors"
+    done = paro(workdir, "calibrate", MODEL, "--inputs", CALIB, "--density", "0.5", "--allocation", "global",
+                "--out", str(out), "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "allocation global" in done.stderr
+    plan = Plan.load(out)
+    assert plan.meta["allocation"] == "global"
+    uniform = workdir / "uniform.paro.safetensors"
+    assert paro(workdir, "calibrate", MODEL, "--inputs", CALIB, "--density", "0.5", "--out", str(uniform),
+                "-q").returncode == 0
+    assert "allocation" not in Plan.load(uniform).meta
+    assert abs(plan.overall_density() - Plan.load(uniform).overall_density()) < 0.05  # the same block budget
+    bad = paro(workdir, "calibrate", MODEL, "--inputs", CALIB, "--allocation", "best", "--out", str(out), "-q")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
 def test_diff_with_plan_html_and_json(workdir, plan_file):
     html, js = workdir / "diff.html", workdir / "diff.json"
     done = paro(workdir, "diff", MODEL, "--inputs", CALIB, "-o", "allow_fp32=true", "-o", f"plan={plan_file}",
