@@ -122,7 +122,7 @@ def main(argv=None):
     from paro_compile.kernels import tuning
     from paro_compile.kernels.attention import last_launch_info, paro_attention_triton
     from paro_compile.kernels.prologue import paro_prologue
-    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks
+    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks, trim_csr
 
     shapes = args.shapes or (["cogvideox-5b"] if args.quick else list(SHAPES))
     densities = args.densities or ([1.0, 0.2] if args.quick else list(DENSITIES))
@@ -266,7 +266,8 @@ def main(argv=None):
                 counts = indices = None
             else:
                 mask = tuning.random_block_mask(h, mq, nk, dens, generator=gen)
-                counts, indices = (x.cuda() for x in block_mask_to_csr(mask))
+                # as plans store it: compact CSR (rows cut to the largest count, int16 indices)
+                counts, indices = (x.cuda() for x in trim_csr(*block_mask_to_csr(mask)))
             pairs = kept_pairs(mask, n)
             real_dens = pairs / full_pairs
             ref = ref_dense
