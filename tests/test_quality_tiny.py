@@ -63,6 +63,26 @@ def test_quality_tiny_calibration_options(tmp_path):
         quality.parse_args(["--out", str(tmp_path), "--calib-prompts", str(len(quality.CALIB_PROMPTS) + 1)])
 
 
+def test_quality_tiny_pooled_seeds(tmp_path):
+    """--seeds runs every seed into its own folder and pools the variants over all their videos."""
+    pooled = load_benchmark("quality").main(["--tiny", "--out", str(tmp_path), "--seeds", "5,6"])
+    assert pooled["seeds"] == [5, 6]
+    runs = {seed: json.loads((tmp_path / f"seed_{seed}" / "results.json").read_text()) for seed in (5, 6)}
+    assert [r["config"]["seed"] for r in runs.values()] == [5, 6]
+    assert (tmp_path / "pooled.json").exists() and "PSNR dB" in (tmp_path / "pooled.md").read_text()
+    assert pooled["variants"]
+    for v in pooled["variants"]:
+        per_seed = [next(x for x in runs[s]["variants"] if x["name"] == v["name"]) for s in (5, 6)]
+        videos = per_seed[0]["psnr_per_video"] + per_seed[1]["psnr_per_video"]
+        assert v["videos"] == len(videos)
+        assert v["psnr"] == pytest.approx(sum(videos) / len(videos))
+        assert v["cosine"] == pytest.approx((per_seed[0]["cosine"] + per_seed[1]["cosine"]) / 2)
+        assert v["psnr_sem"] >= 0 and set(v["per_seed"]) == {"5", "6"}
+    names = {v["name"] for v in pooled["variants"]}
+    if {"paro d=0.5 int8/fp8", "natural d=0.5 int8/fp8"} <= names:
+        assert "paro_beats_natural_d0.5" in pooled["targets"]
+
+
 def test_quality_sweep_tiny(tmp_path):
     load_benchmark("quality_sweep").main(["--tiny", "--out", str(tmp_path)])
     for name in ("sweep.json", "sweep.md"):
