@@ -162,6 +162,11 @@ def kept_block_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32).contiguous()
 
 
+def _slot_weights(group: int, device) -> torch.Tensor:
+    """int32 [group, 1]: the bit of each query block of a group in a grouped CSR's slot bits."""
+    return (1 << torch.arange(group, device=device, dtype=torch.int32)).view(group, 1)
+
+
 def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boolean block mask [..., Mq, Nk] → the CSR that 64-row kernel tiles walk when ``group`` query blocks share a
     tile: (counts [..., ⌈Mq/group⌉] int32, indices [..., ⌈Mq/group⌉, Nk] int32: the union of the group's kept blocks,
@@ -172,8 +177,7 @@ def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     mqt = -(-mq // group)
     mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(*lead, mqt, group, nk)
     counts, indices = block_mask_to_csr(mask.any(-2))
-    weights = (1 << torch.arange(group, device=mask.device, dtype=torch.int32)).view(group, 1)
-    bits = (mask.to(torch.int32) * weights).sum(-2, dtype=torch.int32)
+    bits = (mask.to(torch.int32) * _slot_weights(group, mask.device)).sum(-2, dtype=torch.int32)
     return counts, indices, bits.gather(-1, indices.long()).to(torch.int8).contiguous()
 
 
@@ -190,8 +194,7 @@ def ungrouped_block_mask(counts: torch.Tensor, indices: torch.Tensor, slot_bits:
     bits = torch.zeros((*lead, mqt, nk + 1), dtype=torch.int32, device=indices.device)
     bits.scatter_(-1, target, torch.where(valid, slot_bits.to(torch.int32), 0))
     bits = bits[..., :nk]
-    weights = (1 << torch.arange(group, device=indices.device, dtype=torch.int32)).view(group, 1)
-    mask = (bits.unsqueeze(-2) & weights) != 0  # [..., mqt, group, nk]
+    mask = (bits.unsqueeze(-2) & _slot_weights(group, indices.device)) != 0  # [..., mqt, group, nk]
     return mask.reshape(*lead, mqt * group, nk)[..., :mq, :]
 
 
