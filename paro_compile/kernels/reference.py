@@ -216,12 +216,12 @@ INDEX_SLOT_MULTIPLE = 16
 def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
              multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
     """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
-    largest kept count (rounded up to a multiple of 16, at most Nk) and the indices stored as int16 when Nk allows.
-    ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are cut alike, keeping their dtype.
+    largest kept count (rounded up to a multiple of ``multiple``, at most Nk) and the indices stored as int16 when Nk
+    allows. ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are cut alike, keeping their dtype.
 
     A sparse row keeps a fraction of its Nk blocks, so this is several times smaller than the padded int32 CSR
-    (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count; readers that rebuild the mask
-    (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
+    (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count;
+    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
     nk = indices.shape[-1]
     largest = int(counts.max()) if counts.numel() else 0
     width = min(nk, max(1, -(-largest // multiple) * multiple))
