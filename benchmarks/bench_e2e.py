@@ -70,6 +70,9 @@ def parse_args(argv=None):
                         "mode='reduce-overhead') (default: all with --densities)")
     p.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES))
     p.add_argument("--block", type=int, default=None, help="mask block of the synthetic plans (default 64; 16 with --tiny)")
+    p.add_argument("--coherent", action="store_true",
+                   help="blocks under 64: masks drawn per 64-token block and refined (neighbouring query blocks agree, "
+                        "as calibrated masks tend to); default: drawn per block")
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
     p.add_argument("--impl", default="auto")
@@ -247,7 +250,12 @@ def discover_site_ids(model, inputs: dict, allow_fp32: bool) -> list[tuple[str, 
     return found
 
 
-def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: float, block: int, seed: int) -> Plan:
+def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: float, block: int, seed: int,
+                   coherent: bool = False) -> Plan:
+    """Random per-head orders and block masks at ``density`` (mandatory diagonal / text blocks kept). ``coherent``
+    (blocks under 64): the block scores are drawn per 64-token block and refined, so neighbouring query blocks keep
+    the same KV blocks, as calibrated masks tend to; otherwise every block is drawn on its own (the worst case for the
+    kernel's shared 64-row tiles)."""
     from paro_compile.calibration import mandatory_blocks, select_blocks
 
     g = torch.Generator().manual_seed(seed)
@@ -261,7 +269,13 @@ def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: fl
         key = tuple(orders)
         if key not in perm_cache:
             perm_cache[key] = orders_permutation(grid, orders)
-        masks = select_blocks(torch.rand(heads, nb, nb, generator=g), density, mandatory)
+        if coherent and block < 64:
+            f, coarse = 64 // block, math.ceil(grid.num_tokens / 64)
+            scores = torch.rand(heads, coarse, coarse, generator=g)
+            scores = scores.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].contiguous()
+        else:
+            scores = torch.rand(heads, nb, nb, generator=g)
+        masks = select_blocks(scores, density, mandatory)
         sites[sid] = SitePlan(site_id=sid, heads=heads, seq_len=grid.num_tokens, block_size=block, perm=perm_cache[key],
                               block_masks=masks[None], orders=orders, grid=grid)
     return Plan(sites=sites, step_boundaries=[], density=density, meta={"synthetic": True, "seed": seed})
@@ -434,7 +448,7 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
         if v.startswith("paro-"):
             d = paro_density(v)
             t = time.perf_counter()
-            plans[d] = synthetic_plan(site_ids, heads, grid, d, block, args.seed)
+            plans[d] = synthetic_plan(site_ids, heads, grid, d, block, args.seed, coherent=args.coherent)
             print(f"[bench] synthetic plan d={d}: achieved {plans[d].overall_density():.3f} ({time.perf_counter() - t:.1f}s)", flush=True)
 
     rows = []
