@@ -154,6 +154,39 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
 
 
 @torch.no_grad()
+def test_dense_sites_of_fine_block_plans_run_with_64_token_blocks(monkeypatch):
+    """A site whose plan keeps every block (density 1) has no mask to walk: the op gets block 64 (quantization groups of
+    64 tokens, full 64-row tiles) instead of the plan's 16, which the dense kernel would run in 16-row tiles."""
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    plan = random_plan()
+    sites = list(plan.sites.values())
+    sites[0].block_masks[:] = True  # the first site dense, the other sparse
+    assert plan.sites[SITES[0]].block_masks.all() and not plan.sites[SITES[1]].block_masks.all()
+    import paro_compile.backend as backend_module
+
+    original = backend_module.lower_attention_sites
+    seen = {}
+
+    def record_blocks(gm, sites_, config, plan=None, kernel_perms=None):
+        records = original(gm, sites_, config, plan, kernel_perms)
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.paro.attention.default:
+                dense = node.args[4] is None and node.args[15] is None  # no per-block nor grouped CSR
+                seen[node.meta["paro_site_id"]] = (dense, node.args[9], node.args[10])
+        return records
+
+    monkeypatch.setattr(backend_module, "lower_attention_sites", record_blocks)
+    inputs = toy_inputs()
+    with PlannedAttention(plan, 0, qk_bits=16, pv_dtype="fp16"):
+        expected = model(**inputs)
+    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan, "fold_permutations": False})
+    torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-5, atol=1e-5)
+    assert seen[SITES[0]] == (True, 64, 64), seen
+    assert seen[SITES[1]] == (False, BLOCK, BLOCK), seen
+
+
+@torch.no_grad()
 def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch):
     """With step buckets the CSR is selected on the device each call; the kernel must take the autotune
     density from the plan (compile time), not by reading the selected counts back (a host sync per site)."""

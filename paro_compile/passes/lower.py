@@ -161,6 +161,11 @@ def lower_attention_sites(
             bits_node = mask_nodes.get("kv_kept_bits")
             sparse = True
             group_nodes = [mask_nodes.get(name) for name in ("group_counts", "group_indices", "group_bits")]
+        if not sparse and block < 64:
+            # Without a mask the block only groups Q/K for quantization, and the dense kernel does not share tiles
+            # between query blocks: 16-row tiles leave Hopper's 64-row wgmma mostly idle (the dense call ran ~5x the
+            # cuDNN time at the CogVideoX shape). Dense sites of fine-block plans quantize per 64 tokens instead.
+            block = 64
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
