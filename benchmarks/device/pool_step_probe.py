@@ -1,4 +1,6 @@
 """Skipped-block compensation with pooled keys read 64 per step for every block size (was: block_n per step) — H100.
+Measured slower for blocks 32 / 16 (results/pool_step/); the kernel keeps block_n per step. Rerunning this probe
+measures the current kernel.
 
 CogVideoX shape B2·H48·N17776·D64, INT8 QKᵀ / FP8 PV, coherent masks (a random 64-block mask refined to the block),
 densities 0.3 / 0.2, blocks 64 / 32 / 16, with and without compensation; fixed configs (PARO_AUTOTUNE=0: compensated

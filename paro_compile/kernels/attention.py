@@ -390,9 +390,9 @@ def _attn_fwd(
     if COMPENSATE:
         # Skipped-block compensation (sparse masks only; with GROUP > 1 each row reads its own block's bits): every KV block whose
         # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
-        # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, POOL_N
-        # at a time (at least 64 whatever the block: 16 per step made block-16 compensation cost as much as the whole
-        # sparse walk), and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
+        # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
+        # at a time (64 per step for 16-/32-token blocks measured 15-18 % slower on the H100: 228 registers uncapped;
+        # benchmarks/RESULTS.md), and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
         # count measured 5-7 % faster on the H100 but would make CSR padding part of the op's contract;
         # docs/quality_tuning.md); fp16 dots (the int8 Q is exact in fp16).
         if QK_BITS == 4:
@@ -403,9 +403,8 @@ def _attn_fwd(
         bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
         if GROUP > 1:
             bits_rows = KEPT_BITS + (h * NQB + tl.minimum(pid_m * GROUP + sub_block, NQB - 1)) * tl.cdiv(NKB, 32)
-        POOL_N: tl.constexpr = BLOCK_N if BLOCK_N > 64 else 64
-        for t in range(0, NKB, POOL_N):
-            cols = t + tl.arange(0, POOL_N)
+        for t in range(0, NKB, BLOCK_N):
+            cols = t + rn
             col_in = cols < NKB
             kb_ptr = KBAR + (pid_bh * NKB + cols[:, None]) * D
             if QK_BITS == 4:
