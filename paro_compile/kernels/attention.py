@@ -403,8 +403,9 @@ def _attn_fwd(
         bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
         if GROUP > 1:
             bits_rows = KEPT_BITS + (h * NQB + tl.minimum(pid_m * GROUP + sub_block, NQB - 1)) * tl.cdiv(NKB, 32)
-        for t in range(0, NKB, BLOCK_N):
-            cols = t + rn
+        POOL_N: tl.constexpr = BLOCK_N if BLOCK_N > 32 else 32
+        for t in range(0, NKB, POOL_N):
+            cols = t + tl.arange(0, POOL_N)
             col_in = cols < NKB
             kb_ptr = KBAR + (pid_bh * NKB + cols[:, None]) * D
             if QK_BITS == 4:
