@@ -34,11 +34,14 @@ for dens in (0.3, 0.2):
         kw = dict(grouped=tensors, block_m=blk, block_n=blk) if blk < 64 else dict(kv_counts=tensors[0],
                                                                                      kv_indices=tensors[1])
         bits = R.kept_block_bits(mask).cuda()
-        for comp in (False, True):
-            fn = lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None, **kw)  # noqa: E731
+        for comp, pool32 in ((False, True), (True, True), (True, False)):
+            if blk >= 32 and not pool32:
+                continue  # pool_32 changes only blocks under 32
+            fn = lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None,  # noqa: E731
+                                               variant={"pool_32": pool32}, **kw)
             fn()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
-            rows.append({"density": dens, "block": blk, "compensate": comp, "ms": ms})
-            print(f"dens {dens} block {blk:2d} comp={comp!s:5s} {ms:8.3f} ms", flush=True)
+            rows.append({"density": dens, "block": blk, "compensate": comp, "pool_32": pool32, "ms": ms})
+            print(f"dens {dens} block {blk:2d} comp={comp!s:5s} pool_32={pool32!s:5s} {ms:8.3f} ms", flush=True)
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "pool_step_probe.json"), "w"), indent=1)
