@@ -1,6 +1,10 @@
-"""Skipped-block compensation with pooled keys read 64 per step for every block size (was: block_n per step) — H100.
-Measured slower for blocks 32 / 16 (results/pool_step/); the kernel keeps block_n per step. Rerunning this probe
-measures the current kernel.
+"""Skipped-block compensation: kernel time with and without it per block size (H100).
+
+Pooled keys per compensation step were tried wider than the block for blocks under 64 and measured slower each time,
+so the kernel keeps block_n per step: 64 per step (228 registers) took block 16 + compensation to 31.68 / 26.34 ms at
+0.3 / 0.2 (results/pool_step/pool_step_probe.json); 32 per step (156 registers, 37 instead of 50 instructions per
+pooled score) 27.87 / 24.01 ms against 25.82 / 22.01 ms with 16 per step in the same run (results/pool_step/ab/).
+Rerunning this probe measures the current kernel.
 
 CogVideoX shape B2·H48·N17776·D64, INT8 QKᵀ / FP8 PV, coherent masks (a random 64-block mask refined to the block),
 densities 0.3 / 0.2, blocks 64 / 32 / 16, with and without compensation; fixed configs (PARO_AUTOTUNE=0: compensated
@@ -34,14 +38,11 @@ for dens in (0.3, 0.2):
         kw = dict(grouped=tensors, block_m=blk, block_n=blk) if blk < 64 else dict(kv_counts=tensors[0],
                                                                                      kv_indices=tensors[1])
         bits = R.kept_block_bits(mask).cuda()
-        for comp, pool32 in ((False, True), (True, True), (True, False)):
-            if blk >= 32 and not pool32:
-                continue  # pool_32 changes only blocks under 32
-            fn = lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None,  # noqa: E731
-                                               variant={"pool_32": pool32}, **kw)
+        for comp in (False, True):
+            fn = lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None, **kw)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
-            rows.append({"density": dens, "block": blk, "compensate": comp, "pool_32": pool32, "ms": ms})
-            print(f"dens {dens} block {blk:2d} comp={comp!s:5s} pool_32={pool32!s:5s} {ms:8.3f} ms", flush=True)
+            rows.append({"density": dens, "block": blk, "compensate": comp, "ms": ms})
+            print(f"dens {dens} block {blk:2d} comp={comp!s:5s} {ms:8.3f} ms", flush=True)
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "pool_step_probe.json"), "w"), indent=1)

@@ -209,7 +209,6 @@ def _attn_fwd(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
     COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, GROUP: tl.constexpr,
-    POOL_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -392,8 +391,9 @@ def _attn_fwd(
         # Skipped-block compensation (sparse masks only; with GROUP > 1 each row reads its own block's bits): every KV block whose
         # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
         # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
-        # at a time (64 per step for 16-/32-token blocks measured 15-18 % slower on the H100: 228 registers uncapped;
-        # benchmarks/RESULTS.md), and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
+        # at a time (wider steps for 16-/32-token blocks measured slower on the H100: 64 per step 15-18 %, 228
+        # registers; 32 per step 8-9 %, although 26 % fewer instructions per pooled score; benchmarks/RESULTS.md),
+        # and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
         # count measured 5-7 % faster on the H100 but would make CSR padding part of the op's contract;
         # docs/quality_tuning.md); fp16 dots (the int8 Q is exact in fp16).
         if QK_BITS == 4:
@@ -404,8 +404,8 @@ def _attn_fwd(
         bits_base = KEPT_BITS + (h * NQB + pid_m) * tl.cdiv(NKB, 32)
         if GROUP > 1:
             bits_rows = KEPT_BITS + (h * NQB + tl.minimum(pid_m * GROUP + sub_block, NQB - 1)) * tl.cdiv(NKB, 32)
-        for t in range(0, NKB, POOL_N):
-            cols = t + tl.arange(0, POOL_N)
+        for t in range(0, NKB, BLOCK_N):
+            cols = t + rn
             col_in = cols < NKB
             kb_ptr = KBAR + (pid_bh * NKB + cols[:, None]) * D
             if QK_BITS == 4:
@@ -652,9 +652,6 @@ def paro_attention_triton(
         # a 67-token sparse case, not diagnosed), so INT4 keeps the two-step form.
         FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
         GROUP=group,
-        # Pooled keys per compensation step: at least 32 (16 per step cost ~50 instructions per pooled score at block
-        # 16; 64 per step needed 228 registers and ran slower).
-        POOL_N=max(block_n, 32) if knobs["pool_32"] else block_n,
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
@@ -752,7 +749,7 @@ def variant_from_env() -> dict:
 # the H100 dense 16.89 → 15.73 ms, density 0.2 4.17 → 3.99 ms, same error vs bf16).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
                            "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True,
-                           "group_query_blocks": True, "pool_32": True}
+                           "group_query_blocks": True}
 
 
 def last_launch_info() -> dict:

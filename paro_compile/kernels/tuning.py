@@ -124,8 +124,6 @@ def _key(args: tuple, meta: dict) -> str:
         f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
         f"exp2{int(meta.get('EXP2_MODE', 0))}",
         *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
-        *([f"pool{int(meta['POOL_N'])}"] if meta.get("COMPENSATE") and int(meta.get("POOL_N", meta["BLOCK_N"]))
-          != int(meta["BLOCK_N"]) else []),
         "v" + "".join(str(int(bool(meta.get(k, 0))))
                       for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")),
         f"g{int(meta.get('GROUP', 1))}",
