@@ -422,14 +422,12 @@ def _attn_fwd(
                 kept = (words >> (cols % 32)[None, :]) & 1
                 sb = sb * qs[:, None] + tl.where(col_in[None, :] & (kept == 0),
                                                  tl.math.log2(tl.maximum(n_tok, 1.0))[None, :], float("-inf"))
-            else:
+            else:  # a per-column bias keeps sb·qs + bias one FFMA (a [1, BLOCK_N] select compiled to FMUL + FADD)
                 kept = (tl.load(bits_base + cols // 32, mask=col_in, other=0) >> (cols % 32)) & 1
                 bias = tl.where(col_in & (kept == 0), tl.math.log2(tl.maximum(n_tok, 1.0)), float("-inf"))
                 sb = sb * qs[:, None] + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(sb, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            pb = tl.math.exp2(sb - (m_safe - P_LOG2)[:, None])
+            m_new, alpha, shift = _row_max_step(m_i, tl.max(sb, axis=1), None, P_LOG2, 1)
+            pb = tl.math.exp2(sb - shift[:, None])
             l_i = l_i * alpha + tl.sum(pb, axis=1)
             vb = tl.load(VBAR + (pid_bh * NKB + cols[:, None]) * D + offs_d[None, :], mask=col_in[:, None], other=0.0)
             acc = tl.dot(pb.to(tl.float16), vb, acc * alpha[:, None])
