@@ -569,8 +569,10 @@ def paro_attention_triton(
         if block_m >= 64:
             raise ValueError(f"a grouped CSR without kv_counts / kv_indices needs block_m < 64, got {block_m}")
         kv_counts = kv_indices = None
-        if not knobs["group_query_blocks"] or (compensate and kv_kept_bits is None):
+        if not knobs["group_query_blocks"] or (compensate and kv_kept_bits is None) or density is None:
             mask = ungrouped_block_mask(*grouped, 64 // block_m, nqb, nkb)
+            if density is None:  # its kept share, for the autotune key
+                density = float(mask.float().mean())
             if compensate and kv_kept_bits is None:
                 kv_kept_bits = kept_block_bits(mask)
             if not knobs["group_query_blocks"]:  # the per-block walk needs the per-block CSR
@@ -601,8 +603,6 @@ def paro_attention_triton(
         kv_kept_bits = kv_kept_bits.to(device=q.device, dtype=torch.int32).contiguous()
     # Query blocks under 64 rows share 64-row tensor-core tiles and walk the union of their kept blocks.
     group = 64 // block_m if (not dense and block_m < 64 and knobs["group_query_blocks"]) else 1
-    if kv_counts is None and density is None and group > 1:  # grouped-only mask: its kept share, for the autotune key
-        density = float(ungrouped_block_mask(*grouped, group, nqb, nkb).float().mean())
     slot_bits = None
     if group > 1:
         if grouped is None:
