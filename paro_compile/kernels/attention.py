@@ -52,7 +52,7 @@ import triton.language as tl
 from paro_compile.kernels import tuning
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
 from paro_compile.kernels.reference import (PV_DTYPES, QK_BITS, block_mask_to_csr, csr_to_block_mask, grouped_block_csr,
-                                            kept_block_bits, num_blocks, ungrouped_block_mask)
+                                            kept_block_bits, largest_count, num_blocks, ungrouped_block_mask)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -705,13 +705,11 @@ def _index_tensor(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _check_slots(counts: torch.Tensor, indices: torch.Tensor, name: str) -> None:
-    """A trimmed CSR must hold every row's count. Checked where it costs no device sync (CPU counts, as direct
-    callers and the interpreter pass them); plan constants on the GPU are trimmed by `reference.trim_csr` and the
-    kernel clamps each count to the row width, so a malformed one cannot read out of bounds."""
-    width = indices.shape[-1]
-    if counts.device.type == "cpu" and counts.numel() and int(counts.max()) > width:
-        raise ValueError(f"{name} has {width} slots per row but a row keeps {int(counts.max())} blocks; a trimmed CSR "
-                         "(reference.trim_csr) must keep at least the largest count")
+    """`reference.largest_count`'s width check where it costs no device sync (CPU counts, as direct callers and the
+    interpreter pass them); plan constants on the GPU are trimmed by `reference.trim_csr` and the kernel clamps each
+    count to the row width, so a malformed one cannot read out of bounds."""
+    if counts.device.type == "cpu":
+        largest_count(counts, indices, name)
 
 
 def _ensure_tma_allocator() -> None:

@@ -213,6 +213,16 @@ def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks
 INDEX_SLOT_MULTIPLE = 16
 
 
+def largest_count(counts: torch.Tensor, indices: torch.Tensor, name: str = "kv_indices") -> int:
+    """The largest kept count of a CSR (a host read), checked against its row width: a trimmed CSR (`trim_csr`) must
+    hold every row's count."""
+    largest = int(counts.max()) if counts.numel() else 0
+    if largest > indices.shape[-1]:
+        raise ValueError(f"{name} has {indices.shape[-1]} slots per row but a row keeps {largest} blocks; a trimmed CSR "
+                         "(reference.trim_csr) must keep at least the largest count")
+    return largest
+
+
 def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
              multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
     """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
@@ -331,11 +341,7 @@ def paro_attention_reference(
     # P is produced already multiplied by its quantization factor (448 for FP8, 127 for INT8) by folding
     # log2(factor) into the exponent, as the kernel does; the factor cancels between acc and l.
     p_log2 = P_LOG2[pv_dtype]
-    largest = int(counts.max().item()) if counts.numel() else 0
-    if largest > indices.shape[-1]:
-        raise ValueError(f"kv_indices has {indices.shape[-1]} slots per row but a row of kv_counts keeps {largest} "
-                         "blocks; a trimmed CSR (reference.trim_csr) must keep at least the largest count")
-    for slot in range(largest):
+    for slot in range(largest_count(counts, indices)):
         active = (slot < counts)  # [H, Mq]
         j = indices[:, :, slot].clamp(0, nk - 1)  # [H, Mq]
         k_j = k_blk[:, head_index, j]  # [B, H, Mq, block_n, D]
