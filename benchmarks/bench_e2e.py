@@ -257,6 +257,7 @@ def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: fl
     the same KV blocks, as calibrated masks tend to; otherwise every block is drawn on its own (the worst case for the
     kernel's shared 64-row tiles)."""
     from paro_compile.calibration import mandatory_blocks, select_blocks
+    from paro_compile.kernels.tuning import refine_block_mask
 
     g = torch.Generator().manual_seed(seed)
     cands = candidate_orders(grid)
@@ -272,7 +273,7 @@ def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: fl
         if coherent and block < 64:
             f, coarse = 64 // block, math.ceil(grid.num_tokens / 64)
             scores = torch.rand(heads, coarse, coarse, generator=g)
-            scores = scores.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].contiguous()
+            scores = refine_block_mask(scores, f, nb, keep_diagonal=False)
         else:
             scores = torch.rand(heads, nb, nb, generator=g)
         masks = select_blocks(scores, density, mandatory)

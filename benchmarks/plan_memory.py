@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, num_blocks  # noqa: E402
-from paro_compile.kernels.tuning import random_block_mask  # noqa: E402
+from paro_compile.kernels.tuning import random_block_mask, refine_block_mask  # noqa: E402
 from paro_compile.passes.lower import mask_constants  # noqa: E402
 
 
@@ -48,9 +48,7 @@ def synthetic_masks(kind: str, heads: int, n: int, block: int, density: float, b
             continue
         coarse = random_block_mask(heads, num_blocks(n, 64), num_blocks(n, 64), density, generator=gen)
         f = 64 // block
-        fine = coarse.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].clone()
-        fine[:, torch.arange(nb), torch.arange(nb)] = True
-        out.append(fine)
+        out.append(refine_block_mask(coarse, f, nb))
     return torch.stack(out)
 
 

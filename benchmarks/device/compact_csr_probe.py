@@ -8,27 +8,17 @@ $OUT/compact_csr_probe.json.
 """
 import json
 import os
-import sys
 
 import torch
-import triton
 
-os.environ["PARO_AUTOTUNE"] = "0"
-
-sys.path.insert(0, os.getcwd())
+from probe_setup import COG_SHAPE, bench, cog_qkv  # first: PARO_AUTOTUNE=0, the repository on sys.path
 from paro_compile.kernels import reference as R, tuning  # noqa: E402
 from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 
-b, h, n, d = 2, 48, 17776, 64
+b, h, n, d = COG_SHAPE
 gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+q, k, v = cog_qkv(gen)
 rows = []
-
-
-def bench(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
 for dens in (0.2, 0.3):
@@ -36,8 +26,7 @@ for dens in (0.2, 0.3):
     for blk, comp in ((64, False), (64, True), (32, False), (16, False)):
         f = 64 // blk
         nb = R.num_blocks(n, blk)
-        mask = m64.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].clone()
-        mask[:, torch.arange(nb), torch.arange(nb)] = True
+        mask = tuning.refine_block_mask(m64, f, nb)
         csr = R.grouped_block_csr(mask, f) if blk < 64 else R.block_mask_to_csr(mask)
         forms = {"padded int32": tuple(t.cuda() for t in csr), "compact int16": tuple(t.cuda() for t in R.trim_csr(*csr))}
         outs = {}

@@ -3,26 +3,16 @@ against the dense kernel (no mask, 64-token blocks) and cuDNN SDPA. CogVideoX sh
 $OUT/dense_bucket_probe.json."""
 import json
 import os
-import sys
 
 import torch
-import triton
 
-os.environ["PARO_AUTOTUNE"] = "0"
-sys.path.insert(0, os.getcwd())
+from probe_setup import COG_SHAPE, bench, cog_qkv  # first: PARO_AUTOTUNE=0, the repository on sys.path
 from paro_compile.kernels import reference as R  # noqa: E402
 from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 
-b, h, n, d = 2, 48, 17776, 64
+b, h, n, d = COG_SHAPE
 gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
-
-
-def bench(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
-
+q, k, v = cog_qkv(gen)
 
 rows = {"dense kernel, block 64": bench(lambda: paro_attention_triton(q, k, v))}
 with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):

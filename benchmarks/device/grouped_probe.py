@@ -11,27 +11,17 @@ is the same config. Medians of triton.testing.do_bench; writes $OUT/grouped_prob
 """
 import json
 import os
-import sys
 
 import torch
-import triton
 
-os.environ["PARO_AUTOTUNE"] = "0"
-
-sys.path.insert(0, os.getcwd())
+from probe_setup import COG_SHAPE, bench, cog_qkv  # first: PARO_AUTOTUNE=0, the repository on sys.path
 from paro_compile.kernels import reference as R, tuning  # noqa: E402
 from paro_compile.kernels.attention import grouped_csr, paro_attention_triton  # noqa: E402
 
-b, h, n, d = 2, 48, 17776, 64
+b, h, n, d = COG_SHAPE
 gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+q, k, v = cog_qkv(gen)
 rows = []
-
-
-def bench(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
 for dens in (0.3, 0.2):
@@ -44,8 +34,7 @@ for dens in (0.3, 0.2):
     for blk in (32, 16):
         f = 64 // blk
         nb = R.num_blocks(n, blk)
-        coherent = m64.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].clone()
-        coherent[:, torch.arange(nb), torch.arange(nb)] = True
+        coherent = tuning.refine_block_mask(m64, f, nb)
         independent = tuning.random_block_mask(h, nb, nb, dens, generator=gen, block_m=blk, block_n=blk)
         masks = (("coherent", coherent), ("independent", independent))
         if os.environ.get("PROBE_COHERENT_ONLY"):
@@ -53,7 +42,7 @@ for dens in (0.3, 0.2):
         for name, mask in masks:
             counts, indices = (x.cuda() for x in R.block_mask_to_csr(mask))
             # kept blocks walked per 64-row tile over the kept blocks of one of its query blocks (1 = no extra work)
-            grouped_plan = grouped_csr(counts, indices, f)  # as the lowered op gets it: plan constants
+            grouped_plan = grouped_csr(counts, indices, f, nb)  # as the lowered op gets it: plan constants
             union = grouped_plan[0].float().mean().item() / max(counts.float().mean().item(), 1)
             for grouped, comp in ((True, False), (False, False)) + (((True, True), (False, True)) if name == "coherent" else ()):
                 try:

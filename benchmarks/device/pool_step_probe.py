@@ -13,36 +13,29 @@ and block 32 + compensation 14.36 ms at 0.3 (without: 11.11 / 6.85 ms). Writes $
 """
 import json
 import os
-import sys
 
 import torch
-import triton
 
-os.environ["PARO_AUTOTUNE"] = "0"
-sys.path.insert(0, os.getcwd())
+from probe_setup import COG_SHAPE, bench, cog_qkv  # first: PARO_AUTOTUNE=0, the repository on sys.path
 from paro_compile.kernels import reference as R, tuning  # noqa: E402
 from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 
-b, h, n, d = 2, 48, 17776, 64
+b, h, n, d = COG_SHAPE
 gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(b, h, n, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+q, k, v = cog_qkv(gen)
 rows = []
 for dens in (0.3, 0.2):
     m64 = tuning.random_block_mask(h, R.num_blocks(n, 64), R.num_blocks(n, 64), dens, generator=gen)
     for blk in (64, 32, 16):
         f, nb = 64 // blk, R.num_blocks(n, blk)
-        mask = m64.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nb, :nb].clone()
-        mask[:, torch.arange(nb), torch.arange(nb)] = True
+        mask = tuning.refine_block_mask(m64, f, nb)
         csr = R.grouped_block_csr(mask, f) if blk < 64 else R.block_mask_to_csr(mask)
         tensors = tuple(t.cuda() for t in R.trim_csr(*csr))
         kw = dict(grouped=tensors, block_m=blk, block_n=blk) if blk < 64 else dict(kv_counts=tensors[0],
                                                                                      kv_indices=tensors[1])
         bits = R.kept_block_bits(mask).cuda()
         for comp in (False, True):
-            fn = lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None, **kw)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            ms = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+            ms = bench(lambda: paro_attention_triton(q, k, v, compensate=comp, kv_kept_bits=bits if comp else None, **kw))
             rows.append({"density": dens, "block": blk, "compensate": comp, "ms": ms})
             print(f"dens {dens} block {blk:2d} comp={comp!s:5s} {ms:8.3f} ms", flush=True)
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "pool_step_probe.json"), "w"), indent=1)

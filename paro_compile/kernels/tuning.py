@@ -216,6 +216,17 @@ def random_block_mask(heads: int, mq: int, nk: int, density: float, *, device=No
     return mask.to(device)
 
 
+def refine_block_mask(coarse: torch.Tensor, factor: int, num_blocks: int, keep_diagonal: bool = True) -> torch.Tensor:
+    """A [..., Mc, Nc] block mask (or block scores) at a ``factor``-times finer block, cut to ``num_blocks`` square:
+    every coarse block is kept or skipped whole, so neighbouring fine query blocks keep the same KV blocks, as
+    calibrated PARO masks tend to ("coherent" masks in the benchmarks). ``keep_diagonal`` (boolean masks) sets the fine
+    diagonal, as `random_block_mask` keeps its own."""
+    fine = coarse.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[..., :num_blocks, :num_blocks].clone()
+    if keep_diagonal:
+        fine[..., torch.arange(num_blocks), torch.arange(num_blocks)] = True
+    return fine
+
+
 def tune(shapes: Sequence[Sequence[int]], densities: Iterable[float] = (1.0, 0.5, 0.3, 0.2),
          dtypes: Iterable[torch.dtype] = (torch.bfloat16,), *, qk_bits: int = 8, pv_dtype: str = "fp8",
          perm: bool = False, block: int = 64, force: bool = False, device="cuda") -> list[dict]:

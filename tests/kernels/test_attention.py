@@ -310,8 +310,7 @@ def test_compact_csr_matches_full(seed, gen, block, compensate):
     # each row keeps 2 of 5 coarse blocks plus the diagonal, so even a grouped union leaves slots to trim.
     f, nk = 64 // block, R.num_blocks(n, block)
     mask = tuning.random_block_mask(2, R.num_blocks(n, 64), R.num_blocks(n, 64), 0.3, generator=gen)
-    mask = mask.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :nk, :nk].clone()
-    mask[:, torch.arange(nk), torch.arange(nk)] = True
+    mask = tuning.refine_block_mask(mask, f, nk)
     mask[int(torch.randint(2, (1,), generator=gen)), int(torch.randint(nk, (1,), generator=gen))] = False
     kw = dict(perm=pm, block_m=block, block_n=block, compensate=compensate)
     if block < 64:
