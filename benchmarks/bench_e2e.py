@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paro_compile  # noqa: E402
-from paro_compile.fixtures_loader import paro_backend_arg  # noqa: E402
+from paro_compile.backend import registered_backend  # noqa: E402
 import paro_compile.backend as paro_backend_module  # noqa: E402
 from paro_compile.grid import TokenGrid, candidate_orders, orders_permutation  # noqa: E402
 from paro_compile.plan import Plan, SitePlan  # noqa: E402
@@ -187,7 +187,7 @@ def build(cls, config: dict, device, dtype, seed: int):
 
 
 def cog_inputs(model, device, dtype, tiny: bool) -> tuple[dict, TokenGrid]:
-    from paro_compile.fixtures_loader import rotary_embeddings
+    from paro_compile.toy.cogvideox import rotary_embeddings
 
     cfg = model.config
     frames = (int(cfg.sample_frames) - 1) // int(cfg.temporal_compression_ratio) + 1
@@ -346,7 +346,7 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
                    "allow_fp32": allow_fp32, "compensate_skipped": base.endswith("+comp")}
         if graphs:
             options["mode"] = "reduce-overhead"
-        fn_model = torch.compile(model, backend=paro_backend_arg(), dynamic=False, options=options)
+        fn_model = torch.compile(model, backend=registered_backend(), dynamic=False, options=options)
     else:
         raise ValueError(f"unknown variant {variant!r}")
 

@@ -1,4 +1,4 @@
-"""Quality of backend="paro" on the trained toy CogVideoX (paro_compile/fixtures/toy_cogvideox) vs the FP model.
+"""Quality of backend="paro" on the trained toy CogVideoX (paro_compile/toy/fixtures/toy_cogvideox) vs the FP model.
 
 For a fixed set of evaluation prompts and seeds, generate latent videos (Euler flow matching, CFG) with
 - "fp": the model in bf16 with SDPA (eager; the reference every other variant is compared with);
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paro_compile  # noqa: E402
-from paro_compile.fixtures_loader import paro_backend_arg  # noqa: E402
-from paro_compile import fixtures_loader as fl  # noqa: E402
+from paro_compile.backend import registered_backend  # noqa: E402
+from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
 
 EVAL_PROMPTS = [
     dict(shape="circle", colour="red", motion="right"),
@@ -108,7 +108,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 def psnr_per_video(x: torch.Tensor, ref: torch.Tensor) -> list[float]:
     """10·log10(1 / MSE) on pixels in [0, 1], one value per video (kept so runs with other seeds can be pooled)."""
-    a, b = fl.to_pixels(x), fl.to_pixels(ref)
+    a, b = toy_videos.to_pixels(x), toy_videos.to_pixels(ref)
     mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-12)
     return (10 * torch.log10(1.0 / mse)).tolist()
 
@@ -128,8 +128,8 @@ def gaussian_window(size: int, sigma: float, device) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
     """SSIM (Wang et al. 2004; K1 0.01, K2 0.03, data range 1) of pixels, per frame and channel, 'valid' gaussian window."""
-    a = fl.to_pixels(x).flatten(0, 1)  # [B*F, C, H, W]
-    b = fl.to_pixels(ref).flatten(0, 1)
+    a = toy_videos.to_pixels(x).flatten(0, 1)  # [B*F, C, H, W]
+    b = toy_videos.to_pixels(ref).flatten(0, 1)
     c = a.shape[1]
     size = min(window, a.shape[-1], a.shape[-2])
     size -= (size + 1) % 2  # odd
@@ -237,8 +237,8 @@ def fp_reference(model, prompts, text_dim: int, steps: int, guidance: float, see
     """Sample the FP model from seeded noise; also keep the model inputs of the middle sampling call.
 
     Returns (cond, noise, latents, mid-step inputs, seconds)."""
-    cond = fl.encode_prompts(prompts, text_dim, device=device)
-    f0, c0, h0, w0 = fl.video_shape(model)
+    cond = toy_videos.encode_prompts(prompts, text_dim, device=device)
+    f0, c0, h0, w0 = toy_cog.video_shape(model)
     noise = torch.randn(len(prompts), f0, c0, h0, w0, generator=torch.Generator().manual_seed(seed))
     mid_inputs: dict[str, Any] = {}
     calls = [0]
@@ -249,7 +249,7 @@ def fp_reference(model, prompts, text_dim: int, steps: int, guidance: float, see
         calls[0] += 1
 
     start = time.perf_counter()
-    latents = fl.sample_video(model, cond, steps=steps, guidance=guidance, noise=noise, on_call=record_mid)
+    latents = toy_cog.sample_video(model, cond, steps=steps, guidance=guidance, noise=noise, on_call=record_mid)
     return cond, noise, latents, mid_inputs, time.perf_counter() - start
 
 
@@ -264,7 +264,7 @@ def save_samples_png(rows: list[tuple[str, torch.Tensor]], path: Path, prompt_in
         cols = min(columns, frames)
         fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1.5, 1.6 * len(rows)), squeeze=False)
         for r, (name, video) in enumerate(rows):
-            rgb = fl.to_rgb_frames(video[prompt_index])
+            rgb = toy_videos.to_rgb_frames(video[prompt_index])
             for c in range(cols):
                 f = c * frames // cols
                 axes[r][c].imshow(rgb[f].numpy())
@@ -364,7 +364,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     # ---- model ----
     if args.tiny:
-        model = fl.new_toy_cogvideox(fl.TINY_CONFIG, seed=0, device=device, dtype=torch.float32).eval()
+        model = toy_cog.new_toy_cogvideox(toy_cog.TINY_CONFIG, seed=0, device=device, dtype=torch.float32).eval()
         model_source = "random tiny CogVideoX (TINY_CONFIG)"
         dtype = torch.float32
         block = 16
@@ -374,12 +374,12 @@ def run_one(args: argparse.Namespace) -> dict:
         wanted = {"paro", "natural", "dynamic"}
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        path = args.fixture or fl.FIXTURE_DIR
-        if fl.fixture_available(path):
-            model = fl.load_toy_cogvideox(device=device, dtype=dtype, path=path)
+        path = args.fixture or toy_cog.FIXTURE_DIR
+        if toy_cog.fixture_available(path):
+            model = toy_cog.load_toy_cogvideox(device=device, dtype=dtype, path=path)
             model_source = f"trained fixture {path}"
         elif args.allow_random:
-            model = fl.new_toy_cogvideox(fl.TOY_CONFIG, device=device, dtype=dtype).eval()
+            model = toy_cog.new_toy_cogvideox(toy_cog.TOY_CONFIG, device=device, dtype=dtype).eval()
             model_source = "random-init TOY_CONFIG (fixture missing!)"
         else:
             raise SystemExit(f"fixture weights not found in {path}: pass --fixture OUT/toy_cogvideox or --allow-random")
@@ -390,15 +390,15 @@ def run_one(args: argparse.Namespace) -> dict:
         wanted = {"paro", "natural", "dense", "dynamic", "numerics"} if args.variants == "all" else set(args.variants.split(","))
     allow_fp32 = dtype == torch.float32
     calib_prompts = CALIB_PROMPTS[: args.calib_prompts]
-    grid = fl.token_grid(model)
+    grid = toy_cog.token_grid(model)
     text_dim = int(model.config.text_embed_dim)
     print(f"[quality] device={device} dtype={dtype} model: {model_source}; grid {grid}; block {block}; steps {steps}; "
           f"CFG {args.guidance}; {len(eval_prompts)} prompts", flush=True)
 
     results: dict[str, Any] = {
         "config": {"device": str(device), "dtype": str(dtype), "model": model_source, "grid": str(grid), "block": block,
-                   "steps": steps, "guidance": args.guidance, "seed": args.seed, "eval_prompts": [fl.prompt_name(p) for p in eval_prompts],
-                   "calib_prompts": [fl.prompt_name(p) for p in calib_prompts],
+                   "steps": steps, "guidance": args.guidance, "seed": args.seed, "eval_prompts": [toy_videos.prompt_name(p) for p in eval_prompts],
+                   "calib_prompts": [toy_videos.prompt_name(p) for p in calib_prompts],
                    "allocation": args.allocation, "torch": torch.__version__,
                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "impl": args.impl},
         "variants": [], "per_layer": [], "targets": {},
@@ -412,7 +412,7 @@ def run_one(args: argparse.Namespace) -> dict:
                                                             args.seed, device=device)
     print(f"[quality] FP sampling {fp_seconds:.1f}s; latents mean {ref.mean():.3f} std {ref.std():.3f}", flush=True)
     mid_t = float(mid_inputs["timestep"].reshape(-1)[0]) / 1000.0
-    eval_ts = [t * 1000.0 for t in fl.flow_times(steps)[:-1]]
+    eval_ts = [t * 1000.0 for t in toy_cog.flow_times(steps)[:-1]]
     captured = capture_qkv(model, mid_inputs)
     sids = site_ids(model)
     if len(captured) != len(sids):
@@ -431,8 +431,8 @@ def run_one(args: argparse.Namespace) -> dict:
             calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
         calib_counter[0] += 1
 
-    ccond = fl.encode_prompts(calib_prompts, text_dim, device=device)
-    fl.sample_video(model, ccond, steps=steps, seed=args.seed + 1, guidance=args.guidance, on_call=record_calib)
+    ccond = toy_videos.encode_prompts(calib_prompts, text_dim, device=device)
+    toy_cog.sample_video(model, ccond, steps=steps, seed=args.seed + 1, guidance=args.guidance, on_call=record_calib)
     step_buckets = 1 if args.tiny else args.step_buckets
     print(f"[quality] calibration: {len(calib_inputs)} calls from {len(calib_prompts)} prompts, {step_buckets} step bucket(s)", flush=True)
 
@@ -508,7 +508,7 @@ def run_one(args: argparse.Namespace) -> dict:
                     return dynamic_attention(query, key, value, scale, d, grid, block)
 
                 with patched_sdpa(dyn):
-                    lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise)
+                    lat = toy_cog.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise)
                 masks = [dynamic_block_mask(q, k, d, grid, block) for q, k, _, _ in captured]
                 entry["achieved_density"] = float(sum(m.float().mean() for m in masks) / max(1, len(masks)))
             elif args.exec_mode == "eager" or (args.tiny and results["variants"]):
@@ -528,7 +528,7 @@ def run_one(args: argparse.Namespace) -> dict:
                                                args.impl, block, compensate=var.get("compensate", False))
 
                 with patched_sdpa(eager_paro):
-                    lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
+                    lat = toy_cog.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
                 entry["exec"] = "eager"
             else:
                 qk_bits, pv_dtype = NUMERICS[var["numerics"]]
@@ -540,8 +540,8 @@ def run_one(args: argparse.Namespace) -> dict:
                     options["plan"] = plan
                 torch._dynamo.reset()
                 paro_compile.clear_reports()
-                compiled = torch.compile(model, backend=paro_backend_arg(), options=options, dynamic=False)
-                lat = fl.sample_video(compiled, cond, steps=steps, guidance=args.guidance, noise=noise, config_model=model)
+                compiled = torch.compile(model, backend=registered_backend(), options=options, dynamic=False)
+                lat = toy_cog.sample_video(compiled, cond, steps=steps, guidance=args.guidance, noise=noise, config_model=model)
                 report = paro_compile.last_report()
                 if report is not None:
                     entry["sites_lowered"] = f"{len(report.lowered)}/{len(report.sites)}"

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality as Q  # noqa: E402  (benchmarks/quality.py)
 from paro_compile import calibration as C  # noqa: E402
-from paro_compile import fixtures_loader as fl  # noqa: E402
+from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
 from paro_compile.plan import Plan  # noqa: E402
 
 
@@ -267,12 +267,12 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     dtype = torch.float32
     if args.tiny:
-        model = fl.new_toy_cogvideox(fl.TINY_CONFIG, seed=0, dtype=dtype).eval()
+        model = toy_cog.new_toy_cogvideox(toy_cog.TINY_CONFIG, seed=0, dtype=dtype).eval()
         source, block, steps, n_prompts, target = "random tiny CogVideoX (TINY_CONFIG)", 16, 6, 1, 0.7
     else:
-        model = fl.load_toy_cogvideox(dtype=dtype)
-        source, block, steps, n_prompts, target = f"trained fixture {fl.FIXTURE_DIR}", 64, args.steps, args.prompts, args.density
-    grid = fl.token_grid(model)
+        model = toy_cog.load_toy_cogvideox(dtype=dtype)
+        source, block, steps, n_prompts, target = f"trained fixture {toy_cog.FIXTURE_DIR}", 64, args.steps, args.prompts, args.density
+    grid = toy_cog.token_grid(model)
     sids = Q.site_ids(model)
     text_dim = int(model.config.text_embed_dim)
     eval_prompts = Q.EVAL_PROMPTS[:n_prompts]
@@ -280,8 +280,8 @@ def main(argv=None) -> dict:
     print(f"[sweep] {source}; grid {grid}; block {block}; {steps} steps; {n_prompts} prompts; target density {target}; "
           f"{args.numerics} impl={args.impl}; threads {args.threads}", flush=True)
     res: dict[str, Any] = {"config": {"model": source, "grid": str(grid), "block": block, "steps": steps, "guidance": args.guidance,
-                                      "eval_prompts": [fl.prompt_name(p) for p in eval_prompts],
-                                      "calib_prompts": [fl.prompt_name(p) for p in Q.CALIB_PROMPTS], "target_density": target,
+                                      "eval_prompts": [toy_videos.prompt_name(p) for p in eval_prompts],
+                                      "calib_prompts": [toy_videos.prompt_name(p) for p in Q.CALIB_PROMPTS], "target_density": target,
                                       "numerics": args.numerics, "impl": args.impl, "device": "cpu", "dtype": str(dtype),
                                       "torch": torch.__version__}, "variants": []}
 
@@ -291,11 +291,11 @@ def main(argv=None) -> dict:
     captured = Q.capture_qkv(model, mid)
     fp32_ref = [Q._ORIG_SDPA(q.float(), k.float(), v.float(), scale=s) for q, k, v, s in captured]
     mid_t = float(mid["timestep"].reshape(-1)[0])
-    eval_ts = [t * 1000.0 for t in fl.flow_times(steps)[:-1]]
+    eval_ts = [t * 1000.0 for t in toy_cog.flow_times(steps)[:-1]]
 
     # ---- one calibration run per block size (per-step buckets), on first use ----
     calib_inputs: list[dict] = []
-    fl.sample_video(model, fl.encode_prompts(Q.CALIB_PROMPTS, text_dim), steps=steps, seed=args.seed + 1, guidance=args.guidance,
+    toy_cog.sample_video(model, toy_videos.encode_prompts(Q.CALIB_PROMPTS, text_dim), steps=steps, seed=args.seed + 1, guidance=args.guidance,
                     on_call=lambda x: calib_inputs.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}))
     wanted = None if args.variants == "all" else [w.strip() for w in args.variants.split(",") if w.strip()]
     known = {v["name"] for v in variant_list(args.tiny)}
@@ -373,7 +373,7 @@ def main(argv=None) -> dict:
                                              compensate=var["compensate"])
 
             with Q.patched_sdpa(eager_paro):
-                lat = fl.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
+                lat = toy_cog.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
             entry.update(psnr=Q.psnr(lat, ref), ssim=Q.ssim(lat, ref), cosine=Q.cosine(lat, ref))
             errs = []
             bucket = plan.bucket_for_timestep(mid_t) if plan is not None else 0

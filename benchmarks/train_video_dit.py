@@ -1,6 +1,6 @@
 """Train the toy video DiT fixture: a diffusers CogVideoXTransformer3DModel on procedural latent videos.
 
-Data (generated on the device on the fly, `paro_compile.fixtures_loader.render_videos`): one shape
+Data (generated on the device on the fly, `paro_compile.toy.videos.render_videos`): one shape
 (circle/square/triangle/ring/cross) of one of 6 colours that is static, moves right/left/down/up, rotates,
 grows or changes colour over 8 frames, drawn directly into a 4-channel 32×32 "latent". With patch 2 the
 token grid is 8×16×16 = 2048 video tokens + 16 condition tokens (fixed random vectors per attribute).
@@ -8,7 +8,7 @@ Objective: rectified flow, x_t = (1 − t)·x0 + t·ε, the model predicts v = �
 10 % of the conditions are dropped (all-zero tokens) for classifier-free guidance. bf16 autocast, AdamW.
 
 Outputs under --out:
-  toy_cogvideox/ (config.json + diffusion_pytorch_model.safetensors, fp16)  ← copy to paro_compile/fixtures/
+  toy_cogvideox/ (config.json + diffusion_pytorch_model.safetensors, fp16)  ← copy to paro_compile/toy/fixtures/
   train_log.csv, train_summary.json, samples.png (FP samples of a few prompts), data.png (training videos),
   attention_orders.png + attention_orders.json (per head: natural vs best PARO order of one layer's map)
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paro_compile import fixtures_loader as fl  # noqa: E402
+from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,16 +70,16 @@ def attention_order_maps(model, cond, out: Path, layer: int, grid, block: int, d
         site_calls[0] += 1
         return orig(query, key, value, *args, **kwargs)
 
-    frames, channels, h, w = fl.video_shape(model)
+    frames, channels, h, w = toy_cog.video_shape(model)
     g = torch.Generator(device=device).manual_seed(seed + 7)
-    x0, *_ = fl.random_batch(1, frames=frames, size=h, channels=channels, generator=g)
+    x0, *_ = toy_videos.random_batch(1, frames=frames, size=h, channels=channels, generator=g)
     noise = torch.randn(x0.shape, generator=g, device=device)
     xt = 0.5 * x0 + 0.5 * noise
-    rotary = fl.rotary_embeddings(model, frames, h, w, device=device)
+    rotary = toy_cog.rotary_embeddings(model, frames, h, w, device=device)
     torch.nn.functional.scaled_dot_product_attention = spy
     try:
         with torch.no_grad():
-            model(**fl.model_inputs(xt.to(dtype), cond[:1].to(device), 0.5, rotary))
+            model(**toy_cog.model_inputs(xt.to(dtype), cond[:1].to(device), 0.5, rotary))
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
     q, k = captured["q"][0].float(), captured["k"][0].float()  # [H, N, D]
@@ -143,7 +143,7 @@ def save_video_grid(videos: torch.Tensor, titles, path: Path, frames_to_show: in
         cols = min(frames_to_show, videos.shape[1])
         fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
         for r in range(rows):
-            rgb = fl.to_rgb_frames(videos[r])
+            rgb = toy_videos.to_rgb_frames(videos[r])
             for c in range(cols):
                 axes[r][c].imshow(rgb[c * videos.shape[1] // cols].numpy())
                 axes[r][c].axis("off")
@@ -164,19 +164,19 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    config = dict(fl.TINY_CONFIG if args.tiny else fl.TOY_CONFIG)
+    config = dict(toy_cog.TINY_CONFIG if args.tiny else toy_cog.TOY_CONFIG)
     if args.layers:
         config["num_layers"] = args.layers
     max_steps = 3 if args.tiny else args.steps
     batch = 2 if args.tiny else args.batch
-    model = fl.new_toy_cogvideox(config, seed=args.seed, device=device, dtype=torch.float32).train()
+    model = toy_cog.new_toy_cogvideox(config, seed=args.seed, device=device, dtype=torch.float32).train()
     n_params = sum(p.numel() for p in model.parameters())
-    frames, channels, h, w = fl.video_shape(model)
+    frames, channels, h, w = toy_cog.video_shape(model)
     text_dim = int(config["text_embed_dim"])
     print(f"[train] device={device} params={n_params / 1e6:.2f}M (fp16 {n_params * 2 / 1e6:.1f} MB) video {frames}x{channels}x{h}x{w} "
-          f"tokens {fl.token_grid(model)} batch {batch}", flush=True)
+          f"tokens {toy_cog.token_grid(model)} batch {batch}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda")
-    rotary = fl.rotary_embeddings(model, frames, h, w, device=device)
+    rotary = toy_cog.rotary_embeddings(model, frames, h, w, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     use_amp = device.type == "cuda"
 
@@ -199,8 +199,8 @@ def main(argv=None) -> dict:
         elapsed = time.perf_counter() - start
         if (max_steps and step >= max_steps) or (not args.tiny and elapsed >= budget):
             break
-        x0, si, ci, mi = fl.random_batch(batch, frames=frames, size=h, channels=channels, generator=gen)
-        cond = fl.encode_indices(si, ci, mi, text_dim, device=device)
+        x0, si, ci, mi = toy_videos.random_batch(batch, frames=frames, size=h, channels=channels, generator=gen)
+        cond = toy_videos.encode_indices(si, ci, mi, text_dim, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         t = torch.sigmoid(torch.randn(batch, generator=gen, device=device))
         drop = torch.rand(batch, generator=gen, device=device) < args.cond_drop
@@ -233,27 +233,27 @@ def main(argv=None) -> dict:
 
     model.eval()
     save_dir = out / "toy_cogvideox"
-    model_fp16 = fl.new_toy_cogvideox(config, device="cpu", dtype=torch.float32)
+    model_fp16 = toy_cog.new_toy_cogvideox(config, device="cpu", dtype=torch.float32)
     model_fp16.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     model_fp16 = model_fp16.to(torch.float16)
     model_fp16.save_pretrained(save_dir, safe_serialization=True)
-    weights = save_dir / fl.WEIGHTS_NAME
+    weights = save_dir / toy_cog.WEIGHTS_NAME
     size_mb = weights.stat().st_size / 1e6
     print(f"[train] saved {save_dir} ({size_mb:.1f} MB)", flush=True)
 
     # Reload through the project's loader (what users of the fixture get) and sample a few prompts.
     eval_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = fl.load_toy_cogvideox(device=device, dtype=eval_dtype, path=save_dir)
+    loaded = toy_cog.load_toy_cogvideox(device=device, dtype=eval_dtype, path=save_dir)
     prompts = [dict(shape="circle", colour="red", motion="right"), dict(shape="square", colour="blue", motion="rotate"),
                dict(shape="ring", colour="yellow", motion="down"), dict(shape="cross", colour="green", motion="colour_shift")]
-    cond = fl.encode_prompts(prompts, text_dim, device=device)
+    cond = toy_videos.encode_prompts(prompts, text_dim, device=device)
     steps = 2 if args.tiny else 20
-    samples = fl.sample_video(loaded, cond, steps=steps, seed=123, guidance=1.0 if args.tiny else 3.0)
+    samples = toy_cog.sample_video(loaded, cond, steps=steps, seed=123, guidance=1.0 if args.tiny else 3.0)
     sample_stats = {"mean": float(samples.mean()), "std": float(samples.std()), "finite": bool(torch.isfinite(samples).all())}
     # How close is a sample to its class's data distribution? (mean abs error to a rendering of the same
     # prompt is not defined: nuisances differ; report per-channel means vs data instead.)
     gd = torch.Generator(device=device).manual_seed(99)
-    data, *_ = fl.random_batch(4, frames=frames, size=h, channels=channels, generator=gd)
+    data, *_ = toy_videos.random_batch(4, frames=frames, size=h, channels=channels, generator=gd)
     summary = {
         "device": str(device), "torch": torch.__version__, "params": n_params, "weights_mb": size_mb, "steps": step,
         "train_seconds": train_seconds, "final_loss_ema": ema_loss, "config": config, "batch": batch,
@@ -262,10 +262,10 @@ def main(argv=None) -> dict:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
     }
     if not args.no_plots:
-        save_video_grid(samples.cpu(), [fl.prompt_name(p) for p in prompts], out / "samples.png")
+        save_video_grid(samples.cpu(), [toy_videos.prompt_name(p) for p in prompts], out / "samples.png")
         save_video_grid(data.cpu(), ["training video"] * data.shape[0], out / "data.png")
         try:
-            grid = fl.token_grid(loaded)
+            grid = toy_cog.token_grid(loaded)
             block = 16 if args.tiny else 64
             layer = int(config["num_layers"]) // 2
             res = attention_order_maps(loaded, cond, out, layer, grid, block, device, eval_dtype, seed=args.seed)

@@ -104,3 +104,11 @@ def paro_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -
 
         return make_auto_calibrating_callable(gm, example_inputs, config, compile_with_plan)
     return compile_with_plan(plan)
+
+
+def registered_backend() -> Any:
+    """``"paro"`` when the entry point is registered (pip install), else the backend function itself (a source
+    checkout on a machine where the package is not installed); torch.compile takes either, with ``options``."""
+    import torch._dynamo
+
+    return "paro" if "paro" in torch._dynamo.list_backends() else paro_backend

@@ -36,7 +36,7 @@ class CliError(Exception):
 def load_object(spec: str, what: str) -> Any:
     """``"package.module:name"`` → the object (the current directory is importable, as with ``python -m``)."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise CliError(f"{what}: expected module:factory (e.g. paro_compile.models:toy_model), got {spec!r}")
+        raise CliError(f"{what}: expected module:factory (e.g. paro_compile.toy:toy_model), got {spec!r}")
     module_name, attr = spec.split(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -363,8 +363,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------------
 EPILOG = """exit codes: 0 ok, 1 the run failed, 2 bad usage / missing file / no GPU, 3 plan invalid or mismatched.
 examples:
-  paro calibrate paro_compile.models:toy_model --inputs paro_compile.models:toy_calibration_inputs --density 0.3 --out toy.paro.safetensors
-  paro diff paro_compile.models:toy_model --inputs paro_compile.models:toy_calibration_inputs -o allow_fp32=true -o plan=toy.paro.safetensors --html diff.html --json diff.json
+  paro calibrate paro_compile.toy:toy_model --inputs paro_compile.toy:toy_calibration_inputs --density 0.3 --out toy.paro.safetensors
+  paro diff paro_compile.toy:toy_model --inputs paro_compile.toy:toy_calibration_inputs -o allow_fp32=true -o plan=toy.paro.safetensors --html diff.html --json diff.json
   paro tune --shapes 1,48,17776,64 --densities 1.0,0.5,0.3 --dtypes bfloat16
   paro bench --quick --out bench_results
   paro demo --frames 2
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{calibrate,diff,tune,bench,demo}")
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="module:factory returning an nn.Module (e.g. paro_compile.models:toy_model)")
+        p.add_argument("model", help="module:factory returning an nn.Module (e.g. paro_compile.toy:toy_model)")
         p.add_argument("--inputs", required=True, metavar="MODULE:FACTORY",
                        help="module:factory returning an iterable of (args, kwargs) pairs or dicts of keyword arguments")
         p.add_argument("--dtype", choices=DTYPES, help="cast the model and the floating inputs (2+ dims) to this dtype")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 import paro_compile
-from paro_compile.models import ToyVideoDiT, toy_inputs
+from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 
 
 def median_ms(fn: Callable[[], torch.Tensor], device: str, repeats: int) -> float:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import paro_compile
 from paro_compile.config import ParoConfig
-from paro_compile.models import ToyVideoDiT, toy_inputs
+from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 from tests.conftest import rel_l2
 
 EXACT = {"allow_fp32": True, "qk_bits": 16, "pv_dtype": "fp16"}

@@ -13,12 +13,12 @@ from paro_compile import cli
 from tests.report_helpers import check_html, check_schema
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "paro_compile.models:toy_model"
-CALIB = "paro_compile.models:toy_calibration_inputs"
+MODEL = "paro_compile.toy:toy_model"
+CALIB = "paro_compile.toy:toy_calibration_inputs"
 
 FIXTURES = textwrap.dedent('''
     """Factories for tests/test_cli.py (written to a temporary directory)."""
-    from paro_compile.models import toy_inputs, toy_model
+    from paro_compile.toy.dit import toy_inputs, toy_model
 
     def small_inputs():  # 40 tokens: does not match a plan calibrated on toy_calibration_inputs (136 tokens)
         return [((), toy_inputs())]
@@ -173,10 +173,10 @@ def test_console_script_and_demo_help(workdir):
 
 
 BAD = [
-    (["diff", "paro_compile.models", "--inputs", CALIB], "expected module:factory"),
-    (["diff", "paro_compile.models:nope", "--inputs", CALIB], "module 'paro_compile.models' has no attribute 'nope'"),
+    (["diff", "paro_compile.toy", "--inputs", CALIB], "expected module:factory"),
+    (["diff", "paro_compile.toy:nope", "--inputs", CALIB], "module 'paro_compile.toy' has no attribute 'nope'"),
     (["diff", "no_such_module_xyz:f", "--inputs", CALIB], "cannot import module 'no_such_module_xyz'"),
-    (["diff", MODEL, "--inputs", "paro_compile.models:missing"], "module 'paro_compile.models' has no attribute 'missing'"),
+    (["diff", MODEL, "--inputs", "paro_compile.toy:missing"], "module 'paro_compile.toy' has no attribute 'missing'"),
     (["diff", "cli_fixtures:not_a_model", "--inputs", CALIB], "returned int, expected a torch.nn.Module"),
     (["diff", MODEL, "--inputs", "cli_fixtures:bad_items"], "each item must be an (args, kwargs) pair or a dict"),
     (["diff", MODEL, "--inputs", CALIB, "-o", "qk_bits"], "-o expects key=value"),

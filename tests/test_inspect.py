@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import paro_compile
-from paro_compile.models import toy_inputs, toy_model
+from paro_compile.toy.dit import toy_inputs, toy_model
 from paro_compile.report import CompileReport, SiteRecord
 from tests.report_helpers import check_html, check_schema, documented_keys
 
@@ -164,7 +164,7 @@ def test_emit_report_artifacts_trace_and_logger(monkeypatch):
 
 
 def test_torch_trace_and_torch_logs_show_the_diff(tmp_path):
-    code = ("import paro_compile\nfrom paro_compile.models import toy_model, toy_inputs\n"
+    code = ("import paro_compile\nfrom paro_compile.toy.dit import toy_model, toy_inputs\n"
             "paro_compile.inspect(toy_model(), toy_inputs(), allow_fp32=True, qk_bits=16, pv_dtype='fp16')\n")
     env = dict(os.environ, TORCH_TRACE=str(tmp_path / "trace"), TORCH_LOGS="+paro_compile")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 import paro_compile
 from paro_compile.kernels.reference import paro_attention_reference
-from paro_compile.models import ToyVideoDiT, toy_inputs
+from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 from paro_compile.plan import Plan, SitePlan
 
 EXACT = {"allow_fp32": True, "qk_bits": 16, "pv_dtype": "fp16"}

@@ -182,7 +182,7 @@ def test_one_model_compiled_with_two_plans():
     """Two compiled wrappers of the same module with different plans run side by side (the cache
     lookup compares their options)."""
     import paro_compile
-    from paro_compile.models import toy_calibration_inputs, toy_model
+    from paro_compile.toy.dit import toy_calibration_inputs, toy_model
 
     model = toy_model(seed=0)
     inputs = toy_calibration_inputs(count=1)

@@ -20,7 +20,7 @@ def test_train_tiny(tmp_path):
         assert (tmp_path / name).exists(), name
     orders = json.loads((tmp_path / "attention_orders.json").read_text())
     assert len(orders["heads"]) == 2 and all(h["best_order"] for h in orders["heads"])
-    from paro_compile.fixtures_loader import load_toy_cogvideox
+    from paro_compile.toy.cogvideox import load_toy_cogvideox
 
     assert load_toy_cogvideox(path=saved).config.num_layers == 2
 
@@ -52,7 +52,7 @@ def test_quality_tiny_calibration_options(tmp_path):
                             "--allocation", "site"])
     config = results["config"]
     assert config["allocation"] == "site"
-    assert config["calib_prompts"] == [quality.fl.prompt_name(p) for p in quality.CALIB_PROMPTS[:3]]
+    assert config["calib_prompts"] == [quality.toy_videos.prompt_name(p) for p in quality.CALIB_PROMPTS[:3]]
     assert not set(config["calib_prompts"]) & set(config["eval_prompts"])
     done = [v for v in results["variants"] if "psnr" in v]
     assert done, [v.get("error") for v in results["variants"]]

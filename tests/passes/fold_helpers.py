@@ -19,7 +19,7 @@ GRIDS = {
 
 def make(name: str, device: str = "cpu"):
     if name == "toy":
-        from paro_compile.models import ToyVideoDiT, toy_inputs
+        from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 
         torch.manual_seed(0)
         return ToyVideoDiT().eval().to(device), toy_inputs(device=device)

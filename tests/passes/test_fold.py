@@ -153,7 +153,7 @@ class TokenMixing(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from paro_compile.models import ToyVideoDiT
+        from paro_compile.toy.dit import ToyVideoDiT
 
         torch.manual_seed(0)
         self.dit = ToyVideoDiT()
@@ -170,7 +170,7 @@ class TokenMixing(nn.Module):
 
 
 def test_token_position_ops_get_inverse_layout_ops():
-    from paro_compile.models import toy_inputs
+    from paro_compile.toy.dit import toy_inputs
 
     model, inputs = TokenMixing().eval(), toy_inputs()
     gm, sites = capture(model, inputs)
@@ -190,7 +190,7 @@ def test_dynamic_shapes_fold_symbolic_grid():
     from torch._inductor.compile_fx import compile_fx
 
     from paro_compile.config import ParoConfig
-    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
     from paro_compile.passes.discover import find_attention_sites
     from paro_compile.passes.fold import fold_order
     from paro_compile.passes.lower import lower_attention_sites
@@ -219,7 +219,7 @@ def test_dynamic_shapes_fold_symbolic_grid():
 def test_dynamic_shapes_with_order_plan_through_backend(orders):
     """dynamic=True + a plan of per-head order strings: the orders are applied to the symbolic grid (common
     order folded, residuals computed in the graph), block masks cannot apply (dense, reason recorded)."""
-    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
     from paro_compile.plan import Plan, SitePlan
 
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_dynamic_shapes_with_order_plan_through_backend(orders):
 
 
 def test_dynamic_shapes_plan_without_orders_is_a_clear_error():
-    from paro_compile.models import ToyVideoDiT, toy_inputs
+    from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
     from paro_compile.plan import PlanMismatchError
 
     torch.manual_seed(0)

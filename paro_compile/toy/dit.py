@@ -88,7 +88,7 @@ def toy_inputs(batch: int = 1, frames: int = 2, height: int = 8, width: int = 8,
 
 
 def toy_model(dim: int = 128, heads: int = 2, depth: int = 2, seed: int = 0) -> ToyVideoDiT:
-    """Factory for the CLI and examples (``paro diff paro_compile.models:toy_model ...``): a small, seeded,
+    """Factory for the CLI and examples (``paro diff paro_compile.toy:toy_model ...``): a small, seeded,
     eval-mode `ToyVideoDiT` (fp32, CPU; ``--dtype`` in the CLI casts it)."""
     torch.manual_seed(seed)
     return ToyVideoDiT(dim=dim, heads=heads, depth=depth).eval()
