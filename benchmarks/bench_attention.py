@@ -84,7 +84,7 @@ def flex_block_mask(mask, n, block):
     """BlockMask with every kept block as a full block (no mask_mod evaluation), from a [H, Mq, Nk] bool mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from paro_compile.kernels.reference import block_mask_to_csr
+    from paro_compile.kernels.block_mask import block_mask_to_csr
 
     counts, indices = block_mask_to_csr(mask)
     counts, indices = counts[None].contiguous(), indices[None].contiguous()
@@ -122,7 +122,7 @@ def main(argv=None):
     from paro_compile.kernels import tuning
     from paro_compile.kernels.attention import last_launch_info, paro_attention_triton
     from paro_compile.kernels.prologue import paro_prologue
-    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks, trim_csr
+    from paro_compile.kernels.block_mask import BlockMask, num_blocks
 
     shapes = args.shapes or (["cogvideox-5b"] if args.quick else list(SHAPES))
     densities = args.densities or ([1.0, 0.2] if args.quick else list(DENSITIES))
@@ -199,7 +199,7 @@ def main(argv=None):
             w.writeheader()
             w.writerows(rows)
         (out_dir / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
-                                                             "autotune_cache": str(tuning.cache_file("cuda"))}, indent=1))
+                                                             "autotune_cache": str(tuning.cache_dir())}, indent=1))
         try:
             import matplotlib
 
@@ -263,11 +263,11 @@ def main(argv=None):
             mq, nk = num_blocks(n, 64), num_blocks(n, 64)
             if dens >= 1.0:
                 mask = torch.ones(h, mq, nk, dtype=torch.bool)
-                counts = indices = None
+                plan_mask = None
             else:
                 mask = tuning.random_block_mask(h, mq, nk, dens, generator=gen)
                 # as plans store it: compact CSR (rows cut to the largest count, int16 indices)
-                counts, indices = (x.cuda() for x in trim_csr(*block_mask_to_csr(mask)))
+                plan_mask = BlockMask.from_dense(mask).to("cuda")
             pairs = kept_pairs(mask, n)
             real_dens = pairs / full_pairs
             ref = ref_dense
@@ -296,7 +296,7 @@ def main(argv=None):
                            rel_l2(o, ref_dense) if dens >= 1.0 else None, note=note)
                 except Exception as e:  # noqa: BLE001
                     print(f"  FlexAttention failed: {type(e).__name__}: {str(e)[:300]}")
-            kw = dict(kv_counts=counts, kv_indices=indices)
+            kw = dict(mask=plan_mask)
             o = paro_attention_triton(q, k, v, **kw)  # autotunes on first call (or reads the disk cache)
             cfg = last_launch_info()
             err = rel_l2(o, ref) if (dens >= 1.0 or ref is not ref_dense) else None

@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
     from paro_compile.kernels import tuning
     from paro_compile.kernels.attention import paro_attention_triton
     from paro_compile.kernels.prologue import paro_prologue
-    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks
+    from paro_compile.kernels.block_mask import BlockMask, num_blocks
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def main(argv=None) -> list[dict]:
         for block, dens in CASES:
             nq = num_blocks(n, block)
             mask = tuning.random_block_mask(h, nq, nq, dens, generator=gen, block_m=block, block_n=block)
-            counts, indices = (x.cuda() for x in block_mask_to_csr(mask))
+            plan_mask = BlockMask.from_dense(mask, block, block, kept_bits=True).to("cuda")
             kept = float(mask.float().mean())
             case = {"shape": shape_name, "block": block, "density": round(kept, 4)}
             t_flex = None
@@ -105,8 +105,7 @@ def main(argv=None) -> list[dict]:
                 except Exception as error:  # noqa: BLE001  (a peer failing must not lose our numbers)
                     print(f"  flex failed at block {block}: {type(error).__name__}: {str(error)[:200]}")
             for comp in (False, True):
-                kw = dict(kv_counts=counts, kv_indices=indices, block_m=block, block_n=block, density=kept,
-                          compensate=comp)
+                kw = dict(mask=plan_mask, compensate=comp)
                 o = paro_attention_triton(q, k, v, **kw)
                 t = BA.bench(lambda: paro_attention_triton(q, k, v, **kw), args.rep)
                 err = BA.rel_l2(o[:1, :2], ref)

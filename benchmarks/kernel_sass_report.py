@@ -59,7 +59,7 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
                and n not in ("N", "H", "NQB", "NKB", "IDX_STRIDE")]
     if missing:
         raise SystemExit(f"kernel has arguments this report does not know: {missing}")
-    if not dense:  # plans store compact CSRs (reference.trim_csr): int16 indices, rows a multiple of 16 slots
+    if not dense:  # plans store compact CSRs (block_mask.trim_csr): int16 indices, rows a multiple of 16 slots
         ptrs["IDX"] = "*i16"
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n == "P_LOG2" else "i32")) for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n in ("N", "IDX_STRIDE", "sob", "soh", "son")}

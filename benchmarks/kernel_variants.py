@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paro_compile.kernels import reference as R  # noqa: E402
 from paro_compile.kernels import tuning  # noqa: E402
+from paro_compile.kernels.block_mask import BlockMask as ParoBlockMask, block_mask_to_csr  # noqa: E402
 from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 from paro_compile.kernels.prologue import dequantized_views, paro_prologue  # noqa: E402
 
@@ -110,7 +111,7 @@ def flex_block_mask(mask, n, block):
     """BlockMask with every kept block as a full block, from a [H, Mq, Nk] bool mask (as bench_attention.py)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    counts, indices = R.block_mask_to_csr(mask)
+    counts, indices = block_mask_to_csr(mask)
     counts, indices = counts[None].contiguous(), indices[None].contiguous()
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices.clone(), counts, indices, BLOCK_SIZE=block,
                                     seq_lengths=(n, n))
@@ -126,9 +127,9 @@ def int4_diagnostic(dev, tiny: bool) -> dict:
     pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)])
     mq = R.num_blocks(n, 64)
     mask = tuning.random_block_mask(h, mq, mq, 0.3, generator=gen)
-    counts, indices = R.block_mask_to_csr(mask)
+    plan_mask = ParoBlockMask.from_dense(mask).to(dev)
     q, k, v = (x.to(torch.bfloat16).to(dev) for x in (q, k, v))
-    pm, counts, indices = pm.to(dev), counts.to(dev), indices.to(dev)
+    pm = pm.to(dev)
     res = {"shape": [b, h, n, d]}
     for bits in (4, 8):
         p = paro_prologue(q, k, v, perm=pm, qk_bits=bits, pv_dtype="fp8")
@@ -139,7 +140,7 @@ def int4_diagnostic(dev, tiny: bool) -> dict:
         kv, _ = R.quantize_blockwise(kf, 64, bits)
         dq = (got["q"].view(b, h, n, -1) - qv).abs()
         dk = (got["k"].view(b, h, n, -1) - kv).abs()
-        kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=bits, pv_dtype="fp8")
+        kw = dict(perm=pm, mask=plan_mask, qk_bits=bits, pv_dtype="fp8")
         out = paro_attention_triton(q, k, v, exp2_mode=0, **kw)
         ref = R.paro_attention_reference(q, k, v, **kw)
         res[f"int{bits}"] = {
@@ -203,10 +204,10 @@ def main(argv=None):
     sparse_configs = parse_configs(args.sparse_configs) if args.sparse_configs else SPARSE_CONFIGS
     for dens in (float(x) for x in args.densities.split(",") if x.strip()):
         if dens >= 1.0:
-            mask, counts, indices, configs = None, None, None, dense_configs
+            mask, plan_mask, configs = None, None, dense_configs
         else:
             mask = tuning.random_block_mask(h, mq, mq, dens, generator=gen)
-            counts, indices = (x.to(dev) for x in R.block_mask_to_csr(mask))
+            plan_mask = ParoBlockMask.from_dense(mask).to(dev)
             configs = sparse_configs
         if not cuda:
             configs = sorted({(c[0], 4, 1, None) for c in configs})
@@ -242,7 +243,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 log(f"FlexAttention failed: {type(e).__name__}: {str(e)[:300]}")
         if peer is None and not cuda:  # CPU: the quantized reference of the same mask
-            peer = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
+            peer = R.paro_attention_reference(q, k, v, mask=plan_mask)
 
         # ---- our kernel variants ----
         base = None
@@ -250,10 +251,10 @@ def main(argv=None):
             pv, mode, knobs = KERNEL_VARIANTS[vname]
             for tile_m, warps, stages, maxnreg in configs:
                 cfg = {"TILE_M": tile_m, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
-                name = (f"ours {vname}{' +comp' if args.compensate and counts is not None else ''} tile{tile_m} w{warps} "
+                name = (f"ours {vname}{' +comp' if args.compensate and plan_mask is not None else ''} tile{tile_m} w{warps} "
                         f"s{stages}" + (f" r{maxnreg}" if maxnreg else ""))
                 try:
-                    fn = lambda: paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices,  # noqa: E731
+                    fn = lambda: paro_attention_triton(q, k, v, mask=plan_mask,  # noqa: E731
                                                        pv_dtype=pv, exp2_mode=mode, config=cfg, variant=knobs,
                                                        compensate=args.compensate)
                     o = fn()
@@ -267,8 +268,7 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
         if not cuda:  # the first variant vs the reference of the same function
-            ref = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices,
-                                             compensate=args.compensate)
+            ref = R.paro_attention_reference(q, k, v, mask=plan_mask, compensate=args.compensate)
             results.setdefault("tiny_first_vs_reference", {})[str(dens)] = rel_l2(base, ref)
         print(f"\n== density {dens}: sorted by time ==")
         peer_ms = min((r["ms"] for r in rows if not r["method"].startswith("ours")), default=None)

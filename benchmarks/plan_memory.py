@@ -1,5 +1,5 @@
 """Device memory of a plan's mask constants per attention site: padded int32 CSRs vs the compact form the lowering
-stores (`reference.trim_csr`: rows cut to the largest kept count, int16 indices). CPU only.
+stores (`block_mask.trim_csr`: rows cut to the largest kept count, int16 indices). CPU only.
 
 Synthetic CogVideoX-5B-shaped sites (48 heads, 17,776 tokens, 2 step buckets) with two kinds of masks: "random"
 (kept blocks drawn independently per query block: the widest unions for grouped tiles) and "coherent" (a random
@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, num_blocks  # noqa: E402
+from paro_compile.kernels.block_mask import BlockMask, block_mask_to_csr, grouped_block_csr, num_blocks  # noqa: E402
 from paro_compile.kernels.tuning import random_block_mask, refine_block_mask  # noqa: E402
-from paro_compile.passes.lower import mask_constants  # noqa: E402
 
 
 def padded_bytes(masks: torch.Tensor, block: int) -> int:
@@ -33,9 +32,8 @@ def padded_bytes(masks: torch.Tensor, block: int) -> int:
 
 def compact_bytes(masks: torch.Tensor, block: int) -> tuple[int, int]:
     """(bytes, slots per row) of the lowered constants (without compensation's bit words, equal in both forms)."""
-    constants = mask_constants(masks, block)
-    index = constants.get("kv_indices", constants.get("group_indices"))
-    return sum(t.numel() * t.element_size() for t in constants.values()), int(index.shape[-1])
+    constants = BlockMask.from_dense(masks, block, block)
+    return constants.nbytes, constants.row_width
 
 
 def synthetic_masks(kind: str, heads: int, n: int, block: int, density: float, buckets: int, seed: int) -> torch.Tensor:

@@ -219,15 +219,16 @@ def step_weighted_density(plan, eval_ts: list[float]) -> float:
 
 def paro_site_attention(q, k, v, scale, site_plan, bucket: int, qk_bits: int, pv_dtype: str, impl: str, block: int,
                         compensate: bool = False):
-    perm = counts = indices = None
+    from paro_compile.kernels.block_mask import BlockMask
+    from paro_compile.ops import paro_attention
+
+    perm, mask = None, BlockMask.dense(q.shape[2], block, block)
     if site_plan is not None:
-        block = site_plan.block_size
         perm = None if site_plan.perm is None else site_plan.perm.to(q.device)
-        if not bool(site_plan.block_masks[bucket].all()):
-            counts, indices = (t.to(q.device) for t in site_plan.csr(bucket))
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.paro.attention(q, k, v, perm, counts, indices, float(scale), qk_bits, pv_dtype, block, block, impl,
-                                    -1.0, compensate)
+        mask = BlockMask.from_dense(site_plan.block_masks[bucket], site_plan.block_size, site_plan.block_size,
+                                    kept_bits=compensate).to(q.device)
+    return paro_attention(q, k, v, perm=perm, mask=mask, scale=scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
+                          compensate=compensate, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------------

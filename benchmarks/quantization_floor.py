@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paro_compile.kernels import reference as R  # noqa: E402
+from paro_compile.kernels.block_mask import BlockMask  # noqa: E402
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +80,7 @@ def measure(batch: int = 1, heads: int = 4, n: int = 4096, dim: int = 64, seed: 
     for pv in ("fp8", "fp16", "int8"):
         name = {"fp8": "op_int8_fp8", "fp16": "op_int8_bf16", "int8": "op_int8_int8"}[pv]
         outputs[name] = R.paro_attention_reference(q, k, v, scale=scale, qk_bits=8, pv_dtype=pv,
-                                                   block_m=block, block_n=block)
+                                                   mask=BlockMask.dense(q.shape[2], block, block))
     rows = [{"step": name, "rel_l2_vs_fp64": rel_l2(o, exact), "rel_l2_vs_bf16_sdpa": rel_l2(o, sdpa)}
             for name, o in outputs.items()]
     return {"shape": dict(batch=batch, heads=heads, n=n, dim=dim), "seed": seed, "block": block,

@@ -20,6 +20,7 @@ _LAZY = {
     "Plan": ("paro_compile.plan", "Plan"),
     "SitePlan": ("paro_compile.plan", "SitePlan"),
     "TokenGrid": ("paro_compile.grid", "TokenGrid"),
+    "BlockMask": ("paro_compile.kernels.block_mask", "BlockMask"),
 }
 
 
@@ -33,4 +34,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "clear_reports", "inspect",
-           "calibrate", "Plan", "SitePlan", "TokenGrid", "__version__"]
+           "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]

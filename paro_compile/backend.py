@@ -90,6 +90,9 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
 def paro_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
     """Dynamo backend: ``torch.compile(model, backend="paro", options={...}, mode=...)``."""
     config = ParoConfig.from_options(kwargs.get("options"), kwargs.get("mode"))
+    from paro_compile.kernels import tuning
+
+    tuning.set_cache_dir(config.resolved_cache_dir)
     plan = load_plan(config.plan)
 
     def compile_with_plan(plan_to_use) -> Callable:

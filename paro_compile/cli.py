@@ -191,7 +191,9 @@ def parse_shape(text: str) -> list[int]:
 
 
 def cuda_available() -> bool:
-    if os.environ.get("PARO_CLI_FORCE_NO_CUDA") == "1":  # for tests on GPU machines
+    from paro_compile import envs
+
+    if envs.PARO_CLI_FORCE_NO_CUDA:  # for tests on GPU machines
         return False
     import torch
 
@@ -303,10 +305,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CliError(f"--dtypes: the kernels take float16/bfloat16, got {args.dtypes!r}")
     if not cuda_available():
         raise CliError("tuning needs a CUDA GPU: no CUDA device is visible here. Run `paro tune` on the GPU machine "
-                       "that will run the model; the winners are cached per GPU under $PARO_CACHE_DIR/autotune.")
+                       "that will run the model; the winners are cached under <cache_dir>/autotune (PARO_CACHE_DIR).")
     import torch
 
-    from paro_compile.kernels.tuning import cache_file, tune
+    from paro_compile.kernels.attention import tune
+    from paro_compile.kernels.tuning import cache_dir
 
     try:
         winners = tune(shapes, densities, [getattr(torch, d) for d in dtype_names], qk_bits=args.qk_bits,
@@ -316,7 +319,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"paro attention kernel: tuned configs (cache {cache_file(0)})")
+    table = Table(title=f"paro attention kernel: tuned configs (cache {cache_dir()})")
     for column in ("shape", "density", "dtype", "config", "warps", "stages", "tuned now"):
         table.add_column(column)
     for w in winners:

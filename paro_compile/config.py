@@ -7,11 +7,12 @@ other key is handed to Inductor as a config patch (and must be a valid Inductor 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from paro_compile import envs
+from paro_compile.kernels.block_mask import BLOCK_SIZES
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 from paro_compile.ops import IMPLS
 
@@ -19,41 +20,50 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 FALLBACK_POLICIES = ("sdpa", "error")
 
 
+def option(default: Any, doc: str, *, shown: Optional[str] = None, **kwargs: Any) -> Any:
+    """A `ParoConfig` field with its documentation: README's options table is generated from these
+    (`options_markdown`), so the API, the CLI's ``-o`` and the docs read one definition."""
+    metadata = {"doc": doc, "shown": shown if shown is not None else _shown(default)}
+    if "default_factory" in kwargs:
+        return field(default_factory=kwargs["default_factory"], metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _shown(default: Any) -> str:
+    return f'`"{default}"`' if isinstance(default, str) else str(default)
+
+
 @dataclass
 class ParoConfig:
     """Options of the paro backend. Defaults give dense INT8 QKᵀ / FP8 PV attention in model order."""
 
-    density: float = 1.0
-    """Fraction of 64×64 attention blocks kept when a plan is built (1.0 = dense). Used by calibration;
-    at compile time the plan's masks decide."""
-    qk_bits: int = 8
-    """Bits of Q and K: 8 (INT8 tensor cores), 4 (INT4 numerics, run on INT8 units on Hopper), 16 (no quantization)."""
-    pv_dtype: str = "fp8"
-    """Type of P and V in the PV product: "fp8" (e4m3), "int8", or "fp16" (no quantization: the input dtype)."""
-    block_size: int = 64
-    """Token block of masks and Q/K quantization (query and key blocks alike)."""
-    compensate_skipped: bool = False
-    """Skipped-block compensation: every KV block a sparse mask skips still enters the softmax as one pooled
-    key (its mean K with weight log2(token count), its mean V), so rows keep an estimate of the skipped mass
-    instead of losing it (docs/quality_tuning.md). Costs one extra pooled tile per 64 skipped blocks."""
-    plan: Optional[Union[str, Path, Any]] = None
-    """A `paro_compile.plan.Plan` or a path to a plan file; None = no plan (dense, identity order)."""
-    fallback: str = "sdpa"
-    """What to do with an attention site we cannot lower: "sdpa" keeps it (reason recorded), "error" raises."""
-    impl: str = "auto"
-    """Kernel: "auto" (Triton on CUDA, PyTorch reference elsewhere), "triton", "reference"."""
-    allow_fp32: bool = False
-    """Lower fp32 sites too (computed with the reference numerics on fp32 data). Off by default: the
-    kernels take fp16/bf16, and an fp32 model usually wants full precision."""
-    fold_permutations: bool = True
-    """Move token permutations into layout ops where possible (folding pass) instead of the kernel."""
-    auto_calibrate: bool = False
-    """With no plan: run the first `calibration_calls` calls dense, collect statistics, build a plan and recompile once."""
-    calibration_calls: int = 1
-    cache_dir: Optional[str] = None
-    """Where auto-calibrated plans and autotune results are cached (default ~/.cache/paro_compile)."""
-    inductor: dict[str, Any] = field(default_factory=dict)
-    """Inductor config patches (also filled from unknown `options` keys and from `mode`)."""
+    density: float = option(1.0, "fraction of attention blocks kept when a plan is built by auto-calibration "
+                                 "(`auto_calibrate`); a given plan's masks decide otherwise")
+    qk_bits: int = option(8, "Q/K precision: 8 (INT8 tensor cores), 4 (INT4 numerics: Hopper has no INT4 tensor "
+                             "cores), 16 (no quantization)")
+    pv_dtype: str = option("fp8", 'P and V in the PV product: `"fp8"` (e4m3), `"int8"`, `"fp16"` (the input dtype, '
+                                  "no quantization)")
+    block_size: int = option(64, "token block of masks and of Q/K quantization (16/32/64/128) for plans built by "
+                                 "auto-calibration and for dense sites; finer blocks keep more quality at a given "
+                                 "density and cost more kernel time (`benchmarks/RESULTS.md`)")
+    compensate_skipped: bool = option(False, "skipped-block compensation: every KV block a sparse mask skips still "
+                                             "enters the softmax as one pooled key (block-mean K, weight log2(tokens), "
+                                             "block-mean V) instead of being lost (`docs/quality_tuning.md`)")
+    plan: Optional[Union[str, Path, Any]] = option(None, "a `Plan` or a path to a plan file (orders + masks per site); "
+                                                         "None = dense, model order")
+    fallback: str = option("sdpa", 'unsupported site: `"sdpa"` keeps it and records why; `"error"` stops with the '
+                                   "reasons")
+    impl: str = option("auto", '`"auto"` (Triton on CUDA, the PyTorch reference elsewhere), `"triton"`, '
+                               '`"reference"`')
+    allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
+                                     "and an fp32 model usually wants full precision")
+    fold_permutations: bool = option(True, "absorb token permutations into layout ops instead of the kernel")
+    auto_calibrate: bool = option(False, "with no plan: calibrate on the first calls, cache the plan, recompile once")
+    calibration_calls: int = option(1, "calls observed by auto-calibration")
+    cache_dir: Optional[str] = option(None, "plan and autotune cache (else `PARO_CACHE_DIR`, else "
+                                            "`~/.cache/paro_compile`)", shown="`~/.cache/paro_compile`")
+    inductor: dict[str, Any] = option(None, "Inductor config patches (also filled from unknown `options` keys and "
+                                            "from `mode`)", shown="{}", default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.density) <= 1.0:
@@ -62,8 +72,8 @@ class ParoConfig:
             raise ValueError(f"qk_bits must be one of {QK_BITS}, got {self.qk_bits!r}")
         if self.pv_dtype not in PV_DTYPES:
             raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {self.pv_dtype!r}")
-        if self.block_size not in (16, 32, 64, 128):
-            raise ValueError(f"block_size must be 16, 32, 64 or 128, got {self.block_size!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
         if self.fallback not in FALLBACK_POLICIES:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {self.fallback!r}")
         if self.impl not in IMPLS:
@@ -73,8 +83,7 @@ class ParoConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        root = self.cache_dir or os.environ.get("PARO_CACHE_DIR") or Path.home() / ".cache" / "paro_compile"
-        return Path(root)
+        return Path(self.cache_dir).expanduser() if self.cache_dir else envs.PARO_CACHE_DIR
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -104,3 +113,13 @@ class ParoConfig:
                 )
             inductor.update(options)
         return cls(**ours, inductor=inductor)
+
+
+def options_markdown() -> str:
+    """README's options table, generated from the `ParoConfig` fields (a test keeps the README in step)."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for item in dataclasses.fields(ParoConfig):
+        if item.name == "inductor":
+            continue
+        rows.append(f"| `{item.name}` | {item.metadata['shown']} | {item.metadata['doc']} |")
+    return "\n".join(rows)

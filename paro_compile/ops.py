@@ -1,8 +1,10 @@
-"""The `paro::attention` custom op: what the lowering pass puts in place of SDPA.
+"""The `paro::attention` custom op (what the lowering pass puts in place of SDPA) and `paro_attention`, its
+Python entry point.
 
 A `torch.library.custom_op` with a fake impl (not `triton_op`: under TRITON_INTERPRET=1 a triton_op
-fails in every torch.compile backend on torch 2.13, see DESIGN.md). Inductor treats it as an opaque
-extern call, so everything around it keeps Inductor's codegen.
+fails in every torch.compile backend on torch 2.13, see docs/DESIGN_NOTES.md). Inductor treats it as an opaque
+extern call, so everything around it keeps Inductor's codegen. The block mask travels as `BlockMask.as_op_args`
+(its tensors and sizes), the way FlexAttention's higher-order op carries its ``BlockMask``.
 
 Dispatch of ``impl``:
 - ``"reference"``: `paro_compile.kernels.reference` (pure PyTorch; any device).
@@ -11,12 +13,14 @@ Dispatch of ``impl``:
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import Optional
 
 import torch
 
-from paro_compile.kernels.reference import block_mask_to_csr, paro_attention_reference, ungrouped_block_mask
+from paro_compile import envs
+from paro_compile.kernels.block_mask import BlockMask
+from paro_compile.kernels.reference import paro_attention_reference
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -24,58 +28,56 @@ IMPLS = ("auto", "reference", "triton")
 def triton_available_for(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and bool(envs.TRITON_INTERPRET)
+
+
+def check_permutation(perm: torch.Tensor, heads: int, seq_len: int) -> None:
+    """Raise ValueError unless ``perm`` [heads, seq_len] holds a permutation of range(seq_len) in every row."""
+    if tuple(perm.shape) != (heads, seq_len):
+        raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({heads}, {seq_len})")
+    if perm.dtype not in (torch.int16, torch.int32, torch.int64):
+        raise ValueError(f"perm must be an integer tensor, got {perm.dtype}")
+    rows = perm.long().cpu()
+    if bool(((rows < 0) | (rows >= seq_len)).any()):
+        raise ValueError(f"perm holds values outside [0, {seq_len}): every row must be a permutation of the tokens")
+    if not torch.equal(rows.sort(-1).values, torch.arange(seq_len).expand(heads, -1)):
+        bad = int((rows.sort(-1).values != torch.arange(seq_len)).any(-1).nonzero()[0][0])
+        raise ValueError(f"perm row {bad} repeats a token: every row must be a permutation of range({seq_len})")
 
 
 @torch.library.custom_op("paro::attention", mutates_args=())
-def paro_attention(
+def paro_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     perm: Optional[torch.Tensor],
-    kv_counts: Optional[torch.Tensor],
-    kv_indices: Optional[torch.Tensor],
+    mask_tensors: list[Optional[torch.Tensor]],
+    mask_sizes: list[int],
     scale: float,
     qk_bits: int,
     pv_dtype: str,
-    block_m: int,
-    block_n: int,
+    compensate: bool,
+    density: float,
     impl: str,
-    density: float = -1.0,
-    compensate: bool = False,
-    kv_kept_bits: Optional[torch.Tensor] = None,
-    group_counts: Optional[torch.Tensor] = None,
-    group_indices: Optional[torch.Tensor] = None,
-    group_bits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse low-bit attention over q, k, v [B, H, N, D]; returns [B, H, N, D] in model order.
 
-    ``density`` (kept blocks / all blocks, known when the plan is lowered) picks the kernel's autotune
-    bucket without reading ``kv_counts`` back from the device; -1 = measure it (one host sync per new
-    mask tensor). ``compensate``: skipped KV blocks take part as one pooled key each (block-mean K/V;
-    `paro_compile.kernels.reference`, step 6); no effect on dense masks. ``kv_kept_bits`` (optional): the
-    mask's kept blocks as `reference.kept_block_bits` words, for the Triton kernel (derived when absent).
-    ``group_counts`` / ``group_indices`` / ``group_bits`` (optional, block_m < 64): `reference.grouped_block_csr`
-    of the mask with group 64 // block_m, the walk of the Triton kernel's shared 64-row tiles (derived per call when
-    absent). They may stand for the mask alone (``kv_counts`` / ``kv_indices`` None): the lowering stores only them
-    for blocks under 64 rows, which the kernel needs, and the reference then rebuilds the per-block CSR.
-    Index tensors may be compact (`reference.trim_csr`: rows cut to the largest count, int16), as plans store them."""
+    ``mask_tensors`` / ``mask_sizes`` / ``density``: a `BlockMask` as `BlockMask.as_op_args` gives it. Compiled
+    graphs pass masks and permutations the lowering has validated once; a mask or permutation on the CPU is
+    validated here on every call (cheap, no device sync), and on the GPU the kernels never read or write outside
+    their tensors whatever the indices hold."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    mask = BlockMask.from_op_args(mask_tensors, mask_sizes, density)
+    bsz, heads, n, _ = q.shape
+    if mask.is_dense:  # a dense mask's block counts follow N (they may be symbolic in the graph: passed as 0)
+        mask = BlockMask.dense(n, mask.block_m, mask.block_n)
+    if mask.counts is not None and mask.counts.device.type == "cpu":
+        mask.validate(heads, n)
+    if perm is not None and perm.device.type == "cpu":
+        check_permutation(perm, heads, n)
     use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
-    grouped_only = (kv_counts is None or kv_indices is None) and group_counts is not None
-    if grouped_only and (group_indices is None or group_bits is None or block_m >= 64):
-        raise ValueError("a mask given by its grouped CSR alone needs group_counts, group_indices and group_bits "
-                         f"(reference.grouped_block_csr) and block_m < 64 (got block_m={block_m}); otherwise pass "
-                         "kv_counts / kv_indices")
-    if grouped_only and not use_triton:  # the reference walks per query block: rebuild that CSR
-        mask = ungrouped_block_mask(group_counts, group_indices, group_bits, 64 // block_m,
-                                    -(-q.shape[2] // block_m), -(-q.shape[2] // block_n))
-        kv_counts, kv_indices = block_mask_to_csr(mask)
-    kwargs = dict(
-        perm=perm, kv_counts=kv_counts, kv_indices=kv_indices, scale=scale, qk_bits=qk_bits,
-        pv_dtype=pv_dtype, block_m=block_m, block_n=block_n, compensate=compensate,
-    )
+    kwargs = dict(perm=perm, mask=mask, scale=scale, qk_bits=qk_bits, pv_dtype=pv_dtype, compensate=compensate)
     if use_triton:
         if not triton_available_for(q.device):
             raise RuntimeError(
@@ -84,19 +86,36 @@ def paro_attention(
             )
         from paro_compile.kernels.attention import paro_attention_triton
 
-        grouped = None
-        if group_counts is not None and group_indices is not None and group_bits is not None:
-            grouped = (group_counts, group_indices, group_bits)
-        out = paro_attention_triton(q, k, v, density=density if density >= 0 else None, kv_kept_bits=kv_kept_bits,
-                                    grouped=grouped, **kwargs)
+        out = paro_attention_triton(q, k, v, **kwargs)
     else:
         out = paro_attention_reference(q, k, v, **kwargs)
     # The fake impl promises a contiguous result; Inductor asserts the strides.
     return out.contiguous()
 
 
-@paro_attention.register_fake
-def _paro_attention_fake(q, k, v, perm, kv_counts, kv_indices, scale, qk_bits, pv_dtype, block_m, block_n, impl,
-                         density=-1.0, compensate=False, kv_kept_bits=None, group_counts=None, group_indices=None,
-                         group_bits=None):
+@paro_attention_op.register_fake
+def _paro_attention_fake(q, k, v, perm, mask_tensors, mask_sizes, scale, qk_bits, pv_dtype, compensate, density,
+                         impl):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def paro_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    perm: Optional[torch.Tensor] = None,
+    mask: Optional[BlockMask] = None,
+    scale: Optional[float] = None,
+    qk_bits: int = 8,
+    pv_dtype: str = "fp8",
+    compensate: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """`paro::attention` on q, k, v [B, H, N, D] (model token order) with a per-head token order ``perm`` [H, N]
+    and a `BlockMask` (None: dense, 64-token blocks). Same numerics as `kernels.reference` (its docstring)."""
+    mask = mask if mask is not None else BlockMask.dense(q.shape[2])
+    tensors, sizes = mask.as_op_args()
+    return paro_attention_op(q, k, v, perm, tensors, sizes,
+                             float(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])),
+                             qk_bits, pv_dtype, compensate, float(mask.density), impl)

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from paro_compile.grid import TokenGrid, orders_permutation
-from paro_compile.kernels.reference import block_mask_to_csr, num_blocks
+from paro_compile.kernels.block_mask import block_mask_to_csr, num_blocks
 
 PLAN_FORMAT = "paro_plan"
 PLAN_FORMAT_VERSION = 1

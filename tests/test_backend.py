@@ -191,8 +191,15 @@ def test_cuda_graphs_through_the_backend():
 def test_custom_op_passes_opcheck():
     q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
     perm = torch.stack([torch.randperm(70) for _ in range(2)])
-    torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, perm, None, None, 0.125, 8, "fp8", 64, 64, "reference"))
-    torch.library.opcheck(torch.ops.paro.attention.default, (q, k, v, None, None, None, 0.125, 16, "fp16", 64, 64, "reference"))
+    from paro_compile.kernels.block_mask import BlockMask
+
+    mask = torch.rand(2, 2, 2) < 0.5
+    mask[:, [0, 1], [0, 1]] = True
+    tensors, sizes = BlockMask.from_dense(mask, kept_bits=True).as_op_args()
+    op = torch.ops.paro.attention.default
+    torch.library.opcheck(op, (q, k, v, perm, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0, "reference"))
+    torch.library.opcheck(op, (q, k, v, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 16, "fp16", False, 1.0, "reference"))
+    torch.library.opcheck(op, (q, k, v, perm, tensors, sizes, 0.125, 8, "fp8", True, 0.7, "reference"))
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ def test_coherent_synthetic_masks_share_kept_blocks_between_neighbours():
     """--coherent draws block scores per 64-token block: the query blocks sharing a 64-row kernel tile keep (almost) the
     same KV blocks, so their union is much narrower than with masks drawn per block, at the same density."""
     from paro_compile.grid import TokenGrid
-    from paro_compile.kernels.reference import grouped_block_csr
+    from paro_compile.kernels.block_mask import grouped_block_csr
 
     module = load_benchmark("bench_e2e")
     grid = TokenGrid(frames=4, height=8, width=16, text_tokens=8)  # 520 tokens: 33 blocks of 16

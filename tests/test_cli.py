@@ -233,7 +233,7 @@ def test_tune_prints_winners_with_a_gpu(monkeypatch, capsys, tmp_path):
     """The GPU path of `paro tune`, with the tuner replaced (runs on a CPU)."""
     import torch
 
-    from paro_compile.kernels import tuning
+    from paro_compile.kernels import attention
 
     seen = {}
 
@@ -243,8 +243,7 @@ def test_tune_prints_winners_with_a_gpu(monkeypatch, capsys, tmp_path):
                  "num_warps": 8, "num_stages": 2, "tuned_now": True}]
 
     monkeypatch.setattr(cli, "cuda_available", lambda: True)
-    monkeypatch.setattr(tuning, "tune", fake_tune)
-    monkeypatch.setattr(tuning, "cache_file", lambda device: tmp_path / "gpu.json")
+    monkeypatch.setattr(attention, "tune", fake_tune)
     out_json = tmp_path / "winners.json"
     assert cli.main(["tune", "--shapes", "1,24,4096,64", "--densities", "1.0,0.5", "--dtypes", "bfloat16,float16",
                      "--json", str(out_json)]) == 0

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import paro_compile
+from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.reference import paro_attention_reference
 from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 from paro_compile.plan import Plan, SitePlan
@@ -28,9 +29,8 @@ class PlannedAttention(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             site = self.plan.sites[SITES[self.calls]]
             self.calls += 1
-            counts, indices = site.csr(self.bucket)
-            return paro_attention_reference(*args, perm=site.perm, kv_counts=counts, kv_indices=indices,
-                                            block_m=BLOCK, block_n=BLOCK, **self.numerics)
+            mask = BlockMask.from_csr(*site.csr(self.bucket), N, BLOCK, BLOCK)
+            return paro_attention_reference(*args, perm=site.perm, mask=mask, **self.numerics)
         return func(*args, **kwargs)
 
 
@@ -114,16 +114,16 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
     """Blocks under 64 rows: the lowering stores the grouped CSR of every step bucket (the walk of the kernel's shared
     64-row tiles) and selects it per call; the kernel never derives it at run time, and the result is the plan's."""
     from paro_compile.kernels import attention as kernel_module
+    from paro_compile.kernels import block_mask as block_mask_module
 
     def derive(*args, **kwargs):
         raise AssertionError("grouped CSR derived at run time: the plan constants did not reach the kernel")
 
-    monkeypatch.setattr(kernel_module, "grouped_csr", derive)
     calls = []
     original = kernel_module.paro_attention_triton
 
     def spy(q, k, v, **kwargs):
-        calls.append((kwargs.get("kv_counts"), kwargs.get("kv_indices"), kwargs.get("grouped")))
+        calls.append(kwargs["mask"])
         return original(q, k, v, **kwargs)
 
     monkeypatch.setattr(kernel_module, "paro_attention_triton", spy)
@@ -133,22 +133,23 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
     assert BLOCK < 64
     compiled = torch.compile(model, backend="paro",
                              options={**EXACT, "plan": plan, "fold_permutations": False, "impl": "triton"})
+    compiled(**toy_inputs())  # compiles: the lowering builds the grouped walk once, here
+    monkeypatch.setattr(block_mask_module, "grouped_block_csr", derive)
+    calls.clear()
     for timestep, bucket in [(300.0, 1), (900.0, 0)]:
         inputs = toy_inputs()
         inputs["timestep"] = torch.full((1,), timestep)
         with PlannedAttention(plan, bucket, qk_bits=16, pv_dtype="fp16"):
             expected = model(**inputs)
         torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-4, atol=1e-4)
-    # the grouped CSR stands for the mask alone: no per-block CSR is stored or passed
-    assert calls and all(c is None and i is None and g is not None for c, i, g in calls)
+    # the grouped walk stands for the mask alone: no per-block CSR is stored or passed
+    assert calls and all(m.group == 64 // BLOCK and m.slot_bits is not None for m in calls)
+    monkeypatch.undo()
     # the report counts the site's plan constants: permutation + grouped CSR of both buckets
-    from paro_compile.kernels.reference import grouped_block_csr, trim_csr
-
     for record in paro_compile.last_report().sites:
-        masks = plan.sites[record.site_id].block_masks
-        grouped = trim_csr(*grouped_block_csr(masks, 64 // BLOCK))  # compact: int16, rows cut to the largest count
-        assert grouped[1].dtype == torch.int16
-        expected = HEADS * N * 8 + sum(t.numel() * t.element_size() for t in grouped)
+        grouped = BlockMask.from_dense(plan.sites[record.site_id].block_masks, BLOCK, BLOCK)
+        assert grouped.indices.dtype == torch.int16  # compact: int16, rows cut to the largest count
+        expected = HEADS * N * 8 + grouped.nbytes
         assert record.plan_bytes == expected, (record.plan_bytes, expected)
         assert "plan=" in paro_compile.last_report().summary()
 
@@ -172,8 +173,8 @@ def test_dense_sites_of_fine_block_plans_run_with_64_token_blocks(monkeypatch):
         records = original(gm, sites_, config, plan, kernel_perms)
         for node in gm.graph.nodes:
             if node.target is torch.ops.paro.attention.default:
-                dense = node.args[4] is None and node.args[15] is None  # no per-block nor grouped CSR
-                seen[node.meta["paro_site_id"]] = (dense, node.args[9], node.args[10])
+                mask_nodes, sizes = node.args[4], node.args[5]
+                seen[node.meta["paro_site_id"]] = (all(m is None for m in mask_nodes), sizes[0], sizes[1])
         return records
 
     monkeypatch.setattr(backend_module, "lower_attention_sites", record_blocks)
@@ -190,12 +191,11 @@ def test_dense_sites_of_fine_block_plans_run_with_64_token_blocks(monkeypatch):
 def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch):
     """With step buckets the CSR is selected on the device each call; the kernel must take the autotune
     density from the plan (compile time), not by reading the selected counts back (a host sync per site)."""
-    from paro_compile.kernels import attention as kernel_module
+    def no_sync(self, *args, **kwargs):
+        raise AssertionError("a host read of a plan tensor at run time: a sync per site per call")
 
-    def no_sync(kv_counts, nk):
-        raise AssertionError("density measured on the device: a host sync per call")
-
-    monkeypatch.setattr(kernel_module, "_measured_density_bucket", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()
     plan = random_plan(buckets=2)
@@ -213,17 +213,18 @@ def test_lowered_sites_pass_their_density_so_the_kernel_never_syncs(monkeypatch)
 @torch.no_grad()
 def test_compensated_step_buckets_use_the_plans_kept_bits(monkeypatch):
     """Kernel path: the kept-block bits are plan constants selected per step bucket, never rebuilt per call."""
-    from paro_compile.kernels import attention as kernel_module
+    from paro_compile.kernels import block_mask as block_mask_module
 
     def rebuilt(mask):
         raise AssertionError("kept-block bits derived from the CSR at run time")
 
-    monkeypatch.setattr(kernel_module, "kept_block_bits", rebuilt)
     torch.manual_seed(2)
     model = ToyVideoDiT().eval()
     plan = random_plan(buckets=2)
     compiled = torch.compile(model, backend="paro", options={
         **EXACT, "plan": plan, "fold_permutations": False, "impl": "triton", "compensate_skipped": True})
+    compiled(**toy_inputs())  # compiles: the lowering builds the kept bits once, here
+    monkeypatch.setattr(block_mask_module, "kept_block_bits", rebuilt)
     for timestep, bucket in [(300.0, 1), (900.0, 0)]:
         inputs = toy_inputs()
         inputs["timestep"] = torch.full((1,), timestep)
@@ -269,5 +270,32 @@ def test_plan_constants_live_on_the_activations_device():
     config = ParoConfig(allow_fp32=True, fold_permutations=False)
     rewritten = rewrite_graph(captured["gm"], config, plan, CompileReport(graph_index=0))
     constants = {name: buf for name, buf in rewritten.named_buffers() if name.startswith("_paro_")}
-    assert {n.rsplit("_", 1)[-1] for n in constants} >= {"perm", "counts", "indices", "boundaries"}
+    assert {n.rsplit("_", 1)[-1] for n in constants} >= {"perm", "bits", "boundaries"}
     assert all(buf.device.type == "meta" for buf in constants.values()), {n: b.device for n, b in constants.items()}
+
+
+@torch.no_grad()
+def test_site_ids_that_differ_only_in_punctuation_get_their_own_constants():
+    """``blocks.0#0`` and ``blocks_0#0`` sanitize to the same name; each site must still run its own mask."""
+    import torch.fx as fx
+
+    from paro_compile.passes.lower import _buffer_name
+
+    assert _buffer_name(0, "blocks.0#0", "perm") != _buffer_name(1, "blocks_0#0", "perm")
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    from paro_compile.passes.lower import add_constant
+
+    node = gm.graph.placeholder("x")
+    add_constant(gm, node, "_paro_0_a_perm", torch.zeros(1))
+    with pytest.raises(RuntimeError, match="must not collide"):
+        add_constant(gm, node, "_paro_0_a_perm", torch.zeros(1))
+
+
+@torch.no_grad()
+def test_a_plan_permutation_that_is_not_a_permutation_is_refused():
+    model = ToyVideoDiT().eval()
+    plan = random_plan()
+    site = plan.sites[SITES[0]]
+    site.perm[1, 3] = site.perm[1, 4]  # a repeated token
+    with pytest.raises(Exception, match="perm row 1 repeats a token"):
+        torch.compile(model, backend="paro", options={**EXACT, "plan": plan, "fold_permutations": False})(**toy_inputs())

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import safe_open, save_file
 
 from paro_compile.grid import TokenGrid, orders_permutation
-from paro_compile.kernels.reference import block_mask_to_csr, csr_to_block_mask
+from paro_compile.kernels.block_mask import block_mask_to_csr, csr_to_block_mask
 from paro_compile.passes.discover import AttentionSite
 from paro_compile.plan import (
     PLAN_FORMAT_VERSION,

@@ -2,8 +2,7 @@
 
 import torch
 
-from paro_compile.kernels.reference import csr_to_block_mask, ungrouped_block_mask
-from paro_compile.passes.lower import mask_constants
+from paro_compile.kernels.block_mask import BlockMask
 
 from bench_helpers import load_benchmark
 
@@ -20,10 +19,6 @@ def test_compact_constants_are_smaller_and_stand_for_the_same_masks(tmp_path):
     assert coherent["slots"] <= random["slots"]  # coherent neighbours share kept blocks: narrower unions
     for block in (64, 16):
         masks = bench.synthetic_masks("random", 2, 1100, block, 0.2, 2, seed=1)
-        constants = mask_constants(masks, block)
-        if block == 64:
-            rebuilt = csr_to_block_mask(constants["kv_counts"], constants["kv_indices"], masks.shape[-1])
-        else:
-            rebuilt = ungrouped_block_mask(constants["group_counts"], constants["group_indices"],
-                                           constants["group_bits"], 4, masks.shape[-2], masks.shape[-1])
-        assert torch.equal(rebuilt, masks)
+        constants = BlockMask.from_dense(masks, block, block)
+        assert constants.group == (1 if block == 64 else 4)
+        assert torch.equal(constants.to_dense(), masks)

@@ -6,10 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from paro_compile.kernels.reference import (
-    block_mask_to_csr, csr_to_block_mask, dense_csr, grouped_block_csr, paro_attention_reference, quantize_blockwise,
-    trim_csr, ungrouped_block_mask,
-)
+from paro_compile.kernels.block_mask import BlockMask
+from paro_compile.kernels.reference import paro_attention_reference, quantize_blockwise
 from tests.conftest import rel_l2
 
 
@@ -50,8 +48,7 @@ def test_block_sparse_matches_masked_float64():
     nb = math.ceil(n / block)
     mask = torch.rand(2, nb, nb) < 0.5
     mask |= torch.eye(nb, dtype=torch.bool)
-    counts, indices = block_mask_to_csr(mask)
-    out = paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, qk_bits=16, pv_dtype="fp16")
+    out = paro_attention_reference(q, k, v, mask=BlockMask.from_dense(mask), qk_bits=16, pv_dtype="fp16")
     token_mask = mask.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :n]
     torch.testing.assert_close(out.double(), float64_attention(q, k, v, token_mask[None]), rtol=1e-5, atol=1e-5)
 
@@ -59,8 +56,7 @@ def test_block_sparse_matches_masked_float64():
 def test_query_block_without_kept_blocks_is_zero():
     q, k, v = (torch.randn(1, 1, 128, 64) for _ in range(3))
     mask = torch.tensor([[[True, True], [False, False]]])
-    counts, indices = block_mask_to_csr(mask)
-    out = paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices)
+    out = paro_attention_reference(q, k, v, mask=BlockMask.from_dense(mask))
     assert torch.all(out[:, :, 64:] == 0)
     assert torch.all(torch.isfinite(out))
 
@@ -73,21 +69,6 @@ def test_quantize_blockwise_roundtrip_error_bounded():
     assert (recon - x).abs().max() <= scale.max() / 2 + 1e-6
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.floats(0.0, 1.0))
-def test_csr_roundtrip(heads, mq, nk, p):
-    mask = torch.rand(heads, mq, nk) < p
-    counts, indices = block_mask_to_csr(mask)
-    assert torch.equal(csr_to_block_mask(counts, indices), mask)
-    assert torch.equal(counts, mask.sum(-1).int())
-    assert int(indices.max()) < nk
-
-
-def test_dense_csr_is_full_mask():
-    counts, indices = dense_csr(2, 3, 4)
-    assert csr_to_block_mask(counts, indices).all()
-
-
 def test_bad_arguments_say_what_is_wrong():
     q = torch.randn(1, 1, 64, 64)
     with pytest.raises(ValueError, match="qk_bits"):
@@ -95,37 +76,37 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="pv_dtype"):
         paro_attention_reference(q, q, q, pv_dtype="fp4")
     with pytest.raises(ValueError, match="block mask has shape"):
-        paro_attention_reference(q, q, q, kv_counts=torch.ones(2, 1, dtype=torch.int32), kv_indices=torch.zeros(2, 1, 1, dtype=torch.int32))
+        paro_attention_reference(q, q, q, mask=BlockMask.from_csr(torch.ones(2, 1, dtype=torch.int32),
+                                                                  torch.zeros(2, 1, 1, dtype=torch.int32), 64))
+    with pytest.raises(ValueError, match="mask has 2x2 blocks, N=64 needs 1x1"):
+        paro_attention_reference(q, q, q, mask=BlockMask.dense(128))
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from([1, 4, 16]))
-def test_trim_csr_round_trip(heads, mq, nk, p, multiple):
-    """Compact CSR (plan constants): rows cut to the largest count, rounded up to ``multiple``, int16 indices."""
-    mask = torch.rand(2, heads, mq, nk) < p  # [S, H, Mq, Nk]: one width for all step buckets
-    counts, indices = block_mask_to_csr(mask)
-    tc, ti = trim_csr(counts, indices, multiple=multiple)
-    largest = int(counts.max())
-    assert ti.dtype == torch.int16 and tc.dtype == torch.int32
-    assert ti.shape[-1] == min(nk, max(1, -(-largest // multiple) * multiple)) >= min(largest, nk)
-    assert torch.equal(csr_to_block_mask(tc, ti, nk), mask)
-    group = 2
-    gc, gi, gb = grouped_block_csr(mask, group)
-    tgc, tgi, tgb = trim_csr(gc, gi, gb, multiple=multiple)
-    assert tgb.dtype == torch.int8 and tgb.shape == tgi.shape
-    assert torch.equal(ungrouped_block_mask(tgc, tgi, tgb, group, mq, nk), mask)
-
-
-def test_reference_accepts_a_trimmed_csr_and_rejects_a_short_one():
+def test_reference_accepts_a_trimmed_csr_and_walks_only_its_slots():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 300, 64) for _ in range(3))
     mask = torch.rand(2, 5, 5) < 0.4
     mask[:, torch.arange(5), torch.arange(5)] = True
-    counts, indices = block_mask_to_csr(mask)
-    full = paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, compensate=True)
-    tc, ti = trim_csr(counts, indices, multiple=1)
-    assert ti.shape[-1] < 5
-    torch.testing.assert_close(paro_attention_reference(q, k, v, kv_counts=tc, kv_indices=ti, compensate=True), full,
-                               rtol=0, atol=0)
-    with pytest.raises(ValueError, match="largest count"):
-        paro_attention_reference(q, k, v, kv_counts=tc, kv_indices=ti[..., : ti.shape[-1] - 1])
+    full = paro_attention_reference(q, k, v, mask=BlockMask.from_dense(mask, compact=False), compensate=True)
+    trimmed = BlockMask.from_dense(mask, slot_multiple=1)
+    assert trimmed.row_width < 5
+    torch.testing.assert_close(paro_attention_reference(q, k, v, mask=trimmed, compensate=True), full, rtol=0, atol=0)
+
+
+def test_malformed_csr_slots_add_nothing():
+    """Slots naming a block outside [0, Nk) and counts past the row width are skipped, exactly as the kernel skips
+    them (validation rejects such masks; the two paths must still agree on them)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 200, 64) for _ in range(3))
+    counts = torch.tensor([[2, 1, 1, 1]], dtype=torch.int32)
+    indices = torch.tensor([[[0, 9], [1, 1], [2, 2], [3, 3]]], dtype=torch.int32)  # block 9 does not exist
+    bad = paro_attention_reference(q, k, v, mask=BlockMask.from_csr(counts, indices, 200))
+    good = paro_attention_reference(q, k, v, mask=BlockMask.from_csr(torch.tensor([[1, 1, 1, 1]], dtype=torch.int32),
+                                                                     indices, 200))
+    torch.testing.assert_close(bad, good, rtol=0, atol=0)
+    wide = paro_attention_reference(q, k, v, mask=BlockMask.from_csr(torch.tensor([[7, 1, 1, 1]], dtype=torch.int32),
+                                                                     torch.tensor([[[0, 9], [1, 1], [2, 2], [3, 3]]],
+                                                                                  dtype=torch.int32), 200))
+    torch.testing.assert_close(wide, good, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="indices of kept slots must lie in"):
+        BlockMask.from_csr(counts, indices, 200).validate(1, 200)

@@ -243,6 +243,15 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
 
 
 @triton.jit
+def _permuted_rows(PERM, h, N, rows, rmask):
+    """Source tokens of ``rows`` under the head's permutation. Entries outside [0, N) (a malformed permutation, which
+    the lowering rejects) read nothing instead of memory past the input."""
+    src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+    in_range = (src >= 0) & (src < N)
+    return tl.where(in_range, src, 0), rmask & in_range
+
+
+@triton.jit
 def _prologue_kernel(
     Q, K, V, PERM, KMEAN, VSCALE,
     QQ, QS, KQ, KS, VT, KBAR, VBAR,
@@ -262,7 +271,7 @@ def _prologue_kernel(
         rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         if HAS_PERM:
-            src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+            src, rmask = _permuted_rows(PERM, h, N, rows, rmask)
         else:
             src = rows
         _quant_block(Q, QQ, QS, KMEAN, b * sqb + h * sqh, src, rows, rmask, pid_bh, t, NQB, sqn, sqd, q_mult,
@@ -271,7 +280,7 @@ def _prologue_kernel(
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         if HAS_PERM:
-            src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+            src, rmask = _permuted_rows(PERM, h, N, rows, rmask)
         else:
             src = rows
         _quant_block(K, KQ, KS, KMEAN, b * skb + h * skh, src, rows, rmask, pid_bh, t, NKB, skn, skd, 1.0,

@@ -1,12 +1,14 @@
-"""Autotuning of the paro attention kernel: candidate configs, an on-disk cache per GPU, `tune()`.
+"""Autotuning of the paro attention kernel: candidate configs, key buckets, and Triton's own on-disk cache.
 
-The attention kernel (`attention._attn_fwd`) is wrapped in `triton.autotune` over
-`candidate_configs()` (num_warps × num_stages × query tile), keyed on (N bucket, D, density bucket,
-modes (incl. the exp2 mode), block sizes, dtypes). Winners are persisted as JSON in
-``${PARO_CACHE_DIR:-~/.cache/paro_compile}/autotune/<gpu name>.json`` so a new process launches the
-tuned config directly (no re-benchmarking). Switches:
+The attention kernel (`attention._attn_fwd`) is wrapped in `autotune` over `candidate_configs()` (num_warps ×
+num_stages × query tile), keyed on (N bucket, D, density bucket, numerics, block sizes, code switches) plus the
+argument dtypes. Winners persist through Triton's own autotune cache (``cache_results=True``): one small JSON file
+per key, written atomically, keyed by Triton's version, the GPU target, the kernel's source and the candidate set,
+so a cached config never outlives the kernel it was tuned for. The files live under
+``<cache_dir>/autotune`` (`set_cache_dir`: the backend passes its ``cache_dir`` option; default
+``$PARO_CACHE_DIR`` or ``~/.cache/paro_compile``). A corrupt or hand-edited entry is dropped and tuned again.
 
-- ``PARO_AUTOTUNE=0``: never benchmark; use `fixed_config` (a good default measured on H100).
+- ``PARO_AUTOTUNE=0``: never benchmark; launch `fixed_config`.
 - ``TRITON_INTERPRET=1`` (CPU tests): a single config, nothing tuned, nothing written.
 """
 from __future__ import annotations
@@ -14,17 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import threading
+import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.cache import FileCacheManager
 
-_LOCK = threading.Lock()
-_MEMORY: dict[str, dict] = {}
-_LOADED: set[str] = set()
+from paro_compile import envs
 
 N_BUCKETS = (1024, 4096, 8192, 16384, 32768, 65536)
 DENSITY_BUCKETS = (10, 20, 30, 40, 50, 70, 100)
@@ -49,7 +51,7 @@ def density_bucket(density: float) -> int:
 
 def candidate_configs() -> list[triton.Config]:
     """Configs the autotuner tries. TILE_M = 2*block_m is only legal for dense masks (pruned otherwise)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.TRITON_INTERPRET:
         return [triton.Config({"TILE_M": 64}, num_warps=4, num_stages=1)]
     cfgs = []
     for tile_m in (64, 128):
@@ -58,8 +60,8 @@ def candidate_configs() -> list[triton.Config]:
                 if tile_m == 64 and warps == 8 and stages == 4:
                     continue
                 cfgs.append(triton.Config({"TILE_M": tile_m}, num_warps=warps, num_stages=stages))
-    # Register-capped configs, kept by the attention kernel's pruner for the compensated kernel only: uncapped it
-    # needs 208 registers per thread (2 CTAs per SM); capped at 168 / 128 it ran 14 % faster on the H100.
+    # Register-capped configs, kept by the attention kernel's pruner for the compensated kernel only (uncapped it
+    # needs two CTAs' worth of registers per SM; benchmarks/RESULTS.md, "Skipped-block compensation").
     for maxnreg in (168, 128):
         for stages in (2, 3):
             cfgs.append(triton.Config({"TILE_M": 64}, num_warps=4, num_stages=stages, maxnreg=maxnreg))
@@ -69,7 +71,7 @@ def candidate_configs() -> list[triton.Config]:
 def fixed_config(meta: dict) -> triton.Config:
     """The config used with PARO_AUTOTUNE=0 and under the interpreter."""
     tile = meta["BLOCK_M"] * int(meta.get("GROUP", 1))
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.TRITON_INTERPRET:
         return triton.Config({"TILE_M": tile}, num_warps=4, num_stages=1)
     if meta.get("COMPENSATE"):
         return triton.Config({"TILE_M": tile}, num_warps=4, num_stages=3, maxnreg=168)
@@ -77,128 +79,122 @@ def fixed_config(meta: dict) -> triton.Config:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("PARO_AUTOTUNE", "1") not in ("0", "false", "False", "off") and \
-        os.environ.get("TRITON_INTERPRET") != "1"
+    return bool(envs.PARO_AUTOTUNE) and not envs.TRITON_INTERPRET
+
+
+_CACHE_DIR: Optional[Path] = None
+
+
+def set_cache_dir(root: Optional[os.PathLike]) -> None:
+    """Root of the paro cache whose ``autotune/`` folder holds tuned configs (None: back to the default). The
+    backend calls it with its ``cache_dir`` option; Triton's autotune cache is per process, so the last compiled
+    model's setting applies to every kernel launch after it."""
+    global _CACHE_DIR
+    _CACHE_DIR = Path(root) if root is not None else None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PARO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "paro_compile")
-    return Path(root) / "autotune"
+    return (_CACHE_DIR or envs.PARO_CACHE_DIR) / "autotune"
 
 
-def gpu_name(device) -> str:
-    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "gpu"
+def _known_config_texts() -> set[str]:
+    return {str(c) for c in candidate_configs()}
 
 
-def cache_file(device) -> Path:
-    return cache_dir() / f"{gpu_name(device)}.json"
+class AutotuneFileCache(FileCacheManager):
+    """Triton's file cache manager rooted at `cache_dir()`, for autotune results only. `get_file` returns an entry
+    only when it parses and names candidate configs with finite timings: a corrupt, truncated or hand-edited file
+    is removed (and the key tuned again) instead of crashing the launch or launching an unknown config."""
 
+    def __init__(self, key: str, override: bool = False, dump: bool = False) -> None:
+        self.key = key
+        self.cache_dir = str(cache_dir() / key)
+        self.lock_path = os.path.join(self.cache_dir, "lock")
+        os.makedirs(self.cache_dir, exist_ok=True)
 
-_SRC_HASH: Optional[str] = None
-
-
-def _source_hash() -> str:
-    """Short hash of the kernel sources: a cached config never outlives the kernel it was tuned for."""
-    global _SRC_HASH
-    if _SRC_HASH is None:
-        import hashlib
-
-        here = Path(__file__).resolve().parent
-        h = hashlib.sha256()
-        for name in ("attention.py", "prologue.py"):
-            try:
-                h.update((here / name).read_bytes())
-            except OSError:
-                pass
-        _SRC_HASH = h.hexdigest()[:10]
-    return _SRC_HASH
-
-
-def _key(args: tuple, meta: dict) -> str:
-    # args layout of attention._attn_fwd: ..., OUT at index 6, ..., n_bucket, density_bucket at the end.
-    out = args[6]
-    parts = [
-        "attn_fwd", f"n{args[-2]}", f"d{meta['D']}", f"dens{args[-1]}", str(out.dtype).replace("torch.", ""),
-        f"qk{meta['QK_BITS']}", f"pv{meta['PV_MODE']}", f"dense{int(bool(meta['DENSE']))}",
-        f"bm{meta['BLOCK_M']}", f"bn{meta['BLOCK_N']}",
-        f"exp2{int(meta.get('EXP2_MODE', 0))}",
-        *(["comp"] if meta.get("COMPENSATE") else []),  # (absent = no compensation: older cache keys still hit)
-        "v" + "".join(str(int(bool(meta.get(k, 0))))
-                      for k in ("FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV", "FMA_EXP_ARG")),
-        f"g{int(meta.get('GROUP', 1))}",
-        f"triton{triton.__version__}", f"src{_source_hash()}",
-    ]
-    return "|".join(parts)
-
-
-def _load(path: Path) -> None:
-    p = str(path)
-    if p in _LOADED:
-        return
-    _LOADED.add(p)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for k, v in data.get("configs", {}).items():
-        _MEMORY.setdefault(p + "::" + k, v)
-
-
-def _to_config(entry: dict) -> triton.Config:
-    return triton.Config(dict(entry["kwargs"]), num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]),
-                         maxnreg=entry.get("maxnreg"))
-
-
-def _from_config(cfg: triton.Config) -> dict:
-    entry = {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if getattr(cfg, "maxnreg", None):
-        entry["maxnreg"] = cfg.maxnreg
-    return entry
-
-
-def select_config(tuned_kernel, device, args: tuple, meta: dict, interp: bool) -> Optional[triton.Config]:
-    """Config to launch with directly, or None: then the caller runs the autotuner (and calls `record`)."""
-    if interp or not autotune_enabled():
-        return fixed_config(meta)
-    path = cache_file(device)
-    with _LOCK:
-        _load(path)
-        entry = _MEMORY.get(str(path) + "::" + _key(args, meta))
-    return _to_config(entry) if entry is not None else None
-
-
-def record(tuned_kernel, device, args: tuple, meta: dict) -> Optional[dict]:
-    """Persist the autotuner's winner for this key to the JSON cache (merge, atomic replace)."""
-    cfg = getattr(tuned_kernel, "best_config", None)
-    if cfg is None:
-        return None
-    path = cache_file(device)
-    key = _key(args, meta)
-    entry = _from_config(cfg)
-    with _LOCK:
-        _MEMORY[str(path) + "::" + key] = entry
+    def get_file(self, filename: str) -> Optional[str]:
+        path = super().get_file(filename)
+        if path is None or not filename.endswith(".autotune.json"):
+            return path
+        if _valid_autotune_entry(path):
+            return path
+        warnings.warn(f"paro: ignoring the corrupt autotune cache entry {path}; the kernel is tuned again",
+                      stacklevel=2)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                data = {}
-            data.setdefault("gpu", gpu_name(device))
-            data.setdefault("configs", {})[key] = entry
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            os.remove(path)
         except OSError:
             pass
-    return {"key": key, **entry}
+        return None
 
 
-def forget(device=None) -> None:
-    """Drop the in-memory cache (tests; after deleting the JSON file)."""
-    with _LOCK:
-        _MEMORY.clear()
-        _LOADED.clear()
+class RetuneFileCache(AutotuneFileCache):
+    """`AutotuneFileCache` that sees no stored autotune result, so the key is tuned again and overwritten."""
+
+    def get_file(self, filename: str) -> Optional[str]:
+        return None if filename.endswith(".autotune.json") else super().get_file(filename)
+
+
+def _valid_autotune_entry(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            timings = json.load(handle)["configs_timings"]
+        known = _known_config_texts()
+        for config, values in timings:
+            cfg = triton.Config(**config)
+            values = values if isinstance(values, list) else [values]
+            if str(cfg) not in known or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in values):
+                return False
+        return bool(timings)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+class CachedAutotuner(Autotuner):
+    """`triton.autotune` with its disk cache in paro's cache directory (`AutotuneFileCache`). Records whether the
+    last launch benchmarked (``benchmarked_now``) for `tune` and the benchmarks; ``force`` re-tunes keys that are
+    cached on disk."""
+
+    benchmarked_now = False
+    force = False
+
+    def check_disk_cache(self, tuning_key: Any, configs: list, bench_fn: Callable[[], None]) -> bool:
+        def bench() -> None:
+            self.benchmarked_now = True
+            with knobs.cache.scope():  # the candidates' compiled kernels go to Triton's own cache, not ours
+                del knobs.cache.manager_class
+                bench_fn()
+
+        self.benchmarked_now = False
+        try:
+            with knobs.cache.scope():
+                knobs.cache.manager_class = RetuneFileCache if self.force else AutotuneFileCache
+                return super().check_disk_cache(tuning_key, configs, bench)
+        except OSError as error:
+            _warn_unwritable(error)
+            if not self.benchmarked_now:
+                bench()
+            return False
+
+
+_WARNED_UNWRITABLE = False
+
+
+def _warn_unwritable(error: OSError) -> None:
+    global _WARNED_UNWRITABLE
+    if not _WARNED_UNWRITABLE:
+        _WARNED_UNWRITABLE = True
+        warnings.warn(f"paro: the autotune cache under {cache_dir()} cannot be written ({error}); tuned configs are "
+                      "kept in memory for this process only. Point options={'cache_dir': ...} or PARO_CACHE_DIR at a "
+                      "writable directory to keep them.", stacklevel=3)
+
+
+def autotune(key: list[str], prune: Callable) -> Callable[[Any], CachedAutotuner]:
+    """``triton.autotune(configs=candidate_configs(), key=key, prune_configs_by=prune, cache_results=True)`` with
+    paro's cache directory."""
+    def decorator(fn: Any) -> CachedAutotuner:
+        return CachedAutotuner(fn, fn.arg_names, candidate_configs(), key, reset_to_zero=None, restore_value=None,
+                               prune_configs_by={"early_config_prune": prune}, cache_results=True)
+    return decorator
 
 
 def random_block_mask(heads: int, mq: int, nk: int, density: float, *, device=None,
@@ -225,45 +221,3 @@ def refine_block_mask(coarse: torch.Tensor, factor: int, num_blocks: int, keep_d
     if keep_diagonal:
         fine[..., torch.arange(num_blocks), torch.arange(num_blocks)] = True
     return fine
-
-
-def tune(shapes: Sequence[Sequence[int]], densities: Iterable[float] = (1.0, 0.5, 0.3, 0.2),
-         dtypes: Iterable[torch.dtype] = (torch.bfloat16,), *, qk_bits: int = 8, pv_dtype: str = "fp8",
-         perm: bool = False, block: int = 64, force: bool = False, device="cuda") -> list[dict]:
-    """Pre-tune the attention kernel for every (shape [B, H, N, D], density, dtype); return the winners.
-
-    Each winner is ``{"shape", "density", "dtype", "key", "kwargs", "num_warps", "num_stages"}`` and is
-    persisted in the JSON cache. ``force`` re-benchmarks keys that are already cached.
-    """
-    from paro_compile.kernels import attention
-    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks
-
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        raise RuntimeError("tune() needs a CUDA GPU (and TRITON_INTERPRET unset)")
-    if not autotune_enabled():
-        raise RuntimeError("PARO_AUTOTUNE=0: autotuning is disabled")
-    results = []
-    gen = torch.Generator().manual_seed(0)
-    for shape in shapes:
-        bsz, heads, n, d = (int(x) for x in shape)
-        for dtype in dtypes:
-            q, k, v = (torch.randn(bsz, heads, n, d, device=device, dtype=dtype) for _ in range(3))
-            pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(heads)]).to(device) if perm else None
-            for dens in densities:
-                mq, nk = num_blocks(n, block), num_blocks(n, block)
-                if dens >= 1.0:
-                    counts = indices = None
-                else:
-                    counts, indices = block_mask_to_csr(random_block_mask(heads, mq, nk, dens, device=device, generator=gen))
-                if force:
-                    with _LOCK:
-                        _MEMORY.clear()
-                        _LOADED.add(str(cache_file(device)))  # don't reload stale entries
-                    attention._attn_fwd_tuned.cache.clear()
-                attention.paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices,
-                                                qk_bits=qk_bits, pv_dtype=pv_dtype, block_m=block, block_n=block)
-                torch.cuda.synchronize()
-                info = attention.last_launch_info()
-                results.append({"shape": [bsz, heads, n, d], "density": dens, "dtype": str(dtype).replace("torch.", ""),
-                                **info})
-    return results

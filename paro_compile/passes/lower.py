@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
-from paro_compile.kernels.reference import block_mask_to_csr, grouped_block_csr, kept_block_bits, trim_csr
+from paro_compile.kernels.block_mask import TENSOR_FIELDS, BlockMask
+from paro_compile.ops import check_permutation
 from paro_compile.passes.discover import AttentionSite, fake_value
 from paro_compile.report import SiteRecord
 
@@ -46,35 +47,33 @@ def _is_static(size) -> bool:
     return _as_int(size) is not None
 
 
-def _safe_buffer_name(site_id: str, what: str) -> str:
+def _buffer_name(site_index: int, site_id: str, what: str) -> str:
+    """Graph-module attribute of a site's plan constant. The site's position makes it unique: ids that differ only in
+    characters a Python name cannot hold (``blocks.0#0`` / ``blocks_0#0``) must never share a buffer."""
     cleaned = "".join(c if c.isalnum() else "_" for c in site_id)
-    return f"_paro_{cleaned}_{what}"
+    return f"_paro_{site_index}_{cleaned}_{what}"
 
 
 def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor,
                  device: Optional[torch.device] = None) -> fx.Node:
     """Register ``value`` as a buffer on the activations' device: a CPU constant feeding a CUDA op would be
     copied host→device, synchronously, on every call."""
+    if hasattr(gm, name):
+        raise RuntimeError(f"graph module already has an attribute {name!r}; plan constants must not collide")
     gm.register_buffer(name, value.to(device) if device is not None else value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 
 
-def mask_constants(masks: torch.Tensor, block: int, compensate: bool = False) -> dict[str, torch.Tensor]:
-    """The op arguments that stand for a site's block masks [S, H, Mq, Nk] (one per step bucket), as plan constants.
-
-    Compact CSRs (`trim_csr`): rows cut to the largest kept count over all step buckets, int16 indices. Blocks under 64
-    rows get only the grouped CSR (the walk of the kernel's shared 64-row tiles; the per-block CSR, 2-4x larger, would
-    only serve the reference path, which rebuilds it). ``compensate`` adds the kept-block bit words."""
-    masks = masks.bool()
-    if block < 64:
-        names = ("group_counts", "group_indices", "group_bits")
-        constants = dict(zip(names, trim_csr(*grouped_block_csr(masks, 64 // block))))
-    else:
-        constants = dict(zip(("kv_counts", "kv_indices"), trim_csr(*block_mask_to_csr(masks))))
-    if compensate:
-        constants["kv_kept_bits"] = kept_block_bits(masks)
-    return constants
+def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False) -> BlockMask:
+    """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
+    bucket validated once here so that no call has to. Compact CSRs: rows cut to the largest kept count over all
+    step buckets, int16 indices; blocks under 64 rows get only the grouped walk of the kernel's shared 64-row tiles
+    (the reference path rebuilds the per-block CSR from it)."""
+    mask = BlockMask.from_dense(masks.bool(), block, block, kept_bits=compensate)
+    for bucket in range(masks.shape[0]):
+        mask.bucket(bucket).validate(heads, seq_len)
+    return mask
 
 
 def lower_attention_sites(
@@ -91,7 +90,7 @@ def lower_attention_sites(
     """
     records: list[SiteRecord] = []
     bucket_node: Optional[fx.Node] = None  # one step-bucket index per graph, shared by every site
-    for site in sites:
+    for index, site in enumerate(sites):
         record = SiteRecord(
             site_id=site.site_id, shape=tuple(int(s) if isinstance(s, int) else str(s) for s in site.shape),
             dtype=str(site.dtype).replace("torch.", ""), lowered=False, reasons=list(site.reasons),
@@ -120,10 +119,11 @@ def lower_attention_sites(
             perm_node = perm
         elif perm is not None:
             perm_const = perm.to(torch.int64).contiguous()
-            perm_node = add_constant(gm, node, _safe_buffer_name(site.site_id, "perm"), perm_const, device)
+            check_permutation(perm_const, int(site.heads), int(site.seq_len))
+            perm_node = add_constant(gm, node, _buffer_name(index, site.site_id, "perm"), perm_const, device)
             record.plan_bytes += perm_const.numel() * perm_const.element_size()
-        counts_node = indices_node = bits_node = None
-        group_nodes = [None, None, None]
+        mask_nodes: list[Optional[fx.Node]] = [None] * len(TENSOR_FIELDS)
+        mask_sizes: Optional[list[int]] = None
         sparse = False
         compensate = bool(config.compensate_skipped)
         record.density = 1.0
@@ -133,7 +133,7 @@ def lower_attention_sites(
             masks = site_plan.block_masks.bool()
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            per_bucket = mask_constants(masks, block, compensate)
+            mask = site_block_mask(masks, block, int(site.heads), int(site.seq_len), compensate)
             multi = masks.shape[0] > 1
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)
@@ -148,31 +148,33 @@ def lower_attention_sites(
                 with graph.inserting_before(node):
                     bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
             # One constant per mask tensor; with step buckets all buckets are stored and one is selected per call.
-            mask_nodes = {}
-            for name, tensor in per_bucket.items():
+            tensors, sizes = mask.as_op_args()
+            for slot, (name, tensor) in enumerate(zip(TENSOR_FIELDS, tensors)):
+                if tensor is None:
+                    continue
                 value = tensor if multi else tensor[0]
-                const = add_constant(gm, node, _safe_buffer_name(site.site_id, name), value, device)
+                const = add_constant(gm, node, _buffer_name(index, site.site_id, name), value, device)
                 record.plan_bytes += value.numel() * value.element_size()
                 if multi:
                     with graph.inserting_before(node):
                         const = graph.call_function(select_step_bucket, (const, bucket_node))
-                mask_nodes[name] = const
-            counts_node, indices_node = mask_nodes.get("kv_counts"), mask_nodes.get("kv_indices")
-            bits_node = mask_nodes.get("kv_kept_bits")
+                mask_nodes[slot] = const
+            mask_sizes = sizes
             sparse = True
-            group_nodes = [mask_nodes.get(name) for name in ("group_counts", "group_indices", "group_bits")]
         if not sparse and block < 64:
             # Without a mask the block only groups Q/K for quantization, and the dense kernel does not share tiles
             # between query blocks: 16-row tiles leave Hopper's 64-row wgmma mostly idle (the dense call ran ~5x the
             # cuDNN time at the CogVideoX shape). Dense sites of fine-block plans quantize per 64 tokens instead.
             block = 64
+        if mask_sizes is None:  # dense: only the block sizes matter (quantization groups, tiles)
+            mask_sizes = [block, block, 1, 0, 0]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             new = graph.call_function(
                 torch.ops.paro.attention.default,
-                (site.q, site.k, site.v, perm_node, counts_node, indices_node, float(scale),
-                 config.qk_bits, config.pv_dtype, block, block, config.impl,
-                 record.density if sparse else -1.0, compensate and sparse, bits_node, *group_nodes),
+                (site.q, site.k, site.v, perm_node, mask_nodes, mask_sizes, float(scale),
+                 config.qk_bits, config.pv_dtype, compensate and sparse, record.density if sparse else 1.0,
+                 config.impl),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id

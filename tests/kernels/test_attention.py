@@ -5,26 +5,30 @@ Liger-Kernel style: odd shapes (N not a multiple of the block), fresh random inp
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); GPU-only tests are
 marked ``gpu`` and skipped without CUDA.
 """
+import dataclasses
 import json
 import os
-import time
 
 import pytest
 import torch
 
+from paro_compile.kernels import block_mask as M
 from paro_compile.kernels import reference as R
 from paro_compile.kernels import tuning
-from paro_compile.kernels.attention import paro_attention_triton
+from paro_compile.kernels.attention import last_launch_info, paro_attention_triton
+from paro_compile.kernels.block_mask import BlockMask
 
 from paro_kernel_helpers import attention_f64, kernel_device, rel_l2, requires_cuda
 
 
-def A_last_group() -> int:
-    """Query blocks per tile of the most recent launch (GROUP in its autotune key)."""
-    from paro_compile.kernels.attention import last_launch_info
-
-    key = last_launch_info()["key"]
-    return int(next(part for part in key.split("|") if part.startswith("g"))[1:])
+def block_mask(mask, block_m=64, block_n=64, device=None, **kw):
+    """`BlockMask` of a boolean mask [H, Mq, Nk] (None = dense) on ``device``."""
+    n_blocks = mask.shape[-2] if mask is not None else None
+    if mask is None:
+        return None
+    built = BlockMask.from_dense(mask, block_m, block_n, **kw)
+    assert built.num_q_blocks == n_blocks
+    return built.to(device) if device is not None else built
 
 # rel-L2 of (kernel vs reference): accumulation order / fp rounding only (an fp8/int8 P value next to a
 # rounding boundary may move one step). Tolerances by output dtype.
@@ -50,7 +54,7 @@ def _make(gen, b, h, n, d, dtype, device, perm, density, block_m=64, block_n=64,
     k = k + 2.0 * torch.randn(1, 1, 1, d, generator=gen)
     q = q * 1.5
     pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)]) if perm else None
-    mq, nk = R.num_blocks(n, block_m), R.num_blocks(n, block_n)
+    mq, nk = M.num_blocks(n, block_m), M.num_blocks(n, block_n)
     if density is None:
         mask = None
     else:
@@ -65,17 +69,12 @@ def _make(gen, b, h, n, d, dtype, device, perm, density, block_m=64, block_n=64,
 def _run_and_check(seed, q, k, v, pm, mask, bits, pv, block_m=64, block_n=64, scale=None, check_f64=True,
                    exp2_mode=None, variant=None):
     b, h, n, d = q.shape
-    counts = indices = None
-    if mask is not None:
-        counts, indices = R.block_mask_to_csr(mask)
-        counts, indices = counts.to(q.device), indices.to(q.device)
+    bm = block_mask(mask, block_m, block_n, q.device) if mask is not None else BlockMask.dense(n, block_m, block_n)
     out = torch.full_like(q, float("nan"))
-    res = paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
-                                qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n, out=out,
+    res = paro_attention_triton(q, k, v, perm=pm, mask=bm, scale=scale, qk_bits=bits, pv_dtype=pv, out=out,
                                 exp2_mode=exp2_mode, variant=variant)
     assert res is out
-    ref = R.paro_attention_reference(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, scale=scale,
-                                     qk_bits=bits, pv_dtype=pv, block_m=block_m, block_n=block_n)
+    ref = R.paro_attention_reference(q, k, v, perm=pm, mask=bm, scale=scale, qk_bits=bits, pv_dtype=pv)
     msg = (f"seed={seed} bits={bits} pv={pv} dtype={q.dtype} shape={tuple(q.shape)} perm={pm is not None} "
            f"dense={mask is None} block=({block_m},{block_n}) exp2_mode={exp2_mode} variant={variant} device={q.device}")
     assert not out.isnan().any(), f"unwritten (NaN) output rows: {out.isnan().any(-1).sum().item()} rows; {msg}"
@@ -177,9 +176,9 @@ def test_kernel_variant_validation(monkeypatch):
     with pytest.raises(ValueError, match="unknown kernel variant"):
         paro_attention_triton(q, q, q, variant={"fused": True})
     monkeypatch.setenv("PARO_KERNEL_VARIANT", "prefetch_qk=1, fused_softmax=0")
-    assert A.variant_from_env() == {"prefetch_qk": True, "fused_softmax": False}
+    assert A.kernel_variant()["prefetch_qk"] is True and A.kernel_variant()["fused_softmax"] is False
     monkeypatch.setenv("PARO_KERNEL_VARIANT", "prefetch_qk")
-    with pytest.raises(ValueError, match="name=0 or name=1"):
+    with pytest.raises(ValueError, match="PARO_KERNEL_VARIANT: entries must look like switch=0 or switch=1"):
         paro_attention_triton(q, q, q)
     monkeypatch.setenv("PARO_KERNEL_VARIANT", "bogus=1")
     with pytest.raises(ValueError, match="unknown kernel variant"):
@@ -195,17 +194,18 @@ def test_exp2_mode_default_and_validation(monkeypatch):
     assert A.default_exp2_mode() == 2
     q = torch.randn(1, 1, 70, 64, device=kernel_device())
     paro_attention_triton(q, q, q)
-    assert "exp2" + "2" in tuning._key((None,) * 6 + (q,) + (None,) * 12 + (1024, 100),
-                                       dict(BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=1, HAS_PERM=False,
-                                            DENSE=True, EXP2_MODE=2)).split("|")
+    assert "EXP2_MODE" in A.AUTOTUNE_KEY  # each exp2 mode is tuned on its own
     monkeypatch.setenv("PARO_EXP2_MODE", "7")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="PARO_EXP2_MODE='7'"):
+        paro_attention_triton(q, q, q)
+    monkeypatch.setenv("PARO_EXP2_MODE", "abc")
+    with pytest.raises(ValueError, match="PARO_EXP2_MODE='abc': expected one of 0, 1, 2, 3"):
         paro_attention_triton(q, q, q)
     with pytest.raises(ValueError):
         paro_attention_triton(q, q, q, exp2_mode=4)
-    with pytest.raises(ValueError):  # TILE_M 2*block_m is only legal for dense masks
-        counts, indices = R.block_mask_to_csr(torch.ones(1, 2, 2, dtype=torch.bool))
-        paro_attention_triton(q, q, q, kv_counts=counts, kv_indices=indices, config={"TILE_M": 128}, exp2_mode=0)
+    sparse = BlockMask.from_dense(torch.tensor([[[True, False], [False, True]]]))
+    with pytest.raises(ValueError, match="TILE_M=128 is not legal"):  # 2*block_m is only legal for dense masks
+        paro_attention_triton(q, q, q, mask=sparse, config={"TILE_M": 128}, exp2_mode=0)
 
 
 @pytest.mark.parametrize("bits,pv", [(8, "fp8"), (4, "int8"), (16, "fp16"), (16, "fp8")])
@@ -238,99 +238,60 @@ def test_grouped_query_blocks_match_reference(seed, gen, block, bits, pv, dtype)
     n = 64 * 3 + block + 7  # the last tile holds a partial group
     q, k, v, pm, mask = _make(gen, 1, 2, n, 64, dtype, kernel_device(), True, 0.4, block, block)
     _run_and_check(seed, q, k, v, pm, mask, bits, pv, block, block)
-    counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
-    kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=bits, pv_dtype=pv, block_m=block, block_n=block)
-    grouped = paro_attention_triton(q, k, v, **kw)
-    assert A_last_group() == 64 // block
-    alone = paro_attention_triton(q, k, v, **kw, variant={"group_query_blocks": False})
-    assert A_last_group() == 1
+    bm = block_mask(mask, block, block, q.device)
+    assert bm.group == 64 // block
+    kw = dict(perm=pm, qk_bits=bits, pv_dtype=pv)
+    grouped = paro_attention_triton(q, k, v, mask=bm, **kw)
+    assert tuple(last_launch_info()["kwargs"].values()) == (64,)  # one 64-row tile holds the group
+    alone = paro_attention_triton(q, k, v, mask=bm, **kw, variant={"group_query_blocks": False})
+    assert tuple(last_launch_info()["kwargs"].values()) == (block,)
     torch.testing.assert_close(grouped.float(), alone.float(), rtol=0, atol=2e-2 * float(alone.float().abs().max()))
 
 
-def test_grouped_csr_union_and_bits():
-    from paro_compile.kernels.attention import grouped_csr
-
-    mask = torch.zeros(1, 5, 4, dtype=torch.bool)
-    mask[0, 0, [0, 2]] = True
-    mask[0, 1, [2, 3]] = True
-    mask[0, 4, 1] = True  # query blocks 2, 3 keep nothing; block 4 is alone in the last group
-    counts, indices = R.block_mask_to_csr(mask)
-    ucounts, uindices, bits = grouped_csr(counts, indices, 2, 4)
-    assert ucounts.tolist() == [[3, 0, 1]]
-    assert uindices[0, 0, :3].tolist() == [0, 2, 3] and uindices[0, 2, :1].tolist() == [1]
-    assert bits[0, 0, :3].tolist() == [0b01, 0b11, 0b10] and bits[0, 2, 0].item() == 0b01
-    assert bits.dtype == torch.int8
-    # batched masks (step buckets) give the same per bucket
-    both = R.grouped_block_csr(torch.stack([mask[0], mask[0]]), 2)
-    assert torch.equal(both[0][1], ucounts[0]) and torch.equal(both[2][0], bits[0])
-
-
-@pytest.mark.parametrize("group,mq", [(2, 7), (4, 9), (4, 4)])
-def test_grouped_csr_round_trip(gen, group, mq):
-    mask = torch.rand(3, 2, mq, 11, generator=gen) < 0.35  # [S, H, Mq, Nk], some rows empty
-    mask[0, 0, 1] = False
-    counts, indices, bits = R.grouped_block_csr(mask, group)
-    assert torch.equal(R.ungrouped_block_mask(counts, indices, bits, group, mq), mask)
-
-
 @pytest.mark.parametrize("block,compensate", [(32, False), (16, True)])
-def test_mask_given_by_its_grouped_csr_alone(seed, gen, block, compensate):
-    """kv_counts / kv_indices None + the grouped CSR (what the lowering stores for small blocks): the same result
-    through the kernel (grouped or not) and the op's reference path."""
-    import paro_compile.ops  # noqa: F401  (registers paro::attention)
+def test_grouped_and_per_block_walks_agree_through_the_op(seed, gen, block, compensate):
+    """A mask built for the kernel's shared 64-row tiles (what the lowering stores for small blocks) gives the same
+    result through the kernel walked grouped or per block, and the op's reference path (which rebuilds the
+    per-block CSR) equals the reference on the per-block CSR."""
+    from paro_compile.ops import paro_attention
 
     n = 64 * 2 + block + 5
     q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, 0.4, block, block)
-    counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
-    grouped = tuple(t.to(q.device) for t in R.grouped_block_csr(mask, 64 // block))
-    kw = dict(perm=pm, block_m=block, block_n=block, compensate=compensate)
-    full = paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices, **kw)
-    alone = paro_attention_triton(q, k, v, grouped=grouped, **kw)
-    ungrouped = paro_attention_triton(q, k, v, grouped=grouped, variant={"group_query_blocks": False}, **kw)
-    torch.testing.assert_close(alone, full, rtol=0, atol=0)
-    torch.testing.assert_close(ungrouped.float(), full.float(), rtol=0, atol=2e-2 * float(full.float().abs().max()))
-    op = torch.ops.paro.attention.default
-    via_reference = op(q, k, v, pm, None, None, 0.125, 8, "fp8", block, block, "reference", -1.0, compensate, None,
-                       *grouped)
-    reference = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, scale=0.125, **kw)
-    torch.testing.assert_close(via_reference, reference, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="grouped CSR alone"):
-        op(q, k, v, pm, None, None, 0.125, 8, "fp8", block, block, "reference", -1.0, compensate, None, grouped[0],
-           grouped[1], None)
+    grouped = block_mask(mask, block, block, q.device, kept_bits=compensate)
+    per_block = grouped.ungrouped()
+    kw = dict(perm=pm, compensate=compensate)
+    full = paro_attention_triton(q, k, v, mask=per_block, variant={"group_query_blocks": False}, **kw)
+    tiles = paro_attention_triton(q, k, v, mask=grouped, **kw)
+    torch.testing.assert_close(tiles.float(), full.float(), rtol=0, atol=2e-2 * float(full.float().abs().max()))
+    via_op = paro_attention(q, k, v, mask=grouped, scale=0.125, impl="reference", **kw)
+    reference = R.paro_attention_reference(q, k, v, mask=per_block, scale=0.125, **kw)
+    torch.testing.assert_close(via_op, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("block,compensate", [(64, False), (64, True), (32, False), (16, True)])
 def test_compact_csr_matches_full(seed, gen, block, compensate):
-    """Plan constants are compact CSRs (`reference.trim_csr`: rows cut to the largest count, int16 indices): the
+    """Plan constants are compact CSRs (`block_mask.trim_csr`: rows cut to the largest count, int16 indices): the
     kernel reads the row width from the tensor and gives exactly the result of the padded int32 CSR, per-block
     (block 64) and grouped (blocks under 64); a CSR cut below the largest count is refused."""
     n = 64 * 4 + 9
     q, k, v, pm, _ = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, None, block, block)
     # A random 64-block mask refined to the block (as calibrated masks tend to be, neighbouring query blocks agree):
     # each row keeps 2 of 5 coarse blocks plus the diagonal, so even a grouped union leaves slots to trim.
-    f, nk = 64 // block, R.num_blocks(n, block)
-    mask = tuning.random_block_mask(2, R.num_blocks(n, 64), R.num_blocks(n, 64), 0.3, generator=gen)
+    f, nk = 64 // block, M.num_blocks(n, block)
+    mask = tuning.random_block_mask(2, M.num_blocks(n, 64), M.num_blocks(n, 64), 0.3, generator=gen)
     mask = tuning.refine_block_mask(mask, f, nk)
     mask[int(torch.randint(2, (1,), generator=gen)), int(torch.randint(nk, (1,), generator=gen))] = False
-    kw = dict(perm=pm, block_m=block, block_n=block, compensate=compensate)
-    if block < 64:
-        full_csr = tuple(t.to(q.device) for t in R.grouped_block_csr(mask, 64 // block))
-        compact = R.trim_csr(*full_csr, multiple=1)
-        full = paro_attention_triton(q, k, v, grouped=full_csr, **kw)
-        out = paro_attention_triton(q, k, v, grouped=compact, **kw)
-        short = (compact[0].cpu(), compact[1][..., :-1], compact[2][..., :-1])
-        call_short = lambda: paro_attention_triton(q, k, v, grouped=short, **kw)  # noqa: E731
-    else:
-        counts, indices = (t.to(q.device) for t in R.block_mask_to_csr(mask))
-        compact = R.trim_csr(counts, indices, multiple=1)
-        full = paro_attention_triton(q, k, v, kv_counts=counts, kv_indices=indices, **kw)
-        out = paro_attention_triton(q, k, v, kv_counts=compact[0], kv_indices=compact[1], **kw)
-        call_short = lambda: paro_attention_triton(q, k, v, kv_counts=compact[0].cpu(),  # noqa: E731
-                                                   kv_indices=compact[1][..., :-1], **kw)
-    assert compact[1].dtype == torch.int16 and compact[1].shape[-1] < nk, (compact[1].shape, nk)
-    torch.testing.assert_close(out, full, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="largest count"):
-        call_short()
+    full = block_mask(mask, block, block, q.device, kept_bits=compensate, compact=False)
+    compact = block_mask(mask, block, block, q.device, kept_bits=compensate, slot_multiple=1)
+    out_full = paro_attention_triton(q, k, v, perm=pm, mask=full, compensate=compensate)
+    out = paro_attention_triton(q, k, v, perm=pm, mask=compact, compensate=compensate)
+    assert compact.indices.dtype == torch.int16 and compact.row_width < nk, (compact.indices.shape, nk)
+    torch.testing.assert_close(out, out_full, rtol=0, atol=0)
+    # A CSR cut below a row's count is refused by validation, and walks only the slots it has.
+    short = dataclasses.replace(compact, indices=compact.indices[..., :-1].contiguous(),
+                                slot_bits=compact.slot_bits[..., :-1].contiguous() if compact.group > 1 else None)
+    with pytest.raises(ValueError, match=r"counts must lie in \[0, "):
+        short.to("cpu").validate(2, n)
 
 
 def test_text_prefix_permutation(seed, gen):
@@ -345,14 +306,16 @@ def test_text_prefix_permutation(seed, gen):
 
 
 def test_through_custom_op(seed, gen):
-    import paro_compile.ops  # noqa: F401  (registers paro::attention)
+    from paro_compile.ops import paro_attention
 
     q, k, v, pm, mask = _make(gen, 1, 2, 150, 64, torch.float16, kernel_device(), True, 0.5)
-    counts, indices = (x.to(q.device) for x in R.block_mask_to_csr(mask))
-    args = (q, k, v, pm, counts, indices, 0.125, 8, "fp8", 64, 64)
-    out = torch.ops.paro.attention(*args, "triton")
-    ref = torch.ops.paro.attention(*args, "reference")
+    bm = block_mask(mask, device=q.device)
+    out = paro_attention(q, k, v, perm=pm, mask=bm, scale=0.125, impl="triton")
+    ref = paro_attention(q, k, v, perm=pm, mask=bm, scale=0.125, impl="reference")
     assert rel_l2(out, ref) < KERNEL_TOL[q.dtype], f"seed={seed}"
+    tensors, sizes = bm.as_op_args()
+    direct = torch.ops.paro.attention(q, k, v, pm, tensors, sizes, 0.125, 8, "fp8", False, bm.density, "triton")
+    torch.testing.assert_close(direct, out, rtol=0, atol=0)
 
 
 def test_rejects_bad_arguments():
@@ -361,41 +324,50 @@ def test_rejects_bad_arguments():
         paro_attention_triton(q, q, q, qk_bits=2)
     with pytest.raises(ValueError):
         paro_attention_triton(q, q, q, pv_dtype="bf8")
-    with pytest.raises(ValueError):
-        paro_attention_triton(q, q, q, kv_counts=torch.ones(1, 3, dtype=torch.int32),
-                              kv_indices=torch.zeros(1, 3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mask has 3x3 blocks"):
+        paro_attention_triton(q, q, q, mask=BlockMask.from_csr(torch.ones(1, 3, dtype=torch.int32),
+                                                               torch.zeros(1, 3, 2, dtype=torch.int32), 150))
 
 
-def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
-    """Winners persist as JSON per GPU and are read back by a fresh process (simulated by `forget`)."""
+def test_autotune_cache_lives_under_cache_dir_and_drops_corrupt_entries(tmp_path, monkeypatch):
+    """Winners persist through Triton's own autotune cache, under the paro cache directory (the backend's
+    ``cache_dir`` option, else PARO_CACHE_DIR); an entry that does not parse or names an unknown config is removed
+    and the key is tuned again, never launched."""
     import triton
 
-    monkeypatch.setenv("PARO_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("PARO_AUTOTUNE", raising=False)
-    tuning.forget()
+    monkeypatch.setenv("PARO_CACHE_DIR", str(tmp_path / "env"))
+    tuning.set_cache_dir(None)
+    assert tuning.cache_dir() == tmp_path / "env" / "autotune"
+    tuning.set_cache_dir(tmp_path / "option")
+    try:
+        assert tuning.cache_dir() == tmp_path / "option" / "autotune"
+        store = tuning.AutotuneFileCache("somekey")
+        assert store.cache_dir == str(tmp_path / "option" / "autotune" / "somekey")
+        good = triton.Config({"TILE_M": 64}, num_warps=4, num_stages=1)  # the interpreter's only candidate
+        entry = json.dumps({"key": [1], "configs_timings": [[good.__dict__, [1.0, 1.0, 1.0]]]})
+        store.put(entry, "_attn_fwd.autotune.json", binary=False)
+        assert store.get_file("_attn_fwd.autotune.json") is not None
+        for broken in ('{"configs_timings": 3}', "not json", json.dumps({"configs_timings": [[
+                dict(good.__dict__, num_warps=3), [1.0]]]}), json.dumps({"configs_timings": [[good.__dict__, [float("nan")]]]})):
+            store.put(broken, "_attn_fwd.autotune.json", binary=False)
+            with pytest.warns(UserWarning, match="corrupt autotune cache entry"):
+                assert store.get_file("_attn_fwd.autotune.json") is None
+            assert not os.path.exists(os.path.join(store.cache_dir, "_attn_fwd.autotune.json"))
+        assert tuning.RetuneFileCache("somekey").get_file("_attn_fwd.autotune.json") is None
+    finally:
+        tuning.set_cache_dir(None)
 
-    class FakeTuned:
-        best_config = triton.Config({"TILE_M": 128}, num_warps=8, num_stages=3)
 
-    out = torch.empty(1, 1, 8, 64, dtype=torch.bfloat16)
-    args = (None,) * 6 + (out,) + (None,) * 12 + (tuning.n_bucket(17776), tuning.density_bucket(0.2))
-    meta = dict(BLOCK_M=64, BLOCK_N=64, D=64, QK_BITS=8, PV_MODE=1, HAS_PERM=True, DENSE=False)
-    assert tuning.select_config(FakeTuned, "cpu", args, meta, interp=False) is None  # nothing cached: autotune
-    tuning.record(FakeTuned, "cpu", args, meta)
-    data = json.loads(tuning.cache_file("cpu").read_text())
-    assert str(tuning.cache_file("cpu")).startswith(str(tmp_path / "autotune"))
-    assert list(data["configs"].values()) == [{"kwargs": {"TILE_M": 128}, "num_warps": 8, "num_stages": 3}]
-    tuning.forget()
-    cfg = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
-    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"TILE_M": 128}, 8, 3)
-    # A call without a per-head permutation shares the winner (same speed; separate tunings drift apart).
-    cfg = tuning.select_config(FakeTuned, "cpu", args, dict(meta, HAS_PERM=False), interp=False)
-    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages) == ({"TILE_M": 128}, 8, 3)
-    monkeypatch.setenv("PARO_AUTOTUNE", "0")
-    fixed = tuning.select_config(FakeTuned, "cpu", args, meta, interp=False)
-    assert fixed.kwargs["TILE_M"] == 64
-    tuning.forget()
+def test_backend_cache_dir_option_moves_the_autotune_cache(tmp_path):
+    """options={"cache_dir": ...} is the plan *and* the autotune cache (it used to reach the plan cache only)."""
+    from paro_compile.backend import paro_backend
+
+    try:
+        gm = torch.fx.symbolic_trace(torch.nn.Identity())
+        paro_backend(gm, [torch.zeros(2)], options={"cache_dir": str(tmp_path)})
+        assert tuning.cache_dir() == tmp_path / "autotune"
+    finally:
+        tuning.set_cache_dir(None)
 
 
 def test_register_caps_only_for_the_compensated_kernel(monkeypatch):
@@ -444,8 +416,7 @@ def test_cuda_tma_and_register_cap(seed, gen, pv, maxnreg):
     n = 2000 + int(torch.randint(0, 63, (1,), generator=gen))
     config = {"TILE_M": 64, "num_warps": 4, "num_stages": 3, "maxnreg": maxnreg}
     q, k, v, pm, mask = _make(gen, 2, 3, n, 64, torch.bfloat16, "cuda", True, 0.3)
-    counts, indices = R.block_mask_to_csr(mask)
-    kw = dict(perm=pm, kv_counts=counts.cuda(), kv_indices=indices.cuda(), pv_dtype=pv)
+    kw = dict(perm=pm, mask=block_mask(mask, device="cuda"), pv_dtype=pv)
     ref = paro_attention_triton(q, k, v, **kw)
     got = paro_attention_triton(q, k, v, **kw, variant={"tma_kv": True}, config=config)
     err = float((got.float() - ref.float()).norm() / ref.float().norm())
@@ -455,14 +426,26 @@ def test_cuda_tma_and_register_cap(seed, gen, pv, maxnreg):
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_autotune_persists(tmp_path, monkeypatch, gen):
-    monkeypatch.setenv("PARO_CACHE_DIR", str(tmp_path))
+    """`tune` warms Triton's autotune cache under the paro cache directory; a fresh autotuner (a new process) reads
+    the winners back without benchmarking; ``force`` benchmarks again."""
+    from paro_compile.kernels import attention as A
+
     monkeypatch.delenv("PARO_AUTOTUNE", raising=False)
-    tuning.forget()
-    winners = tuning.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
-    assert len(winners) == 2 and all("num_warps" in w for w in winners)
-    data = json.loads(tuning.cache_file("cuda").read_text())
-    assert len(data["configs"]) == 2
-    tuning.forget()
+    tuning.set_cache_dir(tmp_path)
+    try:
+        A._attn_fwd_tuned.cache.clear()
+        winners = A.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
+        assert len(winners) == 2 and all(w["tuned_now"] and "num_warps" in w for w in winners)
+        assert len(list((tmp_path / "autotune").glob("*/*.autotune.json"))) == 2
+        A._attn_fwd_tuned.cache.clear()  # as in a new process
+        again = A.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
+        assert [w["tuned_now"] for w in again] == [False, False]
+        assert [(w["kwargs"], w["num_warps"], w["num_stages"]) for w in again] == \
+            [(w["kwargs"], w["num_warps"], w["num_stages"]) for w in winners]
+        forced = A.tune([(1, 4, 1500, 64)], densities=(0.3,), dtypes=(torch.float16,), force=True)
+        assert forced[0]["tuned_now"]
+    finally:
+        tuning.set_cache_dir(None)
 
 
 @pytest.mark.gpu
@@ -471,11 +454,11 @@ def test_cuda_sparse_is_faster_than_dense_sdpa(gen):
     import triton
 
     # Large enough that GPU time dominates: at 1·8·8192 the whole call is host-bound (~0.29 ms of Python and
-    # launches per call, benchmarks/device/small_shape_probe.py) and the comparison measured the host, not the kernel.
+    # launches per call, benchmarks/RESULTS.md) and the comparison measured the host, not the kernel.
     b, h, n, d = 1, 24, 16384, 64
     q, k, v, pm, mask = _make(gen, b, h, n, d, torch.bfloat16, "cuda", True, 0.2, empty_row=False)
-    counts, indices = (x.cuda() for x in R.block_mask_to_csr(mask))
-    ours = triton.testing.do_bench(lambda: paro_attention_triton(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices))
+    bm = block_mask(mask, device="cuda")
+    ours = triton.testing.do_bench(lambda: paro_attention_triton(q, k, v, perm=pm, mask=bm))
     sdpa = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     print(f"ours(0.2) {ours:.3f} ms, sdpa dense {sdpa:.3f} ms")
     assert ours < sdpa, f"ours {ours:.3f} ms vs SDPA {sdpa:.3f} ms"

@@ -3,14 +3,17 @@
 Every KV block a row's mask skips joins the softmax as one pooled key (mean K, weight log(token count),
 mean V): `paro_compile.kernels.reference`, step 6.
 """
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from paro_compile.kernels import block_mask as M
 from paro_compile.kernels import reference as R
 from paro_compile.kernels import tuning
 from paro_compile.kernels.attention import paro_attention_triton
+from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.prologue import paro_prologue
 
 from paro_kernel_helpers import kernel_device, rel_l2
@@ -24,7 +27,7 @@ def compensated_f64(q, k, v, perm, block_mask, block, scale=None):
     pm = perm.cpu() if perm is not None else None
     qp, kp, vp = (R.permute_tokens(x.cpu(), pm).double() for x in (q, k, v))
     sm = scale if scale is not None else 1 / math.sqrt(d)
-    nk = R.num_blocks(n, block)
+    nk = M.num_blocks(n, block)
     tok_block = torch.arange(n) // block
     counts = torch.bincount(tok_block, minlength=nk).double()
     k_bar = torch.zeros(b, h, nk, d, dtype=torch.float64).index_add_(2, tok_block, kp) / counts[:, None]
@@ -50,7 +53,7 @@ def _inputs(gen, b, h, n, d, dtype, device, perm=True):
 
 
 def _mask(gen, h, n, block, density, empty_row=True):
-    nq = R.num_blocks(n, block)
+    nq = M.num_blocks(n, block)
     mask = tuning.random_block_mask(h, nq, nq, density, generator=gen, block_m=block, block_n=block)
     if empty_row:
         mask[0, nq // 2] = False
@@ -61,9 +64,8 @@ def test_reference_matches_float64_definition(seed, gen):
     n, d, block = 200, 32, 32
     q, k, v, pm = _inputs(gen, 2, 3, n, d, torch.float64, "cpu")
     mask = _mask(gen, 3, n, block, 0.3)
-    counts, indices = R.block_mask_to_csr(mask)
-    out = R.paro_attention_reference(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=16,
-                                     pv_dtype="fp16", block_m=block, block_n=block, compensate=True)
+    out = R.paro_attention_reference(q, k, v, perm=pm, mask=BlockMask.from_dense(mask, block, block), qk_bits=16,
+                                     pv_dtype="fp16", compensate=True)
     want = compensated_f64(q, k, v, pm, mask, block)
     # the pooled operands are rounded to fp16 (as the kernel's fp16 dots see them)
     assert rel_l2(out, want) < 2e-3, f"seed={seed}"
@@ -74,26 +76,25 @@ def test_compensation_recovers_skipped_mass(seed, gen):
     n, d, block = 256, 32, 32
     q, k, v, pm = _inputs(gen, 1, 2, n, d, torch.float32, "cpu", perm=False)
     mask = _mask(gen, 2, n, block, 0.3, empty_row=False)
-    counts, indices = R.block_mask_to_csr(mask)
+    bm = BlockMask.from_dense(mask, block, block)
     dense = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(d), -1) @ v.double()
     errs = {}
     for comp in (False, True):
-        out = R.paro_attention_reference(q, k, v, kv_counts=counts, kv_indices=indices, block_m=block,
-                                         block_n=block, compensate=comp)
+        out = R.paro_attention_reference(q, k, v, mask=bm, compensate=comp)
         errs[comp] = rel_l2(out, dense)
     assert errs[True] < 0.6 * errs[False], f"seed={seed} {errs}"
 
 
 def test_csr_rows_list_skipped_blocks_after_kept(gen):
     mask = torch.rand(3, 7, 9, generator=gen) < 0.4
-    counts, indices = R.block_mask_to_csr(mask)
+    counts, indices = M.block_mask_to_csr(mask)
     assert torch.equal(indices.sort(-1).values, torch.arange(9, dtype=torch.int32).expand(3, 7, 9))
-    assert torch.equal(R.csr_to_block_mask(counts, indices), mask)
-    bits = R.kept_block_bits(mask)
+    assert torch.equal(M.csr_to_block_mask(counts, indices), mask)
+    bits = M.kept_block_bits(mask)
     assert bits.shape == (3, 7, 1) and bits.dtype == torch.int32
     wide = torch.rand(2, 3, 70, generator=gen) < 0.5
     wide[..., 31] = True  # the sign bit of word 0
-    words = R.kept_block_bits(wide)
+    words = M.kept_block_bits(wide)
     unpacked = (words[..., torch.arange(70) // 32] >> (torch.arange(70) % 32)) & 1
     assert torch.equal(unpacked.bool(), wide)
 
@@ -101,9 +102,9 @@ def test_csr_rows_list_skipped_blocks_after_kept(gen):
 def test_full_mask_and_dense_are_unchanged(seed, gen):
     n, d = 150, 32
     q, k, v, pm = _inputs(gen, 1, 2, n, d, torch.float32, "cpu")
-    nq = R.num_blocks(n, 64)
-    counts, indices = R.block_mask_to_csr(torch.ones(2, nq, nq, dtype=torch.bool))
-    for kw in ({}, {"kv_counts": counts, "kv_indices": indices}):
+    nq = M.num_blocks(n, 64)
+    full = BlockMask.from_csr(*M.block_mask_to_csr(torch.ones(2, nq, nq, dtype=torch.bool)), n)
+    for kw in ({}, {"mask": full}):
         a = R.paro_attention_reference(q, k, v, perm=pm, compensate=False, **kw)
         b = R.paro_attention_reference(q, k, v, perm=pm, compensate=True, **kw)
         assert torch.equal(a, b)
@@ -141,8 +142,7 @@ def test_kernel_matches_reference(seed, gen, bits, pv, dtype, d, block):
     n = 300 if block < 64 else 333  # not a multiple of the block: a partial tail block is pooled too
     q, k, v, pm = _inputs(gen, 1, 2, n, d, dtype, device)
     mask = _mask(gen, 2, n, block, 0.3)
-    counts, indices = (t.to(device) for t in R.block_mask_to_csr(mask))
-    kw = dict(perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=bits, pv_dtype=pv, block_m=block, block_n=block)
+    kw = dict(perm=pm, mask=BlockMask.from_dense(mask, block, block).to(device), qk_bits=bits, pv_dtype=pv)
     out = torch.full_like(q, float("nan"))
     paro_attention_triton(q, k, v, out=out, compensate=True, **kw)
     ref = R.paro_attention_reference(q, k, v, compensate=True, **kw)
@@ -152,7 +152,7 @@ def test_kernel_matches_reference(seed, gen, bits, pv, dtype, d, block):
     assert rel_l2(out, ref) <= tol, f"kernel vs reference {rel_l2(out, ref):.3e}; {msg}"
     # the empty query block now carries the pooled estimate instead of zeros
     plain = paro_attention_triton(q, k, v, compensate=False, **kw)
-    half = R.num_blocks(n, block) // 2  # `_mask` empties query block `half` of head 0 (permuted order)
+    half = M.num_blocks(n, block) // 2  # `_mask` empties query block `half` of head 0 (permuted order)
     rows = torch.arange(half * block, min(n, (half + 1) * block), device=device)
     tokens = pm[0, rows]
     assert plain[:, 0, tokens].abs().max() == 0
@@ -168,18 +168,20 @@ def test_kernel_compensation_ignored_for_dense(seed, gen):
 
 
 def test_custom_op_passes_compensate(seed, gen):
+    from paro_compile.ops import paro_attention
+
     device = kernel_device()
     n, block = 160, 32
     q, k, v, pm = _inputs(gen, 1, 2, n, 32, torch.float16, device)
-    counts, indices = (t.to(device) for t in R.block_mask_to_csr(_mask(gen, 2, n, block, 0.3)))
-    args = (q, k, v, pm, counts, indices, 1 / math.sqrt(32), 8, "fp8", block, block)
-    ref_on = torch.ops.paro.attention(*args, "reference", -1.0, True)
-    ref_off = torch.ops.paro.attention(*args, "reference", -1.0, False)
-    tri_on = torch.ops.paro.attention(*args, "triton", 0.3, True)
-    bits = R.kept_block_bits(R.csr_to_block_mask(counts, indices))
-    tri_bits = torch.ops.paro.attention(*args, "triton", 0.3, True, bits)
+    with_bits = BlockMask.from_dense(_mask(gen, 2, n, block, 0.3), block, block, kept_bits=True).to(device)
+    without_bits = dataclasses.replace(with_bits, kept_bits=None)
+    kw = dict(perm=pm, scale=1 / math.sqrt(32))
+    ref_on = paro_attention(q, k, v, mask=with_bits, compensate=True, impl="reference", **kw)
+    ref_off = paro_attention(q, k, v, mask=with_bits, compensate=False, impl="reference", **kw)
+    tri_on = paro_attention(q, k, v, mask=with_bits, compensate=True, impl="triton", **kw)
+    tri_derived = paro_attention(q, k, v, mask=without_bits, compensate=True, impl="triton", **kw)
     assert rel_l2(tri_on, ref_on) <= KERNEL_TOL[torch.float16]
-    assert torch.equal(tri_bits, tri_on)
-    with pytest.raises(ValueError, match="kv_kept_bits has shape"):
-        torch.ops.paro.attention(*args, "triton", 0.3, True, bits[:, :1])
+    assert torch.equal(tri_derived, tri_on)  # kept bits derived from the CSR when the mask does not carry them
+    with pytest.raises(ValueError, match="kept_bits has shape"):
+        dataclasses.replace(with_bits, kept_bits=with_bits.kept_bits[:, :1]).to("cpu").validate(2, n)
     assert rel_l2(ref_on, ref_off) > 1e-2  # the flag reaches the implementation

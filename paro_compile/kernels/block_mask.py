@@ -1,0 +1,323 @@
+"""Block masks: which KV blocks each query block of each head keeps, in the forms the kernels walk.
+
+`BlockMask` is the value type (in the spirit of FlexAttention's ``BlockMask``): built once, when a plan is lowered
+(`BlockMask.from_dense`), checked once (`BlockMask.validate`), and only unpacked by the op, the reference and the
+Triton wrapper. Its tensors are what the kernels read:
+
+- ``counts`` [H, R] int32 and ``indices`` [H, R, W] int16/int32: a CSR of kept KV blocks per row, ascending. A row
+  is one query block (``group == 1``), or ``group`` consecutive query blocks that share one 64-row tensor-core tile
+  (query blocks under 64 tokens: ``group = 64 // block_m``); then the row lists the union of their kept blocks and
+  ``slot_bits`` [H, R, W] int8 says, per slot, which of the group's query blocks keep it (bit g = query block
+  group·r + g). Rows may be *compact* (`trim_csr`): cut to the largest count (W ≥ every count), int16 indices.
+- ``kept_bits`` [H, Mq, ceil(Nk/32)] int32 (optional): bit j % 32 of word j // 32 set when query block i keeps KV
+  block j; the kernel's skipped-block compensation reads them to tell kept from skipped blocks.
+
+A dense mask is ``BlockMask.dense(...)`` (no tensors: the kernels walk every block). Tensors built from stacked
+step-bucket masks [S, H, Mq, Nk] carry a leading S dimension; the lowering selects one bucket per call on the
+device and the op receives single-bucket tensors. Only slots below a row's count are ever read, and the kernels
+skip slots whose index lies outside [0, Nk), so a malformed CSR can never read out of bounds; `validate` rejects
+such masks up front.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+
+
+def num_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of a full mask: every query block keeps every KV block, in order."""
+    counts = torch.full((num_heads, num_q_blocks), num_kv_blocks, dtype=torch.int32, device=device)
+    indices = torch.arange(num_kv_blocks, dtype=torch.int32, device=device).expand(num_heads, num_q_blocks, -1).contiguous()
+    return counts, indices
+
+
+def block_mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense boolean block mask [..., Mq, Nk] → (counts [..., Mq] int32, indices [..., Mq, Nk] int32).
+
+    Kept KV blocks come first in ascending order, then the skipped blocks in ascending order (each row
+    is a permutation of range(Nk)), so a kernel that prefetches past the count still reads a valid block.
+    """
+    mask = mask.bool()
+    counts = mask.sum(-1, dtype=torch.int32)
+    nk = mask.shape[-1]
+    key = torch.where(mask, torch.arange(nk, device=mask.device), nk + torch.arange(nk, device=mask.device))
+    return counts, key.argsort(dim=-1, stable=True).to(torch.int32).contiguous()
+
+
+def kept_block_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean block mask [..., Mq, Nk] → int32 [..., Mq, ceil(Nk/32)]: bit j % 32 of word j // 32 is set when KV
+    block j is kept (what the kernel's skipped-block compensation reads to tell kept from skipped blocks)."""
+    nk = mask.shape[-1]
+    words = -(-nk // 32)
+    padded = torch.nn.functional.pad(mask.bool(), (0, words * 32 - nk)).view(*mask.shape[:-1], words, 32)
+    value = (padded.long() << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32).contiguous()
+
+
+def _slot_weights(group: int, device) -> torch.Tensor:
+    """int32 [group, 1]: the bit of each query block of a group in a grouped CSR's slot bits."""
+    return (1 << torch.arange(group, device=device, dtype=torch.int32)).view(group, 1)
+
+
+def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean block mask [..., Mq, Nk] → the CSR that 64-row kernel tiles walk when ``group`` query blocks share a
+    tile: (counts [..., ⌈Mq/group⌉] int32, indices [..., ⌈Mq/group⌉, Nk] int32: the union of the group's kept blocks,
+    ascending, then the rest, as `block_mask_to_csr`; slot_bits, indices' shape, int8: bit g set when query block
+    group·t + g keeps the block in that slot). Each row still sees exactly its own blocks, in ascending order."""
+    mask = mask.bool()
+    *lead, mq, nk = mask.shape
+    mqt = -(-mq // group)
+    mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(*lead, mqt, group, nk)
+    counts, indices = block_mask_to_csr(mask.any(-2))
+    bits = (mask.to(torch.int32) * _slot_weights(group, mask.device)).sum(-2, dtype=torch.int32)
+    return counts, indices, bits.gather(-1, indices.long()).to(torch.int8).contiguous()
+
+
+def ungrouped_block_mask(counts: torch.Tensor, indices: torch.Tensor, slot_bits: torch.Tensor, group: int,
+                         mq: int, num_kv_blocks: Optional[int] = None) -> torch.Tensor:
+    """Inverse of `grouped_block_csr` (also of its `trim_csr` form: pass ``num_kv_blocks``, the mask's Nk, when the
+    rows were trimmed): the boolean block mask [..., mq, Nk] of the query blocks."""
+    *lead, mqt, width = indices.shape
+    nk = width if num_kv_blocks is None else int(num_kv_blocks)
+    slot = torch.arange(width, device=indices.device)
+    valid = slot < counts.unsqueeze(-1).long()
+    # Unused slots scatter into a spare column that is cut off (trimmed rows may repeat fill indices).
+    target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
+    bits = torch.zeros((*lead, mqt, nk + 1), dtype=torch.int32, device=indices.device)
+    bits.scatter_(-1, target, torch.where(valid, slot_bits.to(torch.int32), 0))
+    bits = bits[..., :nk]
+    mask = (bits.unsqueeze(-2) & _slot_weights(group, indices.device)) != 0  # [..., mqt, group, nk]
+    return mask.reshape(*lead, mqt * group, nk)[..., :mq, :]
+
+
+def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks: Optional[int] = None) -> torch.Tensor:
+    """Inverse of `block_mask_to_csr` (also of its `trim_csr` form: pass ``num_kv_blocks``, the mask's Nk, when the
+    rows were trimmed): boolean [..., Mq, Nk]."""
+    nk = indices.shape[-1] if num_kv_blocks is None else int(num_kv_blocks)
+    slot = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slot < counts.unsqueeze(-1).long()
+    # Unused slots write into a spare column that is cut off, so repeated fill indices never clear a kept block.
+    target = torch.where(valid, indices.long(), torch.full_like(indices, nk, dtype=torch.long))
+    mask = torch.zeros((*indices.shape[:-1], nk + 1), dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, target, True)[..., :nk]
+
+
+INDEX_SLOT_MULTIPLE = 16
+
+
+def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
+             multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
+    """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
+    largest kept count (rounded up to a multiple of ``multiple``, at most Nk) and the indices stored as int16 when Nk
+    allows. ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are cut alike, keeping their dtype.
+
+    A sparse row keeps a fraction of its Nk blocks, so this is several times smaller than the padded int32 CSR
+    (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count;
+    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
+    nk = indices.shape[-1]
+    largest = int(counts.max()) if counts.numel() else 0
+    width = min(nk, max(1, -(-largest // multiple) * multiple))
+    index_dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
+    trimmed = [indices[..., :width].to(index_dtype).contiguous()]
+    trimmed += [t[..., :width].contiguous() for t in slot_tensors]
+    return (counts.to(torch.int32).contiguous(), *trimmed)
+
+
+BLOCK_SIZES = (16, 32, 64, 128)
+TENSOR_FIELDS = ("counts", "indices", "slot_bits", "kept_bits")
+SIZE_FIELDS = ("block_m", "block_n", "group", "num_q_blocks", "num_kv_blocks")
+
+
+def walk_group(block_m: int) -> int:
+    """Query blocks that share one 64-row kernel tile (Hopper's wgmma M): 64 // block_m for blocks under 64."""
+    return max(1, 64 // block_m)
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """A static block-sparse attention mask (see the module docstring for the tensor layouts)."""
+
+    block_m: int
+    block_n: int
+    num_q_blocks: int
+    num_kv_blocks: int
+    counts: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None
+    group: int = 1
+    slot_bits: Optional[torch.Tensor] = None
+    kept_bits: Optional[torch.Tensor] = None
+    density: float = 1.0
+    """Kept blocks / all blocks (known when built from a dense mask; picks the kernel's autotune bucket)."""
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, seq_len: int, block_m: int = 64, block_n: int = 64) -> "BlockMask":
+        return cls(block_m, block_n, num_blocks(seq_len, block_m), num_blocks(seq_len, block_n))
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, block_m: int = 64, block_n: int = 64, *, kept_bits: bool = False,
+                   compact: bool = True, slot_multiple: int = INDEX_SLOT_MULTIPLE) -> "BlockMask":
+        """From a boolean mask [(S,) H, Mq, Nk]: the walk the Triton kernel takes (grouped for blocks under 64),
+        compact (`trim_csr`, rows rounded up to ``slot_multiple`` slots) unless ``compact=False``, with the kept-block
+        words when ``kept_bits``. An all-ones mask gives `BlockMask.dense` (kept bits are never needed there: a dense
+        row skips nothing)."""
+        mask = mask.bool()
+        mq, nk = int(mask.shape[-2]), int(mask.shape[-1])
+        if bool(mask.all()):
+            return cls(block_m, block_n, mq, nk)
+        group = walk_group(block_m)
+        density = float(mask.float().mean())
+        slot_bits = None
+        if group > 1:
+            counts, indices, slot_bits = grouped_block_csr(mask, group)
+        else:
+            counts, indices = block_mask_to_csr(mask)
+        if compact:
+            counts, indices, *rest = trim_csr(counts, indices, *([slot_bits] if slot_bits is not None else []),
+                                              multiple=slot_multiple)
+            slot_bits = rest[0] if rest else None
+        return cls(block_m, block_n, mq, nk, counts, indices, group, slot_bits,
+                   kept_block_bits(mask) if kept_bits else None, density)
+
+    @classmethod
+    def from_csr(cls, counts: torch.Tensor, indices: torch.Tensor, seq_len: int, block_m: int = 64,
+                 block_n: int = 64, *, density: Optional[float] = None) -> "BlockMask":
+        """From a per-query-block CSR (`block_mask_to_csr`, or its `trim_csr` form): what direct callers of the
+        kernels pass. ``density`` defaults to the CSR's kept share (one host read)."""
+        mq, nk = num_blocks(seq_len, block_m), num_blocks(seq_len, block_n)
+        if density is None:
+            density = float(counts.float().mean()) / max(nk, 1) if counts.numel() else 0.0
+        return cls(block_m, block_n, mq, nk, counts, indices, 1, None, None, float(density))
+
+    # ---- the op's arguments -------------------------------------------------------------------------------
+    def as_op_args(self) -> tuple[list[Optional[torch.Tensor]], list[int]]:
+        """(tensors in `TENSOR_FIELDS` order, sizes in `SIZE_FIELDS` order): how `paro::attention` carries a mask.
+        A dense mask may carry 0 block counts: the op takes them from the sequence length."""
+        return ([getattr(self, name) for name in TENSOR_FIELDS], [int(getattr(self, name)) for name in SIZE_FIELDS])
+
+    @classmethod
+    def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], sizes: Sequence[int],
+                     density: float = 1.0) -> "BlockMask":
+        if len(tensors) != len(TENSOR_FIELDS) or len(sizes) != len(SIZE_FIELDS):
+            raise ValueError(f"a block mask is carried as {len(TENSOR_FIELDS)} tensors {TENSOR_FIELDS} and "
+                             f"{len(SIZE_FIELDS)} sizes {SIZE_FIELDS}; got {len(tensors)} and {len(sizes)}")
+        return cls(**dict(zip(SIZE_FIELDS, (int(s) for s in sizes))), **dict(zip(TENSOR_FIELDS, tensors)),
+                   density=float(density))
+
+    # ---- views --------------------------------------------------------------------------------------------
+    @property
+    def is_dense(self) -> bool:
+        return self.counts is None
+
+    @property
+    def row_width(self) -> int:
+        return int(self.indices.shape[-1]) if self.indices is not None else self.num_kv_blocks
+
+    def to(self, device: torch.device) -> "BlockMask":
+        moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS if getattr(self, name) is not None}
+        return replace(self, **moved)
+
+    def bucket(self, index: int) -> "BlockMask":
+        """One step bucket of a mask built from stacked [S, H, Mq, Nk] masks."""
+        picked = {name: getattr(self, name)[index] for name in TENSOR_FIELDS if getattr(self, name) is not None}
+        return replace(self, **picked)
+
+    def to_dense(self) -> torch.Tensor:
+        """Boolean [(S,) H, Mq, Nk] (a dense mask has no tensors: it keeps every block)."""
+        if self.is_dense:
+            raise ValueError("a dense BlockMask has no tensors to expand; use torch.ones(H, Mq, Nk)")
+        if self.group > 1:
+            return ungrouped_block_mask(self.counts, self.indices, self.slot_bits, self.group, self.num_q_blocks,
+                                        self.num_kv_blocks)
+        return csr_to_block_mask(self.counts, self.indices, self.num_kv_blocks)
+
+    def block_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-query-block CSR (what the reference walks); rebuilt from the grouped walk when ``group > 1``."""
+        if self.is_dense:
+            raise ValueError("a dense BlockMask has no CSR")
+        if self.group == 1:
+            return self.counts, self.indices
+        return block_mask_to_csr(self.to_dense())
+
+    def ungrouped(self) -> "BlockMask":
+        """The same mask walked one query block per row (``group == 1``)."""
+        if self.is_dense or self.group == 1:
+            return self
+        counts, indices = self.block_csr()
+        return replace(self, counts=counts, indices=indices, group=1, slot_bits=None)
+
+    def grouped(self) -> "BlockMask":
+        """The same mask walked in shared 64-row tiles (``group = 64 // block_m``) when its blocks are under 64."""
+        group = walk_group(self.block_m)
+        if self.is_dense or self.group == group:
+            return self
+        counts, indices, slot_bits = grouped_block_csr(self.to_dense(), group)
+        return replace(self, counts=counts, indices=indices, group=group, slot_bits=slot_bits)
+
+    def with_kept_bits(self) -> "BlockMask":
+        if self.is_dense or self.kept_bits is not None:
+            return self
+        return replace(self, kept_bits=kept_block_bits(self.to_dense()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in TENSOR_FIELDS) if t is not None)
+
+    # ---- checks -------------------------------------------------------------------------------------------
+    def validate(self, num_heads: int, seq_len: int) -> "BlockMask":
+        """Raise ValueError naming the field when the mask does not fit ``num_heads`` heads of ``seq_len`` tokens
+        or its CSR is malformed (counts outside [0, W], an index outside [0, Nk) or repeated within a row's kept
+        slots, slot bits naming query blocks past the end). One host read per tensor: run it once per mask (the
+        lowering does), not per call."""
+        if self.block_m not in BLOCK_SIZES or self.block_n not in BLOCK_SIZES:
+            raise ValueError(f"block sizes must be in {BLOCK_SIZES}, got block_m={self.block_m}, block_n={self.block_n}")
+        mq, nk = num_blocks(seq_len, self.block_m), num_blocks(seq_len, self.block_n)
+        if (self.num_q_blocks, self.num_kv_blocks) != (mq, nk):
+            raise ValueError(f"mask has {self.num_q_blocks}x{self.num_kv_blocks} blocks, N={seq_len} needs {mq}x{nk} "
+                             f"(block_m={self.block_m}, block_n={self.block_n})")
+        if self.is_dense:
+            return self
+        if self.indices is None:
+            raise ValueError("mask has counts but no indices")
+        if self.group not in (1, walk_group(self.block_m)):
+            raise ValueError(f"group must be 1 or {walk_group(self.block_m)} for block_m={self.block_m}, got {self.group}")
+        rows = -(-mq // self.group)
+        width = self.row_width
+        if tuple(self.counts.shape) != (num_heads, rows) or tuple(self.indices.shape[:2]) != (num_heads, rows):
+            raise ValueError(f"mask counts {tuple(self.counts.shape)} / indices {tuple(self.indices.shape)} do not fit "
+                             f"{num_heads} heads x {rows} rows (N={seq_len}, block_m={self.block_m}, group={self.group})")
+        if not 1 <= width <= nk:
+            raise ValueError(f"mask rows have {width} slots; expected 1..{nk} (Nk)")
+        if self.counts.dtype != torch.int32 or self.indices.dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"mask counts must be int32 and indices int16/int32, got {self.counts.dtype} / "
+                             f"{self.indices.dtype}")
+        counts = self.counts.long().cpu()
+        if bool((counts < 0).any()) or bool((counts > width).any()):
+            raise ValueError(f"mask counts must lie in [0, {width}] (the row width), got "
+                             f"[{int(counts.min())}, {int(counts.max())}]")
+        indices = self.indices.long().cpu()
+        used = torch.arange(width) < counts.unsqueeze(-1)
+        bad = used & ((indices < 0) | (indices >= nk))
+        if bool(bad.any()):
+            raise ValueError(f"mask indices of kept slots must lie in [0, {nk}); found "
+                             f"{int(indices[bad][0])} (head {int(bad.nonzero()[0][0])})")
+        ordered = torch.where(used, indices, torch.full_like(indices, nk)).sort(-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < nk)).any()):
+            raise ValueError("mask lists a KV block twice in one row")
+        if self.group > 1:
+            if self.slot_bits is None or tuple(self.slot_bits.shape) != tuple(self.indices.shape):
+                raise ValueError(f"a grouped mask needs slot_bits of the indices' shape {tuple(self.indices.shape)}")
+            limit = torch.clamp(mq - torch.arange(rows) * self.group, max=self.group)  # query blocks per row
+            bits = self.slot_bits.to(torch.int32).cpu() & 0xFF
+            if bool((used & (bits >= (1 << limit)[None, :, None])).any()):
+                raise ValueError("mask slot_bits name query blocks past the last one")
+        if self.kept_bits is not None and tuple(self.kept_bits.shape) != (num_heads, mq, -(-nk // 32)):
+            raise ValueError(f"kept_bits has shape {tuple(self.kept_bits.shape)}, expected "
+                             f"({num_heads}, {mq}, {-(-nk // 32)})")
+        return self
