@@ -327,3 +327,81 @@ if _GLUON_ERROR is None:
                              IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              1, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# Launch settings: CONSUMERS query blocks per CTA (2: 8 consumer warps + the producer warpgroup, one CTA per SM at
+# the register split below), STAGES ring slots, the consumer warpgroups' register budget (setmaxnreg) and the
+# kernel's maxnreg (the producer warpgroup gets what is left of 3 warpgroups × maxnreg).
+DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168}
+CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16,
+            torch.float16: gl.float16}[dtype]
+
+
+def _descriptor(t2d: torch.Tensor, block: list[int]):
+    layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t2d.dtype))
+    return TensorDescriptor.from_tensor(t2d, block, layout)
+
+
+def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch.Tensor],
+                          kv_counts: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor], n: int, heads: int,
+                          *, config: Optional[dict] = None) -> torch.Tensor:
+    """The attention of `attention._attn_fwd` on a prologue's output (`prologue.paro_prologue`), into ``out``.
+
+    ``out``: contiguous or strided [B, H, N, D] in fp16/bf16/fp32; only rows < N of computed query blocks are written.
+    ``perm``: int64 [H, N] (None = identity), the permutation the prologue gathered by. ``kv_counts`` [H, NQB] int32
+    and ``kv_indices`` [H, NQB, W] int16/int32 (both None = dense), as `attention.paro_attention_triton` takes them.
+    ``config``: launch settings overriding `DEFAULT_CONFIG` (benchmarks). Raises ValueError for what `supports`
+    rejects and RuntimeError where `available` is False."""
+    if not available(out.device):
+        raise RuntimeError("the Gluon Hopper attention kernel needs an sm_90 GPU and Triton's Gluon Hopper API"
+                           + (f" ({_GLUON_ERROR!r})" if _GLUON_ERROR is not None else ""))
+    bh, _, d = pro.q.shape
+    if not supports(pro.qk_bits, pro.pv_dtype, pro.block_m, pro.block_n, d, dtype=out.dtype):
+        raise ValueError(f"unsupported by the Hopper kernel: qk_bits={pro.qk_bits} pv_dtype={pro.pv_dtype} "
+                         f"block=({pro.block_m},{pro.block_n}) head_dim={d} out dtype={out.dtype}")
+    if pro.vt.dtype not in (torch.float8_e4m3fn, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Hopper kernel takes FP8 or 16-bit Vᵀ, got {pro.vt.dtype}")
+    nqb, nkb = pro.q_scale.shape[1], pro.k_scale.shape[1]
+    if out.dim() != 4 or out.shape[1] != heads or out.shape[2] != n or out.shape[3] != d or out.shape[0] * heads != bh:
+        raise ValueError(f"out must be [B, {heads}, {n}, {d}] with B·H = {bh}, got {tuple(out.shape)}")
+    if pro.n != n or nqb * BLOCK < n or nkb * BLOCK < n:
+        raise ValueError(f"prologue for N={pro.n} ({nqb} / {nkb} blocks) used with N={n}")
+    cfg = dict(DEFAULT_CONFIG)
+    unknown = set(config or {}) - CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
+    cfg.update(config or {})
+    dense = kv_counts is None or kv_indices is None
+    dev = out.device
+    int_dummy = torch.empty(0, device=dev, dtype=torch.int32)
+    if dense:
+        counts, indices, idx_stride = int_dummy, int_dummy, nkb
+    else:
+        if tuple(kv_counts.shape) != (heads, nqb) or tuple(kv_indices.shape[:2]) != (heads, nqb) \
+                or not 1 <= kv_indices.shape[-1] <= nkb:
+            raise ValueError(f"CSR has shapes counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
+                             f"expected ({heads}, {nqb}) and ({heads}, {nqb}, W ≤ {nkb})")
+        counts = kv_counts.to(device=dev, dtype=torch.int32).contiguous()
+        index_dtype = kv_indices.dtype if kv_indices.dtype in (torch.int16, torch.int32) else torch.int32
+        indices = kv_indices.to(device=dev, dtype=index_dtype).contiguous()
+        idx_stride = indices.shape[-1]
+    perm_arg = perm.to(device=dev, dtype=torch.int64).contiguous() if perm is not None else \
+        torch.empty(0, device=dev, dtype=torch.int64)
+    q_desc = _descriptor(pro.q.view(bh * nqb * BLOCK, d), [BLOCK, d])
+    k_desc = _descriptor(pro.k.view(bh * nkb * BLOCK, d), [BLOCK, d])
+    v_desc = _descriptor(pro.vt.view(bh * d, nkb * BLOCK), [d, BLOCK])
+    consumers = int(cfg["consumers"])
+    if consumers not in (1, 2):
+        raise ValueError(f"config consumers must be 1 or 2, got {consumers}")
+    grid = (triton.cdiv(nqb, consumers), bh)
+    p_log2 = math.log2(FP8_MAX) if pro.pv_dtype == "fp8" else 0.0
+    _paro_fwd_hopper[grid](
+        q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices,
+        n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
+        D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
+        CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))
+    return out
