@@ -405,3 +405,20 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
         D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
         CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))
     return out
+
+
+def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                              perm: Optional[torch.Tensor] = None, kv_counts: Optional[torch.Tensor] = None,
+                              kv_indices: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                              pv_dtype: str = "fp8", out: Optional[torch.Tensor] = None,
+                              config: Optional[dict] = None) -> torch.Tensor:
+    """`attention.paro_attention_triton`'s call (q, k, v [B, H, N, D], INT8 QKᵀ, 64-token blocks) on this kernel:
+    the fused prologue, then `paro_attention_hopper`."""
+    from paro_compile.kernels.prologue import paro_prologue
+
+    bsz, heads, n, d = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    pro = paro_prologue(q, k, v, perm=perm, scale=scale if scale is not None else 1.0 / math.sqrt(d), qk_bits=8,
+                        pv_dtype=pv_dtype, block_m=BLOCK, block_n=BLOCK)
+    return paro_attention_hopper(pro, out, perm, kv_counts, kv_indices, n, heads, config=config)
