@@ -110,20 +110,25 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, slot, phase, k_row, v_row, j,
-                  BLOCK_N: gl.constexpr):
+                  BLOCK_N: gl.constexpr, PERMUTED_K: gl.constexpr):
         """Wait until ring slot ``slot`` is free, then TMA-load K rows [k_row + j·64, +64) and Vᵀ columns
-        [j·64, +64) into it; the slot's ready barrier completes when both tiles have landed."""
+        [j·64, +64) into it; the slot's ready barrier completes when both tiles have landed. A 5-D K descriptor
+        (`_permuted_k_descriptor`) addresses groups of 16 rows."""
         mbarrier.wait(empty_bars.index(slot), phase ^ 1)
         bar = ready_bars.index(slot)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, 0], bar, k_smem.index(slot))
+        if PERMUTED_K:
+            tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N) // 16, 0, 0, 0, 0], bar,
+                                            k_smem.index(slot))
+        else:
+            tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, 0], bar, k_smem.index(slot))
         tma.async_copy_global_to_shared(v_desc, [v_row, j * BLOCK_N], bar, v_smem.index(slot))
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars,
                   COUNTS, IDX, NQB, NKB, IDX_STRIDE, H,
                   D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  CONSUMERS: gl.constexpr, DENSE: gl.constexpr):
+                  CONSUMERS: gl.constexpr, DENSE: gl.constexpr, PERMUTED_K: gl.constexpr):
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         h = pid_bh % H
@@ -138,7 +143,7 @@ if _GLUON_ERROR is None:
             # One list for every query block: both consumers read each slot (its empty barrier counts both).
             for s in range(NKB):
                 _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, s % STAGES, (s // STAGES) & 1,
-                          k_row, v_row, s, BLOCK_N)
+                          k_row, v_row, s, BLOCK_N, PERMUTED_K)
         else:
             qb0 = pid_m * CONSUMERS
             count0 = _kv_count(COUNTS, h, qb0, NQB, NKB, IDX_STRIDE, DENSE)
@@ -147,7 +152,7 @@ if _GLUON_ERROR is None:
                 for s in range(count0):
                     j0 = gl.load(idx0 + s).to(gl.int32)
                     _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, s % STAGES,
-                              (s // STAGES) & 1, k_row, v_row, j0, BLOCK_N)
+                              (s // STAGES) & 1, k_row, v_row, j0, BLOCK_N, PERMUTED_K)
             else:
                 # Each consumer has its own ring (slots [c·STAGES, (c+1)·STAGES)); the two lists are interleaved so
                 # neither consumer waits for the other's blocks.
@@ -160,21 +165,40 @@ if _GLUON_ERROR is None:
                     if s < count0:
                         j0 = gl.load(idx0 + s).to(gl.int32)
                         _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, slot, phase,
-                                  k_row, v_row, j0, BLOCK_N)
+                                  k_row, v_row, j0, BLOCK_N, PERMUTED_K)
                     if s < count1:
                         j1 = gl.load(idx1 + s).to(gl.int32)
                         _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, STAGES + slot, phase,
-                                  k_row, v_row, j1, BLOCK_N)
+                                  k_row, v_row, j1, BLOCK_N, PERMUTED_K)
+
+    @gluon.jit
+    def _fp8x4(x):
+        """fp32 → e4m3 (round to nearest even, saturating: the conversion `tensor.to(float8e4nv)` emits), four
+        elements into one 32-bit register in element order, so an operand layout with 4 elements per register needs
+        no byte shuffling afterwards."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True, pack=4)
+
+    @gluon.jit
+    def _k_tile(k_smem, slot, PERMUTED_K: gl.constexpr):
+        """K tile of ring slot ``slot`` as [64 tokens, D] (the 5-D permuted-row box merged back to rows)."""
+        tile = k_smem.index(slot)
+        if PERMUTED_K:
+            tile = tile.reshape([tile.shape[0] * tile.shape[1] * tile.shape[2] * tile.shape[3], tile.shape[4]])
+        return tile
 
     @gluon.jit
     def _softmax_step(s_i32, m_i, l_i, c, j, N, P_LOG2,
-                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, P_DTYPE: gl.constexpr):
-        """Fused INT8 softmax of one 64×64 score tile: (new max, rescale factor, new row sum, P in the PV operand
-        layout). See the module docstring for the magic-number form."""
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, PERMUTED_K: gl.constexpr):
+        """Fused INT8 softmax of one 64×64 score tile: (new max, rescale factor, new row sum, fp32 P·448 — in the PV
+        operand layout for permuted K rows, else in the score layout). See the module docstring."""
         raw = (s_i32 + MAGIC_BITS).to(gl.float32, bitcast=True)
         if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
-            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            raw = gl.where(gl.expand_dims(cols < N, 0), raw, float("-inf"))
+            c_idx = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            if PERMUTED_K:  # column 16g + 8a + 2t + b holds token 16g + 4t + 2a + b
+                c_idx = (c_idx & ~15) + ((c_idx >> 1) & 3) * 4 + ((c_idx >> 3) & 1) * 2 + (c_idx & 1)
+            raw = gl.where(gl.expand_dims(j * BLOCK_N + c_idx < N, 0), raw, float("-inf"))
         m_new = gl.maximum(m_i, (gl.max(raw, axis=1) - MAGIC) * c)
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
@@ -182,8 +206,23 @@ if _GLUON_ERROR is None:
         addend = -MAGIC * c - (m_safe - P_LOG2)
         p = gl.exp2(gl.fma(raw, c, gl.expand_dims(addend, 1)))
         l_new = l_i * alpha + gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(P_DTYPE), p_layout)
-        return m_new, alpha, l_new, p_op
+        if PERMUTED_K:
+            # Column σ(k) = 32kb + 16x + 8e₁ + 2t + e₀ of P holds token k = 32kb + 16x + 4t + 2e₁ + e₀, so P with its
+            # columns put back in token order is the wgmma A operand *as the registers already hold it*: the
+            # reshape / permute / reshape is a relabelling (no shuffle; asserted at compile time).
+            p = gl.reshape(p, [p.shape[0], 2, 2, 2, 4, 2])
+            p = gl.reshape(gl.permute(p, (0, 1, 2, 4, 3, 5)), [p.shape[0], BLOCK_N])
+            p = gl.convert_layout(p, p_layout, assert_trivial=True)
+        return m_new, alpha, l_new, p
+
+    @gluon.jit
+    def _p_operand(p, p_layout: gl.constexpr, P_DTYPE: gl.constexpr, PERMUTED_K: gl.constexpr):
+        """P (fp32) as the A operand of the P·V wgmma: e4m3 or V's 16-bit dtype, in the operand layout."""
+        if PERMUTED_K:
+            # Each run of 4 register elements is one 32-bit A register (k_width 4): `_fp8x4` fills it directly.
+            return _fp8x4(p)
+        else:
+            return gl.convert_layout(p.to(P_DTYPE), p_layout)
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars,
@@ -191,7 +230,7 @@ if _GLUON_ERROR is None:
                   N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                   CONSUMER: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr, HAS_PERM: gl.constexpr,
-                  PV_FP8: gl.constexpr):
+                  PV_FP8: gl.constexpr, PERMUTED_K: gl.constexpr):
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         h = pid_bh % H
@@ -225,44 +264,48 @@ if _GLUON_ERROR is None:
         q_tile = q_smem.index(CONSUMER)
 
         if count > 0:
-            # Block 0: its scores and P; the loop then keeps one PV in flight behind the next block's softmax.
+            # Block 0's scores and P; then per block s: issue Q·Kᵀ of block s and P·V of block s−1, wait for the
+            # scores only (wgmma groups retire in issue order), run the softmax of block s while P·V of s−1 is in
+            # flight (FlashAttention-3's intra-warpgroup overlap), wait for it, release its slot, rescale O. P
+            # crosses the loop edge in fp32 and is converted right before its wgmma, in the same basic block, so the
+            # four e4m3 bytes of each A register are packed once (carried as bytes they were unpacked and repacked).
             if DENSE:
-                j = 0
-                j_next = gl.minimum(1, count - 1)
+                j_nxt = gl.minimum(1, count - 1)
             else:
-                j = gl.load(idx_base).to(gl.int32)
-                j_next = gl.load(idx_base + gl.minimum(1, count - 1)).to(gl.int32)
-            ks_next = gl.load(ks_base + j_next)
-            c = _round_scale_22bits(qs * gl.load(ks_base + j))
+                j_nxt = gl.load(idx_base + gl.minimum(1, count - 1)).to(gl.int32)
+            j0 = gl.load(idx_base).to(gl.int32) if not DENSE else 0
+            ks_nxt = gl.load(ks_base + j_nxt)
             mbarrier.wait(ready_bars.index(ring), 0)
-            s_tok = warpgroup_mma(q_tile, k_smem.index(ring).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_tile, _k_tile(k_smem, ring, PERMUTED_K).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
             s_i32 = warpgroup_mma_wait(0, deps=(s_tok, ))
-            m_i, alpha, l_i, p_op = _softmax_step(s_i32, m_i, l_i, c, j, N, P_LOG2, BLOCK_N, s_layout, p_layout,
-                                                  P_DTYPE)
+            m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, _round_scale_22bits(qs * gl.load(ks_base + j0)),
+                                                   j0, N, P_LOG2, BLOCK_N, s_layout, p_layout, PERMUTED_K)
             for s in range(1, count):
                 slot = s % STAGES
                 prev = (s - 1) % STAGES
-                j = j_next
-                c = _round_scale_22bits(qs * ks_next)
+                j = j_nxt
+                c = _round_scale_22bits(qs * ks_nxt)
                 # Loads for the next step, consumed one iteration later (their latency hides behind this one).
                 if DENSE:
-                    j_next = gl.minimum(s + 1, count - 1)
+                    j_nxt = gl.minimum(s + 1, count - 1)
                 else:
-                    j_next = gl.load(idx_base + gl.minimum(s + 1, count - 1)).to(gl.int32)
-                ks_next = gl.load(ks_base + j_next)
+                    j_nxt = gl.load(idx_base + gl.minimum(s + 1, count - 1)).to(gl.int32)
+                ks_nxt = gl.load(ks_base + j_nxt)
                 mbarrier.wait(ready_bars.index(ring + slot), (s // STAGES) & 1)
-                s_tok = warpgroup_mma(q_tile, k_smem.index(ring + slot).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                acc_tok = warpgroup_mma(p_op, v_smem.index(ring + prev).permute((1, 0)), acc, is_async=True)
-                # wgmma groups retire in order: waiting down to one outstanding leaves only the PV in flight.
+                s_tok = warpgroup_mma(q_tile, _k_tile(k_smem, ring + slot, PERMUTED_K).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                acc_tok = warpgroup_mma(_p_operand(p_f32, p_layout, P_DTYPE, PERMUTED_K),
+                                        v_smem.index(ring + prev).permute((1, 0)), acc, is_async=True)
                 s_i32 = warpgroup_mma_wait(1, deps=(s_tok, ))
-                m_i, alpha, l_i, p_op = _softmax_step(s_i32, m_i, l_i, c, j, N, P_LOG2, BLOCK_N, s_layout,
-                                                      p_layout, P_DTYPE)
+                m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, c, j, N, P_LOG2, BLOCK_N, s_layout, p_layout,
+                                                       PERMUTED_K)
                 acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
                 mbarrier.arrive(empty_bars.index(ring + prev))
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
             last = (count - 1) % STAGES
-            acc_tok = warpgroup_mma(p_op, v_smem.index(ring + last).permute((1, 0)), acc, is_async=True)
+            acc_tok = warpgroup_mma(_p_operand(p_f32, p_layout, P_DTYPE, PERMUTED_K),
+                                    v_smem.index(ring + last).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
             mbarrier.arrive(empty_bars.index(ring + last))
 
@@ -291,7 +334,8 @@ if _GLUON_ERROR is None:
                          D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr,
                          HAS_PERM: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
+        PERMUTED_K: gl.constexpr = len(k_desc.block_type.shape) == 5
         PV_FP8: gl.constexpr = v_desc.dtype == gl.float8e4nv
         RINGS: gl.constexpr = 1 if DENSE else CONSUMERS
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
@@ -311,28 +355,34 @@ if _GLUON_ERROR is None:
         if CONSUMERS == 1:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars,
-                             COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE)),
+                             COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE,
+                             PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
-                             0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8)),
+                             0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
+                             PERMUTED_K)),
             ], [4], [CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars,
-                             COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE)),
+                             COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE,
+                             PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
-                             0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8)),
+                             0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
+                             PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
-                             1, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8)),
+                             1, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
+                             PERMUTED_K)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 # Launch settings: CONSUMERS query blocks per CTA (2: 8 consumer warps + the producer warpgroup, one CTA per SM at
 # the register split below), STAGES ring slots, the consumer warpgroups' register budget (setmaxnreg) and the
-# kernel's maxnreg (the producer warpgroup gets what is left of 3 warpgroups × maxnreg).
-DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168}
+# kernel's maxnreg (the producer warpgroup gets what is left of 3 warpgroups × maxnreg); permuted_k (FP8 PV only):
+# K tiles loaded with permuted rows so P needs no layout conversion (`_permuted_k_descriptor`).
+DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168, "permuted_k": True}
 CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 
@@ -344,6 +394,19 @@ def _gl_dtype(dtype: torch.dtype):
 def _descriptor(t2d: torch.Tensor, block: list[int]):
     layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t2d.dtype))
     return TensorDescriptor.from_tensor(t2d, block, layout)
+
+
+def _permuted_k_descriptor(k2d: torch.Tensor):
+    """TMA descriptor that loads a 64-row K tile with its rows permuted within each group of 16: shared-memory row
+    16g + 8a + 2t + b receives token 16g + 4t + 2a + b. K [rows, D] is viewed as 5-D [rows / 16, a, t, b, D] with
+    strides (16D, 2D, 4D, D, 1) (the a and t axes swapped against memory order); the box [4, 2, 4, 2, D] is written
+    to shared memory densely in that order, so the tile has exactly the layout (and swizzle) of a plain [64, D] box.
+    With S = Q·Kᵀ computed on these rows, the FP8 P the softmax leaves in the wgmma accumulator layout *is* the A
+    operand of P·V in token order (`_softmax_step`)."""
+    rows, d = k2d.shape
+    block = [4, 2, 4, 2, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
+    return TensorDescriptor(k2d, [rows // 16, 2, 4, 2, d], [16 * d, 2 * d, 4 * d, d, 1], block, layout)
 
 
 def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch.Tensor],
@@ -392,7 +455,9 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
     perm_arg = perm.to(device=dev, dtype=torch.int64).contiguous() if perm is not None else \
         torch.empty(0, device=dev, dtype=torch.int64)
     q_desc = _descriptor(pro.q.view(bh * nqb * BLOCK, d), [BLOCK, d])
-    k_desc = _descriptor(pro.k.view(bh * nkb * BLOCK, d), [BLOCK, d])
+    k2d = pro.k.view(bh * nkb * BLOCK, d)
+    permuted_k = bool(cfg["permuted_k"]) and pro.pv_dtype == "fp8"
+    k_desc = _permuted_k_descriptor(k2d) if permuted_k else _descriptor(k2d, [BLOCK, d])
     v_desc = _descriptor(pro.vt.view(bh * d, nkb * BLOCK), [d, BLOCK])
     consumers = int(cfg["consumers"])
     if consumers not in (1, 2):
