@@ -35,6 +35,7 @@ skipped-block compensation. `supports` says which calls qualify; everything else
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -456,20 +457,47 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
         torch.empty(0, device=dev, dtype=torch.int64)
     q_desc = _descriptor(pro.q.view(bh * nqb * BLOCK, d), [BLOCK, d])
     k2d = pro.k.view(bh * nkb * BLOCK, d)
-    permuted_k = bool(cfg["permuted_k"]) and pro.pv_dtype == "fp8"
-    k_desc = _permuted_k_descriptor(k2d) if permuted_k else _descriptor(k2d, [BLOCK, d])
+    permuted_k = bool(cfg["permuted_k"]) and pro.pv_dtype == "fp8" and not _PERMUTED_K_REFUSED
     v_desc = _descriptor(pro.vt.view(bh * d, nkb * BLOCK), [d, BLOCK])
     consumers = int(cfg["consumers"])
     if consumers not in (1, 2):
         raise ValueError(f"config consumers must be 1 or 2, got {consumers}")
     grid = (triton.cdiv(nqb, consumers), bh)
     p_log2 = math.log2(FP8_MAX) if pro.pv_dtype == "fp8" else 0.0
-    _paro_fwd_hopper[grid](
-        q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices,
-        n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
-        D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
-        CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))
+
+    def launch(k_desc):
+        _paro_fwd_hopper[grid](
+            q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices,
+            n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
+            D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
+            CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))
+
+    if permuted_k:
+        try:
+            launch(_permuted_k_descriptor(k2d))
+            return out
+        except RuntimeError as exc:
+            # The 5-D box swaps two axes against memory order; a driver that refuses to encode that tensor map
+            # fails here, on the host, before anything runs: fall back to plain K tiles from then on.
+            if "tensor map" not in str(exc):
+                raise
+            _refuse_permuted_k(exc)
+    launch(_descriptor(k2d, [BLOCK, d]))
     return out
+
+
+_PERMUTED_K_REFUSED: Optional[str] = None
+
+
+def _refuse_permuted_k(exc: BaseException) -> None:
+    global _PERMUTED_K_REFUSED
+    _PERMUTED_K_REFUSED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warnings.warn(f"permuted-K TMA descriptor refused ({_PERMUTED_K_REFUSED}); using plain K tiles", RuntimeWarning)
+
+
+def permuted_k_refused() -> Optional[str]:
+    """Why the permuted-K descriptor was refused in this process (None: not refused, or not tried yet)."""
+    return _PERMUTED_K_REFUSED
 
 
 def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

@@ -128,17 +128,21 @@ def test_hopper_matches_reference(seed, gen, pv, dtype, d, perm):
 @pytest.mark.gpu
 @requires_hopper
 @pytest.mark.parametrize("config", [{"consumers": 1}, {"consumers": 2, "stages": 2}, {"consumers": 2, "stages": 4},
-                                    {"consumers": 1, "stages": 2, "consumer_regs": 200, "maxnreg": 128}],
-                         ids=["one-consumer", "stages2", "stages4", "one-consumer-small"])
+                                    {"consumers": 1, "stages": 2, "consumer_regs": 208, "maxnreg": 128},
+                                    {"permuted_k": False}, {"permuted_k": False, "consumers": 1}],
+                         ids=["one-consumer", "stages2", "stages4", "one-consumer-small", "plain-k", "plain-k-one"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_launch_configs(seed, gen, config, d):
     """Every launch shape computes the same function (sparse with trimmed int16 CSR, and dense with an odd number of
-    query blocks, so the last CTA of two consumers has one past the end)."""
+    query blocks, so the last CTA of two consumers has one past the end), with K tiles in permuted row order (the
+    default for FP8 PV) or plain."""
     n = 64 * 9 + 1 + int(torch.randint(0, 62, (1,), generator=gen))
     q, k, v, pm, mask = _inputs(gen, 1, 3, n, d, torch.bfloat16, True, 0.4)
     _check(seed, q, k, v, pm, mask, "fp8", config=config, trim=True, check_f64=False)
     q, k, v, pm, _ = _inputs(gen, 2, 1, n, d, torch.bfloat16, True, None)
     _check(seed, q, k, v, pm, None, "fp8", config=config, check_f64=False)
+    if config.get("permuted_k", True):
+        assert AH.permuted_k_refused() is None, f"the permuted-K descriptor fell back: {AH.permuted_k_refused()}"
 
 
 @pytest.mark.gpu
