@@ -50,7 +50,8 @@ SHAPES = {"cogvideox": (2, 48, 17776, 64), "wan720p": (1, 40, 75600, 128)}
 DENSITIES = (1.0, 0.2)
 # Launch configs timed per case (the first is attention_hopper.DEFAULT_CONFIG; one consumer per CTA at maxnreg 128
 # fits two CTAs per SM).
-CONFIGS = [{}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 2}, {"stages": 4}]
+CONFIGS = [{}, {"permuted_k": False}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 2},
+           {"stages": 4}]
 
 
 # ------------------------------------------------------------------------------------------------ offline report
@@ -347,6 +348,7 @@ def run_benchmark(args) -> dict:
             torch.cuda.empty_cache()
         del q, k, v, pro
         torch.cuda.empty_cache()
+    results["meta"]["permuted_k_refused"] = AH.permuted_k_refused()
     results["summary"] = _summary(results["timings"])
     results["meta"]["wall_s"] = round(time.time() - t_start, 1)
     return results

@@ -167,7 +167,9 @@ def test_hopper_agrees_with_triton_kernel(seed, gen, pv):
     counts, indices = (t.cuda() for t in R.block_mask_to_csr(mask))
     for kw in (dict(kv_counts=counts, kv_indices=indices), {}):
         ours = AH.paro_attention_hopper_qkv(q, k, v, perm=pm, pv_dtype=pv, **kw)
-        theirs = paro_attention_triton(q, k, v, perm=pm, pv_dtype=pv, **kw)
+        # A fixed launch config: the numerics do not depend on it, and autotuning here would cost minutes.
+        theirs = paro_attention_triton(q, k, v, perm=pm, pv_dtype=pv, config={"TILE_M": 64, "num_warps": 4,
+                                                                             "num_stages": 3}, **kw)
         err = rel_l2(ours, theirs)
         assert err < 2e-3, f"seed={seed} pv={pv} sparse={bool(kw)}: Gluon vs Triton kernel rel-L2 {err:.2e}"
 
