@@ -134,6 +134,8 @@ def sass_report(cases=None) -> list[dict]:
                                  capture_output=True, text=True, check=True)
             row["ptxas"] = " ".join(line.split("info    :")[-1].strip() for line in run.stderr.splitlines()
                                     if "Used" in line or "spill" in line)
+            # ptxas serializes the wgmmas (C7514) when it cannot prove the accumulators are not read in flight.
+            row["wgmma_serialized"] = "serialized" in run.stderr
             row["shared_bytes"] = kernel.metadata.shared
             sass = subprocess.run([nvdisasm, "-c", str(work / "k.cubin")], capture_output=True, text=True,
                                   check=True).stdout
