@@ -72,6 +72,7 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
     qk_desc = TensorDescriptor.from_tensor(qk, [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.int8))
     v_desc = TensorDescriptor.from_tensor(vt, [d, 64], gl.NVMMASharedLayout.get_default_for(
         [d, 64], gl.float8e4nv if pv == "fp8" else gl.bfloat16))
+    k_desc = AH._permuted_k_descriptor(qk) if (cfg["permuted_k"] and pv == "fp8") else qk_desc
     fn = AH._paro_fwd_hopper
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": f"*{out_dtype}", "PERM": "*i64", "COUNTS": "*i32",
             "IDX": "*i16"}
@@ -79,8 +80,10 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
                   CONSUMER_REGS=cfg["consumer_regs"])
     sig = {}
     for name in fn.arg_names:
-        if name in ("q_desc", "k_desc"):
+        if name == "q_desc":
             sig[name] = mangle_type(qk_desc)
+        elif name == "k_desc":
+            sig[name] = mangle_type(k_desc)
         elif name == "v_desc":
             sig[name] = mangle_type(v_desc)
         elif name in ptrs:
