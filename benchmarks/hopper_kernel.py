@@ -174,7 +174,7 @@ def _flex_block_mask(mask, n, block):
     """BlockMask whose kept blocks are full blocks (no mask_mod evaluation), from a [H, Mq, Nk] bool mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from paro_compile.kernels.reference import block_mask_to_csr
+    from paro_compile.kernels.block_mask import block_mask_to_csr
 
     counts, indices = block_mask_to_csr(mask)
     counts, indices = counts[None].contiguous(), indices[None].contiguous()
@@ -187,6 +187,7 @@ def correctness_checks() -> list[dict]:
     from paro_compile.kernels import attention_hopper as AH
     from paro_compile.kernels import reference as R
     from paro_compile.kernels import tuning
+    from paro_compile.kernels.block_mask import BlockMask, num_blocks
 
     gen = torch.Generator().manual_seed(1234)
     rows = []
@@ -196,18 +197,15 @@ def correctness_checks() -> list[dict]:
                 n = 1000 + 37
                 q, k, v = (torch.randn(2, 3, n, d, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
                 perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(3)]).cuda()
-                counts = indices = None
+                bm = None
                 if density is not None:
-                    nb = R.num_blocks(n, 64)
-                    mask = tuning.random_block_mask(3, nb, nb, density, generator=gen)
-                    counts, indices = (t.cuda() for t in R.trim_csr(*R.block_mask_to_csr(mask)))
+                    nb = num_blocks(n, 64)
+                    bm = BlockMask.from_dense(tuning.random_block_mask(3, nb, nb, density, generator=gen)).to("cuda")
                 row = {"d": d, "pv": pv, "density": density or 1.0}
                 try:
                     out = torch.full_like(q, float("nan"))
-                    AH.paro_attention_hopper_qkv(q, k, v, perm=perm, kv_counts=counts, kv_indices=indices,
-                                                 pv_dtype=pv, out=out)
-                    ref = R.paro_attention_reference(q, k, v, perm=perm, kv_counts=counts, kv_indices=indices,
-                                                     pv_dtype=pv)
+                    AH.paro_attention_hopper_qkv(q, k, v, perm=perm, mask=bm, pv_dtype=pv, out=out)
+                    ref = R.paro_attention_reference(q, k, v, perm=perm, mask=bm, pv_dtype=pv)
                     row["nan_rows"] = int(out.isnan().any(-1).sum())
                     row["rel_l2_vs_reference"] = _rel_l2(out.nan_to_num(), ref)
                     row["ok"] = row["nan_rows"] == 0 and row["rel_l2_vs_reference"] <= 1e-2
@@ -227,7 +225,7 @@ def run_benchmark(args) -> dict:
     from paro_compile.kernels import tuning
     from paro_compile.kernels.attention import last_launch_info, paro_attention_triton
     from paro_compile.kernels.prologue import paro_prologue
-    from paro_compile.kernels.reference import block_mask_to_csr, num_blocks, trim_csr
+    from paro_compile.kernels.block_mask import BlockMask, num_blocks
 
     t_start = time.time()
     deadline = t_start + args.budget
@@ -283,12 +281,13 @@ def run_benchmark(args) -> dict:
         pro = paro_prologue(q, k, v)
         for density in args.densities:
             if density >= 1.0:
-                mask, counts, indices = None, None, None
+                mask, bm = None, None
             else:
                 mask = tuning.random_block_mask(h, nb, nb, density, generator=gen)
-                counts, indices = (t.cuda() for t in trim_csr(*block_mask_to_csr(mask)))
+                bm = BlockMask.from_dense(mask).to("cuda")
             kept = 1.0 if mask is None else float(mask.float().mean())
-            kw = dict(kv_counts=counts, kv_indices=indices)
+            counts, indices = (None, None) if bm is None else (bm.counts, bm.indices)
+            kw = dict(mask=bm)
             out = torch.empty_like(q)
 
             def triton_run():

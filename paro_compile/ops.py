@@ -8,8 +8,10 @@ extern call, so everything around it keeps Inductor's codegen. The block mask tr
 
 Dispatch of ``impl``:
 - ``"reference"``: `paro_compile.kernels.reference` (pure PyTorch; any device).
-- ``"triton"``: the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
-- ``"auto"``: Triton on CUDA, the reference elsewhere.
+- ``"triton"``: the portable Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
+- ``"hopper"``: the Gluon kernel for sm_90 (`kernels.attention_hopper`; an error where it does not run the call).
+- ``"auto"``: on CUDA the Hopper kernel where `attention_hopper.available` and `.supports` say it runs the call,
+  else the Triton kernels; the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from paro_compile import envs
 from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.reference import paro_attention_reference
 
-IMPLS = ("auto", "reference", "triton")
+IMPLS = ("auto", "reference", "triton", "hopper")
 
 
 def triton_available_for(device: torch.device) -> bool:
@@ -76,8 +78,22 @@ def paro_attention_op(
         mask.validate(heads, n)
     if perm is not None and perm.device.type == "cpu":
         check_permutation(perm, heads, n)
-    use_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
     kwargs = dict(perm=perm, mask=mask, scale=scale, qk_bits=qk_bits, pv_dtype=pv_dtype, compensate=compensate)
+    if impl in ("hopper", "auto") and q.device.type == "cuda":
+        from paro_compile.kernels import attention_hopper
+
+        runs_here = attention_hopper.available(q.device) and attention_hopper.supports(
+            qk_bits, pv_dtype, mask.block_m, mask.block_n, q.shape[-1], compensate and not mask.is_dense,
+            dtype=q.dtype)
+        if impl == "hopper" and not runs_here:
+            raise ValueError(f"impl='hopper' cannot run this call (device {q.device}, qk_bits={qk_bits}, "
+                             f"pv_dtype={pv_dtype!r}, blocks {mask.block_m}x{mask.block_n}, head_dim {q.shape[-1]}, "
+                             f"compensate={compensate}, dtype {q.dtype}); use impl='auto' or 'triton'")
+        if runs_here and (impl == "hopper" or attention_hopper.SELECTED_BY_AUTO):
+            out = attention_hopper.paro_attention_hopper_qkv(q, k, v, perm=perm, mask=mask, scale=scale,
+                                                             pv_dtype=pv_dtype)
+            return out.contiguous()
+    use_triton = impl in ("triton", "hopper") or (impl == "auto" and q.device.type == "cuda")
     if use_triton:
         if not triton_available_for(q.device):
             raise RuntimeError(

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.prologue import Prologue
 from paro_compile.kernels.reference import FP8_MAX
 
@@ -60,6 +61,11 @@ try:  # Gluon is experimental: an older Triton, or none, must leave this module 
         _GLUON_ERROR = ImportError("this Triton's Gluon Hopper TMA module has no async_copy_global_to_shared")
 except Exception as exc:  # noqa: BLE001  (ImportError, or an API mismatch raised while importing)
     _GLUON_ERROR = exc
+
+
+# Whether impl="auto" picks this kernel where it runs the call (else the portable Triton kernel): set from the
+# GPU test record in benchmarks/RESULTS.md ("Hopper kernel").
+SELECTED_BY_AUTO = True
 
 
 def available(device=None) -> bool:
@@ -110,6 +116,17 @@ if _GLUON_ERROR is None:
         return count
 
     @gluon.jit
+    def _in_bounds(j, NKB):
+        """A CSR slot naming a block outside [0, NKB) (a malformed mask, which BlockMask.validate rejects) reads block 0;
+        the consumer masks all of its keys (`_keys_of`), so it adds nothing, as in the reference."""
+        return gl.where((j >= 0) & (j < NKB), j, 0)
+
+    @gluon.jit
+    def _keys_of(j, N, NKB):
+        """Key tokens of slot block ``j`` that take part: N for a real block, 0 for an out-of-range slot."""
+        return gl.where((j >= 0) & (j < NKB), N, 0)
+
+    @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, slot, phase, k_row, v_row, j,
                   BLOCK_N: gl.constexpr, PERMUTED_K: gl.constexpr):
         """Wait until ring slot ``slot`` is free, then TMA-load K rows [k_row + j·64, +64) and Vᵀ columns
@@ -151,7 +168,7 @@ if _GLUON_ERROR is None:
             idx0 = IDX + (h * NQB + gl.minimum(qb0, NQB - 1)) * IDX_STRIDE
             if CONSUMERS == 1:
                 for s in range(count0):
-                    j0 = gl.load(idx0 + s).to(gl.int32)
+                    j0 = _in_bounds(gl.load(idx0 + s).to(gl.int32), NKB)
                     _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, s % STAGES,
                               (s // STAGES) & 1, k_row, v_row, j0, BLOCK_N, PERMUTED_K)
             else:
@@ -164,11 +181,11 @@ if _GLUON_ERROR is None:
                     slot = s % STAGES
                     phase = (s // STAGES) & 1
                     if s < count0:
-                        j0 = gl.load(idx0 + s).to(gl.int32)
+                        j0 = _in_bounds(gl.load(idx0 + s).to(gl.int32), NKB)
                         _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, slot, phase,
                                   k_row, v_row, j0, BLOCK_N, PERMUTED_K)
                     if s < count1:
-                        j1 = gl.load(idx1 + s).to(gl.int32)
+                        j1 = _in_bounds(gl.load(idx1 + s).to(gl.int32), NKB)
                         _issue_kv(k_desc, v_desc, k_smem, v_smem, ready_bars, empty_bars, STAGES + slot, phase,
                                   k_row, v_row, j1, BLOCK_N, PERMUTED_K)
 
@@ -195,7 +212,7 @@ if _GLUON_ERROR is None:
         """Fused INT8 softmax of one 64×64 score tile: (new max, rescale factor, new row sum, fp32 P·448 — in the PV
         operand layout for permuted K rows, else in the score layout). See the module docstring."""
         raw = (s_i32 + MAGIC_BITS).to(gl.float32, bitcast=True)
-        if j * BLOCK_N + BLOCK_N > N:  # only the tail block has key columns past N
+        if j * BLOCK_N + BLOCK_N > N:  # N: the slot's key count; only the tail block (or a skipped slot) masks keys
             c_idx = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             if PERMUTED_K:  # column 16g + 8a + 2t + b holds token 16g + 4t + 2a + b
                 c_idx = (c_idx & ~15) + ((c_idx >> 1) & 3) * 4 + ((c_idx >> 3) & 1) * 2 + (c_idx & 1)
@@ -272,26 +289,36 @@ if _GLUON_ERROR is None:
             # four e4m3 bytes of each A register are packed once (carried as bytes they were unpacked and repacked).
             if DENSE:
                 j_nxt = gl.minimum(1, count - 1)
+                keys_nxt = N
+                j0 = 0
+                keys0 = N
             else:
                 j_nxt = gl.load(idx_base + gl.minimum(1, count - 1)).to(gl.int32)
-            j0 = gl.load(idx_base).to(gl.int32) if not DENSE else 0
+                keys_nxt = _keys_of(j_nxt, N, NKB)
+                j_nxt = _in_bounds(j_nxt, NKB)
+                j0 = gl.load(idx_base).to(gl.int32)
+                keys0 = _keys_of(j0, N, NKB)
+                j0 = _in_bounds(j0, NKB)
             ks_nxt = gl.load(ks_base + j_nxt)
             mbarrier.wait(ready_bars.index(ring), 0)
             s_tok = warpgroup_mma(q_tile, _k_tile(k_smem, ring, PERMUTED_K).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             s_i32 = warpgroup_mma_wait(0, deps=(s_tok, ))
             m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, _round_scale_22bits(qs * gl.load(ks_base + j0)),
-                                                   j0, N, P_LOG2, BLOCK_N, s_layout, p_layout, PERMUTED_K)
+                                                   j0, keys0, P_LOG2, BLOCK_N, s_layout, p_layout, PERMUTED_K)
             for s in range(1, count):
                 slot = s % STAGES
                 prev = (s - 1) % STAGES
                 j = j_nxt
+                keys = keys_nxt
                 c = _round_scale_22bits(qs * ks_nxt)
                 # Loads for the next step, consumed one iteration later (their latency hides behind this one).
                 if DENSE:
                     j_nxt = gl.minimum(s + 1, count - 1)
                 else:
                     j_nxt = gl.load(idx_base + gl.minimum(s + 1, count - 1)).to(gl.int32)
+                    keys_nxt = _keys_of(j_nxt, N, NKB)
+                    j_nxt = _in_bounds(j_nxt, NKB)
                 ks_nxt = gl.load(ks_base + j_nxt)
                 mbarrier.wait(ready_bars.index(ring + slot), (s // STAGES) & 1)
                 s_tok = warpgroup_mma(q_tile, _k_tile(k_smem, ring + slot, PERMUTED_K).permute((1, 0)), s_zero,
@@ -299,8 +326,8 @@ if _GLUON_ERROR is None:
                 acc_tok = warpgroup_mma(_p_operand(p_f32, p_layout, P_DTYPE, PERMUTED_K),
                                         v_smem.index(ring + prev).permute((1, 0)), acc, is_async=True)
                 s_i32 = warpgroup_mma_wait(1, deps=(s_tok, ))
-                m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, c, j, N, P_LOG2, BLOCK_N, s_layout, p_layout,
-                                                       PERMUTED_K)
+                m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, c, j, keys, P_LOG2, BLOCK_N, s_layout,
+                                                       p_layout, PERMUTED_K)
                 acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
                 mbarrier.arrive(empty_bars.index(ring + prev))
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
@@ -322,6 +349,7 @@ if _GLUON_ERROR is None:
         valid = rows < N
         if HAS_PERM:
             dst = gl.load(PERM + h * N + rows, mask=valid, other=0)
+            valid = valid & (dst >= 0) & (dst < N)  # a malformed permutation never writes past the output
         else:
             dst = rows
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
@@ -501,12 +529,11 @@ def permuted_k_refused() -> Optional[str]:
 
 
 def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                              perm: Optional[torch.Tensor] = None, kv_counts: Optional[torch.Tensor] = None,
-                              kv_indices: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                              pv_dtype: str = "fp8", out: Optional[torch.Tensor] = None,
+                              perm: Optional[torch.Tensor] = None, mask: Optional[BlockMask] = None,
+                              scale: Optional[float] = None, pv_dtype: str = "fp8", out: Optional[torch.Tensor] = None,
                               config: Optional[dict] = None) -> torch.Tensor:
-    """`attention.paro_attention_triton`'s call (q, k, v [B, H, N, D], INT8 QKᵀ, 64-token blocks) on this kernel:
-    the fused prologue, then `paro_attention_hopper`."""
+    """`attention.paro_attention_triton`'s call (q, k, v [B, H, N, D], INT8 QKᵀ, 64-token blocks: a `BlockMask` with
+    ``group == 1``, None = dense) on this kernel: the fused prologue, then `paro_attention_hopper`."""
     from paro_compile.kernels.prologue import paro_prologue
 
     bsz, heads, n, d = q.shape
@@ -514,4 +541,10 @@ def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     pro = paro_prologue(q, k, v, perm=perm, scale=scale if scale is not None else 1.0 / math.sqrt(d), qk_bits=8,
                         pv_dtype=pv_dtype, block_m=BLOCK, block_n=BLOCK)
-    return paro_attention_hopper(pro, out, perm, kv_counts, kv_indices, n, heads, config=config)
+    if mask is not None and not mask.is_dense:
+        if mask.group != 1 or mask.block_m != BLOCK or mask.block_n != BLOCK:
+            raise ValueError(f"the Hopper kernel walks 64-token blocks one query block per row, got block "
+                             f"({mask.block_m}, {mask.block_n}) with group {mask.group}")
+        mask = mask.to(q.device)
+        return paro_attention_hopper(pro, out, perm, mask.counts, mask.indices, n, heads, config=config)
+    return paro_attention_hopper(pro, out, perm, None, None, n, heads, config=config)

@@ -11,6 +11,7 @@ import torch
 from paro_compile.kernels import attention_hopper as AH
 from paro_compile.kernels import reference as R
 from paro_compile.kernels import tuning
+from paro_compile.kernels.block_mask import BlockMask, num_blocks
 
 from paro_kernel_helpers import attention_f64, rel_l2
 from test_attention import KERNEL_TOL, QUANT_TOL
@@ -55,7 +56,7 @@ def _inputs(gen, b, h, n, d, dtype, perm, density, empty_row=True):
     k = k + 2.0 * torch.randn(1, 1, 1, d, generator=gen)
     q = q * 1.5
     pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)]).cuda() if perm else None
-    nb = R.num_blocks(n, 64)
+    nb = num_blocks(n, 64)
     mask = None
     if density is not None:
         mask = tuning.random_block_mask(h, nb, nb, density, generator=gen)
@@ -66,18 +67,14 @@ def _inputs(gen, b, h, n, d, dtype, perm, density, empty_row=True):
 
 def _check(seed, q, k, v, pm, mask, pv, *, config=None, trim=False, check_f64=True):
     b, h, n, d = q.shape
-    counts = indices = None
-    if mask is not None:
-        counts, indices = R.block_mask_to_csr(mask)
-        if trim:  # plan constants: rows cut to the largest count, int16 indices
-            counts, indices = R.trim_csr(counts, indices)
-        counts, indices = counts.cuda(), indices.cuda()
+    bm = None
+    if mask is not None:  # trim: plan constants, rows cut to the largest count, int16 indices
+        bm = BlockMask.from_dense(mask, compact=trim).to("cuda")
     out = torch.full_like(q, float("nan"))
-    res = AH.paro_attention_hopper_qkv(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, pv_dtype=pv, out=out,
-                                       config=config)
+    res = AH.paro_attention_hopper_qkv(q, k, v, perm=pm, mask=bm, pv_dtype=pv, out=out, config=config)
     torch.cuda.synchronize()
     assert res is out
-    ref = R.paro_attention_reference(q, k, v, perm=pm, kv_counts=counts, kv_indices=indices, qk_bits=8, pv_dtype=pv)
+    ref = R.paro_attention_reference(q, k, v, perm=pm, mask=bm, qk_bits=8, pv_dtype=pv)
     msg = (f"seed={seed} pv={pv} dtype={q.dtype} shape={tuple(q.shape)} perm={pm is not None} dense={mask is None} "
            f"trim={trim} config={config}")
     assert not out.isnan().any(), f"unwritten (NaN) output rows: {int(out.isnan().any(-1).sum())}; {msg}"
@@ -164,8 +161,7 @@ def test_hopper_agrees_with_triton_kernel(seed, gen, pv):
 
     n = 3000 + int(torch.randint(0, 63, (1,), generator=gen))
     q, k, v, pm, mask = _inputs(gen, 1, 4, n, 128, torch.bfloat16, True, 0.3)
-    counts, indices = (t.cuda() for t in R.block_mask_to_csr(mask))
-    for kw in (dict(kv_counts=counts, kv_indices=indices), {}):
+    for kw in (dict(mask=BlockMask.from_dense(mask).to("cuda")), {}):
         ours = AH.paro_attention_hopper_qkv(q, k, v, perm=pm, pv_dtype=pv, **kw)
         # A fixed launch config: the numerics do not depend on it, and autotuning here would cost minutes.
         theirs = paro_attention_triton(q, k, v, perm=pm, pv_dtype=pv, config={"TILE_M": 64, "num_warps": 4,
