@@ -35,10 +35,10 @@ if TYPE_CHECKING:
     from paro_compile.passes.discover import AttentionSite
 
 # ---------------------------------------------------------------------------------------------------
-# result types
+# result types (eq=False: sizes may be SymInts, and == on them would guard)
 
 
-@dataclass
+@dataclass(eq=False)
 class Factor:
     """One axis of the visual grid: its size and the (node, axis) it can be read from at run time."""
 
@@ -47,7 +47,7 @@ class Factor:
     dim: int
 
 
-@dataclass
+@dataclass(eq=False)
 class VisualSource:
     """The node whose axis ``dim`` first holds the visual tokens as one flat axis (natural order)."""
 
@@ -63,7 +63,7 @@ class VisualSource:
         return f"{op_name(self.node) if self.node.op != 'placeholder' else 'input'}({self.node.name})"
 
 
-@dataclass
+@dataclass(eq=False)
 class SiteLayout:
     """What layout inference found for one site."""
 

@@ -167,7 +167,6 @@ def test_dynamic_shapes_with_order_plan_through_backend(orders):
 
 def test_dynamic_shapes_plan_without_orders_is_a_clear_error():
     from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
-    from paro_compile.plan import PlanMismatchError
 
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()

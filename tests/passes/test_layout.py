@@ -1,9 +1,7 @@
 """Layout inference (`passes/layout.py`): the token grid of every site, recovered from the graph."""
 import pytest
 import sympy
-import torch
 
-from paro_compile.grid import TokenGrid
 from paro_compile.passes.layout import infer_layouts, infer_token_grids
 from tests.passes.fold_helpers import GRIDS, capture, make
 
