@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import SUPPORTED_HEAD_DIMS, ParoConfig
+from paro_compile.passes.fx_utils import fake_value, known_equal
 
 SDPA_TARGETS: set[Any] = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 for _name in (
@@ -84,13 +85,6 @@ def innermost_module_path(node: fx.Node) -> str:
     return normalize_module_path(path)
 
 
-def fake_value(node: Any) -> Optional[torch.Tensor]:
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
@@ -143,20 +137,20 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
     if not (q.dtype == k.dtype == v.dtype):
         reasons.append(f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}")
     head_dim = q.shape[-1]
-    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != head_dim:
+    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS or not known_equal(v.shape[-1], head_dim):
         reasons.append(f"head_dim {head_dim} (v: {v.shape[-1]}) not in {SUPPORTED_HEAD_DIMS}")
-    if args.get("enable_gqa", False) or q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
+    # known_equal, not ==: comparing symbolic sizes with == would guard on (specialize) them
+    if args.get("enable_gqa", False) or not known_equal((q.shape[1], k.shape[1]), (k.shape[1], v.shape[1])):
         reasons.append(f"grouped-query heads (q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]})")
-    if q.shape[0] != k.shape[0]:
+    if not known_equal(q.shape[0], k.shape[0]):
         reasons.append("query and key batch sizes differ")
-    if q.shape[2] != k.shape[2]:
+    if not known_equal(q.shape[2], k.shape[2]):
         reasons.append(f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]}); paro reorders self-attention")
     return reasons
 
 
-def find_attention_sites(gm: fx.GraphModule, config: Optional[ParoConfig] = None) -> list[AttentionSite]:
+def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[AttentionSite]:
     """All SDPA calls of ``gm`` in graph order, each with its site id and support verdict."""
-    config = config or ParoConfig()
     sites: list[AttentionSite] = []
     ordinals: dict[str, int] = {}
     for node in gm.graph.nodes:

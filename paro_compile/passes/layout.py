@@ -12,175 +12,48 @@ reach the op that *forms* the tokens:
   through): its tokens are visual when they occupy the visual range of the site's sequence; the grid
   then comes from the plan (``SitePlan.grid``) or from the user.
 
-Sizes are sympy expressions (from the fake tensors' SymInts), so symbolic shapes (``dynamic=True``)
-are inferred too; `SiteLayout.token_grid()` returns a `paro_compile.grid.TokenGrid` only when every
-size is a concrete int (TokenGrid holds ints).
+Sizes are the fake tensors' own (ints, or SymInts with ``dynamic=True``), compared without guards
+(`fx_utils.known_equal`), so symbolic shapes are inferred too without specializing them;
+`SiteLayout.symbolic_grid()` gives them as sympy expressions, and `SiteLayout.token_grid()` returns a
+`paro_compile.grid.TokenGrid` only when every size is a concrete int (TokenGrid holds ints).
 """
 from __future__ import annotations
 
-import operator
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import sympy
-import torch
 import torch.fx as fx
 
 from paro_compile.grid import TokenGrid
+from paro_compile.passes.fx_utils import (
+    ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SizeLike, arg, getitem_axis_map, is_one,
+    known_equal, map_view_backward, meta_value, norm_dim, op_name, permute_dims, shape_of, static_int, to_sym,
+)
+
+if TYPE_CHECKING:
+    from paro_compile.passes.discover import AttentionSite
 
 # ---------------------------------------------------------------------------------------------------
-# shapes as sympy
+# result types (eq=False: sizes may be SymInts, and == on them would guard)
 
 
-def fake_value(node: Any) -> Optional[torch.Tensor]:
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def to_sym(x: Any) -> sympy.Expr:
-    if isinstance(x, torch.SymInt):
-        return sympy.sympify(x.node.expr)
-    return sympy.Integer(int(x))
-
-
-def shape_of(node: Any) -> Optional[tuple]:
-    value = fake_value(node)
-    return None if value is None else tuple(to_sym(s) for s in value.shape)
-
-
-def sym_eq(a: Any, b: Any) -> bool:
-    a, b = sympy.sympify(a), sympy.sympify(b)
-    if a == b:
-        return True
-    try:
-        return sympy.simplify(a - b) == 0
-    except Exception:  # pragma: no cover - defensive
-        return False
-
-
-def sym_prod(xs) -> sympy.Expr:
-    out = sympy.Integer(1)
-    for x in xs:
-        out = out * sympy.sympify(x)
-    return out
-
-
-def is_one(x: Any) -> bool:
-    return sym_eq(x, 1)
-
-
-def map_view_forward(in_shape: tuple, out_shape: tuple, d: int) -> Optional[int]:
-    """Output axis of a view-like op that holds exactly input axis ``d`` (None: merged or split)."""
-    before = sym_prod(in_shape[:d])
-    for j in range(len(out_shape)):
-        if sym_eq(out_shape[j], in_shape[d]) and sym_eq(sym_prod(out_shape[:j]), before):
-            if is_one(in_shape[d]) and j != d:
-                continue
-            return j
-    return None
-
-
-def map_view_backward(in_shape: tuple, out_shape: tuple, j: int):
-    """("same", i) when output axis j is input axis i; ("merge", [i0..i1]) when it is their product."""
-    i = map_view_forward(out_shape, in_shape, j)
-    if i is not None:
-        return ("same", i)
-    before = sym_prod(out_shape[:j])
-    for i0 in range(len(in_shape)):
-        if not sym_eq(sym_prod(in_shape[:i0]), before):
-            continue
-        for i1 in range(i0 + 1, len(in_shape)):
-            if sym_eq(sym_prod(in_shape[i0:i1 + 1]), out_shape[j]):
-                dims = [i for i in range(i0, i1 + 1) if not is_one(in_shape[i])]
-                if len(dims) == 1:
-                    return ("same", dims[0])
-                return ("merge", dims)
-    return None
-
-
-def op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        target = node.target
-        if target is operator.getitem:
-            return "getitem"
-        if target is operator.setitem:
-            return "setitem"
-        return str(getattr(target, "__name__", target)).lstrip("_")
-    return node.op
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    if len(node.args) > index:
-        return node.args[index]
-    return default
-
-
-def norm_dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
-
-
-VIEW_OPS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "contiguous", "expand", "view_as", "reshape_as"}
-PERMUTE_OPS = {"transpose", "permute", "swapaxes", "movedim"}
-ELEMENTWISE_OPS = {
-    "add", "sub", "mul", "truediv", "div", "neg", "pow", "to", "float", "half", "bfloat16", "type_as", "clone", "gelu",
-    "silu", "relu", "sigmoid", "tanh", "exp", "sin", "cos", "dropout", "rsqrt", "sqrt", "abs", "where", "erf", "square",
-    "clamp", "add_", "mul_", "sub_", "div_", "iadd", "imul", "isub", "itruediv", "radd", "rmul", "rsub", "empty_like",
-    "zeros_like", "ones_like", "detach", "masked_fill", "lerp", "addcmul", "mish", "softplus", "hardswish", "leaky_relu",
-    "floordiv", "contiguous",
-}
-LAST_DIM_OPS = {"linear"}  # act on the last axis only
-NORM_OPS = {"layer_norm", "rms_norm"}
-REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "norm", "softmax", "log_softmax", "max", "min"}
-
-
-def permute_dims(node: fx.Node, rank: int) -> Optional[list[int]]:
-    """For permute-like ops: dims such that output axis j = input axis dims[j]."""
-    name = op_name(node)
-    if name == "permute":
-        dims = node.args[1:] if len(node.args) > 2 or not isinstance(arg(node, 1, "dims"), (list, tuple)) else arg(node, 1, "dims")
-        return [norm_dim(int(x), rank) for x in dims]
-    if name in ("transpose", "swapaxes"):
-        a, b = norm_dim(int(arg(node, 1, "dim0")), rank), norm_dim(int(arg(node, 2, "dim1")), rank)
-        dims = list(range(rank))
-        dims[a], dims[b] = dims[b], dims[a]
-        return dims
-    if name == "movedim":
-        src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
-        if not isinstance(src, int) or not isinstance(dst, int):
-            return None
-        src, dst = norm_dim(src, rank), norm_dim(dst, rank)
-        order = [i for i in range(rank) if i != src]
-        order.insert(dst, src)
-        return order
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# result types
-
-
-@dataclass
+@dataclass(eq=False)
 class Factor:
     """One axis of the visual grid: its size and the (node, axis) it can be read from at run time."""
 
-    size: sympy.Expr
+    size: SizeLike
     node: fx.Node
     dim: int
 
 
-@dataclass
+@dataclass(eq=False)
 class VisualSource:
     """The node whose axis ``dim`` first holds the visual tokens as one flat axis (natural order)."""
 
     node: fx.Node
     dim: int
-    length: sympy.Expr
+    length: SizeLike
     factors: Optional[list[Factor]] = None
     """The grid axes, slowest first (None: a flat leaf; the grid must come from elsewhere)."""
     kind: str = "merge"  # "merge" | "flat"
@@ -190,15 +63,16 @@ class VisualSource:
         return f"{op_name(self.node) if self.node.op != 'placeholder' else 'input'}({self.node.name})"
 
 
-@dataclass
+@dataclass(eq=False)
 class SiteLayout:
     """What layout inference found for one site."""
 
     site_id: str
-    seq_len: sympy.Expr
-    merge_sources: list[tuple[VisualSource, sympy.Expr]] = field(default_factory=list)
+    seq_len: Optional[SizeLike]
+    """None when the site's query has no 4-D fake value (nothing is inferred then)."""
+    merge_sources: list[tuple[VisualSource, SizeLike]] = field(default_factory=list)
     """(source, offset of its first token in the site's sequence)."""
-    flat_leaves: list[tuple[VisualSource, sympy.Expr]] = field(default_factory=list)
+    flat_leaves: list[tuple[VisualSource, SizeLike]] = field(default_factory=list)
 
     @property
     def factors(self) -> Optional[list[Factor]]:
@@ -208,7 +82,7 @@ class SiteLayout:
         return None
 
     @property
-    def visual_offset(self) -> Optional[sympy.Expr]:
+    def visual_offset(self) -> Optional[SizeLike]:
         for source, offset in self.merge_sources:
             if source.factors and len(source.factors) in (2, 3):
                 return offset
@@ -219,22 +93,21 @@ class SiteLayout:
         factors, offset = self.factors, self.visual_offset
         if factors is None:
             return None
-        visual = sym_prod(f.size for f in factors)
-        text = sympy.simplify(self.seq_len - visual)
-        position = "prefix" if sym_eq(offset, text) else "suffix"
-        if not (sym_eq(offset, text) or sym_eq(offset, 0)):
+        visual = math.prod(f.size for f in factors)
+        text = self.seq_len - visual
+        position = "prefix" if known_equal(offset, text) else "suffix"
+        if not (known_equal(offset, text) or known_equal(offset, 0)):
             return None  # text on both sides: not a TokenGrid
-        return {"axes": "FHW" if len(factors) == 3 else "HW", "sizes": [f.size for f in factors], "text_tokens": text,
-                "text_position": position}
+        return {"axes": "FHW" if len(factors) == 3 else "HW", "sizes": [to_sym(f.size) for f in factors],
+                "text_tokens": to_sym(text), "text_position": position}
 
     def token_grid(self) -> Optional[TokenGrid]:
         grid = self.symbolic_grid()
         if grid is None:
             return None
-        try:
-            sizes = [int(s) for s in grid["sizes"]]
-            text = int(grid["text_tokens"])
-        except TypeError:
+        sizes = [static_int(s) for s in grid["sizes"]]
+        text = static_int(grid["text_tokens"])
+        if text is None or None in sizes:
             return None  # symbolic
         if grid["axes"] == "FHW":
             return TokenGrid(frames=sizes[0], height=sizes[1], width=sizes[2], text_tokens=text, text_position=grid["text_position"])
@@ -245,47 +118,11 @@ class SiteLayout:
 # backward trace
 
 
-def _index_tuple(index: Any) -> tuple:
-    return index if isinstance(index, tuple) else (index,)
-
-
-def getitem_axis_map(index: Any, in_rank: int) -> Optional[list[tuple[str, Any]]]:
-    """For a basic-indexing tuple: per output axis ("in", input axis, slice) or ("new", None, None).
-
-    None for advanced indexing (tensors, lists) that we do not see through.
-    """
-    items = list(_index_tuple(index))
-    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
-    out: list[tuple[str, Any, Any]] = []
-    axis = 0
-    for it in items:
-        if it is Ellipsis:
-            for _ in range(in_rank - consumed):
-                out.append(("in", axis, slice(None)))
-                axis += 1
-        elif it is None:
-            out.append(("new", None, None))
-        elif isinstance(it, slice):
-            if any(isinstance(x, fx.Node) for x in (it.start, it.stop, it.step)):
-                out.append(("in", axis, "dynamic"))
-            else:
-                out.append(("in", axis, it))
-            axis += 1
-        elif isinstance(it, int):
-            axis += 1  # dropped axis
-        else:
-            return None
-    while axis < in_rank:
-        out.append(("in", axis, slice(None)))
-        axis += 1
-    return out
-
-
 def trace_factors(node: fx.Node, dim: int, depth: int = 0) -> list[Factor]:
     """Split axis ``dim`` of ``node`` into the axes it was merged from (recursively)."""
-    shape = shape_of(node)
-    if depth > 32 or shape is None:
-        return [Factor(shape[dim] if shape else sympy.Symbol("?"), node, dim)]
+    shape = shape_of(node)  # callers pass nodes with a fake value
+    if depth > 32:
+        return [Factor(shape[dim], node, dim)]
     name = op_name(node)
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     src_shape = shape_of(src) if src is not None else None
@@ -313,7 +150,7 @@ class _Tracer:
         self.layout = layout
         self.seen: set[tuple[str, int, str]] = set()
 
-    def visit(self, node: Any, dim: int, offset: sympy.Expr, depth: int = 0) -> None:
+    def visit(self, node: Any, dim: int, offset: SizeLike, depth: int = 0) -> None:
         if not isinstance(node, fx.Node) or depth > 4000:
             return
         shape = shape_of(node)
@@ -377,7 +214,7 @@ class _Tracer:
                 if a_shape is None:
                     continue
                 aligned = dim - (rank - len(a_shape))
-                if aligned >= 0 and sym_eq(a_shape[aligned], length) and not is_one(length):
+                if aligned >= 0 and known_equal(a_shape[aligned], length) and not is_one(length):
                     self.visit(a, aligned, offset, depth + 1)
             return
         if name == "getitem" and isinstance(args0, fx.Node):
@@ -400,7 +237,7 @@ class _Tracer:
         if name == "cat":
             tensors = arg(node, 0, "tensors")
             cat_dim = norm_dim(int(arg(node, 1, "dim", 0)), rank)
-            running = sympy.Integer(0)
+            running: SizeLike = 0
             for t in tensors:
                 t_shape = shape_of(t)
                 if t_shape is None:
@@ -440,39 +277,38 @@ class _Tracer:
             if sdim != dim:
                 self.visit(src, dim, offset, depth + 1)
                 return
-            pieces = tup.meta.get("example_value")
+            pieces = meta_value(tup)
             if isinstance(pieces, (list, tuple)):
-                start = sympy.Integer(0)
-                for p in pieces[:index]:
-                    start = start + to_sym(p.shape[dim])
+                start = sum((p.shape[dim] for p in pieces[:index]), 0)
                 self.visit(src, dim, offset - start, depth + 1)
 
     def _leaf(self, node: fx.Node, dim: int, length, offset) -> None:
         self.layout.flat_leaves.append((VisualSource(node, dim, length, None, "flat"), offset))
 
 
-def infer_site_layout(site) -> SiteLayout:
+def infer_site_layout(site: AttentionSite) -> SiteLayout:
+    """Where the tokens of ``site``'s query, key and value come from: the merges and flat leaves that form them."""
     shape = shape_of(site.q)
-    seq_len = shape[2] if shape is not None and len(shape) == 4 else sympy.Symbol("N")
+    seq_len = shape[2] if shape is not None and len(shape) == 4 else None
     layout = SiteLayout(site_id=site.site_id, seq_len=seq_len)
     if shape is None or len(shape) != 4:
         return layout
     tracer = _Tracer(layout)
     for tensor in (site.q, site.k, site.v):
-        tracer.visit(tensor, 2, sympy.Integer(0))
+        tracer.visit(tensor, 2, 0)
     # one entry per source node
-    uniq: dict[tuple[str, int], tuple[VisualSource, Any]] = {}
+    uniq: dict[tuple[str, int], tuple[VisualSource, SizeLike]] = {}
     for source, offset in layout.merge_sources:
         uniq.setdefault((source.node.name, source.dim), (source, offset))
     layout.merge_sources = list(uniq.values())
     return layout
 
 
-def infer_layouts(gm: fx.GraphModule, sites) -> dict[str, SiteLayout]:
+def infer_layouts(gm: fx.GraphModule, sites: list[AttentionSite]) -> dict[str, SiteLayout]:
     return {site.site_id: infer_site_layout(site) for site in sites}
 
 
-def infer_token_grids(gm: fx.GraphModule, sites) -> dict[str, Optional[TokenGrid]]:
+def infer_token_grids(gm: fx.GraphModule, sites: list[AttentionSite]) -> dict[str, Optional[TokenGrid]]:
     """site_id → the `TokenGrid` of its sequence, or None when the tokens are not formed from a grid in
     this graph (flat graph input: take the grid from the plan / the user) or the sizes are symbolic."""
     out: dict[str, Optional[TokenGrid]] = {}

@@ -1,8 +1,14 @@
 """Shared helpers of the layout/fold tests: capture Dynamo graphs and build plans without calibration."""
 from __future__ import annotations
 
-import torch
+import importlib.util
+from pathlib import Path
 
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import paro_compile
 from paro_compile.config import ParoConfig
 from paro_compile.grid import TokenGrid, orders_permutation
 from paro_compile.passes.discover import find_attention_sites
@@ -60,3 +66,27 @@ def make_plan(sites, grid: TokenGrid, orders: list[str], with_grid: bool = True)
 
 def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def token_gathers(code: str) -> None:
+    """Inductor code with no indirect load on the token axis (aten.index/gather/index_select lower to
+    bounds-checked indirect loads) and no permutation buffer handed to the attention op."""
+    FileCheck().check_not("index out of bounds").check_not("aten.index").check_not("gather").check_not("index_select").run(code)
+
+
+def compile_and_run(model, inputs, plan):
+    """(output, Inductor code, report) of ``model`` compiled with the paro backend and ``plan``, exact numerics."""
+    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, **inputs)
+    return first(out), "\n".join(codes), paro_compile.last_report()
+
+
+def bench_fold_stack():
+    """benchmarks/bench_fold.py's `Stack`: CogVideoX-style Conv2d patch embed per frame → view/flatten/transpose/
+    flatten → text prefix → attention blocks → unpatchify."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fold.py"
+    spec = importlib.util.spec_from_file_location("bench_fold", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Stack

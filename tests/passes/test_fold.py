@@ -1,4 +1,5 @@
-"""Folding pass: PARO orders applied by layout ops, exact outputs, zero runtime gathers."""
+"""Folding pass, driver (`passes/fold.py`): the common order chosen, folded end to end with exact outputs and zero
+runtime gathers; what each site's kernel still applies; symbolic shapes."""
 import itertools
 import re
 
@@ -6,54 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._inductor.utils import run_and_get_code
-from torch.testing import FileCheck
 
 import paro_compile
-from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation, orders_permutation
-from paro_compile.kernels.reference import permute_tokens
-from paro_compile.passes.fold import residual_permutation
-from tests.passes.fold_helpers import EXACT, GRIDS, capture, first, make, make_plan
-
-GATHER_TARGETS = {torch.ops.aten.index.Tensor, torch.gather, torch.index_select, torch.ops.aten.gather.default,
-                  torch.ops.aten.index_select.default}
-
-
-def token_gathers(code: str) -> None:
-    """Inductor code with no indirect load on the token axis (aten.index/gather/index_select lower to
-    bounds-checked indirect loads) and no permutation buffer handed to the attention op."""
-    FileCheck().check_not("index out of bounds").check_not("aten.index").check_not("gather").check_not("index_select").run(code)
-
-
-def compile_and_run(model, inputs, plan):
-    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})
-    with torch.no_grad():
-        out, codes = run_and_get_code(compiled, **inputs)
-    return first(out), "\n".join(codes), paro_compile.last_report()
-
-
-def test_residual_algebra():
-    grid = TokenGrid(3, 4, 5, 7)
-    orders = ["HWF", "WFH", "FHW", "HWF"]
-    perm = orders_permutation(grid, orders)
-    common = order_permutation(grid, "HWF")
-    residual = residual_permutation(perm, common)
-    x = torch.randn(2, len(orders), grid.num_tokens, 8)
-    # tokens already in the common order, then the residual == the plan's per-head order
-    in_common = permute_tokens(x, common.expand(len(orders), -1))
-    torch.testing.assert_close(permute_tokens(in_common, residual), permute_tokens(x, perm), rtol=0, atol=0)
-    assert torch.equal(residual[0], torch.arange(grid.num_tokens)) and torch.equal(residual[3], residual[0])
-    # composition of consecutive sites: π⁻¹ of one then π of the next is the identity when equal
-    inv = inverse_permutation(common)
-    assert torch.equal(common[inv], torch.arange(grid.num_tokens))
-
-
-def test_gather_check_sees_a_gather():
-    perm = torch.randperm(40)
-    f = torch.compile(lambda x: (x[:, perm] * 2).sum(-1), backend="inductor")
-    _, codes = run_and_get_code(f, torch.randn(2, 40, 8))
-    with pytest.raises(RuntimeError):
-        token_gathers("\n".join(codes))
+from paro_compile.grid import order_permutation
+from tests.passes.fold_helpers import EXACT, GRIDS, capture, compile_and_run, first, make, make_plan, token_gathers
 
 
 @pytest.mark.parametrize("order", ["".join(p) for p in itertools.permutations("FHW")])
@@ -148,41 +105,6 @@ def test_flat_input_without_grid_stays_in_kernel():
     assert [s.permutation for s in report.sites] == ["kernel"] and report.gathers_left == 0
 
 
-class TokenMixing(nn.Module):
-    """The toy DiT plus ops that read token positions (a flip and a cumulative sum over tokens)."""
-
-    def __init__(self):
-        super().__init__()
-        from paro_compile.toy.dit import ToyVideoDiT
-
-        torch.manual_seed(0)
-        self.dit = ToyVideoDiT()
-
-    def forward(self, latent, text, timestep):
-        d = self.dit
-        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
-        tokens = tokens + 0.1 * tokens.flip(1) + 0.01 * tokens.cumsum(1)
-        x = torch.cat([d.text_proj(text), tokens], dim=1)
-        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
-        for block in d.blocks:
-            x = block(x, temb)
-        return x.mean(1)
-
-
-def test_token_position_ops_get_inverse_layout_ops():
-    from paro_compile.toy.dit import toy_inputs
-
-    model, inputs = TokenMixing().eval(), toy_inputs()
-    gm, sites = capture(model, inputs)
-    plan = make_plan(sites, GRIDS["toy"], ["WHF"])
-    with torch.no_grad():
-        ref = model(**inputs)
-    out, code, report = compile_and_run(model, inputs, plan)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert report.gathers_left == 0
-    token_gathers(code)
-
-
 @torch.no_grad()
 def test_dynamic_shapes_fold_symbolic_grid():
     """Without a plan, the dynamic path folds an order string on the inferred symbolic grid:
@@ -245,7 +167,6 @@ def test_dynamic_shapes_with_order_plan_through_backend(orders):
 
 def test_dynamic_shapes_plan_without_orders_is_a_clear_error():
     from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
-    from paro_compile.plan import PlanMismatchError
 
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()
@@ -258,64 +179,6 @@ def test_dynamic_shapes_plan_without_orders_is_a_clear_error():
         with torch.no_grad():
             compiled(**toy_inputs(text_tokens=5))
     torch._dynamo.reset()
-
-
-def _per_layer_ops(code: str) -> list[tuple]:
-    """Inductor's `call` split at each paro attention call: per segment, (kernel calls, extern/aten calls,
-    buffer allocations). The first segment is everything before the first attention (patch embed etc.)."""
-    body = code[code.index("def call("):]
-    segments = re.split(r"torch\.ops\.paro\.attention\.default\(", body)
-    out = []
-    for seg in segments:
-        kernels = len(re.findall(r"^\s+(?:cpp_fused\w*|triton_\w+\.run)\(", seg, re.M))
-        externs = len(re.findall(r"^\s+\w+ = (?:extern_kernels|aten|torch\.ops\.aten)\.", seg, re.M))
-        externs += len(re.findall(r"^\s+extern_kernels\.", seg, re.M))
-        allocs = len(re.findall(r"empty_strided", seg))
-        out.append((kernels, externs, allocs))
-    return out
-
-
-@pytest.mark.parametrize("name,mixed", [("cogvideox", ["HWF", "WHF"]), ("toy", ["HWF", "WHF"])])
-def test_mixed_orders_add_no_kernels_per_layer(name, mixed, monkeypatch):
-    """Issue 4 follow-up: the mixed-order graph (common order folded, residuals in the kernel) has, per layer,
-    the same Inductor kernels, extern calls and allocations as the identity-order graph: no extra copy,
-    permute or index kernel per layer (the RoPE table permutes fuse into the RoPE kernel), and the residual
-    permutation reaches the op as a constant input on the activations' device.
-
-    Inductor assumes every CPU graph input unaligned (`should_assume_input_aligned` is GPU-only), which would
-    taint the attention output through the permutation input (one more allocation per layer, CPU only); the
-    test applies the GPU rule (aligned when the storage offset is) so the CPU code is what a GPU would get
-    for a device-resident permutation. The FX graph cache is off so the rule applies to this compilation."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor import graph as inductor_graph
-    from torch._inductor.utils import tensor_is_aligned
-
-    monkeypatch.setattr(inductor_graph, "should_assume_input_aligned", tensor_is_aligned)
-    model, inputs = make(name)
-    gm, sites = capture(model, inputs)
-    codes = {}
-    for tag, orders in (("identity", [GRIDS[name].natural_order]), ("mixed", mixed)):
-        plan = make_plan(sites, GRIDS[name], orders)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = first(model(**inputs))
-        with inductor_config.patch(fx_graph_cache=False):
-            out, codes[tag], report = compile_and_run(model, inputs, plan)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-        expected = "identity" if tag == "identity" else "kernel"
-        assert [s.permutation for s in report.sites if s.lowered] == [expected] * 2, report.summary()
-    ident, mix = _per_layer_ops(codes["identity"]), _per_layer_ops(codes["mixed"])
-    assert len(ident) == len(mix) == 3  # before layer 0's attention, between the two, after the last
-    # Per layer (segments 1, 2): the same kernels and extern calls, no more allocations. The patch embed
-    # (segment 0, once per call) may add one small copy and buffer when the order is folded into the conv's
-    # input: the permuted latent (Conv3d: its own copy kernel; Conv2d: fused into the existing layout copy).
-    assert [m[:2] for m in mix[1:]] == [i[:2] for i in ident[1:]], (ident, mix)
-    assert all(m[2] <= i[2] for m, i in zip(mix[1:], ident[1:])), (ident, mix)
-    assert mix[0][1] == ident[0][1] and ident[0][0] <= mix[0][0] <= ident[0][0] + 1, (ident, mix)
-    assert ident[0][2] <= mix[0][2] <= ident[0][2] + 1, (ident, mix)
-    count = lambda code: len(re.findall(r"async_compile\.(?:cpp|triton)", code))  # noqa: E731
-    assert count(codes["identity"]) <= count(codes["mixed"]) <= count(codes["identity"]) + 1  # + the latent copy
-    token_gathers(codes["mixed"])  # the residual is applied by the kernel, not by a gather in the graph
 
 
 def test_kernel_permutations_live_on_the_activation_device(monkeypatch):
@@ -333,54 +196,66 @@ def test_kernel_permutations_live_on_the_activation_device(monkeypatch):
     assert perms and all(p.device.type == "meta" for p in perms)
 
 
-def _bench_fold_stack():
-    """benchmarks/bench_fold.py's `Stack`: CogVideoX-style Conv2d patch embed per frame → view/flatten/transpose/
-    flatten → text prefix → attention blocks → unpatchify."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fold.py"
-    spec = importlib.util.spec_from_file_location("bench_fold", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Stack
 
 
-@pytest.mark.parametrize("order", ["".join(p) for p in itertools.permutations("FHW") if "".join(p) != "FHW"])
-def test_order_folds_into_the_patch_conv_input(order):
-    """The common order is applied to the conv's input latent (B = 2, so the batch/axis reshuffle is
-    exercised), the conv emits tokens already in the PARO order: exact output, no layout permute on the
-    conv output, zero gathers."""
+@torch.no_grad()
+@pytest.mark.parametrize("orders", [["HWF"], ["HWF", "WHF"]])
+def test_symbolic_text_length_with_a_static_grid(orders):
+    """Only the text length is symbolic (``mark_dynamic`` on the text): the grid is static but the sequence is
+    not, so no [H, N] constant fits; the orders are folded as on a symbolic grid, one compilation serves every
+    text length."""
+    from paro_compile.plan import Plan, SitePlan
+    from paro_compile.report import compile_reports
+    from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
+
     torch.manual_seed(0)
-    model = _bench_fold_stack()(128, 2, 2, channels=4, text_dim=16).eval()
-    inputs = {"latent": torch.randn(2, 3, 4, 8, 6), "text": torch.randn(2, 5, 16)}
-    grid = TokenGrid(3, 4, 3, 5)
-    gm, sites = capture(model, inputs)
-    plan = make_plan(sites, grid, [order])
-    with torch.no_grad():
-        ref = model(**inputs)
-    out, code, report = compile_and_run(model, inputs, plan)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    model = ToyVideoDiT().eval()
+    _, sites = capture(model, toy_inputs())
+    plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, (orders * 2)[:2], GRIDS["toy"])
+                 for s in sites if s.supported})
+    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})
+    for text_tokens in (5, 7, 9):
+        inputs = toy_inputs(text_tokens=text_tokens)
+        torch._dynamo.mark_dynamic(inputs["text"], 1)
+        torch.testing.assert_close(compiled(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
+    report = paro_compile.last_report()
     lowered = [s for s in report.sites if s.lowered]
-    assert len(lowered) == 2 and report.gathers_left == 0
-    assert all(s.permutation.startswith("folded:conv2d input") for s in lowered), report.summary()
-    token_gathers(code)
-    folded = next(p["after"] for p in report.passes if p["name"] == "fold_permutations")
-    # the conv reads the rearranged latent; the only token-axis layout permute left is the unpatchify's inverse
-    assert re.search(r"conv2d\((reshape\w*)", folded), folded
-    assert folded.count("torch.unflatten(") == 1, folded
+    assert len(compile_reports) == 1 and len(lowered) == 2 and report.gathers_left == 0
+    assert all(not isinstance(s.shape[2], int) for s in lowered), "expected a symbolic sequence length"
+    assert [s.permutation for s in lowered] == ["kernel" if len(orders) > 1 else "folded:conv3d input(flatten_1)"] * 2
 
 
-def test_conv_arguments_are_normalised_however_they_are_spelled():
-    """``F.conv2d(x, w, b, 2)`` passes the stride as an int; the patch-conv rules read it as (2, 2)."""
-    import torch.fx as fx
+def test_the_config_switch_turns_folding_off():
+    from paro_compile.config import ParoConfig
+    from paro_compile.passes.fold import fold_permutations
 
-    from paro_compile.passes.fold import CONV2D_TARGETS, CONV3D_TARGETS, _sole_conv_args
+    model, inputs = make("toy")
+    gm, sites = capture(model, inputs)
+    code = gm.code
+    result = fold_permutations(gm, sites, make_plan(sites, GRIDS["toy"], ["HWF"]), ParoConfig(**EXACT, fold_permutations=False))
+    assert gm.code == code and result.order is None and not result.kernel_perms
+    assert result.reason == "fold_permutations=False"
 
-    def patchify(x, w):
-        return torch.conv2d(x, w, None, 2) + 0
 
-    conv = next(n for n in fx.symbolic_trace(patchify).graph.nodes if n.target is torch.conv2d)
-    _, _, bias, stride, padding, dilation, groups = _sole_conv_args(conv, CONV2D_TARGETS, 2)
-    assert (bias, stride, padding, dilation, groups) == (None, (2, 2), (0, 0), (1, 1), 1)
-    assert _sole_conv_args(conv, CONV3D_TARGETS, 3) is None  # another op
+def test_the_passes_never_specialize_a_symbolic_size():
+    """Site discovery, layout inference and folding (with residuals computed in the graph) add no guard to the
+    graph's ShapeEnv: reading or comparing a symbolic size the wrong way would make a dynamic graph static."""
+    from paro_compile.config import ParoConfig
+    from paro_compile.passes.discover import find_attention_sites
+    from paro_compile.passes.fold import fold_permutations
+    from paro_compile.passes.fx_utils import fake_value
+    from paro_compile.passes.layout import infer_layouts
+    from paro_compile.plan import Plan, SitePlan
+
+    model, inputs = make("toy")
+    gm, _ = capture(model, inputs, dynamic=True)
+    latent = next(fake_value(n) for n in gm.graph.find_nodes(op="placeholder") if fake_value(n) is not None)
+    shape_env = latent.fake_mode.shape_env
+    guards = len(shape_env.guards)
+    config = ParoConfig(**EXACT)
+    sites = find_attention_sites(gm, config)
+    assert all(layout.symbolic_grid() is not None for layout in infer_layouts(gm, sites).values())
+    plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, ["HWF", "WHF"], GRIDS["toy"]) for s in sites if s.supported})
+    result = fold_permutations(gm, sites, plan, config)
+    assert result.order == "HWF" and all(isinstance(p, torch.fx.Node) for p in result.kernel_perms.values())
+    assert len(shape_env.guards) == guards

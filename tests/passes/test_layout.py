@@ -1,19 +1,9 @@
-"""Layout inference: the token grid of every site, recovered from the graph."""
+"""Layout inference (`passes/layout.py`): the token grid of every site, recovered from the graph."""
 import pytest
 import sympy
-import torch
 
-from paro_compile.grid import TokenGrid
-from paro_compile.passes.layout import infer_layouts, infer_token_grids, map_view_backward, map_view_forward
+from paro_compile.passes.layout import infer_layouts, infer_token_grids
 from tests.passes.fold_helpers import GRIDS, capture, make
-
-
-def test_view_axis_maps():
-    s = lambda *xs: tuple(sympy.Integer(x) for x in xs)  # noqa: E731
-    assert map_view_forward(s(2, 40, 128), s(2, 40, 2, 64), 1) == 1
-    assert map_view_forward(s(2, 40, 128), s(80, 128), 1) is None
-    assert map_view_backward(s(1, 128, 2, 4, 4), s(1, 128, 32), 2) == ("merge", [2, 3, 4])
-    assert map_view_backward(s(1, 3, 16, 128), s(1, 48, 128), 1) == ("merge", [1, 2])
 
 
 @pytest.mark.parametrize("name", ["toy", "cogvideox", "wan"])

@@ -1,0 +1,110 @@
+"""Folding, analysis phase (`passes/fold_analysis.py`): which nodes carry the tokens and where the boundaries are."""
+import torch
+import torch.nn as nn
+
+from tests.passes.fold_helpers import GRIDS, capture, compile_and_run, make_plan, token_gathers
+
+
+class TokenMixing(nn.Module):
+    """The toy DiT plus ops that read token positions (a flip and a cumulative sum over tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        from paro_compile.toy.dit import ToyVideoDiT
+
+        torch.manual_seed(0)
+        self.dit = ToyVideoDiT()
+
+    def forward(self, latent, text, timestep):
+        d = self.dit
+        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
+        tokens = tokens + 0.1 * tokens.flip(1) + 0.01 * tokens.cumsum(1)
+        x = torch.cat([d.text_proj(text), tokens], dim=1)
+        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
+        for block in d.blocks:
+            x = block(x, temb)
+        return x.mean(1)
+
+
+def test_token_position_ops_get_inverse_layout_ops():
+    from paro_compile.toy.dit import toy_inputs
+
+    model, inputs = TokenMixing().eval(), toy_inputs()
+    gm, sites = capture(model, inputs)
+    plan = make_plan(sites, GRIDS["toy"], ["WHF"])
+    with torch.no_grad():
+        ref = model(**inputs)
+    out, code, report = compile_and_run(model, inputs, plan)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert report.gathers_left == 0
+    token_gathers(code)
+
+
+
+
+def test_tokens_leave_the_region_before_ops_that_read_positions():
+    """Flip and cumsum over tokens, and the final mean over tokens, read the natural order: each gets an inverse
+    boundary on its input; the flipped and summed tokens come back as visual sources of their own."""
+    from paro_compile.passes.fold_analysis import analyse_region
+    from paro_compile.passes.fx_utils import op_name
+    from paro_compile.toy.dit import toy_inputs
+
+    gm, sites = capture(TokenMixing().eval(), toy_inputs())
+    code = gm.code
+    region = analyse_region(gm, sites)
+    assert gm.code == code  # the analysis does not touch the graph
+    assert region.axes == "FHW" and not region.symbolic
+    assert {op_name(node) for node, _ in region.sources} == {"flatten", "flip", "cumsum"}
+    boundaries = {(op_name(b.user), b.direction) for b in region.analysis.boundaries}
+    assert boundaries == {("flip", "inv"), ("cumsum", "inv"), ("mean", "inv")}
+    to_mean = next(b for b in region.analysis.boundaries if op_name(b.user) == "mean")
+    assert [s.kind for s in to_mean.state.segs] == ["txt", "vis"] and to_mean.state.dim == 1
+    assert all(site.node in region.analysis.state for site in sites if site.supported)
+
+
+class PartialStore(nn.Module):
+    """The toy DiT with a store into a few visual tokens: no layout op can express it in the common order."""
+
+    def __init__(self):
+        super().__init__()
+        from paro_compile.toy.dit import ToyVideoDiT
+
+        torch.manual_seed(0)
+        self.dit = ToyVideoDiT()
+
+    def forward(self, latent, text, timestep):
+        d = self.dit
+        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
+        tokens[:, 2:5] = 0.0
+        x = torch.cat([d.text_proj(text), tokens], dim=1)
+        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
+        for block in d.blocks:
+            x = block(x, temb)
+        return x
+
+
+def test_a_store_into_part_of_a_segment_stops_folding_before_any_rewrite():
+    import pytest
+
+    from paro_compile.passes.fold import fold_order
+    from paro_compile.passes.fold_analysis import FoldError, analyse_region
+    from paro_compile.toy.dit import toy_inputs
+
+    gm, sites = capture(PartialStore().eval(), toy_inputs())
+    code = gm.code
+    with pytest.raises(FoldError, match="not whole segments"):
+        analyse_region(gm, sites)
+    result = fold_order(gm, sites, "HWF")
+    assert result.order is None and "not whole segments" in result.reason
+    assert gm.code == code
+
+
+def test_whole_segments():
+    from paro_compile.passes.fold_analysis import Seg, whole_segments
+
+    text, visual = Seg("txt", 8), Seg("vis", 32)
+    segs = (text, visual)
+    assert whole_segments(segs, 0, 40) == segs
+    assert whole_segments(segs, 8, 40) == (visual,) and whole_segments(segs, 0, 8) == (text,)
+    assert whole_segments(segs, 0, 0) == ()
+    assert whole_segments(segs, 4, 40) is None and whole_segments(segs, 8, 20) is None
