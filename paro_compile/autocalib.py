@@ -92,9 +92,9 @@ def weights_fingerprint(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> st
             digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
             if tensor.numel() == 0 or tensor.is_meta or tensor.is_complex() or tensor.is_quantized:
                 continue
-            stats = _tensor_statistics(tensor.detach())
-            bucket = stats_by_device.setdefault(data.device, [])
-            order.append((data.device, len(bucket)))
+            stats = _tensor_statistics(tensor)
+            bucket = stats_by_device.setdefault(tensor.device, [])
+            order.append((tensor.device, len(bucket)))
             bucket.append(stats)
         on_host = {device: torch.stack(stats).cpu() for device, stats in stats_by_device.items()}
     for device, index in order:

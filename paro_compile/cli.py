@@ -233,7 +233,7 @@ def add_calibration_option_flags(parser: argparse.ArgumentParser) -> None:
     for option in option_fields():
         kind, is_list = option_value_type(option)
         metavar = None if option.metadata["choices"] else (f"{kind.__name__.upper()},..." if is_list else kind.__name__.upper())
-        default = "" if option.default is None else f" (default {shown_default(option).strip('\"')})"
+        default = "" if option.default is None else " (default " + shown_default(option).strip('"') + ")"
         help_text = (option.metadata["help"] + default).replace("%", "%%")
         group.add_argument(option_flag(option.name), dest=option.name, type=option_value_parser(kind, is_list),
                            default=option.default, choices=option.metadata["choices"], metavar=metavar, help=help_text)

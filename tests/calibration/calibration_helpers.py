@@ -1,4 +1,6 @@
 """Shared pieces of the calibration tests: structured synthetic heads, a tiny two-site model and its inputs."""
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,3 +47,15 @@ def model_inputs(qk, timesteps=(999.0,)):
     q, k = qk
     gen = torch.Generator().manual_seed(1)
     return [((q, k, torch.randn(q.shape, generator=gen)), {"timestep": torch.tensor([t])}) for t in timesteps]
+
+
+def docs_option_defaults(text: str) -> dict[str, str]:
+    """{option: default cell} of the options table of docs/calibration.md (rows like | `name` | default | ...)."""
+    section = text.split("### Options", 1)[1].split("\n### ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3:
+            for name in re.findall(r"`(\w+)`", cells[0]):
+                rows[name] = cells[1]
+    return rows

@@ -1,20 +1,10 @@
-"""CalibrationOptions: one definition with its validation; docs/calibration.md states the same defaults."""
+"""CalibrationOptions: one definition with its validation (the CLI and docs agreement: tests/test_cli.py)."""
 import dataclasses
-import re
-from pathlib import Path
 
 import pytest
 
 from paro_compile.calibration import DEFAULT_ALPHA, CalibrationError, CalibrationOptionError, CalibrationOptions
-from paro_compile.calibration.options import (
-    merge_options,
-    option_fields,
-    option_flag,
-    option_value_type,
-    shown_default,
-)
-
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+from paro_compile.calibration.options import merge_options, option_fields, option_flag, option_value_type
 
 BAD = [
     (dict(density=0.0), "density must be in (0, 1], got 0.0"),
@@ -105,24 +95,3 @@ def test_every_option_has_help_and_a_command_line_form():
         choices = option.metadata["choices"]
         if choices:
             assert option.default in choices and kind is str and not is_list
-
-
-def docs_option_defaults(text: str) -> dict[str, str]:
-    """{option: default cell} of the options table of docs/calibration.md (rows like | `name` | default | ...)."""
-    section = text.split("### Options", 1)[1].split("\n### ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3:
-            for name in re.findall(r"`(\w+)`", cells[0]):
-                rows[name] = cells[1]
-    return rows
-
-
-def test_docs_state_the_dataclass_defaults():
-    rows = docs_option_defaults((DOCS / "calibration.md").read_text(encoding="utf-8"))
-    for option in option_fields():
-        assert option.name in rows, f"docs/calibration.md: no row for the option `{option.name}`"
-        assert rows[option.name] == shown_default(option), (
-            f"docs/calibration.md states {rows[option.name]!r} as the default of `{option.name}`, "
-            f"CalibrationOptions says {shown_default(option)!r}")
