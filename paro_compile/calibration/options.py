@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+import torch
+
 DEFAULT_DENSITY = 0.3
 # α = 0.9 with sparsity_metric="mass": the synthetic-head sweep in docs/calibration.md ("Order choice and α"),
 # rerun by benchmarks/alpha_sweep.py.
@@ -164,7 +166,7 @@ class CalibrationOptions:
             self.step_boundaries = sorted(self.step_boundaries, reverse=True)
         if self.orders is not None:
             orders = self.orders
-            if isinstance(orders, str) or not all(isinstance(o, str) and o for o in orders) or not orders:
+            if not isinstance(orders, (list, tuple)) or not orders or not all(isinstance(o, str) and o for o in orders):
                 raise CalibrationOptionError(("orders",), f"{{orders}} must be a list of orders such as ['FHW', 'HWF'], "
                                                           f"got {orders!r}")
             if len(set(orders)) != len(orders):
@@ -172,6 +174,11 @@ class CalibrationOptions:
             self.orders = list(orders)
         if self.stats_device is not None:
             self.stats_device = str(self.stats_device)
+            try:
+                torch.device(self.stats_device)
+            except RuntimeError:
+                raise CalibrationOptionError(("stats_device",), f"{{stats_device}} must be a device such as 'cpu' or "
+                                                                f"'cuda:0', got {self.stats_device!r}") from None
         self._check_combinations()
 
     def _check_combinations(self) -> None:
