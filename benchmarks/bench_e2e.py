@@ -256,7 +256,7 @@ def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: fl
     (blocks under 64): the block scores are drawn per 64-token block and refined, so neighbouring query blocks keep
     the same KV blocks, as calibrated masks tend to; otherwise every block is drawn on its own (the worst case for the
     kernel's shared 64-row tiles)."""
-    from paro_compile.calibration import mandatory_blocks, select_blocks
+    from paro_compile.calibration.masks import mandatory_blocks, select_blocks
     from paro_compile.kernels.tuning import refine_block_mask
 
     g = torch.Generator().manual_seed(seed)

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from paro_compile.calibration import CalibrationOptions, SiteStatistics, chunk_rows_for, synthetic_qk  # noqa: E402
+from alpha_sweep import synthetic_qk  # noqa: E402  (benchmarks/alpha_sweep.py)
+from paro_compile.calibration.options import CalibrationOptions  # noqa: E402
+from paro_compile.calibration.statistics import SiteStatistics, chunk_rows_for  # noqa: E402
 from paro_compile.grid import TokenGrid  # noqa: E402
 
 

@@ -188,7 +188,7 @@ def capture_qkv(model, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor, t
 
 def dynamic_block_mask(q: torch.Tensor, k: torch.Tensor, density: float, grid, block: int) -> torch.Tensor:
     """bool [B, H, nb, nb]: per call, the top blocks by mean-pooled q·kᵀ (+ diagonal and text blocks)."""
-    from paro_compile.calibration import mandatory_blocks, select_blocks
+    from paro_compile.calibration.masks import mandatory_blocks, select_blocks
 
     b, h, n, d = q.shape
     nb = math.ceil(n / block)

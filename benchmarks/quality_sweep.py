@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality as Q  # noqa: E402  (benchmarks/quality.py)
-from paro_compile import calibration as C  # noqa: E402
+from paro_compile.calibration import budget, driver, masks, site_plans  # noqa: E402
+from paro_compile.calibration.options import DEFAULT_ALPHA  # noqa: E402
 from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
 from paro_compile.plan import Plan  # noqa: E402
 
@@ -82,7 +83,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 # variants: calibrate() options (+ the bisection knob)
 # ---------------------------------------------------------------------------------------------------
-BASE = dict(step_buckets=2, dense_steps=0, alpha=C.DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
+BASE = dict(step_buckets=2, dense_steps=0, alpha=DEFAULT_ALPHA, mass_threshold=False, orders="all", calib_every=2,
             block=None, allocation="uniform", block_score="mass", compensate=False)
 """``block``: block_m = block_n of the masks and of the kernel's Q/K quantization blocks (calibrate(block_size=…));
 None = the run's default (64; 16 with --tiny). ``allocation``: calibrate(allocation=…): "uniform" (every head at the
@@ -153,8 +154,8 @@ def variant_list(tiny: bool) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # statistics → plans
 # ---------------------------------------------------------------------------------------------------
-class _KeepRecorder(C.Recorder):
-    last: Optional["C.Recorder"] = None
+class _KeepRecorder(driver.Recorder):
+    last: Optional["driver.Recorder"] = None
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -163,16 +164,16 @@ class _KeepRecorder(C.Recorder):
 
 def calibrate_per_step(model, calib_inputs: list[dict], grid, block: int, density: float, **kw):
     """calibrate() with one bucket per distinct calibration timestep; returns (plan, recorder, timesteps desc)."""
-    ts = sorted({C.timestep_value(x["timestep"]) for x in calib_inputs}, reverse=True)
+    ts = sorted({budget.timestep_value(x["timestep"]) for x in calib_inputs}, reverse=True)
     bounds = [(a + b) / 2 for a, b in zip(ts[:-1], ts[1:])]
-    original = C.Recorder
-    C.Recorder = _KeepRecorder
+    original = driver.Recorder
+    driver.Recorder = _KeepRecorder
     try:
         torch._dynamo.reset()
-        plan = C.calibrate(model, calib_inputs, density=density, grid=grid, block_size=block, step_boundaries=bounds,
+        plan = driver.calibrate(model, calib_inputs, density=density, grid=grid, block_size=block, step_boundaries=bounds,
                            progress=False, **kw)
     finally:
-        C.Recorder = original
+        driver.Recorder = original
     return plan, _KeepRecorder.last, ts
 
 
@@ -184,7 +185,7 @@ def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: in
     used_ts = [ts_desc[i] for i in used]
     nb = len(used_ts) - (dense_steps or 0) if step_buckets == "all" else int(step_buckets)
     if nb > 1 or dense_steps:
-        bounds, dense_buckets = C.derive_step_boundaries(used_ts, nb, dense_steps)
+        bounds, dense_buckets = budget.derive_step_boundaries(used_ts, nb, dense_steps)
     else:
         bounds, dense_buckets = [], []
     shell = Plan(sites={}, step_boundaries=bounds)
@@ -205,7 +206,7 @@ def derive_plan(recorder, ts_desc: list[float], *, step_buckets, dense_steps: in
         derived[sid] = s
         if orders == "natural":
             explicit[sid] = [stats.grid.natural_order] * stats.heads
-    sites = C.build_site_plans(derived, dense_buckets=dense_buckets, orders=explicit)  # what Recorder.build_plan calls
+    sites = site_plans.build_site_plans(derived, dense_buckets=dense_buckets, orders=explicit)  # what Recorder.build_plan calls
     return Plan(sites=sites, step_boundaries=bounds, density=float(density), alpha=float(alpha))
 
 
@@ -248,7 +249,7 @@ def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: in
             "step_boundaries": plan.step_boundaries,
             "orders": sorted({o for s in plan.sites.values() for o in s.orders}),
             "block": first.block_size, "num_blocks": first.num_blocks,  # kv blocks per query block row
-            "mandatory_density": float(C.mandatory_blocks(first.grid, first.block_size).float().mean())}  # diagonal + text floor
+            "mandatory_density": float(masks.mandatory_blocks(first.grid, first.block_size).float().mean())}  # diagonal + text floor
     if var["mass_threshold"] or var["allocation"] != "uniform":  # spread of densities: what the threshold / allocation moves
         sparse = [b for b in range(plan.num_buckets) if b not in first.dense_buckets]
         per_head = torch.cat([s.block_masks[sparse].float().mean((-1, -2)).flatten() for s in plan.sites.values()])
@@ -327,8 +328,8 @@ def main(argv=None) -> dict:
             raise RuntimeError("skipped (--no-check)")
         recorder, ts_desc = recorder_for(block)
         torch._dynamo.reset()
-        direct = C.calibrate(model, calib_inputs, density=target, grid=grid, block_size=block, step_buckets=2, progress=False)
-        derived = derive_plan(recorder, ts_desc, step_buckets=2, dense_steps=0, density=target, alpha=C.DEFAULT_ALPHA,
+        direct = driver.calibrate(model, calib_inputs, density=target, grid=grid, block_size=block, step_buckets=2, progress=False)
+        derived = derive_plan(recorder, ts_desc, step_buckets=2, dense_steps=0, density=target, alpha=DEFAULT_ALPHA,
                               mass_threshold=None, orders="all", calib_every=1)
         same_masks = all(torch.equal(direct.sites[s].block_masks, derived.sites[s].block_masks) for s in direct.sites)
         same_orders = all(direct.sites[s].orders == derived.sites[s].orders for s in direct.sites)

@@ -3,20 +3,29 @@
 The backend calls `make_auto_calibrating_callable(gm, example_inputs, config, compile_with_plan)` in place
 of lowering directly. The returned callable
 
-1. if a plan for this graph is cached (``config.resolved_cache_dir / "plans" / <graph fingerprint>.safetensors``),
-   calls ``compile_with_plan(plan)`` once at construction and forwards every call to the result;
+1. if a plan for this graph is cached (``config.resolved_cache_dir / "plans" / <graph fingerprint>.safetensors``,
+   or in memory when that directory could not be written), calls ``compile_with_plan(plan)`` once at construction
+   and forwards every call to the result;
 2. otherwise runs the first ``config.calibration_calls`` calls through an *observing copy* of the graph
    (dense SDPA + statistics, eager FX, no Inductor), then builds the plan, saves it in the cache, calls
    ``compile_with_plan(plan)`` exactly once and forwards every later call to the result.
 
 The graph fingerprint hashes the plan format version, the graph's code, the example inputs' shapes and
-dtypes, and the config fields that shape a plan (density, block_size, calibration_calls), so a changed
-model, input shape or density calibrates again. Token grids are resolved like `calibrate` does: the
-``grid`` / ``grid_for_site`` arguments, the layout-inference pass, then the graph inputs' names and shapes.
+dtypes, a fingerprint of the weights (`weights_fingerprint`: per parameter and buffer its sum, min and max,
+computed where the tensor lives), and the config fields that shape a plan (density, block_size,
+calibration_calls), so a changed model, other weights, input shape or density calibrates again. Plans are
+written atomically (a uniquely named temporary file in the cache directory, then ``os.replace``), so processes
+that calibrate the same graph at once never leave a torn file; a cache directory that cannot be written costs a
+warning (once per directory) and the plan stays in memory for the process. Token grids are resolved like
+`calibrate` does: the ``grid`` / ``grid_for_site`` arguments, the layout-inference pass, then the graph inputs'
+names and shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -24,18 +33,16 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.fx as fx
 
-from paro_compile.calibration import (
-    DEFAULT_ALPHA,
-    CalibrationOptions,
-    GridHook,
-    GridResolver,
-    GridSpec,
-    Recorder,
-    placeholder_inputs,
-)
+from paro_compile.calibration.grids import GridHook, GridResolver, GridSpec, placeholder_inputs
+from paro_compile.calibration.options import CalibrationOptions
+from paro_compile.calibration.recording import Recorder
 from paro_compile.plan import PLAN_FORMAT_VERSION, Plan, PlanError
 
 PLAN_FIELDS = ("density", "block_size", "calibration_calls")
+
+_PLANS_IN_MEMORY: dict[Path, Plan] = {}
+"""Plans whose cache file could not be written, by the path they were meant for (this process only)."""
+_UNWRITABLE_DIRS_WARNED: set[Path] = set()
 
 
 def _describe_input(value: Any) -> str:
@@ -44,13 +51,66 @@ def _describe_input(value: Any) -> str:
     return f"{type(value).__name__}:{value!r}"
 
 
+def _is_weight_placeholder(node: fx.Node, value: Any) -> bool:
+    return isinstance(value, torch.nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def _tensor_statistics(data: torch.Tensor) -> torch.Tensor:
+    """float64 [sum, min, max] of ``data``, on its device."""
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    try:
+        low, high = torch.aminmax(data)
+        total = data.sum(dtype=torch.float64)
+    except (RuntimeError, NotImplementedError):  # dtypes without these reductions (float8): reduce a float32 copy
+        data = data.to(torch.float32)
+        low, high = torch.aminmax(data)
+        total = data.sum(dtype=torch.float64)
+    return torch.stack([total, low.to(torch.float64), high.to(torch.float64)])
+
+
+def weights_fingerprint(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> str:
+    """Hash of the values of the graph's weights: its own parameters and buffers and the lifted ones among the
+    example inputs (Dynamo passes a module's parameters as graph inputs).
+
+    Per tensor, its sum (accumulated in float64), min and max are reduced where the tensor lives, stacked per
+    device and copied to the host as one small tensor, so the weights themselves never leave their device. The
+    statistics are rounded to 12 significant digits before hashing: reduction order may differ between runs,
+    other weights of the same architecture practically never agree in all three to that precision.
+    """
+    by_name = lambda item: item[0]  # noqa: E731
+    tensors = [t for _, t in sorted(gm.named_parameters(remove_duplicate=False), key=by_name)]
+    tensors += [t for _, t in sorted(gm.named_buffers(remove_duplicate=False), key=by_name)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors += [value for node, value in zip(placeholders, example_inputs)
+                if isinstance(value, torch.Tensor) and _is_weight_placeholder(node, value)]
+    digest = hashlib.sha256()
+    stats_by_device: dict[torch.device, list[torch.Tensor]] = {}
+    order: list[tuple[torch.device, int]] = []
+    with torch.no_grad():
+        for tensor in tensors:
+            digest.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            if tensor.numel() == 0 or tensor.is_meta or tensor.is_complex() or tensor.is_quantized:
+                continue
+            stats = _tensor_statistics(tensor)
+            bucket = stats_by_device.setdefault(tensor.device, [])
+            order.append((tensor.device, len(bucket)))
+            bucket.append(stats)
+        on_host = {device: torch.stack(stats).cpu() for device, stats in stats_by_device.items()}
+    for device, index in order:
+        digest.update(",".join(f"{float(x):.12g}" for x in on_host[device][index]).encode())
+    return digest.hexdigest()[:32]
+
+
 def graph_fingerprint(gm: fx.GraphModule, example_inputs: Iterable[Any], config: Any) -> str:
-    """Key of the plan cache: format version + graph code + input shapes/dtypes + plan-shaping config."""
+    """Key of the plan cache: format version + graph code + input shapes/dtypes + weights + plan-shaping config."""
+    example_inputs = list(example_inputs)
     digest = hashlib.sha256()
     digest.update(f"paro_plan_v{PLAN_FORMAT_VERSION}\n".encode())
     digest.update(gm.code.encode())
     for value in example_inputs:
         digest.update(_describe_input(value).encode())
+    digest.update(f"weights={weights_fingerprint(gm, example_inputs)};".encode())
     for name in PLAN_FIELDS:
         digest.update(f"{name}={getattr(config, name, None)!r};".encode())
     for name in ("alpha", "step_buckets", "dense_steps", "grid"):
@@ -61,6 +121,35 @@ def graph_fingerprint(gm: fx.GraphModule, example_inputs: Iterable[Any], config:
 
 def plan_cache_path(gm: fx.GraphModule, example_inputs: Iterable[Any], config: Any) -> Path:
     return Path(config.resolved_cache_dir) / "plans" / f"{graph_fingerprint(gm, example_inputs, config)}.safetensors"
+
+
+def write_plan_atomically(plan: Plan, path: Path) -> Path:
+    """Save ``plan`` to ``path`` through a uniquely named temporary file in the same directory and ``os.replace``:
+    readers and concurrent writers of the same path only ever see a complete file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        plan.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def _warn_unwritable(directory: Path, error: OSError) -> None:
+    if directory in _UNWRITABLE_DIRS_WARNED:
+        return
+    _UNWRITABLE_DIRS_WARNED.add(directory)
+    warnings.warn(
+        f"paro: cannot write auto-calibrated plans to {directory} ({type(error).__name__}: {error}); keeping them in "
+        "memory for this process only, so a new process calibrates again. Point the cache at a writable directory "
+        "with the cache_dir option (options={'cache_dir': ...}) or the PARO_CACHE_DIR environment variable.",
+        stacklevel=3,
+    )
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -98,17 +187,16 @@ class AutoCalibratingCallable:
         self.observed: Optional[fx.GraphModule] = None
         self.loaded_from_cache = False
 
-        cached = self._load_cached(gm)
+        cached = _PLANS_IN_MEMORY.get(self.path)
+        if cached is None:
+            cached = self._load_cached(gm)
         if cached is not None:
             self.plan = cached
             self.loaded_from_cache = True
             self.compiled = compile_with_plan(cached)
             return
-        options = CalibrationOptions(
-            density=float(getattr(config, "density", 1.0)),
-            alpha=float(getattr(config, "alpha", DEFAULT_ALPHA)),
-            block_size=int(getattr(config, "block_size", 64)),
-        )
+        options = CalibrationOptions(density=float(getattr(config, "density", 1.0)), block_size=int(getattr(config, "block_size", 64)),
+                                     **({"alpha": float(config.alpha)} if hasattr(config, "alpha") else {}))
         resolver = GridResolver(grid, grid_for_site, text_position=text_position, use_layout_pass=use_layout_pass)
         resolver.inputs = placeholder_inputs(gm, example_inputs)
         self.recorder = Recorder(options, resolver, num_buckets=1)
@@ -119,7 +207,10 @@ class AutoCalibratingCallable:
             raise
 
     def _load_cached(self, gm: fx.GraphModule) -> Optional[Plan]:
-        if not self.path.exists():
+        try:
+            if not self.path.is_file():
+                return None
+        except OSError:  # an unreadable cache directory is no cache
             return None
         try:
             plan = Plan.load(self.path)
@@ -129,7 +220,7 @@ class AutoCalibratingCallable:
             plan.check_sites(find_attention_sites(gm, ParoConfig(allow_fp32=True)),
                              block_size=getattr(self.config, "block_size", None))
             return plan
-        except PlanError as error:
+        except (PlanError, OSError) as error:
             warnings.warn(f"paro: ignoring cached plan {self.path} ({error}); calibrating again", stacklevel=2)
             return None
 
@@ -152,9 +243,13 @@ class AutoCalibratingCallable:
         try:
             plan = self.recorder.build_plan(step_boundaries=[], fingerprint=self.key,
                                             meta={"auto_calibrated": True, "calls": self.calls})
-            plan.save(self.path)
         finally:
             self.recorder.close()
+        try:
+            write_plan_atomically(plan, self.path)
+        except OSError as error:
+            _warn_unwritable(self.path.parent, error)
+            _PLANS_IN_MEMORY[self.path] = plan
         self.plan = plan
         self.observed = None
         self.recorder = None

@@ -203,45 +203,83 @@ def cuda_available() -> bool:
 # ------------------------------------------------------------------------------------------------------
 # Subcommands
 # ------------------------------------------------------------------------------------------------------
+def option_value_parser(kind: type, is_list: bool) -> Callable[[str], Any]:
+    """argparse ``type=`` of a calibration option: a number/string, or a comma-separated list of them."""
+
+    def parse_one(text: str) -> Any:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a number' if kind is float else 'an integer'}, got {text!r}") from None
+
+    def parse_list(text: str) -> list:
+        values = [parse_one(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
+
+    if is_list:
+        parse_list.__name__ = f"{kind.__name__} list"
+        return parse_list
+    if kind is str:
+        return str
+    parse_one.__name__ = kind.__name__
+    return parse_one
+
+
+def add_calibration_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `CalibrationOptions` field; its name, type, default, choices and help come from the dataclass."""
+    from paro_compile.calibration.options import option_fields, option_flag, option_value_type, shown_default
+
+    group = parser.add_argument_group("calibration options (CalibrationOptions fields; docs/calibration.md)")
+    for option in option_fields():
+        kind, is_list = option_value_type(option)
+        metavar = None if option.metadata["choices"] else (f"{kind.__name__.upper()},..." if is_list else kind.__name__.upper())
+        default = "" if option.default is None else " (default " + shown_default(option).strip('"') + ")"
+        help_text = (option.metadata["help"] + default).replace("%", "%%")
+        group.add_argument(option_flag(option.name), dest=option.name, type=option_value_parser(kind, is_list),
+                           default=option.default, choices=option.metadata["choices"], metavar=metavar, help=help_text)
+
+
+def calibration_options_from_args(args: argparse.Namespace):
+    """The `CalibrationOptions` the flags give; an invalid value is a usage error that names its flag."""
+    from paro_compile.calibration.options import CalibrationOptionError, CalibrationOptions, option_fields, option_flag
+
+    try:
+        return CalibrationOptions(**{option.name: getattr(args, option.name) for option in option_fields()})
+    except CalibrationOptionError as error:
+        raise CliError(error.render(option_flag)) from error
+
+
+def check_plan_destination(out: Path, force: bool) -> None:
+    """Refuse, before anything runs, a plan path that is a directory, sits in a missing directory, or exists
+    without ``--force``."""
+    if out.is_dir():
+        raise CliError(f"--out {str(out)!r} is a directory; give the plan file's path, e.g. --out {str(out / 'plan.paro.safetensors')!r}")
+    if not out.parent.is_dir():
+        raise CliError(f"--out: directory {str(out.parent)!r} does not exist")
+    if out.exists() and not force:
+        raise CliError(f"--out {str(out)!r} already exists; pass --force to overwrite it, or choose another path")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         from paro_compile.calibration import calibrate
     except ImportError as error:
         raise CliError(f"calibration is not available in this install: {error}", EXIT_FAILED) from error
-    if not 0.0 < args.density <= 1.0:
-        raise CliError(f"--density must be in (0, 1], got {args.density}")
-    if args.average_density is not None and not 0.0 < args.average_density <= 1.0:
-        raise CliError(f"--average-density must be in (0, 1], got {args.average_density}")
-    if args.dense_steps < 0:
-        raise CliError(f"--dense-steps must be >= 0, got {args.dense_steps}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise CliError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.step_buckets < 1:
-        raise CliError(f"--step-buckets must be >= 1, got {args.step_buckets}")
+    options = calibration_options_from_args(args)
     out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise CliError(f"--out: directory {str(out.parent)!r} does not exist")
+    check_plan_destination(out, args.force)
     model = load_model(args.model, args.dtype)
     inputs = load_inputs(args.inputs, args.dtype)
-    extra = {}
-    if args.block_size is not None:
-        extra["block_size"] = args.block_size
-    if args.mass_threshold is not None:
-        extra["mass_threshold"] = args.mass_threshold
-    if args.allocation != "uniform":
-        extra["allocation"] = args.allocation
-    if args.average_density is not None:  # replaces --density
-        extra["average_density"] = args.average_density
-    else:
-        extra["density"] = args.density
-    budget = (f"average density {args.average_density}" if args.average_density is not None
-              else f"density {args.density}")
-    print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), {budget}, alpha {args.alpha}, "
-          f"{args.step_buckets} step bucket(s), {args.dense_steps} dense step(s), allocation {args.allocation}",
+    budget = (f"average density {options.average_density}" if options.average_density is not None
+              else f"mass threshold {options.mass_threshold}" if options.mass_threshold is not None
+              else f"density {options.mask_density}")
+    print(f"paro calibrate: {type(model).__name__} on {len(inputs)} input(s), {budget}, alpha {options.alpha}, "
+          f"{options.step_buckets} step bucket(s), {options.dense_steps} dense step(s), allocation {options.allocation}",
           file=sys.stderr)
     try:
-        plan = calibrate(model, inputs, alpha=args.alpha, step_buckets=args.step_buckets, dense_steps=args.dense_steps,
-                         timestep_arg=args.timestep_arg, progress=not args.quiet, **extra)
+        plan = calibrate(model, inputs, options=options, progress=not args.quiet)
     except Exception as error:
         cause = find_cause(error, plan_error_types())
         if cause is not None:
@@ -387,22 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="calibrate a model on inputs and write a plan file")
     model_args(p)
-    p.add_argument("--density", type=float, default=0.3, help="fraction of attention blocks kept (default 0.3)")
-    p.add_argument("--alpha", type=float, default=0.7, help="weight of the sparsity score vs the quantization score")
-    p.add_argument("--step-buckets", type=int, default=1, help="mask sets per range of timesteps (default 1)")
-    p.add_argument("--dense-steps", type=int, default=0,
-                   help="that many largest calibration timesteps form an all-dense bucket (default 0)")
-    p.add_argument("--average-density", type=float, default=None,
-                   help="instead of --density: the kept share averaged over the calibration timesteps, dense steps "
-                        "counting 1.0 (the sparse density is solved from it)")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "site", "global"),
-                   help="how the kept-block budget is spread: the same share per head (uniform, default), by "
-                        "calibrated mass across the heads of a site (site) or across all sites (global)")
-    p.add_argument("--timestep-arg", default="timestep", help="name of the model's timestep argument")
-    p.add_argument("--block-size", type=int, default=None, help="token block of the masks (default 64)")
-    p.add_argument("--mass-threshold", type=float, default=None, help="keep blocks until this share of mass instead")
     p.add_argument("--out", default="plan.paro.safetensors", help="plan file to write (default plan.paro.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite the --out file if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_calibration_option_flags(p)
 
     p = sub.add_parser("diff", help="compile with backend='paro' and show what each pass did")
     model_args(p)

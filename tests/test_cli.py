@@ -188,6 +188,15 @@ BAD = [
     (["calibrate", MODEL, "--inputs", CALIB, "--density", "1.5"], "--density must be in (0, 1]"),
     (["calibrate", MODEL, "--inputs", CALIB, "--alpha", "-1"], "--alpha must be in [0, 1]"),
     (["calibrate", MODEL, "--inputs", CALIB, "--out", "no/such/dir/p.safetensors"], "does not exist"),
+    (["calibrate", MODEL, "--inputs", CALIB, "--density", "0.5", "--average-density", "0.3"],
+     "pass --density (per sparse bucket) or --average-density (over the sampling steps), not both"),
+    (["calibrate", MODEL, "--inputs", CALIB, "--block-score", "output", "--allocation", "site"],
+     "--block-score='output' supports --allocation='uniform' only"),
+    (["calibrate", MODEL, "--inputs", CALIB, "--step-buckets", "0"], "--step-buckets must be >= 1, got 0"),
+    (["calibrate", MODEL, "--inputs", CALIB, "--dense-steps", "-1"], "--dense-steps must be >= 0, got -1"),
+    (["calibrate", MODEL, "--inputs", CALIB, "--orders", "FHW,FHW"], "--orders lists an order twice"),
+    # --out is checked before the model is loaded (a broken model would exit 1)
+    (["calibrate", "cli_fixtures:broken_model", "--inputs", CALIB, "--out", "."], "is a directory; give the plan file's path"),
     (["tune", "--shapes", "1,2,3"], "expected B,H,N,D"),
     (["tune", "--shapes", "1,2,1024,64", "--densities", "0.5,x"], "--densities: expected comma-separated numbers"),
     (["tune", "--shapes", "1,2,1024,64", "--dtypes", "float32"], "the kernels take float16/bfloat16"),
@@ -270,3 +279,69 @@ def test_bench_runs_the_benchmark_main_with_a_gpu(monkeypatch, capsys, tmp_path)
     monkeypatch.setattr(cli, "find_bench_script", lambda: None)
     assert cli.main(["bench"]) == 2
     assert "benchmarks/bench_attention.py not found" in capsys.readouterr().err
+
+
+def test_calibrate_alpha_default_is_the_api_default():
+    """`paro calibrate` used to default --alpha to 0.7 while calibrate() and auto-calibration used 0.9."""
+    from paro_compile.calibration import DEFAULT_ALPHA, CalibrationOptions
+
+    args = cli.build_parser().parse_args(["calibrate", MODEL, "--inputs", CALIB])
+    assert args.alpha == CalibrationOptions().alpha == DEFAULT_ALPHA == 0.9
+    assert cli.calibration_options_from_args(args) == CalibrationOptions()
+
+
+def test_calibrate_flags_and_docs_follow_every_option():
+    """One flag per CalibrationOptions field with the dataclass's default, type, choices and help; docs/cli.md carries
+    the generated flag table and docs/calibration.md states the same defaults."""
+    from paro_compile.calibration.options import flags_markdown_table, option_fields, option_flag, shown_default
+    from tests.calibration.calibration_helpers import docs_option_defaults
+
+    parser = cli.build_parser()
+    calibrate_parser = parser._subparsers._group_actions[0].choices["calibrate"]
+    actions = {action.dest: action for action in calibrate_parser._actions}
+    defaults = parser.parse_args(["calibrate", MODEL, "--inputs", CALIB])
+    cli_doc = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    calibration_doc = docs_option_defaults((REPO / "docs" / "calibration.md").read_text(encoding="utf-8"))
+    for option in option_fields():
+        action = actions[option.name]
+        assert action.option_strings == [option_flag(option.name)]
+        assert getattr(defaults, option.name) == option.default, option.name
+        assert action.choices == option.metadata["choices"], option.name
+        assert option.metadata["help"] in action.help.replace("%%", "%"), option.name
+        assert f"| {shown_default(option)} |" in next(line for line in cli_doc.splitlines()
+                                                    if line.startswith(f"| `{option_flag(option.name)} ")), option.name
+        assert calibration_doc.get(option.name) == shown_default(option), (
+            f"docs/calibration.md states {calibration_doc.get(option.name)!r} as the default of `{option.name}`, "
+            f"CalibrationOptions says {shown_default(option)!r}")
+    assert flags_markdown_table() in cli_doc, (
+        "docs/cli.md: the `paro calibrate` option table differs from CalibrationOptions; replace it with the output of "
+        "python -c 'from paro_compile.calibration.options import flags_markdown_table as t; print(t())'")
+
+
+def test_calibrate_flags_parse_lists_and_numbers():
+    args = cli.build_parser().parse_args(["calibrate", MODEL, "--inputs", CALIB, "--orders", "FHW,HWF",
+                                          "--step-boundaries", "400,800", "--dense-steps", "1", "--alpha", "0.5"])
+    options = cli.calibration_options_from_args(args)
+    assert options.orders == ["FHW", "HWF"] and options.step_boundaries == [800.0, 400.0]
+    assert options.dense_steps == 1 and options.alpha == 0.5
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["calibrate", MODEL, "--inputs", CALIB, "--step-boundaries", "800,x"])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["calibrate", MODEL, "--inputs", CALIB, "--step-buckets", "1.5"])
+
+
+def test_calibrate_refuses_to_overwrite_without_force(workdir, monkeypatch, capsys):
+    from paro_compile.plan import Plan
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    existing = workdir / "existing.paro.safetensors"
+    existing.write_bytes(b"keep me")
+    # refused before the model is loaded: a broken model would exit 1
+    assert cli.main(["calibrate", "cli_fixtures:broken_model", "--inputs", CALIB, "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --force to overwrite it" in err and err.startswith("paro calibrate: error: ")
+    assert existing.read_bytes() == b"keep me"
+    assert cli.main(["calibrate", MODEL, "--inputs", CALIB, "--density", "0.5", "--out", str(existing), "--force",
+                     "-q"]) == 0
+    assert sorted(Plan.load(existing).sites) == ["blocks.0.attn#0", "blocks.1.attn#0"]

@@ -63,7 +63,7 @@ def test_rotary_and_grid_match_token_count(saved_tiny):
     assert cos.shape == sin.shape == (grid.visual_tokens, int(model.config.attention_head_dim))
     assert grid == TokenGrid(frames=frames, height=h // 2, width=w // 2, text_tokens=toy_videos.TEXT_TOKENS)
     # calibration can infer the same layout from the model inputs
-    from paro_compile.calibration import _patch_sizes_from_model, infer_grid
+    from paro_compile.calibration.grids import _patch_sizes_from_model, infer_grid
 
     cond = toy_videos.encode_prompts([dict(shape="ring", colour="green", motion="up")], int(model.config.text_embed_dim))
     inputs = toy_cog.model_inputs(torch.zeros(1, frames, toy_videos.CHANNELS, h, w), cond, 0.5, (cos, sin))

@@ -1,0 +1,70 @@
+"""Recording: supported SDPA sites are instrumented (dense output, statistics), unsupported ones listed."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from paro_compile.calibration import CalibrationError, CalibrationOptions
+from paro_compile.calibration.grids import GridResolver
+from paro_compile.calibration.recording import _RECORDERS, Recorder
+from paro_compile.grid import TokenGrid
+
+GRID = TokenGrid(frames=2, height=4, width=4)
+
+
+class MaskedAndPlain(nn.Module):
+    def forward(self, q, k, v):
+        mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, masked)
+
+
+def capture(model, *args):
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(*args)
+    return captured["gm"]
+
+
+def test_instrumented_graph_keeps_its_output_and_records_supported_sites():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, GRID.num_tokens, 64, generator=gen) for _ in range(3))
+    model = MaskedAndPlain()
+    gm = capture(model, q, k, v)
+    expected = model(q, k, v)
+    recorder = Recorder(CalibrationOptions(block_size=8), GridResolver(GRID, use_layout_pass=False))
+    try:
+        assert _RECORDERS[recorder.id] is recorder
+        recorder.instrument(gm)
+        (skipped, reasons), = recorder.skipped.items()
+        assert reasons and list(recorder.grids) != [skipped]
+        (site_id,) = recorder.grids
+        assert recorder.grids[site_id] == GRID
+        with torch.no_grad():
+            out = gm(q, k, v)
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, expected)
+        stats = recorder.sites[site_id]
+        assert stats.calls == 1 and stats.heads == 2
+        plan = recorder.build_plan(step_boundaries=[])
+        assert set(plan.sites) == {site_id} and plan.meta["skipped_sites"] == {skipped: reasons}
+        assert plan.density == 0.3 and plan.alpha == CalibrationOptions().alpha
+    finally:
+        recorder.close()
+    assert recorder.id not in _RECORDERS
+
+
+def test_recorder_without_observed_sites_is_a_clear_error():
+    recorder = Recorder(CalibrationOptions(), GridResolver(GRID))
+    try:
+        with pytest.raises(CalibrationError, match="no supported attention site"):
+            recorder.build_plan(step_boundaries=[])
+    finally:
+        recorder.close()
+    with pytest.raises(CalibrationError, match="average_density"):
+        Recorder(CalibrationOptions(average_density=0.3), GridResolver(GRID))
