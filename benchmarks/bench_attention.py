@@ -110,7 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--modes", action="store_true", help="also time qk_bits=4 and pv int8/fp16 on the first shape")
     ap.add_argument("--rep", type=int, default=100, help="timed milliseconds per measurement")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    unknown = [name for name in args.shapes or () if name not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes takes {list(SHAPES)}, got {unknown}")
+    return args
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
 import sys
 import time
 import traceback
@@ -45,6 +46,7 @@ from paro_compile.plan import Plan, SitePlan  # noqa: E402
 
 ALL_VARIANTS = ("eager", "compile", "compile-flash", "compile-cudnn")
 DEFAULT_DENSITIES = (0.5, 0.3, 0.2)
+VARIANT_NAME = re.compile(r"^(eager|(compile|compile-flash|compile-cudnn|paro-(\d+\.?\d*|\.\d+)(\+comp)?)(\+cg)?)$")
 
 
 def split_variant(variant: str) -> tuple[str, bool]:
@@ -85,7 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 calls per variant (torch.profiler) and write the top GPU kernels "
                         "to OUT/profile_<model>_<variant>.txt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.variants != "all":
+        bad = [v for v in args.variants.split(",") if v.strip() and not VARIANT_NAME.match(v.strip())]
+        if bad:
+            p.error(f"unknown variants {bad} (see --help)")
+    return args
 
 
 def profile_calls(call: Callable, device, path: Path, calls: int = 2, top: int = 30) -> None:
@@ -386,8 +393,6 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     inputs, grid = make_inputs(model, device, dtype, tiny)
     n_params = sum(p.numel() for p in model.parameters())
     heads = int(cfg["num_attention_heads"])
-    import re
-
     site_ids = []
     counts = {"transformer_blocks": int(cfg["num_layers"]), "single_transformer_blocks": int(cfg.get("num_single_layers", 0))}
     for sid, h, n, supported, reasons in found:

@@ -59,6 +59,7 @@ CALIB_PROMPTS = [
     dict(shape="circle", colour="blue", motion="colour_shift"),
     dict(shape="square", colour="magenta", motion="down"),
 ]
+VARIANT_KINDS = ("paro", "natural", "dense", "dynamic", "numerics")
 NUMERICS = {"int8/fp8": (8, "fp8"), "int8/int8": (8, "int8"), "int4/fp8": (4, "fp8"), "fp16": (16, "fp16")}
 _ORIG_SDPA = F.scaled_dot_product_attention
 
@@ -101,6 +102,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.calib_prompts <= len(CALIB_PROMPTS):
         p.error(f"--calib-prompts must be in 1..{len(CALIB_PROMPTS)}, got {args.calib_prompts}")
+    if args.variants != "all" and not set(args.variants.split(",")) <= set(VARIANT_KINDS):
+        p.error(f"--variants takes a comma list of {', '.join(VARIANT_KINDS)}, got {args.variants!r}")
     return args
 
 
@@ -404,7 +407,7 @@ def run_one(args: argparse.Namespace) -> dict:
         steps = args.steps
         densities = [float(d) for d in args.densities.split(",") if d]
         eval_prompts = EVAL_PROMPTS[: args.prompts]
-        wanted = {"paro", "natural", "dense", "dynamic", "numerics"} if args.variants == "all" else set(args.variants.split(","))
+        wanted = set(VARIANT_KINDS) if args.variants == "all" else set(args.variants.split(","))
     allow_fp32 = dtype == torch.float32
     calib_prompts = CALIB_PROMPTS[: args.calib_prompts]
     grid = toy_cog.token_grid(model)
