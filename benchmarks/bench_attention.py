@@ -275,7 +275,7 @@ def main(argv=None):
             real_dens = pairs / full_pairs
             ref = ref_dense
             if flex is not None:
-                note = f"BlockMask 64x64 full blocks"
+                note = "BlockMask 64x64 full blocks"
                 try:
                     try:
                         bm = flex_block_mask(mask.cuda(), n, 64)

@@ -1,6 +1,6 @@
 """Kernel variants of the paro attention on the CogVideoX shape: code variant × fixed launch config.
 
-One short run (budget ~90 s on an H100) that answers "which kernel variant / config is fastest, and is it
+One short run that answers "which kernel variant / config is fastest, and is it
 still right":
 
 - shape B2 H48 N17776 D64 bf16 (``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);

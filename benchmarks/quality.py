@@ -17,14 +17,13 @@ attention vs fp32 SDPA on the same q/k/v (captured from the FP model at the midd
 
 Outputs under --out: results.json (every variant, the per-layer errors, the stamp), results.md (the table),
 samples.png, plans/*.paro.safetensors; with --seeds also pooled.json / pooled.md.
-GPU:  python benchmarks/quality.py --out OUT                      (~4–9 min on an H100; --max-minutes guards)
+GPU:  python benchmarks/quality.py --out OUT                      (--max-minutes bounds the run)
 CI:   python benchmarks/quality.py --out OUT --tiny               (CPU, random tiny model, seconds)
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 import traceback

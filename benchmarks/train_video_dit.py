@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget (stops on time)")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = only the time budget)")
+    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget (ends on time)")
+    p.add_argument("--steps", type=int, default=0, help="end after this many steps (0 = only the time budget)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -46,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--device", default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster steps, ~1 min compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster steps after a compile)")
     p.add_argument("--tiny", action="store_true", help="3 steps of a tiny model on the CPU (CI)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)

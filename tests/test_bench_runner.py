@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import re
 import subprocess
-import sys
 import tarfile
 import time
 import tomllib
