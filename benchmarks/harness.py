@@ -84,6 +84,11 @@ def time_ms(fn: Callable[[], Any], device=None, *, warmup_ms: float = 25.0, rep_
     return Timing(measurement.median * 1e3, tuple(samples), "torch.utils.benchmark.Timer")
 
 
+# Calls `time_calls` makes besides the timed and warm-up ones, at most: its sizing call, and do_bench's first call and
+# five estimate calls (on the CPU: the Timer's block-size estimate).
+UNTIMED_CALLS = 7
+
+
 def time_calls(fn: Callable[[], Any], device=None, *, calls: int = 5, warmup_calls: int = 1) -> Timing:
     """`time_ms` sized in calls rather than milliseconds, for calls that take a long and unknown time (whole models): one
     call is timed first to convert ``calls`` / ``warmup_calls`` into the timer's time budgets."""
