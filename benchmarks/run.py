@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"unknown specs {unknown}; known: {', '.join(SPECS)}")
     if not args.list and not args.specs:
         ap.error("name at least one spec (or --list)")
-    if not args.list and args.out is None:
+    if not (args.list or args.dry_run) and args.out is None:
         ap.error("--out is required where $OUT is not set")
     return args
 
@@ -131,6 +131,13 @@ def set_up(site: Path, commit: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # one spec
 # ---------------------------------------------------------------------------------------------------------------------
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_spec(spec: Spec, folder: Path, env: dict) -> dict:
     """Run ``spec`` into ``folder`` under its budget; its output goes to ``folder/<name>.log`` and to stdout."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -157,13 +164,13 @@ def run_spec(spec: Spec, folder: Path, env: dict) -> dict:
             record["timed_out"] = False
         except subprocess.TimeoutExpired:
             record["timed_out"] = True
-            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=grace)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+            signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        signal_group(proc.pid, signal.SIGKILL)  # whatever the spec left running in its process group
+        proc.wait()
         reader.join(timeout=10)
     record["rc"] = proc.returncode
     record["seconds"] = round(time.perf_counter() - start, 1)
@@ -209,10 +216,10 @@ def main(argv=None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = set_up(args.site, args.commit)
-    if args.commit:
-        os.environ["PARO_GIT_COMMIT"] = args.commit
     summary = {"specs": []}
     run_stamp = harness.stamp(__file__, argv)
+    if args.commit:
+        run_stamp["git_commit"] = args.commit
     for spec in specs:
         if spec.gpu and not torch.cuda.is_available() and not args.cpu:
             summary["specs"].append({"spec": spec.name, "skipped": "needs a CUDA GPU (--cpu runs it anyway)"})

@@ -131,6 +131,14 @@ def test_spec_check_catches_an_argument_the_script_does_not_accept(specs, tmp_pa
         script_arguments_accepted(bad, str(tmp_path))
 
 
+def test_dry_run_prints_each_spec_command(capsys):
+    run = load_benchmark("run")
+    assert run.main(["fold-depth2", "gpu-tests", "--dry-run", "--work", "/tmp/w"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("benchmarks/bench_fold.py --depth 2 --iters 10 --json /tmp/w/fold-depth2/fold_depth2.json")
+    assert lines[1].endswith(" -m pytest -q -rf -p no:logging --timeout 240 -m gpu tests")
+
+
 def test_backend_entry_point_written_from_pyproject(tmp_path):
     run = load_benchmark("run")
     run.write_backend_entry_point(tmp_path)
@@ -160,6 +168,7 @@ def test_runner_archives_a_spec_and_records_its_exit(tmp_path, monkeypatch):
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["floor-small.tar", "run.json"]
     summary = json.loads((out / "run.json").read_text())
+    assert summary["stamp"]["git_commit"] == "feedc0de"
     (record,) = summary["specs"]
     assert record["rc"] == 0 and record["timed_out"] is False and record["archive"] == "floor-small.tar"
     assert record["command"].endswith("benchmarks/quantization_floor.py --n 130 --heads 1 --out "
