@@ -134,7 +134,7 @@ def test_spec_check_catches_an_argument_the_script_does_not_accept(specs, tmp_pa
 def test_dry_run_prints_each_spec_command(capsys):
     run = load_benchmark("run")
     assert run.main(["fold-depth2", "gpu-tests", "--dry-run", "--work", "/tmp/w"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[run]")]
     assert lines[0].endswith("benchmarks/bench_fold.py --depth 2 --iters 10 --json /tmp/w/fold-depth2/fold_depth2.json")
     assert lines[1].endswith(" -m pytest -q -rf -p no:logging --timeout 240 -m gpu tests")
 
