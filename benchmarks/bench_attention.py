@@ -1,8 +1,9 @@
-"""Benchmark of the paro attention kernels (issue 3) against SDPA flash / cuDNN, FlexAttention and SageAttention.
+"""Benchmark of the paro attention kernels against SDPA flash / cuDNN, FlexAttention and SageAttention.
 
 Same process, same bf16 inputs [B, H, N, D]; random 64×64 block masks that keep the diagonal at densities
-1.0 / 0.5 / 0.3 / 0.2. For every (shape, density) it prints and records:
-- median time (triton.testing.do_bench, return_mode="median") of each method;
+1.0 / 0.5 / 0.3 / 0.2, passed to our kernel as compact CSRs (as plans store them). For every (shape, density) it prints
+and records:
+- median time of each method (`harness.time_ms`: triton.testing.do_bench);
 - dense-equivalent TFLOP/s = 4·B·H·N²·D / t (the same number for every method: time ratios);
 - achieved TFLOP/s on kept blocks = 4·B·H·D·(kept query×key pairs) / t, and its fraction of the FP8
   matmul ceiling (torch._scaled_mm 8192³ e4m3 measured in this run; INT8 torch._int_mm too);
@@ -15,24 +16,23 @@ prologue, scattered in the epilogue); "prologue" is the prologue alone.
 INT4 QKᵀ (qk_bits=4) is a numerics mode: Hopper has no INT4 tensor cores, so it runs the INT8 mma
 after unpacking and is expected to be a little *slower* than INT8 on an H100.
 
-Usage: python benchmarks/bench_attention.py [--quick] [--out DIR]  (needs CUDA).
-Writes DIR/attention.csv, DIR/attention.json, DIR/attention.png.
+Usage: python benchmarks/bench_attention.py [--quick] [--out DIR]  (needs CUDA; ``paro bench`` runs it too).
+Writes DIR/attention.json (every row, the ratios, the stamp), DIR/attention.md (the ratios) and DIR/attention.png.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
 
 SHAPES = {
     "cogvideox-5b": (2, 48, 17776, 64),
@@ -42,10 +42,9 @@ SHAPES = {
 DENSITIES = (1.0, 0.5, 0.3, 0.2)
 
 
-def bench(fn, rep=100):
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+def bench(fn, rep=100) -> float:
+    """Median ms of ``fn`` on the GPU."""
+    return harness.time_ms(fn, "cuda", warmup_ms=25, rep_ms=rep).median_ms
 
 
 def rel_l2(a, b):
@@ -102,7 +101,7 @@ def kept_pairs(mask, n, bm=64, bn=64):
     return float((mask.double().cpu() * rows[:, None] * cols[None, :]).sum())
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--quick", action="store_true", help="CogVideoX shape only, densities 1.0 and 0.2, fewer peers")
@@ -110,9 +109,16 @@ def main(argv=None):
     ap.add_argument("--densities", nargs="*", type=float, default=None)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--modes", action="store_true", help="also time qk_bits=4 and pv int8/fp16 on the first shape")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    ap.add_argument("--rep", type=int, default=100, help="timed milliseconds per measurement")
     args = ap.parse_args(argv)
+    unknown = [name for name in args.shapes or () if name not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes takes {list(SHAPES)}, got {unknown}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU")
         return 1
@@ -128,12 +134,9 @@ def main(argv=None):
     densities = args.densities or ([1.0, 0.2] if args.quick else list(DENSITIES))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_stamp = harness.stamp(__file__, argv)
     dev = torch.cuda.get_device_name()
-    meta = {
-        "gpu": dev, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "autotune": tuning.autotune_enabled(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    meta = {"autotune": tuning.autotune_enabled()}
     try:
         import sageattention  # noqa: F401
         from sageattention import sageattn
@@ -183,7 +186,8 @@ def main(argv=None):
                 flexr = [r for r in rows if r["shape"] == name and r["density"] == dens and r["method"] == "flex_attention"]
                 if not ours:
                     continue
-                s = {"shape": name, "density": dens, "ours_ms": ours[0]["ms"], "rel_l2": ours[0]["rel_l2"]}
+                s = {"shape": name, "density": dens, "ours_ms": ours[0]["ms"], "rel_l2": ours[0]["rel_l2"],
+                     "kept_tflops": ours[0]["kept_tflops"], "kept_frac_of_fp8_peak": ours[0]["kept_frac_of_fp8_peak"]}
                 for peer in ("sdpa_flash", "sdpa_cudnn", "sageattn_1.0.6"):
                     if peer in peer_ms:
                         s[f"ours/{peer}"] = round(ours[0]["ms"] / peer_ms[peer], 3)
@@ -194,12 +198,11 @@ def main(argv=None):
         for s in summary:
             print("  " + json.dumps(s))
 
-        with open(out_dir / "attention.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-        (out_dir / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary,
-                                                             "autotune_cache": str(tuning.cache_dir())}, indent=1))
+        harness.write_results(out_dir / "attention.json",
+                              {"meta": meta, "summary": summary, "rows": rows,
+                               "autotune_cache": str(tuning.cache_dir())}, run_stamp,
+                              title="paro attention against its peers (time ours / time peer; < 1 = ours faster)",
+                              table=summary)
         try:
             import matplotlib
 
@@ -272,7 +275,7 @@ def main(argv=None):
             real_dens = pairs / full_pairs
             ref = ref_dense
             if flex is not None:
-                note = f"BlockMask 64x64 full blocks"
+                note = "BlockMask 64x64 full blocks"
                 try:
                     try:
                         bm = flex_block_mask(mask.cuda(), n, 64)
@@ -317,7 +320,7 @@ def main(argv=None):
         done.append(name)
         write_outputs(done)  # partial results survive a timeout
 
-    print(f"wrote {out_dir}/attention.csv, attention.json, attention.png")
+    print(f"wrote {out_dir}/attention.json, attention.md, attention.png")
     return 0
 
 

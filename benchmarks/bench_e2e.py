@@ -9,34 +9,35 @@ Variants (--variants, comma list; default all):
   eager | compile (Inductor, default SDPA) | compile-flash | compile-cudnn (sdpa_kernel around compile and
   every run) | paro-<density> (backend="paro" with a synthetic plan: per site and head, diagonal + text
   blocks + random blocks up to the density, PARO order drawn at random among the candidates; INT8/FP8).
-Per variant: median forward time (CUDA events; --iters after --warmup), first-call (compile) time, of which
+Per variant: median forward time (`harness.time_calls`: about --iters timed calls after --warmup untimed ones;
+triton.testing.do_bench on the GPU), first-call (compile) time, of which
 Inductor's compile_fx and our passes (paro_compile.backend.rewrite_graph), peak memory; ratios vs eager and
 vs the fastest compiled SDPA variant of the same run.
 
-Outputs under --out: results.json, results.csv, results.md (and the table on stdout).
-GPU:  python benchmarks/bench_e2e.py --out OUT --model cog              (< 8 min on an H100; see README)
+Outputs under --out: results.json (every variant, the stamp), results.md (the table, also on stdout).
+GPU:  python benchmarks/bench_e2e.py --out OUT --model cog              (--max-minutes bounds the run)
       python benchmarks/bench_e2e.py --out OUT --model flux
 CI:   python benchmarks/bench_e2e.py --out OUT --tiny                   (CPU, tiny configs, reference kernels)
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import math
-import statistics
+import re
 import sys
 import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 import paro_compile  # noqa: E402
 from paro_compile.backend import registered_backend  # noqa: E402
 import paro_compile.backend as paro_backend_module  # noqa: E402
@@ -45,6 +46,7 @@ from paro_compile.plan import Plan, SitePlan  # noqa: E402
 
 ALL_VARIANTS = ("eager", "compile", "compile-flash", "compile-cudnn")
 DEFAULT_DENSITIES = (0.5, 0.3, 0.2)
+VARIANT_NAME = re.compile(r"^(eager|(compile|compile-flash|compile-cudnn|paro-(\d+\.?\d*|\.\d+)(\+comp)?)(\+cg)?)$")
 
 
 def split_variant(variant: str) -> tuple[str, bool]:
@@ -76,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
     p.add_argument("--impl", default="auto")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=5, help="timed calls per variant (about)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before them (about)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip remaining variants past this wall time")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny configs (--model both for Flux too), density 0.5 (CI)")
@@ -85,7 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 calls per variant (torch.profiler) and write the top GPU kernels "
                         "to OUT/profile_<model>_<variant>.txt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.variants != "all":
+        bad = [v for v in args.variants.split(",") if v.strip() and not VARIANT_NAME.match(v.strip())]
+        if bad:
+            p.error(f"unknown variants {bad} (see --help)")
+    return args
 
 
 def profile_calls(call: Callable, device, path: Path, calls: int = 2, top: int = 30) -> None:
@@ -96,7 +103,7 @@ def profile_calls(call: Callable, device, path: Path, calls: int = 2, top: int =
     with profile(activities=activities) as prof:
         for _ in range(calls):
             call()
-        sync(device)
+        harness.synchronize(device)
     sort = "cuda_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     path.write_text(f"{calls} calls\n" + prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=90))
 
@@ -282,35 +289,6 @@ def synthetic_plan(site_ids: list[str], heads: int, grid: TokenGrid, density: fl
     return Plan(sites=sites, step_boundaries=[], density=density, meta={"synthetic": True, "seed": seed})
 
 
-# ---------------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------------
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_calls(fn: Callable, device, iters: int, warmup: int) -> list[float]:
-    """Milliseconds per call (CUDA events on the GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def sdpa_context(variant: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -356,7 +334,7 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
 
     t = time.perf_counter()
     out = call()
-    sync(device)
+    harness.synchronize(device)
     entry["first_call_s"] = time.perf_counter() - t
     first = out[0] if isinstance(out, (tuple, list)) else out
     entry["output_finite"] = bool(torch.isfinite(first).all())
@@ -364,12 +342,13 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
     if graphs:  # cudagraph trees record on the 2nd-3rd call: keep that out of the timed calls
         for _ in range(2):
             call()
-        sync(device)
+        harness.synchronize(device)
         skips = dict(torch._dynamo.utils.counters.get("inductor", {}))
         entry["cudagraph_skips"] = int(skips.get("cudagraph_skips", 0))
-    times = time_calls(call, device, args.iters, args.warmup)
-    entry["times_ms"] = times
-    entry["median_ms"] = statistics.median(times)
+    timing = harness.time_calls(call, device, calls=args.iters, warmup_calls=args.warmup)
+    entry["times_ms"] = [round(t, 4) for t in timing.samples_ms]
+    entry["median_ms"] = timing.median_ms
+    entry["timer"] = timing.timer
     entry["compile_s"] = max(0.0, entry["first_call_s"] - entry["median_ms"] / 1e3) if variant != "eager" else 0.0
     entry["inductor_compile_fx_s"] = TIMERS["inductor"]
     entry["paro_passes_s"] = TIMERS["paro_passes"]
@@ -414,8 +393,6 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     inputs, grid = make_inputs(model, device, dtype, tiny)
     n_params = sum(p.numel() for p in model.parameters())
     heads = int(cfg["num_attention_heads"])
-    import re
-
     site_ids = []
     counts = {"transformer_blocks": int(cfg["num_layers"]), "single_transformer_blocks": int(cfg.get("num_single_layers", 0))}
     for sid, h, n, supported, reasons in found:
@@ -473,7 +450,8 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
         entry.update(model=name, tokens=grid.num_tokens, heads=heads, layers=cfg.get("num_layers"), params_b=n_params / 1e9)
         rows.append(entry)
         if variant != "eager" and "first_call_s" in entry:
-            longest_compile = max(longest_compile, entry["first_call_s"] + entry["median_ms"] * (args.iters + args.warmup) / 1e3)
+            calls = args.iters + args.warmup + harness.UNTIMED_CALLS
+            longest_compile = max(longest_compile, entry["first_call_s"] + entry["median_ms"] * calls / 1e3)
         on_row(entry)
         if "median_ms" in entry:
             print(f"[bench] {name:4s} {variant:14s} median {entry['median_ms']:9.2f} ms  first call {entry['first_call_s']:6.1f}s  "
@@ -496,6 +474,19 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     return rows
 
 
+def table_row(r: dict) -> dict:
+    """The markdown row of one variant (the JSON keeps everything)."""
+    row = {"model": r.get("model"), "variant": r.get("variant")}
+    if "median_ms" not in r:
+        row["status"] = r.get("skipped") or "ERROR " + str(r.get("error", ""))[:150]
+        return row
+    row.update({"median ms": r["median_ms"], "× eager": r.get("speedup_vs_eager"),
+                "× best compile": r.get("speedup_vs_best_compile"), "first call s": r["first_call_s"],
+                "inductor s": r["inductor_compile_fx_s"], "paro passes s": r["paro_passes_s"], "peak GB": r.get("peak_gb"),
+                "sites": r.get("sites_lowered")})
+    return row
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out: Path = args.out
@@ -509,18 +500,23 @@ def main(argv=None) -> dict:
         if args.variants == "all":
             args.variants = "eager,compile," + ",".join(f"paro-{float(d):g}" for d in args.densities.split(","))
     install_timers()
+    run_stamp = harness.stamp(__file__, argv)
     models = ["cog", "flux"] if args.model == "both" else [args.model]
-    results: dict[str, Any] = {"config": {"device": str(device), "dtype": str(dtype), "torch": torch.__version__,
-                                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+    results: dict[str, Any] = {"config": {"device": str(device), "dtype": str(dtype),
                                           "args": {k: str(v) for k, v in vars(args).items()}}, "rows": []}
+    title = f"end-to-end forward, {torch.cuda.get_device_name() if device.type == 'cuda' else device} ({dtype})"
+
+    def write(rows: list[dict], notes=()) -> Path:
+        return harness.write_results(out / "results.json", dict(results, rows=rows), run_stamp, title=title, notes=notes,
+                                     table=[table_row(r) for r in rows])
+
     try:
         for name in models:
             live: list[dict] = []
 
             def on_row(row, live=live):  # partial results survive a kill
                 live.append(row)
-                partial = dict(results, rows=results["rows"] + live, partial=True)
-                (out / "results.json").write_text(json.dumps(partial, indent=2, default=str))
+                write(results["rows"] + live)
 
             try:
                 rows = bench_model(name, args, device, dtype, t_start, on_row)
@@ -529,35 +525,12 @@ def main(argv=None) -> dict:
                 results["rows"].append({"model": name, "variant": "*", "error": f"{type(error).__name__}: {error}"[:2000],
                                         "traceback": traceback.format_exc()[-3000:]})
                 print(f"[bench] {name} FAILED: {error!r}", flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            write(results["rows"])
     finally:
         uninstall_timers()
     results["total_seconds"] = time.perf_counter() - t_start
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    fields = ["model", "variant", "density", "achieved_density", "median_ms", "speedup_vs_eager", "speedup_vs_best_compile",
-              "best_compile_variant", "first_call_s", "compile_s", "inductor_compile_fx_s", "paro_passes_s", "peak_gb",
-              "sites_lowered", "gathers_left", "output_finite", "tokens", "heads", "layers", "params_b", "error", "skipped"]
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results["rows"])
-
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-
-    md = [f"# end-to-end forward, {results['config']['gpu'] or device} ({dtype}, torch {torch.__version__})", "",
-          "| model | variant | median ms | × eager | × best compile | first call s | inductor s | paro passes s | peak GB | sites |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results["rows"]:
-        if "median_ms" in r:
-            md.append(f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {fmt(r.get('speedup_vs_eager'), '.2f')} | "
-                      f"{fmt(r.get('speedup_vs_best_compile'), '.2f')} | {r['first_call_s']:.1f} | {r['inductor_compile_fx_s']:.1f} | "
-                      f"{r['paro_passes_s']:.2f} | {fmt(r.get('peak_gb'), '.1f')} | {r.get('sites_lowered', '-')} |")
-        else:
-            md.append(f"| {r['model']} | {r['variant']} | {r.get('skipped') or 'ERROR ' + r.get('error', '')[:150]} | | | | | | | |")
-    md += ["", f"total {results['total_seconds']:.0f}s"]
-    (out / "results.md").write_text("\n".join(md))
-    print("\n".join(md), flush=True)
+    path = write(results["rows"], notes=[f"total {results['total_seconds']:.0f}s"])
+    print(path.with_suffix(".md").read_text(), flush=True)
     return results
 
 

@@ -11,19 +11,27 @@ unpatchify). The same dense mask and bits are used in both runs; only the plan's
 
 Reports the median time per forward of each, and the overhead (paro - identity) as a % of the attention
 time (attention time measured as the identity-order forward minus the same stack with attention removed).
+Both variants are compiled first and then timed in alternating rounds (`harness.time_calls` each), so clock or
+thermal drift during the run affects both alike; a variant's time is the median of its rounds.
 
-GPU (the lead runs it): ``python benchmarks/bench_fold.py``. CPU smoke run: ``python benchmarks/bench_fold.py --tiny``.
+GPU: ``python benchmarks/bench_fold.py --json OUT/fold.json``. CPU smoke run: ``python benchmarks/bench_fold.py --tiny``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
 
 
 class Block(nn.Module):
@@ -89,36 +97,21 @@ def plan_for(model, inputs, grid, orders_for_head):
     return Plan(sites)
 
 
-def timeit(fn, warmup, iters, cuda):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (smoke test)")
     parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--iters", type=int, default=10, help="alternating timing rounds")
+    parser.add_argument("--json", default=None, help="write the results here (and a markdown table beside it)")
     parser.add_argument("--profile", default=None,
                         help="folder: write a torch.profiler kernel table of 2 calls per variant there")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import paro_compile
+    from paro_compile.backend import registered_backend
     from paro_compile.grid import TokenGrid
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -126,47 +119,46 @@ def main() -> None:
     if args.tiny:
         dim, heads, frames, h, w, text_len, batch, dtype, text_dim = 128, 2, 2, 8, 8, 8, 2, torch.float32, 32
         options = {"allow_fp32": True, "qk_bits": 8, "pv_dtype": "fp8"}
-        iters, warmup = 3, 2
+        rounds = min(args.iters, 3)
     else:  # CogVideoX-5B: 13 latent frames of 60×90, patch 2 → 13×30×45 = 17,550 video + 226 text tokens
         dim, heads, frames, h, w, text_len, batch, dtype, text_dim = 3072, 48, 13, 60, 90, 226, 2, torch.bfloat16, 4096
         options = {"qk_bits": 8, "pv_dtype": "fp8"}
-        iters, warmup = args.iters, 3
+        rounds = args.iters
+    run_stamp = harness.stamp(__file__, argv)
     grid = TokenGrid(frames, h // 2, w // 2, text_len)
     torch.manual_seed(0)
     model = Stack(dim, heads, args.depth, text_dim=text_dim).eval().to(device, dtype)
     inputs = (torch.randn(batch, frames, 16, h, w, device=device, dtype=dtype),
               torch.randn(batch, text_len, text_dim, device=device, dtype=dtype))
     mixed = ["HWF", "HWF", "WHF", "HWF", "FWH", "HWF"]  # most heads share HWF (folded), the rest → kernel residuals
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tokens": grid.num_tokens, "batch": batch,
-               "dtype": str(dtype), "depth": args.depth, "options": options}
-    # Both variants are compiled first and then timed in alternation (identity, paro, identity, ...), so
-    # clock or thermal drift during the run affects both alike.
+    results = {"tokens": grid.num_tokens, "batch": batch, "dtype": str(dtype), "depth": args.depth, "rounds": rounds,
+               "options": options}
     calls = {}
     for name, orders_for_head in (("identity", lambda h: "FHW"), ("paro", lambda h: mixed[h % len(mixed)])):
         plan = plan_for(model, inputs, grid, orders_for_head)
-        compiled = torch.compile(model, backend="paro", options={**options, "plan": plan})
+        compiled = torch.compile(model, backend=registered_backend(), options={**options, "plan": plan})
         with torch.no_grad():
-            timeit(lambda compiled=compiled: compiled(*inputs), warmup, 1, cuda)
+            compiled(*inputs)
         report = paro_compile.last_report()
         results[name + "_sites"] = [s.permutation for s in report.sites]
         results[name + "_gathers"] = report.gathers_left
         calls[name] = compiled
     samples = {name: [] for name in calls}
     with torch.no_grad():
-        for _ in range(iters):
+        for _ in range(rounds):
             for name, compiled in calls.items():
-                samples[name].append(timeit(lambda compiled=compiled: compiled(*inputs), 0, 1, cuda))
+                timing = harness.time_calls(lambda compiled=compiled: compiled(*inputs), device, calls=3, warmup_calls=0)
+                samples[name].append(timing.median_ms)
     if args.profile:
-        from pathlib import Path
-
         from torch.profiler import ProfilerActivity, profile
 
         Path(args.profile).mkdir(parents=True, exist_ok=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         for name, compiled in calls.items():
-            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad(), profile(activities=activities) as prof:
                 for _ in range(2):
                     compiled(*inputs)
-                torch.cuda.synchronize() if cuda else None
+                harness.synchronize(device)
             sort = "cuda_time_total" if cuda else "cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=80)
             (Path(args.profile) / f"fold_profile_{name}.txt").write_text(table)
@@ -179,14 +171,18 @@ def main() -> None:
         block.skip_attention = True
     compiled = torch.compile(model, backend="inductor")
     with torch.no_grad():
-        results["no_attention_ms"] = timeit(lambda: compiled(*inputs), warmup, iters, cuda)
+        compiled(*inputs)
+        results["no_attention_ms"] = harness.time_calls(lambda: compiled(*inputs), device, calls=rounds).median_ms
     attention_ms = max(results["identity_ms"] - results["no_attention_ms"], 1e-9)
     results["attention_ms"] = attention_ms
     results["overhead_pct_of_attention"] = 100.0 * (results["paro_ms"] - results["identity_ms"]) / attention_ms
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        table = [{"variant": name, "median_ms": results[name + "_ms"]} for name in ("identity", "paro", "no_attention")]
+        table.append({"variant": "overhead, % of attention", "median_ms": results["overhead_pct_of_attention"]})
+        harness.write_results(args.json, results, run_stamp, table=table,
+                              title=f"permutation overhead, {args.depth} CogVideoX-5B-shaped blocks")
+    return results
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 Site: B=1 (or --batch 2 for CFG), 48 heads, 13×30×45 video tokens + 226 text tokens = 17,776, D=64.
 q/k are "random but structured": every head is local along random axes (synthetic_qk with random per-axis
 weights) plus noise, so the six candidate orders really differ. Reports the time of one statistics pass
-(`SiteStatistics.update`, all 6 orders at once), of building the plan (orders + masks), and
-torch.cuda.max_memory_allocated, as one JSON line (also written to $OUT/calibrate_cog_site.json if $OUT is set).
+(`SiteStatistics.update`, all 6 orders at once; `harness.time_calls` median of ``--repeats`` calls), of building the
+plan (orders + masks), and torch.cuda.max_memory_allocated, as one JSON line, and into ``--out``
+(calibrate_cog_site.json + .md; default ``$OUT`` where it is set).
 
     python benchmarks/calibrate_cog_site.py [--batch 1] [--dtype bfloat16] [--chunk-elements 134217728] [--repeats 3]
+    python benchmarks/calibrate_cog_site.py --device cpu --heads 2 --frames 2 --height 4 --width 6 --text 8   # smoke
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 from alpha_sweep import synthetic_qk  # noqa: E402  (benchmarks/alpha_sweep.py)
 from paro_compile.calibration.options import CalibrationOptions  # noqa: E402
 from paro_compile.calibration.statistics import SiteStatistics, chunk_rows_for  # noqa: E402
 from paro_compile.grid import TokenGrid  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=48)
     parser.add_argument("--frames", type=int, default=13)
@@ -40,7 +44,12 @@ def main() -> None:
     parser.add_argument("--chunk-elements", type=int, default=None, help="max B*H*rows*N per chunk (default 2**27)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test at small sizes)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="result folder (default $OUT)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -67,19 +76,14 @@ def main() -> None:
     rows = chunk_rows_for(args.batch, args.heads, n, max_elements)
 
     # Warm-up (index tables, kernels), then timed passes.
+    run_stamp = harness.stamp(__file__, argv)
     stats = SiteStatistics(grid, args.heads, options)
     stats.update(q, k, v)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        stats.update(q, k, v)
-        sync()
-        times.append(time.perf_counter() - t0)
+    timing = harness.time_calls(lambda: stats.update(q, k, v), device, calls=args.repeats, warmup_calls=0)
     t0 = time.perf_counter()
     site = stats.build_site_plan("transformer_blocks.0.attn1#0")
     sync()
@@ -92,8 +96,8 @@ def main() -> None:
         "orders_evaluated": len(stats.orders),
         "chunk_rows": rows,
         "chunks": -(-n // rows),
-        "update_s": times,
-        "update_s_best": min(times),
+        "update_s": timing.median_ms / 1e3,
+        "update_samples_s": [t / 1e3 for t in timing.samples_ms],
         "build_plan_s": plan_s,
         "max_memory_allocated_gib": peak / 2**30,
         "inputs_and_state_gib": base / 2**30,
@@ -104,11 +108,13 @@ def main() -> None:
         "orders_chosen": {o: site.orders.count(o) for o in sorted(set(site.orders))},
         "build_inputs_s": build_inputs_s,
     }
-    line = json.dumps(result)
-    print(line)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "calibrate_cog_site.json").write_text(line + "\n")
+    print(json.dumps(result))
+    if args.out:
+        harness.write_results(Path(args.out) / "calibrate_cog_site.json", result, run_stamp,
+                              title="calibration of one CogVideoX-5B-sized site",
+                              table=[{k: result[k] for k in ("shape", "chunks", "update_s", "build_plan_s",
+                                                             "max_memory_allocated_gib", "density")}])
+    return result
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@ of its KV loop — without a GPU.
 
 Compiles `paro_compile.kernels.attention._attn_fwd` for sm_90a with Triton's own ptxas, with the argument
 specialisation a real launch gets (pointers and N / output strides 16-divisible; without it Triton cannot
-vectorise the K/V loads, falls back to byte loads that are not pipelined, and ptxas reports ~255 registers: that
-is what an earlier session measured by mistake). With ``nvdisasm`` (from CUDA, or the ``nvidia-cuda-nvdisasm``
+vectorise the K/V loads, falls back to byte loads that are not pipelined, and ptxas reports far more registers than
+a real launch uses). With ``nvdisasm`` (from CUDA, or the ``nvidia-cuda-nvdisasm``
 wheel; ``--nvdisasm PATH``) it also prints the SASS opcode histogram of the KV loop (the first backward branch),
 which is what bounds this kernel: it is issue-bound, so instructions per 64×64 tile track its time.
 
     python benchmarks/kernel_sass_report.py                       # sparse + dense, default variant
     python benchmarks/kernel_sass_report.py --variant fma_exp_arg=0 --compensate --warps 4 --stages 3
+    python benchmarks/kernel_sass_report.py --out OUT              # also OUT/kernel_sass_report.json + .md
+
+Run it with TRITON_INTERPRET unset: it compiles real GPU code.
 """
 from __future__ import annotations
 
@@ -24,10 +27,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("kernel_sass_report compiles real GPU code: run it with TRITON_INTERPRET unset")
-
+import harness  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -97,7 +99,7 @@ def loop_histogram(cubin: Path, nvdisasm: str) -> tuple[int, collections.Counter
     return 0, collections.Counter()
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pv", default="fp8", choices=sorted(_V_PTR))
     ap.add_argument("--warps", type=int, default=4)
@@ -108,23 +110,43 @@ def main(argv=None) -> None:
                     help="sparse: query blocks of 64 // group tokens sharing a 64-row tile")
     ap.add_argument("--variant", default="", help="attention.KERNEL_VARIANT_DEFAULTS overrides, e.g. fma_exp_arg=0")
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm"), help="nvdisasm binary (optional)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for kernel_sass_report.json and .md")
     args = ap.parse_args(argv)
-    variant = {}
+    args.variant_switches = {}
     for item in filter(None, (x.strip() for x in args.variant.split(","))):
         name, _, value = item.partition("=")
         if name not in A.KERNEL_VARIANT_DEFAULTS or value not in ("0", "1"):
-            raise SystemExit(f"--variant takes name=0|1 with names {sorted(A.KERNEL_VARIANT_DEFAULTS)}, got {item!r}")
-        variant[name] = value == "1"
+            ap.error(f"--variant takes name=0|1 with names {sorted(A.KERNEL_VARIANT_DEFAULTS)}, got {item!r}")
+        args.variant_switches[name] = value == "1"
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_sass_report compiles real GPU code: run it with TRITON_INTERPRET unset")
+    run_stamp = harness.stamp(__file__, argv)
+    rows = []
     print(f"{'mask':7s} {'tile':>4s} {'warps':>5s} {'stages':>6s}  resources / KV-loop instructions")
     for dense in (False, True):
         res = compile_kernel(dense=dense, pv=args.pv, warps=args.warps, stages=args.stages, maxnreg=args.maxnreg,
-                             compensate=args.compensate, variant=variant, group=args.group)
+                             compensate=args.compensate, variant=args.variant_switches, group=args.group)
         print(f"{'dense' if dense else 'sparse':7s} {64:4d} {args.warps:5d} {args.stages:6d}  {res['resources']}"
               + (f"  (block {64 // args.group}, {args.group} per tile)" if args.group > 1 and not dense else ""))
+        row = {"mask": "dense" if dense else "sparse", "block": 64 if dense else 64 // args.group, "warps": args.warps,
+               "stages": args.stages, "maxnreg": args.maxnreg, "resources": res["resources"]}
         if args.nvdisasm and os.path.exists(args.nvdisasm):
             total, ops = loop_histogram(res["cubin"], args.nvdisasm)
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(12))
             print(f"{'':27s}  loop: {total} instructions ({top})")
+            row.update(loop_instructions=total, loop_opcodes=dict(ops.most_common()))
+        rows.append(row)
+    if args.out is not None:
+        harness.write_results(args.out / "kernel_sass_report.json",
+                              {"config": {"pv": args.pv, "compensate": args.compensate, "variant": args.variant_switches},
+                               "rows": rows}, run_stamp, title="attention kernel for sm_90a: resources and KV loop",
+                              columns=["mask", "block", "warps", "stages", "maxnreg", "resources", "loop_instructions"])
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Kernel variants of the paro attention on the CogVideoX shape: code variant × fixed launch config.
 
-One short run (budget ~90 s on an H100) that answers "which kernel variant / config is fastest, and is it
+One short run that answers "which kernel variant / config is fastest, and is it
 still right":
 
 - shape B2 H48 N17776 D64 bf16 (``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);
@@ -14,8 +14,9 @@ still right":
 - ``--int4``: INT4 diagnostic: prologue values vs torch quantization, kernel vs reference at
   the shape (2, 3, 2010, 64), INT4 and INT8.
 
-Prints a table per density sorted by time and writes JSON to ``--out`` (after every measurement,
-so a run cut by a timeout still leaves its numbers). Usage on the GPU::
+Times are `harness.time_ms` medians (triton.testing.do_bench on the GPU). Prints a table per density sorted by time
+and writes ``--out`` (JSON, and a markdown table beside it) after every measurement, so a run cut by a timeout still
+leaves its numbers. Usage on the GPU::
 
     python benchmarks/kernel_variants.py --out $OUT/variants.json
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -46,10 +46,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
+from bench_attention import flex_block_mask, rel_l2  # noqa: E402
 from paro_compile.kernels import reference as R  # noqa: E402
 from paro_compile.kernels import tuning  # noqa: E402
-from paro_compile.kernels.block_mask import BlockMask as ParoBlockMask, block_mask_to_csr  # noqa: E402
+from paro_compile.kernels.block_mask import BlockMask as ParoBlockMask  # noqa: E402
 from paro_compile.kernels.attention import paro_attention_triton  # noqa: E402
 from paro_compile.kernels.prologue import dequantized_views, paro_prologue  # noqa: E402
 
@@ -83,38 +86,9 @@ def parse_configs(spec: str) -> list[tuple]:
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         vals = [int(x) for x in item.split(",")]
         if len(vals) not in (3, 4):
-            raise SystemExit(f"a config is TILE_M,num_warps,num_stages[,maxnreg], got {item!r}")
+            raise ValueError(f"a config is TILE_M,num_warps,num_stages[,maxnreg], got {item!r}")
         out.append((*vals[:3], vals[3] if len(vals) == 4 and vals[3] > 0 else None))
     return out
-
-
-def rel_l2(a, b):
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def timer(cuda: bool, rep_ms: int):
-    if cuda:
-        import triton
-
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
-
-    def cpu_time(fn):
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return cpu_time
-
-
-def flex_block_mask(mask, n, block):
-    """BlockMask with every kept block as a full block, from a [H, Mq, Nk] bool mask (as bench_attention.py)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    counts, indices = block_mask_to_csr(mask)
-    counts, indices = counts[None].contiguous(), indices[None].contiguous()
-    return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices.clone(), counts, indices, BLOCK_SIZE=block,
-                                    seq_lengths=(n, n))
 
 
 def int4_diagnostic(dev, tiny: bool) -> dict:
@@ -151,11 +125,11 @@ def int4_diagnostic(dev, tiny: bool) -> dict:
     return res
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="B1 H2 N200 on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--out", default="kernel_variants.json")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per variant")
+    ap.add_argument("--rep", type=int, default=100, help="timed milliseconds per variant (CPU: at least one call)")
     ap.add_argument("--variants", default=",".join(KERNEL_VARIANTS),
                     help=f"comma list of kernel variants (default all): {', '.join(KERNEL_VARIANTS)}")
     ap.add_argument("--no-flex", action="store_true")
@@ -165,28 +139,42 @@ def main(argv=None):
     ap.add_argument("--densities", default="1.0,0.2", help="comma list; < 1 = random block mask keeping the diagonal")
     ap.add_argument("--int4", action="store_true", help="also run the INT4 diagnostic")
     args = ap.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in KERNEL_VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; known: {list(KERNEL_VARIANTS)}")
+    for flag in ("dense_configs", "sparse_configs"):
+        if getattr(args, flag):
+            try:
+                setattr(args, flag, parse_configs(getattr(args, flag)))
+            except ValueError as error:
+                ap.error(str(error))
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("no CUDA: run with --tiny (TRITON_INTERPRET=1)")
     dev = "cuda" if cuda else "cpu"
     os.environ["PARO_AUTOTUNE"] = "0"  # fixed configs only (config= bypasses it anyway)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in KERNEL_VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variants {bad}; known: {list(KERNEL_VARIANTS)}")
+    variants = args.variants
     b, h, n, d = (1, 2, 200, 64) if args.tiny else (2, 48, 17776, 64)
     dtype = torch.bfloat16
-    bench = timer(cuda, args.rep)
+    def bench(fn) -> float:
+        return harness.time_ms(fn, dev, warmup_ms=10, rep_ms=args.rep).median_ms
+
     t_start = time.time()
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-               "torch": torch.__version__, "shape": [b, h, n, d], "dtype": "bfloat16", "rows": [], "int4": None}
+    run_stamp = harness.stamp(__file__, argv)
+    results = {"device": "cuda" if cuda else "cpu (interpreter)", "shape": [b, h, n, d], "dtype": "bfloat16", "rows": [],
+               "int4": None}
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         results["elapsed_s"] = round(time.time() - t_start, 1)
-        out_path.write_text(json.dumps(results, indent=1))
+        harness.write_results(out_path, results, run_stamp, title="paro kernel variants × fixed launch configs (ms)",
+                              columns=["density", "method", "ms", "rel_l2_vs_mode0", "rel_l2_vs_peer"])
 
     def log(msg):
         print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
@@ -200,8 +188,8 @@ def main(argv=None):
 
         flex = torch.compile(flex_attention, dynamic=False)
 
-    dense_configs = parse_configs(args.dense_configs) if args.dense_configs else DENSE_CONFIGS
-    sparse_configs = parse_configs(args.sparse_configs) if args.sparse_configs else SPARSE_CONFIGS
+    dense_configs = args.dense_configs or DENSE_CONFIGS
+    sparse_configs = args.sparse_configs or SPARSE_CONFIGS
     for dens in (float(x) for x in args.densities.split(",") if x.strip()):
         if dens >= 1.0:
             mask, plan_mask, configs = None, None, dense_configs

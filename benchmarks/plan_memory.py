@@ -6,19 +6,21 @@ Synthetic CogVideoX-5B-shaped sites (48 heads, 17,776 tokens, 2 step buckets) wi
 64-block mask refined to the finer block: neighbouring query blocks keep the same KV blocks, as calibrated PARO masks
 tend to). ``--plan`` measures the sites of a saved plan instead.
 
-    python benchmarks/plan_memory.py --out benchmarks/results/plan_memory      # ~1 min, ~4 GB of RAM
+    python benchmarks/plan_memory.py --out OUT            # plan_memory.json + .md; about 4 GB of RAM
     python benchmarks/plan_memory.py --plan my.paro.safetensors
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
 
 from paro_compile.kernels.block_mask import BlockMask, block_mask_to_csr, grouped_block_csr, num_blocks  # noqa: E402
 from paro_compile.kernels.tuning import random_block_mask, refine_block_mask  # noqa: E402
@@ -83,7 +85,7 @@ def measure_plan(path: Path) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", type=Path, default=None, help="measure a saved plan (.paro.safetensors)")
     ap.add_argument("--heads", type=int, default=48)
@@ -94,8 +96,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kinds", default="coherent,random")
     ap.add_argument("--layers", type=int, default=42, help="sites per model for the model-total column")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="folder for plan_memory.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=None, help="folder for plan_memory.json and plan_memory.md")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    run_stamp = harness.stamp(__file__, argv)
     if args.plan is not None:
         rows = measure_plan(args.plan)
         print(f"{'site':40s} {'block':>5s} {'kept':>6s} {'slots/Nk':>10s} {'padded MB':>10s} {'compact MB':>11s} {'ratio':>6s}")
@@ -113,9 +120,8 @@ def main(argv=None) -> list[dict]:
             print(f"{r['block']:5d} {r['density']:7.2f} {r['masks']:>9s} {r['slots']:>4d}/{r['kv_blocks']:<5d} "
                   f"{r['padded_mb']:10.2f} {r['compact_mb']:11.2f} {r['ratio']:6.2f} {r['model_gb']:9.3f}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "plan_memory.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                               "rows": rows}, indent=2))
+        harness.write_results(args.out / "plan_memory.json", {"rows": rows}, run_stamp,
+                              title="plan-constant memory per site: padded int32 CSR vs compact")
     return rows
 
 

@@ -15,17 +15,15 @@ Metrics vs "fp" (latents → "pixels" = (clamp(x, −1, 1) + 1) / 2): PSNR, SSIM
 σ 1.5, per frame and channel), cosine similarity of the raw latents; per layer, the rel-L2 of the variant's
 attention vs fp32 SDPA on the same q/k/v (captured from the FP model at the middle sampling step).
 
-Outputs under --out: results.json, results.md, per_layer.csv, samples.png, plans/*.safetensors.
-GPU:  python benchmarks/quality.py --out OUT                      (~4–9 min on an H100; --max-minutes guards)
+Outputs under --out: results.json (every variant, the per-layer errors, the stamp), results.md (the table),
+samples.png, plans/*.paro.safetensors; with --seeds also pooled.json / pooled.md.
+GPU:  python benchmarks/quality.py --out OUT                      (--max-minutes bounds the run)
 CI:   python benchmarks/quality.py --out OUT --tiny               (CPU, random tiny model, seconds)
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -36,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 import paro_compile  # noqa: E402
 from paro_compile.backend import registered_backend  # noqa: E402
 from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
@@ -58,6 +58,7 @@ CALIB_PROMPTS = [
     dict(shape="circle", colour="blue", motion="colour_shift"),
     dict(shape="square", colour="magenta", motion="down"),
 ]
+VARIANT_KINDS = ("paro", "natural", "dense", "dynamic", "numerics")
 NUMERICS = {"int8/fp8": (8, "fp8"), "int8/int8": (8, "int8"), "int4/fp8": (4, "fp8"), "fp16": (16, "fp16")}
 _ORIG_SDPA = F.scaled_dot_product_attention
 
@@ -100,6 +101,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.calib_prompts <= len(CALIB_PROMPTS):
         p.error(f"--calib-prompts must be in 1..{len(CALIB_PROMPTS)}, got {args.calib_prompts}")
+    if args.variants != "all" and not set(args.variants.split(",")) <= set(VARIANT_KINDS):
+        p.error(f"--variants takes a comma list of {', '.join(VARIANT_KINDS)}, got {args.variants!r}")
     return args
 
 
@@ -283,7 +286,7 @@ def save_samples_png(rows: list[tuple[str, torch.Tensor]], path: Path, prompt_in
 
 # ---------------------------------------------------------------------------------------------------
 def quality_targets(variants: list[dict], densities: list[float]) -> dict[str, bool]:
-    """Issue 6's targets on measured variants: PSNR ≥ 30 dB and cosine ≥ 0.99 at density 0.3 (and at an average density
+    """The quality targets on measured variants: PSNR ≥ 30 dB and cosine ≥ 0.99 at density 0.3 (and at an average density
     of 0.3, dense steps counting 1.0, whatever the recipe); PARO order above natural order at every density."""
     targets: dict[str, bool] = {}
     by_name = {v["name"]: v for v in variants}
@@ -301,6 +304,22 @@ def quality_targets(variants: list[dict], densities: list[float]) -> dict[str, b
             targets[f"{v['name']} (avg {v['avg_density']:.3f}): psnr>=30 and cos>=0.99"] = (
                 v["psnr"] >= 30.0 and v["cosine"] >= 0.99)
     return targets
+
+
+def variant_table(variants: list[dict]) -> list[dict]:
+    """One markdown row per variant; skipped and failed variants say why."""
+    rows = []
+    for v in variants:
+        row = {"variant": v["name"], "density": v["density"], "achieved": v.get("achieved_density"),
+               "avg": v.get("avg_density")}
+        if "psnr" in v:
+            row.update({"PSNR dB": v["psnr"], "SSIM": v["ssim"], "cosine": v["cosine"],
+                        "attn rel-L2 mean": v["attn_rel_l2_mean"], "attn rel-L2 max": v["attn_rel_l2_max"],
+                        "sites lowered": v.get("sites_lowered"), "s": v.get("seconds")})
+        else:
+            row["status"] = v.get("skipped") or "ERROR " + v.get("error", "")[:120]
+        rows.append(row)
+    return rows
 
 
 def pool_seeds(per_seed: dict[int, dict], densities: list[float]) -> dict:
@@ -331,6 +350,7 @@ def main(argv=None) -> dict:
     """One seed (``--seed``): results of that run. Several (``--seeds a,b,c``): each seed's run under OUT/seed_<s>,
     pooled over all their videos into OUT/pooled.json and OUT/pooled.md (returned)."""
     args = parse_args(argv)
+    args.stamp = harness.stamp(__file__, argv)
     if args.seeds:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         per_seed = {}
@@ -340,17 +360,16 @@ def main(argv=None) -> dict:
             per_seed[seed] = main(run_argv)
         densities = [float(d) for d in args.densities.split(",") if d] if not args.tiny else [0.5]
         pooled = pool_seeds(per_seed, densities)
-        (args.out / "pooled.json").write_text(json.dumps(pooled, indent=2))
-        md = [f"# paro quality pooled over seeds {', '.join(map(str, seeds))}", "",
-              "| variant | avg density | videos | PSNR dB (± s.e.) | SSIM | cosine | attn rel-L2 | per seed PSNR / cosine |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for v in pooled["variants"]:
-            per = "; ".join(f"{s}: {x['psnr']:.2f} / {x['cosine']:.4f}" for s, x in v["per_seed"].items())
-            md.append(f"| {v['name']} | {v['avg_density']:.3f} | {v['videos']} | {v['psnr']:.2f} ± {v['psnr_sem']:.2f} | "
-                      f"{v['ssim']:.4f} | {v['cosine']:.5f} | {v['attn_rel_l2_mean']:.4f} | {per} |")
-        md += ["", "Targets (pooled): " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, ok in pooled["targets"].items()), ""]
-        (args.out / "pooled.md").write_text("\n".join(md))
-        print("\n".join(md), flush=True)
+        table = [{"variant": v["name"], "avg density": v["avg_density"], "videos": v["videos"],
+                  "PSNR dB": f"{v['psnr']:.2f} ± {v['psnr_sem']:.2f}", "SSIM": v["ssim"], "cosine": v["cosine"],
+                  "attn rel-L2": v["attn_rel_l2_mean"],
+                  "per seed PSNR / cosine": "; ".join(f"{s}: {x['psnr']:.2f} / {x['cosine']:.4f}"
+                                                      for s, x in v["per_seed"].items())}
+                 for v in pooled["variants"]]
+        targets = "Targets (pooled): " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, ok in pooled["targets"].items())
+        path = harness.write_results(args.out / "pooled.json", pooled, args.stamp, table=table,
+                                     title=f"paro quality pooled over seeds {', '.join(map(str, seeds))}", notes=[targets])
+        print(path.with_suffix(".md").read_text(), flush=True)
         return pooled
     return run_one(args)
 
@@ -388,7 +407,7 @@ def run_one(args: argparse.Namespace) -> dict:
         steps = args.steps
         densities = [float(d) for d in args.densities.split(",") if d]
         eval_prompts = EVAL_PROMPTS[: args.prompts]
-        wanted = {"paro", "natural", "dense", "dynamic", "numerics"} if args.variants == "all" else set(args.variants.split(","))
+        wanted = set(VARIANT_KINDS) if args.variants == "all" else set(args.variants.split(","))
     allow_fp32 = dtype == torch.float32
     calib_prompts = CALIB_PROMPTS[: args.calib_prompts]
     grid = toy_cog.token_grid(model)
@@ -400,13 +419,13 @@ def run_one(args: argparse.Namespace) -> dict:
         "config": {"device": str(device), "dtype": str(dtype), "model": model_source, "grid": str(grid), "block": block,
                    "steps": steps, "guidance": args.guidance, "seed": args.seed, "eval_prompts": [toy_videos.prompt_name(p) for p in eval_prompts],
                    "calib_prompts": [toy_videos.prompt_name(p) for p in calib_prompts],
-                   "allocation": args.allocation, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "impl": args.impl},
+                   "allocation": args.allocation, "impl": args.impl},
         "variants": [], "per_layer": [], "targets": {},
     }
 
-    def dump() -> None:
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    def dump(notes=()) -> Path:
+        return harness.write_results(out / "results.json", results, args.stamp, table=variant_table(results["variants"]),
+                                     title=f"paro quality on the toy CogVideoX ({model_source})", notes=notes)
 
     # ---- FP reference ----
     cond, noise, ref, mid_inputs, fp_seconds = fp_reference(model, eval_prompts, text_dim, steps, args.guidance,
@@ -589,31 +608,14 @@ def run_one(args: argparse.Namespace) -> dict:
 
     results["targets"] = quality_targets([v for v in results["variants"] if "psnr" in v], densities)
     results["total_seconds"] = time.perf_counter() - t_start
-    dump()
-
-    with open(out / "per_layer.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["variant", "site", "rel_l2", "fp_bf16_rel_l2"])
-        writer.writeheader()
-        writer.writerows(per_layer_rows)
     save_samples_png(rows_png, out / "samples.png")
-    md = [f"# paro quality on the toy CogVideoX ({model_source})", "",
-          f"{len(eval_prompts)} prompts × seed {args.seed}, {steps} Euler steps, CFG {args.guidance}, grid {grid}, block {block}, "
-          f"device {results['config']['gpu'] or device}. Metrics vs the FP model ({dtype}, SDPA); attention rel-L2 vs fp32 SDPA "
-          f"at step {steps // 2} (FP bf16 SDPA itself: {sum(fp_attn) / max(1, len(fp_attn)):.4f}).", "",
-          f"Calibration: block {block}, dense_steps {args.dense_steps}, {step_buckets} step bucket(s); *avg* = kept share "
-          "averaged over the sampling steps (dense steps count 1.0).", "",
-          "| variant | density (achieved / avg) | PSNR dB | SSIM | cosine | attn rel-L2 mean / max | sites lowered | s |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for v in results["variants"]:
-        if "psnr" in v:
-            md.append(f"| {v['name']} | {v['density']:g} ({v.get('achieved_density', float('nan')):.3f} / "
-                      f"{v.get('avg_density', float('nan')):.3f}) | {v['psnr']:.2f} | {v['ssim']:.4f} | "
-                      f"{v['cosine']:.5f} | {v['attn_rel_l2_mean']:.4f} / {v['attn_rel_l2_max']:.4f} | {v.get('sites_lowered', '-')} | {v['seconds']:.1f} |")
-        else:
-            md.append(f"| {v['name']} | {v['density']:g} | {v.get('skipped') or ('ERROR ' + v.get('error', '')[:120])} | | | | | |")
-    md += ["", "Targets: " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, ok in results["targets"].items()), ""]
-    (out / "results.md").write_text("\n".join(md))
-    print("\n".join(md), flush=True)
+    notes = [f"{len(eval_prompts)} prompts × seed {args.seed}, {steps} Euler steps, CFG {args.guidance}, grid {grid}, "
+             f"block {block}. Metrics vs the FP model ({dtype}, SDPA); attention rel-L2 vs fp32 SDPA at step {steps // 2} "
+             f"(FP bf16 SDPA itself: {sum(fp_attn) / max(1, len(fp_attn)):.4f}).",
+             f"Calibration: block {block}, dense_steps {args.dense_steps}, {step_buckets} step bucket(s); avg = kept share "
+             "averaged over the sampling steps (dense steps count 1.0).",
+             "Targets: " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, ok in results["targets"].items())]
+    print(dump(notes).with_suffix(".md").read_text(), flush=True)
     return results
 
 

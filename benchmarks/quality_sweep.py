@@ -24,8 +24,8 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
 5. Generation with the paro op called in place of SDPA (``quality.py --exec eager`` semantics,
    ``impl="reference"``, INT8/FP8 by default), metrics vs FP.
 
-    python benchmarks/quality_sweep.py --out OUT                 # CPU (2 cores), ~30 min (2 prompts, 10 steps);
-                                                                 # calibration ~5.5 min, the check another ~5.5 (--no-check)
+    python benchmarks/quality_sweep.py --out OUT                 # CPU, 2 prompts, 10 steps; tens of minutes
+                                                                 # (--no-check skips the second calibration)
     python benchmarks/quality_sweep.py --out OUT --tiny          # random tiny model, seconds (CI)
     python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
         --variants "baseline B=2 (quality.py),block=32 B=2,block=16 B=2,block=32 B=2 dense_steps=1"
@@ -36,14 +36,13 @@ Method (reuses benchmarks/quality.py's machinery: metrics, patched SDPA, `paro_s
     python benchmarks/quality_sweep.py --out OUT --no-check --threads 1 \
         --variants "B=2 dense_steps=1 score=output,block=32 B=2 dense_steps=1 score=output,B=2 dense_steps=1"
                                                                  # output-aware block ranking (calibrate(block_score="output"))
-Outputs: OUT/sweep.json, OUT/sweep.md (and the table on stdout).
+Outputs: OUT/sweep.json (every variant, the stamp), OUT/sweep.md (the table, also on stdout).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 import traceback
@@ -55,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 import quality as Q  # noqa: E402  (benchmarks/quality.py)
 from paro_compile.calibration import budget, driver, masks, site_plans  # noqa: E402
 from paro_compile.calibration.options import DEFAULT_ALPHA  # noqa: E402
@@ -259,6 +259,23 @@ def matched_plan(recorder, ts_desc, eval_ts, var: dict, target: float, iters: in
     return plan, info
 
 
+def write_sweep(out: Path, res: dict, run_stamp: dict, target: float, notes: list[str]) -> Path:
+    table = []
+    for v in res["variants"]:
+        row = {"variant": v["name"], "block": v.get("block")}
+        if "psnr" in v:
+            row.update({"knob": f"{v['knob']}={v['knob_value']:.4f}" if "knob" in v else None,
+                        "achieved density": v["achieved_density"], "bucket densities": v.get("bucket_densities"),
+                        "kept mass": v["kept_mass"], "PSNR dB": v["psnr"], "SSIM": v["ssim"], "cosine": v["cosine"],
+                        "attn rel-L2": v["attn_rel_l2_mid"]})
+        else:
+            row["status"] = v.get("skipped") or "ERROR " + v.get("error", "")[:100]
+        table.append(row)
+    return harness.write_results(out / "sweep.json", res, run_stamp, table=table, notes=notes,
+                                 title=f"PARO calibration sweep at fixed average density {target} (CPU, reduced "
+                                       "prompts/steps)")
+
+
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -266,6 +283,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    run_stamp = harness.stamp(__file__, argv)
     dtype = torch.float32
     if args.tiny:
         model = toy_cog.new_toy_cogvideox(toy_cog.TINY_CONFIG, seed=0, dtype=dtype).eval()
@@ -283,8 +301,8 @@ def main(argv=None) -> dict:
     res: dict[str, Any] = {"config": {"model": source, "grid": str(grid), "block": block, "steps": steps, "guidance": args.guidance,
                                       "eval_prompts": [toy_videos.prompt_name(p) for p in eval_prompts],
                                       "calib_prompts": [toy_videos.prompt_name(p) for p in Q.CALIB_PROMPTS], "target_density": target,
-                                      "numerics": args.numerics, "impl": args.impl, "device": "cpu", "dtype": str(dtype),
-                                      "torch": torch.__version__}, "variants": []}
+                                      "numerics": args.numerics, "impl": args.impl, "device": "cpu", "dtype": str(dtype)},
+           "variants": []}
 
     # ---- FP reference + mid-step q/k/v ----
     cond, noise, ref, mid, res["fp_seconds"] = Q.fp_reference(model, eval_prompts, text_dim, steps, args.guidance, args.seed)
@@ -394,30 +412,18 @@ def main(argv=None) -> dict:
             print(f"[sweep] {var['name']:32s} block {var['block']} dens {entry['achieved_density']:.4f} kept {entry['kept_mass']:.3f} "
                   f"PSNR {entry['psnr']:6.2f} SSIM {entry['ssim']:.4f} cos {entry['cosine']:.5f} "
                   f"attn {entry['attn_rel_l2_mid']:.4f} ({entry['seconds']:.0f}s)", flush=True)
-        (out / "sweep.json").write_text(json.dumps(res, indent=2, default=str))
+        write_sweep(out, res, run_stamp, target, [])
 
     res["total_seconds"] = time.perf_counter() - t_start
-    (out / "sweep.json").write_text(json.dumps(res, indent=2, default=str))
-    md = [f"# PARO calibration sweep at fixed average density {target} (CPU, reduced prompts/steps)", "",
-          f"{source}; {n_prompts} eval prompts × seed {args.seed}, {steps} Euler steps, CFG {args.guidance}, fp32 on the CPU, "
-          f"paro op eager, impl={args.impl}, {args.numerics}; calibration: 2 other prompts, their own trajectories. "
-          f"Density = step-weighted mean over the {steps} evaluation steps (dense steps count 1.0), matched by bisection on "
-          "the knob. kept = calibration attention mass kept by the masks (step-weighted). attn = rel-L2 of attention "
-          f"vs fp32 SDPA at step {steps // 2} (mean over layers).", "",
-          "| variant | block | knob | achieved density | bucket densities | kept mass | PSNR dB | SSIM | cosine | attn rel-L2 |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for v in res["variants"]:
-        if "psnr" in v:
-            knob = f"{v['knob']}={v['knob_value']:.4f}" if "knob" in v else "-"
-            md.append(f"| {v['name']} | {v['block']} | {knob} | {v['achieved_density']:.4f} | {v.get('bucket_densities', '-')} | {v['kept_mass']:.3f} | "
-                      f"{v['psnr']:.2f} | {v['ssim']:.4f} | {v['cosine']:.5f} | {v['attn_rel_l2_mid']:.4f} |")
-        else:
-            md.append(f"| {v['name']} | {v['block']} | {v.get('skipped') or 'ERROR ' + v.get('error', '')[:100]} | | | | | | | |")
     calib_s = ", ".join(f"block {b}: {t:.1f}s" for b, t in res["calibration_seconds"].items()) or "none"
-    md += ["", f"FP generation {res['fp_seconds']:.1f}s; calibration {calib_s}; total {res['total_seconds']:.0f}s; "
-           f"derived-vs-direct check {res.get('check_direct')}", ""]
-    (out / "sweep.md").write_text("\n".join(md))
-    print("\n".join(md), flush=True)
+    notes = [f"{source}; {n_prompts} eval prompts × seed {args.seed}, {steps} Euler steps, CFG {args.guidance}, fp32 on the "
+             f"CPU, paro op eager, impl={args.impl}, {args.numerics}; calibration: 2 other prompts, their own trajectories. "
+             f"Density = step-weighted mean over the {steps} evaluation steps (dense steps count 1.0), matched by "
+             "bisection on the knob. kept = calibration attention mass kept by the masks (step-weighted). attn = rel-L2 "
+             f"of attention vs fp32 SDPA at step {steps // 2} (mean over layers).",
+             f"FP generation {res['fp_seconds']:.1f}s; calibration {calib_s}; total {res['total_seconds']:.0f}s; "
+             f"derived-vs-direct check {res.get('check_direct')}"]
+    print(write_sweep(out, res, run_stamp, target, notes).with_suffix(".md").read_text(), flush=True)
     return res
 
 

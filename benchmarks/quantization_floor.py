@@ -1,28 +1,27 @@
 """Error floor of each quantization step of the paro op, in isolation, against exact attention (CPU, float64).
 
-Issue 3 asks for an output rel-L2 ≤ 2e-2 against bf16 SDPA with INT8 QKᵀ and FP8 PV. This script separates what
-each step costs on the same inputs as `bench_attention.py` (standard normal q, k, v, bf16), with everything else
-exact (float64), so the kernel's measured error can be read against the floor its number formats set:
+The attention kernel's accuracy target is an output rel-L2 ≤ 2e-2 against bf16 SDPA with INT8 QKᵀ and FP8 PV. This
+script separates what each step costs on the same inputs as `bench_attention.py` (standard normal q, k, v, bf16), with
+everything else exact (float64), so the kernel's measured error can be read against the floor its number formats set:
 
 - ``p_fp8``: P·448 rounded to FP8 e4m3 (the kernel's P operand), V exact;
 - ``v_fp8``: V per channel to FP8 e4m3 (`reference.quantize_v_per_channel`), P exact;
 - ``pv_fp8``: both (what FP8 PV costs at best: the row sum uses the same rounded P, as in the kernel);
 - ``qk_int8``: Q and K per 64-token block to INT8 after K smoothing, PV exact;
 - ``op_int8_fp8`` / ``op_int8_bf16`` / ``op_int8_int8``: the whole op (`paro_attention_reference`, dense);
-- ``sdpa_bf16``: bf16 SDPA itself (the reference the issue measures against).
+- ``sdpa_bf16``: bf16 SDPA itself (the reference the target is measured against).
 
 Each row gives rel-L2 vs float64 attention and vs bf16 SDPA. FP8 e4m3 keeps 3 mantissa bits: one rounding has a
 relative RMS error of about 2^-4/√3 · (mean over the binade) ≈ 0.026, P and V each contribute one, so on inputs
 whose output is not dominated by a common mean the FP8 PV floor is ≈ √2 · 0.026 ≈ 0.037 — above 2e-2 whatever
 the kernel does.
 
-    python benchmarks/quantization_floor.py                      # B1 H4 N4096 D64, ~1 min on 2 cores
+    python benchmarks/quantization_floor.py                      # B1 H4 N4096 D64
     python benchmarks/quantization_floor.py --n 1024 --heads 2 --out /tmp/floor
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -30,6 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
 
 from paro_compile.kernels import reference as R  # noqa: E402
 from paro_compile.kernels.block_mask import BlockMask  # noqa: E402
@@ -87,22 +89,28 @@ def measure(batch: int = 1, heads: int = 4, n: int = 4096, dim: int = 64, seed: 
             "inputs": "standard normal, bf16 (as bench_attention.py)", "rows": rows}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="folder for quantization_floor.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=None, help="folder for quantization_floor.json and .md")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    run_stamp = harness.stamp(__file__, argv)
     result = measure(args.batch, args.heads, args.n, args.dim, args.seed)
     print(f"{'step':14s} {'rel-L2 vs fp64':>15s} {'vs bf16 SDPA':>13s}   (B{args.batch} H{args.heads} N{args.n} D{args.dim})")
     for row in result["rows"]:
         print(f"{row['step']:14s} {row['rel_l2_vs_fp64']:15.4e} {row['rel_l2_vs_bf16_sdpa']:13.4e}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "quantization_floor.json").write_text(json.dumps(result, indent=2))
+        harness.write_results(args.out / "quantization_floor.json", result, run_stamp,
+                              title=f"error of each quantization step alone (B{args.batch} H{args.heads} N{args.n} "
+                                    f"D{args.dim}, rel-L2)")
     return result
 
 

@@ -9,8 +9,8 @@ Objective: rectified flow, x_t = (1 − t)·x0 + t·ε, the model predicts v = �
 
 Outputs under --out:
   toy_cogvideox/ (config.json + diffusion_pytorch_model.safetensors, fp16)  ← copy to paro_compile/toy/fixtures/
-  train_log.csv, train_summary.json, samples.png (FP samples of a few prompts), data.png (training videos),
-  attention_orders.png + attention_orders.json (per head: natural vs best PARO order of one layer's map)
+  train_summary.json (+ .md; with the loss log), samples.png (FP samples of a few prompts), data.png (training videos),
+  attention_orders.png (per head: natural vs best PARO order of one layer's map; the numbers are in the summary)
 
 GPU:  python benchmarks/train_video_dit.py --out OUT --minutes 4
 CI:   python benchmarks/train_video_dit.py --out OUT --tiny      (3 steps, tiny model, CPU, seconds)
@@ -18,10 +18,7 @@ CI:   python benchmarks/train_video_dit.py --out OUT --tiny      (3 steps, tiny 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,15 +27,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 from paro_compile.toy import cogvideox as toy_cog, videos as toy_videos  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget (stops on time)")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = only the time budget)")
+    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget (ends on time)")
+    p.add_argument("--steps", type=int, default=0, help="end after this many steps (0 = only the time budget)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -46,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--device", default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster steps, ~1 min compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (faster steps after a compile)")
     p.add_argument("--tiny", action="store_true", help="3 steps of a tiny model on the CPU (CI)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
@@ -56,7 +55,7 @@ def attention_order_maps(model, cond, out: Path, layer: int, grid, block: int, d
                          density: float = 0.3) -> dict:
     """One layer's post-softmax maps (FP model, a noised training video at t = 0.5), per head in the natural
     order and in the candidate order with the most block-concentrated mass (share of mass in the top
-    ``density`` of blocks). Saves attention_orders.png/json."""
+    ``density`` of blocks). Saves attention_orders.png and returns the kept masses per head and order."""
     from paro_compile.grid import candidate_orders, order_permutation
 
     captured = {}
@@ -105,7 +104,6 @@ def attention_order_maps(model, cond, out: Path, layer: int, grid, block: int, d
         best = max(orders, key=lambda o: (scores[o], o == grid.natural_order))
         results["heads"].append({"head": head, "best_order": best, "kept_mass": scores})
         display.append((head, maps[grid.natural_order], scores[grid.natural_order], maps[best], best, scores[best]))
-    (out / "attention_orders.json").write_text(json.dumps(results, indent=2))
     try:
         import matplotlib
 
@@ -159,6 +157,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    run_stamp = harness.stamp(__file__, argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -226,10 +225,6 @@ def main(argv=None) -> dict:
                 print(f"[train] step {step:6d} {row['seconds']:7.1f}s loss {lv:.4f} (ema {ema_loss:.4f}) lr {lr:.2e}", flush=True)
     train_seconds = time.perf_counter() - start
     print(f"[train] done: {step} steps in {train_seconds:.1f}s", flush=True)
-    with open(out / "train_log.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "seconds", "loss", "loss_ema", "lr", "grad_norm"])
-        writer.writeheader()
-        writer.writerows(log_rows)
 
     model.eval()
     save_dir = out / "toy_cogvideox"
@@ -255,11 +250,10 @@ def main(argv=None) -> dict:
     gd = torch.Generator(device=device).manual_seed(99)
     data, *_ = toy_videos.random_batch(4, frames=frames, size=h, channels=channels, generator=gd)
     summary = {
-        "device": str(device), "torch": torch.__version__, "params": n_params, "weights_mb": size_mb, "steps": step,
+        "device": str(device), "params": n_params, "weights_mb": size_mb, "steps": step,
         "train_seconds": train_seconds, "final_loss_ema": ema_loss, "config": config, "batch": batch,
         "lr": args.lr, "seed": args.seed, "sample_stats": sample_stats,
         "data_stats": {"mean": float(data.mean()), "std": float(data.std())},
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
     }
     if not args.no_plots:
         save_video_grid(samples.cpu(), [toy_videos.prompt_name(p) for p in prompts], out / "samples.png")
@@ -270,10 +264,14 @@ def main(argv=None) -> dict:
             layer = int(config["num_layers"]) // 2
             res = attention_order_maps(loaded, cond, out, layer, grid, block, device, eval_dtype, seed=args.seed)
             summary["attention_orders"] = {f"head{hd['head']}": hd["best_order"] for hd in res["heads"]}
+            summary["attention_maps"] = res
         except Exception as error:
             print(f"[train] attention maps failed: {error!r}")
             summary["attention_orders_error"] = repr(error)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    harness.write_results(out / "train_summary.json", {**summary, "log": log_rows}, run_stamp,
+                          title="toy CogVideoX training", table=[{"metric": key, "value": summary[key]} for key in
+                                                                 ("steps", "train_seconds", "final_loss_ema", "params",
+                                                                  "weights_mb")])
     print("\n| metric | value |\n| --- | --- |")
     for key in ("steps", "train_seconds", "final_loss_ema", "params", "weights_mb"):
         print(f"| {key} | {summary[key]} |")

@@ -1,4 +1,5 @@
 """benchmarks/plan_memory.py: compact plan constants vs padded int32 CSRs (small synthetic sites, CPU)."""
+import json
 
 import torch
 
@@ -11,7 +12,9 @@ def test_compact_constants_are_smaller_and_stand_for_the_same_masks(tmp_path):
     bench = load_benchmark("plan_memory")
     rows = bench.main(["--heads", "2", "--n", "1100", "--blocks", "64,16", "--densities", "0.2",
                        "--layers", "3", "--out", str(tmp_path)])
-    assert (tmp_path / "plan_memory.json").exists()
+    written = json.loads((tmp_path / "plan_memory.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(rows)) and written["stamp"]["command"].endswith(f"--out {tmp_path}")
+    assert "| block | density | masks |" in (tmp_path / "plan_memory.md").read_text()
     assert {(r["block"], r["masks"]) for r in rows} == {(64, "any"), (16, "coherent"), (16, "random")}
     for r in rows:
         assert r["slots"] < r["kv_blocks"] and r["ratio"] > 2.0, r

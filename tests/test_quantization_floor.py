@@ -1,4 +1,5 @@
 """benchmarks/quantization_floor.py: each quantization step's error in isolation, at a small size (CPU)."""
+import json
 import math
 
 import pytest
@@ -9,8 +10,9 @@ from bench_helpers import load_benchmark
 def test_fp8_pv_floor_and_op_error(tmp_path):
     result = load_benchmark("quantization_floor").main(["--n", "520", "--heads", "2", "--seed", "3", "--out", str(tmp_path)])
     err = {row["step"]: row["rel_l2_vs_fp64"] for row in result["rows"]}
-    assert (tmp_path / "quantization_floor.json").exists()
-    # one e4m3 rounding of P or of V costs ~2.5e-2 relative; together ~3.6e-2 (above issue 3's 2e-2 target)
+    written = json.loads((tmp_path / "quantization_floor.json").read_text())
+    assert written["rows"] == result["rows"] and written["stamp"]["command"].startswith("python benchmarks/quantization_floor.py")
+    # one e4m3 rounding of P or of V costs ~2.5e-2 relative; together ~3.6e-2 (above the kernel's 2e-2 accuracy target)
     for step in ("p_fp8", "v_fp8"):
         assert 0.018 < err[step] < 0.032, (step, err[step])
     assert 0.03 < err["pv_fp8"] < 0.042

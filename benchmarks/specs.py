@@ -1,0 +1,100 @@
+"""Named benchmark runs: name → script, arguments, time budget. `benchmarks/run.py` runs them.
+
+``{out}`` in an argument is the spec's output folder. ``script`` is a path under the repository root, or ``"pytest"``
+for ``python -m pytest``. ``budget_s`` is the spec's timeout; a script's own ``--max-minutes`` stays inside it (tested). ``env`` is added to the
+environment (a value of None removes the variable).
+A device call lasts at most 10 minutes: pick specs whose budgets fit together (``run.py --list`` shows them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    budget_s: int
+    about: str
+    env: dict = field(default_factory=dict)
+    gpu: bool = True
+
+    def argv(self, out: str) -> list[str]:
+        return [a.replace("{out}", out) for a in self.args]
+
+
+QUALITY_EAGER = ("benchmarks/quality.py", "--exec", "eager", "--out", "{out}")
+E2E = ("--out", "{out}")
+
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    # attention kernel
+    Spec("attention", "benchmarks/bench_attention.py", ("--rep", "60", "--out", "{out}"), 480,
+         "attention kernel table: SDPA flash / cuDNN, SageAttention, FlexAttention with the same mask and ours (compact "
+         "CSRs) on the CogVideoX-5B, Flux-1024 and long-32k shapes at densities 1 / 0.5 / 0.3 / 0.2"),
+    Spec("attention-cogvideox", "benchmarks/bench_attention.py",
+         ("--rep", "60", "--shapes", "cogvideox-5b", "--modes", "--out", "{out}"), 240,
+         "the attention table's CogVideoX-5B rows only, with INT4 QKᵀ and INT8 / bf16 PV"),
+    Spec("attention-long32k", "benchmarks/bench_attention.py", ("--rep", "60", "--shapes", "long-32k", "--out", "{out}"),
+         240, "the attention table's long-32k rows only (B1·H24·N32768·D128)"),
+    Spec("attention-flux", "benchmarks/bench_attention.py", ("--rep", "60", "--shapes", "flux-1024", "--out", "{out}"),
+         180, "the attention table's Flux-1024 rows only (B1·H24·N4608·D128; host-bound at this size)"),
+    Spec("pv-formats", "benchmarks/kernel_variants.py",
+         ("--variants", "fp8,bf16,int8 ftz", "--densities", "1.0,0.3,0.2", "--out", "{out}/kernel_variants.json"), 300,
+         "PV format speed against accuracy (FP8 / bf16 / INT8 PV), fixed launch configs, CogVideoX-5B shape"),
+    Spec("compensation", "benchmarks/bench_compensation.py",
+         ("--blocks", "64,32,16", "--masks", "coherent", "--out", "{out}"), 300,
+         "skipped-block compensation: kernel time with and without it at blocks 64 / 32 / 16, FlexAttention with the "
+         "same mask, cuDNN dense"),
+    Spec("calibrate-site", "benchmarks/calibrate_cog_site.py", ("--out", "{out}"), 120,
+         "time and peak memory of calibrating one CogVideoX-5B-sized attention site"),
+    # end to end
+    Spec("e2e-cog42", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "cog", "--layers", "42", "--iters", "5", "--variants", "compile-cudnn,paro-0.2",
+          "--max-minutes", "8.8"), 560,
+         "CogVideoX-5B-shaped transformer, all 42 layers, B=2: torch.compile with cuDNN SDPA against paro at density 0.2"),
+    Spec("e2e-cog4", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "cog", "--layers", "4", "--iters", "10",
+          "--variants", "compile-cudnn,paro-0.2,paro-0.2+comp,paro-0.3", "--max-minutes", "3.5"), 240,
+         "4 CogVideoX-5B layers: cuDNN compile, paro at 0.2 / 0.3 and 0.2 with compensation"),
+    Spec("e2e-cog4-block16", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "cog", "--layers", "4", "--iters", "10", "--block", "16", "--coherent",
+          "--variants", "compile-cudnn,paro-1.0,paro-0.1765,paro-0.1765+comp", "--max-minutes", "3.8"), 250,
+         "speed of the fine-block quality recipe: 4 CogVideoX-5B layers with 16-token coherent synthetic plans"),
+    Spec("e2e-flux", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "flux", "--flux-layers", "5,10", "--iters", "10",
+          "--variants", "compile-cudnn,compile,paro-0.5,paro-0.2", "--max-minutes", "4.1"), 270,
+         "Flux-1024-shaped transformer (5 double + 10 single blocks): compile default / cuDNN against paro 0.5 / 0.2"),
+    # folding
+    Spec("fold-depth6", "benchmarks/bench_fold.py",
+         ("--depth", "6", "--iters", "10", "--json", "{out}/fold_depth6.json", "--profile", "{out}/profile"), 300,
+         "permutation overhead of mixed per-head orders, 6 CogVideoX-5B-shaped blocks, with a kernel profile"),
+    Spec("fold-depth2", "benchmarks/bench_fold.py", ("--depth", "2", "--iters", "10", "--json", "{out}/fold_depth2.json"),
+         150, "permutation overhead of mixed per-head orders, 2 CogVideoX-5B-shaped blocks"),
+    # quality on the trained toy CogVideoX
+    Spec("quality", "benchmarks/quality.py", (*QUALITY_EAGER[1:], "--max-minutes", "4"), 300,
+         "every quality variant on one seed: PARO / natural order at 0.5 / 0.3 / 0.2, dense, dynamic mask, numerics"),
+    Spec("quality-seeds", "benchmarks/quality.py",
+         (*QUALITY_EAGER[1:], "--max-minutes", "2.8", "--block", "64", "--calib-prompts", "6",
+          "--densities", "0.5,0.3,0.2", "--variants", "paro,natural", "--compensate", "both",
+          "--seeds", "1234,4321,999"), 560,
+         "PARO vs natural order at 64-token blocks, with and without compensation, pooled over three seeds"),
+    Spec("quality-recipe", "benchmarks/quality.py",
+         (*QUALITY_EAGER[1:], "--max-minutes", "3", "--block", "16", "--calib-every", "1", "--dense-steps", "3",
+          "--densities", "0.1765", "--step-buckets", "3", "--calib-prompts", "6", "--allocation", "global",
+          "--compensate", "on", "--variants", "paro,natural", "--seeds", "1234,4321,999"), 570,
+         "the best quality recipe at an average density of 0.3 (block 16, 3 dense steps, global allocation, "
+         "compensation), PARO and natural order, pooled over three seeds"),
+    Spec("train-toy", "benchmarks/train_video_dit.py", ("--minutes", "2.9", "--out", "{out}"), 300,
+         "train the toy CogVideoX fixture (copy OUT/toy_cogvideox to paro_compile/toy/fixtures/)"),
+    # tests and CPU-side reports
+    Spec("gpu-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "240", "-m", "gpu", "tests"), 540,
+         "every GPU-marked test, fixed launch configs", env={"PARO_AUTOTUNE": "0"}),
+    Spec("quantization-floor", "benchmarks/quantization_floor.py", ("--out", "{out}"), 240,
+         "each quantization step's error alone against float64 (the FP8 PV floor)", gpu=False),
+    Spec("plan-memory", "benchmarks/plan_memory.py", ("--out", "{out}"), 240,
+         "plan-constant memory per CogVideoX-5B-shaped site, padded int32 CSR vs compact", gpu=False),
+    Spec("kernel-sass", "benchmarks/kernel_sass_report.py", ("--out", "{out}"), 240,
+         "registers, spills and the KV-loop SASS mix of the kernel compiled for sm_90a", env={"TRITON_INTERPRET": None},
+         gpu=False),
+)}
