@@ -393,7 +393,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     result = int(module.main(argv) or 0)
     if result == 0:
         out = Path(args.out) if args.out else script.parent / "results"
-        written = [str(out / name) for name in ("attention.csv", "attention.json", "attention.png") if (out / name).exists()]
+        written = [str(out / name) for name in ("attention.json", "attention.md", "attention.png") if (out / name).exists()]
         if written:
             print("wrote " + ", ".join(written))
     return result
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks/bench_attention.py (CUDA only); extra arguments are passed on "
                        "(--shapes, --densities, --modes, --no-flex, --rep)")
     p.add_argument("--quick", action="store_true", help="CogVideoX shape only, densities 1.0 and 0.2")
-    p.add_argument("--out", metavar="DIR", help="where attention.csv / .json / .png go (default benchmarks/results)")
+    p.add_argument("--out", metavar="DIR", help="where attention.json / .md / .png go (default benchmarks/results)")
 
     sub.add_parser("demo", help="run the built-in demo (python -m paro_compile.demo; its options pass through)",
                    add_help=False)

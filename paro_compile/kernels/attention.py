@@ -399,11 +399,10 @@ def _attn_fwd(
         # Skipped-block compensation (sparse masks only; with GROUP > 1 each row reads its own block's bits): every KV block whose
         # bit in this row's KEPT_BITS words is clear joins the softmax as one pooled key (fp16 mean K, weight
         # log2(token count), fp16 mean V in quantized-V units). The pooled rows are read in order, BLOCK_N
-        # at a time (wider steps for 16-/32-token blocks measured slower on the H100: 64 per step 15-18 %, 228
-        # registers; 32 per step 8-9 %, although 26 % fewer instructions per pooled score; benchmarks/RESULTS.md),
-        # and kept vs skipped follows from the mask bits alone (walking the CSR slots past the
-        # count measured 5-7 % faster on the H100 but would make CSR padding part of the op's contract;
-        # docs/quality_tuning.md); fp16 dots (the int8 Q is exact in fp16).
+        # at a time (wider steps for 16-/32-token blocks measured slower on the H100, benchmarks/RESULTS.md),
+        # and kept vs skipped follows from the mask bits alone (walking the CSR slots past the count measured faster
+        # but would make CSR padding part of the op's contract; docs/quality_tuning.md); fp16 dots (the int8 Q is
+        # exact in fp16).
         if QK_BITS == 4:
             q_lo16 = q_lo.to(tl.float16)
             q_hi16 = q_hi.to(tl.float16)

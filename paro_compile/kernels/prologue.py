@@ -31,7 +31,7 @@ Rounding: values are multiplied by the IEEE reciprocal of their scale (`tl.math.
 once per block or channel, then one multiply per element, as the reference does in torch: an
 element-wise correctly rounded division costs ~10 instructions); integer rounding is half away from
 zero, like `reference.round_half_away`; fp32→e4m3 uses the hardware RTNE conversion (the
-interpreter's conversion is off by one e4m3 step for ~2 % of values, see DESIGN.md).
+interpreter's conversion is off by one e4m3 step for some values, see docs/DESIGN_NOTES.md).
 """
 from __future__ import annotations
 

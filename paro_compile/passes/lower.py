@@ -15,7 +15,8 @@ import torch.fx as fx
 from paro_compile.config import ParoConfig
 from paro_compile.kernels.block_mask import TENSOR_FIELDS, BlockMask
 from paro_compile.ops import check_permutation
-from paro_compile.passes.discover import AttentionSite, fake_value
+from paro_compile.passes.discover import AttentionSite
+from paro_compile.passes.fx_utils import fake_value, static_int
 from paro_compile.report import SiteRecord
 
 
@@ -38,13 +39,6 @@ def find_timestep_input(gm: fx.GraphModule, name: str) -> Optional[fx.Node]:
         if node.op == "placeholder" and name in node.target:
             return node
     return None
-
-
-def _is_static(size) -> bool:
-    """Static (not symbolic) size; never int() on a SymInt (it would specialize the graph)."""
-    from paro_compile.plan import _as_int
-
-    return _as_int(size) is not None
 
 
 def _buffer_name(site_index: int, site_id: str, what: str) -> str:
@@ -103,7 +97,7 @@ def lower_attention_sites(
         perm = site_plan.perm if site_plan is not None else None
         if kernel_perms is not None and site.site_id in kernel_perms:
             perm = kernel_perms[site.site_id]
-        symbolic = not _is_static(site.seq_len)
+        symbolic = static_int(site.seq_len) is None
         if symbolic and isinstance(perm, torch.Tensor) and site_plan is not None and site_plan.is_identity_perm():
             perm = None
         if symbolic and isinstance(perm, torch.Tensor):
