@@ -75,7 +75,7 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
     k_desc = AH._permuted_k_descriptor(qk) if (cfg["permuted_k"] and pv == "fp8") else qk_desc
     fn = AH._paro_fwd_hopper
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": f"*{out_dtype}", "PERM": "*i64", "COUNTS": "*i32",
-            "IDX": "*i16"}
+            "IDX": "*i16", "Q_BAD": "*i8"}
     consts = dict(D=d, STAGES=cfg["stages"], CONSUMERS=cfg["consumers"], DENSE=dense, HAS_PERM=True,
                   CONSUMER_REGS=cfg["consumer_regs"])
     sig = {}

@@ -46,7 +46,7 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
     block 64 // group in shared 64-row tiles for a sparse mask)."""
     group = 1 if dense else group
     knobs = dict(A.KERNEL_VARIANT_DEFAULTS, **(variant or {}))
-    ptrs = {"QQ": "*i8", "QS": "*fp32", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
+    ptrs = {"QQ": "*i8", "QS": "*fp32", "Q_BAD": "*i8", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
             "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32",
             "SLOT_BITS": "*i8", "KBIAS": "*fp32", "KBIAS_FLAGS": "*i32"}
     consts = dict(TILE_M=tile_m, BLOCK_M=64 // group, BLOCK_N=64 // group, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,

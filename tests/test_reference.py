@@ -78,7 +78,7 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="block mask has shape"):
         paro_attention_reference(q, q, q, mask=BlockMask.from_csr(torch.ones(2, 1, dtype=torch.int32),
                                                                   torch.zeros(2, 1, 1, dtype=torch.int32), 64))
-    with pytest.raises(ValueError, match="mask has 2x2 blocks, N=64 needs 1x1"):
+    with pytest.raises(ValueError, match="mask has 2x2 blocks, N=64, Nk=64 needs 1x1"):
         paro_attention_reference(q, q, q, mask=BlockMask.dense(128))
 
 

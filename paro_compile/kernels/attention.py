@@ -201,7 +201,7 @@ def _row_max_step(m_i, row_max, row_keep, P_LOG2, GROUP: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS, KBIAS, KBIAS_FLAGS,
+    QQ, QS, Q_BAD, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS, KBIAS, KBIAS_FLAGS,
     N, N_K, H, NQB, NKB, IDX_STRIDE, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
@@ -338,6 +338,8 @@ def _attn_fwd(
             if j * BLOCK_N + BLOCK_N > n_keys:  # only the tail block (or a skipped slot) has masked key columns
                 raw = tl.where((rows_k < n_keys)[None, :], raw, float("-inf"))
             c = _round_scale_22bits(qs * ks)
+            if GROUP > 1:  # rows of query blocks that skip this block must not see its scale (NaN for a bad key)
+                c = tl.where(row_keep, c, 1.0)
             if biased:  # the bias enters before the row max: the plain two-step form for this block
                 sc = (raw - 12582912.0) * c[:, None] + tl.load(KBIAS + pid_bh * NK_ROWS + rows_k)[None, :]
                 m_new, alpha, shift = _row_max_step(m_i, tl.max(sc, axis=1), row_keep, P_LOG2, GROUP)
@@ -360,7 +362,10 @@ def _attn_fwd(
             bias = tl.where(rows_k < n_keys, 0.0, float("-inf"))
             if HAS_BIAS:
                 bias = bias + tl.load(KBIAS + pid_bh * NK_ROWS + rows_k)
-            sc = qk * (qs * ks)[:, None] + bias[None, :]
+            c = qs * ks
+            if GROUP > 1:
+                c = tl.where(row_keep, c, 1.0)
+            sc = qk * c[:, None] + bias[None, :]
             m_new, alpha, shift = _row_max_step(m_i, tl.max(sc, axis=1), row_keep, P_LOG2, GROUP)
             arg = sc - shift[:, None]
         # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
@@ -452,8 +457,11 @@ def _attn_fwd(
             m_i = m_new
 
     vs = tl.load(VS + pid_bh * D + offs_d)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no kept block gives zeros; a NaN row stays NaN
     out = acc * vs[None, :] / l_safe[:, None]
+    # Query rows holding a NaN or an infinity come out NaN, as SDPA's do (reference step 8).
+    q_bad = tl.load(Q_BAD + pid_bh * NQ_ROWS + rm, mask=row_in, other=0)
+    out = tl.where((q_bad != 0)[:, None], float("nan"), out)
     valid = rm < N
     if HAS_PERM:
         dst = tl.load(PERM + h * N + rm, mask=valid, other=0)
@@ -559,7 +567,7 @@ def paro_attention_triton(
     # The interpreter multiplies bf16 bit patterns in tl.dot (DESIGN_NOTES.md): upcast bf16 operands to fp32 there.
     dot_f32 = interp and q.dtype == torch.bfloat16
     args = (
-        pro.q, pro.q_scale, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
+        pro.q, pro.q_scale, pro.q_bad, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
         # An int64 placeholder, like a real perm: the autotune key holds the argument dtypes, and a call with a
         # per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
         perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None

@@ -244,7 +244,7 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars,
-                  QS, KS, VS, OUT, PERM, COUNTS, IDX,
+                  QS, KS, VS, OUT, PERM, COUNTS, IDX, Q_BAD,
                   N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                   CONSUMER: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr, HAS_PERM: gl.constexpr,
@@ -342,11 +342,14 @@ if _GLUON_ERROR is None:
         offs_d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         vs = gl.load(VS + pid_bh * D + offs_d_o)
         l_o = gl.convert_layout(l_i, o_row_layout)
-        l_safe = gl.where(l_o > 0, l_o, 1.0)
+        l_safe = gl.where(l_o == 0.0, 1.0, l_o)  # no kept block: zeros; a NaN row stays NaN
         o = acc * gl.expand_dims(vs, 0) / gl.expand_dims(l_safe, 1)
         o = gl.convert_layout(o.to(OUT.dtype.element_ty), out_layout)
         rows = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
         valid = rows < N
+        # Query rows holding a NaN or an infinity come out NaN, as SDPA's do (reference step 8).
+        q_bad = gl.load(Q_BAD + pid_bh.to(gl.int64) * (NQB * BLOCK_M) + rows, mask=valid, other=0)
+        o = gl.where(gl.expand_dims(q_bad != 0, 1), float("nan"), o)
         if HAS_PERM:
             dst = gl.load(PERM + h * N + rows, mask=valid, other=0)
             valid = valid & (dst >= 0) & (dst < N)  # a malformed permutation never writes past the output
@@ -358,7 +361,7 @@ if _GLUON_ERROR is None:
         gl.store(ptrs, o, mask=gl.expand_dims(valid, 1))
 
     @gluon.jit
-    def _paro_fwd_hopper(q_desc, k_desc, v_desc, QS, KS, VS, OUT, PERM, COUNTS, IDX,
+    def _paro_fwd_hopper(q_desc, k_desc, v_desc, QS, KS, VS, OUT, PERM, COUNTS, IDX, Q_BAD,
                          N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                          D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr,
                          HAS_PERM: gl.constexpr, CONSUMER_REGS: gl.constexpr):
@@ -387,7 +390,7 @@ if _GLUON_ERROR is None:
                              COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE,
                              PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
-                             IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
+                             IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
                              PERMUTED_K)),
             ], [4], [CONSUMER_REGS])
@@ -397,11 +400,11 @@ if _GLUON_ERROR is None:
                              COUNTS, IDX, NQB, NKB, IDX_STRIDE, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE,
                              PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
-                             IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
+                             IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
                              PERMUTED_K)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
-                             IDX, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
+                             IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              1, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
                              PERMUTED_K)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
@@ -495,7 +498,7 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
 
     def launch(k_desc):
         _paro_fwd_hopper[grid](
-            q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices,
+            q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices, pro.q_bad,
             n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
             D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
             CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))

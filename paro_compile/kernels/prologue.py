@@ -73,6 +73,8 @@ class Prologue:
     """[B*H, NKB] int32: 1 where a key block holds a nonzero bias; only with a ``key_bias``."""
     n_kv: Optional[int] = None
     """Key tokens (Nk; N for self-attention)."""
+    q_bad: Optional[torch.Tensor] = None
+    """[B*H, NQB*block_m] int8: 1 for query rows (permuted order) holding a NaN or an infinity (stored NaN)."""
 
 
 @triton.jit
@@ -129,7 +131,7 @@ def fp32_to_bf16(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _stats_kernel(
-    K, V, KSUM, VAMAX,
+    K, V, KSUM, KCNT, VAMAX,
     N, H, CHUNK,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -144,6 +146,7 @@ def _stats_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
     ksum = tl.zeros([D], dtype=tl.float32)
+    kcnt = tl.zeros([D], dtype=tl.float32)
     vamax = tl.zeros([D], dtype=tl.float32)
     start = pid_c * CHUNK
     for t0 in range(start, start + CHUNK, BLOCK_T):
@@ -151,35 +154,44 @@ def _stats_kernel(
         rmask = (rows < N)[:, None]
         if NEED_K:
             kt = tl.load(K + b * skb + h * skh + rows[:, None] * skn + offs_d[None, :] * skd, mask=rmask, other=0.0)
-            ksum += tl.sum(kt.to(tl.float32), axis=0)
+            kt = kt.to(tl.float32)
+            finite = (kt == kt) & (tl.abs(kt) != float("inf"))  # the smoothing mean is over finite values
+            ksum += tl.sum(tl.where(finite, kt, 0.0), axis=0)
+            kcnt += tl.sum((finite & rmask).to(tl.float32), axis=0)
         if NEED_V:
             vt = tl.load(V + b * svb + h * svh + rows[:, None] * svn + offs_d[None, :] * svd, mask=rmask, other=0.0)
-            vamax = tl.maximum(vamax, tl.max(tl.abs(vt.to(tl.float32)), axis=0))
+            av = tl.abs(vt.to(tl.float32))
+            # A NaN counts as infinite (max would skip it): a channel holding either gets a NaN scale.
+            vamax = tl.maximum(vamax, tl.max(tl.where(av == av, av, float("inf")), axis=0))
     out = (pid_bh * nchunks + pid_c) * D + offs_d
     if NEED_K:
         tl.store(KSUM + out, ksum)
+        tl.store(KCNT + out, kcnt)
     if NEED_V:
         tl.store(VAMAX + out, vamax)
 
 
 @triton.jit
-def _stats_finalize_kernel(KSUM, VAMAX, KMEAN, VSCALE, NCHUNKS, n_tokens, v_qmax,
+def _stats_finalize_kernel(KSUM, KCNT, VAMAX, KMEAN, VSCALE, NCHUNKS, v_qmax,
                            D: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr):
     """Per (b, h): K's channel mean from the chunk sums, V's per-channel scale amax / qmax (1 where
     amax is 0) from the chunk maxima. One launch instead of ~6 small torch ops per call."""
     pid_bh = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, D)
     ksum = tl.zeros([D], dtype=tl.float32)
+    kcnt = tl.zeros([D], dtype=tl.float32)
     vamax = tl.zeros([D], dtype=tl.float32)
     for c in range(0, NCHUNKS):
         if NEED_K:
             ksum += tl.load(KSUM + (pid_bh * NCHUNKS + c) * D + offs_d)
+            kcnt += tl.load(KCNT + (pid_bh * NCHUNKS + c) * D + offs_d)
         if NEED_V:
             vamax = tl.maximum(vamax, tl.load(VAMAX + (pid_bh * NCHUNKS + c) * D + offs_d))
     if NEED_K:
-        tl.store(KMEAN + pid_bh * D + offs_d, tl.math.div_rn(ksum, n_tokens))
+        tl.store(KMEAN + pid_bh * D + offs_d, tl.math.div_rn(ksum, tl.maximum(kcnt, 1.0)))
     if NEED_V:
-        tl.store(VSCALE + pid_bh * D + offs_d, tl.where(vamax > 0, tl.math.div_rn(vamax, v_qmax), 1.0))
+        scale = tl.where(vamax > 0, tl.math.div_rn(vamax, v_qmax), 1.0)
+        tl.store(VSCALE + pid_bh * D + offs_d, tl.where(vamax == float("inf"), float("nan"), scale))
 
 
 _DUMMIES: dict = {}
@@ -204,9 +216,19 @@ def _load_rows(X, base, src, rmask, offs_d, sxn, sxd):
 
 
 @triton.jit
-def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, sxd, scale_mult,
+def _bad_rows(x):
+    """[BLOCK] flag of the rows of ``x`` holding a NaN or an infinity."""
+    return tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) != 0
+
+
+@triton.jit
+def _quant_block(X, XQ, XS, MEAN, ROW_BAD, base, src, rows, rmask, pid_bh, t, nblk, sxn, sxd, scale_mult,
                  D: tl.constexpr, BLOCK: tl.constexpr, QK_BITS: tl.constexpr, SMOOTH: tl.constexpr):
-    """Quantize one block of BLOCK gathered rows of X; store values [BLOCK, DQ] and one scale."""
+    """Quantize one block of BLOCK gathered rows of X; store values [BLOCK, DQ] and one scale.
+
+    Rows holding a NaN or an infinity (reference step 8) are left out of the block's scale (quantized as zeros) so
+    they cannot spread over the block: for keys (SMOOTH) the block's scale becomes NaN, which makes every query row
+    that attends to the block NaN; for queries the row is flagged in ROW_BAD and the attention kernel stores it NaN."""
     nrows = nblk * BLOCK
     if QK_BITS == 16:
         offs_d = tl.arange(0, D)
@@ -214,30 +236,37 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
         tl.store(XQ + (pid_bh * nrows + rows[:, None]) * D + offs_d[None, :], x)
         # (a scalar tensor, so a constexpr scale_mult of 1.0 is stored like a runtime one)
         tl.store(XS + pid_bh * nblk + t, tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0) + scale_mult)
+        if not SMOOTH:  # unquantized scores carry NaN and infinities themselves
+            tl.store(ROW_BAD + pid_bh * nrows + rows, tl.zeros([BLOCK], dtype=tl.int8))
     elif QK_BITS == 8:
         qmax: tl.constexpr = 127.0
         offs_d = tl.arange(0, D)
         x = _load_rows(X, base, src, rmask, offs_d, sxn, sxd)
+        bad = _bad_rows(x) & rmask
         if SMOOTH:
             mean = tl.load(MEAN + pid_bh * D + offs_d)
-            x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
+            x = x - mean[None, :]
+        x = tl.where((rmask & ~bad)[:, None], x, 0.0)
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax), 1.0)
         y = _round_half_away(x * tl.math.div_rn(1.0, scale))
         y = tl.minimum(tl.maximum(y, -qmax), qmax)
         tl.store(XQ + (pid_bh * nrows + rows[:, None]) * D + offs_d[None, :], y.to(tl.int8))
-        tl.store(XS + pid_bh * nblk + t, scale * scale_mult)
+        _store_scale(XS, ROW_BAD, bad, pid_bh, t, nblk, rows, nrows, scale * scale_mult, SMOOTH)
     else:
         qmax4: tl.constexpr = 7.0
         HALF: tl.constexpr = D // 2
         offs_h = tl.arange(0, HALF)
         lo = _load_rows(X, base, src, rmask, offs_h, sxn, sxd)
         hi = _load_rows(X, base, src, rmask, offs_h + HALF, sxn, sxd)
+        bad = (_bad_rows(lo) | _bad_rows(hi)) & rmask
         if SMOOTH:
             mlo = tl.load(MEAN + pid_bh * D + offs_h)
             mhi = tl.load(MEAN + pid_bh * D + HALF + offs_h)
-            lo = tl.where(rmask[:, None], lo - mlo[None, :], 0.0)
-            hi = tl.where(rmask[:, None], hi - mhi[None, :], 0.0)
+            lo = lo - mlo[None, :]
+            hi = hi - mhi[None, :]
+        lo = tl.where((rmask & ~bad)[:, None], lo, 0.0)
+        hi = tl.where((rmask & ~bad)[:, None], hi, 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(lo), axis=1), axis=0), tl.max(tl.max(tl.abs(hi), axis=1), axis=0))
         scale = tl.where(amax > 0, tl.math.div_rn(amax, qmax4), 1.0)
         inv = tl.math.div_rn(1.0, scale)
@@ -245,7 +274,17 @@ def _quant_block(X, XQ, XS, MEAN, base, src, rows, rmask, pid_bh, t, nblk, sxn, 
         yhi = tl.minimum(tl.maximum(_round_half_away(hi * inv), -qmax4), qmax4)
         packed = pack_int4_pair(ylo, yhi)
         tl.store(XQ + (pid_bh * nrows + rows[:, None]) * HALF + offs_h[None, :], packed)
-        tl.store(XS + pid_bh * nblk + t, scale * scale_mult)
+        _store_scale(XS, ROW_BAD, bad, pid_bh, t, nblk, rows, nrows, scale * scale_mult, SMOOTH)
+
+
+@triton.jit
+def _store_scale(XS, ROW_BAD, bad, pid_bh, t, nblk, rows, nrows, scale, POISON_BLOCK: tl.constexpr):
+    """The block's scale; with non-finite rows, a NaN scale (keys: POISON_BLOCK) or the rows' flags (queries)."""
+    if POISON_BLOCK:
+        scale = tl.where(tl.max(bad.to(tl.int32), axis=0) != 0, float("nan"), scale)
+    else:
+        tl.store(ROW_BAD + pid_bh * nrows + rows, bad.to(tl.int8))
+    tl.store(XS + pid_bh * nblk + t, scale)
 
 
 @triton.jit
@@ -260,7 +299,7 @@ def _permuted_rows(PERM, h, N, rows, rmask):
 @triton.jit
 def _prologue_kernel(
     Q, K, V, PERM, KMEAN, VSCALE, BIAS,
-    QQ, QS, KQ, KS, VT, KBAR, VBAR, KBIAS, KBIAS_FLAGS,
+    QQ, QS, Q_BAD, KQ, KS, VT, KBAR, VBAR, KBIAS, KBIAS_FLAGS,
     N, N_K, H, NQB, NKB, q_mult,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -281,7 +320,7 @@ def _prologue_kernel(
             src, rmask = _permuted_rows(PERM, h, N, rows, rmask)
         else:
             src = rows
-        _quant_block(Q, QQ, QS, KMEAN, b * sqb + h * sqh, src, rows, rmask, pid_bh, t, NQB, sqn, sqd, q_mult,
+        _quant_block(Q, QQ, QS, KMEAN, Q_BAD, b * sqb + h * sqh, src, rows, rmask, pid_bh, t, NQB, sqn, sqd, q_mult,
                      D, BLOCK_M, QK_BITS, False)
     if t < NKB:
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -296,7 +335,7 @@ def _prologue_kernel(
             bias = tl.load(BIAS + b * sbb + h * sbh + src, mask=rmask, other=0.0) * 1.4426950408889634
             tl.store(KBIAS + pid_bh * (NKB * BLOCK_N) + rows, bias)
             tl.store(KBIAS_FLAGS + pid_bh * NKB + t, tl.max((bias != 0.0).to(tl.int32), axis=0))
-        _quant_block(K, KQ, KS, KMEAN, b * skb + h * skh, src, rows, rmask, pid_bh, t, NKB, skn, skd, 1.0,
+        _quant_block(K, KQ, KS, KMEAN, Q_BAD, b * skb + h * skh, src, rows, rmask, pid_bh, t, NKB, skn, skd, 1.0,
                      D, BLOCK_N, QK_BITS, QK_BITS != 16)
         # V, stored transposed: VT[pid_bh, d, row].
         offs_d = tl.arange(0, D)
@@ -345,9 +384,10 @@ def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool, v_qmax:
     bh = bsz * heads
     dummy = dummy_tensor(dev, torch.float32)
     ksum = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
+    kcnt = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
     vamax = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_v else dummy
     _stats_kernel[(nchunks, bh)](
-        k, v, ksum, vamax,
+        k, v, ksum, kcnt, vamax,
         n, heads, chunk,
         *k.stride(), *v.stride(),
         D=d, BLOCK_T=block_t, NEED_K=need_k, NEED_V=need_v, num_warps=4,
@@ -356,7 +396,7 @@ def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool, v_qmax:
     v_scale = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_v else None
     if need_k or need_v:
         _stats_finalize_kernel[(bh,)](
-            ksum, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, float(n), v_qmax,
+            ksum, kcnt, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, v_qmax,
             D=d, NEED_K=need_k, NEED_V=need_v, num_warps=1,
         )
     return kmean, v_scale
@@ -422,6 +462,7 @@ def paro_prologue(
     qq = torch.empty(bh, nqb * block_m, dq, device=dev, dtype=qk_store)
     kq = torch.empty(bh, nkb * block_n, dq, device=dev, dtype=qk_store)
     qs = torch.empty(bh, nqb, device=dev, dtype=torch.float32)
+    q_bad = torch.empty(bh, nqb * block_m, device=dev, dtype=torch.int8)
     ks = torch.empty(bh, nkb, device=dev, dtype=torch.float32)
     vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=v_store)
     dummy = dummy_tensor(dev, torch.float32)
@@ -441,7 +482,7 @@ def paro_prologue(
     _prologue_kernel[(max(nqb, nkb), bh)](
         q, k, v, perm if perm is not None else dummy,
         kmean if kmean is not None else dummy, v_scale, key_bias if key_bias is not None else dummy,
-        qq, qs, kq, ks, vt, k_bar if pooled else dummy, v_bar if pooled else dummy,
+        qq, qs, q_bad, kq, ks, vt, k_bar if pooled else dummy, v_bar if pooled else dummy,
         kbias if kbias is not None else dummy, kbias_flags if kbias_flags is not None else dummy,
         n, n_kv, heads, nqb, nkb, q_mult,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
@@ -450,7 +491,7 @@ def paro_prologue(
         num_warps=4,
     )
     return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n, k_bar, v_bar,
-                    kbias, kbias_flags, n_kv)
+                    kbias, kbias_flags, n_kv, q_bad)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

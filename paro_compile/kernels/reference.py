@@ -36,6 +36,13 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    -inf removes a key. A row whose keys are all removed returns zeros, as SDPA does. Cross-attention (k, v with
    their own length Nk, no permutation) runs the same walk over ceil(Nk / block_n) key blocks.
 
+8. Non-finite inputs (NaN or ±inf), as SDPA's rows see them: a query row holding one returns NaN; a key token holding
+   one makes its key block's scale NaN, so every query row that attends to that block returns NaN (SDPA: NaN where
+   the token's score is NaN or +inf, a dropped key where it is -inf; here always NaN, never a finite wrong value);
+   a V channel holding one is NaN in every row (as in SDPA). They stay out of the smoothing mean (over the finite
+   values of each channel) and of their block's quantization scale, so one bad value never spreads to other rows.
+   With qk_bits=16 and pv_dtype="fp16" the values propagate as in plain attention.
+
 ``qk_bits=16`` skips steps 2-3 (plain fp32 scores). With qk_bits=16, pv_dtype="fp16", identity perm and
 a full mask the result equals SDPA to float rounding.
 """
@@ -100,11 +107,13 @@ def quantize_blockwise(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Te
 def quantize_v_per_channel(v: torch.Tensor, pv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """V [B, H, N, D] float32 → (quantized values as float32, scale [B, H, D])."""
     amax = v.abs().amax(dim=2)
+    # Step 8: a channel holding a NaN or an infinity gets a NaN scale (NaN in every row, as in SDPA).
+    amax = torch.where(torch.isfinite(v).all(dim=2), amax, math.nan)
     if pv_dtype == "fp8":
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
         values = (v * (1.0 / scale)[:, :, None, :]).to(torch.float8_e4m3fn).float()
     elif pv_dtype == "int8":
-        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
         values = round_half_away(v * (1.0 / scale)[:, :, None, :]).clamp_(-127, 127)
     else:
         raise ValueError(f"pv_dtype {pv_dtype!r} has no V quantization")
@@ -205,14 +214,19 @@ def paro_attention_reference(
     kf = permute_tokens(k, perm).float()
     vf = permute_tokens(v, perm).float()
 
+    q_bad = None
     if qk_bits == 16:
         q_vals, k_vals = qf * (sm_scale * LOG2E), kf
         q_scale = torch.ones(bsz, heads, mq, device=q.device)
         k_scale = torch.ones(bsz, heads, nk, device=q.device)
     else:
-        kf = kf - kf.mean(dim=2, keepdim=True)
-        q_vals, q_scale = quantize_blockwise(qf, block_m, qk_bits)
-        k_vals, k_scale = quantize_blockwise(kf, block_n, qk_bits)
+        # Step 8: rows holding a NaN or an infinity stay out of the smoothing mean and of their block's scale.
+        finite = torch.isfinite(kf)
+        kf = kf - torch.where(finite, kf, 0.0).sum(2, keepdim=True) / finite.sum(2, keepdim=True).clamp(min=1)
+        q_bad, k_bad = non_finite_rows(qf), non_finite_rows(kf)
+        q_vals, q_scale = quantize_blockwise(torch.where(q_bad[..., None], 0.0, qf), block_m, qk_bits)
+        k_vals, k_scale = quantize_blockwise(torch.where(k_bad[..., None], 0.0, kf), block_n, qk_bits)
+        k_scale = torch.where(blocks_with(k_bad, block_n), math.nan, k_scale)
         q_scale = q_scale * (sm_scale * LOG2E)
     # Scores are dequantized with one combined factor q_scale·k_scale per block pair, as in the kernel.
 
@@ -274,9 +288,22 @@ def paro_attention_reference(
         l_i = l_i * alpha + p.sum(-1)
         pv = torch.einsum("bhmij,bhjd->bhmid", p.to(torch.float16).float(), v_mean.to(torch.float16).float())
         acc = acc * alpha[..., None] + pv
-    out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
+    out = acc * v_scale[:, :, None, None, :] / torch.where(l_i == 0, torch.ones_like(l_i), l_i)[..., None]
     out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]
+    if q_bad is not None:
+        out = torch.where(q_bad[..., None], math.nan, out)
     return unpermute_tokens(out, perm).to(q.dtype)
+
+
+def non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., N] flag of the rows of x [..., N, D] that hold a NaN or an infinity."""
+    return ~torch.isfinite(x).all(-1)
+
+
+def blocks_with(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., ceil(N / block)] flag of the blocks of ``block`` rows that hold a flagged row."""
+    pad = num_blocks(rows.shape[-1], block) * block - rows.shape[-1]
+    return torch.nn.functional.pad(rows, (0, pad)).view(*rows.shape[:-1], -1, block).any(-1)
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
