@@ -497,8 +497,10 @@ def save_plan(plan: Plan, path: Union[str, Path]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = _unique_temp_path(path)
     try:
+        mode = os.fstat(fd).st_mode & 0o777
         os.close(fd)
         save_file(tensors, temp, metadata={METADATA_KEY: text})
+        os.chmod(temp, mode)  # save_file may recreate the file with its own mode
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, path)
