@@ -60,6 +60,7 @@ SITE_FIELDS = ("site_id", "heads", "seq_len", "block_size", "num_buckets", "orde
 GRID_FIELDS = ("frames", "height", "width", "text_tokens", "text_position")
 MASK_DTYPE, PERM_DTYPE = "U8", "I32"
 REBUILD_HINT = "the file is damaged or was not written by Plan.save; re-run calibration to rebuild it"
+SAVE_HINT = "Plan.load would refuse this file, so nothing was written; fix the plan (or re-run calibration)"
 
 
 def pack_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ def migrate_header(header: dict[str, Any], path: Union[str, Path] = "<plan>") ->
 
 
 # ---- header schema ---------------------------------------------------------------------------------------------
-def _short(value: Any, limit: int = 80) -> str:
+def _short(value: Any, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
@@ -103,11 +104,12 @@ def _short(value: Any, limit: int = 80) -> str:
 class _Where:
     """Names the file and, inside a site entry, the site of a problem."""
 
-    def __init__(self, path: Union[str, Path], index: Optional[int] = None, site_id: Optional[str] = None):
-        self.path, self.index, self.site_id = path, index, site_id
+    def __init__(self, path: Union[str, Path], index: Optional[int] = None, site_id: Optional[str] = None,
+                 hint: str = REBUILD_HINT):
+        self.path, self.index, self.site_id, self.hint = path, index, site_id, hint
 
     def site(self, index: int, site_id: Optional[str] = None) -> "_Where":
-        return _Where(self.path, index, site_id)
+        return _Where(self.path, index, site_id, self.hint)
 
     def prefix(self) -> str:
         if self.index is None:
@@ -115,8 +117,8 @@ class _Where:
         name = f"site {self.site_id!r} " if self.site_id is not None else ""
         return f"plan file {self.path}: {name}(sites[{self.index}]): "
 
-    def error(self, field: str, problem: str, hint: str = REBUILD_HINT) -> PlanError:
-        return PlanError(f"{self.prefix()}field {field!r} {problem}; {hint}")
+    def error(self, field: str, problem: str, hint: Optional[str] = None) -> PlanError:
+        return PlanError(f"{self.prefix()}field {field!r} {problem}; {hint or self.hint}")
 
 
 def _object(value: Any, where: _Where, field: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def _decode_json(text: str, where: _Where) -> Any:
         return json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, an integer too long to convert, deep nesting
         raise PlanError(f"{where.prefix()}header {METADATA_KEY!r} is not valid JSON ({type(error).__name__}: "
-                        f"{error}); {REBUILD_HINT}") from error
+                        f"{error}); {where.hint}") from error
 
 
 @dataclass
@@ -233,7 +235,7 @@ def parse_site(value: Any, where: _Where, num_buckets: int) -> SiteEntry:
     """Check one ``sites`` entry against the schema and the plan's bucket count (no tensor read)."""
     site_id = value.get("site_id") if isinstance(value, dict) else None
     where = where.site(where.index, site_id if isinstance(site_id, str) else None)
-    entry = _object(value, where, "sites[]", SITE_FIELDS)
+    entry = _object(value, where, f"sites[{where.index}]", SITE_FIELDS)
     if not isinstance(site_id, str) or not site_id:
         raise where.error("site_id", f"must be a non-empty string, got {_short(site_id)}")
     heads = _int(entry["heads"], where, "heads", 1, MAX_HEADS)
@@ -275,9 +277,9 @@ def parse_site(value: Any, where: _Where, num_buckets: int) -> SiteEntry:
                      empty_heads, dense_buckets, entry["stats"])
 
 
-def parse_header(header: Any, path: Union[str, Path]) -> Header:
+def parse_header(header: Any, path: Union[str, Path], hint: str = REBUILD_HINT) -> Header:
     """Check the decoded JSON header field by field (no tensor read); raise PlanError naming the field."""
-    where = _Where(path)
+    where = _Where(path, hint=hint)
     if not isinstance(header, dict):
         raise where.error(METADATA_KEY, f"must be a JSON object, got {_short(header)}")
     if header.get("format") != PLAN_FORMAT:
@@ -464,7 +466,7 @@ def _header_text(plan: Plan, header: dict[str, Any], path: Path) -> str:
             raise PlanError(f"cannot save {path}: {name} is not JSON-serialisable ({error}); keep plain numbers, "
                             "strings, lists and dicts there") from error
     text = json.dumps(header)
-    parse_header(_decode_json(text, _Where(path)), path)
+    parse_header(_decode_json(text, _Where(path, hint=SAVE_HINT)), path, SAVE_HINT)
     return text
 
 
@@ -489,9 +491,6 @@ def save_plan(plan: Plan, path: Union[str, Path]) -> Path:
     plan.validate()
     for site in plan.sites.values():
         site.validate()
-        if site.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise PlanError(f"cannot save {path}: site {site.site_id!r} has block_size {site.block_size}, the kernel "
-                            f"runs token blocks of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))}")
     header, tensors = encode_plan(plan)
     text = _header_text(plan, header, path)
     path.parent.mkdir(parents=True, exist_ok=True)

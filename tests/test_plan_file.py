@@ -251,7 +251,7 @@ def test_plan_in_code_checks_its_fields():
 def test_save_refuses_what_load_would_refuse(tmp_path):
     site = SitePlan("s", 1, 40, 8, None, torch.ones(1, 1, 5, 5, dtype=torch.bool))
     path = tmp_path / "plan.safetensors"
-    with pytest.raises(PlanError, match="block_size 8, the kernel runs token blocks of 16, 32, 64, 128"):
+    with pytest.raises(PlanError, match="field 'block_size' is 8, the kernel runs token blocks of 16, 32, 64, 128"):
         Plan({"s": site}).save(path)
     with pytest.raises(PlanError, match=r"meta is not JSON-serialisable"):
         Plan({}, meta={"tensor": torch.zeros(1)}).save(path)
