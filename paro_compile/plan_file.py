@@ -375,17 +375,11 @@ def _site_plan(entry: SiteEntry, tensors: dict[str, torch.Tensor], where: _Where
         raise PlanError(f"plan file {where.path}: {error}; {REBUILD_HINT}") from error
 
 
-def load_plan(path: Union[str, Path]) -> Plan:
-    """Read and validate a plan file (module docstring); raise PlanError for anything malformed."""
+def _read_plan(path: Path) -> Plan:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    path = Path(path)
     where = _Where(path)
-    if not path.exists():
-        raise FileNotFoundError(f"plan file {path} does not exist")
-    if path.is_dir():
-        raise PlanError(f"plan file {path} is a directory, not a plan file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -405,6 +399,42 @@ def load_plan(path: Union[str, Path]) -> Plan:
         return Plan(sites=sites, **header.fields)
     except PlanError as error:
         raise PlanError(f"plan file {path}: {error}; {REBUILD_HINT}") from error
+
+
+def _file_identity(path: Path) -> Optional[tuple[int, ...]]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+LOAD_ATTEMPTS = 5
+
+
+def load_plan(path: Union[str, Path]) -> Plan:
+    """Read and validate a plan file (module docstring); raise PlanError for anything malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"plan file {path} does not exist")
+    if path.is_dir():
+        raise PlanError(f"plan file {path} is a directory, not a plan file")
+    # safetensors reads the header through one open of the path and the tensor data through another
+    # (torch.UntypedStorage.from_file): a writer renaming a new plan over the path in between gives the header of
+    # one plan with the tensors of the other. A read is kept only when the path names the same file before and
+    # after it.
+    for _ in range(LOAD_ATTEMPTS):
+        before = _file_identity(path)
+        try:
+            plan = _read_plan(path)
+        except PlanError:
+            if _file_identity(path) == before:
+                raise
+            continue
+        if _file_identity(path) == before:
+            return plan
+    raise PlanError(f"plan file {path} was replaced while it was read, {LOAD_ATTEMPTS} times in a row (another "
+                    "process keeps writing it); load it again once the writer is done")
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_concurrent_writers_leave_one_whole_plan(tmp_path):
 
     def writer(plan):
         try:
-            for _ in range(15):
+            for _ in range(40):
                 plan.save(path)
         except BaseException as error:  # collected: the test fails on any
             errors.append(error)
@@ -294,6 +294,25 @@ def test_concurrent_writers_leave_one_whole_plan(tmp_path):
     loaded = Plan.load(path)
     assert any(loaded == plan for plan in plans)
     assert sorted(os.listdir(tmp_path)) == ["plan.safetensors"]
+
+
+def test_plan_replaced_during_a_read_is_read_again(tmp_path, monkeypatch):
+    """safetensors reads the header and the tensor data through two opens of the path: a plan renamed over the path
+    between them must not give one plan's header with the other's tensors."""
+    first, second = make_plan(0), make_plan(1)
+    path = first.save(tmp_path / "plan.safetensors")
+    newer = second.save(tmp_path / "newer.safetensors")
+    from_file = torch.UntypedStorage.from_file
+    replaced = []
+
+    def writer_renames_first(*args, **kwargs):
+        if not replaced:
+            replaced.append(os.replace(newer, path))
+        return from_file(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", writer_renames_first)
+    loaded = Plan.load(path)
+    assert replaced and loaded == second
 
 
 def test_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
