@@ -93,8 +93,14 @@ def _whole_number(value: Any, what: str, minimum: int) -> int:
     return number
 
 
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is a finite float: NaN, ±inf and ints beyond the float range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def permutation_problem(perm: torch.Tensor, n: int) -> Optional[str]:
@@ -351,7 +357,7 @@ class Plan:
             if key != site.site_id:
                 raise PlanError(f"Plan.sites key {key!r} differs from its SitePlan's site_id {site.site_id!r}")
         bounds = self.step_boundaries
-        if not isinstance(bounds, (list, tuple)) or not all(_is_finite_number(b) for b in bounds):
+        if not isinstance(bounds, (list, tuple)) or not all(is_finite_number(b) for b in bounds):
             raise PlanError(f"Plan.step_boundaries must be a list of finite numbers, got {bounds!r}")
         if any(not a > b for a, b in zip(bounds, bounds[1:])):
             raise PlanError(f"Plan.step_boundaries {list(bounds)} must be strictly descending (each bucket is the "
@@ -362,7 +368,7 @@ class Plan:
             raise PlanError(f"Plan.fingerprint must be a string or None, got {self.fingerprint!r}")
         for name, low, low_open in (("density", 0.0, True), ("alpha", 0.0, False)):
             value = getattr(self, name)
-            if value is not None and not (_is_finite_number(value) and (value > low if low_open else value >= low)
+            if value is not None and not (is_finite_number(value) and (value > low if low_open else value >= low)
                                           and value <= 1.0):
                 interval = f"({low}, 1]" if low_open else f"[{low}, 1]"
                 raise PlanError(f"Plan.{name} must be None or a number in {interval}, got {value!r}")

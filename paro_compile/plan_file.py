@@ -41,6 +41,7 @@ from paro_compile.plan import (
     Plan,
     PlanError,
     SitePlan,
+    is_finite_number,
     order_problem,
 )
 
@@ -145,8 +146,7 @@ def _number(value: Any, where: _Where, field: str, low: float, high: float, low_
     """None, or a finite number in [low, high] ((low, high] when ``low_open``)."""
     if value is None:
         return None
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
+    ok = is_finite_number(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise where.error(field, f"must be null or a finite number in {interval}, got {_short(value)}")
@@ -173,6 +173,8 @@ def _decode_json(text: str, where: _Where) -> Any:
 
     try:
         return json.loads(text, object_pairs_hook=unique_keys)
+    except PlanError:
+        raise
     except (ValueError, RecursionError) as error:  # JSONDecodeError, an integer too long to convert, deep nesting
         raise PlanError(f"{where.prefix()}header {METADATA_KEY!r} is not valid JSON ({type(error).__name__}: "
                         f"{error}); {where.hint}") from error
@@ -298,7 +300,7 @@ def parse_header(header: Any, path: Union[str, Path], hint: str = REBUILD_HINT) 
     if not isinstance(bounds, list):
         raise where.error("step_boundaries", f"must be a list of numbers, got {_short(bounds)}")
     for i, bound in enumerate(bounds):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+        if not is_finite_number(bound):
             raise where.error(f"step_boundaries[{i}]", f"must be a finite number, got {_short(bound)}")
     if any(not a > b for a, b in zip(bounds, bounds[1:])):
         raise where.error("step_boundaries", f"{_short(bounds)} must be strictly descending")

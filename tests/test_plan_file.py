@@ -163,6 +163,8 @@ def test_site_fields_are_checked(saved, field, value, fragment):
     ("step_boundaries", [], "field 'num_buckets' is 2, the plan's step_boundaries make 1"),
     ("density", 0.0, "field 'density' must be null or a finite number in (0.0, 1.0]"),
     ("density", float("inf"), "field 'density'"),
+    ("density", 10**400, "field 'density' must be null or a finite number in (0.0, 1.0], got 1000"),
+    ("step_boundaries", [10**400], "field 'step_boundaries[0]' must be a finite number, got 1000"),
     ("alpha", -0.1, "field 'alpha'"),
     ("qk_bits", 6, "field 'qk_bits' must be null or one of [4, 8, 16]"),
     ("pv_dtype", "bf16", "field 'pv_dtype' must be null or one of ['fp8', 'int8', 'fp16']"),
@@ -194,7 +196,8 @@ def test_unreadable_json_is_refused(saved):
     text = json.dumps(header)
     for bad, fragment in ((text[:-1], "not valid JSON (JSONDecodeError"),
                           ("[" * 100_000 + "]" * 100_000, "not valid JSON (RecursionError"),
-                          (text.replace('"density": 0.3', '"density": 0.3, "density": 0.9'), "'density' appears twice"),
+                          (text.replace('"density": 0.3', '"density": 0.3, "density": 0.9'),
+                           "field 'density' appears twice in one JSON object"),
                           (text.replace('"alpha": null', '"alpha": ' + "9" * 5000), "not valid JSON (ValueError"),
                           ("null", "must be a JSON object")):
         refused(rewrite(path, header, tensors, header_text=bad), fragment)
@@ -230,8 +233,9 @@ def test_plan_in_code_checks_its_fields():
     site = make_plan().sites["blocks.0.attn#0"]
     with pytest.raises(PlanError, match="strictly descending"):
         Plan({site.site_id: site}, step_boundaries=[100.0, 500.0])
-    with pytest.raises(PlanError, match="finite numbers"):
-        Plan({}, step_boundaries=[float("nan")])
+    for bad in (float("nan"), 10**400):
+        with pytest.raises(PlanError, match="finite numbers"):
+            Plan({}, step_boundaries=[bad])
     with pytest.raises(PlanError, match="1 mask bucket"):
         Plan({"x": SitePlan("x", 1, 40, 16, None, torch.ones(1, 1, 3, 3, dtype=torch.bool))}, step_boundaries=[5.0])
     with pytest.raises(PlanError, match="differs from its SitePlan's site_id"):

@@ -141,7 +141,7 @@ def header_paths(header, prefix=()):
 
 
 NASTY = [None, True, False, 0, -1, 1, 2, 3, 4, 8, 15, 16, 17, 31, 32, 48, 63, 64, 128, 256, 2**31 - 1, 2**31,
-         -2**31, 2**63, 10**30, 10**5000, 0.0, -0.0, 0.5, 1.0, 1.5, 16.0, 1e308, -1e308, float("nan"), float("inf"),
+         -2**31, 2**63, 10**30, 10**400, 10**4000, 0.0, -0.0, 0.5, 1.0, 1.5, 16.0, 1e308, -1e308, float("nan"), float("inf"),
          float("-inf"), "", " ", "x", "FHW", "HWF", "HW", "WH", "FFF", "FH", "FHWX", "identity", "derived", "stored",
          "fp8", "int8", "fp16", "prefix", "suffix", "paro_plan", "timestep", "1", "0/perm", [], [0], [1, 1], [-1],
          ["FHW"], ["HWF", "FHW"], ["HW"], [1e308], [float("nan")], {}, {"frames": 2}, [[[]]], "é" * 3]
