@@ -135,7 +135,7 @@ def text_block_range(grid: TokenGrid, block_size: int) -> range:
 
 def mandatory_blocks_problem(masks: torch.Tensor, block_size: int, grid: Optional[TokenGrid]) -> Optional[str]:
     """Why bool masks [S, H, nb, nb] drop a block the method always keeps (diagonal; rows and columns of text
-    blocks), or None. Such a mask leaves query rows without their own keys: outputs of zeros or NaN."""
+    blocks), or None. Without them a query row may keep no block at all, and such a row returns zeros."""
     diagonal = masks.diagonal(dim1=-2, dim2=-1)
     if not bool(diagonal.all()):
         bucket, head, block = (int(i) for i in (~diagonal).nonzero()[0])
