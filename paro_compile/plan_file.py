@@ -9,12 +9,13 @@
   ``num_buckets``, ``orders``, ``grid``, ``perm`` ("identity" | "derived" | "stored"), ``empty_heads``,
   ``dense_buckets``, ``stats``).
 
-`load_plan` is a validating parser. It reads the header and the dtype and shape of every tensor (not their data),
-checks each field's type and range, the fields against each other and against the tensors actually in the file,
-and only then reads tensor data: what it allocates is bounded by the file's own size (and by `MAX_PERM_ELEMENTS`
-for permutations rebuilt from orders). The content checks (permutations, mandatory blocks, dense buckets, orders
-against the permutation) are `SitePlan.validate`'s, shared with plans built in code. Every problem is a
-`PlanError` naming the file, the site and the field.
+`load_plan` is a validating parser. It reads the file once (`plan_container.read_container`: one open, so a plan
+renamed over the path meanwhile cannot mix in), checks the safetensors layout, then each header field's type and range, the fields against each
+other and against the dtype and shape of the tensors actually in the file, and only then builds anything from the
+tensor data: what it allocates is bounded by the file's own size (and by `MAX_PERM_ELEMENTS` for permutations
+rebuilt from orders). The content checks (permutations, mandatory blocks, dense buckets, orders against the
+permutation) are `SitePlan.validate`'s, shared with plans built in code. Every problem is a `PlanError` naming the
+file, the site and the field.
 
 `save_plan` refuses a plan that `load_plan` would refuse and writes through a temporary file of a unique name in
 the target directory, renamed over the target: readers and concurrent writers see a whole file or none.
@@ -44,6 +45,7 @@ from paro_compile.plan import (
     is_finite_number,
     order_problem,
 )
+from paro_compile.plan_container import Container, ContainerError, read_container
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 """Token blocks the attention kernel runs (`ParoConfig.block_size`)."""
@@ -355,9 +357,9 @@ def _check_inventory(header: Header, present: dict[str, tuple[str, list[int]]], 
                                      "'identity' or 'derived', or a site index past the sites list)")
 
 
-def _site_plan(entry: SiteEntry, tensors: dict[str, torch.Tensor], where: _Where) -> SitePlan:
+def _site_plan(entry: SiteEntry, container: Container, where: _Where) -> SitePlan:
     site = where.site(entry.index, entry.site_id)
-    packed = tensors[f"{entry.index}/block_masks"]
+    packed = container.tensor(f"{entry.index}/block_masks", torch.uint8)
     spare = packed.numel() * 8 - entry.mask_bits
     if spare and int(packed[-1]) >> (8 - spare):
         raise site.error("block_masks", f"has non-zero padding bits after its {entry.mask_bits} mask bits")
@@ -368,50 +370,13 @@ def _site_plan(entry: SiteEntry, tensors: dict[str, torch.Tensor], where: _Where
     elif entry.perm_kind == "derived":
         perm = orders_permutation(entry.grid, entry.orders)
     else:
-        perm = tensors[f"{entry.index}/perm"].long()
+        perm = container.tensor(f"{entry.index}/perm", torch.int32).long()
     try:
         return SitePlan(site_id=entry.site_id, heads=entry.heads, seq_len=entry.seq_len, block_size=entry.block_size,
                         perm=perm, block_masks=masks, orders=entry.orders, grid=entry.grid,
                         empty_heads=entry.empty_heads, dense_buckets=entry.dense_buckets, stats=entry.stats)
     except PlanError as error:
         raise PlanError(f"plan file {where.path}: {error}; {REBUILD_HINT}") from error
-
-
-def _read_plan(path: Path) -> Plan:
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    where = _Where(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if METADATA_KEY not in metadata:
-                raise PlanError(f"{path} is a safetensors file without a paro plan header (key {METADATA_KEY!r})")
-            header = parse_header(_decode_json(metadata[METADATA_KEY], where), path)
-            present = {}
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                present[key] = (view.get_dtype(), list(view.get_shape()))
-            _check_inventory(header, present, where)
-            tensors = {key: handle.get_tensor(key) for key in present}
-    except SafetensorError as error:
-        raise PlanError(f"{path} is not a paro plan file (not safetensors: {error})") from error
-    sites = {entry.site_id: _site_plan(entry, tensors, where) for entry in header.sites}
-    try:
-        return Plan(sites=sites, **header.fields)
-    except PlanError as error:
-        raise PlanError(f"plan file {path}: {error}; {REBUILD_HINT}") from error
-
-
-def _file_identity(path: Path) -> Optional[tuple[int, ...]]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
-
-
-LOAD_ATTEMPTS = 5
 
 
 def load_plan(path: Union[str, Path]) -> Plan:
@@ -421,22 +386,20 @@ def load_plan(path: Union[str, Path]) -> Plan:
         raise FileNotFoundError(f"plan file {path} does not exist")
     if path.is_dir():
         raise PlanError(f"plan file {path} is a directory, not a plan file")
-    # safetensors reads the header through one open of the path and the tensor data through another
-    # (torch.UntypedStorage.from_file): a writer renaming a new plan over the path in between gives the header of
-    # one plan with the tensors of the other. A read is kept only when the path names the same file before and
-    # after it.
-    for _ in range(LOAD_ATTEMPTS):
-        before = _file_identity(path)
-        try:
-            plan = _read_plan(path)
-        except PlanError:
-            if _file_identity(path) == before:
-                raise
-            continue
-        if _file_identity(path) == before:
-            return plan
-    raise PlanError(f"plan file {path} was replaced while it was read, {LOAD_ATTEMPTS} times in a row (another "
-                    "process keeps writing it); load it again once the writer is done")
+    where = _Where(path)
+    try:
+        container = read_container(path)
+    except ContainerError as error:
+        raise PlanError(f"{path} is not a paro plan file (not safetensors: {error}); {REBUILD_HINT}") from error
+    if METADATA_KEY not in container.metadata:
+        raise PlanError(f"{path} is a safetensors file without a paro plan header (key {METADATA_KEY!r})")
+    header = parse_header(_decode_json(container.metadata[METADATA_KEY], where), path)
+    _check_inventory(header, {key: (dtype, shape) for key, (dtype, shape, _, _) in container.entries.items()}, where)
+    sites = {entry.site_id: _site_plan(entry, container, where) for entry in header.sites}
+    try:
+        return Plan(sites=sites, **header.fields)
+    except PlanError as error:
+        raise PlanError(f"plan file {path}: {error}; {REBUILD_HINT}") from error
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

@@ -221,6 +221,34 @@ def test_huge_declared_sizes_are_refused_before_allocating(saved):
     refused(rewrite(path, header, tensors), "tensor '0/block_masks' is U8 of shape [8], expected U8 of shape [67108864]")
 
 
+def test_damaged_safetensors_layout_is_refused(saved):
+    path, header, tensors = saved
+    rewrite(path, header, tensors)
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    layout, body = json.loads(raw[8:8 + length]), raw[8 + length:]
+
+    def with_layout(edit, extra=b""):
+        changed = copy.deepcopy(layout)
+        edit(changed)
+        text = json.dumps(changed).encode()
+        path.write_bytes(len(text).to_bytes(8, "little") + text + body + extra)
+        return path
+
+    first = next(k for k in layout if k != "__metadata__")
+    refused(with_layout(lambda h: None, extra=b"\0"), "not safetensors: 1 bytes after the last tensor")
+    refused(with_layout(lambda h: h[first].update(dtype="Q7")), f"tensor {first!r} has unknown dtype 'Q7'")
+    refused(with_layout(lambda h: h[first].update(data_offsets=[0, 2**40])), "outside the")
+    refused(with_layout(lambda h: h[first].update(shape=[3])), f"tensor {first!r} spans")
+    refused(with_layout(lambda h: h["__metadata__"].update(other=1)), "__metadata__ must map names to strings")
+    path.write_bytes(raw[:8] + raw[8:8 + length].replace(b'"dtype"', b'"dtype":"U8","dtype"', 1) + body)
+    refused(path, "header names 'dtype' twice")
+    path.write_bytes((2**63).to_bytes(8, "little") + raw[8:])
+    refused(path, "header length 9223372036854775808 exceeds the file")
+    path.write_bytes(raw[:-1])
+    refused(path, "not safetensors")
+
+
 def test_directory_and_missing_files(tmp_path):
     with pytest.raises(PlanError, match="is a directory"):
         Plan.load(tmp_path)
@@ -300,23 +328,27 @@ def test_concurrent_writers_leave_one_whole_plan(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["plan.safetensors"]
 
 
-def test_plan_replaced_during_a_read_is_read_again(tmp_path, monkeypatch):
-    """safetensors reads the header and the tensor data through two opens of the path: a plan renamed over the path
-    between them must not give one plan's header with the other's tensors."""
+def test_plan_renamed_over_the_path_during_a_read_is_not_mixed_in(tmp_path, monkeypatch):
+    """The loader reads the file through one open: a plan renamed over the path right after it was opened does not
+    pair the first plan's header with the second plan's tensors (safetensors' own reader opens the path twice)."""
+    import builtins
+
+    from paro_compile import plan_container
+
     first, second = make_plan(0), make_plan(1)
     path = first.save(tmp_path / "plan.safetensors")
     newer = second.save(tmp_path / "newer.safetensors")
-    from_file = torch.UntypedStorage.from_file
-    replaced = []
+    renamed = []
 
-    def writer_renames_first(*args, **kwargs):
-        if not replaced:
-            replaced.append(os.replace(newer, path))
-        return from_file(*args, **kwargs)
+    def open_then_rename(*args, **kwargs):
+        handle = builtins.open(*args, **kwargs)
+        if not renamed:
+            renamed.append(os.replace(newer, path))
+        return handle
 
-    monkeypatch.setattr(torch.UntypedStorage, "from_file", writer_renames_first)
-    loaded = Plan.load(path)
-    assert replaced and loaded == second
+    monkeypatch.setattr(plan_container, "open", open_then_rename, raising=False)
+    assert Plan.load(path) == first and renamed
+    assert Plan.load(path) == second
 
 
 def test_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):

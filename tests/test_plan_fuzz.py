@@ -21,7 +21,7 @@ from paro_compile.plan_file import METADATA_KEY
 VIDEO = TokenGrid(frames=2, height=4, width=6, text_tokens=5)  # 53 tokens: 4 blocks of 16, text in block 0
 IMAGE = TokenGrid(frames=None, height=6, width=8, text_tokens=4, text_position="suffix")  # 52 tokens, text in block 3
 ADDRESS_SPACE_HEADROOM = 2**30
-FUZZ = settings(max_examples=100, deadline=None, database=None,
+FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -296,8 +296,40 @@ def test_tensor_mutations_load_exactly_or_raise_plan_error(original, tmp_path, d
         runs_as(loaded, expected)
 
 
+# ---- safetensors container -----------------------------------------------------------------------------------------
+@FUZZ
+@given(data=st.data())
+def test_safetensors_header_mutations_load_exactly_or_raise_plan_error(original, tmp_path, data):
+    """The safetensors header (tensor dtypes, shapes, byte ranges, metadata) mutated like the plan header, and bytes
+    added after the data: each file loads exactly as the original or raises PlanError."""
+    header, tensors = original
+    file = tmp_path / "whole.safetensors"
+    write(file, json.dumps(header), tensors)
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    container, body = json.loads(raw[8:8 + length]), raw[8 + length:]
+    path = data.draw(st.sampled_from(header_paths(container)), label="path")
+    operation = data.draw(st.sampled_from(["replace", "drop", "add_field", "append_bytes"]), label="operation")
+    parent = get_parent(container, path)
+    if operation == "drop":
+        del parent[path[-1]]
+    elif operation == "append_bytes":
+        body += bytes(data.draw(st.integers(1, 16), label="count"))
+    elif operation == "add_field" and isinstance(parent[path[-1]], dict):
+        parent[path[-1]][data.draw(st.sampled_from(["extra", "dtype", "x" * 40]))] = 1
+    else:
+        parent[path[-1]] = data.draw(nasty_value(parent[path[-1]]), label="value")
+    text = json.dumps(container).encode()
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(len(text).to_bytes(8, "little") + text + body)
+    loaded = load_or_plan_error(damaged)
+    event("refused" if loaded is None else "loaded")
+    if loaded is not None:
+        runs_as(loaded, SITES, EXPECTED)
+
+
 # ---- raw bytes ---------------------------------------------------------------------------------------------------
-@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_bytes_raise_plan_error(original, tmp_path, data):
     """A truncated file or a damaged safetensors header length is never read as a plan."""
