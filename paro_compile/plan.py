@@ -1,24 +1,20 @@
-"""ParoPlan: per attention site, the token order and the static block masks, and the plan file.
+"""ParoPlan: per attention site, the token order and the static block masks.
 
 The backend consumes `Plan.sites[site_id]` (`SitePlan.perm`, `SitePlan.block_masks` or `SitePlan.csr(bucket)`),
 `Plan.step_boundaries` and `Plan.timestep_arg`; `Plan.check_sites(sites)` validates a plan against the
 attention sites `passes.discover.find_attention_sites` found in a graph.
 
-File format (one ``.safetensors`` file, see docs/calibration.md):
-- tensors, per site number ``i`` (the position of the site in the header's ``sites`` list):
-  ``"{i}/block_masks"`` uint8, the bool masks [S, H, Mq, Nk] bit-packed little-endian (flattened, 8 per byte);
-  ``"{i}/perm"`` int32 [H, N], only when the permutation cannot be rebuilt from the grid and the orders.
-- the header's ``__metadata__["paro_plan"]``: a JSON document with ``format`` ("paro_plan"), ``version``,
-  ``fingerprint``, ``timestep_arg``, ``step_boundaries``, ``density``, ``alpha``, ``qk_bits``, ``pv_dtype``,
-  ``meta`` and ``sites`` (a list of per-site objects: ``site_id``, ``heads``, ``seq_len``, ``block_size``,
-  ``num_buckets``, ``orders``, ``grid``, ``perm`` ("identity" | "derived" | "stored"), ``empty_heads``,
-  ``dense_buckets``, ``stats``).
+A `SitePlan` or `Plan` checks itself when it is built (`validate`): every permutation row is a permutation, every
+mask keeps its diagonal blocks and the blocks of text rows and columns (the method always keeps them), dense
+buckets are all ones, orders name the grid's axes and agree with the permutation. A plan that passes can be saved
+and loaded back. The file format (`Plan.save`, `Plan.load`) lives in `paro_compile.plan_file` and is documented
+in docs/plan_format.md.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import operator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -27,14 +23,17 @@ import torch
 
 from paro_compile.grid import TokenGrid, orders_permutation
 from paro_compile.kernels.block_mask import block_mask_to_csr, num_blocks
+from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 
 PLAN_FORMAT = "paro_plan"
 PLAN_FORMAT_VERSION = 1
 METADATA_KEY = "paro_plan"
+VISUAL_AXES = ("FHW", "HW")
 
 
 class PlanError(ValueError):
-    """A plan file that cannot be read (not a plan, wrong version, corrupt)."""
+    """A plan that cannot be used: a file that is not a plan, has another version or is corrupt, or a plan
+    built in code whose fields contradict each other."""
 
 
 class PlanMismatchError(PlanError):
@@ -47,26 +46,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, param in sorted(model.named_parameters(remove_duplicate=False), key=lambda item: item[0]):
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:24]
-
-
-def pack_bool(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor → uint8 [ceil(numel/8)], bit j of byte i = element 8i+j."""
-    flat = mask.reshape(-1).to(torch.uint8).cpu()
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.int32)
-    return (flat.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_bool(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
-    shape = tuple(int(s) for s in shape)
-    numel = math.prod(shape)
-    bits = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1
-    flat = bits.reshape(-1)
-    if flat.numel() < numel:
-        raise PlanError(f"packed mask holds {flat.numel()} bits, shape {shape} needs {numel}")
-    return flat[:numel].view(shape).bool()
 
 
 def _as_int(value: Any) -> Optional[int]:
@@ -101,6 +80,88 @@ def _dataclass_eq(self, other) -> bool:
     return all(_fields_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
 
+# ---- checks shared by plans built in code and plans read from files ----------------------------------------
+def _whole_number(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum``; bools and floats are refused (True is not a head count)."""
+    if isinstance(value, bool):
+        raise PlanError(f"{what} must be an int >= {minimum}, got the bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise PlanError(f"{what} must be an int >= {minimum}, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise PlanError(f"{what} must be an int >= {minimum}, got {number}")
+    return number
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is a finite float: NaN, ±inf and ints beyond the float range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def permutation_problem(perm: torch.Tensor, n: int) -> Optional[str]:
+    """Why ``perm`` [H, n] is not one permutation of range(n) per row, or None. Vectorised: a range check, then
+    one sort per row compared with arange(n); only the first offending row is examined further."""
+    if perm.dtype == torch.bool or perm.dtype.is_floating_point or perm.dtype.is_complex:
+        return f"has dtype {perm.dtype}; token indices need an integer dtype"
+    rows = perm.long()
+    outside = (rows < 0) | (rows >= n)
+    if bool(outside.any()):
+        head, position = (int(i) for i in outside.nonzero()[0])
+        return (f"row {head} holds {int(rows[head, position])} at position {position}, outside range(0, {n}) "
+                "(a token index must name one of the site's tokens)")
+    wrong = rows.sort(dim=-1).values != torch.arange(n, device=rows.device)
+    if bool(wrong.any()):
+        head = int(wrong.any(-1).nonzero()[0])
+        counts = torch.bincount(rows[head], minlength=n)
+        repeated = int((counts > 1).nonzero()[0])
+        missing = int((counts == 0).nonzero()[0])
+        return (f"row {head} is not a permutation of range({n}): token {repeated} appears {int(counts[repeated])} "
+                f"times and token {missing} is missing")
+    return None
+
+
+def text_block_range(grid: TokenGrid, block_size: int) -> range:
+    """Indices of the blocks that hold at least one text token (empty without text)."""
+    if not grid.text_tokens:
+        return range(0)
+    text = grid.text_slice
+    return range(text.start // block_size, (text.stop - 1) // block_size + 1)
+
+
+def mandatory_blocks_problem(masks: torch.Tensor, block_size: int, grid: Optional[TokenGrid]) -> Optional[str]:
+    """Why bool masks [S, H, nb, nb] drop a block the method always keeps (diagonal; rows and columns of text
+    blocks), or None. Without them a query row may keep no block at all, and such a row returns zeros."""
+    diagonal = masks.diagonal(dim1=-2, dim2=-1)
+    if not bool(diagonal.all()):
+        bucket, head, block = (int(i) for i in (~diagonal).nonzero()[0])
+        return f"bucket {bucket}, head {head}: diagonal block ({block}, {block}) is not kept"
+    text = text_block_range(grid, block_size) if grid is not None else range(0)
+    if len(text):
+        for name, part, offset in (("row", masks[..., text.start:text.stop, :], (text.start, 0)),
+                                   ("column", masks[..., :, text.start:text.stop], (0, text.start))):
+            if not bool(part.all()):
+                bucket, head, i, j = (int(x) for x in (~part).nonzero()[0])
+                return (f"bucket {bucket}, head {head}: block ({i + offset[0]}, {j + offset[1]}) in a text {name} "
+                        f"(text tokens {grid.text_slice.start}..{grid.text_slice.stop - 1}) is not kept")
+    return None
+
+
+def order_problem(order: Any, axes: Optional[str]) -> Optional[str]:
+    """Why ``order`` is not an axis order of a grid with ``axes`` (None: of a video or an image grid), or None."""
+    if not isinstance(order, str):
+        return f"{order!r} is a {type(order).__name__}, not an order string such as 'FHW'"
+    allowed = (axes,) if axes is not None else VISUAL_AXES
+    if not any(sorted(order) == sorted(a) for a in allowed):
+        return f"{order!r} is not a permutation of the grid axes {' or '.join(map(repr, allowed))}"
+    return None
+
+
 @dataclass(eq=False)
 class SitePlan:
     """What the backend needs to lower one site.
@@ -129,7 +190,7 @@ class SitePlan:
     """JSON-able calibration report: density and kept mass per bucket, per-head scores."""
 
     def __post_init__(self) -> None:
-        if self.block_masks.dim() == 3:
+        if isinstance(self.block_masks, torch.Tensor) and self.block_masks.dim() == 3:
             self.block_masks = self.block_masks.unsqueeze(0)
         self.validate()
 
@@ -142,21 +203,93 @@ class SitePlan:
         return num_blocks(self.seq_len, self.block_size)
 
     def validate(self) -> None:
+        """Raise PlanError naming the site and the field when the site plan is malformed: sizes, mask shape and
+        dtype, a permutation row that is not a permutation, a mask without its diagonal or text blocks, a dense
+        bucket that is not all ones, orders that do not name the grid's axes or disagree with ``perm``."""
+        if not isinstance(self.site_id, str) or not self.site_id:
+            raise PlanError(f"site_id must be a non-empty string, got {self.site_id!r}")
+        where = f"site {self.site_id!r}"
+        self.heads = _whole_number(self.heads, f"{where}: heads", 1)
+        self.seq_len = _whole_number(self.seq_len, f"{where}: seq_len", 1)
+        self.block_size = _whole_number(self.block_size, f"{where}: block_size", 1)
+        if self.grid is not None:
+            if not isinstance(self.grid, TokenGrid):
+                raise PlanError(f"{where}: grid must be a TokenGrid or None, got {type(self.grid).__name__}")
+            if self.grid.num_tokens != self.seq_len:
+                raise PlanError(f"{where}: grid {self.grid} has {self.grid.num_tokens} tokens, site has {self.seq_len}")
+        self._validate_masks(where)
+        self._validate_perm_and_orders(where)
+        for name, values, bound in (("empty_heads", self.empty_heads, self.heads),
+                                    ("dense_buckets", self.dense_buckets, self.num_buckets)):
+            if not isinstance(values, list):
+                raise PlanError(f"{where}: {name} must be a list of ints, got {type(values).__name__}")
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+                    raise PlanError(f"{where}: {name} holds {value!r}; expected ints in range(0, {bound})")
+            if len(set(values)) != len(values):
+                raise PlanError(f"{where}: {name} {values} repeats an entry")
+        for bucket in self.dense_buckets:
+            if not bool(self.block_masks[bucket].all()):
+                raise PlanError(f"{where}: dense_buckets lists bucket {bucket} but its masks are not all ones")
+        if not isinstance(self.stats, dict):
+            raise PlanError(f"{where}: stats must be a dict (a JSON object), got {type(self.stats).__name__}")
+
+    def _validate_masks(self, where: str) -> None:
+        masks = self.block_masks
+        if not isinstance(masks, torch.Tensor):
+            raise PlanError(f"{where}: block_masks must be a bool tensor, got {type(masks).__name__}")
         nb = self.num_blocks
         expected = (self.heads, nb, nb)
-        if self.block_masks.dim() != 4 or tuple(self.block_masks.shape[1:]) != expected:
+        if masks.dim() != 4 or tuple(masks.shape[1:]) != expected or masks.shape[0] < 1:
             raise PlanError(
-                f"site {self.site_id}: block_masks has shape {tuple(self.block_masks.shape)}, expected "
+                f"{where}: block_masks has shape {tuple(masks.shape)}, expected "
                 f"[S, {self.heads}, {nb}, {nb}] for {self.heads} heads, N={self.seq_len}, block {self.block_size}"
             )
-        if self.block_masks.dtype != torch.bool:
-            self.block_masks = self.block_masks.bool()
-        if self.perm is not None and tuple(self.perm.shape) != (self.heads, self.seq_len):
-            raise PlanError(f"site {self.site_id}: perm has shape {tuple(self.perm.shape)}, expected ({self.heads}, {self.seq_len})")
+        if masks.dtype != torch.bool:
+            if masks.dtype.is_floating_point or masks.dtype.is_complex:
+                raise PlanError(f"{where}: block_masks has dtype {masks.dtype}; masks are bool (or 0/1 integers)")
+            if not bool(((masks == 0) | (masks == 1)).all()):
+                raise PlanError(f"{where}: block_masks of dtype {masks.dtype} holds values other than 0 and 1")
+            self.block_masks = masks = masks.bool()
+        problem = mandatory_blocks_problem(masks, self.block_size, self.grid)
+        if problem:
+            raise PlanError(f"{where}: block_masks: {problem}; masks always keep the diagonal and text blocks "
+                            "(calibration keeps them), a mask without them leaves query rows without keys")
+
+    def _validate_perm_and_orders(self, where: str) -> None:
+        grid = self.grid
+        if not isinstance(self.orders, list):
+            raise PlanError(f"{where}: orders must be a list of order strings, got {type(self.orders).__name__}")
         if self.orders and len(self.orders) != self.heads:
-            raise PlanError(f"site {self.site_id}: {len(self.orders)} orders for {self.heads} heads")
-        if self.grid is not None and self.grid.num_tokens != self.seq_len:
-            raise PlanError(f"site {self.site_id}: grid {self.grid} has {self.grid.num_tokens} tokens, site has {self.seq_len}")
+            raise PlanError(f"{where}: {len(self.orders)} orders for {self.heads} heads")
+        for head, order in enumerate(self.orders):
+            problem = order_problem(order, grid.axes if grid is not None else None)
+            if problem:
+                raise PlanError(f"{where}: orders[{head}] {problem}")
+        perm = self.perm
+        if perm is not None:
+            if not isinstance(perm, torch.Tensor):
+                raise PlanError(f"{where}: perm must be an integer tensor [H, N] or None, got {type(perm).__name__}")
+            if tuple(perm.shape) != (self.heads, self.seq_len):
+                raise PlanError(f"{where}: perm has shape {tuple(perm.shape)}, expected ({self.heads}, {self.seq_len})")
+            problem = permutation_problem(perm, self.seq_len)
+            if problem:
+                raise PlanError(f"{where}: perm {problem}")
+        if grid is not None and self.orders:
+            derived = orders_permutation(grid, self.orders, device=perm.device if perm is not None else None)
+            actual = perm.long() if perm is not None else torch.arange(self.seq_len, device=derived.device).expand_as(derived)
+            if not torch.equal(actual, derived):
+                head = int((actual != derived).any(-1).nonzero()[0])
+                raise PlanError(f"{where}: perm row {head} is not the order {self.orders[head]!r} of grid {grid} "
+                                f"({'identity perm' if perm is None else 'another permutation'}); with dynamic shapes "
+                                "the orders are applied, with static shapes the perm: they must agree")
+        elif grid is not None and grid.text_tokens and perm is not None:
+            text = grid.text_slice
+            kept = torch.arange(text.start, text.stop, device=perm.device)
+            moved = (perm[:, text].long() != kept).any(-1)
+            if bool(moved.any()):
+                raise PlanError(f"{where}: perm row {int(moved.nonzero()[0])} moves text tokens "
+                                f"{text.start}..{text.stop - 1} of grid {grid}; text tokens are never reordered")
 
     def csr(self, bucket: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv_counts [H, Mq] int32, kv_indices [H, Mq, Nk] int32) of the mask of step bucket ``bucket``."""
@@ -210,6 +343,47 @@ class Plan:
     pv_dtype: Optional[str] = None
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise PlanError naming the field when plan-level fields are malformed or a site's bucket count differs
+        from the step boundaries' (each site validated itself when it was built)."""
+        if not isinstance(self.sites, dict):
+            raise PlanError(f"Plan.sites must be a dict of site id → SitePlan, got {type(self.sites).__name__}")
+        for key, site in self.sites.items():
+            if not isinstance(site, SitePlan):
+                raise PlanError(f"Plan.sites[{key!r}] is a {type(site).__name__}, not a SitePlan")
+            if key != site.site_id:
+                raise PlanError(f"Plan.sites key {key!r} differs from its SitePlan's site_id {site.site_id!r}")
+        bounds = self.step_boundaries
+        if not isinstance(bounds, (list, tuple)) or not all(is_finite_number(b) for b in bounds):
+            raise PlanError(f"Plan.step_boundaries must be a list of finite numbers, got {bounds!r}")
+        if any(not a > b for a, b in zip(bounds, bounds[1:])):
+            raise PlanError(f"Plan.step_boundaries {list(bounds)} must be strictly descending (each bucket is the "
+                            "range of timesteps between two boundaries)")
+        if not isinstance(self.timestep_arg, str) or not self.timestep_arg.isidentifier():
+            raise PlanError(f"Plan.timestep_arg must name a model argument (an identifier), got {self.timestep_arg!r}")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise PlanError(f"Plan.fingerprint must be a string or None, got {self.fingerprint!r}")
+        for name, low, low_open in (("density", 0.0, True), ("alpha", 0.0, False)):
+            value = getattr(self, name)
+            if value is not None and not (is_finite_number(value) and (value > low if low_open else value >= low)
+                                          and value <= 1.0):
+                interval = f"({low}, 1]" if low_open else f"[{low}, 1]"
+                raise PlanError(f"Plan.{name} must be None or a number in {interval}, got {value!r}")
+        if self.qk_bits is not None and (isinstance(self.qk_bits, bool) or self.qk_bits not in QK_BITS):
+            raise PlanError(f"Plan.qk_bits must be None or one of {QK_BITS}, got {self.qk_bits!r}")
+        if self.pv_dtype is not None and self.pv_dtype not in PV_DTYPES:
+            raise PlanError(f"Plan.pv_dtype must be None or one of {PV_DTYPES}, got {self.pv_dtype!r}")
+        if not isinstance(self.meta, dict):
+            raise PlanError(f"Plan.meta must be a dict (a JSON object), got {type(self.meta).__name__}")
+        _whole_number(self.version, "Plan.version", 1)
+        for site in self.sites.values():
+            if site.num_buckets != self.num_buckets:
+                raise PlanError(f"site {site.site_id!r}: {site.num_buckets} mask bucket(s), step_boundaries "
+                                f"{list(bounds)} make {self.num_buckets}")
 
     # ---- run time ------------------------------------------------------------------------------
     @property
@@ -302,134 +476,20 @@ class Plan:
                                     + "\nre-run calibration for this model and input shape")
 
     # ---- file ----------------------------------------------------------------------------------
-    def to_header(self) -> dict[str, Any]:
-        return {
-            "format": PLAN_FORMAT,
-            "version": self.version,
-            "fingerprint": self.fingerprint,
-            "timestep_arg": self.timestep_arg,
-            "step_boundaries": [float(b) for b in self.step_boundaries],
-            "density": self.density,
-            "alpha": self.alpha,
-            "qk_bits": self.qk_bits,
-            "pv_dtype": self.pv_dtype,
-            "meta": self.meta,
-            "sites": [],
-        }
-
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the plan as one safetensors file (tensors + JSON header); returns the path."""
-        from safetensors.torch import save_file
+        """Write the plan as one safetensors file (tensors + JSON header), atomically; returns the path.
+        Raises PlanError, writing nothing, for a plan that `load` would refuse (docs/plan_format.md)."""
+        from paro_compile.plan_file import save_plan
 
-        path = Path(path)
-        header = self.to_header()
-        tensors: dict[str, torch.Tensor] = {}
-        for i, site in enumerate(self.sites.values()):
-            site.validate()
-            if site.perm is None or site.is_identity_perm():
-                perm_kind = "identity"
-            elif site.grid is not None and site.orders and torch.equal(
-                site.perm.cpu().long(), orders_permutation(site.grid, site.orders)
-            ):
-                perm_kind = "derived"
-            else:
-                perm_kind = "stored"
-                tensors[f"{i}/perm"] = site.perm.detach().to(device="cpu", dtype=torch.int32).contiguous()
-            tensors[f"{i}/block_masks"] = pack_bool(site.block_masks).contiguous()
-            header["sites"].append({
-                "site_id": site.site_id,
-                "heads": int(site.heads),
-                "seq_len": int(site.seq_len),
-                "block_size": int(site.block_size),
-                "num_buckets": site.num_buckets,
-                "orders": list(site.orders),
-                "grid": site.grid.to_dict() if site.grid is not None else None,
-                "perm": perm_kind,
-                "empty_heads": [int(h) for h in site.empty_heads],
-                "dense_buckets": [int(b) for b in site.dense_buckets],
-                "stats": site.stats,
-            })
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)})
-        tmp.replace(path)
-        return path
+        return save_plan(self, path)
 
     @classmethod
     def load(cls, path: Union[str, Path], model: Optional[torch.nn.Module] = None) -> "Plan":
-        """Read a plan file; with ``model``, also check its fingerprint (`check_model`)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
+        """Read and validate a plan file; with ``model``, also check its fingerprint (`check_model`). Every
+        malformed file raises PlanError naming the file, the site and the field (docs/plan_format.md)."""
+        from paro_compile.plan_file import load_plan
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"plan file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except SafetensorError as error:
-            raise PlanError(f"{path} is not a paro plan file (not safetensors: {error})") from error
-        if METADATA_KEY not in metadata:
-            raise PlanError(f"{path} is a safetensors file without a paro plan header (key {METADATA_KEY!r})")
-        header = json.loads(metadata[METADATA_KEY])
-        if header.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{path}: header format {header.get('format')!r}, expected {PLAN_FORMAT!r}")
-        version = header.get("version")
-        if version != PLAN_FORMAT_VERSION:
-            header = migrate_header(header, path)
-        sites: dict[str, SitePlan] = {}
-        for i, entry in enumerate(header["sites"]):
-            sid = entry["site_id"]
-            heads, seq_len, block = int(entry["heads"]), int(entry["seq_len"]), int(entry["block_size"])
-            nb = num_blocks(seq_len, block)
-            key = f"{i}/block_masks"
-            if key not in tensors:
-                raise PlanError(f"{path}: site {sid} has no tensor {key!r}")
-            masks = unpack_bool(tensors[key], (int(entry["num_buckets"]), heads, nb, nb))
-            grid = TokenGrid.from_dict(entry["grid"]) if entry.get("grid") else None
-            orders = list(entry.get("orders") or [])
-            kind = entry.get("perm", "identity")
-            if kind == "identity":
-                perm = None
-            elif kind == "derived":
-                if grid is None or not orders:
-                    raise PlanError(f"{path}: site {sid} has a derived perm but no grid/orders")
-                perm = orders_permutation(grid, orders)
-            elif kind == "stored":
-                perm = tensors[f"{i}/perm"].long()
-            else:
-                raise PlanError(f"{path}: site {sid} has unknown perm kind {kind!r}")
-            sites[sid] = SitePlan(
-                site_id=sid, heads=heads, seq_len=seq_len, block_size=block, perm=perm, block_masks=masks,
-                orders=orders, grid=grid, empty_heads=list(entry.get("empty_heads") or []),
-                dense_buckets=list(entry.get("dense_buckets") or []), stats=dict(entry.get("stats") or {}),
-            )
-        plan = cls(
-            sites=sites,
-            step_boundaries=[float(b) for b in header.get("step_boundaries") or []],
-            timestep_arg=header.get("timestep_arg") or "timestep",
-            fingerprint=header.get("fingerprint"),
-            density=header.get("density"),
-            alpha=header.get("alpha"),
-            qk_bits=header.get("qk_bits"),
-            pv_dtype=header.get("pv_dtype"),
-            meta=dict(header.get("meta") or {}),
-        )
-        for site in sites.values():
-            if site.num_buckets != plan.num_buckets:
-                raise PlanError(f"{path}: site {site.site_id} has {site.num_buckets} mask buckets, "
-                                f"step_boundaries imply {plan.num_buckets}")
+        plan = load_plan(path)
         if model is not None:
             plan.check_model(model)
         return plan
-
-
-def migrate_header(header: dict[str, Any], path: Union[str, Path] = "<plan>") -> dict[str, Any]:
-    """Bring an older header to the current version, or refuse. No older format exists yet (v1 is the first)."""
-    version = header.get("version")
-    if isinstance(version, int) and version > PLAN_FORMAT_VERSION:
-        raise PlanError(f"{path}: plan file version {version} is newer than this paro_compile reads "
-                        f"(version {PLAN_FORMAT_VERSION}); upgrade paro_compile or re-run calibration")
-    raise PlanError(f"{path}: plan file version {version!r} is not supported (this paro_compile reads version "
-                    f"{PLAN_FORMAT_VERSION} and has no migration from it); re-run calibration")

@@ -7,16 +7,8 @@ from safetensors.torch import safe_open, save_file
 from paro_compile.grid import TokenGrid, orders_permutation
 from paro_compile.kernels.block_mask import block_mask_to_csr, csr_to_block_mask
 from paro_compile.passes.discover import AttentionSite
-from paro_compile.plan import (
-    PLAN_FORMAT_VERSION,
-    Plan,
-    PlanError,
-    PlanMismatchError,
-    SitePlan,
-    model_fingerprint,
-    pack_bool,
-    unpack_bool,
-)
+from paro_compile.plan import PLAN_FORMAT_VERSION, Plan, PlanError, PlanMismatchError, SitePlan, model_fingerprint
+from paro_compile.plan_file import pack_bool, unpack_bool
 
 GRID = TokenGrid(frames=2, height=4, width=5, text_tokens=3)  # 43 tokens
 
@@ -26,6 +18,10 @@ def make_site(site_id="blocks.0.attn#0", heads=2, buckets=2, block=8, seed=0, pe
     n = GRID.num_tokens
     nb = -(-n // block)
     masks = torch.rand(buckets, heads, nb, nb, generator=gen) < 0.4
+    masks |= torch.eye(nb, dtype=torch.bool)  # calibrated masks keep the diagonal and the text blocks
+    if perm_kind == "derived":
+        masks[..., 0, :] = masks[..., :, 0] = True
+    masks[0] = True  # dense_buckets=[0]
     orders = ["HWF", "FHW"][:heads] + ["FHW"] * max(0, heads - 2)
     if perm_kind == "derived":
         perm = orders_permutation(GRID, orders)
@@ -38,9 +34,10 @@ def make_site(site_id="blocks.0.attn#0", heads=2, buckets=2, block=8, seed=0, pe
                     empty_heads=[1], dense_buckets=[0], stats={"density": [0.4, 0.4]})
 
 
-def make_plan():
-    sites = {s.site_id: s for s in (make_site(), make_site("blocks.1.attn#0", perm_kind="stored", seed=1),
-                                    make_site("blocks.2.attn#0", perm_kind="identity", seed=2))}
+def make_plan(block=8):
+    sites = {s.site_id: s for s in (make_site(block=block),
+                                    make_site("blocks.1.attn#0", perm_kind="stored", seed=1, block=block),
+                                    make_site("blocks.2.attn#0", perm_kind="identity", seed=2, block=block))}
     return Plan(sites=sites, step_boundaries=[500.0], timestep_arg="t", fingerprint="abc", density=0.3, alpha=0.9,
                 qk_bits=8, pv_dtype="fp8", meta={"note": "x"})
 
@@ -52,7 +49,7 @@ def graph_site(site_id, heads=2, seq_len=GRID.num_tokens, reasons=()):
 
 
 def test_roundtrip(tmp_path):
-    plan = make_plan()
+    plan = make_plan(block=16)
     path = plan.save(tmp_path / "plan.safetensors")
     loaded = Plan.load(path)
     assert loaded.step_boundaries == [500.0] and loaded.timestep_arg == "t" and loaded.fingerprint == "abc"
@@ -129,7 +126,7 @@ def test_model_fingerprint_and_check():
 
 
 def test_load_rejects_other_versions_and_non_plans(tmp_path):
-    plan = make_plan()
+    plan = make_plan(block=16)
     path = plan.save(tmp_path / "plan.safetensors")
     with safe_open(str(path), framework="pt") as f:
         header = json.loads(f.metadata()["paro_plan"])
@@ -166,12 +163,12 @@ def test_plan_equality_compares_tensors_by_value():
     """torch.compile compares backend options (the plan) on cache lookups: == must not raise on tensors."""
     grid = TokenGrid(2, 4, 4, 0)
     def make(flip: bool) -> Plan:
-        masks = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+        masks = torch.ones(1, 2, 2, 2, dtype=torch.bool)
         if flip:
             masks = masks.clone()
-            masks[0, 1] = False
+            masks[0, 1, 0, 1] = False
         perm = torch.arange(32).repeat(2, 1)
-        return Plan({"a#0": SitePlan("a#0", 2, 32, 64, perm, masks, orders=["FHW", "FHW"], grid=grid)})
+        return Plan({"a#0": SitePlan("a#0", 2, 32, 16, perm, masks, orders=["FHW", "FHW"], grid=grid)})
     assert make(False) == make(False)
     assert make(False) != make(True)
     assert make(False).sites["a#0"] == make(False).sites["a#0"]
