@@ -24,6 +24,7 @@ import torch
 from paro_compile.grid import TokenGrid, orders_permutation
 from paro_compile.kernels.block_mask import block_mask_to_csr, num_blocks
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
+from paro_compile.passes.fx_utils import static_int
 
 PLAN_FORMAT = "paro_plan"
 PLAN_FORMAT_VERSION = 1
@@ -46,18 +47,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, param in sorted(model.named_parameters(remove_duplicate=False), key=lambda item: item[0]):
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:24]
-
-
-def _as_int(value: Any) -> Optional[int]:
-    """The value as an int, or None when it is symbolic. Never calls int() on a SymInt: that would guard on
-    (specialize) the size and turn a dynamic graph static."""
-    if isinstance(value, torch.SymInt):
-        expr = value.node.expr
-        return int(expr) if getattr(expr, "is_number", False) else None
-    try:
-        return int(value)
-    except Exception:  # symbolic sizes (sympy expressions)
-        return None
 
 
 def _fields_equal(a: Any, b: Any) -> bool:
@@ -455,7 +444,7 @@ class Plan:
             site = by_id.get(sid)
             if site is None:
                 continue
-            heads, seq_len = _as_int(site.heads), _as_int(site.seq_len)
+            heads, seq_len = static_int(site.heads), static_int(site.seq_len)
             if site.heads is not None and heads is None:
                 problems.append(f"site {sid}: symbolic head count ({site.heads}); plans need a static number of heads")
                 continue

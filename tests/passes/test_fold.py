@@ -148,8 +148,9 @@ def test_dynamic_shapes_with_order_plan_through_backend(orders):
     model = ToyVideoDiT().eval()
     _, sites = capture(model, toy_inputs())
     grid = GRIDS["toy"]
-    empty = torch.zeros(1, 2, 1, 1, dtype=torch.bool)  # not dense (would zero the output): dropped with symbolic N
-    plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, (orders * 2)[:2], grid, block_masks=empty)
+    sparse = torch.ones(1, 2, 3, 3, dtype=torch.bool)  # 16-token blocks: the 40-token grid has 3
+    sparse[..., 1, 2] = False  # not dense (and neither a diagonal nor a text block): dropped with symbolic N
+    plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, (orders * 2)[:2], grid, block_size=16, block_masks=sparse)
                  for s in sites if s.supported})
     compiled = torch.compile(model, backend="paro", dynamic=True, options={**EXACT, "plan": plan})
     for size, frames in ((8, 2), (12, 3)):  # text length 5 ≠ the grid sizes, so Dynamo keeps separate symbols
