@@ -90,6 +90,16 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     # tests and CPU-side reports
     Spec("gpu-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "240", "-m", "gpu", "tests"), 540,
          "every GPU-marked test, fixed launch configs", env={"PARO_AUTOTUNE": "0"}),
+    Spec("kernel-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "200", "tests/kernels/test_non_finite.py",
+                                    "tests/test_masked_and_cross_attention.py", "tests/kernels/test_attention_hopper.py",
+                                    "tests/kernels/test_attention.py", "-k", "not diffusers and (cuda or hopper or Hopper "
+                                    "or non_finite or bad or key_bias or non_positive or head_dims)"), 250,
+         "kernel numerics on the GPU: both kernels vs the reference, non-finite inputs, key padding, cross-attention",
+         env={"PARO_AUTOTUNE": "0"}),
+    Spec("host-overhead", "benchmarks/host_overhead.py", ("--out", "{out}"), 110,
+         "host cost per paro::attention call and the Flux-1024 call against FlexAttention"),
+    Spec("hopper-kernel", "benchmarks/hopper_kernel.py", ("--out", "{out}", "--budget", "190"), 220,
+         "the Gluon Hopper kernel against the Triton kernel, cuDNN and FlexAttention (CogVideoX and Wan-720p shapes)"),
     Spec("quantization-floor", "benchmarks/quantization_floor.py", ("--out", "{out}"), 240,
          "each quantization step's error alone against float64 (the FP8 PV floor)", gpu=False),
     Spec("plan-memory", "benchmarks/plan_memory.py", ("--out", "{out}"), 240,

@@ -14,6 +14,7 @@ from tests.conftest import rel_l2
 EXACT = {"allow_fp32": True, "qk_bits": 16, "pv_dtype": "fp16"}
 QUANT = {"allow_fp32": True, "qk_bits": 8, "pv_dtype": "fp8"}
 IMPLS = ["reference", "triton"]  # the Triton kernels run under the interpreter on the CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class MaskedAttention(nn.Module):
@@ -90,8 +91,8 @@ def test_cross_attention_lowers_dense_with_its_own_key_length():
 @pytest.mark.parametrize("head_dim", [96, 40])
 def test_head_dims_that_are_not_a_power_of_two_run_padded(head_dim):
     torch.manual_seed(3)
-    model = MaskedAttention(head_dim=head_dim).eval()
-    x = torch.randn(1, 70, 128)
+    model = MaskedAttention(head_dim=head_dim).eval().to(DEVICE)
+    x = torch.randn(1, 70, 128, device=DEVICE)
     ref = model(x)
     out = torch.compile(model, backend="paro", options={**EXACT, "impl": "triton"})(x)
     assert paro_compile.last_report().sites[0].lowered
@@ -105,7 +106,7 @@ def test_non_positive_scales_match_sdpa(scale, impl):
     """The Triton INT8 path folded the scale into Q's positive quantization scale: a negative or zero SDPA scale
     gave rel-L2 1.0 / 4.5e4. The op now runs them as a positive scale on -q (or on zero scores)."""
     torch.manual_seed(4)
-    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 100, 64, device=DEVICE) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
     for bits, pv, tol in ((16, "fp16", 1e-5), (8, "fp8", 6e-2)):
         out = paro_attention(q, k, v, scale=scale, qk_bits=bits, pv_dtype=pv, impl=impl)
@@ -117,9 +118,9 @@ def test_non_positive_scales_match_sdpa(scale, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_op_key_bias_and_cross_shapes_agree_between_paths(impl):
     torch.manual_seed(5)
-    q = torch.randn(2, 2, 130, 64, dtype=torch.float16)
-    k, v = (torch.randn(2, 2, 77, 64, dtype=torch.float16) for _ in range(2))
-    bias = torch.randn(2, 2, 77) * 3
+    q = torch.randn(2, 2, 130, 64, dtype=torch.float16, device=DEVICE)
+    k, v = (torch.randn(2, 2, 77, 64, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    bias = torch.randn(2, 2, 77, device=DEVICE) * 3
     bias[1, :, 40:] = -math.inf
     out = paro_attention(q.float(), k.float(), v.float(), key_bias=bias, qk_bits=16, pv_dtype="fp16", impl=impl)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias[:, :, None, :])

@@ -1,0 +1,135 @@
+"""Host cost of one `paro::attention` call, and where it goes.
+
+On a tiny input the GPU finishes each launch long before the host issues the next, so the wall time of many
+back-to-back calls (no sync in between) divided by their number is the host cost per call. Measured for:
+
+- ``op``: `torch.ops.paro.attention` as a compiled graph calls it (dispatcher + Python impl + all launches);
+- ``triton-wrapper``: `paro_attention_triton` directly (no dispatcher);
+- ``prologue``: `paro_prologue` alone (three launches);
+- ``sdpa``: `F.scaled_dot_product_attention` on the same tensors (a peer's host cost);
+- ``flex``: a compiled FlexAttention call with a BlockMask of the same blocks.
+
+Then, at the Flux-1024 shape (B1·H24·N4608·D128, density 0.2) the device time of our call and of FlexAttention at
+its best block size, with the host cost added as it shows up in a model (wall time per call, synchronised).
+
+    python benchmarks/host_overhead.py --out OUT          (CUDA)
+    python benchmarks/host_overhead.py --out OUT --tiny   (CPU smoke run, interpreter; numbers meaningless)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--calls", type=int, default=2000, help="back-to-back calls per host-cost measurement")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run under the Triton interpreter")
+    return ap.parse_args(argv)
+
+
+def host_us(fn, calls: int, device: torch.device) -> float:
+    """Median over 5 rounds of (wall time of ``calls`` unsynchronised calls) / calls, in microseconds."""
+    for _ in range(3):
+        fn()
+    harness.synchronize(device)
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+        harness.synchronize(device)
+    return sorted(rounds)[len(rounds) // 2]
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.tiny:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch.nn.functional as F
+
+    from paro_compile.kernels.attention import paro_attention_triton
+    from paro_compile.kernels.block_mask import BlockMask, num_blocks
+    from paro_compile.kernels.prologue import paro_prologue
+    from paro_compile.kernels.tuning import random_block_mask
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    calls = 3 if args.tiny else args.calls
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    tiny_shape = (1, 2, 128, 64)
+    q, k, v = (torch.randn(*tiny_shape, generator=gen).to(device, torch.float16) for _ in range(3))
+    mask = BlockMask.from_dense(random_block_mask(2, 2, 2, 0.5, generator=gen)).to(device)
+    tensors, sizes = mask.as_op_args()
+    op = torch.ops.paro.attention.default
+    cases = {
+        "op (sparse mask)": lambda: op(q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density,
+                                       "triton"),
+        "op (dense)": lambda: op(q, k, v, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                                 "triton"),
+        "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
+        "prologue": lambda: paro_prologue(q, k, v),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
+    if not args.tiny and torch.cuda.get_device_capability(device) == (9, 0):
+        cases["op (dense, impl=auto: Hopper kernel)"] = lambda: op(q, k, v, None, None, [None] * 4,
+                                                                    [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                                                                    "auto")
+    for name, fn in cases.items():
+        us = host_us(fn, calls, device)
+        rows.append({"shape": "x".join(map(str, tiny_shape)), "case": name, "host_us_per_call": round(us, 2)})
+        print(f"{name:40s} {us:8.2f} us/call", flush=True)
+    if not args.tiny:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        b, h, n, d = 1, 24, 4608, 128
+        q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+        nb = num_blocks(n, 64)
+        coarse = random_block_mask(h, num_blocks(n, 128), num_blocks(n, 128), 0.2, generator=gen)
+        dense_mask = coarse.repeat_interleave(2, -1).repeat_interleave(2, -2)[:, :nb, :nb]  # the same blocks for both
+        ours = BlockMask.from_dense(dense_mask).to(device)
+        tensors, sizes = ours.as_op_args()
+        from bench_attention import flex_block_mask
+
+        for block in (64, 128):
+            fmask = dense_mask if block == 64 else coarse
+            bm = flex_block_mask(fmask.to(device), n, block)
+            kopt = {"BLOCK_M": block, "BLOCK_N": block} if block == 64 else {}
+            try:
+                flex(q, k, v, block_mask=bm, kernel_options=kopt)
+                t = harness.time_ms(lambda: flex(q, k, v, block_mask=bm, kernel_options=kopt), device)
+                wall = host_us(lambda: flex(q, k, v, block_mask=bm, kernel_options=kopt), 200, device)
+                rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": f"flex block {block} @0.2", "device_ms": t.median_ms,
+                             "host_us_per_call": round(wall, 2)})
+                print(f"flex {block}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call", flush=True)
+            except Exception as error:  # noqa: BLE001  (a peer failing must not lose our numbers)
+                print(f"flex {block} failed: {type(error).__name__}: {str(error)[:200]}")
+        for impl in ("triton", "auto"):
+            fn = lambda: op(q, k, v, None, None, tensors, sizes, 1 / d ** 0.5, 8, "fp8", False, ours.density, impl)  # noqa: E731
+            fn()
+            t = harness.time_ms(fn, device)
+            wall = host_us(fn, 200, device)
+            rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": f"ours impl={impl} @0.2", "device_ms": t.median_ms,
+                         "host_us_per_call": round(wall, 2)})
+            print(f"ours {impl}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call", flush=True)
+    harness.write_results(Path(args.out) / "host_overhead.json", {"rows": rows}, harness.stamp(__file__, argv),
+                          title="host cost per paro::attention call (us) and the Flux-1024 call against FlexAttention")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
