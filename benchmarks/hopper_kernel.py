@@ -395,7 +395,7 @@ def _summary(timings: list[dict]) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hopper_kernel"))
     ap.add_argument("--sass", action="store_true", help="offline code report (no GPU); writes OUT/hopper_sass.json")
@@ -406,7 +406,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.sass:
