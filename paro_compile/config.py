@@ -53,9 +53,9 @@ class ParoConfig:
                                                          "None = dense, model order")
     fallback: str = option("sdpa", 'unsupported site: `"sdpa"` keeps it and records why; `"error"` stops with the '
                                    "reasons")
-    impl: str = option("auto", '`"auto"` (on CUDA the Gluon Hopper kernel where it runs the call on an sm_90 GPU, '
-                               'else the portable Triton kernel; the PyTorch reference elsewhere), `"triton"`, '
-                               '`"hopper"`, `"reference"`')
+    impl: str = option("auto", '`"auto"` (the Triton kernels on CUDA, the PyTorch reference elsewhere), `"triton"`, '
+                               '`"hopper"` (the Gluon kernel for sm_90: same numerics, INT8 QK with FP8/16-bit PV at '
+                               '64-token blocks; `benchmarks/RESULTS.md` compares the two), `"reference"`')
     allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
                                      "and an fp32 model usually wants full precision")
     fold_permutations: bool = option(True, "absorb token permutations into layout ops instead of the kernel")

@@ -10,8 +10,8 @@ Dispatch of ``impl``:
 - ``"reference"``: `paro_compile.kernels.reference` (pure PyTorch; any device).
 - ``"triton"``: the portable Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
 - ``"hopper"``: the Gluon kernel for sm_90 (`kernels.attention_hopper`; an error where it does not run the call).
-- ``"auto"``: on CUDA the Hopper kernel where `attention_hopper.available` and `.supports` say it runs the call,
-  else the Triton kernels; the reference elsewhere.
+- ``"auto"``: on CUDA the Triton kernels (the Hopper kernel too where `attention_hopper.SELECTED_BY_AUTO` is set
+  and it runs the call); the reference elsewhere.
 """
 from __future__ import annotations
 

@@ -37,17 +37,42 @@ def dense_csr(num_heads: int, num_q_blocks: int, num_kv_blocks: int, device=None
     return counts, indices
 
 
-def block_mask_to_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense boolean block mask [..., Mq, Nk] → (counts [..., Mq] int32, indices [..., Mq, Nk] int32).
+def block_mask_to_csr(mask: torch.Tensor, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense boolean block mask [..., Mq, Nk] → (counts [..., Mq] int32, indices [..., Mq, W] int32).
 
-    Kept KV blocks come first in ascending order, then the skipped blocks in ascending order (each row
-    is a permutation of range(Nk)), so a kernel that prefetches past the count still reads a valid block.
+    Each row lists its kept KV blocks in ascending order. With ``width`` None (W = Nk) the skipped blocks follow,
+    ascending, so a full row is a permutation of range(Nk); with a ``width`` (the compact form, at least the largest
+    count: `compact_width`) the slots past a row's count hold block 0 — any valid block, since only slots below the
+    count are walked (kernels that prefetch clamp to the last kept slot). Linear in the mask's size.
     """
     mask = mask.bool()
-    counts = mask.sum(-1, dtype=torch.int32)
     nk = mask.shape[-1]
-    key = torch.where(mask, torch.arange(nk, device=mask.device), nk + torch.arange(nk, device=mask.device))
-    return counts, key.argsort(dim=-1, stable=True).to(torch.int32).contiguous()
+    counts = mask.sum(-1, dtype=torch.int32)
+    flat = mask.reshape(-1, nk)
+    rows_per_chunk = max(1, (1 << 22) // max(nk, 1))  # bounds the int64 temporaries to a few tens of MB
+    if width is None:
+        out = torch.empty(flat.shape[0], nk, dtype=torch.int32, device=mask.device)
+        blocks = torch.arange(nk, dtype=torch.int32, device=mask.device)
+        flat_counts = counts.reshape(-1, 1)
+        for start in range(0, flat.shape[0], rows_per_chunk):
+            rows = flat[start:start + rows_per_chunk]
+            kept_at = rows.cumsum(-1, dtype=torch.int32) - 1
+            skipped_at = flat_counts[start:start + rows_per_chunk] + (~rows).cumsum(-1, dtype=torch.int32) - 1
+            slot = torch.where(rows, kept_at, skipped_at).long()
+            out[start:start + rows_per_chunk].scatter_(-1, slot, blocks.expand(rows.shape[0], -1))
+        return counts, out.view(*mask.shape[:-1], nk)
+    width = int(width)
+    out = torch.zeros(flat.shape[0], width, dtype=torch.int32, device=mask.device)
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        rows = flat[start:start + rows_per_chunk]
+        row, col = rows.nonzero(as_tuple=True)  # row-major: each row's kept blocks ascending, rows one after another
+        row_counts = rows.sum(-1)
+        first = row_counts.cumsum(0) - row_counts
+        slot = torch.arange(col.numel(), device=mask.device) - first[row]
+        if slot.numel() and int(slot.max()) >= width:
+            raise ValueError(f"a row keeps {int(slot.max()) + 1} blocks, more than the CSR width {width}")
+        out[start + row, slot] = col.to(torch.int32)
+    return counts, out.view(*mask.shape[:-1], width)
 
 
 def kept_block_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +90,14 @@ def _slot_weights(group: int, device) -> torch.Tensor:
     return (1 << torch.arange(group, device=device, dtype=torch.int32)).view(group, 1)
 
 
-def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact_width(counts: torch.Tensor, num_kv_blocks: int, multiple: int = 16) -> int:
+    """Slots per row of a compact CSR (`trim_csr`): the largest count rounded up to ``multiple``, at most Nk."""
+    largest = int(counts.max()) if counts.numel() else 0
+    return min(num_kv_blocks, max(1, -(-largest // multiple) * multiple))
+
+
+def grouped_block_csr(mask: torch.Tensor, group: int, compact_multiple: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boolean block mask [..., Mq, Nk] → the CSR that 64-row kernel tiles walk when ``group`` query blocks share a
     tile: (counts [..., ⌈Mq/group⌉] int32, indices [..., ⌈Mq/group⌉, Nk] int32: the union of the group's kept blocks,
     ascending, then the rest, as `block_mask_to_csr`; slot_bits, indices' shape, int8: bit g set when query block
@@ -74,7 +106,9 @@ def grouped_block_csr(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     *lead, mq, nk = mask.shape
     mqt = -(-mq // group)
     mask = torch.nn.functional.pad(mask, (0, 0, 0, mqt * group - mq)).view(*lead, mqt, group, nk)
-    counts, indices = block_mask_to_csr(mask.any(-2))
+    union = mask.any(-2)
+    width = None if compact_multiple is None else compact_width(union.sum(-1), nk, compact_multiple)
+    counts, indices = block_mask_to_csr(union, width)
     bits = (mask.to(torch.int32) * _slot_weights(group, mask.device)).sum(-2, dtype=torch.int32)
     return counts, indices, bits.gather(-1, indices.long()).to(torch.int8).contiguous()
 
@@ -121,8 +155,7 @@ def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.T
     (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count;
     readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
     nk = indices.shape[-1]
-    largest = int(counts.max()) if counts.numel() else 0
-    width = min(nk, max(1, -(-largest // multiple) * multiple))
+    width = compact_width(counts, nk, multiple)
     index_dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
     trimmed = [indices[..., :width].to(index_dtype).contiguous()]
     trimmed += [t[..., :width].contiguous() for t in slot_tensors]
@@ -177,9 +210,10 @@ class BlockMask:
         density = float(mask.float().mean())
         slot_bits = None
         if group > 1:
-            counts, indices, slot_bits = grouped_block_csr(mask, group)
+            counts, indices, slot_bits = grouped_block_csr(mask, group, compact_multiple=slot_multiple if compact else None)
         else:
-            counts, indices = block_mask_to_csr(mask)
+            width = compact_width(mask.sum(-1), nk, slot_multiple) if compact else None
+            counts, indices = block_mask_to_csr(mask, width)
         if compact:
             counts, indices, *rest = trim_csr(counts, indices, *([slot_bits] if slot_bits is not None else []),
                                               multiple=slot_multiple)
@@ -275,8 +309,8 @@ class BlockMask:
     def validate(self, num_heads: int, seq_len: int, *, kv_len: Optional[int] = None) -> "BlockMask":
         """Raise ValueError naming the field when the mask does not fit ``num_heads`` heads of ``seq_len`` queries
         (and ``kv_len`` keys, default ``seq_len``) or its CSR is malformed (counts outside [0, W], an index outside
-        [0, Nk) or repeated within a row's kept slots, slot bits naming query blocks past the end). One host read per
-        tensor: run it once per mask (the lowering does), not per call."""
+        [0, Nk) or repeated within a row's kept slots, slot bits naming query blocks past the end). The checks run on
+        the tensors' device and read a few flags back: run it once per mask (the lowering does), not per call."""
         if self.block_m not in BLOCK_SIZES or self.block_n not in BLOCK_SIZES:
             raise ValueError(f"block sizes must be in {BLOCK_SIZES}, got block_m={self.block_m}, block_n={self.block_n}")
         kv_len = seq_len if kv_len is None else kv_len
@@ -300,12 +334,12 @@ class BlockMask:
         if self.counts.dtype != torch.int32 or self.indices.dtype not in (torch.int16, torch.int32):
             raise ValueError(f"mask counts must be int32 and indices int16/int32, got {self.counts.dtype} / "
                              f"{self.indices.dtype}")
-        counts = self.counts.long().cpu()
+        counts = self.counts.long()
         if bool((counts < 0).any()) or bool((counts > width).any()):
             raise ValueError(f"mask counts must lie in [0, {width}] (the row width), got "
                              f"[{int(counts.min())}, {int(counts.max())}]")
-        indices = self.indices.long().cpu()
-        used = torch.arange(width) < counts.unsqueeze(-1)
+        indices = self.indices.long()
+        used = torch.arange(width, device=indices.device) < counts.unsqueeze(-1)
         bad = used & ((indices < 0) | (indices >= nk))
         if bool(bad.any()):
             raise ValueError(f"mask indices of kept slots must lie in [0, {nk}); found "
@@ -316,8 +350,8 @@ class BlockMask:
         if self.group > 1:
             if self.slot_bits is None or tuple(self.slot_bits.shape) != tuple(self.indices.shape):
                 raise ValueError(f"a grouped mask needs slot_bits of the indices' shape {tuple(self.indices.shape)}")
-            limit = torch.clamp(mq - torch.arange(rows) * self.group, max=self.group)  # query blocks per row
-            bits = self.slot_bits.to(torch.int32).cpu() & 0xFF
+            limit = torch.clamp(mq - torch.arange(rows, device=indices.device) * self.group, max=self.group)
+            bits = self.slot_bits.to(torch.int32) & 0xFF
             if bool((used & (bits >= (1 << limit)[None, :, None])).any()):
                 raise ValueError("mask slot_bits name query blocks past the last one")
         if self.kept_bits is not None and tuple(self.kept_bits.shape) != (num_heads, mq, -(-nk // 32)):
