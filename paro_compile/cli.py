@@ -430,15 +430,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except RuntimeError as error:
         raise CliError(f"tuning failed: {failure_message(error)}", EXIT_FAILED) from error
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"paro attention kernel: tuned configs (cache {cache_dir()})")
+    table = Table(title=Text(f"paro attention kernel: tuned configs (cache {cache_dir()})"))
     for column in ("shape", "density", "dtype", "config", "warps", "stages", "tuned now"):
         table.add_column(column)
     for w in winners:
-        table.add_row("×".join(str(x) for x in w.get("shape", [])), f"{w.get('density', '')}", str(w.get("dtype", "")),
-                      json.dumps(w.get("kwargs", {})), str(w.get("num_warps", "")), str(w.get("num_stages", "")),
-                      "yes" if w.get("tuned_now") else "cached")
+        table.add_row(*(escape(cell) for cell in (
+            "×".join(str(x) for x in w.get("shape", [])), f"{w.get('density', '')}", str(w.get("dtype", "")),
+            json.dumps(w.get("kwargs", {})), str(w.get("num_warps", "")), str(w.get("num_stages", "")),
+            "yes" if w.get("tuned_now") else "cached")))
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(winners, indent=2, default=str) + "\n")

@@ -422,8 +422,8 @@ class InspectionReport(SiteFilters):
         found += [f"graph {r.graph_index} failed to compile: {r.error}" for r in self.reports if r.error is not None]
         found += list(dict.fromkeys(note for r in self.reports for note in r.notes))
         if self.history_limit_reached:
-            found.append(f"only the last {HISTORY_LIMIT} compiled graphs of this model are kept (older ones are not "
-                         "in this report)")
+            found.append(f"only the last {HISTORY_LIMIT} compiled graphs are kept per model and for the process: older "
+                         "ones are not in this report")
         return found
 
     def summary(self) -> str:
@@ -735,12 +735,12 @@ def model_report(model: Any = None) -> InspectionReport:
     graphs, costs nothing at run time), with Dynamo's graph-break reasons (process-wide since
     ``torch._dynamo.utils.counters`` was last cleared) and known fixes. To count the eager SDPA calls of a run, use
     `watch_attention` or `inspect`. Keeps the last `paro_compile.report.HISTORY_LIMIT` graphs per model."""
-    from paro_compile.report import reports_for, unwrap_model
+    from paro_compile.report import dropped_reports, reports_for, unwrap_model
 
     reports = reports_for(model)
     module = unwrap_model(model) if model is not None else None
     return build_model_report(module, reports, graph_breaks=dynamo_graph_breaks(),
-                              history_limit_reached=len(reports) >= HISTORY_LIMIT)
+                              history_limit_reached=dropped_reports(model) > 0)
 
 
 def graph_diff_text(report: CompileReport) -> str:

@@ -127,6 +127,7 @@ class CompileReport(SiteFilters):
 compile_reports: deque[CompileReport] = deque(maxlen=HISTORY_LIMIT)
 """The most recent compiled graphs of the process, oldest first."""
 _reports_by_model: "weakref.WeakKeyDictionary[Any, deque[CompileReport]]" = weakref.WeakKeyDictionary()
+_dropped_by_model: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 _next_graph_index = 0
 
 
@@ -210,7 +211,10 @@ def new_report(origin: Optional[CompileOrigin] = None) -> CompileReport:
     compile_reports.append(report)
     model = origin.model() if origin.model is not None else None
     if model is not None:
-        _reports_by_model.setdefault(model, deque(maxlen=HISTORY_LIMIT)).append(report)
+        kept = _reports_by_model.setdefault(model, deque(maxlen=HISTORY_LIMIT))
+        if len(kept) == kept.maxlen:
+            _dropped_by_model[model] = _dropped_by_model.get(model, 0) + 1
+        kept.append(report)
     return report
 
 
@@ -264,6 +268,22 @@ def reports_for(model: Any = None) -> list[CompileReport]:
     return [found[index] for index in sorted(found)]
 
 
+def dropped_reports(model: Any = None) -> int:
+    """How many reports of ``model`` and of its submodules compiled on their own (None: of the process) the history
+    limit has dropped since the last `clear_reports`."""
+    if model is None:
+        return _next_graph_index - len(compile_reports)
+    model = unwrap_model(model)
+    owners: Iterable[Any] = model.modules() if hasattr(model, "modules") else (model,)
+    total = 0
+    for owner in owners:
+        try:
+            total += _dropped_by_model.get(owner, 0)
+        except TypeError:
+            pass
+    return total
+
+
 def next_graph_index() -> int:
     """The ``graph_index`` the next compiled graph gets (indices count up from the last `clear_reports`)."""
     return _next_graph_index
@@ -273,4 +293,5 @@ def clear_reports() -> None:
     global _next_graph_index
     compile_reports.clear()
     _reports_by_model.clear()
+    _dropped_by_model.clear()
     _next_graph_index = 0

@@ -212,13 +212,17 @@ class Holder(nn.Module):
 def test_history_is_bounded_per_model_and_for_the_process():
     limit = report_module.HISTORY_LIMIT
     model = Holder()
-    for _ in range(limit + 5):
+    for _ in range(limit):
+        new_report(CompileOrigin(model=weakref.ref(model)))
+    assert not paro_compile.model_report(model).history_limit_reached
+    for _ in range(5):
         new_report(CompileOrigin(model=weakref.ref(model)))
     assert len(report_module.compile_reports) == limit
     assert report_module.compile_reports[0].graph_index == 5  # indices keep counting
     assert len(reports_for(model)) == limit
     report = paro_compile.model_report(model)
     assert report.history_limit_reached and any(f"only the last {limit}" in w for w in report.warnings)
+    assert report_module.dropped_reports(model) == 5 == report_module.dropped_reports()
     for _ in range(limit):
         new_report()  # another model's (or no model's) graphs push this model's out of the process history...
     assert len(reports_for(model)) == limit  # ...but not out of its own
