@@ -3,9 +3,8 @@
 ``torch.compile(model, backend="paro")`` — see README.md.
 
 ``inspect``, ``model_report``, ``watch_attention``, ``calibrate``, ``Plan``, ``SitePlan`` and ``TokenGrid`` are imported
-on first use, so importing
-paro_compile never imports the calibration code or the Triton kernels (which must see TRITON_INTERPRET
-before they load).
+on first use, so importing paro_compile never imports the calibration code or the Triton kernels (which must see
+TRITON_INTERPRET before they load).
 """
 import importlib as _importlib
 
@@ -37,5 +36,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
-           "clear_reports", "inspect",
-           "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]
+           "clear_reports", "inspect", "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]

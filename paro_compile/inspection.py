@@ -1,13 +1,17 @@
 """Inspection: what the paro passes did to a model's graphs, as terminal text, HTML and JSON.
 
 ``paro_compile.inspect(model, *example_inputs, **options)`` compiles ``model`` with ``backend="paro"`` and
-``options`` (after ``torch._dynamo.reset()``, under ``torch.no_grad()``), runs it once on the example inputs
-and returns an `InspectionReport` built from every `CompileReport` the backend produced:
+``options`` (after ``torch._dynamo.reset()``, under ``torch.no_grad()``), runs it on the example inputs (a second,
+warm call under `watch_attention`) and returns an `InspectionReport` built from every `CompileReport` the backend
+produced; ``paro_compile.model_report(model)`` builds the same report from the graphs already compiled for a model:
 
 - per graph and pass: the readable graph code before and after, a unified diff and the changed nodes
   (removed / added / modified, by FX node name);
 - per attention site: site id, shape, heads, chosen order per head ("FHW×20, HWF×28"), density, bits, how
-  the permutation was applied and, for sites left on SDPA, the reasons.
+  the permutation was applied and, for sites left on SDPA or lowered with less than the plan asked for, the reasons;
+- per model: the graphs without attention, graphs that failed to compile, options without effect, and attention
+  that ran outside every compiled graph (`uncovered_attention_modules` from the graphs, `watch_attention` on a run),
+  with Dynamo's graph-break reasons and known fixes (`fix_hints`).
 
 ``report.render()`` prints it with rich (tables + syntax-highlighted diff), ``report.to_html(path)`` writes one
 self-contained HTML file (inline CSS, no external assets), ``report.to_json(path)`` / ``report.to_dict()`` give
@@ -21,7 +25,8 @@ The backend also calls `emit_report_artifacts` for every compiled graph, so the 
   or `enable_graph_diff_logs()`. ``TORCH_LOGS="+paro_graph_diff"`` cannot work: torch parses TORCH_LOGS
   when it is imported, before any third-party artifact can be registered, and rejects the unknown name.
 
-``paro_compile.inspect`` is `inspect` below (exported lazily by the package).
+``paro_compile.inspect``, ``paro_compile.model_report`` and ``paro_compile.watch_attention`` are defined below (exported
+lazily by the package).
 """
 from __future__ import annotations
 
@@ -713,9 +718,13 @@ def build_model_report(model: Any, reports: list[CompileReport], *, options: Opt
     for each in models:
         if not isinstance(each, torch.nn.Module):
             continue
-        if reports:
+        own = reports
+        if model is None:  # this model's graphs only
+            inside = {id(sub) for sub in each.modules()}
+            own = [r for r in reports if r.model is not None and id(r.model()) in inside]
+        if own:
             prefix = f"{type(each).__name__}: " if model is None and len(models) > 1 else ""
-            uncovered += [prefix + name for name in uncovered_attention_modules(each, reports)]
+            uncovered += [prefix + name for name in uncovered_attention_modules(each, own)]
         hints += [hint for hint in fix_hints(each, breaks) if hint not in hints]
     if model_name is None:
         model_name = (type(model).__name__ if model is not None

@@ -103,10 +103,10 @@ def test_in_place_compile_and_submodules_compiled_on_their_own():
 
 
 @torch.no_grad()
-def test_attention_outside_every_compiled_graph_is_warned():
-    model = UnrolledDiT(eager_block=1)
+def test_attention_outside_every_compiled_graph_is_warned(device):
+    model = UnrolledDiT(eager_block=1).to(device)
     compiled = torch.compile(model, backend="paro", options=EXACT)
-    inputs = toy_inputs()
+    inputs = toy_inputs(device=device)
     compiled(**inputs)
 
     report = paro_compile.model_report(model)
