@@ -200,8 +200,9 @@ def user_frame(error: BaseException) -> Optional[str]:
 
 
 def failure_message(error: BaseException) -> str:
-    """What went wrong, without Dynamo's wrapping: paro's own errors (plan, unsupported sites, calibration) in full,
-    anything else as ``<type>: <first line>`` and the model line Dynamo was tracing."""
+    """What went wrong, without Dynamo's wrapping: the innermost error of the chain, ``<type>: <message>`` (paro's own
+    errors, e.g. the list of unsupported sites, without the type), with the model line Dynamo was tracing. Dynamo's
+    own error types keep their first line and explanation; Dynamo's hints, user stack and pointers are left out."""
     from paro_compile.report import error_chain
 
     cause = error_chain(error)[-1]
@@ -210,13 +211,13 @@ def failure_message(error: BaseException) -> str:
         text = text.split(marker, 1)[0].rstrip()
     if type(cause).__module__.startswith("paro_compile"):
         return text
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    explanation = next((line for line in lines[1:] if line.startswith("Explanation:")), None)
-    message = lines[0] if lines else ""
-    if explanation:
-        message += " (" + explanation[len("Explanation:"):].strip() + ")"
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()] or [""]
+    if type(cause).__module__.startswith("torch._dynamo"):
+        explanation = next((line.strip() for line in lines[1:] if line.strip().startswith("Explanation:")), None)
+        lines = [lines[0] + (f" ({explanation[len('Explanation:'):].strip()})" if explanation else "")]
     where = user_frame(error)
-    return f"{type(cause).__name__}: {message}" + (f" [at {where}]" if where else "")
+    lines[0] = f"{type(cause).__name__}: {lines[0]}" + (f" [at {where}]" if where else "")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

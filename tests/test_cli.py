@@ -418,16 +418,17 @@ def test_failure_message_keeps_paro_errors_and_unwraps_dynamo():
     wrapped = RuntimeError("backend='paro' raised:\n...\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
     wrapped.inner_exception = ours
     assert cli.failure_message(wrapped) == str(ours)
-    assert cli.failure_message(ValueError("bad value\nsecond line")) == "ValueError: bad value"
+    assert cli.failure_message(ValueError("bad value\n  second line")) == "ValueError: bad value\n  second line"
 
 
-def test_bench_failure_is_one_line(monkeypatch, capsys, tmp_path):
+def test_bench_failure_is_an_error_message_not_a_traceback(monkeypatch, capsys, tmp_path):
     script = tmp_path / "bench_attention.py"
     script.write_text("def main(argv):\n    raise RuntimeError('CUDA error: out of memory\\nCompile with TORCH_USE_CUDA_DSA')\n")
     monkeypatch.setattr(cli, "cuda_available", lambda: True)
     monkeypatch.setattr(cli, "find_bench_script", lambda: script)
     assert cli.main(["bench", "--quick"]) == 1
-    assert capsys.readouterr().err == "paro bench: error: the benchmark failed: RuntimeError: CUDA error: out of memory\n"
+    assert capsys.readouterr().err == ("paro bench: error: the benchmark failed: RuntimeError: CUDA error: out of memory\n"
+                                       "Compile with TORCH_USE_CUDA_DSA\n")
 
 
 def test_tune_table_prints_paths_and_configs_as_text(monkeypatch, capsys, tmp_path):
