@@ -2,9 +2,9 @@
 
 ``torch.compile(model, backend="paro")`` — see README.md.
 
-``inspect``, ``calibrate``, ``Plan``, ``SitePlan`` and ``TokenGrid`` are imported on first use, so importing
-paro_compile never imports the calibration code or the Triton kernels (which must see TRITON_INTERPRET
-before they load).
+``inspect``, ``model_report``, ``watch_attention``, ``calibrate``, ``Plan``, ``SitePlan`` and ``TokenGrid`` are imported
+on first use, so importing paro_compile never imports the calibration code or the Triton kernels (which must see
+TRITON_INTERPRET before they load).
 """
 import importlib as _importlib
 
@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "inspect": ("paro_compile.inspection", "inspect"),
+    "model_report": ("paro_compile.inspection", "model_report"),
+    "watch_attention": ("paro_compile.inspection", "watch_attention"),
     "calibrate": ("paro_compile.calibration", "calibrate"),
     "Plan": ("paro_compile.plan", "Plan"),
     "SitePlan": ("paro_compile.plan", "SitePlan"),
@@ -33,5 +35,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'paro_compile' has no attribute {name!r}")
 
 
-__all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "clear_reports", "inspect",
-           "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]
+__all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
+           "clear_reports", "inspect", "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,7 +24,7 @@ import torch.fx as fx
 from paro_compile.config import ParoConfig
 from paro_compile.passes.discover import find_attention_sites
 from paro_compile.passes.lower import lower_attention_sites
-from paro_compile.report import CompileReport, new_report
+from paro_compile.report import CompileReport, compile_origin, error_summary, new_report
 
 log = logging.getLogger("paro_compile")
 
@@ -43,6 +44,16 @@ def load_plan(plan: Any):
             raise FileNotFoundError(f"paro plan file {str(path)!r} does not exist; build one with paro_compile.calibrate(...).save(path)")
         return Plan.load(path)
     return plan
+
+
+def ignored_option_notes(config: ParoConfig) -> list[str]:
+    """Options that cannot take effect with the rest of ``config`` (warned about, and noted in every graph's report)."""
+    notes = []
+    if config.density != 1.0 and config.plan is None and not config.auto_calibrate:
+        notes.append(f"density={config.density} has no effect: no plan is given and auto_calibrate is off, so every "
+                     f"site runs dense. Pass options={{'plan': ...}} with a plan from paro_compile.calibrate(model, "
+                     f"inputs, density={config.density}), or add 'auto_calibrate': True")
+    return notes
 
 
 def graph_code(gm: fx.GraphModule) -> str:
@@ -90,18 +101,27 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
 
 def paro_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
     """Dynamo backend: ``torch.compile(model, backend="paro", options={...}, mode=...)``."""
+    origin = compile_origin(gm)
     config = ParoConfig.from_options(kwargs.get("options"), kwargs.get("mode"))
+    notes = ignored_option_notes(config)
+    for note in notes:
+        warnings.warn(f"paro: {note}", UserWarning)
     from paro_compile.kernels import tuning
 
     tuning.set_cache_dir(config.resolved_cache_dir)
     plan = load_plan(config.plan)
 
     def compile_with_plan(plan_to_use) -> Callable:
-        report = new_report()
-        rewritten = rewrite_graph(gm, config, plan_to_use, report)
-        from torch._inductor.compile_fx import compile_fx
+        report = new_report(origin)
+        report.notes.extend(notes)
+        try:
+            rewritten = rewrite_graph(gm, config, plan_to_use, report)
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(rewritten, example_inputs, config_patches=dict(config.inductor) or None)
+            return compile_fx(rewritten, example_inputs, config_patches=dict(config.inductor) or None)
+        except Exception as error:
+            report.error = error_summary(error)
+            raise
 
     if plan is None and config.auto_calibrate:
         from paro_compile.autocalib import make_auto_calibrating_callable

@@ -9,8 +9,11 @@ Exit codes (docs/cli.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
+import logging
 import json
 import os
 import sys
@@ -33,19 +36,38 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------------------------
 # Factories, inputs, options
 # ------------------------------------------------------------------------------------------------------
+def import_user_module(module_name: str) -> Any:
+    """Import ``module_name``, finding it in the current directory too, without letting that directory shadow
+    installed packages: the directory goes at the end of ``sys.path`` (the module's own imports of sibling files
+    work), and only the named module's top-level package is taken from it first when it is there."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    top = module_name.split(".", 1)[0]
+    if top not in sys.modules:
+        spec = importlib.machinery.PathFinder.find_spec(top, [cwd])
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[top] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(top, None)
+                raise
+    return importlib.import_module(module_name)
+
+
 def load_object(spec: str, what: str) -> Any:
-    """``"package.module:name"`` → the object (the current directory is importable, as with ``python -m``)."""
+    """``"package.module:name"`` → the object (modules in the current directory are importable; `import_user_module`)."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise CliError(f"{what}: expected module:factory (e.g. paro_compile.toy:toy_model), got {spec!r}")
     module_name, attr = spec.split(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except ModuleNotFoundError as error:
         raise CliError(f"{what}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?") from error
     except Exception as error:
-        raise CliError(f"{what}: importing module {module_name!r} failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+        raise CliError(f"{what}: importing module {module_name!r} failed: {failure_message(error)}", EXIT_FAILED) from error
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -64,7 +86,7 @@ def load_model(spec: str, dtype: Optional[str] = None):
         try:
             obj = obj()
         except Exception as error:
-            raise CliError(f"model: calling {spec}() failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+            raise CliError(f"model: calling {spec}() failed: {failure_message(error)}", EXIT_FAILED) from error
     if not isinstance(obj, torch.nn.Module):
         raise CliError(f"model: {spec}() returned {type(obj).__name__}, expected a torch.nn.Module")
     obj = obj.eval()
@@ -108,7 +130,7 @@ def load_inputs(spec: str, dtype: Optional[str] = None) -> list[tuple[tuple, dic
         try:
             obj = obj()
         except Exception as error:
-            raise CliError(f"inputs: calling {spec}() failed: {type(error).__name__}: {error}", EXIT_FAILED) from error
+            raise CliError(f"inputs: calling {spec}() failed: {failure_message(error)}", EXIT_FAILED) from error
     if isinstance(obj, Mapping):
         obj = [obj]
     if not isinstance(obj, Iterable):
@@ -158,6 +180,60 @@ def find_cause(error: BaseException, types: tuple) -> Optional[BaseException]:
             return e
         stack += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
     return None
+
+
+DYNAMO_BOILERPLATE = ("\nfrom user code:", "\nSet TORCHDYNAMO_VERBOSE=1", "\n\nYou can suppress this exception",
+                      "\n For more details about this graph break")
+
+
+def user_frame(error: BaseException) -> Optional[str]:
+    """``file:line in function`` of the model code Dynamo was tracing when ``error`` was raised, if it says."""
+    from paro_compile.report import error_chain
+
+    for each in error_chain(error):
+        stack = getattr(each, "real_stack", None)
+        if stack:
+            torch_dir = str(Path(importlib.util.find_spec("torch").origin).parent)
+            frame = ([f for f in stack if not str(f.filename).startswith(torch_dir)] or list(stack))[-1]
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return None
+
+
+def failure_message(error: BaseException) -> str:
+    """What went wrong, without Dynamo's wrapping: the innermost error of the chain, ``<type>: <message>`` (paro's own
+    errors, e.g. the list of unsupported sites, without the type), with the model line Dynamo was tracing. Dynamo's
+    own error types keep their first line and explanation; Dynamo's hints, user stack and pointers are left out."""
+    from paro_compile.report import error_chain
+
+    cause = error_chain(error)[-1]
+    text = str(cause).strip()
+    for marker in DYNAMO_BOILERPLATE:
+        text = text.split(marker, 1)[0].rstrip()
+    if type(cause).__module__.startswith("paro_compile"):
+        return text
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()] or [""]
+    if type(cause).__module__.startswith("torch._dynamo"):
+        explanation = next((line.strip() for line in lines[1:] if line.strip().startswith("Explanation:")), None)
+        lines = [lines[0] + (f" ({explanation[len('Explanation:'):].strip()})" if explanation else "")]
+    where = user_frame(error)
+    lines[0] = f"{type(cause).__name__}: {lines[0]}" + (f" [at {where}]" if where else "")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_errors():
+    """Torch logs a traceback when a shape error surfaces while Dynamo traces the model; the CLI reports that error
+    once, as `failure_message`, so those records are dropped while a command runs."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def plan_error_types() -> tuple:
@@ -287,7 +363,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from paro_compile.calibration import CalibrationError
 
         cause = find_cause(error, (CalibrationError, ValueError))
-        raise CliError(f"calibration failed: {cause or error}", EXIT_FAILED) from error
+        raise CliError(f"calibration failed: {failure_message(cause or error)}", EXIT_FAILED) from error
     plan.save(out)
     if args.quiet:  # with progress, calibrate() already printed the summary
         print(plan.summary())
@@ -317,7 +393,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         from paro_compile.backend import UnsupportedAttentionError
 
         cause = find_cause(error, (UnsupportedAttentionError,))
-        raise CliError(f"compiling/running the model failed: {cause or error}", EXIT_FAILED) from error
+        raise CliError(f"compiling/running the model failed: {failure_message(cause or error)}", EXIT_FAILED) from error
     report.model_name = args.model
     if not args.quiet:
         from rich.console import Console
@@ -353,17 +429,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
         winners = tune(shapes, densities, [getattr(torch, d) for d in dtype_names], qk_bits=args.qk_bits,
                        pv_dtype=args.pv_dtype, perm=args.perm, force=args.force)
     except RuntimeError as error:
-        raise CliError(f"tuning failed: {error}", EXIT_FAILED) from error
+        raise CliError(f"tuning failed: {failure_message(error)}", EXIT_FAILED) from error
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"paro attention kernel: tuned configs (cache {cache_dir()})")
+    table = Table(title=Text(f"paro attention kernel: tuned configs (cache {cache_dir()})"))
     for column in ("shape", "density", "dtype", "config", "warps", "stages", "tuned now"):
         table.add_column(column)
     for w in winners:
-        table.add_row("×".join(str(x) for x in w.get("shape", [])), f"{w.get('density', '')}", str(w.get("dtype", "")),
-                      json.dumps(w.get("kwargs", {})), str(w.get("num_warps", "")), str(w.get("num_stages", "")),
-                      "yes" if w.get("tuned_now") else "cached")
+        table.add_row(*(escape(cell) for cell in (
+            "×".join(str(x) for x in w.get("shape", [])), f"{w.get('density', '')}", str(w.get("dtype", "")),
+            json.dumps(w.get("kwargs", {})), str(w.get("num_warps", "")), str(w.get("num_stages", "")),
+            "yes" if w.get("tuned_now") else "cached")))
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(winners, indent=2, default=str) + "\n")
@@ -390,7 +469,10 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if not hasattr(module, "main"):
         raise CliError(f"{script} has no main(argv) function", EXIT_FAILED)
     argv = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []) + rest
-    result = int(module.main(argv) or 0)
+    try:
+        result = int(module.main(argv) or 0)
+    except Exception as error:
+        raise CliError(f"the benchmark failed: {failure_message(error)}", EXIT_FAILED) from error
     if result == 0:
         out = Path(args.out) if args.out else script.parent / "results"
         written = [str(out / name) for name in ("attention.json", "attention.md", "attention.png") if (out / name).exists()]
@@ -477,7 +559,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "bench": lambda: cmd_bench(args, rest),
     }
     try:
-        return handlers[args.command]()
+        with quiet_fake_tensor_errors():
+            return handlers[args.command]()
     except CliError as error:
         print(f"paro {args.command}: error: {error}", file=sys.stderr)
         return error.code

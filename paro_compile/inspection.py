@@ -1,13 +1,17 @@
 """Inspection: what the paro passes did to a model's graphs, as terminal text, HTML and JSON.
 
 ``paro_compile.inspect(model, *example_inputs, **options)`` compiles ``model`` with ``backend="paro"`` and
-``options`` (after ``torch._dynamo.reset()``, under ``torch.no_grad()``), runs it once on the example inputs
-and returns an `InspectionReport` built from every `CompileReport` the backend produced:
+``options`` (after ``torch._dynamo.reset()``, under ``torch.no_grad()``), runs it on the example inputs (a second,
+warm call under `watch_attention`) and returns an `InspectionReport` built from every `CompileReport` the backend
+produced; ``paro_compile.model_report(model)`` builds the same report from the graphs already compiled for a model:
 
 - per graph and pass: the readable graph code before and after, a unified diff and the changed nodes
   (removed / added / modified, by FX node name);
 - per attention site: site id, shape, heads, chosen order per head ("FHW×20, HWF×28"), density, bits, how
-  the permutation was applied and, for sites left on SDPA, the reasons.
+  the permutation was applied and, for sites left on SDPA or lowered with less than the plan asked for, the reasons;
+- per model: the graphs without attention, graphs that failed to compile, options without effect, and attention
+  that ran outside every compiled graph (`uncovered_attention_modules` from the graphs, `watch_attention` on a run),
+  with Dynamo's graph-break reasons and known fixes (`fix_hints`).
 
 ``report.render()`` prints it with rich (tables + syntax-highlighted diff), ``report.to_html(path)`` writes one
 self-contained HTML file (inline CSS, no external assets), ``report.to_json(path)`` / ``report.to_dict()`` give
@@ -21,22 +25,25 @@ The backend also calls `emit_report_artifacts` for every compiled graph, so the 
   or `enable_graph_diff_logs()`. ``TORCH_LOGS="+paro_graph_diff"`` cannot work: torch parses TORCH_LOGS
   when it is imported, before any third-party artifact can be registered, and rejects the unknown name.
 
-``paro_compile.inspect`` is `inspect` below (exported lazily by the package).
+``paro_compile.inspect``, ``paro_compile.model_report`` and ``paro_compile.watch_attention`` are defined below (exported
+lazily by the package).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import html
 import io
 import json
 import logging
 import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
-from paro_compile.report import CompileReport, SiteFilters, SiteRecord
+from paro_compile.report import HISTORY_LIMIT, CompileReport, SiteFilters, SiteRecord
 
 SCHEMA_VERSION = 1
 ARTIFACT_NAME = "paro_graph_diff"
@@ -174,6 +181,10 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
 def graph_dict(report: CompileReport) -> dict[str, Any]:
     return {
         "graph_index": report.graph_index,
+        "compile_id": report.compile_id,
+        "frame": report.frame,
+        "error": report.error,
+        "notes": list(report.notes),
         "gathers_left": int(report.gathers_left),
         "passes": [PassDiff.from_record(report.graph_index, p).to_dict() for p in report.passes],
         "sites": [site_dict(s, report.graph_index) for s in report.sites],
@@ -181,15 +192,202 @@ def graph_dict(report: CompileReport) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Attention that ran outside the compiled graphs
+# ------------------------------------------------------------------------------------------------------
+SDPA_EVENTS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention",
+               "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+               "aten::_scaled_dot_product_cudnn_attention")
+PARO_EVENT = "paro::attention"
+COMPILED_GRAPH_EVENTS = ("## Call CompiledFxGraph", "CompiledFunction")
+"""Profiler scopes of a compiled graph's execution: Inductor's compiled FX graph, AOT autograd's function."""
+COMPILE_EVENT_SUFFIX = "(dynamo_timed)"
+"""Profiler scopes of compilation (tracing runs ops on fake tensors: they are not calls of the model)."""
+_PYTHON_FRAME_EVENT = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<function>.+)$")
+
+
+@dataclass
+class AttentionWatch:
+    """Attention calls counted by `watch_attention` while its block ran."""
+
+    eager_calls: int = 0
+    """SDPA calls that ran outside every compiled graph."""
+    call_sites: Counter = field(default_factory=Counter)
+    """Where they ran: "<module class>: <file>(<line of the function>): <function>" → calls."""
+    paro_calls: int = 0
+    """Calls of the ``paro::attention`` op (inside compiled graphs)."""
+    compiled_while_watching: bool = False
+    """A graph was compiled inside the block; its tracing is not counted."""
+
+    def count(self, events: Iterable[Any]) -> None:
+        """Classify profiler events (`torch.profiler.profile(...).events()`, built with ``with_stack=True``)."""
+        for event in events:
+            if event.name == PARO_EVENT:
+                self.paro_calls += 1
+                continue
+            if event.name not in SDPA_EVENTS:
+                continue
+            ancestors = []
+            parent = event.cpu_parent
+            while parent is not None:
+                ancestors.append(parent.name)
+                parent = parent.cpu_parent
+            if ancestors and ancestors[0] in SDPA_EVENTS:  # the kernel an SDPA call dispatched to
+                continue
+            if any(name.endswith(COMPILE_EVENT_SUFFIX) for name in ancestors):
+                self.compiled_while_watching = True
+                continue
+            if any(name.startswith(COMPILED_GRAPH_EVENTS) for name in ancestors):
+                continue
+            self.eager_calls += 1
+            self.call_sites[_call_site(ancestors)] += 1
+
+    def summary(self) -> str:
+        text = (f"{self.eager_calls} SDPA call(s) ran outside every compiled graph"
+                + (": " + "; ".join(f"{site} ×{n}" for site, n in self.call_sites.most_common()) if self.call_sites else "")
+                + f" ({self.paro_calls} paro attention call(s) inside compiled graphs)")
+        if self.compiled_while_watching:
+            text += "; a graph was compiled during the watched call (watch a warm call: compilation is not counted)"
+        return text
+
+
+def _call_site(ancestors: list[str]) -> str:
+    """The innermost Python frame outside torch and the innermost module around an eager SDPA call."""
+    module = next((name[len("nn.Module: "):] for name in ancestors if name.startswith("nn.Module: ")), None)
+    frame = None
+    for name in ancestors:
+        match = _PYTHON_FRAME_EVENT.match(name)
+        if match and not re.search(r"(^|/)torch/", match["file"]):
+            frame = name
+            break
+    module = re.sub(r"_\d+$", "", module) if module else None
+    return ": ".join(part for part in (module, frame) if part) or "unknown caller"
+
+
+@contextlib.contextmanager
+def watch_attention() -> Iterator[AttentionWatch]:
+    """Count, while the block runs, the SDPA calls that run outside every compiled graph (graph breaks, skipped
+    frames): ``with paro_compile.watch_attention() as watch: compiled(**inputs)``, then ``watch.eager_calls`` /
+    ``watch.summary()``.
+
+    It runs the block under ``torch.profiler`` (CPU activity, Python stacks) and counts SDPA operator calls that are
+    not inside a compiled graph's scope; nothing is installed outside the block, so compiled graphs are never
+    slowed. Watch a warm call: compiling under the profiler is slow, and ops traced during compilation are not
+    counted. An SDPA that Inductor keeps inside a compiled graph is not counted: the report lists those sites."""
+    from torch.profiler import ProfilerActivity, profile
+
+    watch = AttentionWatch()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as profiler:
+        yield watch
+    watch.count(profiler.events())
+
+
+def attention_module_names(model: Any, covered: set[str]) -> list[str]:
+    """Names (``named_modules``) of ``model``'s attention modules: diffusers attention modules (they have a callable
+    ``processor``) and modules of any class that holds a site in ``covered`` (site module paths)."""
+    modules = dict(model.named_modules())
+    site_classes = {type(modules[path]) for path in covered if path in modules}
+    return [name for name, module in modules.items()
+            if name and (callable(getattr(module, "processor", None)) or type(module) in site_classes)]
+
+
+def covered_module_paths(model: Any, reports: Iterable[CompileReport]) -> set[str]:
+    """Names (``named_modules``) of ``model``'s modules whose attention a graph of ``reports`` runs.
+
+    Dynamo compiles a method once and runs the graph for every module its guards accept, e.g. one graph for all the
+    identical blocks of a model whose blocks are compiled on their own: a graph reached from a module of class C
+    through the path P covers P under every C of the model. Graphs without that record fall back to their site ids,
+    taken relative to the compiled model."""
+    modules = dict(model.named_modules())
+    by_class: dict[type, list[str]] = {}
+    for name, module in modules.items():
+        by_class.setdefault(type(module), []).append(name)
+    covered = set()
+    for report in reports:
+        sources = [(ref(), path) for ref, path in (s for s in report.attention_sources if s is not None)]
+        sources = [(root, path) for root, path in sources if root is not None]
+        if sources:
+            for root, path in sources:
+                for base in by_class.get(type(root), []):
+                    name = ".".join(part for part in (base, path) if part)
+                    if name in modules:
+                        covered.add(name)
+            continue
+        owner = report.model() if report.model is not None else None
+        prefix = next((name for name, module in modules.items() if module is owner), "") if owner is not None else ""
+        for site in report.sites:
+            path = site.site_id.rsplit("#", 1)[0]
+            covered.add(".".join(part for part in (prefix, "" if path == "<root>" else path) if part))
+    return covered
+
+
+def uncovered_attention_modules(model: Any, reports: Iterable[CompileReport]) -> list[str]:
+    """``model``'s attention modules without a site in any of ``reports``: their attention ran outside the compiled
+    graphs, or they were not called."""
+    reports = list(reports)
+    covered = covered_module_paths(model, reports)
+    return [name for name in attention_module_names(model, covered) if name not in covered]
+
+
+def dynamo_graph_breaks() -> Counter:
+    """Dynamo's graph-break reasons of this process (``torch._dynamo.utils.counters["graph_break"]``), each shortened
+    to its first line and explanation."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without Dynamo
+        return Counter()
+    breaks: Counter = Counter()
+    for reason, count in counters["graph_break"].items():
+        breaks[short_break_reason(reason)] += count
+    return breaks
+
+
+def short_break_reason(reason: str) -> str:
+    lines = [line.strip() for line in str(reason).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown"
+    explanation = next((line[len("Explanation:"):].strip() for line in lines if line.startswith("Explanation:")), None)
+    text = f"{lines[0]}: {explanation}" if explanation else lines[0]
+    return text if len(text) <= 240 else text[:239] + "…"
+
+
+def fix_hints(model: Any, graph_breaks: Mapping[str, int]) -> list[str]:
+    """Known causes of attention outside the compiled graphs, and their fixes."""
+    hints = []
+    processors = {type(getattr(m, "processor", None)).__name__ for m in model.modules()} if model is not None else set()
+    if "MochiAttnProcessor2_0" in processors:
+        hints.append("diffusers' MochiAttnProcessor2_0 selects each prompt's valid text tokens with torch.nonzero, which "
+                     "Dynamo cannot trace inside its per-sample loop, so it skips the processor and Mochi's joint "
+                     "attention runs eagerly. Swap the processor before compiling: "
+                     "paro_compile.diffusers_attention.use_key_padding_attention(model) (the same outputs, the text padding "
+                     "as a key-padding mask), or set torch._dynamo.config.capture_dynamic_output_shape_ops = True "
+                     "(the sites then have a data-dependent length and run dense)")
+    elif any(reason.startswith("Dynamic shape operator") for reason in graph_breaks):
+        hints.append("a data-dependent operator (e.g. torch.nonzero) broke the graph: "
+                     "torch._dynamo.config.capture_dynamic_output_shape_ops = True lets Dynamo trace it")
+    return hints
+
+
+# ------------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class InspectionReport(SiteFilters):
-    """Everything the paro backend did while compiling one model (one `CompileReport` per graph)."""
+    """Everything the paro backend did while compiling one model (one `CompileReport` per graph), and what ran
+    outside the compiled graphs."""
 
     reports: list[CompileReport]
     options: dict[str, Any] = field(default_factory=dict)
     model_name: str = "model"
+    uncovered_attention_modules: list[str] = field(default_factory=list)
+    """Attention modules of the model without a site in any compiled graph (see `uncovered_attention_modules`)."""
+    eager_attention: Optional[AttentionWatch] = None
+    """SDPA calls counted outside every compiled graph on a run (`watch_attention`); None: not measured."""
+    graph_breaks: dict[str, int] = field(default_factory=dict)
+    """Dynamo's graph-break reasons, shortened (`inspect`: those of its compile; `model_report`: the process's)."""
+    hints: list[str] = field(default_factory=list)
+    """Known causes of attention outside the compiled graphs and how to fix them."""
+    history_limit_reached: bool = False
+    """The model compiled more graphs than are kept (`paro_compile.report.HISTORY_LIMIT`): the oldest are gone."""
 
     # ---- views ---------------------------------------------------------------------------------
     @property
@@ -201,12 +399,57 @@ class InspectionReport(SiteFilters):
         return [s for r in self.reports for s in r.sites]
 
     @property
+    def degraded(self) -> list[SiteRecord]:
+        """Lowered sites that run with less than the plan asked for, each with its reasons."""
+        return [s for r in self.reports for s in r.degraded]
+
+    @property
+    def graphs_without_attention(self) -> list[CompileReport]:
+        return [r for r in self.reports if not r.sites and r.error is None]
+
+    @property
     def diff(self) -> str:
         """All unified diffs, one after the other."""
         return "".join(p.diff for p in self.passes)
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know: attention outside the compiled graphs, failed graphs, options without effect."""
+        found = []
+        if self.uncovered_attention_modules:
+            names = self.uncovered_attention_modules
+            found.append(f"{len(names)} attention module(s) have no site in any compiled graph: their attention ran "
+                         f"outside the compiled graphs (graph breaks), or they were not called: "
+                         + ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else ""))
+        watch = self.eager_attention
+        if watch is not None and (watch.eager_calls or watch.compiled_while_watching):
+            found.append(watch.summary())
+        found += [f"graph {r.graph_index} failed to compile: {r.error}" for r in self.reports if r.error is not None]
+        found += list(dict.fromkeys(note for r in self.reports for note in r.notes))
+        if self.history_limit_reached:
+            found.append(f"only the last {HISTORY_LIMIT} compiled graphs are kept per model and for the process: older "
+                         "ones are not in this report")
+        return found
+
     def summary(self) -> str:
-        return "\n".join(r.summary() for r in self.reports) or "paro: no graph was compiled"
+        """One line for the model, one block per graph with attention (or a failure), the graphs without attention on
+        one line, then warnings, Dynamo's graph-break reasons and fixes."""
+        if not self.reports and not self.warnings:
+            return f"paro: {self.model_name}: no graph was compiled"
+        sites = self.sites
+        lines = [f"paro: {self.model_name}: {len(self.reports)} graph(s), {len(self.lowered)}/{len(sites)} attention "
+                 f"site(s) lowered, {len(self.fallbacks)} on SDPA, {len(self.degraded)} degraded, "
+                 f"{sum(int(r.gathers_left) for r in self.reports)} runtime gather(s)"]
+        lines += [r.summary(notes=False) for r in self.reports if r.sites or r.error is not None]
+        empty = self.graphs_without_attention
+        if empty:
+            lines.append("graphs without attention: " + ", ".join(
+                f"{r.graph_index}" + (f" ({r.frame})" if r.frame else "") for r in empty))
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.graph_breaks and (self.uncovered_attention_modules or (self.eager_attention and self.eager_attention.eager_calls)):
+            lines.append("Dynamo graph breaks: " + "; ".join(f"{reason} (×{n})" for reason, n in self.graph_breaks.items()))
+        lines += [f"fix: {hint}" for hint in self.hints]
+        return "\n".join(lines)
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -225,11 +468,21 @@ class InspectionReport(SiteFilters):
             "options": _jsonable(self.options),
             "summary": {
                 "graphs": len(self.reports),
+                "graphs_without_attention": len(self.graphs_without_attention),
                 "sites": len(sites),
                 "lowered": sum(1 for s in sites if s.lowered),
                 "fallbacks": sum(1 for s in sites if not s.lowered),
+                "degraded": len(self.degraded),
                 "gathers_left": sum(int(r.gathers_left) for r in self.reports),
             },
+            "warnings": self.warnings,
+            "uncovered_attention_modules": list(self.uncovered_attention_modules),
+            "eager_sdpa_calls": self.eager_attention.eager_calls if self.eager_attention is not None else None,
+            "eager_sdpa_call_sites": (dict(self.eager_attention.call_sites.most_common())
+                                      if self.eager_attention is not None else {}),
+            "paro_attention_calls": self.eager_attention.paro_calls if self.eager_attention is not None else None,
+            "graph_breaks": dict(self.graph_breaks),
+            "hints": list(self.hints),
             "graphs": [graph_dict(r) for r in self.reports],
         }
 
@@ -248,9 +501,11 @@ class InspectionReport(SiteFilters):
 
     # ---- terminal ------------------------------------------------------------------------------
     def render(self, console: Any = None, *, code: bool = False) -> None:
-        """Print with rich: per pass the syntax-highlighted diff and changed nodes, then the site table.
-        ``code=True`` also prints the full after-code of each pass."""
+        """Print with rich: per pass the syntax-highlighted diff and changed nodes, then the site table and the
+        warnings. ``code=True`` also prints the full after-code of each pass. Names and reasons from the model are
+        printed as text, never as rich markup."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.rule import Rule
         from rich.syntax import Syntax
         from rich.table import Table
@@ -259,12 +514,16 @@ class InspectionReport(SiteFilters):
         console = console or Console()
         data = self.to_dict()
         s = data["summary"]
-        console.print(Rule(f"paro inspect: {self.model_name}"))
-        console.print(f"{s['graphs']} graph(s), {s['lowered']}/{s['sites']} attention site(s) lowered, "
-                      f"{s['fallbacks']} on SDPA, {s['gathers_left']} runtime gather(s) left")
+        console.print(Rule(Text(f"paro inspect: {self.model_name}")))
+        console.print(Text(f"{s['graphs']} graph(s), {s['lowered']}/{s['sites']} attention site(s) lowered, "
+                           f"{s['fallbacks']} on SDPA, {s['degraded']} degraded, {s['gathers_left']} runtime gather(s) left"))
         for graph in data["graphs"]:
+            if graph["error"] is not None:
+                console.print(Text(f"graph {graph['graph_index']}: compile failed: {graph['error']}", style="bold red"))
+            if not graph["sites"] and not any(p["diff"] for p in graph["passes"]):
+                continue  # listed once below, with the other graphs without attention
             for p in graph["passes"]:
-                console.print(Rule(f"graph {graph['graph_index']} · pass {p['name']}", style="cyan"))
+                console.print(Rule(Text(f"graph {graph['graph_index']} · pass {p['name']}"), style="cyan"))
                 ch = p["changed_nodes"]
                 line = Text("changed nodes:")
                 for kind, style in (("removed", "bold red"), ("added", "bold green"), ("modified", "bold yellow")):
@@ -278,13 +537,25 @@ class InspectionReport(SiteFilters):
                     console.print("(no change)")
                 if code:
                     console.print(Syntax(p["after"], "python", theme="ansi_dark", background_color="default"))
+        empty = self.graphs_without_attention
+        if empty:
+            console.print(Text("graphs without attention: " + ", ".join(
+                f"{r.graph_index}" + (f" ({r.frame})" if r.frame else "") for r in empty)))
         table = Table(title="attention sites", show_lines=False)
         for column in ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "status"):
             table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "density"))
         for graph in data["graphs"]:
             for site in graph["sites"]:
-                table.add_row(*_site_cells(site))
+                table.add_row(*(escape(cell) for cell in _site_cells(site)))
         console.print(table)
+        for site in self.degraded:
+            console.print(Text(f"degraded: {site.site_id}: {'; '.join(site.reasons)}", style="yellow"))
+        for warning in data["warnings"]:
+            console.print(Text(f"warning: {warning}", style="bold yellow"))
+        if data["graph_breaks"] and data["warnings"]:
+            console.print(Text("Dynamo graph breaks: " + "; ".join(f"{r} (×{n})" for r, n in data["graph_breaks"].items())))
+        for hint in data["hints"]:
+            console.print(Text(f"fix: {hint}", style="green"))
 
     def to_text(self, width: int = 120, color: bool = False, **kwargs: Any) -> str:
         from rich.console import Console
@@ -319,7 +590,7 @@ pre{background:#f8f8f8;border:1px solid #e3e3e3;padding:.6em;overflow-x:auto;fon
 .add{background:#e6ffec;color:#116329;display:block}.del{background:#ffebe9;color:#82071e;display:block}
 .hunk{color:#6639ba;display:block}.hdr{color:#57606a;font-weight:bold;display:block}.ctx{display:block}
 .node{font-family:monospace;background:#fff3b0;padding:0 .2em;border-radius:3px}
-.muted{color:#57606a}details{margin:.5em 0}summary{cursor:pointer}
+.muted{color:#57606a}details{margin:.5em 0}summary{cursor:pointer}.warning{color:#9a6700}
 """
 
 
@@ -349,6 +620,15 @@ def render_html(data: Mapping[str, Any]) -> str:
         f"{s['gathers_left']} runtime gather(s) left. <span class=\"muted\">paro_compile {e(data['paro_compile_version'])}, "
         f"torch {e(data['torch_version'])}, schema {data['schema_version']}</span></p>",
         f"<p>options: <code>{e(json.dumps(data['options']))}</code></p>",
+    ]
+    notices = ([("warning", w) for w in data["warnings"]]
+               + ([("graph breaks", "; ".join(f"{r} (×{n})" for r, n in data["graph_breaks"].items()))]
+                  if data["graph_breaks"] and data["warnings"] else [])
+               + [("fix", h) for h in data["hints"]])
+    if notices:
+        parts.append("<ul>" + "".join(f'<li class="warning"><b>{e(kind)}:</b> {e(text)}</li>' for kind, text in notices)
+                     + "</ul>")
+    parts += [
         "<h2>Attention sites</h2>",
         "<table>",
         "<thead><tr>" + "".join(f"<th>{c}</th>" for c in ("graph", "site", "shape", "heads", "orders", "density",
@@ -361,7 +641,13 @@ def render_html(data: Mapping[str, Any]) -> str:
             parts.append(f'<tr class="{row_class}">' + "".join(f"<td>{e(c)}</td>" for c in _site_cells(site)) + "</tr>")
     parts += ["</tbody>", "</table>"]
     for graph in data["graphs"]:
-        parts.append(f"<h2>Graph {graph['graph_index']}</h2>")
+        origin = ", ".join(x for x in (graph["frame"], f"compile {graph['compile_id']}" if graph["compile_id"] else "") if x)
+        parts.append(f"<h2>Graph {graph['graph_index']}" + (f' <span class="muted">({e(origin)})</span>' if origin else "")
+                     + "</h2>")
+        if graph["error"] is not None:
+            parts.append(f'<p class="warning">compile failed: {e(graph["error"])}</p>')
+        if not graph["sites"]:
+            parts.append('<p class="muted">no attention in this graph</p>')
         for p in graph["passes"]:
             ch = p["changed_nodes"]
             parts.append(f"<h3>Pass <code>{e(p['name'])}</code></h3>")
@@ -381,27 +667,89 @@ def render_html(data: Mapping[str, Any]) -> str:
 # Entry points
 # ------------------------------------------------------------------------------------------------------
 def inspect(model: Any, *example_inputs: Any, example_kwargs: Optional[Mapping[str, Any]] = None,
-            **options: Any) -> InspectionReport:
-    """Compile ``model`` with ``backend="paro"`` and ``options``, run it once, return what the passes did.
+            count_eager_attention: bool = True, **options: Any) -> InspectionReport:
+    """Compile ``model`` with ``backend="paro"`` and ``options``, run it, return what the passes did.
 
     Positional ``example_inputs`` are the model's positional arguments; keyword arguments go in
     ``example_kwargs`` (or pass one dict as the only example input). Every other keyword is a paro
     option (see README "Options"). Dynamo is reset first, so earlier compilations do not hide graphs.
+    The first call compiles; with ``count_eager_attention`` (the default) a second, warm call runs under
+    `watch_attention` and the report counts the SDPA calls that ran outside every compiled graph.
     """
     import torch
 
-    from paro_compile import report as report_module
+    from paro_compile.report import compile_reports, next_graph_index
 
     if example_kwargs is None and len(example_inputs) == 1 and isinstance(example_inputs[0], Mapping):
         example_kwargs, example_inputs = example_inputs[0], ()
+    kwargs = dict(example_kwargs or {})
     torch._dynamo.reset()
-    start = len(report_module.compile_reports)
+    first = next_graph_index()
+    breaks_before = dynamo_graph_breaks()
     compiled = torch.compile(model, backend="paro", options=dict(options) if options else None)
+    watch = None
     with torch.no_grad():
-        compiled(*example_inputs, **dict(example_kwargs or {}))
-    reports = list(report_module.compile_reports[start:])
-    name = type(getattr(model, "_orig_mod", model)).__name__
-    return InspectionReport(reports=reports, options=dict(options), model_name=name)
+        compiled(*example_inputs, **kwargs)
+        if count_eager_attention:
+            with watch_attention() as watch:
+                compiled(*example_inputs, **kwargs)
+    reports = [r for r in compile_reports if r.graph_index >= first]
+    return build_model_report(getattr(model, "_orig_mod", model), reports, options=dict(options), eager_attention=watch,
+                              graph_breaks=dynamo_graph_breaks() - breaks_before,
+                              history_limit_reached=bool(reports) and reports[0].graph_index > first)
+
+
+def build_model_report(model: Any, reports: list[CompileReport], *, options: Optional[dict[str, Any]] = None,
+                       eager_attention: Optional[AttentionWatch] = None, graph_breaks: Optional[Mapping[str, int]] = None,
+                       history_limit_reached: bool = False, model_name: Optional[str] = None) -> InspectionReport:
+    """An `InspectionReport` of ``reports`` (graphs of ``model``; None: of any model) with the checks for attention
+    that ran outside the compiled graphs."""
+    import torch
+
+    breaks = dict(graph_breaks or {})
+    if model is not None:
+        models = [model]
+    else:  # every live compiled model among the reports, without those that are submodules of another
+        owners = list({id(m): m for m in (r.model() for r in reports if r.model is not None) if m is not None}.values())
+        inside = {id(sub) for owner in owners for sub in owner.modules() if sub is not owner}
+        models = [owner for owner in owners if id(owner) not in inside]
+    uncovered: list[str] = []
+    hints: list[str] = []
+    for each in models:
+        if not isinstance(each, torch.nn.Module):
+            continue
+        own = reports
+        if model is None:  # this model's graphs only
+            inside = {id(sub) for sub in each.modules()}
+            own = [r for r in reports if r.model is not None and id(r.model()) in inside]
+        if own:
+            prefix = f"{type(each).__name__}: " if model is None and len(models) > 1 else ""
+            uncovered += [prefix + name for name in uncovered_attention_modules(each, own)]
+        hints += [hint for hint in fix_hints(each, breaks) if hint not in hints]
+    if model_name is None:
+        model_name = (type(model).__name__ if model is not None
+                      else ", ".join(type(m).__name__ for m in models) or "every compiled graph")
+    return InspectionReport(reports=list(reports), options=dict(options or {}), model_name=model_name,
+                            uncovered_attention_modules=uncovered, eager_attention=eager_attention, graph_breaks=breaks,
+                            hints=hints, history_limit_reached=history_limit_reached)
+
+
+def model_report(model: Any = None) -> InspectionReport:
+    """What the paro backend did to every graph it compiled for ``model`` (the module given to ``torch.compile``, or the
+    `OptimizedModule` it returned; submodules compiled on their own count as the model's), as an `InspectionReport`
+    (``.summary()``, ``.render()``, ``.to_json()``). ``model=None``: every kept graph of the process.
+
+    Besides the sites of each graph it lists the graphs without attention and warns when attention ran outside
+    every compiled graph: attention modules of the model without a site in any compiled graph (checked from the
+    graphs, costs nothing at run time), with Dynamo's graph-break reasons (process-wide since
+    ``torch._dynamo.utils.counters`` was last cleared) and known fixes. To count the eager SDPA calls of a run, use
+    `watch_attention` or `inspect`. Keeps the last `paro_compile.report.HISTORY_LIMIT` graphs per model."""
+    from paro_compile.report import dropped_reports, reports_for, unwrap_model
+
+    reports = reports_for(model)
+    module = unwrap_model(model) if model is not None else None
+    return build_model_report(module, reports, graph_breaks=dynamo_graph_breaks(),
+                              history_limit_reached=dropped_reports(model) > 0)
 
 
 def graph_diff_text(report: CompileReport) -> str:

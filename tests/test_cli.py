@@ -345,3 +345,101 @@ def test_calibrate_refuses_to_overwrite_without_force(workdir, monkeypatch, caps
     assert cli.main(["calibrate", MODEL, "--inputs", CALIB, "--density", "0.5", "--out", str(existing), "--force",
                      "-q"]) == 0
     assert sorted(Plan.load(existing).sites) == ["blocks.0.attn#0", "blocks.1.attn#0"]
+
+
+SHADOWING = {
+    "safetensors.py": "raise ImportError('the safetensors.py of the working directory was imported')\n",
+    "user_factories.py": textwrap.dedent('''
+        import safetensors  # the installed package, not the file next to this one
+        from paro_compile.toy.dit import toy_model
+
+        def model():
+            return toy_model()
+    '''),
+}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (no script directory on sys.path) needs Python 3.11")
+def test_working_directory_does_not_shadow_installed_packages(tmp_path):
+    """A console script has no working directory on sys.path: loading a factory from there must not let a local
+    safetensors.py shadow the installed package."""
+    for name, text in SHADOWING.items():
+        (tmp_path / name).write_text(text)
+    code = ("import sys\nfrom paro_compile import cli\nmodel = cli.load_model('user_factories:model')\n"
+            "import safetensors.torch\nprint(type(model).__name__, safetensors.__file__)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name, path = done.stdout.split()
+    assert name == "ToyVideoDiT" and Path(path).parent.parent != tmp_path
+
+
+def test_user_module_in_working_directory_is_loaded_before_an_installed_namesake(tmp_path, monkeypatch):
+    """The named module itself comes from the working directory even where an installed module has its name."""
+    (tmp_path / "rich.py").write_text("from paro_compile.toy.dit import toy_model as model\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "rich", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert cli.load_object("rich:model", "model").__name__ == "toy_model"
+    monkeypatch.delitem(sys.modules, "rich")
+
+
+ERRORS = textwrap.dedent('''
+    import torch
+    from paro_compile.toy.dit import toy_inputs
+
+    def text_of_the_wrong_width():
+        inputs = toy_inputs()
+        inputs["text"] = torch.randn(1, 8, 7)
+        return [inputs]
+''')
+
+
+def test_diff_dynamo_errors_come_out_as_one_clean_line(tmp_path):
+    """A shape error surfaces while Dynamo traces the model: one line with the error and the model line, without
+    Dynamo's boilerplate or torch's logged traceback."""
+    (tmp_path / "error_fixtures.py").write_text(ERRORS)
+    done = paro(tmp_path, "diff", MODEL, "--inputs", "error_fixtures:text_of_the_wrong_width", "-q")
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("paro diff: error: compiling/running the model failed: RuntimeError: ")
+    assert "toy/dit.py:" in line and "in forward]" in line
+    for boilerplate in ("TORCHDYNAMO_VERBOSE", "Explanation", "from user code", "FakeTensor", "graph-break-site"):
+        assert boilerplate not in line
+
+
+def test_failure_message_keeps_paro_errors_and_unwraps_dynamo():
+    from paro_compile.backend import UnsupportedAttentionError
+
+    ours = UnsupportedAttentionError("2 attention site(s) cannot use paro attention:\n  a#0: x\n  b#0: y")
+    wrapped = RuntimeError("backend='paro' raised:\n...\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    wrapped.inner_exception = ours
+    assert cli.failure_message(wrapped) == str(ours)
+    assert cli.failure_message(ValueError("bad value\n  second line")) == "ValueError: bad value\n  second line"
+
+
+def test_bench_failure_is_an_error_message_not_a_traceback(monkeypatch, capsys, tmp_path):
+    script = tmp_path / "bench_attention.py"
+    script.write_text("def main(argv):\n    raise RuntimeError('CUDA error: out of memory\\nCompile with TORCH_USE_CUDA_DSA')\n")
+    monkeypatch.setattr(cli, "cuda_available", lambda: True)
+    monkeypatch.setattr(cli, "find_bench_script", lambda: script)
+    assert cli.main(["bench", "--quick"]) == 1
+    assert capsys.readouterr().err == ("paro bench: error: the benchmark failed: RuntimeError: CUDA error: out of memory\n"
+                                       "Compile with TORCH_USE_CUDA_DSA\n")
+
+
+def test_tune_table_prints_paths_and_configs_as_text(monkeypatch, capsys, tmp_path):
+    from paro_compile.kernels import attention, tuning
+
+    cache = tmp_path / "cache[bold]x[/bold]"
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(cli, "cuda_available", lambda: True)
+    monkeypatch.setattr(tuning, "cache_dir", lambda: cache)
+    monkeypatch.setattr(attention, "tune", lambda *a, **k: [{"shape": [1, 2, 64, 64], "density": 1.0, "dtype": "bfloat16",
+                                                            "kwargs": {"order": "[red]tile[/red]"}, "tuned_now": False}])
+    assert cli.main(["tune", "--shapes", "1,2,64,64"]) == 0
+    out = capsys.readouterr().out
+    assert '"[red]tile[/red]"' in out and str(cache) in out

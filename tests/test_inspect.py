@@ -172,3 +172,21 @@ def test_torch_trace_and_torch_logs_show_the_diff(tmp_path):
     assert "[__paro_graph_diff]" in done.stderr and "+        attention_default" in done.stderr
     trace = "".join(p.read_text() for p in (tmp_path / "trace").iterdir())
     assert '"name": "paro_graph_diff"' in trace and '"name": "paro_report"' in trace
+
+
+def test_render_prints_names_and_reasons_as_text_not_markup():
+    """Module names with brackets and reasons that look like rich markup are printed as they are."""
+    from paro_compile.inspection import InspectionReport
+
+    graph = CompileReport(graph_index=0)
+    graph.sites = [SiteRecord("blocks[attn].proj#0", (1, 4, 128, 64), "bfloat16", False,
+                              reasons=["[bold]masked[/bold] input"]),
+                   SiteRecord("layers[b]#0", (1, 4, 128, 64), "bfloat16", True, reasons=["[red]dense here[/red]"],
+                              qk_bits=8, pv_dtype="fp8")]
+    graph.passes = [{"name": "lower_attention", "before": "x = sdpa(q, k, v)\n", "after": "x = paro(q, k, v)\n"}]
+    report = InspectionReport([graph], model_name="Model[v2]")
+    text = report.to_text(width=250)
+    for literal in ("blocks[attn].proj#0", "SDPA: [bold]masked[/bold] input", "Model[v2]", "layers[b]#0",
+                    "degraded: layers[b]#0: [red]dense here[/red]"):
+        assert literal in text, literal
+    assert "[red]dense here[/red]" in report.summary()
