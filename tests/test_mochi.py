@@ -105,14 +105,11 @@ def test_key_padding_processor_puts_the_joint_attention_in_the_graph(compiled_wi
     joint = [s for s in report.sites if s.site_id.startswith("transformer_blocks")]
     assert [s.site_id for s in joint] == [f"{name}#0" for name in joint_attention_modules(model)]
     assert all(s.shape == (2, 2, 2 * 16 + 8, 64) for s in joint)  # 2 frames × 16 patches and every (padded) text token
-    assert all(s.lowered or s.reasons == ["attn_mask is given (paro masks are static block masks; an explicit mask is "
-                                          "kept as SDPA)"] for s in joint)
+    assert all(s.lowered and s.key_padding for s in joint)
     assert watch.eager_calls == 0
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="paro::attention does not take key-padding masks yet; when it does, Mochi's "
-                                       "joint attention lowers: remove this marker")
 def test_key_padding_joint_attention_lowers(compiled_with_key_padding):
     _, report, *_ = compiled_with_key_padding
     joint = [s for s in report.sites if s.site_id.startswith("transformer_blocks")]
