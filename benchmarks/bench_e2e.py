@@ -531,11 +531,6 @@ def discover_sites(model, inputs: dict, allow_fp32: bool) -> list[FoundSite]:
     return found
 
 
-def discover_site_ids(model, inputs: dict, allow_fp32: bool) -> list[tuple[str, Any, Any, bool, list[str]]]:
-    """(site_id, heads, seq_len, supported, reasons) of every SDPA site (`discover_sites`)."""
-    return [(s.site_id, s.heads, s.seq_len, not s.reasons, list(s.reasons)) for s in discover_sites(model, inputs, allow_fp32)]
-
-
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 
