@@ -29,8 +29,8 @@ Which linears (`default_filter`): the linears of the transformer blocks. Skipped
 A ``filter(module, name) -> bool`` replaces the choice (the torchao limits still apply, with their reasons).
 
 ``quantize_linears(..., inductor_tuning=False)`` (default) leaves Inductor's global configuration alone. torchao's own
-default (``set_inductor_config=True``) switches on coordinate-descent tuning of every Triton kernel, process-wide and
-for every later compile: that is where the first call's time goes with FP8 (`docs/video_720p.md`).
+default (``set_inductor_config=True``) switches on coordinate-descent tuning of every generated Triton kernel,
+process-wide and for every later compile, which benchmarks each kernel at its first call (`docs/video_720p.md`).
 """
 from __future__ import annotations
 
