@@ -48,23 +48,23 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
     knobs = dict(A.KERNEL_VARIANT_DEFAULTS, **(variant or {}))
     ptrs = {"QQ": "*i8", "QS": "*fp32", "KQ": "*i8", "KS": "*fp32", "VT": _V_PTR[pv], "VS": "*fp32", "OUT": "*bf16",
             "PERM": "*i64", "COUNTS": "*i32", "IDX": "*i32", "KBAR": "*fp16", "VBAR": "*fp16", "KEPT_BITS": "*i32",
-            "SLOT_BITS": "*i8"}
+            "SLOT_BITS": "*i8", "KBIAS": "*fp32", "KBIAS_FLAGS": "*i32"}
     consts = dict(TILE_M=tile_m, BLOCK_M=64 // group, BLOCK_N=64 // group, D=64, QK_BITS=8, PV_MODE=V_MODES[pv], HAS_PERM=True,
                   DENSE=dense, DOT_F32=False, IEEE=False, EMULATE=False, EXP2_MODE=0,
                   FUSED_SOFTMAX=bool(knobs["fused_softmax"]), P_ROUND_INT=bool(knobs["p_round_int"]),
                   WARP_SPEC=bool(knobs["warp_specialize"]),
                   PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"])),
                   COMPENSATE=compensate and not dense, TMA_KV=bool(knobs["tma_kv"]),
-                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group)
+                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group, HAS_BIAS=False)
     names = A._attn_fwd.arg_names
     missing = [n for n in names if n not in ptrs and n not in consts and n != "P_LOG2" and not n.islower()
-               and n not in ("N", "H", "NQB", "NKB", "IDX_STRIDE")]
+               and n not in ("N", "N_K", "H", "NQB", "NKB", "IDX_STRIDE")]
     if missing:
         raise SystemExit(f"kernel has arguments this report does not know: {missing}")
     if not dense:  # plans store compact CSRs (block_mask.trim_csr): int16 indices, rows a multiple of 16 slots
         ptrs["IDX"] = "*i16"
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n == "P_LOG2" else "i32")) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n in ("N", "IDX_STRIDE", "sob", "soh", "son")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n in ("N", "N_K", "IDX_STRIDE", "sob", "soh", "son")}
     opts = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     kernel = triton.compile(ASTSource(A._attn_fwd, sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=opts)

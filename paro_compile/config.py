@@ -16,7 +16,7 @@ from paro_compile.kernels.block_mask import BLOCK_SIZES
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 from paro_compile.ops import IMPLS
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_HEAD_DIM = 128
 FALLBACK_POLICIES = ("sdpa", "error")
 
 
@@ -59,6 +59,9 @@ class ParoConfig:
     allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
                                      "and an fp32 model usually wants full precision")
     fold_permutations: bool = option(True, "absorb token permutations into layout ops instead of the kernel")
+    lower_cross_attention: bool = option(True, "also run cross-attention sites (keys from another sequence, e.g. "
+                                               "text) on the paro op, dense, with the same Q/K/PV numerics; False "
+                                               "keeps them on SDPA. They never get a token order or block mask")
     auto_calibrate: bool = option(False, "with no plan: calibrate on the first calls, cache the plan, recompile once")
     calibration_calls: int = option(1, "calls observed by auto-calibration")
     cache_dir: Optional[str] = option(None, "plan and autotune cache (else `PARO_CACHE_DIR`, else "

@@ -27,6 +27,10 @@ class SiteRecord:
     """Skipped blocks enter as pooled keys (``compensate_skipped`` and a sparse mask at this site)."""
     plan_bytes: int = 0
     """Device memory of the plan constants lowered for this site (permutation, masks of every step bucket)."""
+    key_padding: bool = False
+    """The site's SDPA mask masks keys only and runs as the op's key bias (exactly, as SDPA applies it)."""
+    cross_attention: bool = False
+    """Keys from another sequence (e.g. text): lowered dense, no token order or block mask."""
 
 
 class SiteFilters:
@@ -61,6 +65,7 @@ class CompileReport(SiteFilters):
             if s.lowered:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} density={s.density:.2f} qk={s.qk_bits}b "
                              f"pv={s.pv_dtype} perm={s.permutation}" + (" compensated" if s.compensated else "")
+                             + (" cross-attention" if s.cross_attention else "") + (" key-padding" if s.key_padding else "")
                              + (f" plan={s.plan_bytes / 2**20:.1f}MiB" if s.plan_bytes else ""))
             else:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} SDPA: {'; '.join(s.reasons)}")

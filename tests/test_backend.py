@@ -90,9 +90,9 @@ FALLBACKS = [
     ("attn_mask", dict(with_mask=True), {}),
     ("dropout_p", dict(dropout_p=0.5), {}),
     ("is_causal", dict(is_causal=True), {}),
-    ("head_dim", dict(head_dim=32), {}),
+    ("head_dim", dict(head_dim=256), {}),
     ("grouped-query", dict(heads=4, kv_heads=2, enable_gqa=True), {}),
-    ("cross-attention", dict(kv_len=24), {}),
+    ("cross-attention", dict(kv_len=24), {"lower_cross_attention": False}),
     ("dtype torch.float32", {}, {"allow_fp32": False}),
 ]
 
@@ -125,8 +125,8 @@ def test_needs_grad_falls_back():
 
 
 def test_fallback_error_policy_names_site_and_fix():
-    model = SingleAttention(head_dim=32).eval()
-    with torch.no_grad(), pytest.raises(Exception, match=r"(?s)<root>#0: head_dim 32.*fallback"):
+    model = SingleAttention(head_dim=256).eval()
+    with torch.no_grad(), pytest.raises(Exception, match=r"(?s)<root>#0: head_dim 256.*fallback"):
         torch.compile(model, backend="paro", options={"allow_fp32": True, "fallback": "error"})(torch.randn(1, 40, 16))
 
 
@@ -197,9 +197,15 @@ def test_custom_op_passes_opcheck():
     mask[:, [0, 1], [0, 1]] = True
     tensors, sizes = BlockMask.from_dense(mask, kept_bits=True).as_op_args()
     op = torch.ops.paro.attention.default
-    torch.library.opcheck(op, (q, k, v, perm, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0, "reference"))
-    torch.library.opcheck(op, (q, k, v, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 16, "fp16", False, 1.0, "reference"))
-    torch.library.opcheck(op, (q, k, v, perm, tensors, sizes, 0.125, 8, "fp8", True, 0.7, "reference"))
+    bias = torch.zeros(1, 1, 70).masked_fill(torch.rand(1, 1, 70) < 0.2, float("-inf"))
+    torch.library.opcheck(op, (q, k, v, perm, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                               "reference"))
+    torch.library.opcheck(op, (q, k, v, None, bias, [None] * 4, [64, 64, 1, 0, 0], 0.125, 16, "fp16", False, 1.0,
+                               "reference"))
+    torch.library.opcheck(op, (q, k, v, perm, None, tensors, sizes, 0.125, 8, "fp8", True, 0.7, "reference"))
+    kv = torch.randn(1, 2, 33, 64)
+    torch.library.opcheck(op, (q, kv, kv, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                               "reference"))
 
 
 @torch.no_grad()

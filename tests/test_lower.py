@@ -173,7 +173,7 @@ def test_dense_sites_of_fine_block_plans_run_with_64_token_blocks(monkeypatch):
         records = original(gm, sites_, config, plan, kernel_perms)
         for node in gm.graph.nodes:
             if node.target is torch.ops.paro.attention.default:
-                mask_nodes, sizes = node.args[4], node.args[5]
+                mask_nodes, sizes = node.args[5], node.args[6]
                 seen[node.meta["paro_site_id"]] = (all(m is None for m in mask_nodes), sizes[0], sizes[1])
         return records
 

@@ -53,7 +53,7 @@ from paro_compile import envs
 from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks
 from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
-from paro_compile.kernels.reference import P_LOG2, PV_DTYPES, QK_BITS
+from paro_compile.kernels.reference import P_LOG2, PV_DTYPES, QK_BITS, check_attention_inputs
 
 EXP2_MODES = (0, 1, 2, 3)
 
@@ -201,8 +201,8 @@ def _row_max_step(m_i, row_max, row_keep, P_LOG2, GROUP: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS,
-    N, H, NQB, NKB, IDX_STRIDE, P_LOG2,
+    QQ, QS, KQ, KS, VT, VS, OUT, PERM, COUNTS, IDX, KBAR, VBAR, KEPT_BITS, SLOT_BITS, KBIAS, KBIAS_FLAGS,
+    N, N_K, H, NQB, NKB, IDX_STRIDE, P_LOG2,
     sob, soh, son, sod,
     n_bucket, density_bucket,  # autotune key only
     TILE_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -210,6 +210,7 @@ def _attn_fwd(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
     COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -286,9 +287,9 @@ def _attn_fwd(
         # A slot naming a block outside [0, NKB) (a malformed CSR, which BlockMask.validate rejects) reads block 0
         # with every key masked: it adds nothing, as in the reference, and reads no memory past K/V.
         if DENSE:
-            n_keys = N
+            n_keys = N_K
         else:
-            n_keys = tl.where((j >= 0) & (j < NKB), N, 0)
+            n_keys = tl.where((j >= 0) & (j < NKB), N_K, 0)
             j = _in_bounds(j, NKB)
         rows_k = j * BLOCK_N + rn
         ks = tl.load(KS + pid_bh * NKB + j)
@@ -324,6 +325,10 @@ def _attn_fwd(
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 qk = tl.dot(q, tl.trans(k))
+        if HAS_BIAS:  # a key-padding bias in this block (per (batch, head, block) flags from the prologue)
+            biased = tl.load(KBIAS_FLAGS + pid_bh * NKB + j) != 0
+        else:
+            biased = False
         if FUSED_SOFTMAX and QK_BITS != 16:
             # raw = 1.5·2^23 + qkᵀ (exact fp32 bits of an integer add). Dequantization, row max and exp2
             # argument work on raw. The scale c > 0 is rounded to 22 significant bits so that 1.5·2^23·c
@@ -333,28 +338,34 @@ def _attn_fwd(
             if j * BLOCK_N + BLOCK_N > n_keys:  # only the tail block (or a skipped slot) has masked key columns
                 raw = tl.where((rows_k < n_keys)[None, :], raw, float("-inf"))
             c = _round_scale_22bits(qs * ks)
-            m_new, alpha, shift = _row_max_step(m_i, (tl.max(raw, axis=1) - 12582912.0) * c, row_keep, P_LOG2, GROUP)
-            if FMA_EXP_ARG and QK_BITS == 8 and not EMULATE:
-                # The exp2 argument in one FFMA: raw·c − (1.5·2^23·c + m − log2 448), one rounding instead of
-                # the FFMA's and the FADD's (saves one issue slot per score in an issue-bound loop).
-                sc = tl.fma(raw, c[:, None], (-12582912.0 * c - shift)[:, None])
-            elif EMULATE:  # the interpreter has no fused multiply-add: same value via the exact subtraction
-                sc = (raw - 12582912.0) * c[:, None]
+            if biased:  # the bias enters before the row max: the plain two-step form for this block
+                sc = (raw - 12582912.0) * c[:, None] + tl.load(KBIAS + pid_bh * NK_ROWS + rows_k)[None, :]
+                m_new, alpha, shift = _row_max_step(m_i, tl.max(sc, axis=1), row_keep, P_LOG2, GROUP)
+                arg = sc - shift[:, None]
             else:
-                sc = tl.fma(raw, c[:, None], (-12582912.0 * c)[:, None])
+                m_new, alpha, shift = _row_max_step(m_i, (tl.max(raw, axis=1) - 12582912.0) * c, row_keep, P_LOG2,
+                                                    GROUP)
+                if FMA_EXP_ARG and QK_BITS == 8 and not EMULATE:
+                    # The exp2 argument in one FFMA: raw·c − (1.5·2^23·c + m − log2 448), one rounding instead of
+                    # the FFMA's and the FADD's (saves one issue slot per score in an issue-bound loop).
+                    arg = tl.fma(raw, c[:, None], (-12582912.0 * c - shift)[:, None])
+                elif EMULATE:  # the interpreter has no fused multiply-add: same value via the exact subtraction
+                    arg = (raw - 12582912.0) * c[:, None] - shift[:, None]
+                else:
+                    arg = tl.fma(raw, c[:, None], (-12582912.0 * c)[:, None]) - shift[:, None]
         else:
             if QK_BITS != 16:
                 qk = _i32_to_f32(qk_i)
             # Key tokens >= N get -inf through an additive column bias (one FMA with the dequantization).
             bias = tl.where(rows_k < n_keys, 0.0, float("-inf"))
+            if HAS_BIAS:
+                bias = bias + tl.load(KBIAS + pid_bh * NK_ROWS + rows_k)
             sc = qk * (qs * ks)[:, None] + bias[None, :]
             m_new, alpha, shift = _row_max_step(m_i, tl.max(sc, axis=1), row_keep, P_LOG2, GROUP)
+            arg = sc - shift[:, None]
         # ---- online softmax, base 2. fp8/int8 PV: P·448 (P·127) straight out of exp2 (log2 of the factor
         # folded into the row max), so the row sum and the accumulator carry the same factor and it cancels.
-        if FMA_EXP_ARG and FUSED_SOFTMAX and QK_BITS == 8 and not EMULATE:
-            p = _exp2(sc, EXP2_MODE, EMULATE)
-        else:
-            p = _exp2(sc - shift[:, None], EXP2_MODE, EMULATE)
+        p = _exp2(arg, EXP2_MODE, EMULATE)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- O += P V ----
         if TMA_KV:
@@ -423,7 +434,7 @@ def _attn_fwd(
             else:
                 kb = tl.load(kb_ptr + offs_d[None, :], mask=col_in[:, None], other=0.0)
                 sb = tl.dot(q16, tl.trans(kb))
-            n_tok = tl.minimum(N - cols * BLOCK_N, BLOCK_N).to(tl.float32)
+            n_tok = tl.minimum(N_K - cols * BLOCK_N, BLOCK_N).to(tl.float32)
             if GROUP > 1:  # each row reads its own query block's kept bits
                 words = tl.load(bits_rows[:, None] + (cols // 32)[None, :], mask=col_in[None, :], other=0)
                 kept = (words >> (cols % 32)[None, :]) & 1
@@ -473,7 +484,7 @@ def _prune(configs, named_args, **kwargs):
 # them equal, and separate tunings picked configs that differed by noise; benchmarks/RESULTS.md, "Folding").
 AUTOTUNE_KEY = ["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N", "EXP2_MODE",
                 "COMPENSATE", "GROUP", "FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV",
-                "FMA_EXP_ARG"]
+                "FMA_EXP_ARG", "HAS_BIAS"]
 _attn_fwd_tuned = tuning.autotune(AUTOTUNE_KEY, _prune)(_attn_fwd)
 
 
@@ -484,6 +495,7 @@ def paro_attention_triton(
     *,
     perm: Optional[torch.Tensor] = None,
     mask: Optional[BlockMask] = None,
+    key_bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     qk_bits: int = 8,
     pv_dtype: str = "fp8",
@@ -519,13 +531,15 @@ def paro_attention_triton(
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
     bsz, heads, n, d = q.shape
-    mask = mask if mask is not None else BlockMask.dense(n)
+    n_kv = k.shape[2]
+    check_attention_inputs(q, k, v, perm, key_bias, compensate and mask is not None and not mask.is_dense)
+    mask = mask if mask is not None else BlockMask.dense(n, kv_len=n_kv)
     block_m, block_n = mask.block_m, mask.block_n
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
+    nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
     if (mask.num_q_blocks, mask.num_kv_blocks) != (nqb, nkb):
-        raise ValueError(f"mask has {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, N={n} needs {nqb}x{nkb} "
-                         f"(block_m={block_m}, block_n={block_n})")
+        raise ValueError(f"mask has {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, N={n}, Nk={n_kv} needs "
+                         f"{nqb}x{nkb} (block_m={block_m}, block_n={block_n})")
     dense = mask.is_dense
     compensate = bool(compensate) and not dense  # a dense row skips nothing
     if not dense:
@@ -535,7 +549,7 @@ def paro_attention_triton(
         mask = mask.to(q.device)
     group = mask.group
     pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
-                        block_m=block_m, block_n=block_n, pooled=compensate)
+                        block_m=block_m, block_n=block_n, pooled=compensate, key_bias=key_bias)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
@@ -555,7 +569,8 @@ def paro_attention_triton(
         pro.k_bar if compensate else int32_dummy, pro.v_bar if compensate else int32_dummy,
         mask.kept_bits.to(torch.int32).contiguous() if compensate else int32_dummy,
         mask.slot_bits.contiguous() if group > 1 else int32_dummy,
-        n, heads, nqb, nkb, mask.row_width, P_LOG2[pv_dtype],
+        pro.kbias if key_bias is not None else int32_dummy, pro.kbias_flags if key_bias is not None else int32_dummy,
+        n, n_kv, heads, nqb, nkb, mask.row_width, P_LOG2[pv_dtype],
         *out.stride(),
         tuning.n_bucket(n), 100 if dense else tuning.density_bucket(mask.density),
     )
@@ -573,7 +588,7 @@ def paro_attention_triton(
         # INT8 QKᵀ only: with INT4 the one-FFMA form disagreed with the reference on the H100 (a 67-token sparse
         # case, not diagnosed), so INT4 keeps the two-step form.
         FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
-        GROUP=group,
+        GROUP=group, HAS_BIAS=key_bias is not None,
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()

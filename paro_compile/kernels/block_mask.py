@@ -157,8 +157,10 @@ class BlockMask:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def dense(cls, seq_len: int, block_m: int = 64, block_n: int = 64) -> "BlockMask":
-        return cls(block_m, block_n, num_blocks(seq_len, block_m), num_blocks(seq_len, block_n))
+    def dense(cls, seq_len: int, block_m: int = 64, block_n: int = 64, *, kv_len: Optional[int] = None) -> "BlockMask":
+        """Every block kept, for ``seq_len`` queries and ``kv_len`` keys (default: self-attention)."""
+        return cls(block_m, block_n, num_blocks(seq_len, block_m),
+                   num_blocks(seq_len if kv_len is None else kv_len, block_n))
 
     @classmethod
     def from_dense(cls, mask: torch.Tensor, block_m: int = 64, block_n: int = 64, *, kept_bits: bool = False,
@@ -270,14 +272,15 @@ class BlockMask:
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in TENSOR_FIELDS) if t is not None)
 
     # ---- checks -------------------------------------------------------------------------------------------
-    def validate(self, num_heads: int, seq_len: int) -> "BlockMask":
-        """Raise ValueError naming the field when the mask does not fit ``num_heads`` heads of ``seq_len`` tokens
-        or its CSR is malformed (counts outside [0, W], an index outside [0, Nk) or repeated within a row's kept
-        slots, slot bits naming query blocks past the end). One host read per tensor: run it once per mask (the
-        lowering does), not per call."""
+    def validate(self, num_heads: int, seq_len: int, *, kv_len: Optional[int] = None) -> "BlockMask":
+        """Raise ValueError naming the field when the mask does not fit ``num_heads`` heads of ``seq_len`` queries
+        (and ``kv_len`` keys, default ``seq_len``) or its CSR is malformed (counts outside [0, W], an index outside
+        [0, Nk) or repeated within a row's kept slots, slot bits naming query blocks past the end). One host read per
+        tensor: run it once per mask (the lowering does), not per call."""
         if self.block_m not in BLOCK_SIZES or self.block_n not in BLOCK_SIZES:
             raise ValueError(f"block sizes must be in {BLOCK_SIZES}, got block_m={self.block_m}, block_n={self.block_n}")
-        mq, nk = num_blocks(seq_len, self.block_m), num_blocks(seq_len, self.block_n)
+        kv_len = seq_len if kv_len is None else kv_len
+        mq, nk = num_blocks(seq_len, self.block_m), num_blocks(kv_len, self.block_n)
         if (self.num_q_blocks, self.num_kv_blocks) != (mq, nk):
             raise ValueError(f"mask has {self.num_q_blocks}x{self.num_kv_blocks} blocks, N={seq_len} needs {mq}x{nk} "
                              f"(block_m={self.block_m}, block_n={self.block_n})")

@@ -67,6 +67,12 @@ class Prologue:
     """[B*H, NKB, D] fp16 mean K row per KV block (smoothed unless qk_bits=16); only with ``pooled=True``."""
     v_bar: Optional[torch.Tensor] = None
     """[B*H, NKB, D] fp16 mean V row per KV block divided by ``v_scale``; only with ``pooled=True``."""
+    kbias: Optional[torch.Tensor] = None
+    """[B*H, NKB*block_n] fp32 key bias in log2 units, permuted like the keys; only with a ``key_bias``."""
+    kbias_flags: Optional[torch.Tensor] = None
+    """[B*H, NKB] int32: 1 where a key block holds a nonzero bias; only with a ``key_bias``."""
+    n_kv: Optional[int] = None
+    """Key tokens (Nk; N for self-attention)."""
 
 
 @triton.jit
@@ -253,15 +259,16 @@ def _permuted_rows(PERM, h, N, rows, rmask):
 
 @triton.jit
 def _prologue_kernel(
-    Q, K, V, PERM, KMEAN, VSCALE,
-    QQ, QS, KQ, KS, VT, KBAR, VBAR,
-    N, H, NQB, NKB, q_mult,
+    Q, K, V, PERM, KMEAN, VSCALE, BIAS,
+    QQ, QS, KQ, KS, VT, KBAR, VBAR, KBIAS, KBIAS_FLAGS,
+    N, N_K, H, NQB, NKB, q_mult,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
+    sbb, sbh,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK_BITS: tl.constexpr, V_MODE: tl.constexpr, HAS_PERM: tl.constexpr, EMULATE: tl.constexpr,
-    POOLED: tl.constexpr,
+    POOLED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     t = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -278,11 +285,17 @@ def _prologue_kernel(
                      D, BLOCK_M, QK_BITS, False)
     if t < NKB:
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
+        rmask = rows < N_K
         if HAS_PERM:
-            src, rmask = _permuted_rows(PERM, h, N, rows, rmask)
+            src, rmask = _permuted_rows(PERM, h, N_K, rows, rmask)
         else:
             src = rows
+        if HAS_BIAS:
+            # The key bias in log2 units, permuted like the keys, and whether this block has any: the attention
+            # kernel adds it only in flagged blocks (key padding touches a few blocks of a long sequence).
+            bias = tl.load(BIAS + b * sbb + h * sbh + src, mask=rmask, other=0.0) * 1.4426950408889634
+            tl.store(KBIAS + pid_bh * (NKB * BLOCK_N) + rows, bias)
+            tl.store(KBIAS_FLAGS + pid_bh * NKB + t, tl.max((bias != 0.0).to(tl.int32), axis=0))
         _quant_block(K, KQ, KS, KMEAN, b * skb + h * skh, src, rows, rmask, pid_bh, t, NKB, skn, skd, 1.0,
                      D, BLOCK_N, QK_BITS, QK_BITS != 16)
         # V, stored transposed: VT[pid_bh, d, row].
@@ -361,24 +374,32 @@ def paro_prologue(
     block_m: int = 64,
     block_n: int = 64,
     pooled: bool = False,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> Prologue:
-    """Permute, smooth and quantize q, k, v [B, H, N, D] for the attention kernel (see module docstring).
+    """Permute, smooth and quantize q [B, H, N, D] and k, v [B, H, Nk, D] for the attention kernel (see module
+    docstring).
 
     ``pooled=True`` also stores each KV block's mean K and V rows (``k_bar``/``v_bar``, fp16, for skipped-block
-    compensation; `reference.pooled_blocks` computes the same in fp32)."""
+    compensation; `reference.pooled_blocks` computes the same in fp32). ``key_bias`` [B or 1, H or 1, Nk] (fp32,
+    natural-log units): stored per (batch·head) in log2 units and permuted like the keys, with a flag per key
+    block that holds any nonzero bias (``kbias`` / ``kbias_flags``)."""
     if qk_bits not in (4, 8, 16):
         raise ValueError(f"qk_bits must be 4, 8 or 16, got {qk_bits}")
     if pv_dtype not in V_MODES:
         raise ValueError(f"pv_dtype must be one of {tuple(V_MODES)}, got {pv_dtype!r}")
     bsz, heads, n, d = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n_kv = k.shape[2]
+    if v.shape != k.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
+        raise ValueError(f"k and v must be [B, H, Nk, D] with q's B, H and D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if perm is not None and n_kv != n:
+        raise ValueError(f"a token permutation needs self-attention (Nk == N), got N={n}, Nk={n_kv}")
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     dev = q.device
     bh = bsz * heads
-    nqb, nkb = num_blocks(n, block_m), num_blocks(n, block_n)
+    nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
     if perm is not None:
         perm = perm.to(device=dev, dtype=torch.int64).contiguous()
         if tuple(perm.shape) != (heads, n):
@@ -406,16 +427,30 @@ def paro_prologue(
     dummy = dummy_tensor(dev, torch.float32)
     k_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
     v_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
+    kbias = kbias_flags = None
+    bias_strides = (0, 0)
+    if key_bias is not None:
+        if key_bias.dim() != 3 or key_bias.shape[0] not in (1, bsz) or key_bias.shape[1] not in (1, heads) \
+                or key_bias.shape[2] != n_kv:
+            raise ValueError(f"key_bias must be [B or 1, H or 1, Nk] = [{bsz}|1, {heads}|1, {n_kv}], "
+                             f"got {tuple(key_bias.shape)}")
+        key_bias = key_bias.to(device=dev, dtype=torch.float32).contiguous()
+        bias_strides = tuple(0 if key_bias.shape[i] == 1 else key_bias.stride(i) for i in (0, 1))
+        kbias = torch.empty(bh, nkb * block_n, device=dev, dtype=torch.float32)
+        kbias_flags = torch.empty(bh, nkb, device=dev, dtype=torch.int32)
     _prologue_kernel[(max(nqb, nkb), bh)](
         q, k, v, perm if perm is not None else dummy,
-        kmean if kmean is not None else dummy, v_scale,
+        kmean if kmean is not None else dummy, v_scale, key_bias if key_bias is not None else dummy,
         qq, qs, kq, ks, vt, k_bar if pooled else dummy, v_bar if pooled else dummy,
-        n, heads, nqb, nkb, q_mult,
-        *q.stride(), *k.stride(), *v.stride(),
+        kbias if kbias is not None else dummy, kbias_flags if kbias_flags is not None else dummy,
+        n, n_kv, heads, nqb, nkb, q_mult,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
-        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled, num_warps=4,
+        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled, HAS_BIAS=kbias is not None,
+        num_warps=4,
     )
-    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n, k_bar, v_bar)
+    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n, k_bar, v_bar,
+                    kbias, kbias_flags, n_kv)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

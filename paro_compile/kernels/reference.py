@@ -31,6 +31,11 @@ and is tested against it. The function, for q, k, v of shape [B, H, N, D] in mod
    qk_bits=16), k̄, the pooled P and v̄ are rounded to fp16 (the kernel's fp16 dots); the pooled P is not
    quantized to FP8/INT8. A query row with no kept block then gets the pooled estimate instead of zeros.
 
+7. ``key_bias`` (key-padding masks, as diffusers passes text padding): a value per (batch, head or all heads, key)
+   added to every query row's scores after dequantization, in log2 units (bias · log2 e), permuted like the keys;
+   -inf removes a key. A row whose keys are all removed returns zeros, as SDPA does. Cross-attention (k, v with
+   their own length Nk, no permutation) runs the same walk over ceil(Nk / block_n) key blocks.
+
 ``qk_bits=16`` skips steps 2-3 (plain fp32 scores). With qk_bits=16, pv_dtype="fp16", identity perm and
 a full mask the result equals SDPA to float rounding.
 """
@@ -160,6 +165,7 @@ def paro_attention_reference(
     *,
     perm: Optional[torch.Tensor] = None,
     mask: Optional[BlockMask] = None,
+    key_bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     qk_bits: int = 8,
     pv_dtype: str = "fp8",
@@ -167,21 +173,26 @@ def paro_attention_reference(
 ) -> torch.Tensor:
     """Block-sparse, quantized attention; see the module docstring for the exact numerics.
 
-    q, k, v: [B, H, N, D]; perm: [H, N] (None = identity); mask: the kept blocks and the block sizes of the walk
-    and of Q/K quantization (None = `BlockMask.dense(N)`: every block, 64-token blocks). Returns [B, H, N, D] in
-    q's dtype. ``compensate``: skipped KV blocks enter as pooled keys (module docstring, step 6).
+    q: [B, H, N, D]; k, v: [B, H, Nk, D] (Nk = N for self-attention); perm: [H, N] (None = identity; self-attention
+    only); mask: the kept blocks and the block sizes of the walk and of Q/K quantization (None = `BlockMask.dense`:
+    every block, 64-token blocks); key_bias: [B or 1, H or 1, Nk] added to every query row's scores (natural log
+    units, as SDPA adds a float ``attn_mask``; -inf masks a key), in model key order (module docstring, step 7).
+    Returns [B, H, N, D] in q's dtype. ``compensate``: skipped KV blocks enter as pooled keys (step 6).
     """
     if qk_bits not in QK_BITS:
         raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
     if pv_dtype not in PV_DTYPES:
         raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {pv_dtype!r}")
     bsz, heads, n, d = q.shape
-    mask = mask if mask is not None else BlockMask.dense(n)
+    n_kv = k.shape[2]
+    check_attention_inputs(q, k, v, perm, key_bias, compensate)
+    mask = mask if mask is not None else BlockMask.dense(n, kv_len=n_kv)
     block_m, block_n = mask.block_m, mask.block_n
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    mq, nk = num_blocks(n, block_m), num_blocks(n, block_n)
+    mq, nk = num_blocks(n, block_m), num_blocks(n_kv, block_n)
     if (mask.num_q_blocks, mask.num_kv_blocks) != (mq, nk):
-        raise ValueError(f"mask has {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, N={n} needs {mq}x{nk}")
+        raise ValueError(f"mask has {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, N={n}, Nk={n_kv} needs "
+                         f"{mq}x{nk}")
     if mask.is_dense:
         kv_counts, kv_indices = dense_csr(heads, mq, nk, q.device)
     else:
@@ -212,12 +223,16 @@ def paro_attention_reference(
 
     # Pad the token axis to whole blocks so blocks can be gathered by index.
     def pad_to(x: torch.Tensor, block: int) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, num_blocks(n, block) * block - n))
+        return torch.nn.functional.pad(x, (0, 0, 0, num_blocks(x.shape[2], block) * block - x.shape[2]))
 
     q_blk = pad_to(q_vals, block_m).view(bsz, heads, mq, block_m, d)
     k_blk = pad_to(k_vals, block_n).view(bsz, heads, nk, block_n, d)
     v_blk = pad_to(v_vals, block_n).view(bsz, heads, nk, block_n, d)
-    key_valid = (torch.arange(nk * block_n, device=q.device) < n).view(nk, block_n)
+    key_valid = (torch.arange(nk * block_n, device=q.device) < n_kv).view(nk, block_n)
+    bias_blk = None
+    if key_bias is not None:  # in log2 units, permuted like the keys, blocked like them
+        bias2 = permute_keys(key_bias.float().to(q.device).expand(bsz, heads, n_kv), perm) * LOG2E
+        bias_blk = torch.nn.functional.pad(bias2, (0, nk * block_n - n_kv)).view(bsz, heads, nk, block_n)
 
     m_i = torch.full((bsz, heads, mq, block_m), -math.inf, device=q.device)
     l_i = torch.zeros(bsz, heads, mq, block_m, device=q.device)
@@ -239,6 +254,8 @@ def paro_attention_reference(
         v_j = v_blk[:, head_index, j]
         s = torch.einsum("bhmid,bhmjd->bhmij", q_blk, k_j)
         s = s * combined_scale(q_scale[..., None, None] * k_scale[:, head_index, j][..., None, None], qk_bits)
+        if bias_blk is not None:
+            s = s + bias_blk[:, head_index, j][:, :, :, None, :]
         s = s.masked_fill(~key_valid[j][None, :, :, None, :], -math.inf)
         s = s.masked_fill(~active[None, :, :, None, None], -math.inf)
         m_i, alpha, p = _online_softmax_step(m_i, s, p_log2)
@@ -260,6 +277,34 @@ def paro_attention_reference(
     out = acc * v_scale[:, :, None, None, :] / torch.where(l_i > 0, l_i, torch.ones_like(l_i))[..., None]
     out = out.view(bsz, heads, mq * block_m, d)[:, :, :n]
     return unpermute_tokens(out, perm).to(q.dtype)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
+                           key_bias: Optional[torch.Tensor], compensate: bool) -> None:
+    """The shape rules every implementation of the op shares (ValueError naming what does not fit)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bsz, heads, n, d = q.shape
+    if tuple(k.shape) != tuple(v.shape) or k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
+        raise ValueError(f"k and v must be [B, H, Nk, D] with q's B, H and D, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if perm is not None and k.shape[2] != n:
+        raise ValueError(f"a token permutation needs self-attention (Nk == N), got N={n}, Nk={k.shape[2]}")
+    if key_bias is not None:
+        if (key_bias.dim() != 3 or key_bias.shape[0] not in (1, bsz) or key_bias.shape[1] not in (1, heads)
+                or key_bias.shape[2] != k.shape[2]):
+            raise ValueError(f"key_bias must be [B or 1, H or 1, Nk] = [{bsz}|1, {heads}|1, {k.shape[2]}], "
+                             f"got {tuple(key_bias.shape)}")
+        if compensate:
+            raise ValueError("skipped-block compensation does not take a key bias: pooled keys would mix masked and "
+                             "unmasked tokens; call with compensate=False")
+
+
+def permute_keys(bias: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """bias[b, h, perm[h, i]] for bias [B, H, N] (None = identity)."""
+    if perm is None:
+        return bias
+    return torch.gather(bias, 2, perm.to(device=bias.device, dtype=torch.long)[None].expand(bias.shape[0], -1, -1))
 
 
 def kept_blocks(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ order. It never depends on FX node names, so plans survive re-tracing.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from paro_compile.config import SUPPORTED_HEAD_DIMS, ParoConfig
+from paro_compile.config import MAX_HEAD_DIM, ParoConfig
 from paro_compile.passes.fx_utils import fake_value, known_equal
 
 SDPA_TARGETS: set[Any] = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -56,10 +57,17 @@ class AttentionSite:
     head_dim: Any = None
     dtype: Optional[torch.dtype] = None
     reasons: list[str] = field(default_factory=list)
+    attn_mask: Optional[fx.Node] = None
+    """A key-padding mask (SDPA ``attn_mask`` that only masks keys), lowered as the op's key bias."""
 
     @property
     def supported(self) -> bool:
         return not self.reasons
+
+    @property
+    def is_cross(self) -> bool:
+        """Keys and values from another sequence (e.g. text): no token order or block mask applies."""
+        return self.kv_seq_len is not None and not known_equal(self.seq_len, self.kv_seq_len)
 
     @property
     def shape(self) -> tuple:
@@ -114,8 +122,9 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
     target_name = str(getattr(site.node.target, "__name__", site.node.target))
     if "_scaled_dot_product_" in target_name:
         reasons.append(f"ATen-level SDPA ({target_name}) returns extra outputs; lower at the Dynamo graph instead")
-    if args.get("attn_mask") is not None:
-        reasons.append("attn_mask is given (paro masks are static block masks; an explicit mask is kept as SDPA)")
+    mask_reason = key_padding_reason(args.get("attn_mask"), fake_value(args.get("query")), fake_value(args.get("key")))
+    if mask_reason:
+        reasons.append(mask_reason)
     dropout = args.get("dropout_p", 0.0)
     if not isinstance(dropout, (int, float)) or dropout > 0:
         reasons.append(f"dropout_p={dropout} (inference only; call model.eval())")
@@ -137,16 +146,43 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
     if not (q.dtype == k.dtype == v.dtype):
         reasons.append(f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}")
     head_dim = q.shape[-1]
-    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS or not known_equal(v.shape[-1], head_dim):
-        reasons.append(f"head_dim {head_dim} (v: {v.shape[-1]}) not in {SUPPORTED_HEAD_DIMS}")
+    if not isinstance(head_dim, int) or head_dim > MAX_HEAD_DIM or not known_equal(v.shape[-1], head_dim):
+        reasons.append(f"head_dim {head_dim} (v: {v.shape[-1]}): the kernels take head dims up to {MAX_HEAD_DIM} "
+                       "(smaller ones that are not a power of two run zero-padded)")
     # known_equal, not ==: comparing symbolic sizes with == would guard on (specialize) them
     if args.get("enable_gqa", False) or not known_equal((q.shape[1], k.shape[1]), (k.shape[1], v.shape[1])):
         reasons.append(f"grouped-query heads (q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]})")
     if not known_equal(q.shape[0], k.shape[0]):
         reasons.append("query and key batch sizes differ")
-    if not known_equal(q.shape[2], k.shape[2]):
-        reasons.append(f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]}); paro reorders self-attention")
+    if not known_equal(q.shape[2], k.shape[2]) and not config.lower_cross_attention:
+        reasons.append(f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]}) and "
+                       "lower_cross_attention=False")
+    if isinstance(site.scale, (int, float)) and not math.isfinite(site.scale):
+        reasons.append(f"scale={site.scale} is not finite")
     return reasons
+
+
+def key_padding_reason(mask: Any, q: Optional[torch.Tensor], k: Optional[torch.Tensor]) -> Optional[str]:
+    """None when ``mask`` is absent or masks keys only ([B|1, H|1, 1, Nk] after SDPA's broadcasting, boolean or
+    additive), which lowers as the op's key bias; else why it stays on SDPA."""
+    if mask is None:
+        return None
+    value = fake_value(mask)
+    if value is None:
+        return "attn_mask is not a tensor of known shape"
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return "attn_mask with query/key shapes unknown"
+    if value.dtype != torch.bool and not value.is_floating_point():
+        return f"attn_mask of dtype {value.dtype} (SDPA takes boolean or additive float masks)"
+    shape = (1,) * (4 - value.dim()) + tuple(value.shape) if value.dim() <= 4 else None
+    if shape is None:
+        return f"attn_mask has {value.dim()} dims"
+    batch_ok = known_equal(shape[0], 1) or known_equal(shape[0], q.shape[0])
+    heads_ok = known_equal(shape[1], 1) or known_equal(shape[1], q.shape[1])
+    if not (known_equal(shape[2], 1) and batch_ok and heads_ok and known_equal(shape[3], k.shape[2])):
+        return (f"attn_mask of shape {tuple(value.shape)} varies over query rows or does not broadcast as "
+                f"[B|1, H|1, 1, Nk]; only key-padding masks lower")
+    return None
 
 
 def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[AttentionSite]:
@@ -176,6 +212,7 @@ def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[Attenti
             site.dtype = q.dtype
             kv = fake_value(args.get("key"))
             site.kv_seq_len = kv.shape[2] if kv is not None and kv.dim() == 4 else None
+        site.attn_mask = args.get("attn_mask")
         site.reasons = check_support(site, args, config)
         sites.append(site)
     return sites

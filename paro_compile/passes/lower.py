@@ -59,6 +59,17 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
         return gm.graph.get_attr(name)
 
 
+def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
+    """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, 1, Nk] after broadcasting; discover checked it) as the
+    op's key bias: fp32 [B|1, H|1, Nk], 0 / -inf for a boolean mask, the values themselves for an additive one."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask[:, :, 0, :]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
 def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False) -> BlockMask:
     """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
     bucket validated once here so that no call has to. Compact CSRs: rows cut to the largest kept count over all
@@ -92,7 +103,8 @@ def lower_attention_sites(
         records.append(record)
         if not site.supported:
             continue
-        site_plan = plan.sites.get(site.site_id) if plan is not None else None
+        site_plan = plan.sites.get(site.site_id) if plan is not None and not site.is_cross else None
+        record.cross_attention = site.is_cross
         block = site_plan.block_size if site_plan is not None else config.block_size
         perm = site_plan.perm if site_plan is not None else None
         if kernel_perms is not None and site.site_id in kernel_perms:
@@ -120,6 +132,10 @@ def lower_attention_sites(
         mask_sizes: Optional[list[int]] = None
         sparse = False
         compensate = bool(config.compensate_skipped)
+        if compensate and site.attn_mask is not None:
+            compensate = False
+            record.reasons.append("no skipped-block compensation with a key-padding mask (pooled keys would mix "
+                                  "masked and unmasked tokens)")
         record.density = 1.0
         if symbolic and site_plan is not None and not bool(site_plan.block_masks.all()):
             record.reasons.append("block masks need static shapes; dense at this site")
@@ -164,9 +180,13 @@ def lower_attention_sites(
             mask_sizes = [block, block, 1, 0, 0]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
+            bias_node = None
+            if site.attn_mask is not None:
+                bias_node = graph.call_function(key_padding_bias, (site.attn_mask,))
+                record.key_padding = True
             new = graph.call_function(
                 torch.ops.paro.attention.default,
-                (site.q, site.k, site.v, perm_node, mask_nodes, mask_sizes, float(scale),
+                (site.q, site.k, site.v, perm_node, bias_node, mask_nodes, mask_sizes, float(scale),
                  config.qk_bits, config.pv_dtype, compensate and sparse, record.density if sparse else 1.0,
                  config.impl),
             )

@@ -314,7 +314,7 @@ def test_through_custom_op(seed, gen):
     ref = paro_attention(q, k, v, perm=pm, mask=bm, scale=0.125, impl="reference")
     assert rel_l2(out, ref) < KERNEL_TOL[q.dtype], f"seed={seed}"
     tensors, sizes = bm.as_op_args()
-    direct = torch.ops.paro.attention(q, k, v, pm, tensors, sizes, 0.125, 8, "fp8", False, bm.density, "triton")
+    direct = torch.ops.paro.attention(q, k, v, pm, None, tensors, sizes, 0.125, 8, "fp8", False, bm.density, "triton")
     torch.testing.assert_close(direct, out, rtol=0, atol=0)
 
 
