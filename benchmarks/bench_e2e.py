@@ -7,8 +7,9 @@ Models (diffusers classes, random weights, bf16, inference; --layers reduces the
 - flux: FluxTransformer2DModel with FLUX.1-dev dims: 24 heads × 128, 19 double + 38 single blocks (--flux-layers D,S),
   1024² image → 4096 image tokens + 512 text = 4608; B = 1.
 - wan: WanTransformer3DModel with Wan2.1-T2V-14B dims (diffusers' defaults): 40 heads × 128 (dim 5120), FFN 13824,
-  40 layers, patch (1, 2, 2), text 512 tokens × 4096 by cross-attention; 720p, 81 frames → latent 21×90×160 →
-  21·45·80 = 75,600 video tokens; B = 1 (--batch 1,2 adds the CFG batch).
+  40 layers, patch (1, 2, 2), text 512 tokens × 4096 by cross-attention (--cross-attention: dense on the paro op, the
+  backend's default, or SDPA); 720p, 81 frames → latent 21×90×160 → 21·45·80 = 75,600 video tokens; B = 1
+  (--batch 1,2 adds the CFG batch).
 - hunyuan: HunyuanVideoTransformer3DModel with HunyuanVideo dims (diffusers' defaults): 24 heads × 128 (dim 3072),
   20 dual-stream + 40 single-stream blocks (--layers D,S), 2 token-refiner blocks, patch 2 / temporal 1, text 256
   tokens × 4096 (LLaMA) passed with its key-padding mask (--text-valid tokens valid), pooled CLIP 768, guidance embedding,
@@ -143,6 +144,9 @@ def parse_args(argv=None):
     p.add_argument("--coherent", action="store_true",
                    help="blocks under 64: masks drawn per 64-token block and refined (neighbouring query blocks agree, "
                         "as calibrated masks tend to); default: drawn per block")
+    p.add_argument("--cross-attention", default="paro", choices=("paro", "sdpa"),
+                   help="paro variants: cross-attention sites (Wan's text keys) dense on the paro op (the backend's "
+                        "default, lower_cross_attention=True) or kept on SDPA")
     p.add_argument("--qk-bits", type=int, default=8)
     p.add_argument("--pv-dtype", default="fp8")
     p.add_argument("--impl", default="auto")
@@ -634,6 +638,8 @@ def report_counts(reports: list) -> dict[str, Any]:
                 reasons[reason] = reasons.get(reason, 0) + 1
     return {"graphs": len(reports), "sites_lowered": f"{len(lowered)}/{len(sites)}", "lowered_count": len(lowered),
             "fallback_count": len(sites) - len(lowered), "fallback_reasons": reasons,
+            "cross_attention_lowered": sum(bool(getattr(s, "cross_attention", False)) for s in lowered),
+            "key_padding_lowered": sum(bool(getattr(s, "key_padding", False)) for s in lowered),
             "compensated_sites": sum(bool(s.compensated) for s in lowered),
             "gathers_left": sum(r.gathers_left for r in reports),
             "permutation": sorted({s.permutation for s in lowered})}
@@ -662,7 +668,8 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
         entry["density"] = spec.density
         entry["achieved_density"] = plan.overall_density()
         options = {"plan": plan, "qk_bits": args.qk_bits, "pv_dtype": args.pv_dtype, "impl": args.impl,
-                   "allow_fp32": allow_fp32, "compensate_skipped": spec.compensate}
+                   "allow_fp32": allow_fp32, "compensate_skipped": spec.compensate,
+                   "lower_cross_attention": args.cross_attention == "paro"}
         if mode:
             options["mode"] = mode
         fn_model = torch.compile(model, backend=registered_backend(), dynamic=False, options=options)
@@ -759,8 +766,8 @@ def bench_model(name: str, args, device, dtype, t_start: float, on_row: Callable
     missing = [s.site_id for s in sites if s.site_id.split("#")[0] not in modules]
     if missing:
         print(f"[bench] warning: extrapolated site ids not in the model: {missing[:3]}")
-    # The plan covers every self-attention site, also those that fall back today (e.g. for a key-padding mask), so it
-    # still covers them once they lower; grid-sized sites get the synthetic sparse masks, the others a dense mask.
+    # The plan covers every self-attention site, also those that stay on SDPA (e.g. for a mask that varies over queries),
+    # so a plan never misses a site that lowers; grid-sized sites get the synthetic sparse masks, the others a dense mask.
     grid_sites = [s.site_id for s in sites if s.self_attention and s.seq_len == grid.num_tokens and s.heads == heads]
     other_sites = {s.site_id: (s.heads, s.seq_len) for s in sites if s.self_attention and s.site_id not in grid_sites}
     uncovered = sorted({f"{s.site_id.split('.')[0]}…: {'; '.join(s.reasons)}" for s in sites if not s.self_attention})

@@ -73,9 +73,11 @@ def test_variant_names_with_cuda_graphs():
 # 720p video models (Wan2.1, HunyuanVideo), tiny on the CPU
 # ---------------------------------------------------------------------------------------------------------------------
 def test_bench_e2e_tiny_video_models(tmp_path):
-    """Wan and HunyuanVideo through paro: the report's lowered / fallback counts per variant (Wan's cross-attention and
-    HunyuanVideo's masked joint attention stay SDPA with their reasons, whether or not masks lower yet), a plan covering
-    every self-attention site, and FP8 variants refused on the CPU with the reason."""
+    """Wan and HunyuanVideo through paro: the report's lowered / fallback counts per variant, a plan covering every
+    self-attention site, and FP8 variants refused on the CPU with the reason. Wan: self-attention lowered with the plan,
+    the text cross-attention dense on the op (the default) or on SDPA with its reason (--cross-attention sdpa).
+    HunyuanVideo: the joint sites lowered with their key-padding mask; every site left on SDPA names its mask (the token
+    refiner's varies over query rows)."""
     module = load_benchmark("bench_e2e")
     results = module.main(["--tiny", "--model", "video", "--variants", "paro-0.5,eager+fp8", "--iters", "1",
                            "--out", str(tmp_path)])
@@ -86,22 +88,29 @@ def test_bench_e2e_tiny_video_models(tmp_path):
         assert "error" not in r, r.get("error")
         assert r["output_finite"] and r["graph_breaks"] == 0 and r["batch"] == 1
         assert r["lowered_count"] + r["fallback_count"] == r["sites"]
+        assert r["fallback_count"] == sum(r["fallback_reasons"].values())
         assert r["paro_passes_s"] > 0 and r["inductor_compile_fx_s"] > 0 and r["dynamo_s"] is not None
         assert r["full_depth_ms_extrapolated"] is None  # tiny configs are not extrapolated
         assert r["per_block_ms"] == pytest.approx(r["median_ms"] / sum(r["depth"]))
-    # Wan: self-attention lowered in every block, cross-attention (keys = text tokens) stays SDPA
-    assert wan["sites_lowered"] == "2/4" and wan["plan_sites_sparse"] == 2 and wan["plan_sites_dense"] == 0
-    assert list(wan["fallback_reasons"]) == [r for r in wan["fallback_reasons"] if r.startswith("cross-attention")]
-    assert wan["fallback_reasons"] and sum(wan["fallback_reasons"].values()) == 2
-    # HunyuanVideo: joint (video + text) sites on the grid, the token refiner covered densely; every site the report does
-    # not lower names the explicit mask (until key-padding masks lower)
+    assert wan["plan_sites_sparse"] == 2 and wan["plan_sites_dense"] == 0 and wan["sites_not_self_attention"] == 2
+    assert wan["sites_lowered"] == "4/4" and wan["cross_attention_lowered"] == 2 and wan["permutation"] != ["identity"]
     assert hunyuan["plan_sites_sparse"] == 2 and hunyuan["plan_sites_dense"] == 1 and hunyuan["sites"] == 3
-    assert all(reason.startswith("attn_mask is given") for reason in hunyuan["fallback_reasons"])
-    assert hunyuan["fallback_count"] == sum(hunyuan["fallback_reasons"].values())
+    assert hunyuan["lowered_count"] == 2 and hunyuan["key_padding_lowered"] == 2
+    assert all("attn_mask" in reason for reason in hunyuan["fallback_reasons"]) and hunyuan["fallback_count"] == 1
     for m in ("wan", "hunyuan"):
         assert rows[m, "eager+fp8"]["skipped"].startswith("FP8 linears unavailable: no CUDA device")
     md = (tmp_path / "results.md").read_text()
     assert "| hunyuan | paro-0.5 | 1 |" in md and "tiny configuration" in md
+
+
+def test_bench_e2e_tiny_wan_cross_attention_on_sdpa(tmp_path):
+    module = load_benchmark("bench_e2e")
+    results = module.main(["--tiny", "--model", "wan", "--variants", "paro-0.5", "--cross-attention", "sdpa",
+                           "--iters", "1", "--out", str(tmp_path)])
+    (wan,) = results["rows"]
+    assert "error" not in wan, wan.get("error")
+    assert wan["sites_lowered"] == "2/4" and wan["cross_attention_lowered"] == 0
+    assert [r for r in wan["fallback_reasons"] if r.startswith("cross-attention")] == list(wan["fallback_reasons"])
 
 
 def test_bench_e2e_batches_and_ratios_per_batch(tmp_path):
