@@ -10,7 +10,11 @@ For a fixed set of evaluation prompts and seeds, generate latent videos (Euler f
 - "dense": the paro backend with no plan (INT8/FP8 quantization only);
 - "dynamic d=…": a per-call dynamic block mask (top blocks by mean-pooled q·kᵀ, + diagonal + text),
   bf16 SDPA with that mask (eager): a cheap stand-in for dynamic sparse peers;
-- numerics INT8/INT8, INT4/FP8 and no quantization (fp16) at one density.
+- numerics INT8/INT8, INT4/FP8 and no quantization (fp16) at one density;
+- "fp8-linears": the model's linears in FP8 (`paro_compile.fp8.quantize_linears`, torchao row-wise float8) with the
+  "paro" plan of the numerics density (the PSNR it costs against the same plan without them is the target: ≤ 1 dB), and
+  with SDPA attention (FP8 linears alone). Where FP8 cannot run (CPU, GPUs below compute capability 8.9) these rows say
+  why and are skipped.
 Metrics vs "fp" (latents → "pixels" = (clamp(x, −1, 1) + 1) / 2): PSNR, SSIM (gaussian window 11,
 σ 1.5, per frame and channel), cosine similarity of the raw latents; per layer, the rel-L2 of the variant's
 attention vs fp32 SDPA on the same q/k/v (captured from the FP model at the middle sampling step).
@@ -23,10 +27,12 @@ CI:   python benchmarks/quality.py --out OUT --tiny               (CPU, random t
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,7 +64,9 @@ CALIB_PROMPTS = [
     dict(shape="circle", colour="blue", motion="colour_shift"),
     dict(shape="square", colour="magenta", motion="down"),
 ]
-VARIANT_KINDS = ("paro", "natural", "dense", "dynamic", "numerics")
+VARIANT_KINDS = ("paro", "natural", "dense", "dynamic", "numerics", "fp8-linears")
+FP8_TAG = " +fp8-linears"
+FP8_TARGET_DB = 1.0
 NUMERICS = {"int8/fp8": (8, "fp8"), "int8/int8": (8, "int8"), "int4/fp8": (4, "fp8"), "fp16": (16, "fp16")}
 _ORIG_SDPA = F.scaled_dot_product_attention
 
@@ -92,7 +100,8 @@ def parse_args(argv=None):
                    help="skipped-block compensation (compensate_skipped) for the paro/natural variants; both = one row each")
     p.add_argument("--impl", default="auto", help="paro kernel impl: auto | triton | reference")
     p.add_argument("--variants", default="all",
-                   help="comma list among paro,natural,dense,dynamic,numerics (default all)")
+                   help="comma list among paro,natural,dense,dynamic,numerics,fp8-linears (default all; with --tiny: "
+                        "paro,natural,dynamic)")
     p.add_argument("--exec", dest="exec_mode", default="compile", choices=("compile", "eager"),
                    help="compile: torch.compile(backend='paro') per variant (the product path); eager: the same paro op "
                         "called in place of SDPA without compiling (same numerics, no compile time)")
@@ -300,10 +309,23 @@ def quality_targets(variants: list[dict], densities: list[float]) -> dict[str, b
             if a is not None and b is not None:
                 targets[f"paro_beats_natural_d{d:g}{tag.replace(' +', '_')}"] = a["psnr"] > b["psnr"]
     for v in by_name.values():
+        base = by_name.get(v["name"].removesuffix(FP8_TAG)) if v["name"].endswith(FP8_TAG) else None
+        if base is not None:
+            targets[f"fp8_linears_cost_le_{FP8_TARGET_DB:g}dB_{base['name']}"] = base["psnr"] - v["psnr"] <= FP8_TARGET_DB
+    for v in by_name.values():
         if v.get("kind") == "paro" and abs(v.get("avg_density", 0.0) - 0.3) <= 0.01:
             targets[f"{v['name']} (avg {v['avg_density']:.3f}): psnr>=30 and cos>=0.99"] = (
                 v["psnr"] >= 30.0 and v["cosine"] >= 0.99)
     return targets
+
+
+def fp8_psnr_cost(variants: list[dict]) -> None:
+    """Adds ``fp8_psnr_cost_db`` (PSNR of the plan without FP8 linears minus with them) to every FP8 paro row."""
+    by_name = {v["name"]: v for v in variants if "psnr" in v}
+    for v in by_name.values():
+        base = by_name.get(v["name"].removesuffix(FP8_TAG)) if v["name"].endswith(FP8_TAG) else None
+        if base is not None:
+            v["fp8_psnr_cost_db"] = base["psnr"] - v["psnr"]
 
 
 def variant_table(variants: list[dict]) -> list[dict]:
@@ -315,7 +337,8 @@ def variant_table(variants: list[dict]) -> list[dict]:
         if "psnr" in v:
             row.update({"PSNR dB": v["psnr"], "SSIM": v["ssim"], "cosine": v["cosine"],
                         "attn rel-L2 mean": v["attn_rel_l2_mean"], "attn rel-L2 max": v["attn_rel_l2_max"],
-                        "sites lowered": v.get("sites_lowered"), "s": v.get("seconds")})
+                        "FP8 linears dB cost": v.get("fp8_psnr_cost_db"), "sites lowered": v.get("sites_lowered"),
+                        "s": v.get("seconds")})
         else:
             row["status"] = v.get("skipped") or "ERROR " + v.get("error", "")[:120]
         rows.append(row)
@@ -343,6 +366,7 @@ def pool_seeds(per_seed: dict[int, dict], densities: list[float]) -> dict:
             "attn_rel_l2_mean": sum(r["attn_rel_l2_mean"] for r in rows) / len(rows),
             "per_seed": {str(s): {"psnr": done[s][name]["psnr"], "cosine": done[s][name]["cosine"]} for s in seeds},
         })
+    fp8_psnr_cost(pooled)
     return {"seeds": seeds, "variants": pooled, "targets": quality_targets(pooled, densities)}
 
 
@@ -362,7 +386,7 @@ def main(argv=None) -> dict:
         pooled = pool_seeds(per_seed, densities)
         table = [{"variant": v["name"], "avg density": v["avg_density"], "videos": v["videos"],
                   "PSNR dB": f"{v['psnr']:.2f} ± {v['psnr_sem']:.2f}", "SSIM": v["ssim"], "cosine": v["cosine"],
-                  "attn rel-L2": v["attn_rel_l2_mean"],
+                  "attn rel-L2": v["attn_rel_l2_mean"], "FP8 linears dB cost": v.get("fp8_psnr_cost_db"),
                   "per seed PSNR / cosine": "; ".join(f"{s}: {x['psnr']:.2f} / {x['cosine']:.4f}"
                                                       for s, x in v["per_seed"].items())}
                  for v in pooled["variants"]]
@@ -391,7 +415,7 @@ def run_one(args: argparse.Namespace) -> dict:
         steps = 2
         densities = [0.5]
         eval_prompts = EVAL_PROMPTS[:2]
-        wanted = {"paro", "natural", "dynamic"}
+        wanted = {"paro", "natural", "dynamic"} if args.variants == "all" else set(args.variants.split(","))
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         path = args.fixture or toy_cog.FIXTURE_DIR
@@ -495,8 +519,36 @@ def run_one(args: argparse.Namespace) -> dict:
     if "numerics" in wanted:
         for num in ("int8/int8", "int4/fp8", "fp16"):
             variants.append(dict(name=f"paro d={nd:g} {num}", kind="paro", density=nd, numerics=num))
+    if "fp8-linears" in wanted:
+        paro_nd = f"paro d={nd:g} int8/fp8"
+        if not any(v["name"] == paro_nd for v in variants):  # the same plan without FP8 linears: the comparison
+            variants.append(dict(name=paro_nd, kind="paro", density=nd, numerics="int8/fp8"))
+        variants.append(dict(name=paro_nd + FP8_TAG, kind="paro", density=nd, numerics="int8/fp8", fp8_linears=True))
+        variants.append(dict(name="fp8-linears SDPA", kind="fp8-linears", density=1.0, numerics="bf16",
+                             fp8_linears=True))
     # paro-first: all paro/natural pairs before extras, so a time-out keeps the comparison.
-    variants.sort(key=lambda v: {"paro": 0, "natural": 0, "dynamic": 1, "dense": 2}[v["kind"]] + (3 if v["numerics"] not in ("int8/fp8", "bf16") else 0))
+    variants.sort(key=lambda v: {"paro": 0, "natural": 0, "fp8-linears": 1, "dynamic": 1, "dense": 2}[v["kind"]]
+                  + (3 if v["numerics"] not in ("int8/fp8", "bf16") else 0))
+
+    fp8_models: dict[str, Any] = {}
+
+    def fp8_model():
+        """A copy of the model with FP8 linears (built once), or the reason there is none."""
+        if not fp8_models:
+            from paro_compile.fp8 import Fp8UnavailableWarning, quantize_linears
+
+            quantized = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Fp8UnavailableWarning)  # the reason goes into the results
+                result = quantize_linears(quantized)
+            print(f"[quality] {result.summary()}", flush=True)
+            if not result.applied:
+                fp8_models["reason"] = f"FP8 linears unavailable: {result.reason}"
+            elif not result.quantized:
+                fp8_models["reason"] = "FP8 linears: no linear quantized (" + "; ".join(sorted(set(result.skipped.values()))) + ")"
+            else:
+                fp8_models.update(model=quantized, quantized=len(result.quantized), seconds=result.seconds)
+        return fp8_models
 
     per_layer_rows = []
     longest = {"compile": 0.0, "eager": 0.0}
@@ -509,6 +561,16 @@ def run_one(args: argparse.Namespace) -> dict:
             results["variants"].append(entry)
             print(f"[quality] skip {var['name']}: time budget", flush=True)
             continue
+        run_model = model
+        if var.get("fp8_linears"):
+            state = fp8_model()
+            if "reason" in state:
+                entry["skipped"] = state["reason"]
+                results["variants"].append(entry)
+                print(f"[quality] skip {var['name']}: {state['reason']}", flush=True)
+                continue
+            run_model = state["model"]
+            entry.update(fp8_quantized_linears=state["quantized"], fp8_quantize_s=state["seconds"])
         t_var = time.perf_counter()
         try:
             kind, d = var["kind"], var["density"]
@@ -531,6 +593,8 @@ def run_one(args: argparse.Namespace) -> dict:
                     lat = toy_cog.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise)
                 masks = [dynamic_block_mask(q, k, d, grid, block) for q, k, _, _ in captured]
                 entry["achieved_density"] = float(sum(m.float().mean() for m in masks) / max(1, len(masks)))
+            elif kind == "fp8-linears":  # FP8 linears alone: SDPA attention
+                lat = toy_cog.sample_video(run_model, cond, steps=steps, guidance=args.guidance, noise=noise)
             elif args.exec_mode == "eager" or (args.tiny and results["variants"]):
                 # Same paro op, called in place of SDPA (sites in call order); the tiny CI mode compiles only its
                 # first variant to stay fast.
@@ -548,7 +612,8 @@ def run_one(args: argparse.Namespace) -> dict:
                                                args.impl, block, compensate=var.get("compensate", False))
 
                 with patched_sdpa(eager_paro):
-                    lat = toy_cog.sample_video(model, cond, steps=steps, guidance=args.guidance, noise=noise, on_call=on_call)
+                    lat = toy_cog.sample_video(run_model, cond, steps=steps, guidance=args.guidance, noise=noise,
+                                               on_call=on_call)
                 entry["exec"] = "eager"
             else:
                 qk_bits, pv_dtype = NUMERICS[var["numerics"]]
@@ -560,7 +625,7 @@ def run_one(args: argparse.Namespace) -> dict:
                     options["plan"] = plan
                 torch._dynamo.reset()
                 paro_compile.clear_reports()
-                compiled = torch.compile(model, backend=registered_backend(), options=options, dynamic=False)
+                compiled = torch.compile(run_model, backend=registered_backend(), options=options, dynamic=False)
                 lat = toy_cog.sample_video(compiled, cond, steps=steps, guidance=args.guidance, noise=noise, config_model=model)
                 report = paro_compile.last_report()
                 if report is not None:
@@ -580,6 +645,8 @@ def run_one(args: argparse.Namespace) -> dict:
                 sid = sids[i] if i < len(sids) else f"call{i}"
                 if kind == "dynamic":
                     o = dynamic_attention(q, k, v, s, d, grid, block)
+                elif kind == "fp8-linears":
+                    o = _ORIG_SDPA(q, k, v, scale=s)
                 else:
                     site_plan = plan.sites.get(sid) if plan is not None else None
                     bucket = plan.bucket_for_timestep(mid_t * 1000.0) if plan is not None else 0
@@ -600,6 +667,7 @@ def run_one(args: argparse.Namespace) -> dict:
         kind_key = "compile" if entry.get("exec") == "compile" else "eager"
         longest[kind_key] = max(longest[kind_key], entry["seconds"])
         results["variants"].append(entry)
+        fp8_psnr_cost(results["variants"])
         if "psnr" in entry:
             print(f"[quality] {var['name']:28s} PSNR {entry['psnr']:6.2f} dB  SSIM {entry['ssim']:.4f}  cos {entry['cosine']:.5f}  "
                   f"attn rel-L2 {entry['attn_rel_l2_mean']:.4f}  ({entry['seconds']:.1f}s)", flush=True)

@@ -65,6 +65,28 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          (*E2E, "--model", "flux", "--flux-layers", "5,10", "--iters", "10",
           "--variants", "compile-cudnn,compile,paro-0.5,paro-0.2", "--max-minutes", "4.1"), 270,
          "Flux-1024-shaped transformer (5 double + 10 single blocks): compile default / cuDNN against paro 0.5 / 0.2"),
+    # 720p video (a block takes ~0.2-0.6 s per forward: reduced depth, the compiles take most of the budget)
+    Spec("e2e-wan720", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "wan", "--layers", "2", "--batch", "1,2", "--iters", "5",
+          "--variants", "compile,compile-cudnn,paro-0.2,paro-0.3,compile-flash,paro-0.5", "--max-minutes", "8.6"), 570,
+         "Wan2.1-14B-shaped transformer at 720p (75,600 tokens), 2 of 40 blocks, B=1 and the CFG batch B=2: compile with "
+         "the default / cuDNN / flash SDPA against paro at 0.2 / 0.3 / 0.5"),
+    Spec("e2e-wan720-fp8", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "wan", "--layers", "2", "--batch", "1", "--iters", "5",
+          "--variants", "compile-cudnn,paro-0.2,compile-cudnn+fp8,paro-0.2+fp8,paro-0.2+fp8cd,paro-0.3+fp8,paro-0.5+fp8",
+          "--max-minutes", "8.6"), 570,
+         "Wan2.1-14B-shaped, 720p, 2 blocks, B=1, FP8 linears (torchao row-wise): cuDNN compile and paro 0.2 without and "
+         "with them, paro 0.2 with torchao's Inductor settings (where the first call's time goes), paro 0.3 / 0.5"),
+    Spec("e2e-hunyuan720", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "hunyuan", "--layers", "1,2", "--batch", "1,2", "--iters", "3",
+          "--variants", "compile,paro-0.2,compile-cudnn,compile-efficient,paro-0.3,paro-0.5", "--max-minutes", "8.6"), 570,
+         "HunyuanVideo-shaped transformer at 720p (118,800 video + 256 text tokens, key-padding mask), 1 dual + 2 single of "
+         "20 + 40 blocks, B=1 and 2: compile default / cuDNN / efficient SDPA against paro at 0.2 / 0.3 / 0.5"),
+    Spec("e2e-hunyuan720-fp8", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "hunyuan", "--layers", "1,2", "--batch", "1", "--iters", "3",
+          "--variants", "compile,paro-0.2,compile+fp8,paro-0.2+fp8,paro-0.2+fp8cd,paro-0.3+fp8", "--max-minutes", "8.6"),
+         570, "HunyuanVideo-shaped, 720p, 1 dual + 2 single blocks, B=1, FP8 linears: compile and paro 0.2 without and "
+              "with them, paro 0.2 with torchao's Inductor settings, paro 0.3"),
     # folding
     Spec("fold-depth6", "benchmarks/bench_fold.py",
          ("--depth", "6", "--iters", "10", "--json", "{out}/fold_depth6.json", "--profile", "{out}/profile"), 300,
@@ -85,6 +107,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
           "--compensate", "on", "--variants", "paro,natural", "--seeds", "1234,4321,999"), 570,
          "the best quality recipe at an average density of 0.3 (block 16, 3 dense steps, global allocation, "
          "compensation), PARO and natural order, pooled over three seeds"),
+    Spec("quality-fp8", "benchmarks/quality.py",
+         (*QUALITY_EAGER[1:], "--max-minutes", "2.5", "--variants", "fp8-linears", "--densities", "0.3",
+          "--seeds", "1234,4321,999"), 560,
+         "FP8 linears (torchao row-wise) on the toy fixture: the same density-0.3 plan with and without them, and FP8 "
+         "linears alone, pooled over three seeds (target: FP8 linears cost <= 1 dB)"),
     Spec("train-toy", "benchmarks/train_video_dit.py", ("--minutes", "2.9", "--out", "{out}"), 300,
          "train the toy CogVideoX fixture (copy OUT/toy_cogvideox to paro_compile/toy/fixtures/)"),
     # tests and CPU-side reports

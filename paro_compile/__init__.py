@@ -23,6 +23,7 @@ _LAZY = {
     "SitePlan": ("paro_compile.plan", "SitePlan"),
     "TokenGrid": ("paro_compile.grid", "TokenGrid"),
     "BlockMask": ("paro_compile.kernels.block_mask", "BlockMask"),
+    "quantize_linears": ("paro_compile.fp8", "quantize_linears"),
 }
 
 

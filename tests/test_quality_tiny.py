@@ -96,3 +96,29 @@ def test_quality_sweep_tiny(tmp_path):
     assert any("dense_steps" in v["name"] for v in data["variants"])
     # The derived plans must equal a direct calibrate() call on the same inputs.
     assert all(data["check_direct"].values()), data["check_direct"]
+
+
+def test_quality_tiny_fp8_linears_variant(tmp_path):
+    """The fp8-linears rows compare the same plan with and without FP8 linears; on a machine without an FP8 GPU they
+    are skipped with the reason, and the plan's row without FP8 still runs."""
+    quality = load_benchmark("quality")
+    results = quality.main(["--tiny", "--out", str(tmp_path), "--variants", "paro,fp8-linears"])
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert set(by_name) == {"paro d=0.5 int8/fp8", "paro d=0.5 int8/fp8 +fp8-linears", "fp8-linears SDPA"}
+    assert "psnr" in by_name["paro d=0.5 int8/fp8"], by_name["paro d=0.5 int8/fp8"].get("error")
+    import torch
+
+    for name in ("paro d=0.5 int8/fp8 +fp8-linears", "fp8-linears SDPA"):
+        v = by_name[name]
+        assert v["fp8_linears"] and "psnr" not in v
+        if not torch.cuda.is_available():
+            assert v["skipped"].startswith("FP8 linears unavailable: no CUDA device"), v
+    targets = quality.quality_targets([dict(name="paro d=0.5 int8/fp8", kind="paro", psnr=20.0),
+                                       dict(name="paro d=0.5 int8/fp8 +fp8-linears", kind="paro", psnr=19.2)], [0.5])
+    assert targets == {"fp8_linears_cost_le_1dB_paro d=0.5 int8/fp8": True}
+    targets = quality.quality_targets([dict(name="paro d=0.5 int8/fp8", kind="paro", psnr=20.0),
+                                       dict(name="paro d=0.5 int8/fp8 +fp8-linears", kind="paro", psnr=18.9)], [0.5])
+    assert targets == {"fp8_linears_cost_le_1dB_paro d=0.5 int8/fp8": False}
+    rows = [dict(name="paro d=0.3 int8/fp8", psnr=20.0), dict(name="paro d=0.3 int8/fp8 +fp8-linears", psnr=18.5)]
+    quality.fp8_psnr_cost(rows)
+    assert rows[1]["fp8_psnr_cost_db"] == pytest.approx(1.5) and "fp8_psnr_cost_db" not in rows[0]
