@@ -53,6 +53,27 @@ def host_us(fn, calls: int, device: torch.device) -> float:
     return sorted(rounds)[len(rounds) // 2]
 
 
+def profile_calls(fn, calls: int, path: Path) -> None:
+    """cProfile of ``calls`` calls: where the host time of one call goes (top functions by own and total time)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"{calls} calls\n")
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(35)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.tiny:
@@ -92,6 +113,7 @@ def main(argv=None) -> list[dict]:
         us = host_us(fn, calls, device)
         rows.append({"shape": "x".join(map(str, tiny_shape)), "case": name, "host_us_per_call": round(us, 2)})
         print(f"{name:40s} {us:8.2f} us/call", flush=True)
+    profile_calls(cases["op (sparse mask)"], 5 if args.tiny else 300, Path(args.out) / "host_profile.txt")
     if not args.tiny:
         from torch.nn.attention.flex_attention import flex_attention
 

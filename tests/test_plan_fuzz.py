@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from safetensors.torch import safe_open, save_file
 
 from paro_compile.grid import TokenGrid, orders_permutation
+from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.reference import paro_attention_reference
 from paro_compile.plan import Plan, PlanError, SitePlan
 from paro_compile.plan_file import METADATA_KEY
@@ -62,10 +63,8 @@ def site_outputs(site: SitePlan) -> list[torch.Tensor]:
     q, k, v = (torch.randn(1, site.heads, site.seq_len, 8, generator=gen) for _ in range(3))
     outs = []
     for bucket in range(site.num_buckets):
-        counts, indices = site.csr(bucket)
-        outs.append(paro_attention_reference(q, k, v, perm=site.perm, kv_counts=counts, kv_indices=indices,
-                                             qk_bits=16, pv_dtype="fp16", block_m=site.block_size,
-                                             block_n=site.block_size))
+        mask = BlockMask.from_csr(*site.csr(bucket), site.seq_len, site.block_size, site.block_size)
+        outs.append(paro_attention_reference(q, k, v, perm=site.perm, mask=mask, qk_bits=16, pv_dtype="fp16"))
     return outs
 
 

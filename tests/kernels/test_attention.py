@@ -434,10 +434,12 @@ def test_cuda_autotune_persists(tmp_path, monkeypatch, gen):
     tuning.set_cache_dir(tmp_path)
     try:
         A._attn_fwd_tuned.cache.clear()
+        A._TUNED.clear()
         winners = A.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
         assert len(winners) == 2 and all(w["tuned_now"] and "num_warps" in w for w in winners)
         assert len(list((tmp_path / "autotune").glob("*/*.autotune.json"))) == 2
         A._attn_fwd_tuned.cache.clear()  # as in a new process
+        A._TUNED.clear()
         again = A.tune([(1, 4, 1500, 64)], densities=(1.0, 0.3), dtypes=(torch.float16,))
         assert [w["tuned_now"] for w in again] == [False, False]
         assert [(w["kwargs"], w["num_warps"], w["num_stages"]) for w in again] == \
