@@ -268,14 +268,14 @@ def test_bench_runs_the_benchmark_main_with_a_gpu(monkeypatch, capsys, tmp_path)
     script.write_text("from pathlib import Path\n"
                       "def main(argv):\n    print('BENCH', argv)\n"
                       "    out = Path(argv[argv.index('--out') + 1])\n    out.mkdir(exist_ok=True)\n"
-                      "    (out / 'attention.csv').write_text('x')\n    (out / 'attention.png').write_text('x')\n    return 0\n")
+                      "    (out / 'attention.json').write_text('x')\n    (out / 'attention.png').write_text('x')\n    return 0\n")
     monkeypatch.setattr(cli, "cuda_available", lambda: True)
     monkeypatch.setattr(cli, "find_bench_script", lambda: script)
     out = tmp_path / "res"
     assert cli.main(["bench", "--quick", "--out", str(out), "--densities", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert f"BENCH ['--quick', '--out', '{out}', '--densities', '0.5']" in printed
-    assert f"wrote {out / 'attention.csv'}, {out / 'attention.png'}" in printed
+    assert f"wrote {out / 'attention.json'}, {out / 'attention.png'}" in printed
     monkeypatch.setattr(cli, "find_bench_script", lambda: None)
     assert cli.main(["bench"]) == 2
     assert "benchmarks/bench_attention.py not found" in capsys.readouterr().err

@@ -33,5 +33,7 @@ def test_verdicts_on_symbolic_lengths_specialize_nothing():
     self_attention, cross_attention = find_attention_sites(gm, ParoConfig(allow_fp32=True))
     assert (self_attention.site_id, cross_attention.site_id) == ("<root>#0", "<root>#1")
     assert self_attention.supported and not isinstance(self_attention.seq_len, int)
-    assert any(reason.startswith("cross-attention") for reason in cross_attention.reasons)
+    assert not self_attention.is_cross and cross_attention.is_cross and cross_attention.supported
+    _, kept_on_sdpa = find_attention_sites(gm, ParoConfig(allow_fp32=True, lower_cross_attention=False))
+    assert any(reason.startswith("cross-attention") for reason in kept_on_sdpa.reasons)
     assert len(shape_env.guards) == guards
