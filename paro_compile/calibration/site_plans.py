@@ -73,6 +73,7 @@ def build_site_plan(
     scores = stats.scores()
     chosen_scores = {name: [round(float(value[order_index[h], h]), 6) for h in range(stats.heads)]
                      for name, value in scores.items()}
+    gains = stats.order_gains()
     report = {
         "calls": stats.calls,
         "bucket_calls": list(stats.bucket_calls),
@@ -81,8 +82,12 @@ def build_site_plan(
         "kept_mass_per_head": kept_per_head,
         "natural_kept_mass_per_head": natural_kept,
         "scores": chosen_scores,
+        "order_gain_per_head": ([round(float(gains[order_index[h], h]), 6) for h in range(stats.heads)]
+                                if gains is not None else None),
         "candidate_orders": list(stats.orders),
     }
+    if stats.outliers is not None:
+        report["qk_outliers"] = stats.outliers.report()
     return SitePlan(
         site_id=site_id,
         heads=stats.heads,
