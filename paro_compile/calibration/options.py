@@ -19,9 +19,9 @@ DEFAULT_DENSITY = 0.3
 # α = 0.9 with sparsity_metric="mass": the synthetic-head sweep in docs/calibration.md ("Order choice and α"),
 # rerun by benchmarks/alpha_sweep.py.
 DEFAULT_ALPHA = 0.9
-# min_order_gain = 0.05: the synthetic-head measurement in docs/calibration.md ("Order choice and α"), rerun by
+# min_order_gain = 0.02: the synthetic-head measurement in docs/calibration.md ("Order choice and α"), rerun by
 # benchmarks/order_gain_sweep.py.
-DEFAULT_MIN_ORDER_GAIN = 0.05
+DEFAULT_MIN_ORDER_GAIN = 0.02
 # qk_outlier_error = 0.05: above the FP8-PV error floor, so a flagged site's Q/K quantization is its largest error
 # source; measured on clean and outlier inputs in docs/calibration.md ("Q/K outliers").
 DEFAULT_QK_OUTLIER_ERROR = 0.05

@@ -53,7 +53,7 @@ def block_incoherence(x: torch.Tensor, block: int) -> torch.Tensor:
     block counts its real tokens only); 1 for an all-zero block."""
     b, h, n, d = x.shape
     nb = num_blocks(n, block)
-    blocks = torch.nn.functional.pad(x.abs(), (0, 0, 0, nb * block - n)).view(b, h, nb, block * d)
+    blocks = torch.nn.functional.pad(x.abs(), (0, 0, 0, nb * block - n)).reshape(b, h, nb, block * d)
     counts = torch.full((nb,), float(block * d), device=x.device)
     counts[-1] = (n - (nb - 1) * block) * d
     mean = blocks.sum(-1) / counts
@@ -63,7 +63,7 @@ def block_incoherence(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, block: int, bits: int = 8) -> torch.Tensor:
     """x [B, H, N, D] quantized per ``block`` tokens (`quantize_blockwise`) and dequantized back to float32."""
-    values, scale = quantize_blockwise(x.float(), block, bits)
+    values, scale = quantize_blockwise(x.float().contiguous(), block, bits)
     per_token = scale.repeat_interleave(block, dim=-1)[..., : x.shape[2]]
     return values * per_token[..., None]
 
@@ -105,7 +105,7 @@ class OutlierStatistics:
         found: dict[str, list[torch.Tensor]] = {name: [] for name in self.worst}
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
-            qf, kf, vf = q[:, h0:h1].float(), k[:, h0:h1].float(), v[:, h0:h1].float()
+            qf, kf, vf = (x[:, h0:h1].float().contiguous() for x in (q, k, v))
             smoothed = smooth_keys(kf)
             psi_q, psi_k = block_incoherence(qf, bs), block_incoherence(smoothed, bs)
             # The rows of each (batch, head)'s most incoherent Q block, quantized as that block (a block's scale

@@ -99,6 +99,14 @@ def test_calibration_records_outliers_per_site_and_the_summary_names_the_fix():
     assert "clean#0:" not in summary.split("Q/K outliers", 1)[1]
 
 
+def test_non_contiguous_inputs_measure_like_contiguous_ones():
+    q, k, v = gaussian_qkv()
+    q[:, :, 100] *= 100
+    as_strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # [B, N, H, D] memory, as diffusers
+    assert not as_strided[0].is_contiguous()
+    assert outlier_report(*as_strided) == outlier_report(q, k, v)
+
+
 def test_outlier_measurement_can_be_switched_off_and_validates_its_threshold():
     q, k, _ = gaussian_qkv()
     site = calibrate_site(q, k, GRID_1024, qk_outlier_error=None)
