@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "inspect": ("paro_compile.inspection", "inspect"),
     "calibrate": ("paro_compile.calibration", "calibrate"),
+    "capture_calls": ("paro_compile.capture", "capture_calls"),
     "Plan": ("paro_compile.plan", "Plan"),
     "SitePlan": ("paro_compile.plan", "SitePlan"),
     "TokenGrid": ("paro_compile.grid", "TokenGrid"),
@@ -34,4 +35,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "clear_reports", "inspect",
-           "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]
+           "calibrate", "capture_calls", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]
