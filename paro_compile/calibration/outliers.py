@@ -22,8 +22,8 @@ Per site, head and calibration call, `OutlierStatistics.update` measures, in the
 
 `report` keeps the worst call per head and flags the site when a head's INT8 error exceeds ``qk_outlier_error``
 (`CalibrationOptions`), with the suggested fix: finer quantization groups (``block_size=16``) when they bring the error
-under the threshold, else ``qk_bits=16`` for the site. Memory: heads are processed in groups of at most
-``max_elements`` attention entries (rows × keys), so the pass never holds more than a few such groups.
+under the threshold, else ``qk_bits=16`` for the site. Memory: heads are processed in groups whose attention rows
+and fp32 copies of q, k, v each stay within half of ``max_elements`` (the statistics pass's chunk budget).
 """
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ class OutlierStatistics:
         if v is None:
             v = torch.randn(bsz, heads, n, d, generator=gen, device=q.device)
         typical_rows = torch.randint(0, n, (bs,), generator=gen, device=q.device)
-        group = max(1, min(heads, max_elements // max(1, bsz * bs * n)))
+        # Per group: attention rows [B, h, bs, N] and about seven [B, h, N, D] copies (fp32 q, k, v, smoothed and
+        # quantized K): keep each within half the chunk budget.
+        group = max(1, min(heads, max_elements // max(1, 2 * bsz * n * max(bs, d))))
         found: dict[str, list[torch.Tensor]] = {name: [] for name in self.worst}
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)

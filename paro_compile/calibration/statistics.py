@@ -186,7 +186,8 @@ class SiteStatistics:
         scores = {
             "block_sparsity": (small >= opts.sigma * valid - 0.5).float().mean((-1, -2)),
             "incoherence": torch.where(mass > 0, peak * valid / mass.clamp_min(1e-30), torch.ones_like(mass)).mean((-1, -2)),
-            "kept_mass": kept_share(mass, select_blocks(mass, opts.mask_density, tab["mandatory"])),
+            # One order at a time: the block sort of all orders at once needs ~12 B per block of every order's map.
+            "kept_mass": torch.stack([kept_share(m, select_blocks(m, opts.mask_density, tab["mandatory"])) for m in mass]),
         }
         for name, value in scores.items():
             value = value.double().cpu()
