@@ -98,8 +98,6 @@ class OutlierStatistics:
         bsz, heads, n, d = q.shape
         bs = self.block_size
         gen = torch.Generator(device=q.device).manual_seed(0)
-        if v is None:
-            v = torch.randn(bsz, heads, n, d, generator=gen, device=q.device)
         typical_rows = torch.randint(0, n, (bs,), generator=gen, device=q.device)
         # Per group: attention rows [B, h, bs, N] and about seven [B, h, N, D] copies (fp32 q, k, v, smoothed and
         # quantized K): keep each within half the chunk budget.
@@ -107,7 +105,9 @@ class OutlierStatistics:
         found: dict[str, list[torch.Tensor]] = {name: [] for name in self.worst}
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
-            qf, kf, vf = (x[:, h0:h1].float().contiguous() for x in (q, k, v))
+            qf, kf = (x[:, h0:h1].float().contiguous() for x in (q, k))
+            vf = (v[:, h0:h1].float().contiguous() if v is not None
+                  else torch.randn(bsz, h1 - h0, n, d, generator=gen, device=q.device))
             smoothed = smooth_keys(kf)
             psi_q, psi_k = block_incoherence(qf, bs), block_incoherence(smoothed, bs)
             # The rows of each (batch, head)'s most incoherent Q block, quantized as that block (a block's scale

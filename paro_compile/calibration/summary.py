@@ -1,7 +1,7 @@
 """The calibration summary `calibrate` prints: the plan's per-site lines, then what needs the user's attention.
 
 - sites calibration skipped (``Plan.meta["skipped_sites"]``), with each reason: the backend runs them dense in the
-  model's token order;
+  model's token order, or keeps SDPA where it cannot lower them (masks, cross-attention, ...);
 - sites whose Q/K outliers would cost accuracy with per-block INT8 (``SitePlan.stats["qk_outliers"]``, see
   `outliers`), with the suggested fix.
 """
@@ -23,7 +23,8 @@ def calibration_summary(plan: Any) -> str:
     lines = [plan.summary()]
     skipped = skipped_sites(plan)
     if skipped:
-        lines.append(f"skipped {len(skipped)} site(s); the backend runs them dense, in the model's token order:")
+        lines.append(f"skipped {len(skipped)} site(s): the backend runs them dense in the model's token order, or on "
+                     "SDPA where it cannot lower them:")
         lines += [f"  {site_id}: {'; '.join(reasons)}" for site_id, reasons in skipped.items()]
     flagged = [(site_id, site.stats["qk_outliers"]) for site_id, site in plan.sites.items()
                if (site.stats or {}).get("qk_outliers", {}).get("flagged")]
