@@ -92,8 +92,9 @@ class Recorder:
         """Why calibration cannot read a supported ``site`` (None when it can); resolves and keeps its grid."""
         heads, seq_len = static_int(site.heads), static_int(site.seq_len)
         if heads is None or seq_len is None:
-            return (f"symbolic sizes ({site.heads} heads, {site.seq_len} tokens): calibration needs static shapes "
-                    "(it compiles with dynamic=False; the model marks these sizes dynamic itself)")
+            return (f"symbolic sizes ({site.heads} heads, {site.seq_len} tokens): calibration needs static shapes and "
+                    "compiles with dynamic=False, so the model or its inputs mark these sizes dynamic "
+                    "(torch._dynamo.mark_dynamic); calibrate with inputs of fixed shapes")
         block = self.options.block_size
         if seq_len <= block:
             return (f"its {seq_len} tokens fit in one {block}-token block: there is no token order or block to choose "

@@ -63,6 +63,31 @@ def test_a_model_with_no_readable_site_names_every_reason():
     assert "unknown#0: attention site unknown#0 has 37 tokens" in message
 
 
+def test_symbolic_sizes_and_orders_the_grid_lacks_are_reasons_to_skip():
+    from types import SimpleNamespace
+
+    import sympy
+
+    from paro_compile.calibration import CalibrationOptions
+    from paro_compile.calibration.grids import GridResolver
+    from paro_compile.calibration.recording import Recorder
+
+    recorder = Recorder(CalibrationOptions(block_size=BLOCK), GridResolver(GRID, use_layout_pass=False))
+    try:
+        symbolic = SimpleNamespace(site_id="s#0", heads=2, seq_len=sympy.Symbol("s0"))
+        assert recorder.unreadable_reason(symbolic).startswith("symbolic sizes (2 heads, s0 tokens)")
+        readable = SimpleNamespace(site_id="r#0", heads=2, seq_len=GRID.num_tokens)
+        assert recorder.unreadable_reason(readable) is None and recorder.grids["r#0"] == GRID
+    finally:
+        recorder.close()
+    images_only = Recorder(CalibrationOptions(block_size=BLOCK, orders=["HW", "WH"]), GridResolver(GRID, use_layout_pass=False))
+    try:
+        reason = images_only.unreadable_reason(SimpleNamespace(site_id="r#0", heads=2, seq_len=GRID.num_tokens))
+        assert "order 'HW' is not a permutation of the grid's axes 'FHW'" in reason
+    finally:
+        images_only.close()
+
+
 class GrowingAndFixed(nn.Module):
     def __init__(self):
         super().__init__()
