@@ -100,12 +100,13 @@ def structured_qk(grid: TokenGrid, heads: int, dim: int, device: torch.device, d
     return torch.stack(qs)[None], torch.stack(ks)[None]
 
 
-def plan_sizes(masks: torch.Tensor, block: int, layers: int) -> dict:
-    """Plan size of one site's masks [1, H, nb, nb] and of ``layers`` such sites, with 1 and 2 step buckets."""
+def plan_sizes(masks: torch.Tensor, block: int, layers: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Plan size of one site's masks [1, H, nb, nb] and of ``layers`` such sites, with 1 and 2 step buckets (the CSR
+    is built on ``device``; its size does not depend on where)."""
     out = {}
     for buckets in (1, 2):
         stacked = masks.expand(buckets, -1, -1, -1).contiguous()
-        constants = BlockMask.from_dense(stacked, block, block).nbytes
+        constants = BlockMask.from_dense(stacked.to(device), block, block).nbytes
         packed = pack_bool(stacked).numel()
         out[f"csr_mib_per_site_{buckets}b"] = constants / 2**20
         out[f"csr_gib_model_{buckets}b"] = constants * layers / 2**30
@@ -160,7 +161,7 @@ def measure_site(site: SiteShape, device: torch.device, dtype: torch.dtype, args
                      "kept_mass": plan.stats["kept_mass"][0],
                      "orders_chosen": {o: plan.orders.count(o) for o in sorted(set(plan.orders))},
                      "qk_outliers_flagged": outliers.get("flagged"), "layers": site.layers,
-                     **plan_sizes(plan.block_masks, args.block, site.layers)})
+                     **plan_sizes(plan.block_masks, args.block, site.layers, device)})
     del q, k, v, stats
     if cuda:
         torch.cuda.empty_cache()
