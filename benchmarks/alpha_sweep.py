@@ -84,7 +84,7 @@ def sweep(num_heads: int = 48, seed: int = 1, *, grid: TokenGrid = SWEEP_GRID, a
             s = stats.scores()
             best_kept, best_psi = s["kept_mass"].amax(0), s["incoherence"].amin(0)
             for alpha in alphas:
-                idx = torch.tensor([stats.orders.index(o) for o in stats.choose_orders(alpha)])
+                idx = torch.tensor([stats.orders.index(o) for o in stats.choose_orders(alpha, min_gain=0.0)])
                 kept = s["kept_mass"][idx, torch.arange(len(heads))]
                 psi = s["incoherence"][idx, torch.arange(len(heads))]
                 rows.setdefault((metric, alpha), []).append((

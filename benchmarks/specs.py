@@ -48,6 +48,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "same mask, cuDNN dense"),
     Spec("calibrate-site", "benchmarks/calibrate_cog_site.py", ("--out", "{out}"), 120,
          "time and peak memory of calibrating one CogVideoX-5B-sized attention site"),
+    Spec("calibrate-720p", "benchmarks/calibrate_720p.py", ("--out", "{out}"), 240,
+         "time and peak memory of one calibration call at a Wan2.1-720p and a HunyuanVideo-720p site, and the whole "
+         "model's plan size at density 0.2 / 0.3 (targets: 10 s, 20 GiB per site per call)"),
     # end to end
     Spec("e2e-cog42", "benchmarks/bench_e2e.py",
          (*E2E, "--model", "cog", "--layers", "42", "--iters", "5", "--variants", "compile-cudnn,paro-0.2",

@@ -19,6 +19,7 @@ _LAZY = {
     "model_report": ("paro_compile.inspection", "model_report"),
     "watch_attention": ("paro_compile.inspection", "watch_attention"),
     "calibrate": ("paro_compile.calibration", "calibrate"),
+    "capture_calls": ("paro_compile.capture", "capture_calls"),
     "Plan": ("paro_compile.plan", "Plan"),
     "SitePlan": ("paro_compile.plan", "SitePlan"),
     "TokenGrid": ("paro_compile.grid", "TokenGrid"),
@@ -37,4 +38,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
-           "clear_reports", "inspect", "calibrate", "Plan", "SitePlan", "TokenGrid", "BlockMask", "__version__"]
+           "clear_reports", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "TokenGrid", "BlockMask",
+           "__version__"]

@@ -214,10 +214,13 @@ class AutoCalibratingCallable:
             return None
         try:
             plan = Plan.load(self.path)
+            from paro_compile.calibration.summary import skipped_sites
             from paro_compile.config import ParoConfig
             from paro_compile.passes.discover import find_attention_sites
 
-            plan.check_sites(find_attention_sites(gm, ParoConfig(allow_fp32=True)),
+            skipped = skipped_sites(plan)  # left out by calibration: dense, model order, not missing
+            plan.check_sites([s for s in find_attention_sites(gm, ParoConfig(allow_fp32=True))
+                              if s.site_id not in skipped or s.site_id in plan.sites],
                              block_size=getattr(self.config, "block_size", None))
             return plan
         except (PlanError, OSError) as error:

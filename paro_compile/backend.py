@@ -72,9 +72,13 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
             f"{len(unsupported)} attention site(s) cannot use paro attention:\n{details}\n"
             "Fix the causes above, or use options={'fallback': 'sdpa'} to keep those sites on SDPA."
         )
+    from paro_compile.calibration.summary import skipped_sites
+
+    # Sites calibration skipped (plan.meta["skipped_sites"]) are not missing from the plan: they run dense, model order.
+    skipped = {sid: reasons for sid, reasons in skipped_sites(plan).items() if sid not in plan.sites} if plan is not None else {}
     if plan is not None and hasattr(plan, "check_sites"):
-        # Cross-attention sites have no token order: plans never hold them.
-        plan.check_sites([s for s in sites if not s.is_cross], allow_extra=True)
+        # Cross-attention sites have no token order (plans never hold them); skipped sites run dense.
+        plan.check_sites([s for s in sites if not s.is_cross and s.site_id not in skipped], allow_extra=True)
     kernel_perms = None
     fold_records: dict[str, str] = {}
     if plan is not None and config.fold_permutations:
@@ -88,6 +92,10 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
             report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
             before = report.passes[-1]["after"]
     report.sites = lower_attention_sites(gm, sites, config, plan, kernel_perms)
+    for record in report.sites:
+        if record.lowered and record.site_id in skipped:
+            record.reasons.append(f"calibration skipped this site ({'; '.join(skipped[record.site_id])}); dense, "
+                                  "model token order")
     for record in report.sites:
         if record.site_id in fold_records and record.lowered:
             record.permutation = fold_records[record.site_id]

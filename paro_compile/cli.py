@@ -366,7 +366,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"calibration failed: {failure_message(cause or error)}", EXIT_FAILED) from error
     plan.save(out)
     if args.quiet:  # with progress, calibrate() already printed the summary
-        print(plan.summary())
+        from paro_compile.calibration.summary import calibration_summary
+
+        print(calibration_summary(plan))
     print(f"wrote plan {out} (use: torch.compile(model, backend='paro', options={{'plan': '{out}'}}) "
           f"or `paro diff ... -o plan={out}`)")
     return EXIT_OK

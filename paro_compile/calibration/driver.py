@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -25,6 +26,7 @@ from paro_compile.calibration.options import (
 )
 from paro_compile.calibration.recording import Recorder
 from paro_compile.calibration.statistics import SiteStatistics
+from paro_compile.calibration.summary import calibration_summary
 from paro_compile.grid import TokenGrid
 from paro_compile.plan import Plan, SitePlan, model_fingerprint
 
@@ -76,6 +78,11 @@ def _calibration_timesteps(model: torch.nn.Module, items: list, timestep_arg: st
     return out
 
 
+def _reiterable(items: Iterable[Any]) -> Sequence:
+    """``items`` itself when it can be read twice without a copy (a list, `capture.CapturedCalls`), else a list."""
+    return items if isinstance(items, Sequence) else list(items)
+
+
 def _fresh_runner(tag: int) -> Callable:
     """``run(model, args, kwargs)`` with a code object of its own.
 
@@ -122,7 +129,13 @@ def calibrate(
     ``grid_for_site(site)``, then the layout-inference pass (``use_layout_pass``), then the inputs' shapes
     (`grids.infer_grid`, with the text tokens at ``text_position``: "prefix" or "suffix"); a layout none of them
     determines raises `CalibrationError`.
-    progress: a tqdm progress bar over the calls, and the plan summary at the end.
+    progress: a tqdm progress bar over the calls, and the calibration summary at the end (`summary.calibration_summary`:
+    the plan, the skipped sites with their reasons, the sites flagged for Q/K outliers).
+
+    A site that the backend cannot lower or calibration cannot read (symbolic sizes, all its tokens in one block, a
+    token layout no source determines, a shape that changes between calls) is skipped: the plan's
+    ``meta["skipped_sites"]`` maps it to its reasons, and the backend runs it dense in the model's token order. Only a
+    model with no readable site raises `CalibrationError`, naming every site's reason.
 
     The step buckets come from ``step_boundaries``, or are derived from the calibration timesteps (read from the
     ``timestep_arg`` input). With ``average_density`` the sparse buckets' density is solved so that the kept share
@@ -141,7 +154,7 @@ def calibrate(
         if opts.dense_steps:
             dense_buckets = [0]
     elif opts.step_buckets > 1 or opts.dense_steps:
-        items = list(items)
+        items = _reiterable(items)
         total = len(items)
         timesteps = _calibration_timesteps(model, items, opts.timestep_arg, "step buckets need the timestep")
         boundaries, dense_buckets = derive_step_boundaries(timesteps, opts.step_buckets, opts.dense_steps)
@@ -154,7 +167,7 @@ def calibrate(
         weights_from = opts.sampling_timesteps
         if weights_from is None and dense_buckets:
             if not timesteps:  # explicit boundaries: read the calibration timesteps now
-                items = list(items)
+                items = _reiterable(items)
                 total = len(items)
                 timesteps = _calibration_timesteps(model, items, opts.timestep_arg,
                                                    "average_density with dense buckets needs the timestep "
@@ -212,5 +225,5 @@ def calibrate(
     if progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(plan.summary())
+        tqdm.write(calibration_summary(plan))
     return plan

@@ -19,6 +19,12 @@ DEFAULT_DENSITY = 0.3
 # α = 0.9 with sparsity_metric="mass": the synthetic-head sweep in docs/calibration.md ("Order choice and α"),
 # rerun by benchmarks/alpha_sweep.py.
 DEFAULT_ALPHA = 0.9
+# min_order_gain = 0.02: the synthetic-head measurement in docs/calibration.md ("Order choice and α"), rerun by
+# benchmarks/order_gain_sweep.py.
+DEFAULT_MIN_ORDER_GAIN = 0.02
+# qk_outlier_error = 0.05: above the FP8-PV error floor, so a flagged site's Q/K quantization is its largest error
+# source; measured on clean and outlier inputs in docs/calibration.md ("Q/K outliers").
+DEFAULT_QK_OUTLIER_ERROR = 0.05
 DEFAULT_EPS = 1e-3
 DEFAULT_SIGMA = 0.9
 SPARSITY_METRICS = ("both", "paper", "mass")
@@ -120,6 +126,12 @@ class CalibrationOptions:
                                           "of its entries are below eps")
     orders: Optional[list[str]] = _option(
         None, "candidate token orders, e.g. FHW,HWF (unset: every permutation of the grid's axes)")
+    min_order_gain: float = _option(
+        DEFAULT_MIN_ORDER_GAIN, "a head leaves the model's token order only for an order whose gain over it exceeds "
+                                "this: the share of the model order's dropped attention mass it recovers, mixed by "
+                                "alpha with its relative incoherence reduction (0: any gain)")
+    """Another order costs a kernel permutation or folded layout ops; on near-uniform maps every order keeps about the
+    same mass and the best one wins by noise. `orders.order_gains` defines the gain."""
 
     # ---- blocks and the statistics pass ---------------------------------------------------------------
     block_size: int = _option(64, "token block of the masks (must equal the backend's block_size)")
@@ -131,6 +143,13 @@ class CalibrationOptions:
         None, "device of the accumulated [orders, heads, nb, nb] mass maps, e.g. cpu to save GPU memory (unset: "
               "the attention inputs' device)")
     """A device name; a torch.device is accepted and stored as its name."""
+
+    # ---- Q/K outliers ---------------------------------------------------------------------------------
+    qk_outlier_error: Optional[float] = _option(
+        DEFAULT_QK_OUTLIER_ERROR, "flag a site when per-block INT8 Q/K would give an attention-output error above this "
+                                  "on a head's most incoherent query block (unset: not measured)")
+    """The measurement and the suggested fix (finer quantization groups or qk_bits=16): `outliers`; the numbers go to
+    ``SitePlan.stats["qk_outliers"]`` and flagged sites to the calibration summary."""
 
     # ---- empty heads ----------------------------------------------------------------------------------
     empty_head_tol: Optional[float] = _option(
@@ -144,6 +163,7 @@ class CalibrationOptions:
         for name in ("density", "average_density", "mass_threshold"):
             self._fraction(name, low_inclusive=False)
         self._fraction("alpha", low_inclusive=True)
+        self._fraction("min_order_gain", low_inclusive=True)
         self._fraction("sigma", low_inclusive=False)
         if self._number("eps", float) is not None and not 0.0 < self.eps < 1.0:
             raise CalibrationOptionError(("eps",), f"{{eps}} must be in (0, 1), got {self.eps}")
@@ -152,6 +172,9 @@ class CalibrationOptions:
             value = self._number(name, int)
             if value is not None and value < least:
                 raise CalibrationOptionError((name,), f"{{{name}}} must be >= {least}, got {value}")
+        if self._number("qk_outlier_error", float) is not None and not self.qk_outlier_error > 0:
+            raise CalibrationOptionError(("qk_outlier_error",), f"{{qk_outlier_error}} must be > 0 (unset: not measured), "
+                                                                f"got {self.qk_outlier_error}")
         if self._number("empty_head_tol", float) is not None and self.empty_head_tol < 0:
             raise CalibrationOptionError(("empty_head_tol",), f"{{empty_head_tol}} must be >= 0, got {self.empty_head_tol}")
         for name in ("allocation", "block_score", "sparsity_metric", "empty_heads"):

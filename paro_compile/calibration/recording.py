@@ -2,8 +2,12 @@
 
 `Recorder.instrument` finds the attention sites (`passes.discover.find_attention_sites`, with fp32 allowed so
 fp32 models calibrate too), resolves each supported site's token grid and replaces its SDPA node by
-`_observe_sdpa`; unsupported sites (masks, dropout, cross-attention, ...) are listed in ``skipped``. The graph
-function refers to its recorder by id (`_RECORDERS`), so the graph module holds no reference to the statistics.
+`_observe_sdpa`. A site is skipped, with its reasons in ``skipped`` (the plan's ``meta["skipped_sites"]``), when the
+backend cannot lower it (masks, dropout, cross-attention, ...) or calibration cannot read it (`unreadable_reason`:
+symbolic sizes, all tokens in one block, a token layout no source determines, a shape that changes between calls):
+the backend runs a skipped site dense in the model's token order and its report says why. Only when no site can be
+read does `build_plan` fail, naming every site's reason. The graph function refers to its recorder by id
+(`_RECORDERS`), so the graph module holds no reference to the statistics.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from paro_compile.calibration.options import CalibrationError, CalibrationOption
 from paro_compile.calibration.site_plans import build_site_plans
 from paro_compile.calibration.statistics import SiteStatistics
 from paro_compile.grid import TokenGrid
+from paro_compile.passes.fx_utils import static_int
 from paro_compile.plan import Plan
 
 _RECORDERS: dict[int, "Recorder"] = {}
@@ -61,15 +66,49 @@ class Recorder:
     def close(self) -> None:
         _RECORDERS.pop(self.id, None)
 
+    def skip(self, site_id: str, reasons: list[str]) -> None:
+        """Leave ``site_id`` out of the plan (dense, model order at run time) for ``reasons``; drops its statistics."""
+        self.skipped[site_id] = list(reasons)
+        self.sites.pop(site_id, None)
+        self.grids.pop(site_id, None)
+
     def observe(self, site_id: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
+        if site_id in self.skipped:
+            return
         stats = self.sites.get(site_id)
-        if stats is None:
-            stats = SiteStatistics(self.grids[site_id], q.shape[1], self.options, num_buckets=self.num_buckets)
-            self.sites[site_id] = stats
-        stats.update(q.detach(), k.detach(), v.detach(), scale=scale, bucket=self.bucket)
+        try:
+            if stats is None:
+                stats = SiteStatistics(self.grids[site_id], q.shape[1], self.options, num_buckets=self.num_buckets)
+                self.sites[site_id] = stats
+            elif stats.seq_len != q.shape[2] or stats.heads != q.shape[1]:
+                raise CalibrationError(
+                    f"its shape changed between calibration calls ({stats.heads} heads x {stats.seq_len} tokens, then "
+                    f"{q.shape[1]} x {q.shape[2]}); a plan holds one shape per site: calibrate with inputs of one shape")
+            stats.update(q.detach(), k.detach(), v.detach(), scale=scale, bucket=self.bucket)
+        except CalibrationError as error:
+            self.skip(site_id, [str(error)])
+
+    def unreadable_reason(self, site) -> Optional[str]:
+        """Why calibration cannot read a supported ``site`` (None when it can); resolves and keeps its grid."""
+        heads, seq_len = static_int(site.heads), static_int(site.seq_len)
+        if heads is None or seq_len is None:
+            return (f"symbolic sizes ({site.heads} heads, {site.seq_len} tokens): calibration needs static shapes and "
+                    "compiles with dynamic=False, so the model or its inputs mark these sizes dynamic "
+                    "(torch._dynamo.mark_dynamic); calibrate with inputs of fixed shapes")
+        block = self.options.block_size
+        if seq_len <= block:
+            return (f"its {seq_len} tokens fit in one {block}-token block: there is no token order or block to choose "
+                    "(e.g. temporal attention over few frames)")
+        try:
+            grid = self.resolver(site)
+            SiteStatistics(grid, heads, self.options, num_buckets=self.num_buckets)  # refuses orders the grid lacks
+        except (CalibrationError, ValueError) as error:
+            return str(error)
+        self.grids[site.site_id] = grid
+        return None
 
     def instrument(self, gm: fx.GraphModule) -> fx.GraphModule:
-        """Replace every supported SDPA site of ``gm`` (in place) by `_observe_sdpa`."""
+        """Replace every supported, readable SDPA site of ``gm`` (in place) by `_observe_sdpa`; list the others."""
         from paro_compile.config import ParoConfig
         from paro_compile.passes.discover import find_attention_sites
 
@@ -78,7 +117,12 @@ class Recorder:
             if not site.supported:
                 self.skipped[site.site_id] = list(site.reasons)
                 continue
-            self.grids[site.site_id] = self.resolver(site)
+            if site.site_id in self.skipped:
+                continue
+            reason = self.unreadable_reason(site)
+            if reason is not None:
+                self.skip(site.site_id, [reason])
+                continue
             node = site.node
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale))
@@ -92,8 +136,11 @@ class Recorder:
     def build_plan(self, *, step_boundaries: list[float], dense_buckets: Iterable[int] = (), timestep_arg: str = "timestep",
                    fingerprint: Optional[str] = None, meta: Optional[dict] = None) -> Plan:
         if not self.sites:
-            reasons = "; ".join(f"{sid}: {', '.join(r)}" for sid, r in self.skipped.items()) or "no SDPA call found"
-            raise CalibrationError(f"no supported attention site was observed ({reasons})")
+            if not self.skipped:
+                raise CalibrationError("no supported attention site was observed: the model made no "
+                                       "scaled_dot_product_attention call on the calibration inputs")
+            reasons = "\n".join(f"  {sid}: {'; '.join(r)}" for sid, r in self.skipped.items())
+            raise CalibrationError(f"no supported attention site was observed; every site was skipped:\n{reasons}")
         sites = build_site_plans(self.sites, dense_buckets=dense_buckets)
         return Plan(
             sites=sites,

@@ -47,32 +47,39 @@ def build_site_plan(
     given = dict(masks or {})
     bucket_masks, densities, kept, kept_per_head, natural_kept = [], [], [], [], []
     for bucket in range(stats.num_buckets):
-        mass = stats.bucket_mass(bucket).float().cpu()
-        chosen_mass = mass[order_index, heads]  # [H, nb, nb]
+        # Masks are selected where the maps live (the GPU during a GPU calibration: sorting 720p maps on the host
+        # takes seconds per bucket); only the masks and the reported numbers come to the host.
+        mass = stats.bucket_mass(bucket).float()
+        device = mass.device
+        chosen_mass = mass[order_index.to(device), heads.to(device)]  # [H, nb, nb]
+        mandatory_here = mandatory.to(device)
         if bucket in dense_buckets:
-            mask = torch.ones(stats.heads, stats.nb, stats.nb, dtype=torch.bool)
+            mask = torch.ones(stats.heads, stats.nb, stats.nb, dtype=torch.bool, device=device)
         else:
             if bucket in given:
-                mask = given[bucket].to(torch.bool).cpu().clone()
+                mask = given[bucket].to(device=device, dtype=torch.bool).clone()
             elif opts.allocation == "uniform":
                 rank = chosen_mass if opts.block_score == "mass" else \
-                    stats.bucket_block_score(bucket).float().cpu()[order_index, heads]
-                mask = select_blocks(rank, density, mandatory, opts.mass_threshold)
+                    stats.bucket_block_score(bucket).float()[order_index.to(device), heads.to(device)]
+                mask = select_blocks(rank, density, mandatory_here, opts.mass_threshold)
             else:
                 score = row_normalized_mass(chosen_mass, stats.seq_len, stats.block_size)
                 mask, = allocate_blocks([score], density, [mandatory], opts.mass_threshold)
+                mask = mask.to(device)
             if opts.empty_heads == "minimal" and empty:
-                mask[empty] = mandatory
-        natural_mask = select_blocks(mass[natural], density, mandatory, opts.mass_threshold)
-        share = kept_share(chosen_mass, mask)
+                mask[empty] = mandatory_here
+        natural_mask = select_blocks(mass[natural], density, mandatory_here, opts.mass_threshold)
+        share = kept_share(chosen_mass, mask).cpu()
+        mask = mask.cpu()
         bucket_masks.append(mask)
         densities.append(float(mask.float().mean()))
         kept.append(float(share.mean()))
         kept_per_head.append([round(float(x), 6) for x in share])
-        natural_kept.append([round(float(x), 6) for x in kept_share(mass[natural], natural_mask)])
+        natural_kept.append([round(float(x), 6) for x in kept_share(mass[natural], natural_mask).cpu()])
     scores = stats.scores()
     chosen_scores = {name: [round(float(value[order_index[h], h]), 6) for h in range(stats.heads)]
                      for name, value in scores.items()}
+    gains = stats.order_gains()
     report = {
         "calls": stats.calls,
         "bucket_calls": list(stats.bucket_calls),
@@ -81,8 +88,12 @@ def build_site_plan(
         "kept_mass_per_head": kept_per_head,
         "natural_kept_mass_per_head": natural_kept,
         "scores": chosen_scores,
+        "order_gain_per_head": ([round(float(gains[order_index[h], h]), 6) for h in range(stats.heads)]
+                                if gains is not None else None),
         "candidate_orders": list(stats.orders),
     }
+    if stats.outliers is not None:
+        report["qk_outliers"] = stats.outliers.report()
     return SitePlan(
         site_id=site_id,
         heads=stats.heads,

@@ -18,7 +18,8 @@ import torch
 
 from paro_compile.calibration.masks import kept_share, mandatory_blocks, select_blocks
 from paro_compile.calibration.options import CalibrationError, CalibrationOptions
-from paro_compile.calibration.orders import best_orders, combined_scores
+from paro_compile.calibration.orders import best_orders, combined_scores, order_gains
+from paro_compile.calibration.outliers import OutlierStatistics
 from paro_compile.grid import TokenGrid, candidate_orders, inverse_permutation, order_permutation
 from paro_compile.kernels.reference import num_blocks
 from paro_compile.plan import SitePlan
@@ -73,6 +74,9 @@ class SiteStatistics:
         self.output_score: list[Optional[torch.Tensor]] = [None] * self.num_buckets
         """[O, H, nb, nb] per bucket with ``block_score="output"``: summed first-order output change of dropping
         each block (see `CalibrationOptions.block_score`)."""
+        self.outliers = (OutlierStatistics(self.heads, self.block_size, self.options.qk_outlier_error)
+                         if self.options.qk_outlier_error is not None else None)
+        """Q/K block incoherence and the INT8 error it implies (`outliers`), unless ``qk_outlier_error`` is unset."""
         self.out_sq = torch.zeros(self.heads, dtype=torch.float64)
         self.out_count = 0
         self._tables: dict[str, Any] = {}
@@ -126,6 +130,8 @@ class SiteStatistics:
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         max_elements = opts.max_chunk_elements or default_chunk_elements(device)
         rows_per_chunk = chunk_rows_for(bsz, heads, n, max_elements, opts.chunk_rows)
+        if self.outliers is not None:
+            self.outliers.update(q, k, v, scale=sm_scale, max_elements=max_elements)
 
         zero_row = q.new_zeros(bsz, heads, 1, d, dtype=torch.float32)
         k_ext = torch.cat([k.float(), zero_row], 2)  # the zero key N is masked to -inf: a zero column of P
@@ -180,7 +186,8 @@ class SiteStatistics:
         scores = {
             "block_sparsity": (small >= opts.sigma * valid - 0.5).float().mean((-1, -2)),
             "incoherence": torch.where(mass > 0, peak * valid / mass.clamp_min(1e-30), torch.ones_like(mass)).mean((-1, -2)),
-            "kept_mass": kept_share(mass, select_blocks(mass, opts.mask_density, tab["mandatory"])),
+            # One order at a time: the block sort of all orders at once needs ~12 B per block of every order's map.
+            "kept_mass": torch.stack([kept_share(m, select_blocks(m, opts.mask_density, tab["mandatory"])) for m in mass]),
         }
         for name, value in scores.items():
             value = value.double().cpu()
@@ -207,9 +214,25 @@ class SiteStatistics:
         alpha = self.options.alpha if alpha is None else float(alpha)
         return combined_scores(self.scores(), alpha, self.options.sparsity_metric)
 
-    def choose_orders(self, alpha: Optional[float] = None) -> list[str]:
-        """Best order per head (the natural order on ties: `orders.best_orders`)."""
-        return best_orders(self.combined_scores(alpha), self.orders, self.grid.natural_order)
+    @property
+    def natural_index(self) -> Optional[int]:
+        """Index of the model's own order among the candidates (None when it is not one of them)."""
+        natural = self.grid.natural_order
+        return self.orders.index(natural) if natural in self.orders else None
+
+    def order_gains(self, alpha: Optional[float] = None) -> Optional[torch.Tensor]:
+        """[O, H] gain of every order over the model's own (`orders.order_gains`); None without a natural candidate."""
+        if self.natural_index is None:
+            return None
+        alpha = self.options.alpha if alpha is None else float(alpha)
+        return order_gains(self.scores(), alpha, self.options.sparsity_metric, self.natural_index)
+
+    def choose_orders(self, alpha: Optional[float] = None, min_gain: Optional[float] = None) -> list[str]:
+        """Best order per head; the natural order on ties and where the best order's gain over it does not exceed
+        ``min_gain`` (default: the ``min_order_gain`` option; `orders.best_orders`)."""
+        min_gain = self.options.min_order_gain if min_gain is None else float(min_gain)
+        return best_orders(self.combined_scores(alpha), self.orders, self.grid.natural_order,
+                           self.order_gains(alpha), min_gain)
 
     def empty_heads(self) -> list[int]:
         tol = self.options.empty_head_tol

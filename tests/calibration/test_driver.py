@@ -12,8 +12,9 @@ from tests.calibration.calibration_helpers import BLOCK, GOOD_ORDERS, GRID, Tiny
 
 def test_calibrate_model_end_to_end(qk, tmp_path):
     model = TinyModel()
+    # min_order_gain=0: orders by score alone (see test_orders.py::test_orders_and_masks_on_structured_heads).
     plan = calibrate(model, model_inputs(qk, (999.0, 500.0, 10.0)), density=0.2, grid=GRID, block_size=BLOCK,
-                     step_buckets=2, dense_steps=1, progress=False)
+                     step_buckets=2, dense_steps=1, min_order_gain=0.0, progress=False)
     assert set(plan.sites) == {"blocks.0#0", "blocks.1#0"}
     assert plan.step_boundaries == [749.5, 255.0] and plan.num_buckets == 3
     for site in plan.sites.values():

@@ -12,7 +12,9 @@ from tests.calibration.calibration_helpers import BLOCK, GOOD_ORDERS, GRID
 
 def test_orders_and_masks_on_structured_heads(qk):
     q, k = qk
-    site = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK)
+    # Orders by score alone: head 2's local order keeps the same mass as the model's and wins on Ψ only, which the
+    # default min_order_gain does not pay a permutation for (tests/calibration/test_order_gain.py).
+    site = calibrate_site(q, k, GRID, density=0.2, block_size=BLOCK, min_order_gain=0.0)
     for h, order in enumerate(site.orders):
         assert order in GOOD_ORDERS[h], (h, order)
     kept = site.stats["kept_mass_per_head"][0]
