@@ -31,12 +31,15 @@ _RECORDERS: dict[int, "Recorder"] = {}
 _RECORDER_IDS = itertools.count()
 
 
-def _observe_sdpa(recorder_id: int, site_id: str, q, k, v, scale=None):
-    """What an instrumented graph calls instead of SDPA: dense SDPA plus statistics for ``site_id``."""
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+def _observe_sdpa(recorder_id: int, site_id: str, q, k, v, scale=None, attn_mask=None):
+    """What an instrumented graph calls instead of SDPA: dense SDPA (with the site's key-padding mask, if any) plus
+    statistics for ``site_id``."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     recorder = _RECORDERS.get(recorder_id)
     if recorder is not None:
-        recorder.observe(site_id, q, k, v, scale)
+        from paro_compile.passes.lower import key_padding_bias
+
+        recorder.observe(site_id, q, k, v, scale, None if attn_mask is None else key_padding_bias(attn_mask))
     return out
 
 
@@ -72,7 +75,8 @@ class Recorder:
         self.sites.pop(site_id, None)
         self.grids.pop(site_id, None)
 
-    def observe(self, site_id: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
+    def observe(self, site_id: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+                key_bias: Optional[torch.Tensor] = None) -> None:
         if site_id in self.skipped:
             return
         stats = self.sites.get(site_id)
@@ -84,7 +88,7 @@ class Recorder:
                 raise CalibrationError(
                     f"its shape changed between calibration calls ({stats.heads} heads x {stats.seq_len} tokens, then "
                     f"{q.shape[1]} x {q.shape[2]}); a plan holds one shape per site: calibrate with inputs of one shape")
-            stats.update(q.detach(), k.detach(), v.detach(), scale=scale, bucket=self.bucket)
+            stats.update(q.detach(), k.detach(), v.detach(), scale=scale, bucket=self.bucket, key_bias=key_bias)
         except CalibrationError as error:
             self.skip(site_id, [str(error)])
 
@@ -114,6 +118,8 @@ class Recorder:
 
         sites = find_attention_sites(gm, ParoConfig(allow_fp32=True))
         for site in sites:
+            if site.supported and site.is_cross:
+                continue  # keys from another sequence: no token order to choose, the backend runs it dense
             if not site.supported:
                 self.skipped[site.site_id] = list(site.reasons)
                 continue
@@ -125,7 +131,8 @@ class Recorder:
                 continue
             node = site.node
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale))
+                new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale,
+                                                             site.attn_mask))
             new.meta = copy.copy(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

@@ -111,8 +111,10 @@ class SiteStatistics:
         *,
         scale: Optional[float] = None,
         bucket: int = 0,
+        key_bias: Optional[torch.Tensor] = None,
     ) -> None:
-        """Add one attention call (q, k, v [B, H, N, D], model token order) to the statistics of ``bucket``."""
+        """Add one attention call (q, k, v [B, H, N, D], model token order) to the statistics of ``bucket``.
+        ``key_bias`` [B|1, H|1, N] (a key-padding mask as the op takes it) is added to every row's scores."""
         if q.dim() != 4 or k.shape != q.shape[:3] + k.shape[3:]:
             raise ValueError(f"expected q, k of shape [B, H, N, D] with equal B, H, N; got {tuple(q.shape)}, {tuple(k.shape)}")
         bsz, heads, n, d = q.shape
@@ -151,6 +153,8 @@ class SiteStatistics:
             stop = min(n, start + rows_per_chunk)
             rows = stop - start
             p = torch.matmul(q[:, :, start:stop].float() * sm_scale, k_ext.transpose(-1, -2))  # [B, H, C, N+1]
+            if key_bias is not None:
+                p[..., :n] += key_bias.to(device=p.device, dtype=p.dtype)[:, :, None, :]
             p[..., n] = -math.inf
             p.sub_(p.amax(-1, keepdim=True)).exp_()
             p.div_(p.sum(-1, keepdim=True))

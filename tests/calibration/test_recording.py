@@ -68,3 +68,36 @@ def test_recorder_without_observed_sites_is_a_clear_error():
         recorder.close()
     with pytest.raises(CalibrationError, match="average_density"):
         Recorder(CalibrationOptions(average_density=0.3), GridResolver(GRID))
+
+
+class KeyPaddedAndCross(nn.Module):
+    """A self-attention site with a key-padding mask, then a cross-attention site to a short context."""
+
+    def forward(self, q, k, v, keep, context):
+        padded = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return F.scaled_dot_product_attention(padded, context, context)
+
+
+def test_key_padded_sites_calibrate_under_their_mask_and_cross_attention_is_left_alone():
+    """A site whose SDPA masks keys is supported (the op applies the mask): calibration must run it with the mask
+    (the model's output stays the same) and take statistics of the masked attention (no mass on masked keys).
+    Cross-attention sites have no token order: not observed, not listed as skipped."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, GRID.num_tokens, 64, generator=gen) for _ in range(3))
+    keep = torch.ones(1, GRID.num_tokens, dtype=torch.bool)
+    keep[:, 16:] = False  # the second frame's tokens are padding
+    context = torch.randn(1, 2, 5, 64, generator=gen)
+    model = KeyPaddedAndCross()
+    gm = capture(model, q, k, v, keep, context)
+    recorder = Recorder(CalibrationOptions(density=0.5, block_size=16), GridResolver(GRID))
+    try:
+        observed = recorder.instrument(gm)
+        with torch.no_grad():
+            out = observed(keep, q, k, v, context)  # the graph takes its inputs in the order Dynamo met them
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(q, k, v, keep, context))
+        assert list(recorder.sites) == ["<root>#0"] and recorder.skipped == {}
+        mass = recorder.sites["<root>#0"].mass[0]  # [orders, H, nb, nb] in each order's blocks
+        natural = recorder.sites["<root>#0"].orders.index("FHW")
+        assert float(mass[natural][:, :, 1].abs().max()) == 0.0  # key block 1 = the masked frame
+    finally:
+        recorder.close()
