@@ -58,6 +58,9 @@ class ParoConfig:
                                '`"hopper"`, `"reference"`')
     allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
                                      "and an fp32 model usually wants full precision")
+    heads: Any = option(None, "global heads of this rank's attention sites under context parallelism: None = read "
+                              "from the graph's all-to-all, `(start, stop)`, a list of head indices, or a callable "
+                              "`(site_id, local_heads)` returning either (`docs/context_parallel.md`)")
     fold_permutations: bool = option(True, "absorb token permutations into layout ops instead of the kernel")
     auto_calibrate: bool = option(False, "with no plan: calibrate on the first calls, cache the plan, recompile once")
     calibration_calls: int = option(1, "calls observed by auto-calibration")
