@@ -449,30 +449,38 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
 
     found: list[ParallelSite] = []
     selection: dict[str, tuple[int, ...]] = {}
+    dropped: set[str] = set()  # sites that stay on SDPA: their plan rows would not fit what the rank holds
     for site in sites:
         parallel = detect_site(site)
         local_heads = static_int(site.heads)
-        stated = resolve_heads_option(heads_option, site.site_id, local_heads) if local_heads is not None else None
+        # the option speaks of plan rows: sites the plan does not cover, or that stay on SDPA anyway, need no heads
+        planned = plan is not None and site.site_id in plan.sites and site.supported
+        stated = (resolve_heads_option(heads_option, site.site_id, local_heads)
+                  if planned and local_heads is not None else None)
         if stated is not None:
             if parallel.shard is not None and tuple(parallel.shard.heads) != stated:
                 raise ValueError(f"options['heads'] gives site {site.site_id} heads {list(stated)}, but its all-to-all "
                                  f"gives this rank heads {list(parallel.shard.heads)}; drop the option or fix it")
             if parallel.kind == "ring":
                 site.reasons.append(parallel.reason)
+                dropped.add(site.site_id)
             else:
                 shard = parallel.shard or HeadShard(None, 1, 0, stated, max(stated) + 1, "option")
                 shard.source = "option" if parallel.shard is None else "graph+option"
                 parallel = ParallelSite(site.site_id, parallel.kind if parallel.kind != "unknown" else "ulysses", shard)
                 selection[site.site_id] = stated
         elif parallel.kind in ("ring", "unknown"):
-            if site.supported:
+            if site.supported or parallel.kind == "ring":
                 site.reasons.append(parallel.reason + ("" if parallel.kind == "ring" else
                                                        "; state the heads with options={'heads': (start, stop)}"))
+            dropped.add(site.site_id)
         elif parallel.shard is not None:
             selection[site.site_id] = parallel.shard.heads
         found.append(parallel)
         if parallel.kind != "none":
             log.info("paro context parallel: %s", found[-1].shard.describe() if found[-1].shard else parallel.reason)
+    if plan is not None and dropped & set(plan.sites):
+        plan = _without_sites(plan, dropped)
     if plan is not None and selection:
         covered = {sid: heads for sid, heads in selection.items() if sid in plan.sites}
         for site in sites:
@@ -486,3 +494,9 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
         if covered:
             plan = select_plan_heads(plan, covered)
     return ContextParallelResult(plan, found)
+
+
+def _without_sites(plan: Any, site_ids: set[str]) -> Any:
+    from paro_compile.parallel import _with_sites
+
+    return _with_sites(plan, {sid: site for sid, site in plan.sites.items() if sid not in site_ids})

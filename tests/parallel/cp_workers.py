@@ -111,3 +111,97 @@ def enable_ulysses(model, world: int) -> None:
     from diffusers import ContextParallelConfig
 
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+
+
+def paro_passes(options: dict) -> Callable:
+    """A Dynamo backend that runs paro's passes (`backend.rewrite_graph`, the context-parallel pass included) and
+    then the rewritten graph eagerly: what ``backend="paro"`` hands to Inductor, without Inductor's compile time
+    (minutes on a shared CPU for every process). ``tests/parallel/test_ulysses.py`` runs the real backend once."""
+    from paro_compile.backend import load_plan, rewrite_graph
+    from paro_compile.config import ParoConfig
+    from paro_compile.report import new_report
+
+    config = ParoConfig.from_options(options)
+    plan = load_plan(config.plan)
+
+    def backend(gm, example_inputs):
+        return rewrite_graph(gm, config, plan, new_report()).forward
+
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------
+# a hand-written Ulysses attention: other head layouts than diffusers', and a ring-style exchange
+
+
+class ExchangedAttention(torch.nn.Module):
+    """Self-attention over 256 image tokens (16 × 16) whose ranks exchange heads for tokens with
+    ``funcol.all_to_all_single`` like diffusers' Ulysses, with the head layout ``layout``:
+
+    - "contiguous": rank r attends heads [r·H/U, (r+1)·H/U) (diffusers' layout);
+    - "strided": rank r attends heads r, r+U, r+2U, ... (the head axis split the other way round);
+    - "ring": keys and values all-gathered, every rank keeps all heads and its query tokens (ring-style).
+    One process (no process group) computes the same function on all tokens."""
+
+    def __init__(self, heads: int = WAN_HEADS, head_dim: int = 64, layout: str = "contiguous") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.head_dim, self.layout = heads, head_dim, layout
+        self.qkv = torch.nn.Linear(32, 3 * heads * head_dim)
+        self.out = torch.nn.Linear(heads * head_dim, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed._functional_collectives as funcol
+        import torch.nn.functional as F
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        b, n, _ = x.shape
+        x = x.chunk(world, dim=1)[rank]
+        s = n // world
+        q, k, v = self.qkv(x).unflatten(2, (3, self.heads, self.head_dim)).unbind(2)  # [B, S, H, D] each
+        hl, d = self.heads // world, self.head_dim
+        if world == 1:
+            q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3)
+        elif self.layout == "ring":
+            kv = funcol.all_gather_tensor(torch.cat([k.flatten(), v.flatten()]), 0, dist.group.WORLD)
+            kv = kv.view(world, 2, b, s, self.heads, d)
+            k, v = (kv[:, i].permute(1, 0, 2, 3, 4).reshape(b, n, self.heads, d) for i in range(2))
+            q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3)
+        else:
+            def exchange(t):
+                if self.layout == "contiguous":
+                    send = t.reshape(b, s, world, hl, d).permute(2, 1, 0, 3, 4).contiguous()
+                else:
+                    send = t.reshape(b, s, hl, world, d).permute(3, 1, 0, 2, 4).contiguous()
+                got = funcol.all_to_all_single(send.flatten(), None, None, dist.group.WORLD)
+                got = funcol.wait_tensor(got).reshape(world, s, b, hl, d)
+                return got.flatten(0, 1).permute(1, 2, 0, 3)  # [B, H_l, N, D]
+
+            o = F.scaled_dot_product_attention(exchange(q), exchange(k), exchange(v))  # [B, H_l, N, D]
+            send = o.reshape(b, hl, world, s, d).permute(2, 3, 0, 1, 4).contiguous()  # [U, S, B, H_l, D]
+            got = funcol.wait_tensor(funcol.all_to_all_single(send.flatten(), None, None, dist.group.WORLD))
+            got = got.reshape(world, s, b, hl, d)  # [source rank = head group, S, B, H_l, D]
+            axes = (2, 1, 0, 3, 4) if self.layout == "contiguous" else (2, 1, 3, 0, 4)
+            o = got.permute(*axes).reshape(b, s, self.heads, d)
+        out = self.out(o.flatten(2))
+        if world > 1:
+            out = funcol.all_gather_tensor(out.contiguous(), 1, dist.group.WORLD)
+        return out
+
+
+def exchanged_inputs() -> torch.Tensor:
+    return torch.randn(1, 256, 32, generator=torch.Generator().manual_seed(2))
+
+
+def image_plan(orders: list[str], seed: int = 0, density: float = 0.4):
+    from paro_compile.grid import TokenGrid
+    from paro_compile.plan import Plan, SitePlan
+
+    grid = TokenGrid(frames=None, height=16, width=16)
+    nb = grid.num_tokens // BLOCK
+    masks = torch.rand(1, len(orders), nb, nb, generator=torch.Generator().manual_seed(seed)) < density
+    masks |= torch.eye(nb, dtype=torch.bool)
+    return Plan(sites={"<root>#0": SitePlan.from_orders("<root>#0", orders, grid, block_size=BLOCK, block_masks=masks)})

@@ -1,0 +1,115 @@
+"""Ulysses context parallelism (diffusers' own, 2 processes over gloo): every rank applies its heads of one global
+plan, and the gathered output is bitwise the one-process paro output (reference numerics in fp32)."""
+import pytest
+import torch
+
+import paro_compile
+from tests.parallel import cp_workers as cw
+
+pytest.importorskip("diffusers")
+
+WAN_SITE = "blocks.0.attn1#0"
+PLANS = {
+    "mixed": {WAN_SITE: ["FHW", "HWF", "WFH", "HFW"]},
+    "per-rank-uniform": {WAN_SITE: ["HWF", "HWF", "FWH", "FWH"]},
+    "all-one": {WAN_SITE: ["HWF"] * 4},
+}
+TOY_ORDERS = ["HW", "WH", "WH", "HW"]
+
+
+def _site(report, site_id):
+    return next(s for s in report.sites if s.site_id == site_id)
+
+
+def ulysses_worker(rank: int, world: int) -> dict:
+    results = {}
+    model, inputs = cw.tiny_wan()
+    cw.enable_ulysses(model, world)
+    with torch.no_grad():
+        model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them in one graph
+        for name, orders in PLANS.items():
+            torch._dynamo.reset()
+            out = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(orders)}))(**inputs)[0]
+            report = paro_compile.last_report()
+            results[name] = (out, _site(report, WAN_SITE), list(report.context_parallel))
+        torch._dynamo.reset()
+        stated = {**cw.EXACT, "plan": cw.wan_plan(PLANS["mixed"]), "heads": (2 * rank, 2 * rank + 2)}
+        results["stated"] = torch.compile(model, backend=cw.paro_passes(stated))(**inputs)[0]
+        torch._dynamo.reset()
+        wrong = {**cw.EXACT, "plan": cw.wan_plan(PLANS["mixed"]), "heads": [1 - rank, 3 - rank]}
+        try:
+            torch.compile(model, backend=cw.paro_passes(wrong))(**inputs)
+            results["wrong"] = None
+        except Exception as error:  # noqa: BLE001 - the message is what the test checks
+            results["wrong"] = str(error)
+        x = cw.exchanged_inputs()
+        for layout in ("contiguous", "strided", "ring"):
+            torch._dynamo.reset()
+            toy = cw.ExchangedAttention(layout=layout).eval()
+            out = torch.compile(toy, backend=cw.paro_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}))(x)
+            report = paro_compile.last_report()
+            results[layout] = (out, _site(report, "<root>#0"), list(report.context_parallel))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return cw.run_ranks(ulysses_worker, 2)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    out = {}
+    with torch.no_grad():
+        for name, orders in PLANS.items():
+            torch._dynamo.reset()
+            model, inputs = cw.tiny_wan()
+            out[name] = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(orders)}))(**inputs)[0]
+            out[name + "/record"] = _site(paro_compile.last_report(), WAN_SITE)
+        x = cw.exchanged_inputs()
+        for layout in ("contiguous", "strided"):
+            torch._dynamo.reset()
+            toy = cw.ExchangedAttention(layout=layout).eval()
+            out[layout] = torch.compile(toy, backend=cw.paro_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}))(x)
+        out["sdpa"] = cw.ExchangedAttention(layout="ring").eval()(x)
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_ulysses_ranks_apply_their_heads_bitwise(ranks, one_process, plan):
+    for rank, result in enumerate(ranks):
+        out, record, notes = result[plan]
+        assert record.lowered and record.shape[1] == 2, record
+        assert notes == [f"{WAN_SITE}: ulysses 2 ranks, rank {rank}: heads [{2 * rank}, {2 * rank + 2}) of 4 (graph)"]
+        assert record.orders == PLANS[plan][WAN_SITE][2 * rank: 2 * rank + 2]
+        assert torch.equal(out, one_process[plan]), f"rank {rank}: max diff {(out - one_process[plan]).abs().max()}"
+
+
+@pytest.mark.slow
+def test_heads_option_agrees_with_the_graph_or_fails(ranks, one_process):
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["stated"], one_process["mixed"])
+        assert result["wrong"] is not None and "all-to-all gives this rank heads" in result["wrong"], result["wrong"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_head_layouts_read_from_the_exchange(ranks, one_process, layout):
+    expected = {"contiguous": [[0, 1], [2, 3]], "strided": [[0, 2], [1, 3]]}[layout]
+    for rank, result in enumerate(ranks):
+        out, record, notes = result[layout]
+        assert record.lowered and record.orders == [TOY_ORDERS[h] for h in expected[rank]]
+        span = (f"heads [{expected[rank][0]}, {expected[rank][-1] + 1})" if layout == "contiguous"
+                else f"heads {expected[rank]}")
+        assert notes == [f"<root>#0: ulysses 2 ranks, rank {rank}: {span} of 4 (graph)"]
+        assert torch.equal(out, one_process[layout])
+
+
+@pytest.mark.slow
+def test_ring_sites_stay_on_sdpa_with_the_reason(ranks, one_process):
+    for result in ranks:
+        out, record, notes = result["ring"]
+        assert not record.lowered and "ring attention" in " ".join(record.reasons)
+        torch.testing.assert_close(out, one_process["sdpa"], rtol=1e-5, atol=1e-5)
