@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -54,6 +54,8 @@ class Recorder:
         self.grids: dict[str, TokenGrid] = {}
         self.sites: dict[str, SiteStatistics] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.head_shards: dict[str, Any] = {}
+        """site → `HeadShard` of the heads this rank observes under context parallelism."""
         self.progress = progress
         self.id = next(_RECORDER_IDS)
         _RECORDERS[self.id] = self
@@ -78,7 +80,15 @@ class Recorder:
             if not site.supported:
                 self.skipped[site.site_id] = list(site.reasons)
                 continue
-            self.grids[site.site_id] = self.resolver(site)
+            if self._note_context_parallel(site) and self.resolver.use_layout_pass:
+                # the layout pass reads the exchanged (rank, local token) axis as a patchify merge: use the inputs
+                self.resolver.use_layout_pass = False
+                try:
+                    self.grids[site.site_id] = self.resolver(site)
+                finally:
+                    self.resolver.use_layout_pass = True
+            else:
+                self.grids[site.site_id] = self.resolver(site)
             node = site.node
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale))
@@ -89,12 +99,31 @@ class Recorder:
         gm.recompile()
         return gm
 
+    def _note_context_parallel(self, site) -> bool:
+        """Under context parallelism (Ulysses) this rank observes some of the site's heads: remember which, so that
+        `build_plan` gathers every rank's statistics (`paro_compile.parallel.gather_site_statistics`). True when the
+        site is sharded so."""
+        from paro_compile.passes.context_parallel import detect_site
+
+        parallel = detect_site(site)
+        if parallel.kind in ("ring", "unknown"):
+            raise CalibrationError(f"site {site.site_id}: cannot calibrate under this context parallelism: "
+                                   f"{parallel.reason}; calibrate with ulysses_degree only, or on one process")
+        if parallel.shard is not None:
+            self.head_shards[site.site_id] = parallel.shard
+        return parallel.shard is not None
+
     def build_plan(self, *, step_boundaries: list[float], dense_buckets: Iterable[int] = (), timestep_arg: str = "timestep",
                    fingerprint: Optional[str] = None, meta: Optional[dict] = None) -> Plan:
         if not self.sites:
             reasons = "; ".join(f"{sid}: {', '.join(r)}" for sid, r in self.skipped.items()) or "no SDPA call found"
             raise CalibrationError(f"no supported attention site was observed ({reasons})")
-        sites = build_site_plans(self.sites, dense_buckets=dense_buckets)
+        statistics = self.sites
+        if self.head_shards:
+            from paro_compile.parallel import gather_site_statistics
+
+            statistics = gather_site_statistics(self.sites, self.head_shards)
+        sites = build_site_plans(statistics, dense_buckets=dense_buckets)
         return Plan(
             sites=sites,
             step_boundaries=list(step_boundaries),
