@@ -182,3 +182,181 @@ def gather_site_statistics(statistics: Mapping[str, "SiteStatistics"], shards: M
         out[sid] = merged
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# head load balance
+
+def head_costs(site: SitePlan) -> torch.Tensor:
+    """[S, H] kept blocks of every head in every step bucket: the work of that head's attention (the kernel walks
+    the kept blocks of every query block)."""
+    return site.block_masks.flatten(2).sum(-1).to(torch.float64)
+
+
+def rank_loads(costs: torch.Tensor, order: Sequence[int], world_size: int) -> torch.Tensor:
+    """[S, U] kept blocks of every rank when rank r holds heads ``order[r·H/U:(r+1)·H/U]`` (Ulysses)."""
+    heads = costs.shape[1]
+    if heads % world_size:
+        raise ValueError(f"{heads} heads do not split over {world_size} ranks")
+    index = torch.tensor(list(order), dtype=torch.long).view(world_size, heads // world_size)
+    return costs[:, index].sum(-1)
+
+
+def imbalance(costs: torch.Tensor, order: Sequence[int], world_size: int) -> float:
+    """Slowest rank over the mean rank, minus 1, in the worst step bucket (0.0: perfectly even)."""
+    loads = rank_loads(costs, order, world_size)
+    mean = loads.mean(-1).clamp_min(1e-12)
+    return float((loads.amax(-1) / mean).max() - 1.0)
+
+
+def _step_cost(costs: torch.Tensor, order: Sequence[int], world_size: int) -> float:
+    """Sum over step buckets of the slowest rank's load (each bucket's steps wait for its slowest rank)."""
+    return float(rank_loads(costs, order, world_size).amax(-1).sum())
+
+
+def balanced_head_order(costs: torch.Tensor, world_size: int, max_rounds: int = 64) -> list[int]:
+    """A head order (rank r holds ``order[r·H/U:(r+1)·H/U]``) that evens out the ranks' kept blocks in every step
+    bucket: heads sorted by their total kept blocks dealt to the ranks in snake order (0..U-1, U-1..0, ...), then
+    pairwise swaps between ranks while one lowers the summed slowest-rank load. Never worse than the model's order."""
+    heads = costs.shape[1]
+    if heads % world_size:
+        raise ValueError(f"{heads} heads do not split over {world_size} ranks")
+    per_rank = heads // world_size
+    by_cost = sorted(range(heads), key=lambda h: (-float(costs[:, h].sum()), h))
+    groups: list[list[int]] = [[] for _ in range(world_size)]
+    for i, head in enumerate(by_cost):
+        lap, pos = divmod(i, world_size)
+        groups[pos if lap % 2 == 0 else world_size - 1 - pos].append(head)
+    order = [h for group in groups for h in sorted(group)]
+    best = _step_cost(costs, order, world_size)
+    for _ in range(max_rounds):
+        improved = False
+        for a in range(heads):
+            for b in range(a + 1, heads):
+                if a // per_rank == b // per_rank:
+                    continue
+                trial = list(order)
+                trial[a], trial[b] = trial[b], trial[a]
+                cost = _step_cost(costs, trial, world_size)
+                if cost < best - 1e-9:
+                    order, best, improved = trial, cost, True
+        if not improved:
+            break
+    identity = list(range(heads))
+    if _step_cost(costs, identity, world_size) <= best + 1e-9:
+        return identity
+    return [h for r in range(world_size) for h in sorted(order[r * per_rank:(r + 1) * per_rank])]
+
+
+HEAD_ROWS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+"""Linears of a diffusers attention module whose output features are the heads' channels."""
+HEAD_COLUMNS = ("to_out.0", "to_add_out")
+"""Linears whose input features are the heads' channels."""
+HEAD_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+"""Norms whose weight may span every head's channels (diffusers' ``rms_norm_across_heads``)."""
+
+
+def permute_attention_heads(module: torch.nn.Module, order: Sequence[int], heads: int) -> None:
+    """Reorder the heads of a diffusers attention ``module`` in place: new head i is old head ``order[i]``.
+
+    The q/k/v projections' output rows (and biases), the output projection's input columns and norms over all heads'
+    channels move in head-sized blocks; RoPE and per-head norms are the same for every head. The module computes the
+    same function (the output projection sums its inputs in another order, so not bitwise). Raises ValueError for a
+    module with fused projections or other parameters that span the heads."""
+    order = [int(h) for h in order]
+    if sorted(order) != list(range(heads)):
+        raise ValueError(f"order {order} is not a permutation of {heads} heads")
+    if getattr(module, "fused_projections", False):
+        raise ValueError(f"{type(module).__name__} has fused q/k/v projections: call unfuse_projections() first")
+    inner = None
+    for name in HEAD_ROWS:
+        linear = _submodule(module, name)
+        if linear is not None:
+            inner = linear.out_features
+            break
+    if inner is None or inner % heads:
+        raise ValueError(f"{type(module).__name__} has no q/k/v projection ({', '.join(HEAD_ROWS)}) whose output "
+                         f"splits into {heads} heads")
+    head_dim = inner // heads
+    channels = torch.tensor(order).repeat_interleave(head_dim) * head_dim + torch.arange(head_dim).repeat(heads)
+    handled = set()
+    with torch.no_grad():
+        for name in HEAD_ROWS:
+            linear = _submodule(module, name)
+            if linear is None or linear.out_features != inner:
+                continue
+            linear.weight.copy_(linear.weight[channels.to(linear.weight.device)])
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias[channels.to(linear.bias.device)])
+            handled.update(id(p) for p in linear.parameters())
+        for name in HEAD_COLUMNS:
+            linear = _submodule(module, name)
+            if linear is None or linear.in_features != inner:
+                continue
+            linear.weight.copy_(linear.weight[:, channels.to(linear.weight.device)])
+            handled.update(id(p) for p in linear.parameters())
+        for name in HEAD_NORMS:
+            norm = _submodule(module, name)
+            weight = getattr(norm, "weight", None) if norm is not None else None
+            if isinstance(weight, torch.Tensor) and weight.numel() == inner:
+                weight.copy_(weight[channels.to(weight.device)])
+                handled.update(id(p) for p in norm.parameters())
+    spanning = [name for name, p in module.named_parameters() if id(p) not in handled and inner in p.shape
+                and inner != head_dim]
+    if spanning:
+        raise ValueError(f"{type(module).__name__}: parameters {spanning} have the heads' {inner} channels and are not "
+                         "a known q/k/v/out projection or norm; their heads cannot be reordered safely")
+
+
+def _submodule(module: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def balance_plan(plan: Plan, world_size: int, sites: Optional[Sequence[str]] = None) -> tuple[Plan, dict[str, list[int]]]:
+    """The plan with each site's heads reordered by `balanced_head_order` for ``world_size`` Ulysses ranks, and
+    {site: order}. The model must be reordered the same way (`balance_heads` does both)."""
+    orders: dict[str, list[int]] = {}
+    for sid in sites if sites is not None else plan.sites:
+        order = balanced_head_order(head_costs(plan.sites[sid]), world_size)
+        if order != list(range(len(order))):
+            orders[sid] = order
+    balanced = select_plan_heads(plan, orders)
+    previous = dict(plan.meta.get("head_order") or {})
+    for sid, order in orders.items():  # compose with an earlier balance of the same plan
+        before = previous.get(sid, list(range(len(order))))
+        previous[sid] = [before[h] for h in order]
+    meta = {**balanced.meta, "head_order": previous, "balanced_for": int(world_size)}
+    return _with_sites(balanced, balanced.sites, meta), orders
+
+
+def balance_heads(model: torch.nn.Module, plan: Plan, world_size: int) -> Plan:
+    """Even out the Ulysses ranks' attention work at no run-time cost: reorder each planned site's heads (model
+    weights, in place, and plan rows) so that every rank's heads keep about as many blocks as the others'.
+
+    Call it on every rank with the same plan before ``enable_parallelism`` and ``torch.compile`` (it is
+    deterministic); the returned plan records the order in ``meta["head_order"]`` (site → old head of every new
+    head) and can be saved: load it together with `apply_head_order` on the original weights."""
+    balanced, orders = balance_plan(plan, world_size)
+    _permute_model(model, plan, orders)
+    return balanced
+
+
+def apply_head_order(model: torch.nn.Module, plan: Plan) -> None:
+    """Reorder ``model``'s attention heads as a balanced plan's ``meta["head_order"]`` says (the model as
+    calibrated, e.g. freshly loaded, before applying a saved balanced plan)."""
+    _permute_model(model, plan, dict(plan.meta.get("head_order") or {}))
+
+
+def _permute_model(model: torch.nn.Module, plan: Plan, orders: Mapping[str, Sequence[int]]) -> None:
+    for sid, order in orders.items():
+        path = sid.rsplit("#", 1)[0]
+        if path == "<root>":
+            path = ""
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as error:
+            raise ValueError(f"site {sid}: the model has no module {path!r} to reorder the heads of") from error
+        permute_attention_heads(module, order, len(order))

@@ -91,9 +91,10 @@ def wan_grid():
     return TokenGrid(frames=WAN_FRAMES, height=WAN_HEIGHT // 2, width=WAN_WIDTH // 2)
 
 
-def wan_plan(orders_by_site: dict[str, list[str]], seed: int = 0, density: float = 0.4, buckets: int = 2):
+def wan_plan(orders_by_site: dict[str, list[str]], seed: int = 0, density=0.4, buckets: int = 2):
     """A plan for tiny Wan's self-attention sites: the given per-head orders, random masks (diagonal kept) per step
-    bucket; with two buckets the boundary 700 puts timestep 500 in bucket 1."""
+    bucket, ``density`` one number or one per head; with two buckets the boundary 700 puts timestep 500 in bucket
+    1."""
     from paro_compile.plan import Plan, SitePlan
 
     grid = wan_grid()
@@ -101,7 +102,8 @@ def wan_plan(orders_by_site: dict[str, list[str]], seed: int = 0, density: float
     sites = {}
     for sid, orders in orders_by_site.items():
         nb = -(-grid.num_tokens // BLOCK)
-        masks = torch.rand(buckets, len(orders), nb, nb, generator=generator) < density
+        per_head = torch.tensor(density if isinstance(density, (list, tuple)) else [density] * len(orders))
+        masks = torch.rand(buckets, len(orders), nb, nb, generator=generator) < per_head[None, :, None, None]
         masks |= torch.eye(nb, dtype=torch.bool)
         sites[sid] = SitePlan.from_orders(sid, orders, grid, block_size=BLOCK, block_masks=masks)
     return Plan(sites=sites, step_boundaries=[700.0] if buckets == 2 else [])

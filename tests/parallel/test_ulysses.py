@@ -15,6 +15,8 @@ PLANS = {
     "all-one": {WAN_SITE: ["HWF"] * 4},
 }
 TOY_ORDERS = ["HW", "WH", "WH", "HW"]
+SKEWED = dict(orders_by_site=PLANS["mixed"], density=[0.9, 0.73, 0.22, 0.44])
+"""Heads 0 and 1 (rank 0 in the model's order) keep most blocks: rank 0 would do most of the work."""
 
 
 def _site(report, site_id):
@@ -42,6 +44,8 @@ def ulysses_worker(rank: int, world: int) -> dict:
             results["wrong"] = None
         except Exception as error:  # noqa: BLE001 - the message is what the test checks
             results["wrong"] = str(error)
+        torch._dynamo.reset()
+        results["balanced"] = balanced_output(world)
         x = cw.exchanged_inputs()
         for layout in ("contiguous", "strided", "ring"):
             torch._dynamo.reset()
@@ -50,6 +54,18 @@ def ulysses_worker(rank: int, world: int) -> dict:
             report = paro_compile.last_report()
             results[layout] = (out, _site(report, "<root>#0"), list(report.context_parallel))
     return results
+
+
+def balanced_output(world: int) -> torch.Tensor:
+    """tiny Wan with its heads reordered for ``world`` ranks (`balance_heads`), under Ulysses when world > 1."""
+    from paro_compile.parallel import balance_heads
+
+    model, inputs = cw.tiny_wan()
+    plan = balance_heads(model, cw.wan_plan(**SKEWED), 2)
+    if world > 1:
+        cw.enable_ulysses(model, world)
+        model(**inputs)
+    return torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": plan}))(**inputs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +88,11 @@ def one_process():
             toy = cw.ExchangedAttention(layout=layout).eval()
             out[layout] = torch.compile(toy, backend=cw.paro_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}))(x)
         out["sdpa"] = cw.ExchangedAttention(layout="ring").eval()(x)
+        torch._dynamo.reset()
+        out["balanced"] = balanced_output(1)
+        torch._dynamo.reset()
+        model, inputs = cw.tiny_wan()
+        out["skewed"] = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(**SKEWED)}))(**inputs)[0]
     torch._dynamo.reset()
     return out
 
@@ -113,3 +134,11 @@ def test_ring_sites_stay_on_sdpa_with_the_reason(ranks, one_process):
         out, record, notes = result["ring"]
         assert not record.lowered and "ring attention" in " ".join(record.reasons)
         torch.testing.assert_close(out, one_process["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_balanced_heads_same_output_and_bitwise_under_ulysses(ranks, one_process):
+    # reordering heads changes only the output projection's summation order
+    torch.testing.assert_close(one_process["balanced"], one_process["skewed"], rtol=1e-5, atol=1e-6)
+    for result in ranks:
+        assert torch.equal(result["balanced"], one_process["balanced"])
