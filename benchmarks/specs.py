@@ -65,6 +65,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          (*E2E, "--model", "flux", "--flux-layers", "5,10", "--iters", "10",
           "--variants", "compile-cudnn,compile,paro-0.5,paro-0.2", "--max-minutes", "4.1"), 270,
          "Flux-1024-shaped transformer (5 double + 10 single blocks): compile default / cuDNN against paro 0.5 / 0.2"),
+    # several GPUs (nvidia-h200-x2)
+    Spec("cp-wan720", "benchmarks/bench_cp.py", ("--world", "2", "--out", "{out}"), 420,
+         "Ulysses over 2 GPUs (NCCL) vs 1: paro attention of one Wan-720p layer (H40·N75600·D128, bf16, density 0.2, "
+         "mixed orders), all-to-all time, head imbalance in model and balanced order, a model of 4 and 8 GPUs",
+         env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}),
     # folding
     Spec("fold-depth6", "benchmarks/bench_fold.py",
          ("--depth", "6", "--iters", "10", "--json", "{out}/fold_depth6.json", "--profile", "{out}/profile"), 300,

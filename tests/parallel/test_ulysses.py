@@ -46,6 +46,8 @@ def ulysses_worker(rank: int, world: int) -> dict:
             results["wrong"] = str(error)
         torch._dynamo.reset()
         results["balanced"] = balanced_output(world)
+        torch._dynamo.reset()
+        results["cfg"] = cfg_output(rank, world)
         x = cw.exchanged_inputs()
         for layout in ("contiguous", "strided", "ring"):
             torch._dynamo.reset()
@@ -66,6 +68,33 @@ def balanced_output(world: int) -> torch.Tensor:
         cw.enable_ulysses(model, world)
         model(**inputs)
     return torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": plan}))(**inputs)[0]
+
+
+def cfg_batch(inputs: dict) -> dict:
+    """A classifier-free-guidance batch: the prompt and the empty prompt (zeros), one model call."""
+    text = inputs["encoder_hidden_states"]
+    return {**inputs, "hidden_states": inputs["hidden_states"].expand(2, -1, -1, -1, -1).contiguous(),
+            "encoder_hidden_states": torch.cat([text, torch.zeros_like(text)])}
+
+
+def cfg_output(rank: int, world: int) -> torch.Tensor:
+    """CFG parallel (and data parallel, the same split): rank r runs batch row r with the unchanged global plan, the
+    rows are all-gathered; one process runs the whole batch."""
+    import torch.distributed as dist
+
+    model, inputs = cw.tiny_wan()
+    batch = cfg_batch(inputs)
+    compiled = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(PLANS["mixed"])}))
+    def row(r):
+        return {**batch, "hidden_states": batch["hidden_states"][r:r + 1],
+                "encoder_hidden_states": batch["encoder_hidden_states"][r:r + 1]}
+
+    if world == 1:  # the whole batch in one call, and its rows one call each
+        return compiled(**batch)[0], torch.cat([compiled(**row(r))[0] for r in range(2)])
+    out = compiled(**row(rank))[0]
+    rows = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(rows, out)
+    return torch.cat(rows)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +119,8 @@ def one_process():
         out["sdpa"] = cw.ExchangedAttention(layout="ring").eval()(x)
         torch._dynamo.reset()
         out["balanced"] = balanced_output(1)
+        torch._dynamo.reset()
+        out["cfg"] = cfg_output(0, 1)
         torch._dynamo.reset()
         model, inputs = cw.tiny_wan()
         out["skewed"] = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(**SKEWED)}))(**inputs)[0]
@@ -142,3 +173,13 @@ def test_balanced_heads_same_output_and_bitwise_under_ulysses(ranks, one_process
     torch.testing.assert_close(one_process["balanced"], one_process["skewed"], rtol=1e-5, atol=1e-6)
     for result in ranks:
         assert torch.equal(result["balanced"], one_process["balanced"])
+
+
+@pytest.mark.slow
+def test_cfg_split_applies_the_plan_unchanged(ranks, one_process):
+    batched, rows = one_process["cfg"]
+    for result in ranks:
+        assert result["cfg"].shape[0] == 2
+        assert torch.equal(result["cfg"], rows)
+        # a batch of 2 runs the projections as other GEMMs than 2 batches of 1: equal to float rounding
+        torch.testing.assert_close(result["cfg"], batched, rtol=1e-5, atol=1e-5)
