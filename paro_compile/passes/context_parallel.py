@@ -280,7 +280,7 @@ def read_ulysses_heads(q: OperandLayout, rank: int) -> tuple[tuple[int, ...], in
     if len(q.layout) != 4:
         raise LayoutError("the query is not 4-D")
     batch, head_axis, token_axis, dim_axis = q.layout
-    if not head_axis or any(d.source != routed.source for d in head_axis):
+    if any(d.source != routed.source for d in head_axis):  # empty: one local head
         raise LayoutError("the exchange is not routed by the digits of SDPA's head axis")
     if not token_axis or token_axis[0].source != PEER:
         raise LayoutError("the token axis does not start with the sending rank (tokens are not in rank-major order)")
@@ -475,7 +475,12 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
                                                        "; state the heads with options={'heads': (start, stop)}"))
             dropped.add(site.site_id)
         elif parallel.shard is not None:
-            selection[site.site_id] = parallel.shard.heads
+            problem = _token_order_problem(plan.sites.get(site.site_id) if plan is not None else None)
+            if problem and site.supported:
+                site.reasons.append(problem)
+                dropped.add(site.site_id)
+            else:
+                selection[site.site_id] = parallel.shard.heads
         found.append(parallel)
         if parallel.kind != "none":
             log.info("paro context parallel: %s", found[-1].shard.describe() if found[-1].shard else parallel.reason)
@@ -494,6 +499,24 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
         if covered:
             plan = select_plan_heads(plan, covered)
     return ContextParallelResult(plan, found)
+
+
+def _token_order_problem(site_plan: Any) -> str:
+    """Why the exchanged token axis may not be the plan's order ("" when it is). The all-to-all concatenates the
+    ranks' chunks; that is the model's order when the ranks split one sequence into contiguous chunks. A joint
+    text + visual sequence is split per stream by diffusers (Flux: text and image chunks concatenated on each rank),
+    so its exchanged order interleaves the ranks' text and image tokens."""
+    if site_plan is None:
+        return ""
+    grid = getattr(site_plan, "grid", None)
+    if grid is None:
+        return ("context parallelism: the plan site has no token grid, so it cannot be checked that the exchanged "
+                "tokens are in the model's order; calibrate the plan with a grid")
+    if grid.text_tokens:
+        return (f"context parallelism on a joint sequence ({grid.text_tokens} text + {grid.visual_tokens} visual "
+                "tokens): each rank exchanges its own text and visual chunks, so the tokens attention sees are not in "
+                "the model's order (docs/context_parallel.md)")
+    return ""
 
 
 def _without_sites(plan: Any, site_ids: set[str]) -> Any:

@@ -123,31 +123,36 @@ def _parse_source(path: str, start: int = 0) -> tuple[list[_PathPart], int]:
     return parts, i
 
 
+def _is_attr(parts: list[_PathPart], j: int, *names: str) -> bool:
+    return j < len(parts) and parts[j].kind == "attr" and parts[j].value in names
+
+
+def _hop_tail(parts: list[_PathPart], j: int) -> int:
+    """Length of the way back from a bound method or wrapper at ``parts[j - 1]`` to its module (0: none)."""
+    start = j
+    while _is_attr(parts, j, "__wrapped__"):
+        j += 1
+    if _is_attr(parts, j, "__self__"):
+        return j + 1 - start
+    if _is_attr(parts, j, "args") and j + 1 < len(parts) and parts[j + 1].kind == "index":
+        return j + 2 - start
+    if (_is_attr(parts, j, "func") and _is_attr(parts, j + 1, "__closure__") and j + 2 < len(parts)
+            and parts[j + 2].kind == "index" and _is_attr(parts, j + 3, "cell_contents")):
+        return j + 4 - start
+    return 0
+
+
 def _hop_length(parts: list[_PathPart], i: int) -> int:
     """Length of the hook hop that starts at ``parts[i]`` (0: none). A hop leaves a module through its ``forward``
     and comes back to the same module: ``forward.__self__`` (bound method), ``forward.args[0]`` (functools.partial),
     ``forward.func.__closure__[k].cell_contents`` (the closure of a hook's wrapper; a diffusers HookRegistry keeps
     its function reference there, whose ``forward`` hops on), with any ``__wrapped__`` in between; and a hook
     object's ``fn_ref`` before such a hop."""
-    def attr(j: int, *names: str) -> bool:
-        return j < len(parts) and parts[j].kind == "attr" and parts[j].value in names
-
-    def index(j: int) -> bool:
-        return j < len(parts) and parts[j].kind == "index"
-
-    j = i + 1 if attr(i, "fn_ref") and attr(i + 1, *_HOP_STARTS) else i
-    if not attr(j, *_HOP_STARTS):
+    j = i + 1 if _is_attr(parts, i, "fn_ref") and _is_attr(parts, i + 1, *_HOP_STARTS) else i
+    if not _is_attr(parts, j, *_HOP_STARTS):
         return 0
-    j += 1
-    while attr(j, "__wrapped__"):
-        j += 1
-    if attr(j, "__self__"):
-        return j + 1 - i
-    if attr(j, "args") and index(j + 1):
-        return j + 2 - i
-    if attr(j, "func") and attr(j + 1, "__closure__") and index(j + 2) and attr(j + 3, "cell_contents"):
-        return j + 4 - i
-    return 0
+    tail = _hop_tail(parts, j + 1)
+    return j + 1 + tail - i if tail else 0
 
 
 def normalize_module_path(dynamo_path: str) -> str:
@@ -156,7 +161,8 @@ def normalize_module_path(dynamo_path: str) -> str:
     ``L['self'].blocks[0]._modules['attn']`` → ``blocks.0.attn``; ``getattr(L['self'], 'weird-name')`` →
     ``weird-name``; hook hops (``forward.__self__``, ``forward.func.__closure__[0].cell_contents``, ...) are dropped,
     so ``L['function_reference'].forward.__self__.__dict__['_modules']['blocks'].0.forward.func.__closure__[0]
-    .cell_contents.forward.__self__.attn1`` → ``blocks.0.attn1``. A path this parser does not understand is kept
+    .cell_contents.forward.__self__.attn1`` → ``blocks.0.attn1``, and a root that is the model's bound method
+    (``L['original_forward'].__self__``, a wrapper that replaced ``forward``) is the model. A path this parser does not understand is kept
     with only the old textual rules applied (never an error: the id stays unique, only less readable)."""
     try:
         parts, end = _parse_source(dynamo_path)
@@ -166,6 +172,8 @@ def normalize_module_path(dynamo_path: str) -> str:
         return _normalize_textually(dynamo_path)
     names: list[str] = []
     i = 1 if parts and parts[0].kind == "root" else 0
+    if i:  # a root that is a bound method or wrapper of the model (``L['original_forward'].__self__``)
+        i += _hop_tail(parts, 1)
     while i < len(parts):
         hop = _hop_length(parts, i)
         if hop:

@@ -198,11 +198,11 @@ def exchanged_inputs() -> torch.Tensor:
     return torch.randn(1, 256, 32, generator=torch.Generator().manual_seed(2))
 
 
-def image_plan(orders: list[str], seed: int = 0, density: float = 0.4):
+def image_plan(orders: list[str], seed: int = 0, density: float = 0.4, text_tokens: int = 0):
     from paro_compile.grid import TokenGrid
     from paro_compile.plan import Plan, SitePlan
 
-    grid = TokenGrid(frames=None, height=16, width=16)
+    grid = TokenGrid(frames=None, height=16 - text_tokens // 16, width=16, text_tokens=text_tokens)
     nb = grid.num_tokens // BLOCK
     masks = torch.rand(1, len(orders), nb, nb, generator=torch.Generator().manual_seed(seed)) < density
     masks |= torch.eye(nb, dtype=torch.bool)

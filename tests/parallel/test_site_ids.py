@@ -19,7 +19,8 @@ HOPPED = ("L['function_reference'].forward.__self__.__dict__['_modules']['blocks
     ("L['function_reference'].forward.__self__", ""),
     ("L['self'].blocks.0.forward.args[0].attn", "blocks.0.attn"),  # functools.partial(forward, module)
     ("L['self'].blocks.0.forward.__wrapped__.__self__.attn", "blocks.0.attn"),
-    ("L['self'].fn_ref.original_forward.__self__.attn1", "attn1"),  # a frame rooted at a hook object
+    ("L['self'].fn_ref.original_forward.__self__.attn1", "attn1"),
+    ("L['original_forward'].__self__.__dict__['_modules']['blocks'].0.attn1", "blocks.0.attn1"),  # ParaAttention  # a frame rooted at a hook object
     ("getattr(L['self'], 'weird-name')", "weird-name"),
     ("getattr(L['self'], \"quo'te\")", "quo'te"),
     ("getattr(getattr(L['self'], 'a-b'), 'c d').x[3]", "a-b.c d.x.3"),

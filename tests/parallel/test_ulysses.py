@@ -55,6 +55,11 @@ def ulysses_worker(rank: int, world: int) -> dict:
             out = torch.compile(toy, backend=cw.paro_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}))(x)
             report = paro_compile.last_report()
             results[layout] = (out, _site(report, "<root>#0"), list(report.context_parallel))
+        torch._dynamo.reset()
+        toy = cw.ExchangedAttention(layout="contiguous").eval()
+        joint = {**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS, text_tokens=16)}
+        out = torch.compile(toy, backend=cw.paro_passes(joint))(x)
+        results["joint"] = (out, _site(paro_compile.last_report(), "<root>#0"))
     return results
 
 
@@ -183,3 +188,12 @@ def test_cfg_split_applies_the_plan_unchanged(ranks, one_process):
         assert torch.equal(result["cfg"], rows)
         # a batch of 2 runs the projections as other GEMMs than 2 batches of 1: equal to float rounding
         torch.testing.assert_close(result["cfg"], batched, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_joint_text_visual_sequences_stay_on_sdpa(ranks, one_process):
+    """The plan of a text + visual sequence does not fit the exchanged token order of per-stream sharding."""
+    for result in ranks:
+        out, record = result["joint"]
+        assert not record.lowered and "joint sequence" in " ".join(record.reasons)
+        torch.testing.assert_close(out, one_process["sdpa"], rtol=1e-5, atol=1e-5)
