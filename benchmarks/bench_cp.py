@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--uniform", action="store_true", help="every head at --density (default: spread per head)")
-    ap.add_argument("--rep-ms", type=float, default=1500.0, help="timed milliseconds per measurement")
+    ap.add_argument("--rep-ms", type=float, default=1500.0, help="timed milliseconds of a kernel measurement")
+    ap.add_argument("--iters", type=int, default=30, help="timed calls of a measurement with collectives")
     ap.add_argument("--out", required=True)
     return ap.parse_args(argv)
 
@@ -103,6 +104,25 @@ def one_gpu(args, site) -> dict:
             "all_to_all_ms": 0.0, "tokens": n}
 
 
+def time_collective(fn, iters: int, warmup: int = 3) -> float:
+    """Median ms of ``fn`` over ``iters`` calls that every rank makes in lockstep: a call holding collectives cannot
+    use an adaptive timer (ranks would pick different repeat counts and wait on each other forever)."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
 def _rank(rank: int, world: int, port: int, args, site, orders: dict, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -118,23 +138,23 @@ def _rank(rank: int, world: int, port: int, args, site, orders: dict, out_dir: s
     local = [torch.randn(1, local_tokens, heads, d, device=device, dtype=torch.bfloat16, generator=generator)
              for _ in range(3)]
 
-    def to_heads(x):  # diffusers' TemplatedUlyssesAttention: [B, S, H, D] -> [B, H/U, N, D]
+    def to_heads(x):  # diffusers' TemplatedUlyssesAttention: [B, S, H, D] -> [B, H/U, N, D] (a strided view)
         send = x.reshape(1, local_tokens, world, local_heads, d).permute(2, 1, 0, 3, 4).contiguous()
         got = torch.empty_like(send)
         dist.all_to_all_single(got, send)
-        return got.flatten(0, 1).permute(1, 2, 0, 3)
+        return got.flatten(0, 1).permute(1, 0, 2, 3).contiguous().permute(0, 2, 1, 3)
 
-    def to_tokens(o):  # [B, H/U, N, D] -> [B, S, H, D]
-        send = o.reshape(1, local_heads, world, local_tokens, d).permute(2, 3, 0, 1, 4).contiguous()
+    def to_tokens(o):  # [B, H/U, N, D] -> [B, S, H, D], as diffusers sends the output back
+        send = o.permute(0, 2, 1, 3).reshape(1, world, local_tokens, local_heads, d).permute(1, 3, 0, 2, 4).contiguous()
         got = torch.empty_like(send)
         dist.all_to_all_single(got, send)
-        return got.permute(2, 1, 0, 3, 4).reshape(1, local_tokens, heads, d)
+        return got.flatten(0, 1).permute(1, 2, 0, 3).contiguous()
 
     results = []
     for name, order in orders.items():
         mine = order[rank * local_heads:(rank + 1) * local_heads]
         attend = attention_fn(select_heads(site, mine), device)
-        exchanged = [to_heads(x).contiguous() for x in local]
+        exchanged = [to_heads(x) for x in local]
 
         def kernel():
             return attend(*exchanged)
@@ -145,10 +165,10 @@ def _rank(rank: int, world: int, port: int, args, site, orders: dict, out_dir: s
         def exchange_only():  # the layer's four all-to-alls (q, k, v in, the output back)
             return [to_tokens(to_heads(x)) for x in local[:2]]
 
-        measured = {}
-        for what, fn in (("kernel_ms", kernel), ("layer_ms", layer), ("all_to_all_ms", exchange_only)):
-            dist.barrier()
-            measured[what] = harness.time_ms(fn, device, warmup_ms=300, rep_ms=args.rep_ms).median_ms
+        dist.barrier()
+        measured = {"kernel_ms": harness.time_ms(kernel, device, warmup_ms=300, rep_ms=args.rep_ms).median_ms}
+        for what, fn in (("layer_ms", layer), ("all_to_all_ms", exchange_only)):
+            measured[what] = time_collective(fn, args.iters)
         results.append({"order": name, "heads": [int(h) for h in mine], **measured})
         del exchanged
     dist.barrier()

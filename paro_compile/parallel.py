@@ -63,7 +63,7 @@ def select_heads(site: SitePlan, heads: Sequence[int]) -> SitePlan:
         block_masks=masks,
         orders=[site.orders[h] for h in heads] if site.orders else [],
         grid=site.grid,
-        empty_heads=[position[h] for h in site.empty_heads if h in position],
+        empty_heads=sorted(position[h] for h in site.empty_heads if h in position),
         dense_buckets=list(site.dense_buckets),
         stats=_select_stats(site.stats, heads, masks),
     )
