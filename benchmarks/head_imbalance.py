@@ -21,7 +21,7 @@ import harness  # noqa: E402
 from quality import CALIB_PROMPTS  # noqa: E402
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--block", type=int, default=16)
@@ -29,7 +29,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--worlds", default="2,4")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import paro_compile
     from paro_compile.parallel import balanced_head_order, head_costs, imbalance
     from paro_compile.toy import cogvideox as toy_cog

@@ -33,13 +33,17 @@ def shards_per_block(perm: torch.Tensor, world: int, block: int) -> torch.Tensor
     return torch.stack([(blocks == s).any(-1) for s in range(world)]).sum(0)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default="21,45,80", help="frames,height,width (Wan2.1 720p: 21,45,80)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--worlds", default="2,4,8")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     from paro_compile.grid import TokenGrid, candidate_orders, order_permutation
 
     frames, height, width = (int(x) for x in args.grid.split(","))

@@ -86,3 +86,32 @@ def test_balance_heads_reorders_model_and_plan_together(tmp_path):
     # balancing a balanced plan again changes nothing
     again, orders = balance_plan(balanced, 2)
     assert orders == {} and again.meta["head_order"] == balanced.meta["head_order"]
+
+
+def test_cp_benchmark_plan_has_mixed_orders_and_the_mean_density():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_cp
+
+    args = bench_cp.parse_args(["--heads", "8", "--grid", "8,32,32", "--out", "unused"])
+    site = bench_cp.build_plan(args)
+    assert site.heads == 8 and len(set(site.orders)) == 6
+    assert abs(site.density() - args.density) < 0.03  # the kept diagonal adds 1/128
+    costs = head_costs(site)
+    assert imbalance(costs, range(8), 2) > imbalance(costs, balanced_head_order(costs, 2), 2)
+
+
+def test_ring_fragmentation_counts_shards():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from ring_fragmentation import shards_per_block
+
+    from paro_compile.grid import TokenGrid, order_permutation
+
+    grid = TokenGrid(frames=4, height=4, width=4)
+    assert shards_per_block(order_permutation(grid, "FHW"), 2, 16).tolist() == [1, 1, 1, 1]
+    assert shards_per_block(order_permutation(grid, "HWF"), 2, 16).tolist() == [2, 2, 2, 2]
