@@ -80,15 +80,28 @@ class Recorder:
             if not site.supported:
                 self.skipped[site.site_id] = list(site.reasons)
                 continue
-            if self._note_context_parallel(site) and self.resolver.use_layout_pass:
+            shard, problem = self._context_parallel(site)
+            if problem:
+                self.skipped[site.site_id] = [problem]
+                continue
+            if shard is not None and self.resolver.use_layout_pass:
                 # the layout pass reads the exchanged (rank, local token) axis as a patchify merge: use the inputs
                 self.resolver.use_layout_pass = False
                 try:
-                    self.grids[site.site_id] = self.resolver(site)
+                    grid = self.resolver(site)
                 finally:
                     self.resolver.use_layout_pass = True
             else:
-                self.grids[site.site_id] = self.resolver(site)
+                grid = self.resolver(site)
+            if shard is not None:
+                from paro_compile.passes.context_parallel import token_order_problem
+
+                problem = token_order_problem(grid)
+                if problem:
+                    self.skipped[site.site_id] = [problem]
+                    continue
+                self.head_shards[site.site_id] = shard
+            self.grids[site.site_id] = grid
             node = site.node
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale))
@@ -99,19 +112,17 @@ class Recorder:
         gm.recompile()
         return gm
 
-    def _note_context_parallel(self, site) -> bool:
-        """Under context parallelism (Ulysses) this rank observes some of the site's heads: remember which, so that
-        `build_plan` gathers every rank's statistics (`paro_compile.parallel.gather_site_statistics`). True when the
-        site is sharded so."""
+    @staticmethod
+    def _context_parallel(site) -> tuple[Any, str]:
+        """(`HeadShard` of the heads this rank observes under Ulysses, or None; why the site cannot be calibrated
+        under this parallelism, or ""). Sharded sites' statistics are gathered over the ranks in `build_plan`
+        (`paro_compile.parallel.gather_site_statistics`)."""
         from paro_compile.passes.context_parallel import detect_site
 
         parallel = detect_site(site)
         if parallel.kind in ("ring", "unknown"):
-            raise CalibrationError(f"site {site.site_id}: cannot calibrate under this context parallelism: "
-                                   f"{parallel.reason}; calibrate with ulysses_degree only, or on one process")
-        if parallel.shard is not None:
-            self.head_shards[site.site_id] = parallel.shard
-        return parallel.shard is not None
+            return None, f"not calibrated under this context parallelism: {parallel.reason}"
+        return parallel.shard, ""
 
     def build_plan(self, *, step_boundaries: list[float], dense_buckets: Iterable[int] = (), timestep_arg: str = "timestep",
                    fingerprint: Optional[str] = None, meta: Optional[dict] = None) -> Plan:

@@ -501,14 +501,11 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
     return ContextParallelResult(plan, found)
 
 
-def _token_order_problem(site_plan: Any) -> str:
-    """Why the exchanged token axis may not be the plan's order ("" when it is). The all-to-all concatenates the
-    ranks' chunks; that is the model's order when the ranks split one sequence into contiguous chunks. A joint
-    text + visual sequence is split per stream by diffusers (Flux: text and image chunks concatenated on each rank),
-    so its exchanged order interleaves the ranks' text and image tokens."""
-    if site_plan is None:
-        return ""
-    grid = getattr(site_plan, "grid", None)
+def token_order_problem(grid: Any) -> str:
+    """Why the exchanged token axis may not be in the order of ``grid`` ("" when it is). The all-to-all concatenates
+    the ranks' chunks; that is the model's order when the ranks split one sequence into contiguous chunks. A joint
+    text + visual sequence is split per stream (diffusers' Flux plan, ParaAttention's CogVideoX: text and visual
+    chunks concatenated on each rank), so its exchanged order interleaves the ranks' text and visual tokens."""
     if grid is None:
         return ("context parallelism: the plan site has no token grid, so it cannot be checked that the exchanged "
                 "tokens are in the model's order; calibrate the plan with a grid")
@@ -517,6 +514,10 @@ def _token_order_problem(site_plan: Any) -> str:
                 "tokens): each rank exchanges its own text and visual chunks, so the tokens attention sees are not in "
                 "the model's order (docs/context_parallel.md)")
     return ""
+
+
+def _token_order_problem(site_plan: Any) -> str:
+    return "" if site_plan is None else token_order_problem(getattr(site_plan, "grid", None))
 
 
 def _without_sites(plan: Any, site_ids: set[str]) -> Any:
