@@ -242,6 +242,8 @@ class HeadShard:
     def describe(self) -> str:
         span = (f"heads [{self.heads[0]}, {self.heads[-1] + 1})" if self.contiguous
                 else f"heads {list(self.heads)}")
+        if self.group_name is None:  # stated by the option alone: the graph shows no exchange
+            return f"{span} (option)"
         return f"ulysses {self.world_size} ranks, rank {self.rank}: {span} of {self.global_heads} ({self.source})"
 
 
@@ -251,7 +253,8 @@ class ParallelSite:
 
     site_id: str
     kind: str
-    """"none" (no collective around it), "ulysses", "ring", or "unknown" (a collective the tracker cannot read)."""
+    """"none" (no collective around it), "ulysses", "ring", "unknown" (a collective the tracker cannot read), or
+    "stated" (heads given by ``options={"heads": ...}`` where the graph shows no readable exchange)."""
     shard: Optional[HeadShard] = None
     reason: str = ""
 
@@ -467,7 +470,7 @@ def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None)
             else:
                 shard = parallel.shard or HeadShard(None, 1, 0, stated, max(stated) + 1, "option")
                 shard.source = "option" if parallel.shard is None else "graph+option"
-                parallel = ParallelSite(site.site_id, parallel.kind if parallel.kind != "unknown" else "ulysses", shard)
+                parallel = ParallelSite(site.site_id, "ulysses" if parallel.kind == "ulysses" else "stated", shard)
                 selection[site.site_id] = stated
         elif parallel.kind in ("ring", "unknown"):
             if site.supported or parallel.kind == "ring":

@@ -118,3 +118,25 @@ def test_token_order_is_checked_from_the_plan_grid():
     stored = _site()
     stored.grid = None
     assert "no token grid" in _token_order_problem(stored)
+
+
+def test_heads_option_without_an_exchange_in_the_graph():
+    """An engine whose exchange is not in the graph: the site shows H/U heads, the option names them."""
+    pytest.importorskip("diffusers")
+    import paro_compile
+    from tests.parallel import cp_workers as cw
+
+    site = "blocks.0.attn1#0"
+    wide = cw.wan_plan({site: ["FHW", "HWF", "WFH", "HFW", "HWF", "FWH", "WHF", "FHW"]})  # a model of 8 heads
+    model, inputs = cw.tiny_wan()  # holds 4 of them
+    with torch.no_grad():
+        stated = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": wide, "heads": (4, 8)}))(**inputs)[0]
+        report = paro_compile.last_report()
+        torch._dynamo.reset()
+        rows = select_plan_heads(wide, {site: [4, 5, 6, 7]})
+        expected = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": rows}))(**inputs)[0]
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="its graph has 4"):
+            torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": wide, "heads": (0, 2)}))(**inputs)
+    assert report.context_parallel == [f"{site}: heads [4, 8) (option)"]
+    assert torch.equal(stated, expected)
