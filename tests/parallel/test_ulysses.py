@@ -141,6 +141,8 @@ def test_ulysses_ranks_apply_their_heads_bitwise(ranks, one_process, plan):
         assert record.lowered and record.shape[1] == 2, record
         assert notes == [f"{WAN_SITE}: ulysses 2 ranks, rank {rank}: heads [{2 * rank}, {2 * rank + 2}) of 4 (graph)"]
         assert record.orders == PLANS[plan][WAN_SITE][2 * rank: 2 * rank + 2]
+        # the fold pass declines under the exchange: the kernel applies the rank's permutation rows
+        assert record.permutation == "kernel", record
         assert torch.equal(out, one_process[plan]), f"rank {rank}: max diff {(out - one_process[plan]).abs().max()}"
 
 
