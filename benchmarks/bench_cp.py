@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--uniform", action="store_true", help="every head at --density (default: spread per head)")
     ap.add_argument("--rep-ms", type=float, default=1500.0, help="timed milliseconds of a kernel measurement")
     ap.add_argument("--iters", type=int, default=30, help="timed calls of a measurement with collectives")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: gloo and the reference numerics in fp32 (a check of this script, not a timing)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip comparing every rank's output with one process's on the same inputs")
     ap.add_argument("--out", required=True)
     return ap.parse_args(argv)
 
@@ -91,17 +95,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_gpu(args, site) -> dict:
-    device = torch.device("cuda", 0)
-    n, shape = site.seq_len, (1, args.heads, site.seq_len, args.head_dim)
+def dtype_of(args) -> torch.dtype:
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
+
+
+def global_qkv(args, n: int, device) -> list[torch.Tensor]:
+    """The layer's q, k, v [B, N, H, D] in the model's layout, the same on every rank (one seed)."""
     generator = torch.Generator(device=device).manual_seed(1)
-    qkv = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3)]
+    return [torch.randn(1, n, args.heads, args.head_dim, device=device, dtype=dtype_of(args), generator=generator)
+            for _ in range(3)]
+
+
+def one_gpu(args, site) -> dict:
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    qkv = [x.transpose(1, 2) for x in global_qkv(args, site.seq_len, device)]
     attend = attention_fn(site, device)
     timing = harness.time_ms(lambda: attend(*qkv), device, warmup_ms=500, rep_ms=args.rep_ms)
     del qkv
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return {"gpus": 1, "order": "model", "layer_ms": timing.median_ms, "kernel_ms": [timing.median_ms],
-            "all_to_all_ms": 0.0, "tokens": n}
+            "all_to_all_ms": 0.0, "tokens": site.seq_len}
 
 
 def time_collective(fn, iters: int, warmup: int = 3) -> float:
@@ -111,6 +125,14 @@ def time_collective(fn, iters: int, warmup: int = 3) -> float:
 
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_initialized():  # the CPU check: wall clock
+        dist.barrier()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     dist.barrier()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
@@ -129,14 +151,22 @@ def _rank(rank: int, world: int, port: int, args, site, orders: dict, out_dir: s
     from paro_compile.parallel import select_heads
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NO_MULTICAST)
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
     heads, d, n = args.heads, args.head_dim, site.seq_len
     local_heads, local_tokens = heads // world, n // world
-    generator = torch.Generator(device=device).manual_seed(100 + rank)
-    local = [torch.randn(1, local_tokens, heads, d, device=device, dtype=torch.bfloat16, generator=generator)
-             for _ in range(3)]
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    full = global_qkv(args, n, device)
+    local = [x[:, rank * local_tokens:(rank + 1) * local_tokens].contiguous() for x in full]
+    expected = None
+    if not args.no_check:  # one process's output for this rank's tokens, all heads, the whole plan
+        expected = attention_fn(site, device)(*(x.transpose(1, 2) for x in full)).transpose(1, 2)
+        expected = expected[:, rank * local_tokens:(rank + 1) * local_tokens]
+    del full
 
     def to_heads(x):  # diffusers' TemplatedUlyssesAttention: [B, S, H, D] -> [B, H/U, N, D] (a strided view)
         send = x.reshape(1, local_tokens, world, local_heads, d).permute(2, 1, 0, 3, 4).contiguous()
@@ -154,23 +184,31 @@ def _rank(rank: int, world: int, port: int, args, site, orders: dict, out_dir: s
     for name, order in orders.items():
         mine = order[rank * local_heads:(rank + 1) * local_heads]
         attend = attention_fn(select_heads(site, mine), device)
-        exchanged = [to_heads(x) for x in local]
+        # the projections' outputs of a model whose heads were reordered (`balance_heads` permutes the weights)
+        ordered = [x[:, :, torch.tensor(order, device=x.device)].contiguous() for x in local]
+        exchanged = [to_heads(x) for x in ordered]
 
         def kernel():
             return attend(*exchanged)
 
         def layer():
-            return to_tokens(attend(*(to_heads(x) for x in local)))
+            return to_tokens(attend(*(to_heads(x) for x in ordered)))
 
         def exchange_only():  # the layer's four all-to-alls (q, k, v in, the output back)
-            return [to_tokens(to_heads(x)) for x in local[:2]]
+            return [to_tokens(to_heads(x)) for x in ordered[:2]]
 
         dist.barrier()
         measured = {"kernel_ms": harness.time_ms(kernel, device, warmup_ms=300, rep_ms=args.rep_ms).median_ms}
         for what, fn in (("layer_ms", layer), ("all_to_all_ms", exchange_only)):
             measured[what] = time_collective(fn, args.iters)
+        if expected is not None:
+            # the output's heads are in the order's order: put them back in the model's before comparing
+            got = layer()
+            back = torch.empty_like(got)
+            back[:, :, torch.tensor(order, device=got.device)] = got
+            measured["max_abs_diff_vs_one_process"] = float((back.float() - expected.float()).abs().max())
         results.append({"order": name, "heads": [int(h) for h in mine], **measured})
-        del exchanged
+        del exchanged, ordered
     dist.barrier()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -180,8 +218,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     for key, value in NO_MULTICAST.items():
         os.environ[key] = value
-    if not torch.cuda.is_available() or torch.cuda.device_count() < args.world:
-        raise SystemExit(f"bench_cp.py needs {args.world} CUDA GPUs, found {torch.cuda.device_count()}")
+    if args.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < args.world):
+        raise SystemExit(f"bench_cp.py needs {args.world} CUDA GPUs, found {torch.cuda.device_count()} "
+                         "(--device cpu checks the script on gloo)")
     if args.heads % args.world:
         raise SystemExit(f"--heads {args.heads} does not split over --world {args.world}")
     import torch.multiprocessing as mp
@@ -207,7 +246,9 @@ def main(argv=None) -> dict:
         layer = max(e["layer_ms"] for e in entries)
         exchange = max(e["all_to_all_ms"] for e in entries)
         bandwidth = 4 * exchanged_bytes / (exchange / 1e3) / 1e9  # GB/s per rank, 4 all-to-alls
+        diffs = [e.get("max_abs_diff_vs_one_process") for e in entries]
         rows.append({"gpus": args.world, "order": name, "layer_ms": layer, "kernel_ms": kernels,
+                     "max_abs_diff_vs_one_process": None if None in diffs else max(diffs),
                      "all_to_all_ms": exchange, "speedup": base["layer_ms"] / layer,
                      "kept_block_imbalance": imbalance(costs, orders[name], args.world),
                      "kernel_imbalance": max(kernels) / (sum(kernels) / len(kernels)) - 1,

@@ -115,3 +115,24 @@ def test_ring_fragmentation_counts_shards():
     grid = TokenGrid(frames=4, height=4, width=4)
     assert shards_per_block(order_permutation(grid, "FHW"), 2, 16).tolist() == [1, 1, 1, 1]
     assert shards_per_block(order_permutation(grid, "HWF"), 2, 16).tolist() == [2, 2, 2, 2]
+
+
+@pytest.mark.slow
+def test_cp_benchmark_runs_and_matches_one_process_on_cpu(tmp_path):
+    """`bench_cp.py --device cpu`: the benchmark's exchange, plan rows and head orders on gloo, every rank's output
+    against one process's (what the GPU run also checks before it times)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_cp
+
+    results = bench_cp.main(["--device", "cpu", "--world", "2", "--heads", "4", "--grid", "2,8,8", "--head-dim", "64",
+                             "--iters", "2", "--rep-ms", "5", "--out", str(tmp_path)])
+    rows = {row["order"]: row for row in results["rows"] if row["gpus"] == 2}
+    assert set(rows) == {"model", "balanced"}
+    for row in rows.values():
+        assert row["max_abs_diff_vs_one_process"] == 0.0, row
+        assert row["layer_ms"] > 0 and row["all_to_all_ms"] > 0 and len(row["kernel_ms"]) == 2
+    assert [m["gpus"] for m in results["model"]] == [2, 4]
+    assert (tmp_path / "cp_wan720.md").exists()
