@@ -11,7 +11,8 @@ spreads them, or all equal with ``--uniform``):
   what the context-parallel pass does), and the all-to-all of the output back to tokens. Timed in the model's head
   order and in the balanced one (`balanced_head_order`).
 
-Reported: the time of a layer, its all-to-all share, the kernel time of every rank, the head imbalance (slowest rank
+Reported (after checking every rank's output against one process's on the same inputs): the time of a layer, its
+all-to-all share, the kernel time of every rank, the head imbalance (slowest rank
 over the mean, kept blocks and measured), the speed-up over one GPU, the all-to-all bandwidth, and a model of 4 and 8
 GPUs from that bandwidth (docs/context_parallel.md): ``t_U = t_1 / U · (1 + imbalance_U) + 4 · bytes_U / bandwidth``.
 
