@@ -44,7 +44,7 @@ from paro_compile.calibration.options import CalibrationOptions  # noqa: E402
 from paro_compile.calibration.statistics import SiteStatistics, chunk_rows_for, default_chunk_elements  # noqa: E402
 from paro_compile.grid import TokenGrid  # noqa: E402
 from paro_compile.kernels.block_mask import BlockMask  # noqa: E402
-from paro_compile.plan import pack_bool  # noqa: E402
+from paro_compile.plan_file import pack_bool  # noqa: E402
 
 TARGET_S = 10.0
 TARGET_GIB = 20.0

@@ -90,6 +90,17 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
           "--variants", "compile,paro-0.2,compile+fp8,paro-0.2+fp8,paro-0.2+fp8cd,paro-0.3+fp8", "--max-minutes", "8.6"),
          570, "HunyuanVideo-shaped, 720p, 1 dual + 2 single blocks, B=1, FP8 linears: compile and paro 0.2 without and "
               "with them, paro 0.2 with torchao's Inductor settings, paro 0.3"),
+    # several GPUs (nvidia-h200-x2)
+    Spec("cp-wan720", "benchmarks/bench_cp.py", ("--world", "2", "--out", "{out}"), 420,
+         "Ulysses over 2 GPUs (NCCL) vs 1: paro attention of one Wan-720p layer (H40·N75600·D128, bf16, density 0.2, "
+         "mixed orders), all-to-all time, head imbalance in model and balanced order, a model of 4 and 8 GPUs",
+         env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}),
+    Spec("ring-fragmentation", "benchmarks/ring_fragmentation.py", ("--out", "{out}"), 120,
+         "ring shards one PARO block's tokens lie in, per order, at the Wan-720p grid and ring degrees 2 / 4 / 8 (why "
+         "ring sites fall back)", gpu=False),
+    Spec("head-imbalance", "benchmarks/head_imbalance.py", ("--out", "{out}"), 480,
+         "Ulysses head imbalance of calibrated toy CogVideoX plans (uniform / site / global allocation), model order "
+         "and balanced, 2 and 4 ranks", gpu=False),
     # folding
     Spec("fold-depth6", "benchmarks/bench_fold.py",
          ("--depth", "6", "--iters", "10", "--json", "{out}/fold_depth6.json", "--profile", "{out}/profile"), 300,

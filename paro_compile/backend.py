@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
+from paro_compile.passes.context_parallel import localize_plan
 from paro_compile.passes.discover import find_attention_sites
 from paro_compile.passes.lower import lower_attention_sites
 from paro_compile.report import CompileReport, compile_origin, error_summary, new_report
@@ -65,6 +66,9 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
     gm = copy.deepcopy(gm)
     before = graph_code(gm)
     sites = find_attention_sites(gm, config)
+    parallel = localize_plan(sites, plan, config.heads)  # context parallelism: this rank's heads of the plan
+    plan = parallel.plan
+    report.context_parallel = parallel.notes()
     unsupported = [s for s in sites if not s.supported]
     if unsupported and config.fallback == "error":
         details = "\n".join(f"  {s.site_id}: {'; '.join(s.reasons)}" for s in unsupported)

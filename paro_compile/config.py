@@ -58,6 +58,9 @@ class ParoConfig:
                                '64-token blocks; `benchmarks/RESULTS.md` compares the two), `"reference"`')
     allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
                                      "and an fp32 model usually wants full precision")
+    heads: Any = option(None, "global heads of this rank's attention sites under context parallelism: None = read "
+                              "from the graph's all-to-all, `(start, stop)`, a list of head indices, or a callable "
+                              "`(site_id, local_heads)` returning either (`docs/context_parallel.md`)")
     fold_permutations: bool = option(True, "absorb token permutations into layout ops instead of the kernel")
     lower_cross_attention: bool = option(True, "also run cross-attention sites (keys from another sequence, e.g. "
                                                "text) on the paro op, dense, with the same Q/K/PV numerics; False "

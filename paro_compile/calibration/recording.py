@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -62,6 +62,8 @@ class Recorder:
         self.grids: dict[str, TokenGrid] = {}
         self.sites: dict[str, SiteStatistics] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.head_shards: dict[str, Any] = {}
+        """site → `HeadShard` of the heads this rank observes under context parallelism."""
         self.progress = progress
         self.id = next(_RECORDER_IDS)
         _RECORDERS[self.id] = self
@@ -92,8 +94,10 @@ class Recorder:
         except CalibrationError as error:
             self.skip(site_id, [str(error)])
 
-    def unreadable_reason(self, site) -> Optional[str]:
-        """Why calibration cannot read a supported ``site`` (None when it can); resolves and keeps its grid."""
+    def unreadable_reason(self, site, shard=None) -> Optional[str]:
+        """Why calibration cannot read a supported ``site`` (None when it can); resolves and keeps its grid.
+
+        ``shard``: the site's context-parallel head shard, when its graph exchanges tokens for heads."""
         heads, seq_len = static_int(site.heads), static_int(site.seq_len)
         if heads is None or seq_len is None:
             return (f"symbolic sizes ({site.heads} heads, {site.seq_len} tokens): calibration needs static shapes and "
@@ -104,12 +108,28 @@ class Recorder:
             return (f"its {seq_len} tokens fit in one {block}-token block: there is no token order or block to choose "
                     "(e.g. temporal attention over few frames)")
         try:
-            grid = self.resolver(site)
+            grid = self._resolve_grid(site, sharded=shard is not None)
             SiteStatistics(grid, heads, self.options, num_buckets=self.num_buckets)  # refuses orders the grid lacks
         except (CalibrationError, ValueError) as error:
             return str(error)
+        if shard is not None:
+            from paro_compile.passes.context_parallel import token_order_problem
+
+            problem = token_order_problem(grid)
+            if problem:
+                return problem
         self.grids[site.site_id] = grid
         return None
+
+    def _resolve_grid(self, site, *, sharded: bool) -> TokenGrid:
+        if not (sharded and self.resolver.use_layout_pass):
+            return self.resolver(site)
+        # the layout pass reads the exchanged (rank, local token) axis as a patchify merge: use the inputs
+        self.resolver.use_layout_pass = False
+        try:
+            return self.resolver(site)
+        finally:
+            self.resolver.use_layout_pass = True
 
     def instrument(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Replace every supported, readable SDPA site of ``gm`` (in place) by `_observe_sdpa`; list the others."""
@@ -125,10 +145,13 @@ class Recorder:
                 continue
             if site.site_id in self.skipped:
                 continue
-            reason = self.unreadable_reason(site)
-            if reason is not None:
+            shard, reason = self._context_parallel(site)
+            reason = reason or self.unreadable_reason(site, shard)
+            if reason:
                 self.skip(site.site_id, [reason])
                 continue
+            if shard is not None:
+                self.head_shards[site.site_id] = shard
             node = site.node
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale,
@@ -140,6 +163,18 @@ class Recorder:
         gm.recompile()
         return gm
 
+    @staticmethod
+    def _context_parallel(site) -> tuple[Any, str]:
+        """(`HeadShard` of the heads this rank observes under Ulysses, or None; why the site cannot be calibrated
+        under this parallelism, or ""). Sharded sites' statistics are gathered over the ranks in `build_plan`
+        (`paro_compile.parallel.gather_site_statistics`)."""
+        from paro_compile.passes.context_parallel import detect_site
+
+        parallel = detect_site(site)
+        if parallel.kind in ("ring", "unknown"):
+            return None, f"not calibrated under this context parallelism: {parallel.reason}"
+        return parallel.shard, ""
+
     def build_plan(self, *, step_boundaries: list[float], dense_buckets: Iterable[int] = (), timestep_arg: str = "timestep",
                    fingerprint: Optional[str] = None, meta: Optional[dict] = None) -> Plan:
         if not self.sites:
@@ -148,7 +183,12 @@ class Recorder:
                                        "scaled_dot_product_attention call on the calibration inputs")
             reasons = "\n".join(f"  {sid}: {'; '.join(r)}" for sid, r in self.skipped.items())
             raise CalibrationError(f"no supported attention site was observed; every site was skipped:\n{reasons}")
-        sites = build_site_plans(self.sites, dense_buckets=dense_buckets)
+        statistics = self.sites
+        if self.head_shards:
+            from paro_compile.parallel import gather_site_statistics
+
+            statistics = gather_site_statistics(self.sites, self.head_shards)
+        sites = build_site_plans(statistics, dense_buckets=dense_buckets)
         return Plan(
             sites=sites,
             step_boundaries=list(step_boundaries),

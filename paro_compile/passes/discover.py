@@ -74,18 +74,142 @@ class AttentionSite:
         return (self.batch, self.heads, self.seq_len, self.head_dim)
 
 
+# Dynamo spells the module path as the Python source it traced: ``L['self'].blocks[0]._modules['attn']``,
+# ``getattr(L['self'], 'weird-name')`` for names that are not identifiers, and, when a hook replaced a module's
+# ``forward`` (diffusers' HookRegistry: context parallelism, offloading, caches), hops from the module back to
+# itself: ``.forward.func.__closure__[0].cell_contents.forward.__self__``. Hops are dropped, so a site id is the
+# same with or without hooks.
+_HOP_STARTS = ("forward", "original_forward", "_old_forward")
+
+
+@dataclass(frozen=True)
+class _PathPart:
+    kind: str  # "root" (L[...] / G[...] / a bare name), "attr" (.name), "index" ([0]), "key" (['name'])
+    value: Any
+
+
+_STRING = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _parse_source(path: str, start: int = 0) -> tuple[list[_PathPart], int]:
+    """Parse one Dynamo source expression from ``path[start:]`` into parts; returns (parts, end index)."""
+    import ast
+
+    parts: list[_PathPart] = []
+    i = start
+    if path.startswith("getattr(", i):
+        inner, i = _parse_source(path, i + len("getattr("))
+        match = _STRING.match(path, i + 2) if path.startswith(", ", i) else None
+        if match is None or not path.startswith(")", match.end()):
+            raise ValueError(f"unexpected getattr form in {path!r}")
+        parts = inner + [_PathPart("attr", ast.literal_eval(match.group()))]
+        i = match.end() + 1
+    else:
+        match = re.compile(r"([A-Za-z_]\w*)(\[(?:'[^']*'|\"[^\"]*\")\])?").match(path, i)
+        if match is None:
+            raise ValueError(f"unexpected source root in {path!r}")
+        parts.append(_PathPart("root", match.group()))
+        i = match.end()
+    while i < len(path) and path[i] in ".[":
+        if path[i] == "[":
+            match = _STRING.match(path, i + 1)
+            if match is not None and path.startswith("]", match.end()):
+                parts.append(_PathPart("key", ast.literal_eval(match.group())))
+                i = match.end() + 1
+                continue
+            close = path.index("]", i)
+            token = path[i + 1:close]
+            parts.append(_PathPart("index", int(token)) if token.lstrip("-").isdigit() else _PathPart("key", token))
+            i = close + 1
+        else:
+            # Dynamo writes ModuleDict keys raw after the dot (``.d.a b``): a name runs to the next '.' or '['.
+            match = re.compile(r"[^.\[\]),]+").match(path, i + 1)
+            if match is None:
+                raise ValueError(f"empty attribute in {path!r}")
+            parts.append(_PathPart("attr", match.group()))
+            i = match.end()
+    return parts, i
+
+
+def _is_attr(parts: list[_PathPart], j: int, *names: str) -> bool:
+    return j < len(parts) and parts[j].kind == "attr" and parts[j].value in names
+
+
+def _hop_tail(parts: list[_PathPart], j: int) -> int:
+    """Length of the way back from a bound method or wrapper at ``parts[j - 1]`` to its module (0: none)."""
+    start = j
+    while _is_attr(parts, j, "__wrapped__"):
+        j += 1
+    if _is_attr(parts, j, "__self__"):
+        return j + 1 - start
+    if _is_attr(parts, j, "args") and j + 1 < len(parts) and parts[j + 1].kind == "index":
+        return j + 2 - start
+    if (_is_attr(parts, j, "func") and _is_attr(parts, j + 1, "__closure__") and j + 2 < len(parts)
+            and parts[j + 2].kind == "index" and _is_attr(parts, j + 3, "cell_contents")):
+        return j + 4 - start
+    return 0
+
+
+def _hop_length(parts: list[_PathPart], i: int) -> int:
+    """Length of the hook hop that starts at ``parts[i]`` (0: none). A hop leaves a module through its ``forward``
+    and comes back to the same module: ``forward.__self__`` (bound method), ``forward.args[0]`` (functools.partial),
+    ``forward.func.__closure__[k].cell_contents`` (the closure of a hook's wrapper; a diffusers HookRegistry keeps
+    its function reference there, whose ``forward`` hops on), with any ``__wrapped__`` in between; and a hook
+    object's ``fn_ref`` before such a hop."""
+    j = i + 1 if _is_attr(parts, i, "fn_ref") and _is_attr(parts, i + 1, *_HOP_STARTS) else i
+    if not _is_attr(parts, j, *_HOP_STARTS):
+        return 0
+    tail = _hop_tail(parts, j + 1)
+    return j + 1 + tail - i if tail else 0
+
+
 def normalize_module_path(dynamo_path: str) -> str:
-    """``L['self'].blocks[0]._modules['attn']`` → ``blocks.0.attn`` (the `named_modules()` name)."""
+    """A module's `named_modules()` name from the path Dynamo records in ``nn_module_stack``.
+
+    ``L['self'].blocks[0]._modules['attn']`` → ``blocks.0.attn``; ``getattr(L['self'], 'weird-name')`` →
+    ``weird-name``; hook hops (``forward.__self__``, ``forward.func.__closure__[0].cell_contents``, ...) are dropped,
+    so ``L['function_reference'].forward.__self__.__dict__['_modules']['blocks'].0.forward.func.__closure__[0]
+    .cell_contents.forward.__self__.attn1`` → ``blocks.0.attn1``, and a root that is the model's bound method
+    (``L['original_forward'].__self__``, a wrapper that replaced ``forward``) is the model. A path this parser does not understand is kept
+    with only the old textual rules applied (never an error: the id stays unique, only less readable)."""
+    try:
+        parts, end = _parse_source(dynamo_path)
+        if end != len(dynamo_path):
+            raise ValueError(f"trailing text in {dynamo_path!r}")
+    except (ValueError, SyntaxError):
+        return _normalize_textually(dynamo_path)
+    names: list[str] = []
+    i = 1 if parts and parts[0].kind == "root" else 0
+    if i:  # a root that is a bound method or wrapper of the model (``L['original_forward'].__self__``)
+        i += _hop_tail(parts, 1)
+    while i < len(parts):
+        hop = _hop_length(parts, i)
+        if hop:
+            i += hop
+            continue
+        part = parts[i]
+        if part.kind == "attr" and part.value in ("__dict__", "_modules"):
+            i += 1
+            continue
+        if part.kind == "key" and part.value == "_modules" and i > 0 and parts[i - 1].value == "__dict__":
+            i += 1
+            continue
+        names.append(str(part.value))
+        i += 1
+    return ".".join(names)
+
+
+def _normalize_textually(dynamo_path: str) -> str:
     path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", dynamo_path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    # Dynamo may spell submodule access through the module's __dict__ / _modules dicts.
     parts = [p for p in path.split(".") if p and p not in ("__dict__", "_modules")]
     return ".".join(parts)
 
 
 def innermost_module_path(node: fx.Node) -> str:
+    """`normalize_module_path` of the innermost module on ``node``'s ``nn_module_stack`` ("" for the root)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""

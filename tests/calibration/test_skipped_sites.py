@@ -151,7 +151,7 @@ def test_latte_temporal_attention_is_skipped_and_runs_dense():
     assert set(plan.sites) == {"transformer_blocks.0.attn1#0"}
     skipped = plan.meta["skipped_sites"]
     assert "4 tokens fit in one 16-token block" in skipped["temporal_transformer_blocks.0.attn1#0"][0]
-    assert "cross-attention" in skipped["transformer_blocks.0.attn2#0"][0]
+    assert "transformer_blocks.0.attn2#0" not in skipped  # cross-attention has no token order: not calibrated
     with torch.no_grad():
         expected = model(**inputs)[0]
         out = torch.compile(model, backend="paro", options={**EXACT, "plan": plan})(**inputs)[0]
@@ -160,5 +160,6 @@ def test_latte_temporal_attention_is_skipped_and_runs_dense():
     assert temporal.lowered and temporal.density == 1.0 and temporal.permutation == "identity"
     assert any("calibration skipped this site" in r for r in temporal.reasons)
     assert records["transformer_blocks.0.attn1#0"].lowered and records["transformer_blocks.0.attn1#0"].density < 1.0
-    assert not records["transformer_blocks.0.attn2#0"].lowered  # cross-attention stays on SDPA
+    cross = records["transformer_blocks.0.attn2#0"]
+    assert not cross.lowered or (cross.density == 1.0 and cross.permutation == "identity")
     assert torch.isfinite(out).all() and rel_l2(out, expected) < 0.2
