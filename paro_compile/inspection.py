@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from paro_compile.report import CompileReport, SiteFilters, SiteRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ARTIFACT_NAME = "paro_graph_diff"
 JSON_ARTIFACT_NAME = "paro_report"
 
@@ -165,6 +165,8 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
         "orders": list(site.orders),
         "order_summary": order_summary(site.orders),
         "permutation": site.permutation,
+        "folded_order": site.folded_order,
+        "kernel_permutation": site.kernel_permutation,
         "step_buckets": int(site.step_buckets),
         "compensated": bool(site.compensated),
         "plan_bytes": int(site.plan_bytes),
@@ -279,7 +281,7 @@ class InspectionReport(SiteFilters):
                 if code:
                     console.print(Syntax(p["after"], "python", theme="ansi_dark", background_color="default"))
         table = Table(title="attention sites", show_lines=False)
-        for column in ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "status"):
+        for column in SITE_COLUMNS:
             table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "density"))
         for graph in data["graphs"]:
             for site in graph["sites"]:
@@ -299,12 +301,20 @@ class InspectionReport(SiteFilters):
         return self.to_text()
 
 
+SITE_COLUMNS = ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "folded order",
+                "kernel perm", "status")
+"""The site table's columns (rich and HTML): "folded order" is the order absorbed by layout ops upstream of the
+site, "kernel perm" what the kernel still applies ("none", "residual" per head on top of it, "full")."""
+
+
 def _site_cells(site: Mapping[str, Any]) -> list[str]:
-    bits = f"qk {site['qk_bits']}b / pv {site['pv_dtype']}" if site["lowered"] else "-"
-    status = "paro" if site["lowered"] else "SDPA: " + "; ".join(site["reasons"])
+    lowered = site["lowered"]
+    bits = f"qk {site['qk_bits']}b / pv {site['pv_dtype']}" if lowered else "-"
+    status = "paro" if lowered else "SDPA: " + "; ".join(site["reasons"])
     return [str(site["graph_index"]), site["site_id"], "×".join(str(x) for x in site["shape"]), str(site["heads"]),
-            site["order_summary"] if site["lowered"] else "-", f"{site['density']:.3f}" if site["lowered"] else "-",
-            bits, site["permutation"] if site["lowered"] else "-", status]
+            site["order_summary"] if lowered else "-", f"{site['density']:.3f}" if lowered else "-",
+            bits, site["permutation"] if lowered else "-", (site["folded_order"] or "-") if lowered else "-",
+            site["kernel_permutation"] if lowered else "-", status]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -351,8 +361,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         f"<p>options: <code>{e(json.dumps(data['options']))}</code></p>",
         "<h2>Attention sites</h2>",
         "<table>",
-        "<thead><tr>" + "".join(f"<th>{c}</th>" for c in ("graph", "site", "shape", "heads", "orders", "density",
-                                                            "bits", "permutation", "status")) + "</tr></thead>",
+        "<thead><tr>" + "".join(f"<th>{c}</th>" for c in SITE_COLUMNS) + "</tr></thead>",
         "<tbody>",
     ]
     for graph in data["graphs"]:

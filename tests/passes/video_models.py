@@ -7,13 +7,13 @@ tiny (2 heads of 64, 1-2 layers) so one compile plus a few calls stays cheap on 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from paro_compile.grid import TokenGrid
 
-TEXT = int(__import__("os").environ.get("PARO_TEST_TEXT", 5))
+TEXT = 5
 """Text tokens: differs from every grid size used, so Dynamo keeps the text length its own symbol."""
 
 
@@ -124,6 +124,23 @@ def easyanimate(dtype: torch.dtype = torch.float32):
             timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen).to(dtype),
             return_dict=False,
         )
+
+    def grid_at(frames: int, height: int, width: int) -> TokenGrid:
+        return TokenGrid(frames, height // 2, width // 2, TEXT, "prefix")
+
+    return model, inputs_at, grid_at
+
+
+def toy(dtype: torch.dtype = torch.float32, model: Optional[torch.nn.Module] = None):
+    """The built-in toy video DiT (Conv3d patch embed, text prefix), or ``model`` taking its inputs."""
+    from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
+
+    torch.manual_seed(0)
+    model = (model or ToyVideoDiT()).eval().to(dtype)
+
+    def inputs_at(frames: int, height: int, width: int) -> dict:
+        return toy_inputs(frames=frames, height=height, width=width, text_tokens=TEXT, dtype=dtype,
+                          seed=frames * 1000 + height * 10 + width)
 
     def grid_at(frames: int, height: int, width: int) -> TokenGrid:
         return TokenGrid(frames, height // 2, width // 2, TEXT, "prefix")
