@@ -282,13 +282,13 @@ class InspectionReport(SiteFilters):
                     console.print(Syntax(p["after"], "python", theme="ansi_dark", background_color="default"))
         table = Table(title="attention sites", show_lines=False)
         for column in SITE_COLUMNS:
-            table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "density"))
+            table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "orders", "density", "bits"))
         for graph in data["graphs"]:
             for site in graph["sites"]:
                 table.add_row(*_site_cells(site))
         console.print(table)
 
-    def to_text(self, width: int = 120, color: bool = False, **kwargs: Any) -> str:
+    def to_text(self, width: int = 160, color: bool = False, **kwargs: Any) -> str:
         from rich.console import Console
 
         buffer = io.StringIO()

@@ -304,11 +304,11 @@ def _fold_symbolic(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan, p
     if in_region:
         order = _most_used_order(Counter(o for orders in in_region.values() for o in orders), region.axes)
     if order is not None and order != region.axes:
-        applied = apply_order(gm, sites, region, order)
+        applied = apply_order(gm, sites, region, order, inputs)
         result.record(applied, order)
         rw: Optional[Rewriter] = applied.rewriter
     elif region is not None:
-        rw = Rewriter(gm, region.axes, region.axes, region.grid_factors)
+        rw = Rewriter(gm, region.axes, region.axes, region.grid_factors, inputs)
         result.reason = f"most heads use the natural order {region.axes}: nothing to fold"
     else:
         rw = None
@@ -332,7 +332,7 @@ def _fold_symbolic(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan, p
         key = ("model", tuple(found.orders), tuple(str(f.size) for f in found.factors),
                tuple((seg.kind, str(seg.length)) for seg in found.segs))
         if key not in residuals:
-            model_order = Rewriter(gm, found.axes, found.axes, [(f.node, f.dim) for f in found.factors])
+            model_order = Rewriter(gm, found.axes, found.axes, [(f.node, f.dim) for f in found.factors], inputs)
             residuals[key] = model_order.residual(found.segs, found.orders, site_device(by_id[sid]), first_site)
         result.set_site(sid, residuals[key], "full", None)
     gm.graph.lint()
@@ -399,10 +399,11 @@ def fold_order(gm: fx.GraphModule, sites: list[AttentionSite], order: str, grid:
     if order == region.axes:
         result.reason = "natural order"
         return result
-    if not _region_sizes_covered(region, sites, InputSizes(gm.graph)):
+    inputs = InputSizes(gm.graph)
+    if not _region_sizes_covered(region, sites, inputs):
         result.reason = "a size of the token region is carried by no graph input"
         return result
-    result.record(apply_order(gm, sites, region, order), order)
+    result.record(apply_order(gm, sites, region, order, inputs), order)
     for site in sites:
         if site.supported and site.node in region.analysis.state:
             result.set_site(site.site_id, None, "none", order)

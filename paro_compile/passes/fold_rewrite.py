@@ -39,15 +39,14 @@ class Rewriter:
     dominate every layout op that uses it, and a layout op can sit before the node whose shape first shows the
     size (LTX's packed-latent input is reordered before the RoPE grid that forms (F, H, W) is built)."""
 
-    def __init__(self, gm: fx.GraphModule, order: str, axes: str, factors: list[GridFactor]) -> None:
+    def __init__(self, gm: fx.GraphModule, order: str, axes: str, factors: list[GridFactor],
+                 inputs: Optional[InputSizes] = None) -> None:
         self.gm, self.graph = gm, gm.graph
         self.order, self.axes = order, axes
         self.factors = factors
         self.size_cache: dict[str, fx.Node] = {}
         self.new_nodes: set[fx.Node] = set()
-        placeholders = self.graph.find_nodes(op="placeholder")
-        self.last_placeholder = placeholders[-1] if placeholders else None
-        self.inputs = InputSizes(self.graph)
+        self.inputs = inputs if inputs is not None else InputSizes(self.graph)
 
     def input_size(self, size: SizeLike) -> SizeValue:
         """``size`` as the graph computes it: an int, or a node computing the SymInt from the graph's inputs
@@ -184,7 +183,19 @@ class InputSizes:
         return replaced if replaced.free_symbols <= self.carriers.keys() else None
 
     def covers(self, size: SizeLike) -> bool:
-        return static_int(size) is not None or (isinstance(size, torch.SymInt) and self._expression(size) is not None)
+        """Whether `build` can compute ``size`` (static, or an expression over carried symbols that the graph
+        arithmetic of `sympy_interp` expresses: tried on the symbols' example values)."""
+        if static_int(size) is not None:
+            return True
+        expr = self._expression(size) if isinstance(size, torch.SymInt) else None
+        if expr is None:
+            return False
+        hints = size.node.shape_env.var_to_val
+        try:
+            sympy_interp(PythonReferenceAnalysis, {s: int(hints[s]) for s in expr.free_symbols}, expr)
+        except Exception:  # an expression the interpreter has no rule for, or a symbol without an example value
+            return False
+        return True
 
     def build(self, size: torch.SymInt) -> Optional[fx.Node]:
         expr = self._expression(size)
@@ -218,9 +229,11 @@ class AppliedOrder:
     table_permutes: list[str] = field(default_factory=list)
 
 
-def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenRegion, order: str) -> AppliedOrder:
-    """Insert the layout ops that run ``region`` in ``order`` (mutates gm); the sites' q/k/v are refreshed."""
-    rw = Rewriter(gm, order, region.axes, region.grid_factors)
+def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenRegion, order: str,
+                inputs: Optional[InputSizes] = None) -> AppliedOrder:
+    """Insert the layout ops that run ``region`` in ``order`` (mutates gm); the sites' q/k/v are refreshed.
+    ``inputs``: the graph's `InputSizes`, shared with other rewrites of the same graph."""
+    rw = Rewriter(gm, order, region.axes, region.grid_factors, inputs)
     applied = AppliedOrder(rw)
     analysis = region.analysis
     current: dict[fx.Node, fx.Node] = {}

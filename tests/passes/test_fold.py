@@ -27,8 +27,10 @@ def test_toy_every_order_folds_exactly(order):
     assert report.gathers_left == 0
     if order == "FHW":
         assert [s.permutation for s in report.sites] == ["identity"] * 2
+        assert all((s.folded_order, s.kernel_permutation) == (None, "none") for s in report.sites)
     else:  # the order is applied to the Conv3d patch embed's input and kernel (see fold_into_conv3d_input)
         assert all(s.permutation.startswith("folded:conv3d input(") for s in report.sites), report.summary()
+        assert all((s.folded_order, s.kernel_permutation) == (order, "none") for s in report.sites)
     token_gathers(code)
     assert not re.search(r"_paro_\w*_perm", code) or order == "FHW"
     fold_pass = next(p for p in report.passes if p["name"] == "fold_permutations")
@@ -56,6 +58,9 @@ def test_toy_mixed_orders_go_to_kernel_as_residuals():
     out, code, report = compile_and_run(model, inputs, plan)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert all(s.permutation == "kernel" for s in report.sites) and report.gathers_left == 0
+    # partial folding, visible in the record: HWF went into the layout ops, each head's rest stays in the kernel
+    assert all((s.folded_order, s.kernel_permutation) == ("HWF", "residual") for s in report.sites)
+    assert all("folded=HWF kernel_perm=residual" in line for line in report.summary().splitlines()[1:])
 
 
 @pytest.mark.parametrize("name,orders,folded", [
@@ -105,6 +110,7 @@ def test_flat_input_without_grid_stays_in_kernel():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     report = paro_compile.last_report()
     assert [s.permutation for s in report.sites] == ["kernel"] and report.gathers_left == 0
+    assert [(s.folded_order, s.kernel_permutation) for s in report.sites] == [(None, "full")]
 
 
 @torch.no_grad()
@@ -430,3 +436,39 @@ def test_dynamic_flat_tokens_without_a_graph_grid_stay_on_sdpa():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     (site,) = paro_compile.last_report().sites
     assert not site.lowered and any("no layout op forms this site's tokens" in r for r in site.reasons), site.reasons
+
+
+def test_partial_folding_is_shown_in_every_report_view():
+    """``folded_order`` and ``kernel_permutation`` reach the summary, the JSON, the site table and the HTML."""
+    from paro_compile.inspection import SCHEMA_VERSION, SITE_COLUMNS, InspectionReport
+    from paro_compile.passes.fold import FoldResult, describe_permutations
+    from paro_compile.report import CompileReport, SiteRecord
+
+    report = CompileReport(graph_index=0)
+    report.sites = [SiteRecord(f"blocks.{i}.attn#0", (1, 2, 40, 64), "float32", True, qk_bits=16, pv_dtype="fp16",
+                               permutation="kernel" if i < 3 else "identity") for i in range(4)]
+    report.sites.append(SiteRecord("blocks.4.attn#0", (1, 2, 40, 32), "float32", False, reasons=["head_dim 32"]))
+    result = FoldResult(sources=["conv3d input(flatten_1)"])
+    result.set_site("blocks.0.attn#0", torch.zeros(2, 40, dtype=torch.long), "residual", "HWF")
+    result.set_site("blocks.1.attn#0", None, "none", "HWF")
+    describe_permutations(report.sites, result)  # blocks.2 (not folded, plan perm in the kernel) and blocks.3: as lowered
+    expected = [("kernel", "HWF", "residual"), ("folded:conv3d input(flatten_1)", "HWF", "none"),
+                ("kernel", None, "full"), ("identity", None, "none")]
+    assert [(s.permutation, s.folded_order, s.kernel_permutation) for s in report.sites[:4]] == expected
+    lines = report.summary().splitlines()
+    assert "folded=HWF kernel_perm=residual" in lines[1] and "folded=HWF" in lines[2] and "kernel_perm" not in lines[2]
+    assert "kernel_perm=full" in lines[3] and "folded=" not in lines[3] and "SDPA: head_dim 32" in lines[5]
+    with pytest.raises(ValueError, match="kernel permutation"):
+        result.set_site("blocks.0.attn#0", None, "partial", "HWF")
+
+    inspection = InspectionReport([report])
+    data = inspection.to_dict()
+    assert data["schema_version"] == SCHEMA_VERSION == 2
+    sites = data["graphs"][0]["sites"]
+    assert [(d["folded_order"], d["kernel_permutation"]) for d in sites[:4]] == [e[1:] for e in expected]
+    assert {"folded order", "kernel perm"} <= set(SITE_COLUMNS)
+    text = inspection.to_text(width=300)
+    row = next(line for line in text.splitlines() if "blocks.0.attn#0" in line)
+    assert "HWF" in row and "residual" in row
+    html = inspection.to_html()
+    assert "<th>folded order</th><th>kernel perm</th>" in html and "<td>HWF</td><td>residual</td>" in html

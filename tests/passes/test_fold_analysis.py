@@ -108,3 +108,37 @@ def test_whole_segments():
     assert whole_segments(segs, 8, 40) == (visual,) and whole_segments(segs, 0, 8) == (text,)
     assert whole_segments(segs, 0, 0) == ()
     assert whole_segments(segs, 4, 40) is None and whole_segments(segs, 8, 20) is None
+
+
+def test_store_at_a_symbolic_text_offset_stays_in_the_region():
+    """CogVideoX applies RoPE in place past the text, ``query[:, :, text_len:] = rope(...)``; with dynamic=True
+    ``text_len`` is a SymInt node in the index. The store covers the whole visual segment, so it stays in the
+    region (it used to abort folding as a tensor-indexed store)."""
+    from paro_compile.passes.fold_analysis import analyse_region
+    from paro_compile.passes.fx_utils import op_name
+    from tests.passes.video_models import cogvideox
+
+    model, inputs_at, _ = cogvideox("1.0")
+    gm, sites = capture(model, inputs_at(3, 12, 8), dynamic=True)
+    stores = [n for n in gm.graph.nodes if op_name(n) == "setitem"]
+    assert len(stores) == 4 and all(len(n.all_input_nodes) == 3 for n in stores)  # target, value, the SymInt bound
+    region = analyse_region(gm, sites)
+    assert region.symbolic and region.axes == "FHW"
+    for store in stores:
+        target = store.args[0]
+        assert target in region.analysis.state and store.args[2] in region.analysis.state
+        assert not any(b.user is store for b in region.analysis.boundaries)
+
+
+def test_store_into_part_of_the_visual_tokens_aborts_the_analysis():
+    import pytest
+
+    from paro_compile.passes.fold_analysis import FoldError, analyse_region
+    from tests.passes.test_fold import PartialStore
+    from tests.passes.video_models import toy
+
+    model, inputs_at, _ = toy(model=PartialStore())
+    for dynamic in (False, True):
+        gm, sites = capture(model, inputs_at(3, 12, 8), dynamic=dynamic)
+        with pytest.raises(FoldError, match="not whole segments"):
+            analyse_region(gm, sites)
