@@ -183,17 +183,19 @@ class InputSizes:
         return replaced if replaced.free_symbols <= self.carriers.keys() else None
 
     def covers(self, size: SizeLike) -> bool:
-        """Whether `build` can compute ``size`` (static, or an expression over carried symbols that the graph
-        arithmetic of `sympy_interp` expresses: tried on the symbols' example values)."""
+        """Whether `build` can compute ``size``: static, or an expression over carried symbols that `sympy_interp`
+        turns into graph arithmetic (tried on a scratch graph, so a failure leaves this graph untouched)."""
         if static_int(size) is not None:
             return True
         expr = self._expression(size) if isinstance(size, torch.SymInt) else None
         if expr is None:
             return False
-        hints = size.node.shape_env.var_to_val
+        scratch = fx.Graph()
+        tracer = fx.proxy.GraphAppendingTracer(scratch)
         try:
-            sympy_interp(PythonReferenceAnalysis, {s: int(hints[s]) for s in expr.free_symbols}, expr)
-        except Exception:  # an expression the interpreter has no rule for, or a symbol without an example value
+            sympy_interp(PythonReferenceAnalysis,
+                         {s: fx.Proxy(scratch.placeholder(str(s)), tracer) for s in expr.free_symbols}, expr)
+        except Exception:  # an expression the interpreter has no graph rule for
             return False
         return True
 

@@ -338,10 +338,20 @@ def test_dynamic_order_plans_fold_fully_or_not_at_all(name, orders, expected):
         assert (site.folded_order, site.kernel_permutation) == expected[1:]
 
 
+def on_device(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cogvideox", "ltx"])
-def test_dynamic_video_models_through_inductor(name):
+def test_dynamic_video_models_through_inductor(name, device):
     """backend="paro" end to end (Inductor) with dynamic=True and a mixed-order plan: two resolutions, no
     recompilation after the first, output equal to eager."""
     from paro_compile.plan import Plan, SitePlan
@@ -349,13 +359,14 @@ def test_dynamic_video_models_through_inductor(name):
     from tests.passes.video_models import VIDEO_MODELS
 
     model, inputs_at, grid_at = VIDEO_MODELS[name]()
+    model = model.to(device)
     first_size, second_size = DYNAMIC_SIZES[name]
-    _, sites = capture(model, inputs_at(*first_size))
+    _, sites = capture(model, on_device(inputs_at(*first_size), device))
     plan = Plan({s.site_id: SitePlan.from_orders(s.site_id, ["HWF", "WHF"], grid_at(*first_size))
                  for s in sites if s.supported})
     compiled = torch.compile(model, backend="paro", dynamic=True, options={**EXACT, "plan": plan})
     for i, size in enumerate((first_size, second_size)):
-        inputs = inputs_at(*size)
+        inputs = on_device(inputs_at(*size), device)
         torch.testing.assert_close(first(compiled(**inputs)), first(model(**inputs)), rtol=1e-4, atol=1e-4)
         if i == 0:
             reports_after_first_call = len(compile_reports)

@@ -43,7 +43,9 @@ def test_symbolic_grid_dynamic():
 
 def test_cogvideox_1_5_linear_patch_embed_forms_a_symbolic_grid():
     """CogVideoX 1.5 patchifies with reshape → permute → flatten(4, 7) → flatten(1, 3) and a Linear (patch_size_t=2):
-    the (F/2, H/2, W/2) grid is found through it with symbolic sizes, text before the video tokens."""
+    the (F/2, H/2, W/2) grid is found through it with symbolic sizes, text before the video tokens. The blocks take
+    the video tokens as ``hidden_states[:, text_len:]``, whose bound is a SymInt node with dynamic=True: read as its
+    size, not as an opaque index (which made the slice a flat leaf and hid the patchify: "no visual token source")."""
     from tests.passes.video_models import cogvideox
 
     model, inputs_at, _ = cogvideox("1.5")
