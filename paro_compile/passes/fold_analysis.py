@@ -20,8 +20,8 @@ from paro_compile.grid import TokenGrid
 from paro_compile.passes.discover import sdpa_arguments
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, SIZE_OPS, SPLIT_OPS, VIEW_OPS, SizeLike, arg,
-    getitem_axis_map, index_size_nodes, is_inplace, is_one, known_equal, map_view_forward, meta_value, norm_dim, op_name, permute_dims,
-    shape_of, static_int, unit_step,
+    getitem_axis_map, index_size_nodes, is_inplace, is_one, known_equal, map_view_forward, meta_value, norm_dim,
+    op_name, permute_dims, shape_of, static_int, unit_step,
 )
 from paro_compile.passes.layout import infer_layouts
 
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from paro_compile.plan import Plan
 
 GridFactor = Union[int, tuple[fx.Node, int]]
-"""One grid axis size: an int, or the (node, dim) to read a symbolic size from at run time."""
+"""One grid axis size: an int, or the (node, dim) whose fake size it is (symbolic sizes are computed from the graph's
+inputs when the rewrite needs them: `fold_rewrite.InputSizes`)."""
 
 
 class FoldError(RuntimeError):
@@ -42,7 +43,6 @@ class FoldError(RuntimeError):
 class Seg:
     kind: str  # "vis" | "txt"
     length: SizeLike
-    ref: Optional[tuple[fx.Node, int]] = None  # (node, dim) to read the length from at run time when symbolic
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,7 +309,7 @@ class Analysis:
                 if s is not None:
                     segs.extend(s.segs)
                 else:
-                    segs.append(Seg("txt", shape_of(t)[cdim], (t, cdim)))
+                    segs.append(Seg("txt", shape_of(t)[cdim]))
             self.state[node] = State(cdim, tuple(segs))
             return True
         ref = next(s for s in states if s is not None)

@@ -28,7 +28,8 @@ import torch.fx as fx
 from paro_compile.grid import TokenGrid
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SizeLike, arg, getitem_axis_map, is_one,
-    known_equal, map_view_backward, meta_value, norm_dim, op_name, permute_dims, shape_of, static_int, to_sym, unit_step,
+    known_equal, map_view_backward, meta_value, norm_dim, op_name, permute_dims, shape_of, static_int, to_sym,
+    unit_step,
 )
 
 if TYPE_CHECKING:

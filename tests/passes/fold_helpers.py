@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
@@ -166,3 +167,25 @@ def orders_reach_the_kernel(model, inputs_at, grid_at, orders: list[str], sizes:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     return len(compiled), compiled, added_guards
+
+
+
+class PartialStore(nn.Module):
+    """The toy DiT with a store into a few visual tokens: no layout op can express it in the common order."""
+
+    def __init__(self):
+        super().__init__()
+        from paro_compile.toy.dit import ToyVideoDiT
+
+        torch.manual_seed(0)
+        self.dit = ToyVideoDiT()
+
+    def forward(self, latent, text, timestep):
+        d = self.dit
+        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
+        tokens[:, 2:5] = 0.0
+        x = torch.cat([d.text_proj(text), tokens], dim=1)
+        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
+        for block in d.blocks:
+            x = block(x, temb)
+        return x

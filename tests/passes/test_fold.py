@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import paro_compile
 from paro_compile.grid import order_permutation
 from tests.passes.fold_helpers import (
-    EXACT, GRIDS, capture, compile_and_run, first, make, make_plan, orders_reach_the_kernel, token_gathers,
+    EXACT, GRIDS, PartialStore, capture, compile_and_run, first, make, make_plan, orders_reach_the_kernel,
+    token_gathers,
 )
 
 
@@ -375,35 +376,14 @@ def test_dynamic_video_models_through_inductor(name, device):
     assert lowered and all(s.kernel_permutation == "residual" and s.folded_order == "HWF" for s in lowered)
 
 
-class PartialStore(nn.Module):
-    """The toy DiT with an in-place store into part of the visual tokens: the region cannot run in a folded
-    order (the store's slice would cut the permuted grid)."""
-
-    def __init__(self):
-        super().__init__()
-        from paro_compile.toy.dit import ToyVideoDiT
-
-        torch.manual_seed(0)
-        self.dit = ToyVideoDiT()
-
-    def forward(self, latent, text, timestep):
-        d = self.dit
-        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
-        tokens[:, 1:3] = 0.5
-        x = torch.cat([d.text_proj(text), tokens], dim=1)
-        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
-        for block in d.blocks:
-            x = block(x, temb)
-        return x[:, text.shape[1]:]
-
-
 def test_dynamic_unfoldable_region_keeps_the_whole_order_in_the_kernel():
     """Where the region cannot be folded on symbolic shapes, every site still gets its whole per-head order,
     computed in the graph from the grid layout inference finds for it."""
     from tests.passes.video_models import toy
 
     model, inputs_at, grid_at = toy(model=PartialStore())
-    graphs, reports, guards = orders_reach_the_kernel(model, inputs_at, grid_at, ["HWF", "WHF"], [(3, 12, 8), (2, 8, 16)])
+    sizes = [(3, 12, 8), (2, 8, 16)]
+    graphs, reports, guards = orders_reach_the_kernel(model, inputs_at, grid_at, ["HWF", "WHF"], sizes)
     assert graphs == 1 and guards == [0]
     lowered = reports[0].lowered
     assert len(lowered) == 2

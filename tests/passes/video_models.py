@@ -45,7 +45,9 @@ def cogvideox(version: str = "1.0", dtype: torch.dtype = torch.float32):
         inputs = dict(
             hidden_states=torch.randn(1, frames, 4, height, width, generator=gen).to(dtype),
             encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen).to(dtype),
-            timestep=torch.tensor([500]), image_rotary_emb=(cos.to(dtype).clone(), sin.to(dtype).clone()), return_dict=False,
+            timestep=torch.tensor([500]), return_dict=False,
+            # own storage: a view of a larger table would put its base's strides in Dynamo's guards
+            image_rotary_emb=(cos.to(dtype).clone(), sin.to(dtype).clone()),
         )
         if v15:
             inputs["ofs"] = torch.tensor([2.0])
