@@ -83,26 +83,21 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
     if plan is not None and hasattr(plan, "check_sites"):
         # Cross-attention sites have no token order (plans never hold them); skipped sites run dense.
         plan.check_sites([s for s in sites if not s.is_cross and s.site_id not in skipped], allow_extra=True)
+    from paro_compile.passes import fold
+
     kernel_perms = None
-    fold_records: dict[str, str] = {}
+    fold_result = None
     if plan is not None and config.fold_permutations:
-        try:
-            from paro_compile.passes import fold
-        except ImportError:
-            fold = None
-        if fold is not None:
-            result = fold.fold_permutations(gm, sites, plan, config)
-            kernel_perms, fold_records, report.gathers_left = result.kernel_perms, result.descriptions, result.gathers
-            report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
-            before = report.passes[-1]["after"]
+        fold_result = fold.fold_permutations(gm, sites, plan, config)
+        kernel_perms, report.gathers_left = fold_result.kernel_perms, fold_result.gathers
+        report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
+        before = report.passes[-1]["after"]
     report.sites = lower_attention_sites(gm, sites, config, plan, kernel_perms)
     for record in report.sites:
         if record.lowered and record.site_id in skipped:
             record.reasons.append(f"calibration skipped this site ({'; '.join(skipped[record.site_id])}); dense, "
                                   "model token order")
-    for record in report.sites:
-        if record.site_id in fold_records and record.lowered:
-            record.permutation = fold_records[record.site_id]
+    fold.describe_permutations(report.sites, fold_result)
     report.passes.append({"name": "lower_attention", "before": before, "after": graph_code(gm)})
     log.info("%s", report.summary())
     from paro_compile.inspection import emit_report_artifacts

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from paro_compile.report import HISTORY_LIMIT, CompileReport, SiteFilters, SiteRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ARTIFACT_NAME = "paro_graph_diff"
 JSON_ARTIFACT_NAME = "paro_report"
 
@@ -172,6 +172,8 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
         "orders": list(site.orders),
         "order_summary": order_summary(site.orders),
         "permutation": site.permutation,
+        "folded_order": site.folded_order,
+        "kernel_permutation": site.kernel_permutation,
         "step_buckets": int(site.step_buckets),
         "compensated": bool(site.compensated),
         "plan_bytes": int(site.plan_bytes),
@@ -542,8 +544,8 @@ class InspectionReport(SiteFilters):
             console.print(Text("graphs without attention: " + ", ".join(
                 f"{r.graph_index}" + (f" ({r.frame})" if r.frame else "") for r in empty)))
         table = Table(title="attention sites", show_lines=False)
-        for column in ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "status"):
-            table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "density"))
+        for column in SITE_COLUMNS:
+            table.add_column(column, overflow="fold", no_wrap=column in ("site", "shape", "orders", "density", "bits"))
         for graph in data["graphs"]:
             for site in graph["sites"]:
                 table.add_row(*(escape(cell) for cell in _site_cells(site)))
@@ -557,7 +559,7 @@ class InspectionReport(SiteFilters):
         for hint in data["hints"]:
             console.print(Text(f"fix: {hint}", style="green"))
 
-    def to_text(self, width: int = 120, color: bool = False, **kwargs: Any) -> str:
+    def to_text(self, width: int = 160, color: bool = False, **kwargs: Any) -> str:
         from rich.console import Console
 
         buffer = io.StringIO()
@@ -570,12 +572,20 @@ class InspectionReport(SiteFilters):
         return self.to_text()
 
 
+SITE_COLUMNS = ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "folded order",
+                "kernel perm", "status")
+"""The site table's columns (rich and HTML): "folded order" is the order absorbed by layout ops upstream of the
+site, "kernel perm" what the kernel still applies ("none", "residual" per head on top of it, "full")."""
+
+
 def _site_cells(site: Mapping[str, Any]) -> list[str]:
-    bits = f"qk {site['qk_bits']}b / pv {site['pv_dtype']}" if site["lowered"] else "-"
-    status = "paro" if site["lowered"] else "SDPA: " + "; ".join(site["reasons"])
+    lowered = site["lowered"]
+    bits = f"qk {site['qk_bits']}b / pv {site['pv_dtype']}" if lowered else "-"
+    status = "paro" if lowered else "SDPA: " + "; ".join(site["reasons"])
     return [str(site["graph_index"]), site["site_id"], "×".join(str(x) for x in site["shape"]), str(site["heads"]),
-            site["order_summary"] if site["lowered"] else "-", f"{site['density']:.3f}" if site["lowered"] else "-",
-            bits, site["permutation"] if site["lowered"] else "-", status]
+            site["order_summary"] if lowered else "-", f"{site['density']:.3f}" if lowered else "-",
+            bits, site["permutation"] if lowered else "-", (site["folded_order"] or "-") if lowered else "-",
+            site["kernel_permutation"] if lowered else "-", status]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -631,8 +641,7 @@ def render_html(data: Mapping[str, Any]) -> str:
     parts += [
         "<h2>Attention sites</h2>",
         "<table>",
-        "<thead><tr>" + "".join(f"<th>{c}</th>" for c in ("graph", "site", "shape", "heads", "orders", "density",
-                                                            "bits", "permutation", "status")) + "</tr></thead>",
+        "<thead><tr>" + "".join(f"<th>{c}</th>" for c in SITE_COLUMNS) + "</tr></thead>",
         "<tbody>",
     ]
     for graph in data["graphs"]:

@@ -36,6 +36,12 @@ class SiteRecord:
     permutation: str = "identity"
     """How the token order is applied: "identity", "kernel" (gather in the prologue, scatter in the
     epilogue), "folded:<op>" (absorbed by a layout op), or "gather" (an explicit runtime gather)."""
+    folded_order: Optional[str] = None
+    """The order folded into the layout ops upstream of this site (e.g. "HWF"), None when its tokens arrive in model
+    order. With ``kernel_permutation="residual"`` the kernel applies the rest of each head's order on top of it."""
+    kernel_permutation: str = "none"
+    """What the kernel still permutes: "none", "residual" (the per-head rest after ``folded_order``: partial folding)
+    or "full" (the whole plan permutation, nothing folded for this site)."""
     step_buckets: int = 1
     compensated: bool = False
     """Skipped blocks enter as pooled keys (``compensate_skipped`` and a sparse mask at this site)."""
@@ -120,7 +126,10 @@ class CompileReport(SiteFilters):
         for s in self.sites:
             if s.lowered:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} density={s.density:.2f} qk={s.qk_bits}b "
-                             f"pv={s.pv_dtype} perm={s.permutation}" + (" compensated" if s.compensated else "")
+                             f"pv={s.pv_dtype} perm={s.permutation}"
+                             + (f" folded={s.folded_order}" if s.folded_order else "")
+                             + (f" kernel_perm={s.kernel_permutation}" if s.kernel_permutation != "none" else "")
+                             + (" compensated" if s.compensated else "")
                              + (" cross-attention" if s.cross_attention else "") + (" key-padding" if s.key_padding else "")
                              + (f" plan={s.plan_bytes / 2**20:.1f}MiB" if s.plan_bytes else "")
                              + (f" degraded: {'; '.join(s.reasons)}" if s.reasons else ""))

@@ -68,7 +68,7 @@ def documented_keys() -> dict[str, set[str]]:
 def check_schema(data: dict) -> None:
     """Every object of ``data`` has exactly the documented keys (graphs, passes and sites must be non-empty)."""
     doc = documented_keys()
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
 
     def check(path: str, obj: dict) -> None:
         assert isinstance(obj, dict), (path, type(obj))

@@ -159,7 +159,7 @@ def test_emit_report_artifacts_trace_and_logger(monkeypatch):
     assert by_name["paro_graph_diff"][0] == "artifact" and by_name["paro_graph_diff"][1]["encoding"] == "string"
     assert "+attention_default = paro(q, k, v)" in by_name["paro_graph_diff"][2]
     payload = json.loads(by_name["paro_report"][2])
-    assert payload["schema_version"] == 1 and payload["graph"]["sites"][0]["order_summary"] == "FHW×2, HWF×2"
+    assert payload["schema_version"] == 2 and payload["graph"]["sites"][0]["order_summary"] == "FHW×2, HWF×2"
     assert records and "-x = sdpa(q, k, v)" in records[0] and "head_dim 32" in records[0]
 
 

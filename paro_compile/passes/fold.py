@@ -23,6 +23,7 @@ Nothing here emits a gather: the residuals go to the attention kernel (its fused
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -31,27 +32,43 @@ import torch
 import torch.fx as fx
 
 from paro_compile.grid import TokenGrid, candidate_orders, order_permutation
-from paro_compile.passes.fold_analysis import FoldError, State, TokenRegion, analyse_region
-from paro_compile.passes.fold_rewrite import AppliedOrder, Rewriter, apply_order, common_permutation, residual_permutation
-from paro_compile.passes.fx_utils import fake_value, static_int
+from paro_compile.passes.fold_analysis import FoldError, Seg, State, TokenRegion, analyse_region
+from paro_compile.passes.fold_rewrite import (
+    AppliedOrder, InputSizes, Rewriter, apply_order, common_permutation, residual_permutation,
+)
+from paro_compile.passes.fx_utils import fake_value, known_equal, shape_of, static_int
+from paro_compile.passes.layout import Factor, SiteLayout, infer_layouts
 
 if TYPE_CHECKING:
     from paro_compile.config import ParoConfig
     from paro_compile.passes.discover import AttentionSite
     from paro_compile.plan import Plan, SitePlan
+    from paro_compile.report import SiteRecord
 
 
 class DynamicPlanError(FoldError):
     """A plan that cannot be applied to a graph with symbolic token counts."""
 
 
+KERNEL_PERMUTATIONS = ("none", "residual", "full")
+"""What a site's kernel still applies: nothing, the per-head residual after the folded order, or the whole plan
+permutation (nothing folded for the site)."""
+
+
 @dataclass
 class FoldResult:
-    """What the pass did; the backend copies `descriptions` and `gathers` into the compile report."""
+    """What the pass did; the backend copies it into the site records (`describe_permutations`)."""
 
     kernel_perms: dict[str, Optional[torch.Tensor | fx.Node]] = field(default_factory=dict)
     """site → what its kernel still applies: an [H, N] permutation, a graph node computing it, or None."""
     descriptions: dict[str, str] = field(default_factory=dict)
+    """site → `SiteRecord.permutation`: "identity", "folded:<source>", or "kernel"."""
+    folded_orders: dict[str, Optional[str]] = field(default_factory=dict)
+    """site → the order folded into layout ops upstream of it (None: its tokens arrive in model order)."""
+    kernel_permutation: dict[str, str] = field(default_factory=dict)
+    """site → "none" | "residual" | "full" (`KERNEL_PERMUTATIONS`)."""
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    """site → why its plan could not be applied: the site stays on SDPA (the reason is in its record)."""
     gathers: int = 0
     order: Optional[str] = None
     """The common order folded into the layout ops (None: nothing folded)."""
@@ -71,6 +88,35 @@ class FoldResult:
     @property
     def folded_label(self) -> str:
         return f"folded:{self.sources[0] if self.sources else 'layout'}"
+
+    def set_site(self, site_id: str, perm: Optional[torch.Tensor | fx.Node], kernel: str,
+                 folded_order: Optional[str]) -> None:
+        """Record what site ``site_id``'s kernel applies (``kernel`` in `KERNEL_PERMUTATIONS`) after
+        ``folded_order`` (or nothing) was folded upstream of it."""
+        if kernel not in KERNEL_PERMUTATIONS:
+            raise ValueError(f"kernel permutation {kernel!r} is not one of {KERNEL_PERMUTATIONS}")
+        self.kernel_perms[site_id] = perm
+        self.kernel_permutation[site_id] = kernel
+        self.folded_orders[site_id] = folded_order
+        if kernel != "none":
+            self.descriptions[site_id] = "kernel"
+        else:
+            self.descriptions[site_id] = self.folded_label if folded_order is not None else "identity"
+
+
+def describe_permutations(records: list[SiteRecord], result: Optional[FoldResult]) -> None:
+    """Fill the lowered records' ``permutation``, ``folded_order`` and ``kernel_permutation`` from the folding
+    pass (``result``; None when it did not run: a plan permutation then stays whole in the kernel)."""
+    for record in records:
+        if not record.lowered:
+            continue
+        if result is not None and record.site_id in result.descriptions:
+            record.permutation = result.descriptions[record.site_id]
+            record.folded_order = result.folded_orders.get(record.site_id)
+            record.kernel_permutation = result.kernel_permutation.get(record.site_id, "none")
+        else:
+            record.folded_order = None
+            record.kernel_permutation = "full" if record.permutation == "kernel" else "none"
 
 
 def site_device(site: AttentionSite) -> Optional[torch.device]:
@@ -113,22 +159,21 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
     ``config.fold_permutations=False`` leaves the graph alone (the kernels then apply the plan's
     permutations). ``grid`` gives the token grid where the graph does not form the tokens from one and the
     plan has none. With a symbolic sequence length (``dynamic=True``) the plan's per-head order strings are
-    applied to the inferred grid: the common order goes into the layout ops and the residuals are computed
-    in the graph from the grid sizes (`Rewriter.residual`). A plan without order strings raises
-    DynamicPlanError.
+    applied to the inferred grid (`_fold_symbolic`); a site whose orders cannot be applied there stays on SDPA
+    with the reason (`FoldResult.fallbacks`; with ``config.fallback="error"`` a DynamicPlanError lists them). A
+    plan without order strings raises DynamicPlanError.
     """
     result = FoldResult()
     if not config.fold_permutations:
         result.reason = "fold_permutations=False"
         return result
     by_id = {s.site_id: s for s in sites}
-    planned = {s.site_id: plan.sites.get(s.site_id) for s in sites if s.supported}
+    planned = {s.site_id: plan.sites.get(s.site_id) for s in sites if s.supported and not s.is_cross}
     planned = {k: v for k, v in planned.items() if v is not None and v.perm is not None}
     symbolic_sites = {sid for sid in planned if static_int(by_id[sid].seq_len) is None}
     for sid, sp in list(planned.items()):
         if sp.is_identity_perm():
-            result.kernel_perms[sid] = None
-            result.descriptions[sid] = "identity"
+            result.set_site(sid, None, "none", None)
             del planned[sid]
             continue
         if sid in symbolic_sites and not (sp.orders and len(sp.orders) == sp.heads):
@@ -136,22 +181,22 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
                 f"site {sid} has a symbolic sequence length and its plan holds a [H, N] permutation but no per-head "
                 "order strings: with dynamic shapes only order plans (SitePlan.orders + grid) apply; compile with "
                 "dynamic=False or use a plan with orders")
-        result.kernel_perms[sid] = _on_device(sp.perm, site_device(by_id[sid])) if sid not in symbolic_sites else None
-        result.descriptions[sid] = "kernel"
+        if sid not in symbolic_sites:
+            result.set_site(sid, _on_device(sp.perm, site_device(by_id[sid])), "full", None)
     if not planned:
         result.reason = "no site has a permutation"
         return result
+    if symbolic_sites:
+        # no [H, N] constant fits a symbolic sequence: the orders are applied to the graph's symbolic grid
+        return _fold_symbolic(gm, sites, plan, planned, grid, config, result)
     try:
         region = analyse_region(gm, sites, plan, grid)
     except FoldError as error:
-        if symbolic_sites & set(planned):
-            raise DynamicPlanError(f"symbolic shapes with a permuted plan need the token grid from the graph: {error}") from error
         result.reason = str(error)
         return result
     site_states = {s.site_id: region.analysis.state.get(s.node) for s in sites}
-    if region.symbolic or symbolic_sites & set(planned):
-        # a symbolic grid, or a static grid next to a symbolic text length: no [H, N] constant fits
-        return _fold_symbolic(gm, sites, planned, region, site_states, result)
+    if region.symbolic:
+        return _fold_symbolic(gm, sites, plan, planned, grid, config, result)
     counts: Counter = Counter()
     site_grids: dict[str, TokenGrid] = {}
     for sid, sp in planned.items():
@@ -182,57 +227,162 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
             continue
         residual = residual_permutation(sp.perm, common_permutation(st.segs, site_grids[sid], order))
         if bool((residual == torch.arange(residual.shape[-1], device=residual.device)).all()):
-            result.kernel_perms[sid] = None
-            result.descriptions[sid] = result.folded_label
+            result.set_site(sid, None, "none", order)
         else:
-            result.kernel_perms[sid] = _on_device(residual, site_device(by_id[sid]))
-            result.descriptions[sid] = "kernel"
+            result.set_site(sid, _on_device(residual, site_device(by_id[sid])), "residual", order)
     # sites reached without a plan entry run in the permuted order: attention is equivariant, nothing to do.
     result.grid = {"axes": region.axes, "order": order}
     return result
 
 
-def _fold_symbolic(gm: fx.GraphModule, sites: list[AttentionSite], planned: dict[str, SitePlan], region: TokenRegion,
-                   site_states: dict[str, Optional[State]], result: FoldResult) -> FoldResult:
-    """Order plans on symbolic sizes: fold the common order, residuals computed in the graph."""
+def project_orders(orders: list[str], axes: str) -> Optional[list[str]]:
+    """The orders over the graph grid's ``axes``: as given, or with the axes the graph's grid does not have
+    dropped (layout inference drops axes of size 1, e.g. one latent frame: "HWF" is then "HW"). None when an
+    order misses one of ``axes``."""
+    if any(not set(axes) <= set(o) or len(set(o)) != len(o) for o in orders):
+        return None
+    return ["".join(a for a in o if a in axes) for o in orders]
+
+
+def _fold_symbolic(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan, planned: dict[str, SitePlan],
+                   grid_hint: Optional[TokenGrid], config: ParoConfig, result: FoldResult) -> FoldResult:
+    """Order plans on symbolic sizes: the common order folded, residuals computed in the graph.
+
+    Every size the inserted ops need is rebuilt from the graph's inputs (`InputSizes`). A planned site the
+    folded region does not reach (or all of them, when the region cannot run in the common order) gets its whole
+    permutation computed in the graph from the grid layout inference finds for it, applied by the kernel; a site
+    whose orders cannot be applied at all stays on SDPA with the reason. Every decision is taken before the graph
+    is touched."""
     by_id = {s.site_id: s for s in sites}
-    axes = region.axes
-    counts: Counter = Counter()
+    inputs = InputSizes(gm.graph)
+    problem = ""
+    try:
+        region: Optional[TokenRegion] = analyse_region(gm, sites, plan, grid_hint)
+    except FoldError as error:
+        region, problem = None, str(error)
+    if region is not None and not _region_sizes_covered(region, sites, inputs):
+        region, problem = None, "a size of the token region is carried by no graph input"
+    in_region: dict[str, list[str]] = {}
+    unreached: list[str] = []
     for sid, sp in planned.items():
-        if not sp.orders or len(sp.orders) != sp.heads:
-            raise DynamicPlanError(f"site {sid}: a plan applied to a symbolic grid needs per-head order strings")
-        if _visual_segments(site_states.get(sid)) != 1:
-            raise DynamicPlanError(f"site {sid}: its tokens are not reached from the visual token source of the "
-                                   "graph, so its orders cannot be applied to the symbolic grid")
-        bad = [o for o in sp.orders if sorted(o) != sorted(axes)]
-        if bad:
-            raise DynamicPlanError(f"site {sid}: orders {sorted(set(bad))} do not name the grid axes {axes!r}")
-        counts.update(sp.orders)
-    order = _most_used_order(counts, axes)
-    if order != axes:
-        applied = apply_order(gm, sites, region, order)
-        result.record(applied, order)
-        rw = applied.rewriter
-    else:
-        rw = Rewriter(gm, order, axes, region.grid_factors)
-        result.reason = f"most heads use the natural order {axes}: nothing to fold"
-    residuals: dict[tuple, fx.Node] = {}
-    first_site = next(n for n in gm.graph.nodes if any(n is by_id[sid].node for sid in planned))
-    for sid, sp in planned.items():
-        if all(o == order for o in sp.orders):
-            result.kernel_perms[sid] = None
-            result.descriptions[sid] = result.folded_label
+        state = region.analysis.state.get(by_id[sid].node) if region is not None else None
+        has_orders = bool(sp.orders) and len(sp.orders) == sp.heads
+        if state is None:
+            if has_orders:
+                unreached.append(sid)
+            # else: a static site with a stored [H, N] permutation: it stays whole in the kernel (set before)
             continue
-        st = site_states[sid]
-        key = (tuple(sp.orders), tuple((seg.kind, str(seg.length)) for seg in st.segs))
+        orders = project_orders(list(sp.orders), region.axes) if has_orders else None
+        # the site's tokens run in the common order: SDPA is exact there (attention is equivariant)
+        if orders is None:
+            result.fallbacks[sid] = (f"orders {sorted(set(sp.orders))} do not name the graph's grid axes "
+                                     f"{region.axes!r}" if has_orders else "the plan has no per-head order strings")
+        elif _visual_segments(state) != 1:
+            result.fallbacks[sid] = "its tokens are not one visual segment of the graph's grid"
+        else:
+            in_region[sid] = orders
+    layouts = infer_layouts(gm, [by_id[sid] for sid in unreached]) if unreached else {}
+    whole: dict[str, WholePermutation] = {}
+    for sid in unreached:
+        found = _whole_permutation(planned[sid], layouts[sid], inputs)
+        if isinstance(found, str):
+            result.fallbacks[sid] = f"{problem}; {found}" if problem else found
+        else:
+            whole[sid] = found
+    for sid, why in result.fallbacks.items():
+        result.fallbacks[sid] = (f"plan orders cannot be applied with symbolic shapes: {why}; kept on SDPA (compile "
+                                 "with dynamic=False, or fix the plan, to apply them)")
+    if result.fallbacks and config.fallback == "error":
+        details = "\n".join(f"  {sid}: {why}" for sid, why in result.fallbacks.items())
+        raise DynamicPlanError(f"{len(result.fallbacks)} planned site(s) cannot use their plan:\n{details}")
+    for sid, reason in result.fallbacks.items():
+        by_id[sid].reasons.append(reason)
+        for table in (result.kernel_perms, result.descriptions, result.folded_orders, result.kernel_permutation):
+            table.pop(sid, None)
+    # the graph changes from here on
+    order = region.axes if region is not None else None
+    if in_region:
+        order = _most_used_order(Counter(o for orders in in_region.values() for o in orders), region.axes)
+    if order is not None and order != region.axes:
+        applied = apply_order(gm, sites, region, order, inputs)
+        result.record(applied, order)
+        rw: Optional[Rewriter] = applied.rewriter
+    elif region is not None:
+        rw = Rewriter(gm, region.axes, region.axes, region.grid_factors, inputs)
+        result.reason = f"most heads use the natural order {region.axes}: nothing to fold"
+    else:
+        rw = None
+        result.reason = problem
+    if not in_region and not whole:
+        return result
+    folded = result.order
+    built = {by_id[sid].node for sid in list(in_region) + list(whole)}
+    first_site = next(n for n in gm.graph.nodes if n in built)
+    residuals: dict[tuple, fx.Node] = {}
+    for sid, orders in in_region.items():
+        if all(o == order for o in orders):
+            result.set_site(sid, None, "none", folded)
+            continue
+        state = region.analysis.state[by_id[sid].node]
+        key = (order, tuple(orders), tuple((seg.kind, str(seg.length)) for seg in state.segs))
         if key not in residuals:  # one index computation per distinct (orders, layout), not per layer
-            residuals[key] = rw.residual(st.segs, list(sp.orders), site_device(by_id[sid]), first_site)
-        result.kernel_perms[sid] = residuals[key]
-        result.descriptions[sid] = "kernel"
+            residuals[key] = rw.residual(state.segs, orders, site_device(by_id[sid]), first_site)
+        result.set_site(sid, residuals[key], "residual" if folded else "full", folded)
+    for sid, found in whole.items():
+        key = ("model", tuple(found.orders), tuple(str(f.size) for f in found.factors),
+               tuple((seg.kind, str(seg.length)) for seg in found.segs))
+        if key not in residuals:
+            model_order = Rewriter(gm, found.axes, found.axes, [(f.node, f.dim) for f in found.factors], inputs)
+            residuals[key] = model_order.residual(found.segs, found.orders, site_device(by_id[sid]), first_site)
+        result.set_site(sid, residuals[key], "full", None)
     gm.graph.lint()
     gm.recompile()
-    result.grid = {"axes": axes, "order": order}
+    if region is not None:
+        result.grid = {"axes": region.axes, "order": order}
     return result
+
+
+def _region_sizes_covered(region: TokenRegion, sites: list[AttentionSite], inputs: InputSizes) -> bool:
+    """Whether every size the rewrite of ``region`` reads (grid axes, segment lengths) comes from the inputs."""
+    sizes = [f if isinstance(f, int) else shape_of(f[0])[f[1]] for f in region.grid_factors]
+    states = [b.state for b in region.analysis.boundaries] + [region.analysis.state[n] for n, _ in region.sources]
+    states += [region.analysis.state[s.node] for s in sites if s.node in region.analysis.state]
+    sizes += [seg.length for st in states for seg in st.segs]
+    return all(inputs.covers(size) for size in sizes)
+
+
+@dataclass
+class WholePermutation:
+    """A site's whole permutation over the grid layout inference found for it (tokens in model order)."""
+
+    axes: str
+    orders: list[str]
+    factors: list[Factor]
+    segs: tuple[Seg, ...]
+
+
+def _whole_permutation(site_plan: SitePlan, layout: SiteLayout, inputs: InputSizes) -> WholePermutation | str:
+    """How to compute a site's permutation in the graph from its own grid, or why it cannot be."""
+    factors = layout.factors
+    if factors is None or layout.seq_len is None:
+        return "no layout op forms this site's tokens from a grid in the graph"
+    axes = "FHW" if len(factors) == 3 else "HW"
+    orders = project_orders(list(site_plan.orders), axes)
+    if orders is None:
+        return f"orders {sorted(set(site_plan.orders))} do not name the site's grid axes {axes!r}"
+    visual = math.prod(f.size for f in factors)
+    text, offset = layout.seq_len - visual, layout.visual_offset
+    if known_equal(text, 0):
+        segs: tuple[Seg, ...] = (Seg("vis", visual),)
+    elif known_equal(offset, 0):
+        segs = (Seg("vis", visual), Seg("txt", text))
+    elif known_equal(offset, text):
+        segs = (Seg("txt", text), Seg("vis", visual))
+    else:
+        return "text tokens on both sides of the visual tokens"
+    if not all(inputs.covers(size) for size in [f.size for f in factors] + [seg.length for seg in segs]):
+        return "a size of its grid is carried by no graph input"
+    return WholePermutation(axes, orders, factors, segs)
 
 
 def fold_order(gm: fx.GraphModule, sites: list[AttentionSite], order: str, grid: Optional[TokenGrid] = None) -> FoldResult:
@@ -249,9 +399,12 @@ def fold_order(gm: fx.GraphModule, sites: list[AttentionSite], order: str, grid:
     if order == region.axes:
         result.reason = "natural order"
         return result
-    result.record(apply_order(gm, sites, region, order), order)
+    inputs = InputSizes(gm.graph)
+    if not _region_sizes_covered(region, sites, inputs):
+        result.reason = "a size of the token region is carried by no graph input"
+        return result
+    result.record(apply_order(gm, sites, region, order, inputs), order)
     for site in sites:
         if site.supported and site.node in region.analysis.state:
-            result.kernel_perms[site.site_id] = None
-            result.descriptions[site.site_id] = result.folded_label
+            result.set_site(site.site_id, None, "none", order)
     return result

@@ -20,8 +20,8 @@ from paro_compile.grid import TokenGrid
 from paro_compile.passes.discover import sdpa_arguments
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, SIZE_OPS, SPLIT_OPS, VIEW_OPS, SizeLike, arg,
-    getitem_axis_map, is_inplace, is_one, known_equal, map_view_forward, meta_value, norm_dim, op_name, permute_dims,
-    shape_of, static_int,
+    getitem_axis_map, index_size_nodes, is_inplace, is_one, known_equal, map_view_forward, meta_value, norm_dim,
+    op_name, permute_dims, shape_of, static_int, unit_step,
 )
 from paro_compile.passes.layout import infer_layouts
 
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from paro_compile.plan import Plan
 
 GridFactor = Union[int, tuple[fx.Node, int]]
-"""One grid axis size: an int, or the (node, dim) to read a symbolic size from at run time."""
+"""One grid axis size: an int, or the (node, dim) whose fake size it is (symbolic sizes are computed from the graph's
+inputs when the rewrite needs them: `fold_rewrite.InputSizes`)."""
 
 
 class FoldError(RuntimeError):
@@ -42,7 +43,6 @@ class FoldError(RuntimeError):
 class Seg:
     kind: str  # "vis" | "txt"
     length: SizeLike
-    ref: Optional[tuple[fx.Node, int]] = None  # (node, dim) to read the length from at run time when symbolic
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +237,7 @@ class Analysis:
             return None
         for j, (kind, axis, sl) in enumerate(axes):
             if kind == "in" and axis == st.dim:
-                if sl == "dynamic" or sl.step not in (None, 1):
+                if sl == "dynamic" or not unit_step(sl):
                     return None
                 length = in_shape[axis]
                 start = sl.start if sl.start is not None else 0
@@ -256,7 +256,7 @@ class Analysis:
         return None  # token axis indexed by an int
 
     def visit_getitem(self, node: fx.Node, st: State) -> bool:
-        if len(node.all_input_nodes) > 1:
+        if any(x is not node.args[0] and x not in index_size_nodes(node.args[1]) for x in node.all_input_nodes):
             return False
         indexed = self._indexed(node.args[1], shape_of(node.args[0]), st)
         if indexed is None:
@@ -274,7 +274,8 @@ class Analysis:
             if v_state is not None:
                 self.boundaries.append(Boundary(node, value, "inv", v_state))
             return
-        if isinstance(index, fx.Node) or any(x not in (target, value) for x in node.all_input_nodes):
+        if isinstance(index, fx.Node) or any(x not in (target, value) and x not in index_size_nodes(index)
+                                             for x in node.all_input_nodes):
             raise FoldError(f"{node.name}: tensor-indexed store into permuted tokens")
         indexed = self._indexed(index, shape_of(target), t_state)
         if indexed is None:
@@ -308,7 +309,7 @@ class Analysis:
                 if s is not None:
                     segs.extend(s.segs)
                 else:
-                    segs.append(Seg("txt", shape_of(t)[cdim], (t, cdim)))
+                    segs.append(Seg("txt", shape_of(t)[cdim]))
             self.state[node] = State(cdim, tuple(segs))
             return True
         ref = next(s for s in states if s is not None)

@@ -13,14 +13,17 @@ import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+import sympy
 import torch
 import torch.fx as fx
+from torch.utils._sympy.interp import sympy_interp
+from torch.utils._sympy.reference import PythonReferenceAnalysis
 
 from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation
 from paro_compile.passes.discover import sdpa_arguments
-from paro_compile.passes.fold_analysis import GridFactor, Seg, TokenRegion
+from paro_compile.passes.fold_analysis import FoldError, GridFactor, Seg, TokenRegion
 from paro_compile.passes.fold_patch_embed import fold_into_patch_embed
-from paro_compile.passes.fx_utils import op_name, shape_of, static_int
+from paro_compile.passes.fx_utils import SizeLike, fake_value, meta_value, op_name, shape_of, static_int
 
 if TYPE_CHECKING:
     from paro_compile.passes.discover import AttentionSite
@@ -30,40 +33,47 @@ SizeValue = Any
 
 
 class Rewriter:
-    """Inserts the layout ops of one common ``order`` over the grid ``axes`` (sizes from ``factors``)."""
+    """Inserts the layout ops of one common ``order`` over the grid ``axes`` (sizes from ``factors``).
 
-    def __init__(self, gm: fx.GraphModule, order: str, axes: str, factors: list[GridFactor]) -> None:
+    Symbolic sizes are computed from the graph's inputs (`input_size`), at the top of the graph: a size node must
+    dominate every layout op that uses it, and a layout op can sit before the node whose shape first shows the
+    size (LTX's packed-latent input is reordered before the RoPE grid that forms (F, H, W) is built)."""
+
+    def __init__(self, gm: fx.GraphModule, order: str, axes: str, factors: list[GridFactor],
+                 inputs: Optional[InputSizes] = None) -> None:
         self.gm, self.graph = gm, gm.graph
         self.order, self.axes = order, axes
         self.factors = factors
-        self.size_cache: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.size_cache: dict[str, fx.Node] = {}
         self.new_nodes: set[fx.Node] = set()
-        placeholders = self.graph.find_nodes(op="placeholder")
-        self.last_placeholder = placeholders[-1] if placeholders else None
+        self.inputs = inputs if inputs is not None else InputSizes(self.graph)
 
-    def _after(self, node: fx.Node):
-        return self.graph.inserting_after(self.last_placeholder if node.op == "placeholder" else node)
+    def input_size(self, size: SizeLike) -> SizeValue:
+        """``size`` as the graph computes it: an int, or a node computing the SymInt from the graph's inputs
+        (placed right after the placeholders, so it dominates every use). Raises FoldError when a symbol of the
+        size is carried by no input (check first with `InputSizes.covers`)."""
+        static = static_int(size)
+        if static is not None:
+            return static
+        key = str(size)
+        if key not in self.size_cache:
+            node = self.inputs.build(size)
+            if node is None:
+                raise FoldError(f"the symbolic size {size} is carried by no graph input")
+            self.size_cache[key] = node
+        return self.size_cache[key]
 
     def size_value(self, ref: GridFactor) -> SizeValue:
         if isinstance(ref, int):
             return ref
         node, dim = ref
-        size = static_int(shape_of(node)[dim])
-        if size is not None:
-            return size
-        if ref not in self.size_cache:
-            with self._after(node):
-                s = self.graph.call_method("size", (node, dim))
-            self.new_nodes.add(s)
-            self.size_cache[ref] = s
-        return self.size_cache[ref]
+        return self.input_size(shape_of(node)[dim])
 
     def grid_sizes(self) -> list[SizeValue]:
         return [self.size_value(f) for f in self.factors]
 
     def _segment_length(self, seg: Seg) -> SizeValue:
-        length = static_int(seg.length)
-        return length if length is not None else self.size_value(seg.ref)
+        return self.input_size(seg.length)
 
     def _call(self, fn: Any, args: tuple) -> fx.Node:
         node = self.graph.call_function(fn, args)
@@ -140,6 +150,77 @@ class Rewriter:
             return self._call(torch.stack, ([rows[o] for o in head_orders],))
 
 
+class InputSizes:
+    """Symbolic sizes rebuilt from the graph's inputs: Dynamo lifts every input symbol as a ``SymInt`` placeholder
+    (or it is one dimension of an input tensor), so any size expression over them can be computed right after the
+    placeholders, where it dominates every node (`torch.utils._sympy.interp.sympy_interp` turns the expression into
+    graph arithmetic)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        placeholders = graph.find_nodes(op="placeholder")
+        self.tail: Optional[fx.Node] = placeholders[-1] if placeholders else None
+        """The last node of the size computations (they follow the placeholders, in creation order)."""
+        self.carriers: dict[sympy.Symbol, tuple[fx.Node, Optional[int]]] = {}
+        for node in placeholders:
+            value = meta_value(node)
+            if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+                self.carriers[value.node.expr] = (node, None)
+        for node in placeholders:
+            value = fake_value(node)
+            for dim, size in enumerate(value.shape if value is not None else ()):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    self.carriers.setdefault(size.node.expr, (node, dim))
+        self.symbol_nodes: dict[sympy.Symbol, fx.Node] = {}
+
+    def _expression(self, size: torch.SymInt) -> Optional[sympy.Expr]:
+        """The size over carried symbols: as written, else after the ShapeEnv's replacements (a RoPE table's
+        length that Dynamo equated with F·H·W)."""
+        expr = size.node.expr
+        if expr.free_symbols <= self.carriers.keys():
+            return expr
+        replaced = size.node.shape_env.replace(expr)
+        return replaced if replaced.free_symbols <= self.carriers.keys() else None
+
+    def covers(self, size: SizeLike) -> bool:
+        """Whether `build` can compute ``size``: static, or an expression over carried symbols that `sympy_interp`
+        turns into graph arithmetic (tried on a scratch graph, so a failure leaves this graph untouched)."""
+        if static_int(size) is not None:
+            return True
+        expr = self._expression(size) if isinstance(size, torch.SymInt) else None
+        if expr is None:
+            return False
+        scratch = fx.Graph()
+        tracer = fx.proxy.GraphAppendingTracer(scratch)
+        try:
+            sympy_interp(PythonReferenceAnalysis,
+                         {s: fx.Proxy(scratch.placeholder(str(s)), tracer) for s in expr.free_symbols}, expr)
+        except Exception:  # an expression the interpreter has no graph rule for
+            return False
+        return True
+
+    def build(self, size: torch.SymInt) -> Optional[fx.Node]:
+        expr = self._expression(size)
+        if expr is None or self.tail is None:
+            return None
+        tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        follower = self.tail.next
+        with self.graph.inserting_before(follower):
+            env = {}
+            for symbol in expr.free_symbols:
+                if symbol not in self.symbol_nodes:
+                    carrier, dim = self.carriers[symbol]
+                    self.symbol_nodes[symbol] = carrier if dim is None else self.graph.call_method("size", (carrier, dim))
+                env[symbol] = fx.Proxy(self.symbol_nodes[symbol], tracer)
+            value = sympy_interp(PythonReferenceAnalysis, env, expr)
+        self.tail = follower.prev
+        if isinstance(value, fx.Proxy):
+            return value.node
+        if isinstance(value, fx.Node):
+            return value
+        return None
+
+
 @dataclass
 class AppliedOrder:
     """What `apply_order` inserted: labels of the token sources, the exits and the forward (table) permutes."""
@@ -150,9 +231,11 @@ class AppliedOrder:
     table_permutes: list[str] = field(default_factory=list)
 
 
-def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenRegion, order: str) -> AppliedOrder:
-    """Insert the layout ops that run ``region`` in ``order`` (mutates gm); the sites' q/k/v are refreshed."""
-    rw = Rewriter(gm, order, region.axes, region.grid_factors)
+def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenRegion, order: str,
+                inputs: Optional[InputSizes] = None) -> AppliedOrder:
+    """Insert the layout ops that run ``region`` in ``order`` (mutates gm); the sites' q/k/v are refreshed.
+    ``inputs``: the graph's `InputSizes`, shared with other rewrites of the same graph."""
+    rw = Rewriter(gm, order, region.axes, region.grid_factors, inputs)
     applied = AppliedOrder(rw)
     analysis = region.analysis
     current: dict[fx.Node, fx.Node] = {}
@@ -164,11 +247,8 @@ def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenReg
             applied.sources.append(f"{kind} input({tokens.name})")
             continue
         users = list(node.users)
-        anchor = rw.last_placeholder if node.op == "placeholder" else node
-        rw.grid_sizes()  # size nodes first, so that they come before their uses
-        after = anchor.next
-        while after in rw.new_nodes:
-            after = after.next
+        rw.grid_sizes()  # size nodes first: an input's layout op goes right after them
+        after = rw.inputs.tail.next if node.op == "placeholder" else node.next
         permuted = rw.reorder(node, dim, analysis.state[node].segs, True, after, len(shape_of(node)))
         for u in users:
             u.replace_input_with(node, permuted)

@@ -212,11 +212,36 @@ def map_view_backward(in_shape: tuple, out_shape: tuple, j: int) -> Optional[tup
     return None
 
 
+_NOT_A_SIZE = object()
+
+
+def size_operand(value: Any) -> Any:
+    """An index operand as a size: literals as they are, a graph node by the int or SymInt it holds
+    (``_NOT_A_SIZE`` for a node holding anything else, e.g. a tensor)."""
+    if not isinstance(value, fx.Node):
+        return value
+    held = meta_value(value)
+    return held if isinstance(held, (int, torch.SymInt)) else _NOT_A_SIZE
+
+
+def unit_step(sl: slice) -> bool:
+    """A slice that steps by one (a symbolic step is read without a guard: it is not known to be one)."""
+    return sl.step is None or static_int(sl.step) == 1
+
+
+def index_size_nodes(index: Any) -> set[fx.Node]:
+    """The graph nodes among a basic-indexing tuple's slice bounds that hold sizes (SymInt nodes)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return {x for it in items if isinstance(it, slice) for x in (it.start, it.stop, it.step)
+            if isinstance(x, fx.Node) and size_operand(x) is not _NOT_A_SIZE}
+
+
 def getitem_axis_map(index: Any, in_rank: int) -> Optional[list[tuple[str, Any, Any]]]:
     """For a basic-indexing tuple: per output axis ("in", input axis, slice) or ("new", None, None).
 
-    The slice is "dynamic" when a bound is a graph value. None for advanced indexing (tensors, lists),
-    which we do not see through.
+    A bound that is a graph node holding a size (a SymInt, e.g. ``x[:, text_len:]`` with a symbolic text length)
+    is replaced by that size, so it compares with `known_equal` like a literal; the slice is "dynamic" when a bound
+    is any other graph value. None for advanced indexing (tensors, lists), which we do not see through.
     """
     items = list(index if isinstance(index, tuple) else (index,))
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -230,10 +255,11 @@ def getitem_axis_map(index: Any, in_rank: int) -> Optional[list[tuple[str, Any, 
         elif it is None:
             out.append(("new", None, None))
         elif isinstance(it, slice):
-            if any(isinstance(x, fx.Node) for x in (it.start, it.stop, it.step)):
+            bounds = [size_operand(x) for x in (it.start, it.stop, it.step)]
+            if any(b is _NOT_A_SIZE for b in bounds):
                 out.append(("in", axis, "dynamic"))
             else:
-                out.append(("in", axis, it))
+                out.append(("in", axis, slice(*bounds)))
             axis += 1
         elif isinstance(it, int):
             axis += 1  # dropped axis

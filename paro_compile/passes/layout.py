@@ -29,6 +29,7 @@ from paro_compile.grid import TokenGrid
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SizeLike, arg, getitem_axis_map, is_one,
     known_equal, map_view_backward, meta_value, norm_dim, op_name, permute_dims, shape_of, static_int, to_sym,
+    unit_step,
 )
 
 if TYPE_CHECKING:
@@ -226,10 +227,10 @@ class _Tracer:
                 self._leaf(node, dim, length, offset)
                 return
             _, in_axis, sl = axes[dim]
-            if sl.step not in (None, 1):
+            if not unit_step(sl):
                 self._leaf(node, dim, length, offset)
                 return
-            start = sl.start or 0
+            start = 0 if sl.start is None else sl.start
             if isinstance(start, int) and start < 0:
                 start = src_shape[in_axis] + start
             self.visit(args0, in_axis, offset - start, depth + 1)

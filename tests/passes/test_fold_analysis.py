@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from tests.passes.fold_helpers import GRIDS, capture, compile_and_run, make_plan, token_gathers
+from tests.passes.fold_helpers import GRIDS, PartialStore, capture, compile_and_run, make_plan, token_gathers
 
 
 class TokenMixing(nn.Module):
@@ -62,27 +62,6 @@ def test_tokens_leave_the_region_before_ops_that_read_positions():
     assert all(site.node in region.analysis.state for site in sites if site.supported)
 
 
-class PartialStore(nn.Module):
-    """The toy DiT with a store into a few visual tokens: no layout op can express it in the common order."""
-
-    def __init__(self):
-        super().__init__()
-        from paro_compile.toy.dit import ToyVideoDiT
-
-        torch.manual_seed(0)
-        self.dit = ToyVideoDiT()
-
-    def forward(self, latent, text, timestep):
-        d = self.dit
-        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
-        tokens[:, 2:5] = 0.0
-        x = torch.cat([d.text_proj(text), tokens], dim=1)
-        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
-        for block in d.blocks:
-            x = block(x, temb)
-        return x
-
-
 def test_a_store_into_part_of_a_segment_stops_folding_before_any_rewrite():
     import pytest
 
@@ -108,3 +87,35 @@ def test_whole_segments():
     assert whole_segments(segs, 8, 40) == (visual,) and whole_segments(segs, 0, 8) == (text,)
     assert whole_segments(segs, 0, 0) == ()
     assert whole_segments(segs, 4, 40) is None and whole_segments(segs, 8, 20) is None
+
+
+def test_store_at_a_symbolic_text_offset_stays_in_the_region():
+    """CogVideoX applies RoPE in place past the text, ``query[:, :, text_len:] = rope(...)``; with dynamic=True
+    ``text_len`` is a SymInt node in the index. The store covers the whole visual segment, so it stays in the
+    region (it used to abort folding as a tensor-indexed store)."""
+    from paro_compile.passes.fold_analysis import analyse_region
+    from paro_compile.passes.fx_utils import op_name
+    from tests.passes.video_models import cogvideox
+
+    model, inputs_at, _ = cogvideox("1.0")
+    gm, sites = capture(model, inputs_at(3, 12, 8), dynamic=True)
+    stores = [n for n in gm.graph.nodes if op_name(n) == "setitem"]
+    assert len(stores) == 4 and all(len(n.all_input_nodes) == 3 for n in stores)  # target, value, the SymInt bound
+    region = analyse_region(gm, sites)
+    assert region.symbolic and region.axes == "FHW"
+    for store in stores:
+        target = store.args[0]
+        assert target in region.analysis.state and store.args[2] in region.analysis.state
+        assert not any(b.user is store for b in region.analysis.boundaries)
+
+
+def test_a_store_into_part_of_a_segment_stops_the_analysis_with_symbolic_shapes_too():
+    import pytest
+
+    from paro_compile.passes.fold_analysis import FoldError, analyse_region
+    from tests.passes.video_models import toy
+
+    model, inputs_at, _ = toy(model=PartialStore())
+    gm, sites = capture(model, inputs_at(3, 12, 8), dynamic=True)
+    with pytest.raises(FoldError, match="not whole segments"):
+        analyse_region(gm, sites)

@@ -10,6 +10,7 @@ from torch._inductor.utils import run_and_get_code
 from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation, orders_permutation
 from paro_compile.kernels.reference import permute_tokens
 from paro_compile.passes.fold_rewrite import residual_permutation
+from paro_compile.passes.fx_utils import fake_value, meta_value
 from tests.passes.fold_helpers import GRIDS, capture, compile_and_run, first, make, make_plan, token_gathers
 
 
@@ -141,3 +142,51 @@ def test_in_graph_residual_equals_the_constant():
     gm.recompile()
     expected = residual_permutation(orders_permutation(grid, orders), common_permutation(segs, grid, "HWF"))
     assert torch.equal(gm(torch.empty(0)), expected)
+
+
+
+def test_symbolic_sizes_are_rebuilt_from_the_graph_inputs():
+    """A layout op can sit before the node whose shape first shows a size (LTX reorders its packed-latent input
+    before the RoPE grid is built): `InputSizes` computes a symbolic size from the placeholders, right after them,
+    so it dominates every use, and it evaluates to each call's value."""
+    from paro_compile.passes.fold_rewrite import InputSizes
+
+    captured = {}
+
+    def backend(gm, example_inputs, **kwargs):
+        captured["gm"] = gm
+        return gm.forward
+
+    def f(x, n: int):
+        return x.new_zeros((x.shape[2] // 2) * n + x.shape[1])
+
+    torch.compile(f, backend=backend, dynamic=True)(torch.randn(2, 6, 10), 3)
+    torch._dynamo.reset()
+    gm = captured["gm"]
+    graph = gm.graph
+    placeholders = graph.find_nodes(op="placeholder")
+    first_op = placeholders[-1].next
+    zeros = next(n for n in graph.nodes if n.op == "call_method" and n.target == "new_zeros")
+    size = meta_value(zeros).shape[0]
+    inputs = InputSizes(graph)
+    assert inputs.covers(size) and inputs.covers(7)
+    built = inputs.build(size)
+    nodes = list(graph.nodes)
+    new = nodes[len(placeholders):nodes.index(first_op)]
+    assert built in new and all(n.op != "placeholder" for n in new)  # between the placeholders and the first op
+    output = graph.output_node()
+    output.args = ((*output.args[0], built),)
+    gm.recompile()
+    args = {"x": torch.randn(2, 5, 14), "n": 4}
+    real = [args["x"] if fake_value(p) is not None else _symbol_value(p, args) for p in placeholders]
+    assert gm(*real)[-1] == (14 // 2) * 4 + 5
+
+
+def _symbol_value(placeholder, args):
+    """The call value of a SymInt placeholder of ``f`` above: ``n``, or a size of ``x``."""
+    x = meta_value(next(p for p in placeholder.graph.find_nodes(op="placeholder") if fake_value(p) is not None))
+    symbol = meta_value(placeholder).node.expr
+    for dim, s in enumerate(x.shape):
+        if isinstance(s, torch.SymInt) and s.node.expr == symbol:
+            return args["x"].shape[dim]
+    return args["n"]

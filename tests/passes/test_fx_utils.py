@@ -64,3 +64,33 @@ def test_propagate_fake_values_runs_the_new_nodes_under_the_graphs_fake_mode():
     orphan = fx.Graph().call_function(torch.neg, (fx.Graph().placeholder("x"),))
     propagate_fake_values(gm, [orphan])  # inputs without fake values: skipped
     assert "example_value" not in orphan.meta
+
+
+def test_symbolic_slice_bounds_are_read_as_sizes():
+    """``x[:, text_len:]`` with a symbolic text length: the bound is a SymInt node, read as its size (compared like
+    a literal, no guard); a bound holding anything else stays "dynamic"; a symbolic step is not known to be one."""
+    from paro_compile.passes.fx_utils import getitem_axis_map, index_size_nodes, meta_value, unit_step
+
+    captured = {}
+
+    def backend(gm, example_inputs, **kwargs):
+        captured["gm"] = gm
+        return gm.forward
+
+    torch.compile(lambda x, text: x[:, text.shape[1]:] * 2, backend=backend, dynamic=True)(
+        torch.randn(2, 9, 4), torch.randn(2, 3, 4))
+    torch._dynamo.reset()
+    gm = captured["gm"]
+    getitem = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "getitem"
+                   and isinstance(n.args[1], tuple))
+    (bound,) = index_size_nodes(getitem.args[1])
+    text_len = meta_value(bound)
+    assert isinstance(text_len, torch.SymInt) and static_int(text_len) is None
+    axes = getitem_axis_map(getitem.args[1], 3)
+    assert axes[1][0] == "in" and axes[1][2].start is text_len and axes[1][2].stop is None
+    tensor_bound = next(n for n in gm.graph.nodes if n.op == "placeholder" and fake_value(n) is not None)
+    assert getitem_axis_map((slice(None), slice(tensor_bound, None)), 3)[1][2] == "dynamic"
+    assert not index_size_nodes((slice(None), slice(tensor_bound, None)))
+    _, (n,) = symbolic_sizes(5)
+    assert unit_step(slice(0, 4)) and unit_step(slice(0, 4, 1)) and not unit_step(slice(0, 4, 2))
+    assert not unit_step(slice(0, 4, n))

@@ -39,3 +39,21 @@ def test_symbolic_grid_dynamic():
         total = grid["text_tokens"] + grid["sizes"][0] * grid["sizes"][1] * grid["sizes"][2]
         assert sympy.simplify(total - layouts[site.site_id].seq_len) == 0
     assert all(g is None for g in infer_token_grids(gm, sites).values())  # TokenGrid holds ints only
+
+
+def test_cogvideox_1_5_linear_patch_embed_forms_a_symbolic_grid():
+    """CogVideoX 1.5 patchifies with reshape → permute → flatten(4, 7) → flatten(1, 3) and a Linear (patch_size_t=2):
+    the (F/2, H/2, W/2) grid is found through it with symbolic sizes, text before the video tokens. The blocks take
+    the video tokens as ``hidden_states[:, text_len:]``, whose bound is a SymInt node with dynamic=True: read as its
+    size, not as an opaque index (which made the slice a flat leaf and hid the patchify: "no visual token source")."""
+    from tests.passes.video_models import cogvideox
+
+    model, inputs_at, _ = cogvideox("1.5")
+    gm, sites = capture(model, inputs_at(6, 12, 8), dynamic=True)
+    layouts = infer_layouts(gm, [s for s in sites if s.supported])
+    assert len(layouts) == 2
+    for layout in layouts.values():
+        grid = layout.symbolic_grid()
+        assert grid["axes"] == "FHW" and grid["text_position"] == "prefix"
+        assert all(not sympy.sympify(s).is_number for s in grid["sizes"] + [grid["text_tokens"]])
+        assert [f.size.node.hint for f in layout.factors] == [3, 6, 4]  # this call's (6/2, 12/2, 8/2)
