@@ -263,8 +263,8 @@ def prepare_plan(gm: fx.GraphModule, plan: Plan, config: ParoConfig, origin: Any
         if mismatch:
             raise PlanMismatchError(f"{plan_name(plan)} is for another model{where}: {first}. Fix: calibrate this model "
                                     f"and compile with that plan.\n{mismatch}\nEvery problem:\n{details}")
-        raise PlanMismatchError(f"{plan_name(plan)} does not fit this graph{where}: {first}. Fix: re-run calibration "
-                                f"for this model and input shape, or {_fix_for_missing_shape(plan)}.\n"
+        raise PlanMismatchError(f"{plan_name(plan)} does not match this graph{where}: {first}. Fix: calibrate this "
+                                f"model (`paro calibrate`, paro_compile.calibrate) and compile with that plan.\n"
                                 f"Every problem:\n{details}")
     if mismatch:
         warnings.warn(f"paro: {mismatch}; its sites fit this graph, so it is used", UserWarning, stacklevel=3)
@@ -272,7 +272,7 @@ def prepare_plan(gm: fx.GraphModule, plan: Plan, config: ParoConfig, origin: Any
     if missing:
         first_id = next(iter(missing))
         others = f" (and {len(missing) - 1} more site{'s' if len(missing) > 2 else ''})" if len(missing) > 1 else ""
-        summary = (f"{plan_name(plan)} has no entry for this graph's token grid at site {first_id!r}{others}: "
+        summary = (f"{plan_name(plan)} does not match this graph's token grid at site {first_id!r}{others}: "
                    f"{missing[first_id]}")
         if config.on_missing_shape == "error":
             details = "\n".join(f"  - {sid}: {why}" for sid, why in missing.items())

@@ -67,8 +67,8 @@ def describe_grid(grid: TokenGrid) -> str:
 
 
 def describe_shape(seq_len: int, grid: Optional[TokenGrid]) -> str:
-    """``1250 tokens (2×16×16 + 226 text)``, or ``1250 tokens`` without a grid."""
-    return f"{seq_len} tokens" + (f" ({describe_grid(grid)})" if grid is not None else "")
+    """``seq_len 1250 (2×16×16 + 226 text)``, or ``seq_len 1250`` without a grid."""
+    return f"seq_len {seq_len}" + (f" ({describe_grid(grid)})" if grid is not None else "")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -228,7 +228,7 @@ class SitePlan:
 
     @property
     def shape_description(self) -> str:
-        """The token grid this entry is for, e.g. ``1250 tokens (2×16×16 + 226 text)``."""
+        """The token grid this entry is for, e.g. ``seq_len 1250 (2×16×16 + 226 text)``."""
         return describe_shape(self.seq_len, self.grid)
 
     def validate(self) -> None:
@@ -500,7 +500,7 @@ class Plan:
         return sizes.most_common(1)[0][0] if sizes else None
 
     def describe_shapes(self) -> str:
-        """``1250 tokens (2×16×16 + 226 text) at 6 sites; 4322 tokens (...) at 6 sites``."""
+        """``seq_len 1250 (2×16×16 + 226 text) at 6 sites; seq_len 4322 (...) at 6 sites``."""
         return "; ".join(f"{description} at {len(ids)} site{'s' if len(ids) != 1 else ''}"
                          for description, ids in self.shapes())
 
@@ -522,8 +522,8 @@ class Plan:
             if seq_len is None:
                 chosen[site_id] = entries[0]
                 continue
-            covered = ", ".join(e.shape_description for e in entries)
             here = describe_shape(seq_len, grid)
+            covered_counts = " or ".join(e.shape_description for e in entries)
             candidates = [e for e in entries if e.seq_len == seq_len]
             if grid is not None:
                 layout = grid_layout_key(grid)
@@ -535,10 +535,10 @@ class Plan:
             if len(fitting) == 1:
                 chosen[site_id] = fitting[0]
             elif candidates and grid is None:
-                missing[site_id] = (f"the graph has {here} and the plan has entries for {covered}: several entries "
-                                    "have this token count and the graph's grid could not be inferred to choose one")
+                missing[site_id] = (f"graph has {here}, plan has {covered_counts}: several entries have this "
+                                    "seq_len and the graph's grid could not be inferred to choose one")
             else:
-                missing[site_id] = f"the graph has {here}, the plan has entries for {covered} only"
+                missing[site_id] = f"graph has {here}, plan has {covered_counts} only"
         view = Plan(sites=chosen, step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
                     fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
                     pv_dtype=self.pv_dtype, meta=self.meta, version=self.version, source=self.source)

@@ -43,7 +43,7 @@ def test_merge_keeps_every_grid_and_changes_neither_plan():
     assert merged.sites[SITES[0]] == small.sites[SITES[0]]
     assert merged.other_shapes[SITES[1]][0] == large.sites[SITES[1]]
     assert not small.other_shapes and not large.other_shapes
-    assert merged.describe_shapes() == "40 tokens (2×4×4 + 8 text) at 2 sites; 136 tokens (2×8×8 + 8 text) at 2 sites"
+    assert merged.describe_shapes() == "seq_len 40 (2×4×4 + 8 text) at 2 sites; seq_len 136 (2×8×8 + 8 text) at 2 sites"
     assert "2 token grids" in merged.summary()
 
 
@@ -52,7 +52,7 @@ def test_add_shape_in_place_refuses_a_grid_already_covered_unless_replace():
     plan.add_shape(plan_at(LARGE).sites)
     assert [e.seq_len for e in plan.entries(SITES[1])] == [40, 136]
     again = entry(SITES[0], LARGE, seed=99)
-    with pytest.raises(PlanError, match=r"already has an entry for 136 tokens \(2×8×8 \+ 8 text\); pass replace=True"):
+    with pytest.raises(PlanError, match=r"already has an entry for seq_len 136 \(2×8×8 \+ 8 text\); pass replace=True"):
         plan.add_shape([again])
     assert plan.entries(SITES[0])[1] != again, "a refused entry must leave the plan unchanged"
     plan.add_shape([again], replace=True)
@@ -63,7 +63,7 @@ def test_add_shape_in_place_refuses_a_grid_already_covered_unless_replace():
 
 def test_entries_of_a_site_keep_its_heads_and_buckets():
     plan = plan_at(SMALL)
-    with pytest.raises(PlanError, match="the entry for 136 tokens .* has 4 heads, the entry for 40 tokens .* 2"):
+    with pytest.raises(PlanError, match="the entry for seq_len 136 .* has 4 heads, the entry for seq_len 40 .* 2"):
         plan.add_shape([entry(SITES[0], LARGE, heads=4, orders=["HWF"] * 4)])
     with pytest.raises(PlanError, match=r"2 mask bucket\(s\), this plan's step_boundaries \[\] make 1"):
         plan.add_shape([entry(SITES[0], LARGE, buckets=2)])
@@ -116,8 +116,8 @@ def test_select_picks_each_sites_entry_for_the_graphs_token_count():
 def test_select_names_the_shapes_covered_when_none_fits():
     plan = plan_at(SMALL).merge(plan_at(LARGE))
     missing = plan.select({SITES[0]: (72, PORTRAIT)}).missing
-    assert missing == {SITES[0]: "the graph has 72 tokens (2×8×4 + 8 text), the plan has entries for 40 tokens "
-                                 "(2×4×4 + 8 text), 136 tokens (2×8×8 + 8 text) only"}
+    assert missing == {SITES[0]: "graph has seq_len 72 (2×8×4 + 8 text), plan has seq_len 40 (2×4×4 + 8 text) or "
+                                 "seq_len 136 (2×8×8 + 8 text) only"}
 
 
 def test_select_tells_grids_of_one_token_count_apart_by_layout():
@@ -125,9 +125,9 @@ def test_select_tells_grids_of_one_token_count_apart_by_layout():
     landscape = plan.select({sid: (72, LANDSCAPE) for sid in SITES})
     assert all(landscape.plan.sites[sid].grid == LANDSCAPE for sid in SITES)
     unknown = plan.select({SITES[0]: (72, None)})
-    assert "several entries have this token count and the graph's grid could not be inferred" in unknown.missing[SITES[0]]
+    assert "several entries have this seq_len and the graph's grid could not be inferred" in unknown.missing[SITES[0]]
     single = plan_at(PORTRAIT)
-    assert "the plan has entries for 72 tokens (2×8×4 + 8 text) only" in single.select({SITES[0]: (72, LANDSCAPE)}).missing[SITES[0]]
+    assert "plan has seq_len 72 (2×8×4 + 8 text) only" in single.select({SITES[0]: (72, LANDSCAPE)}).missing[SITES[0]]
     one_frame = plan_at(TokenGrid(frames=1, height=8, width=4, text_tokens=8))
     image = TokenGrid(frames=None, height=8, width=4, text_tokens=8)  # one frame and an image: one token layout
     assert not one_frame.select({SITES[0]: (40, image)}).missing
@@ -193,7 +193,7 @@ def test_migrate_header():
     (lambda sites: sites[2].update(heads=4, orders=["HWF"] * 4),
      "field 'heads' is 4, the site's entry sites[0] has 2"),
     (lambda sites: sites[2].update(seq_len=40, grid=sites[0]["grid"]),
-     "(with the grid) makes two entries for 40 tokens (2×4×4 + 8 text) of this site, with sites[0]"),
+     "(with the grid) makes two entries for seq_len 40 (2×4×4 + 8 text) of this site, with sites[0]"),
     (lambda sites: sites[2].update(grid=None, perm="stored"),
      "needs tensor '2/perm'"),
 ])
@@ -215,5 +215,5 @@ def test_a_second_entry_without_grids_for_one_token_count_is_refused(tmp_path):
     tensors["1/block_masks"] = tensors["0/block_masks"].clone()
     bad = tmp_path / "bad.paro.safetensors"
     save_file(tensors, str(bad), metadata={METADATA_KEY: json.dumps(header)})
-    with pytest.raises(PlanError, match="two entries for 72 tokens of this site, with sites"):
+    with pytest.raises(PlanError, match="two entries for seq_len 72 of this site, with sites"):
         Plan.load(bad)
