@@ -210,10 +210,12 @@ def _user_dynamic_symbols(tracked: list) -> set:
 
 
 def graph_site_shapes(gm: fx.GraphModule, sites: list, plan: Plan) -> dict[str, tuple[Optional[int], Optional[TokenGrid]]]:
-    """Per planned self-attention site of the graph: (static token count or None, the grid layout inference finds)."""
+    """Per planned site of the graph: (static token count or None, the grid layout inference finds). Cross-attention
+    sites are included when a plan has them (plans built in code may): the op never takes their masks, but the folding
+    pass reads their orders."""
     from paro_compile.passes.layout import infer_token_grids
 
-    planned = [s for s in sites if not s.is_cross and plan.entries(s.site_id)]
+    planned = [s for s in sites if plan.entries(s.site_id)]
     grids = infer_token_grids(gm, [s for s in planned if static_int(s.seq_len) is not None])
     return {s.site_id: (static_int(s.seq_len), grids.get(s.site_id)) for s in planned}
 
@@ -251,7 +253,8 @@ def prepare_plan(gm: fx.GraphModule, plan: Plan, config: ParoConfig, origin: Any
         notes.append(f"token axis kept static ({', '.join(specialized)}): with a plan every token grid compiles its own "
                      "graph (dynamic=True keeps one symbolic graph, block masks dense)")
     selection = plan.select(graph_site_shapes(gm, sites, plan))
-    missing = selection.missing
+    cross = {s.site_id for s in sites if s.is_cross}
+    missing = {sid: why for sid, why in selection.missing.items() if sid not in cross}
     model = origin.model() if origin is not None and origin.model is not None else None
     mismatch = fingerprint_mismatch(plan, model)
     checked = [s for s in sites if not s.is_cross and s.site_id not in missing]

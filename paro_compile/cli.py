@@ -458,7 +458,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except Exception as error:
         cause = find_cause(error, plan_error_types())
         if cause is not None:
-            raise CliError(f"the plan does not fit this model/inputs:\n{cause}", EXIT_PLAN) from error
+            raise CliError(f"the plan does not match this model/inputs:\n{cause}", EXIT_PLAN) from error
         from paro_compile.backend import UnsupportedAttentionError
 
         cause = find_cause(error, (UnsupportedAttentionError,))
