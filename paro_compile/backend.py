@@ -8,6 +8,12 @@ the layout ops around attention (flatten/transpose/cat of the patchify) are stil
 the folding pass. Inductor then compiles the rewritten graph with its FX graph cache intact, because we
 register no custom Inductor pass.
 
+With a plan, each graph gets the plan's entries for its token grid (`prepare_plan`: `Plan.select`), with the token
+axis kept static under Dynamo's automatic dynamic shapes (`keep_token_axis_static`), so every grid compiles its own
+sparse graph; a grid the plan lacks follows ``on_missing_shape``. Plan errors are raised as `CompileTimePlanError` /
+`CompileTimePlanMismatchError`, which Dynamo passes to the caller as themselves (docs/calibration.md, "Several
+resolutions"). `compile` checks a plan against the model before tracing.
+
 Registered once, through the ``torch_dynamo_backends`` entry point in pyproject.toml.
 """
 from __future__ import annotations

@@ -224,3 +224,34 @@ def test_paro_calibrate_add_to_adds_a_grid(tmp_path, capsys):
     assert "their density differs (0.5 vs 0.7)" in capsys.readouterr().err
     assert cli.main(small + ["--add-to", str(tmp_path / "missing.paro.safetensors")]) == 2
     assert "no such plan file" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@torch.no_grad()
+def test_two_grids_with_the_gpu_kernel(tmp_path):
+    """The same on CUDA in bf16 with the Triton kernel, and the missing-grid error raised as itself by this torch."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    model = toy_model().to("cuda", torch.bfloat16)
+
+    def call(size: int, seed: int = 0) -> dict:
+        return toy_inputs(frames=2, height=size, width=size, seed=seed, device="cuda", dtype=torch.bfloat16)
+
+    large, small = (paro_compile.calibrate(model, [call(size, s) for s in range(2)], density=0.5, block_size=16,
+                                           progress=False) for size in (LARGE, SMALL))
+    path = large.merge(small).save(tmp_path / "toy.paro.safetensors")
+    compiled = torch.compile(model, backend="paro", options={"plan": str(path)})
+    first = compiled(**call(LARGE)).clone()
+    compiled(**call(SMALL))
+    assert torch.equal(compiled(**call(LARGE)), first)
+    assert len(graphs()) == 2 and all(sparse_everywhere(r) for r in graphs()), [r.summary() for r in graphs()]
+
+    torch._dynamo.reset()
+    only_large = large.save(tmp_path / "large.paro.safetensors")
+    strict = torch.compile(model, backend="paro", options={"plan": str(only_large), "on_missing_shape": "error"})
+    strict(**call(LARGE))
+    with pytest.raises(PlanMismatchError) as info:
+        strict(**call(SMALL))
+    assert not isinstance(info.value, BackendCompilerFailed)
+    assert str(info.value).startswith(f"plan file {only_large} does not match this graph's token grid")
