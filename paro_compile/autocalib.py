@@ -316,11 +316,15 @@ def make_shape_calibrating_callable(
 ) -> AutoCalibratingCallable:
     """``on_missing_shape="calibrate"``: an `AutoCalibratingCallable` for ``gm`` whose plan fills the ``missing`` sites
     of ``plan`` (the graph's entries the given plan has). Calibrated at the plan's density (``Plan.density``, else the
-    ``density`` option) and ``block_size`` (the plan's, else the option's). ``compile_with_plan(plan, missing_shapes,
+    ``density`` option), alpha (``Plan.alpha``, else the default) and ``block_size`` (the plan's, else the option's). ``compile_with_plan(plan, missing_shapes,
     more_notes)`` lowers the graph."""
     shape_config = dataclasses.replace(config, plan=None, auto_calibrate=True,
                                        density=float(plan.density if plan.density is not None else config.density),
                                        block_size=int(block_size or config.block_size))
+    if plan.alpha is not None:
+        # AutoCalibratingCallable reads an ``alpha`` attribute when the config has one (ParoConfig has no such option),
+        # and the plan cache key includes it.
+        shape_config.alpha = float(plan.alpha)
     dense = list(dense_buckets)
 
     def compile_filled(calibrated: Plan) -> Callable:

@@ -401,6 +401,9 @@ class Plan:
     """The file the plan was read from (`Plan.load`), named by the errors the backend raises; None: built in code."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.other_shapes, dict):  # a site without other grids has no key (as a loaded plan)
+            self.other_shapes = {key: entries for key, entries in self.other_shapes.items()
+                                 if not (isinstance(entries, list) and not entries)}
         self.validate()
 
     def validate(self) -> None:
