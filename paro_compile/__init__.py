@@ -2,9 +2,9 @@
 
 ``torch.compile(model, backend="paro")`` — see README.md.
 
-``inspect``, ``model_report``, ``watch_attention``, ``calibrate``, ``Plan``, ``SitePlan`` and ``TokenGrid`` are imported
-on first use, so importing paro_compile never imports the calibration code or the Triton kernels (which must see
-TRITON_INTERPRET before they load).
+``compile``, ``inspect``, ``model_report``, ``watch_attention``, ``calibrate``, ``Plan``, ``SitePlan``, ``PlanError``,
+``PlanMismatchError`` and ``TokenGrid`` are imported on first use, so importing paro_compile never imports the
+calibration code or the Triton kernels (which must see TRITON_INTERPRET before they load).
 """
 import importlib as _importlib
 
@@ -15,6 +15,7 @@ from paro_compile.report import CompileReport, SiteRecord, clear_reports, last_r
 __version__ = "0.1.0"
 
 _LAZY = {
+    "compile": ("paro_compile.backend", "compile"),
     "inspect": ("paro_compile.inspection", "inspect"),
     "model_report": ("paro_compile.inspection", "model_report"),
     "watch_attention": ("paro_compile.inspection", "watch_attention"),
@@ -22,6 +23,8 @@ _LAZY = {
     "capture_calls": ("paro_compile.capture", "capture_calls"),
     "Plan": ("paro_compile.plan", "Plan"),
     "SitePlan": ("paro_compile.plan", "SitePlan"),
+    "PlanError": ("paro_compile.plan", "PlanError"),
+    "PlanMismatchError": ("paro_compile.plan", "PlanMismatchError"),
     "TokenGrid": ("paro_compile.grid", "TokenGrid"),
     "BlockMask": ("paro_compile.kernels.block_mask", "BlockMask"),
     "quantize_linears": ("paro_compile.fp8", "quantize_linears"),
@@ -38,5 +41,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
-           "clear_reports", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "TokenGrid", "BlockMask",
-           "__version__"]
+           "clear_reports", "compile", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "PlanError",
+           "PlanMismatchError", "TokenGrid", "BlockMask", "__version__"]

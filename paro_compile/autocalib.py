@@ -10,6 +10,12 @@ of lowering directly. The returned callable
    (dense SDPA + statistics, eager FX, no Inductor), then builds the plan, saves it in the cache, calls
    ``compile_with_plan(plan)`` exactly once and forwards every later call to the result.
 
+With a plan and ``on_missing_shape="calibrate"``, the backend calls `make_shape_calibrating_callable` for a graph whose
+token grid the plan lacks at some sites: the same callable calibrates the graph (at the plan's density and block
+size), and those sites' entries join the plan's entries for this graph, with the plan's step buckets (the calibrated
+mask in every sparse bucket, the plan's dense buckets dense). The plan file is not changed; the calibrated plan is
+cached like any other.
+
 The graph fingerprint hashes the plan format version, the graph's code, the example inputs' shapes and
 dtypes, a fingerprint of the weights (`weights_fingerprint`: per parameter and buffer its sum, min and max,
 computed where the tensor lives), and the config fields that shape a plan (density, block_size,
@@ -23,6 +29,7 @@ names and shapes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -36,7 +43,7 @@ import torch.fx as fx
 from paro_compile.calibration.grids import GridHook, GridResolver, GridSpec, placeholder_inputs
 from paro_compile.calibration.options import CalibrationOptions
 from paro_compile.calibration.recording import Recorder
-from paro_compile.plan import PLAN_FORMAT_VERSION, Plan, PlanError
+from paro_compile.plan import PLAN_FORMAT_VERSION, Plan, PlanError, SitePlan
 
 PLAN_FIELDS = ("density", "block_size", "calibration_calls")
 
@@ -273,3 +280,61 @@ def make_auto_calibrating_callable(
     ``use_layout_pass`` (as in `calibrate`).
     """
     return AutoCalibratingCallable(gm, example_inputs, config, compile_with_plan, **kwargs)
+
+
+def entry_for_buckets(entry: SitePlan, num_buckets: int, dense_buckets: Iterable[int]) -> SitePlan:
+    """A one-bucket auto-calibrated entry with ``num_buckets`` step buckets: its mask in every bucket, all ones in
+    ``dense_buckets``."""
+    masks = entry.block_masks[:1].expand(num_buckets, *entry.block_masks.shape[1:]).clone()
+    dense = sorted(b for b in dense_buckets if 0 <= b < num_buckets)
+    for bucket in dense:
+        masks[bucket] = True
+    return SitePlan(entry.site_id, entry.heads, entry.seq_len, entry.block_size, entry.perm, masks,
+                    orders=list(entry.orders), grid=entry.grid, empty_heads=list(entry.empty_heads),
+                    dense_buckets=dense, stats={**entry.stats, "auto_calibrated": True})
+
+
+def fill_missing_sites(plan: Plan, calibrated: Plan, site_ids: Iterable[str], dense_buckets: Iterable[int] = ()) -> Plan:
+    """``plan`` (one graph's entries) with the ``calibrated`` entries of ``site_ids`` added, brought to ``plan``'s step
+    buckets (`entry_for_buckets`)."""
+    dense = list(dense_buckets)
+    added = {sid: entry_for_buckets(calibrated.sites[sid], plan.num_buckets, dense)
+             for sid in site_ids if sid in calibrated.sites}
+    return Plan(sites={**plan.sites, **added}, step_boundaries=list(plan.step_boundaries), timestep_arg=plan.timestep_arg,
+                fingerprint=plan.fingerprint, density=plan.density, alpha=plan.alpha, qk_bits=plan.qk_bits,
+                pv_dtype=plan.pv_dtype, meta=plan.meta, source=plan.source)
+
+
+def make_shape_calibrating_callable(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    config: Any,
+    plan: Plan,
+    missing: dict[str, str],
+    compile_with_plan: Callable[..., Callable],
+    *,
+    dense_buckets: Iterable[int] = (),
+    block_size: Optional[int] = None,
+    **kwargs: Any,
+) -> AutoCalibratingCallable:
+    """``on_missing_shape="calibrate"``: an `AutoCalibratingCallable` for ``gm`` whose plan fills the ``missing`` sites
+    of ``plan`` (the graph's entries the given plan has). Calibrated at the plan's density (``Plan.density``, else the
+    ``density`` option), alpha (``Plan.alpha``, else the default) and ``block_size`` (the plan's, else the option's). ``compile_with_plan(plan, missing_shapes,
+    more_notes)`` lowers the graph."""
+    shape_config = dataclasses.replace(config, plan=None, auto_calibrate=True,
+                                       density=float(plan.density if plan.density is not None else config.density),
+                                       block_size=int(block_size or config.block_size))
+    if plan.alpha is not None:
+        # AutoCalibratingCallable reads an ``alpha`` attribute when the config has one (ParoConfig has no such option),
+        # and the plan cache key includes it.
+        shape_config.alpha = float(plan.alpha)
+    dense = list(dense_buckets)
+
+    def compile_filled(calibrated: Plan) -> Callable:
+        filled = fill_missing_sites(plan, calibrated, missing, dense)
+        note = (f"{len(missing)} site(s) without a plan entry for this token grid auto-calibrated "
+                f"(on_missing_shape='calibrate', density {shape_config.density}, block {shape_config.block_size}; "
+                f"cached under {Path(shape_config.resolved_cache_dir) / 'plans'})")
+        return compile_with_plan(filled, {}, (note,))
+
+    return AutoCalibratingCallable(gm, example_inputs, shape_config, compile_filled, **kwargs)

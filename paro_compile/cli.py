@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PLAN = 0, 1, 2, 3
+DEFAULT_PLAN_PATH = "plan.paro.safetensors"
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -303,6 +304,17 @@ def option_value_parser(kind: type, is_list: bool) -> Callable[[str], Any]:
     return parse_one
 
 
+class StoreCalibrationOption(argparse.Action):
+    """Stores the flag's value and notes its option in ``namespace.explicit_options``: with ``--add-to``, options left
+    unset take the existing plan's values, options given are kept (and must agree with the plan)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, values)
+        explicit = set(getattr(namespace, "explicit_options", None) or ())
+        namespace.explicit_options = explicit | {self.dest}
+
+
 def add_calibration_option_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `CalibrationOptions` field; its name, type, default, choices and help come from the dataclass."""
     from paro_compile.calibration.options import option_fields, option_flag, option_value_type, shown_default
@@ -314,7 +326,7 @@ def add_calibration_option_flags(parser: argparse.ArgumentParser) -> None:
         default = "" if option.default is None else " (default " + shown_default(option).strip('"') + ")"
         help_text = (option.metadata["help"] + default).replace("%", "%%")
         group.add_argument(option_flag(option.name), dest=option.name, type=option_value_parser(kind, is_list),
-                           default=option.default, choices=option.metadata["choices"], metavar=metavar, help=help_text)
+                           action=StoreCalibrationOption, default=option.default, choices=option.metadata["choices"], metavar=metavar, help=help_text)
 
 
 def calibration_options_from_args(args: argparse.Namespace):
@@ -338,14 +350,63 @@ def check_plan_destination(out: Path, force: bool) -> None:
         raise CliError(f"--out {str(out)!r} already exists; pass --force to overwrite it, or choose another path")
 
 
+def load_plan_to_extend(path_text: str):
+    """The plan ``--add-to`` names; a missing file is a usage error, an invalid one a plan error."""
+    from paro_compile.plan import Plan, PlanError
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise CliError(f"--add-to {path_text!r}: no such plan file (write the first token grid with --out {path_text})")
+    try:
+        return Plan.load(path)
+    except PlanError as error:
+        raise CliError(str(error), EXIT_PLAN) from error
+
+
+def options_for_added_shape(options: Any, plan: Any, explicit: set[str]) -> tuple[Any, list[str]]:
+    """``options`` with what ``--add-to``'s plan fixes for every token grid taken from the plan where the flags leave
+    it unset: the step boundaries (and a dense first bucket), the mask density, alpha, the block size and the timestep
+    argument. Returns the options and what was taken, for the log line."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    if not explicit & {"step_boundaries", "step_buckets", "dense_steps"} and plan.step_boundaries:
+        changes["step_boundaries"] = list(plan.step_boundaries)
+        changes["dense_steps"] = 1 if 0 in plan.common_dense_buckets() else 0
+    if not explicit & {"density", "average_density", "mass_threshold"} and plan.density is not None:
+        changes["density"] = plan.density
+    if "alpha" not in explicit and plan.alpha is not None:
+        changes["alpha"] = plan.alpha
+    block = plan.block_size_of(plan.sites)
+    if "block_size" not in explicit and block is not None:
+        changes["block_size"] = block
+    if "timestep_arg" not in explicit:
+        changes["timestep_arg"] = plan.timestep_arg
+    taken = [f"{name} {value}" for name, value in changes.items() if getattr(options, name) != value]
+    return dataclasses.replace(options, **changes), taken
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         from paro_compile.calibration import calibrate
     except ImportError as error:
         raise CliError(f"calibration is not available in this install: {error}", EXIT_FAILED) from error
     options = calibration_options_from_args(args)
-    out = Path(args.out)
-    check_plan_destination(out, args.force)
+    existing = load_plan_to_extend(args.add_to) if args.add_to else None
+    if args.replace and existing is None:
+        raise CliError("--replace only applies with --add-to PLAN")
+    out = Path(args.out or args.add_to or DEFAULT_PLAN_PATH)
+    if existing is None or out.resolve() != Path(args.add_to).resolve():
+        check_plan_destination(out, args.force)
+    if existing is not None:
+        from paro_compile.calibration.options import CalibrationOptionError, option_flag
+
+        try:
+            options, taken = options_for_added_shape(options, existing, getattr(args, "explicit_options", set()))
+        except CalibrationOptionError as error:
+            raise CliError(error.render(option_flag)) from error
+        print(f"paro calibrate: adding a token grid to {args.add_to} (it covers {existing.describe_shapes()})"
+              + (f"; from the plan: {', '.join(taken)}" if taken else ""), file=sys.stderr)
     model = load_model(args.model, args.dtype)
     inputs = load_inputs(args.inputs, args.dtype)
     budget = (f"average density {options.average_density}" if options.average_density is not None
@@ -364,8 +425,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         cause = find_cause(error, (CalibrationError, ValueError))
         raise CliError(f"calibration failed: {failure_message(cause or error)}", EXIT_FAILED) from error
+    if existing is not None:
+        from paro_compile.plan import PlanError
+
+        try:
+            plan = existing.merge(plan, replace=args.replace)
+        except PlanError as error:
+            hint = "" if args.replace else " (--replace replaces the plan's entries for this token grid)"
+            raise CliError(f"cannot add the calibrated token grid to {args.add_to}: {error}{hint}", EXIT_PLAN) from error
     plan.save(out)
-    if args.quiet:  # with progress, calibrate() already printed the summary
+    if args.quiet or existing is not None:  # with progress, calibrate() printed the new grid's summary only
         from paro_compile.calibration.summary import calibration_summary
 
         print(calibration_summary(plan))
@@ -391,7 +460,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except Exception as error:
         cause = find_cause(error, plan_error_types())
         if cause is not None:
-            raise CliError(f"the plan does not fit this model/inputs:\n{cause}", EXIT_PLAN) from error
+            raise CliError(f"the plan does not match this model/inputs:\n{cause}", EXIT_PLAN) from error
         from paro_compile.backend import UnsupportedAttentionError
 
         cause = find_cause(error, (UnsupportedAttentionError,))
@@ -489,6 +558,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 EPILOG = """exit codes: 0 ok, 1 the run failed, 2 bad usage / missing file / no GPU, 3 plan invalid or mismatched.
 examples:
   paro calibrate paro_compile.toy:toy_model --inputs paro_compile.toy:toy_calibration_inputs --density 0.3 --out toy.paro.safetensors
+  paro calibrate paro_compile.toy:toy_model --inputs my_inputs:at_another_resolution --add-to toy.paro.safetensors
   paro diff paro_compile.toy:toy_model --inputs paro_compile.toy:toy_calibration_inputs -o allow_fp32=true -o plan=toy.paro.safetensors --html diff.html --json diff.json
   paro tune --shapes 1,48,17776,64 --densities 1.0,0.5,0.3 --dtypes bfloat16
   paro bench --quick --out bench_results
@@ -509,8 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="calibrate a model on inputs and write a plan file")
     model_args(p)
-    p.add_argument("--out", default="plan.paro.safetensors", help="plan file to write (default plan.paro.safetensors)")
+    p.add_argument("--out", default=None, help=f"plan file to write (default {DEFAULT_PLAN_PATH}; with --add-to: the "
+                                               "plan added to)")
     p.add_argument("--force", action="store_true", help="overwrite the --out file if it exists")
+    p.add_argument("--add-to", metavar="PLAN", help="add the token grid of these inputs to an existing plan file (one "
+                   "plan, several resolutions / frame counts / text lengths): step boundaries, density, alpha and block "
+                   "size default to the plan's; writes the merged plan over PLAN, or to --out")
+    p.add_argument("--replace", action="store_true", help="with --add-to: replace the plan's entries for the token "
+                   "grid calibrated (else covering it already is an error)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_calibration_option_flags(p)
 

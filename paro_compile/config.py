@@ -18,6 +18,7 @@ from paro_compile.ops import IMPLS
 
 MAX_HEAD_DIM = 128
 FALLBACK_POLICIES = ("sdpa", "error")
+MISSING_SHAPE_POLICIES = ("dense", "calibrate", "error")
 
 
 def option(default: Any, doc: str, *, shown: Optional[str] = None, **kwargs: Any) -> Any:
@@ -51,6 +52,12 @@ class ParoConfig:
                                              "block-mean V) instead of being lost (`docs/quality_tuning.md`)")
     plan: Optional[Union[str, Path, Any]] = option(None, "a `Plan` or a path to a plan file (orders + masks per site); "
                                                          "None = dense, model order")
+    on_missing_shape: str = option("dense", "a graph whose token grid (resolution × frames × text length) the plan "
+                                            'has no entry for: `"dense"` runs those sites dense, with a warning and the '
+                                            'reason in the report; `"calibrate"` auto-calibrates that shape on its first '
+                                            'calls and caches it (as `auto_calibrate`); `"error"` raises '
+                                            "`PlanMismatchError` naming the shapes the plan covers. Every token grid "
+                                            "compiles its own graph (`docs/calibration.md`)")
     fallback: str = option("sdpa", 'unsupported site: `"sdpa"` keeps it and records why; `"error"` stops with the '
                                    "reasons")
     impl: str = option("auto", '`"auto"` (the Triton kernels on CUDA, the PyTorch reference elsewhere), `"triton"`, '
@@ -81,6 +88,8 @@ class ParoConfig:
             raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {self.pv_dtype!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        if self.on_missing_shape not in MISSING_SHAPE_POLICIES:
+            raise ValueError(f"on_missing_shape must be one of {MISSING_SHAPE_POLICIES}, got {self.on_missing_shape!r}")
         if self.fallback not in FALLBACK_POLICIES:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {self.fallback!r}")
         if self.impl not in IMPLS:

@@ -13,6 +13,8 @@ docs/context_parallel.md describes the whole flow.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
@@ -77,9 +79,8 @@ def select_plan_heads(plan: Plan, heads_by_site: Mapping[str, Sequence[int]]) ->
 
 
 def _with_sites(plan: Plan, sites: dict[str, SitePlan], meta: Optional[Mapping[str, Any]] = None) -> Plan:
-    return Plan(sites=sites, step_boundaries=list(plan.step_boundaries), timestep_arg=plan.timestep_arg,
-                fingerprint=plan.fingerprint, density=plan.density, alpha=plan.alpha, qk_bits=plan.qk_bits,
-                pv_dtype=plan.pv_dtype, meta=dict(plan.meta if meta is None else meta))
+    # other token grids' entries are dropped: a plan is localized after its entries for the graph's grid are selected
+    return dataclasses.replace(plan, sites=sites, meta=dict(plan.meta if meta is None else meta), other_shapes={})
 
 
 # ---------------------------------------------------------------------------------------------------

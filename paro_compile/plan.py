@@ -4,6 +4,11 @@ The backend consumes `Plan.sites[site_id]` (`SitePlan.perm`, `SitePlan.block_mas
 `Plan.step_boundaries` and `Plan.timestep_arg`; `Plan.check_sites(sites)` validates a plan against the
 attention sites `passes.discover.find_attention_sites` found in a graph.
 
+A plan may hold several entries per site, one per token grid (resolution × frames × text length): ``sites`` holds
+each site's first entry, ``other_shapes`` the others. `Plan.select` picks, for a graph, the entry of each site for the
+graph's token count (and grid, when two entries share a count) and returns a single-shape plan (one entry per site)
+that the passes read; `Plan.add_shape` and `Plan.merge` add the entries of another calibration.
+
 A `SitePlan` or `Plan` checks itself when it is built (`validate`): every permutation row is a permutation, every
 mask keeps its diagonal blocks and the blocks of text rows and columns (the method always keeps them), dense
 buckets are all ones, orders name the grid's axes and agree with the permutation. A plan that passes can be saved
@@ -15,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -27,7 +33,9 @@ from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 from paro_compile.passes.fx_utils import static_int
 
 PLAN_FORMAT = "paro_plan"
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Version 1 holds one entry per site; version 2 may hold several per site (one per token grid)."""
 METADATA_KEY = "paro_plan"
 VISUAL_AXES = ("FHW", "HW")
 
@@ -39,6 +47,28 @@ class PlanError(ValueError):
 
 class PlanMismatchError(PlanError):
     """A plan that does not fit the model or graph it is applied to."""
+
+
+def grid_layout_key(grid: Optional[TokenGrid]) -> Optional[tuple]:
+    """What makes two grids the same token layout: a one-frame video and an image are; without text tokens the text
+    position does not matter. None for no grid."""
+    if grid is None:
+        return None
+    return (grid.frames or 1, grid.height, grid.width, grid.text_tokens,
+            grid.text_position if grid.text_tokens else "prefix")
+
+
+def describe_grid(grid: TokenGrid) -> str:
+    """``2×16×16 + 226 text`` (frames×height×width, images height×width; ``(suffix)`` when text follows)."""
+    visual = "×".join(str(n) for n in ((grid.frames,) if grid.frames is not None else ()) + (grid.height, grid.width))
+    if not grid.text_tokens:
+        return visual
+    return f"{visual} + {grid.text_tokens} text" + (" (suffix)" if grid.text_position == "suffix" else "")
+
+
+def describe_shape(seq_len: int, grid: Optional[TokenGrid]) -> str:
+    """``seq_len 1250 (2×16×16 + 226 text)``, or ``seq_len 1250`` without a grid."""
+    return f"seq_len {seq_len}" + (f" ({describe_grid(grid)})" if grid is not None else "")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -66,7 +96,7 @@ def _dataclass_eq(self, other) -> bool:
     # equality must work on tensors: compiling one model twice with two plans used to raise here.
     if type(self) is not type(other):
         return NotImplemented
-    return all(_fields_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+    return all(_fields_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.compare)
 
 
 # ---- checks shared by plans built in code and plans read from files ----------------------------------------
@@ -190,6 +220,16 @@ class SitePlan:
     @property
     def num_blocks(self) -> int:
         return num_blocks(self.seq_len, self.block_size)
+
+    @property
+    def shape_key(self) -> tuple:
+        """(seq_len, grid layout): what tells a site's entries for different token grids apart (`grid_layout_key`)."""
+        return (self.seq_len, grid_layout_key(self.grid))
+
+    @property
+    def shape_description(self) -> str:
+        """The token grid this entry is for, e.g. ``seq_len 1250 (2×16×16 + 226 text)``."""
+        return describe_shape(self.seq_len, self.grid)
 
     def validate(self) -> None:
         """Raise PlanError naming the site and the field when the site plan is malformed: sizes, mask shape and
@@ -315,6 +355,28 @@ class SitePlan:
         return bool((self.perm == ident).all().item())
 
 
+def shape_conflict(entry: SitePlan, existing: Iterable[SitePlan]) -> Optional[str]:
+    """Why ``entry`` cannot be one more entry of its site next to ``existing``, or None: two entries for one grid, or two
+    for one token count that no grid tells apart (the backend could not choose between them)."""
+    for other in existing:
+        if other.shape_key == entry.shape_key:
+            return f"two entries for {entry.shape_description}"
+        if other.seq_len == entry.seq_len and (other.grid is None or entry.grid is None):
+            return (f"entries for {other.shape_description} and {entry.shape_description} have one token count and no "
+                    "grid to tell them apart; give both a grid (calibration records it)")
+    return None
+
+
+@dataclass
+class ShapeSelection:
+    """`Plan.select`'s answer for one graph."""
+
+    plan: "Plan"
+    """A single-shape plan: per site of the graph that has one, the entry for the graph's shape."""
+    missing: dict[str, str]
+    """Site id → why the plan has no entry for the site's shape in this graph."""
+
+
 @dataclass(eq=False)
 class Plan:
     __eq__ = _dataclass_eq
@@ -332,8 +394,16 @@ class Plan:
     pv_dtype: Optional[str] = None
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_FORMAT_VERSION
+    other_shapes: dict[str, list[SitePlan]] = field(default_factory=dict)
+    """Further entries of a site for other token grids, by site id (``sites`` holds each site's first entry). A site's
+    entries have the same heads and differ in token count, or in grid layout when two share a count."""
+    source: Optional[str] = field(default=None, compare=False, repr=False)
+    """The file the plan was read from (`Plan.load`), named by the errors the backend raises; None: built in code."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.other_shapes, dict):  # a site without other grids has no key (as a loaded plan)
+            self.other_shapes = {key: entries for key, entries in self.other_shapes.items()
+                                 if not (isinstance(entries, list) and not entries)}
         self.validate()
 
     def validate(self) -> None:
@@ -369,10 +439,190 @@ class Plan:
         if not isinstance(self.meta, dict):
             raise PlanError(f"Plan.meta must be a dict (a JSON object), got {type(self.meta).__name__}")
         _whole_number(self.version, "Plan.version", 1)
-        for site in self.sites.values():
+        self._validate_other_shapes()
+        for site in self.all_entries():
             if site.num_buckets != self.num_buckets:
-                raise PlanError(f"site {site.site_id!r}: {site.num_buckets} mask bucket(s), step_boundaries "
-                                f"{list(bounds)} make {self.num_buckets}")
+                raise PlanError(f"site {site.site_id!r} ({site.shape_description}): {site.num_buckets} mask bucket(s), "
+                                f"step_boundaries {list(bounds)} make {self.num_buckets}")
+
+    def _validate_other_shapes(self) -> None:
+        if not isinstance(self.other_shapes, dict):
+            raise PlanError(f"Plan.other_shapes must be a dict of site id → list of SitePlan, got "
+                            f"{type(self.other_shapes).__name__}")
+        for key, entries in self.other_shapes.items():
+            if key not in self.sites:
+                raise PlanError(f"Plan.other_shapes has entries for site {key!r}, which Plan.sites does not have (a "
+                                "site's first entry lives in Plan.sites; use Plan.add_shape to add entries)")
+            if not isinstance(entries, list):
+                raise PlanError(f"Plan.other_shapes[{key!r}] must be a list of SitePlan, got {type(entries).__name__}")
+            first = self.sites[key]
+            seen = {first.shape_key: first}
+            for entry in entries:
+                if not isinstance(entry, SitePlan):
+                    raise PlanError(f"Plan.other_shapes[{key!r}] holds a {type(entry).__name__}, not a SitePlan")
+                if entry.site_id != key:
+                    raise PlanError(f"Plan.other_shapes[{key!r}] holds an entry of site {entry.site_id!r}")
+                if entry.heads != first.heads:
+                    raise PlanError(f"site {key!r}: the entry for {entry.shape_description} has {entry.heads} heads, the "
+                                    f"entry for {first.shape_description} {first.heads}; a site's heads do not change "
+                                    "with the token grid")
+                problem = shape_conflict(entry, seen.values())
+                if problem:
+                    raise PlanError(f"site {key!r}: {problem}")
+                seen[entry.shape_key] = entry
+
+    # ---- shapes --------------------------------------------------------------------------------
+    def entries(self, site_id: str) -> list[SitePlan]:
+        """Every entry of ``site_id``, its first (``sites[site_id]``) first; empty for a site the plan lacks."""
+        if site_id not in self.sites:
+            return []
+        return [self.sites[site_id], *self.other_shapes.get(site_id, [])]
+
+    def all_entries(self) -> list[SitePlan]:
+        """Every entry of every site: the first entries in site order, then the other shapes' (the file's order)."""
+        return list(self.sites.values()) + [e for entries in self.other_shapes.values() for e in entries]
+
+    def shapes(self) -> list[tuple[str, list[str]]]:
+        """The token grids the plan covers: (description, site ids with an entry for it), first entries' grids first."""
+        covered: dict[tuple, tuple[str, list[str]]] = {}
+        for entry in self.all_entries():
+            covered.setdefault(entry.shape_key, (entry.shape_description, []))[1].append(entry.site_id)
+        return list(covered.values())
+
+    def common_dense_buckets(self) -> list[int]:
+        """The step buckets every entry keeps dense (``dense_steps`` at calibration)."""
+        entries = self.all_entries()
+        common = set(entries[0].dense_buckets) if entries else set()
+        for entry in entries[1:]:
+            common &= set(entry.dense_buckets)
+        return sorted(common)
+
+    def block_size_of(self, site_ids: Iterable[str]) -> Optional[int]:
+        """The most common block size of the entries of ``site_ids``; None when the plan has none of them."""
+        sizes = Counter(entry.block_size for sid in site_ids for entry in self.entries(sid))
+        return sizes.most_common(1)[0][0] if sizes else None
+
+    def describe_shapes(self) -> str:
+        """``seq_len 1250 (2×16×16 + 226 text) at 6 sites; seq_len 4322 (...) at 6 sites``."""
+        return "; ".join(f"{description} at {len(ids)} site{'s' if len(ids) != 1 else ''}"
+                         for description, ids in self.shapes())
+
+    def select(self, graph_shapes: Mapping[str, tuple[Any, Optional[TokenGrid]]]) -> "ShapeSelection":
+        """The entries for a graph's shapes. ``graph_shapes``: site id → (token count, or None when it is symbolic;
+        the grid the graph's tokens form, or None when unknown).
+
+        A site with a static token count gets its entry with that count; when several entries share the count, the
+        one whose grid layout is the graph's (unknown graph grid: none, the choice would be a guess); an entry whose
+        grid differs from a known graph grid is not used. A symbolic token count gets the site's first entry (its
+        orders are applied to the symbolic grid). Sites the plan lacks are left out (`check_sites` reports them).
+        Returns the single-shape plan of the chosen entries and, per site left without one, why."""
+        chosen: dict[str, SitePlan] = {}
+        missing: dict[str, str] = {}
+        for site_id, (seq_len, grid) in graph_shapes.items():
+            entries = self.entries(site_id)
+            if not entries:
+                continue
+            if seq_len is None:
+                chosen[site_id] = entries[0]
+                continue
+            here = describe_shape(seq_len, grid)
+            covered_counts = " or ".join(e.shape_description for e in entries)
+            candidates = [e for e in entries if e.seq_len == seq_len]
+            if grid is not None:
+                layout = grid_layout_key(grid)
+                fitting = [e for e in candidates if e.grid is None or grid_layout_key(e.grid) == layout]
+                if len(fitting) > 1:
+                    fitting = [e for e in fitting if e.grid is not None]
+            else:
+                fitting = candidates if len(candidates) == 1 else []
+            if len(fitting) == 1:
+                chosen[site_id] = fitting[0]
+            elif candidates and grid is None:
+                missing[site_id] = (f"graph has {here}, plan has {covered_counts}: several entries have this "
+                                    "seq_len and the graph's grid could not be inferred to choose one")
+            else:
+                missing[site_id] = f"graph has {here}, plan has {covered_counts} only"
+        view = Plan(sites=chosen, step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
+                    fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
+                    pv_dtype=self.pv_dtype, meta=self.meta, version=self.version, source=self.source)
+        return ShapeSelection(view, missing)
+
+    def add_shape(self, sites: Union["Plan", Mapping[str, SitePlan], Iterable[SitePlan]], *, replace: bool = False) -> None:
+        """Add, in place, the entries of another token grid: a `Plan`'s entries (only its sites: `merge` also checks
+        that the two plans are calibrated alike), a dict of site id → `SitePlan`, or `SitePlan`s. A site the plan lacks
+        gets its first entry; an entry for a grid a site already covers raises PlanError unless ``replace``. Every
+        entry must have the plan's step-bucket count and its site's heads. Nothing changes when an entry is refused."""
+        if isinstance(sites, Plan):
+            new_entries = sites.all_entries()
+        elif isinstance(sites, Mapping):
+            new_entries = list(sites.values())
+        else:
+            new_entries = list(sites)
+        firsts = dict(self.sites)
+        others = {key: list(entries) for key, entries in self.other_shapes.items()}
+        for entry in new_entries:
+            if not isinstance(entry, SitePlan):
+                raise PlanError(f"Plan.add_shape takes SitePlans, got a {type(entry).__name__}")
+            if entry.num_buckets != self.num_buckets:
+                raise PlanError(f"site {entry.site_id!r} ({entry.shape_description}): {entry.num_buckets} mask "
+                                f"bucket(s), this plan's step_boundaries {list(self.step_boundaries)} make "
+                                f"{self.num_buckets}; calibrate the shape with step_boundaries={list(self.step_boundaries)}")
+            first = firsts.get(entry.site_id)
+            if first is None:
+                firsts[entry.site_id] = entry
+                continue
+            current = [first, *others.get(entry.site_id, [])]
+            same = [i for i, e in enumerate(current) if e.shape_key == entry.shape_key]
+            if same and not replace:
+                raise PlanError(f"site {entry.site_id!r} already has an entry for {entry.shape_description}; pass "
+                                "replace=True to replace it")
+            if same:
+                current[same[0]] = entry
+            else:
+                problem = shape_conflict(entry, current)
+                if problem:
+                    raise PlanError(f"site {entry.site_id!r}: {problem}")
+                current.append(entry)
+            firsts[entry.site_id] = current[0]
+            others[entry.site_id] = current[1:]
+        candidate = Plan(sites=firsts, step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
+                         fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
+                         pv_dtype=self.pv_dtype, meta=self.meta, version=self.version,
+                         other_shapes={key: entries for key, entries in others.items() if entries})
+        self.sites, self.other_shapes = candidate.sites, candidate.other_shapes
+
+    def merge(self, other: "Plan", *, replace: bool = False) -> "Plan":
+        """A new plan with this plan's entries and ``other``'s (neither plan changes): one model calibrated at several
+        token grids. The plans must agree on what makes them one plan (model fingerprint, timestep argument, step
+        boundaries, calibration density and α, numerics); PlanError names the field that differs and how to
+        calibrate alike. ``other``'s ``meta`` is kept under ``meta["merged"]`` when it differs. ``replace``: ``other``'s
+        entry wins where both cover a site's grid (else that is an error)."""
+        if not isinstance(other, Plan):
+            raise TypeError(f"Plan.merge takes a Plan, got {type(other).__name__}")
+        fixes = {
+            "fingerprint": "the plans were calibrated on different models (parameter names/shapes differ)",
+            "timestep_arg": "calibrate with the same timestep_arg",
+            "step_boundaries": f"calibrate with step_boundaries={list(self.step_boundaries)} (paro calibrate "
+                               "--add-to uses the plan's boundaries)",
+            "density": f"calibrate with density={self.density}",
+            "alpha": f"calibrate with alpha={self.alpha}",
+            "qk_bits": "build both plans for the same qk_bits",
+            "pv_dtype": "build both plans for the same pv_dtype",
+        }
+        for name, fix in fixes.items():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if list(mine) != list(theirs) if name == "step_boundaries" else mine != theirs:
+                names = " and ".join(repr(p.source) for p in (self, other) if p.source) or "the two plans"
+                raise PlanError(f"cannot merge {names}: their {name} differs ({mine!r} vs {theirs!r}); {fix}")
+        meta = dict(self.meta)
+        if other.meta != self.meta:
+            meta["merged"] = list(self.meta.get("merged", [])) + [other.meta]
+        merged = Plan(sites=dict(self.sites), step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
+                      fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
+                      pv_dtype=self.pv_dtype, meta=meta, version=self.version,
+                      other_shapes={key: list(entries) for key, entries in self.other_shapes.items()})
+        merged.add_shape(other, replace=replace)
+        return merged
 
     # ---- run time ------------------------------------------------------------------------------
     @property
@@ -387,7 +637,7 @@ class Plan:
         return sum(1 for b in self.step_boundaries if b > t)
 
     def overall_density(self, bucket: Optional[int] = None) -> float:
-        """Kept blocks over all blocks of all sites (weighted by block count)."""
+        """Kept blocks over all blocks of all sites' first entries (weighted by block count)."""
         kept = total = 0.0
         for site in self.sites.values():
             masks = site.block_masks if bucket is None else site.block_masks[bucket]
@@ -398,10 +648,14 @@ class Plan:
     def summary(self) -> str:
         lines = [f"paro plan v{self.version}: {len(self.sites)} site(s), {self.num_buckets} step bucket(s), "
                  f"boundaries {self.step_boundaries}, overall density {self.overall_density():.3f}"]
-        for site in self.sites.values():
+        shapes = self.shapes()
+        if len(shapes) > 1:
+            lines.append(f"  {len(shapes)} token grids: {self.describe_shapes()}")
+        for site in self.all_entries():
             per_bucket = ", ".join(f"{site.density(b):.3f}" for b in range(site.num_buckets))
             orders = ",".join(sorted(set(site.orders))) if site.orders else "identity"
-            lines.append(f"  {site.site_id}: H={site.heads} N={site.seq_len} orders[{orders}] density[{per_bucket}]"
+            grid = f" ({describe_grid(site.grid)})" if len(shapes) > 1 and site.grid is not None else ""
+            lines.append(f"  {site.site_id}: H={site.heads} N={site.seq_len}{grid} orders[{orders}] density[{per_bucket}]"
                          + (f" empty heads {site.empty_heads}" if site.empty_heads else ""))
         return "\n".join(lines)
 
@@ -414,7 +668,7 @@ class Plan:
         if actual != self.fingerprint:
             raise PlanMismatchError(
                 f"plan was calibrated on a model with fingerprint {self.fingerprint}, this model has {actual} "
-                "(parameter names/shapes differ): re-run paro_compile.calibration on this model"
+                "(parameter names/shapes differ): re-run paro_compile.calibrate on this model"
             )
 
     def check_sites(self, sites: Iterable[Any], *, block_size: Optional[int] = None, allow_missing: bool = False,
@@ -424,45 +678,58 @@ class Plan:
         - a plan site id that is not in the graph → error ("extra"), unless ``allow_extra`` (the backend sets it:
           with graph breaks each graph holds only some of the model's sites);
         - a supported graph site that the plan does not cover → error ("missing"), unless ``allow_missing``;
-        - a site whose heads or sequence length differ from the plan's → error;
+        - a site whose heads differ from the plan's, or whose sequence length no entry of the site has → error;
         - a symbolic sequence length (``dynamic=True``) → accepted only for order plans
           (`SitePlan.applies_to_symbolic_grid`: per-head order strings, applied by the folding pass to the
           symbolic grid, masks dense), else an error; a symbolic head count → error;
-        - ``block_size`` given and different from a site's → error.
+        - ``block_size`` given and no entry of the site (at the graph's length) has it → error.
         Sites present in both but unsupported in the graph are not errors: they stay SDPA with their reason.
         """
+        problems = self.site_problems(sites, block_size=block_size, allow_missing=allow_missing, allow_extra=allow_extra)
+        if problems:
+            raise PlanMismatchError("plan does not match this model/graph:\n  - "
+                                    + "\n  - ".join(problem for _, problem in problems)
+                                    + "\nre-run calibration for this model and input shape")
+
+    def site_problems(self, sites: Iterable[Any], *, block_size: Optional[int] = None, allow_missing: bool = False,
+                      allow_extra: bool = False) -> list[tuple[Optional[str], str]]:
+        """What `check_sites` would raise, as (site id or None, problem) pairs; empty when the plan fits."""
         sites = list(sites)
         by_id = {site.site_id: site for site in sites}
-        problems: list[str] = []
+        problems: list[tuple[Optional[str], str]] = []
         extra = [sid for sid in self.sites if sid not in by_id]
         if extra and not allow_extra:
-            problems.append(f"plan has site(s) the graph does not: {extra}")
+            problems.append((extra[0], f"plan has site(s) the graph does not: {extra}"))
         missing = [s.site_id for s in sites if s.supported and s.site_id not in self.sites]
         if missing and not allow_missing:
-            problems.append(f"graph has attention site(s) the plan does not cover: {missing}")
+            problems.append((missing[0], f"graph has attention site(s) the plan does not cover: {missing}"))
         for sid, site_plan in self.sites.items():
             site = by_id.get(sid)
             if site is None:
                 continue
             heads, seq_len = static_int(site.heads), static_int(site.seq_len)
             if site.heads is not None and heads is None:
-                problems.append(f"site {sid}: symbolic head count ({site.heads}); plans need a static number of heads")
+                problems.append((sid, f"site {sid}: symbolic head count ({site.heads}); plans need a static number of "
+                                      "heads"))
                 continue
             if site.seq_len is not None and seq_len is None and not site_plan.applies_to_symbolic_grid():
-                problems.append(f"site {sid}: symbolic sequence length ({site.seq_len}) and the plan has a fixed "
-                                "[H, N] permutation without per-head order strings; compile with dynamic=False, or "
-                                "use an order plan (SitePlan.orders + grid, e.g. SitePlan.from_orders) whose orders "
-                                "are applied to the symbolic grid (block masks are then dense)")
+                problems.append((sid, f"site {sid}: symbolic sequence length ({site.seq_len}) and the plan has a fixed "
+                                      "[H, N] permutation without per-head order strings; compile with dynamic=False, "
+                                      "or use an order plan (SitePlan.orders + grid, e.g. SitePlan.from_orders) whose "
+                                      "orders are applied to the symbolic grid (block masks are then dense)"))
                 continue
             if heads is not None and heads != site_plan.heads:
-                problems.append(f"site {sid}: plan has {site_plan.heads} heads, graph has {heads}")
-            if seq_len is not None and seq_len != site_plan.seq_len:
-                problems.append(f"site {sid}: plan has seq_len {site_plan.seq_len}, graph has {seq_len}")
-            if block_size is not None and block_size != site_plan.block_size:
-                problems.append(f"site {sid}: plan has block_size {site_plan.block_size}, backend uses {block_size}")
-        if problems:
-            raise PlanMismatchError("plan does not match this model/graph:\n  - " + "\n  - ".join(problems)
-                                    + "\nre-run calibration for this model and input shape")
+                problems.append((sid, f"site {sid}: plan has {site_plan.heads} heads, graph has {heads}"))
+            entries = self.entries(sid)
+            if seq_len is not None:
+                entries = [e for e in entries if e.seq_len == seq_len]
+                if not entries:
+                    counts = " or ".join(str(n) for n in dict.fromkeys(e.seq_len for e in self.entries(sid)))
+                    problems.append((sid, f"site {sid}: plan has seq_len {counts}, graph has {seq_len}"))
+            if block_size is not None and entries and all(e.block_size != block_size for e in entries):
+                problems.append((sid, f"site {sid}: plan has block_size {entries[0].block_size}, backend uses "
+                                      f"{block_size}"))
+        return problems
 
     # ---- file ----------------------------------------------------------------------------------
     def save(self, path: Union[str, Path]) -> Path:
@@ -480,5 +747,8 @@ class Plan:
 
         plan = load_plan(path)
         if model is not None:
-            plan.check_model(model)
+            try:
+                plan.check_model(model)
+            except PlanMismatchError as error:
+                raise PlanMismatchError(f"plan file {path}: {error}") from error
         return plan

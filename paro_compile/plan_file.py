@@ -7,7 +7,9 @@
   ``fingerprint``, ``timestep_arg``, ``step_boundaries``, ``density``, ``alpha``, ``qk_bits``, ``pv_dtype``,
   ``meta`` and ``sites`` (a list of per-site objects: ``site_id``, ``heads``, ``seq_len``, ``block_size``,
   ``num_buckets``, ``orders``, ``grid``, ``perm`` ("identity" | "derived" | "stored"), ``empty_heads``,
-  ``dense_buckets``, ``stats``).
+  ``dense_buckets``, ``stats``). Version 2: a site id may appear in several entries, one per token grid (same heads,
+  another token count or grid layout); the first is the site's first entry (`Plan.sites`), the others
+  `Plan.other_shapes`. Version 1 files (one entry per site) are read and migrated (`migrate_header`).
 
 `load_plan` is a validating parser. It reads the file once (`plan_container.read_container`: one open, so a plan
 renamed over the path meanwhile cannot mix in), checks the safetensors layout, then each header field's type and range, the fields against each
@@ -39,11 +41,15 @@ from paro_compile.plan import (
     METADATA_KEY,
     PLAN_FORMAT,
     PLAN_FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     Plan,
     PlanError,
     SitePlan,
+    describe_shape,
+    grid_layout_key,
     is_finite_number,
     order_problem,
+    shape_conflict,
 )
 from paro_compile.plan_container import Container, ContainerError, read_container
 
@@ -89,13 +95,23 @@ def unpack_bool(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
 
 
 def migrate_header(header: dict[str, Any], path: Union[str, Path] = "<plan>") -> dict[str, Any]:
-    """Bring an older header to the current version, or refuse. No older format exists yet (v1 is the first)."""
+    """``header`` brought to the current version (a new dict; the current version is returned as is), or PlanError.
+
+    Version 1 is version 2 with one entry per site, so its header migrates by its version number alone; that it
+    holds one entry per site is checked by `parse_header`, which knows the version the file had. A newer version
+    asks to upgrade paro_compile; any other value is refused."""
     version = header.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > PLAN_FORMAT_VERSION:
+    is_int = isinstance(version, int) and not isinstance(version, bool)
+    if is_int and version == PLAN_FORMAT_VERSION:
+        return header
+    if is_int and version > PLAN_FORMAT_VERSION:
         raise PlanError(f"plan file {path}: plan file version {version} is newer than this paro_compile reads "
-                        f"(version {PLAN_FORMAT_VERSION}); upgrade paro_compile or re-run calibration")
+                        f"(versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade paro_compile or re-run "
+                        "calibration")
+    if is_int and version == 1:
+        return {**header, "version": PLAN_FORMAT_VERSION}
     raise PlanError(f"plan file {path}: plan file version {_short(version)} is not supported (this paro_compile reads "
-                    f"version {PLAN_FORMAT_VERSION} and has no migration from it); re-run calibration")
+                    f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); re-run calibration")
 
 
 # ---- header schema ---------------------------------------------------------------------------------------------
@@ -203,6 +219,14 @@ class SiteEntry:
     def mask_bits(self) -> int:
         return self.num_buckets * self.heads * num_blocks(self.seq_len, self.block_size) ** 2
 
+    @property
+    def shape_key(self) -> tuple:
+        return (self.seq_len, grid_layout_key(self.grid))
+
+    @property
+    def shape_description(self) -> str:
+        return describe_shape(self.seq_len, self.grid)
+
     def expected_tensors(self) -> dict[str, tuple[str, list[int]]]:
         """Tensor key → (safetensors dtype, shape) this entry needs, nothing else."""
         tensors = {f"{self.index}/block_masks": (MASK_DTYPE, [-(-self.mask_bits // 8)])}
@@ -288,9 +312,8 @@ def parse_header(header: Any, path: Union[str, Path], hint: str = REBUILD_HINT) 
         raise where.error(METADATA_KEY, f"must be a JSON object, got {_short(header)}")
     if header.get("format") != PLAN_FORMAT:
         raise where.error("format", f"is {_short(header.get('format'))}, expected {PLAN_FORMAT!r}")
-    version = header.get("version")
-    if type(version) is not int or version != PLAN_FORMAT_VERSION:  # neither True nor 1.0 is version 1
-        migrate_header(header, path)
+    file_version = header.get("version")
+    header = migrate_header(header, path)  # refuses True and 1.0: neither is version 1
     _object(header, where, METADATA_KEY, HEADER_FIELDS)
     fingerprint = header["fingerprint"]
     if fingerprint is not None and not isinstance(fingerprint, str):
@@ -324,14 +347,32 @@ def parse_header(header: Any, path: Union[str, Path], hint: str = REBUILD_HINT) 
     if not isinstance(header["sites"], list):
         raise where.error("sites", f"must be a list of site objects, got {_short(header['sites'])}")
     sites: list[SiteEntry] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, list[SiteEntry]] = {}
     for i, value in enumerate(header["sites"]):
         entry = parse_site(value, where.site(i), len(bounds) + 1)
-        if entry.site_id in seen:
-            raise where.site(i, entry.site_id).error("site_id", f"repeats the site id of sites[{seen[entry.site_id]}]")
-        seen[entry.site_id] = i
+        earlier = seen.setdefault(entry.site_id, [])
+        if earlier:
+            _check_another_entry(entry, earlier, where.site(i, entry.site_id), file_version)
+        earlier.append(entry)
         sites.append(entry)
     return Header(fields, sites)
+
+
+def _check_another_entry(entry: SiteEntry, earlier: list[SiteEntry], where: _Where, file_version: int) -> None:
+    """A second (third, ...) entry of one site: version 1 holds one entry per site; version 2 one per token grid,
+    each with the site's heads."""
+    first = earlier[0]
+    if file_version == 1:
+        raise where.error("site_id", f"repeats the site id of sites[{first.index}] (a version 1 plan holds one entry "
+                                     "per site)")
+    if entry.heads != first.heads:
+        raise where.error("heads", f"is {entry.heads}, the site's entry sites[{first.index}] has {first.heads} (a "
+                                   "site's entries differ in token grid only)")
+    problem = shape_conflict(entry, earlier)
+    if problem:
+        others = ", ".join(f"sites[{e.index}]" for e in earlier)
+        raise where.error("seq_len", f"(with the grid) makes {problem} of this site, with {others}: a site has one "
+                                     "entry per token grid")
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------------
@@ -395,9 +436,16 @@ def load_plan(path: Union[str, Path]) -> Plan:
         raise PlanError(f"{path} is a safetensors file without a paro plan header (key {METADATA_KEY!r})")
     header = parse_header(_decode_json(container.metadata[METADATA_KEY], where), path)
     _check_inventory(header, {key: (dtype, shape) for key, (dtype, shape, _, _) in container.entries.items()}, where)
-    sites = {entry.site_id: _site_plan(entry, container, where) for entry in header.sites}
+    sites: dict[str, SitePlan] = {}
+    other_shapes: dict[str, list[SitePlan]] = {}
+    for entry in header.sites:
+        site = _site_plan(entry, container, where)
+        if entry.site_id in sites:
+            other_shapes.setdefault(entry.site_id, []).append(site)
+        else:
+            sites[entry.site_id] = site
     try:
-        return Plan(sites=sites, **header.fields)
+        return Plan(sites=sites, other_shapes=other_shapes, source=str(path), **header.fields)
     except PlanError as error:
         raise PlanError(f"plan file {path}: {error}; {REBUILD_HINT}") from error
 
@@ -427,7 +475,7 @@ def encode_plan(plan: Plan) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "sites": [],
     }
     tensors: dict[str, torch.Tensor] = {}
-    for i, site in enumerate(plan.sites.values()):
+    for i, site in enumerate(plan.all_entries()):
         kind = _perm_kind(site)
         if kind == "stored":
             tensors[f"{i}/perm"] = site.perm.detach().to(device="cpu", dtype=torch.int32).contiguous()
@@ -453,7 +501,7 @@ def _header_text(plan: Plan, header: dict[str, Any], path: Path) -> str:
     if plan.version != PLAN_FORMAT_VERSION:
         raise PlanError(f"cannot save {path}: Plan.version is {plan.version!r}, this paro_compile writes version "
                         f"{PLAN_FORMAT_VERSION} only")
-    parts = [("meta", plan.meta)] + [(f"site {s.site_id!r}: stats", s.stats) for s in plan.sites.values()]
+    parts = [("meta", plan.meta)] + [(f"site {s.site_id!r}: stats", s.stats) for s in plan.all_entries()]
     for name, value in parts:
         try:
             json.dumps(value)
@@ -484,7 +532,7 @@ def save_plan(plan: Plan, path: Union[str, Path]) -> Path:
 
     path = Path(path)
     plan.validate()
-    for site in plan.sites.values():
+    for site in plan.all_entries():
         site.validate()
     header, tensors = encode_plan(plan)
     text = _header_text(plan, header, path)

@@ -228,3 +228,81 @@ def test_auto_calibration_through_the_backend_builds_plan_once(tmp_path):
     paro_compile.clear_reports()
     torch.compile(model, backend="paro", options=options)(**toy_inputs(seed=3))
     assert len(paro_compile.report.compile_reports) == 1
+
+
+# ---- plan errors at compile time ---------------------------------------------------------------------------------
+def toy_plan(depth: int = 2):
+    from paro_compile.toy.dit import toy_calibration_inputs, toy_model
+
+    return paro_compile.calibrate(toy_model(depth=depth), toy_calibration_inputs(count=1), density=0.5, block_size=16,
+                                  progress=False)
+
+
+def test_invalid_plan_file_raises_plan_error_unwrapped(tmp_path):
+    """Not BackendCompilerFailed with torch's hints for reporting a PyTorch bug: the PlanError itself, naming the file,
+    the site and the fix at the top, and the failed compile in the report."""
+    import json
+
+    from safetensors.torch import safe_open, save_file
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from paro_compile.plan import PlanError
+    from paro_compile.toy.dit import toy_calibration_inputs, toy_model
+
+    path = toy_plan().save(tmp_path / "toy.paro.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["paro_plan"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    header["sites"][0]["block_size"] = 48
+    bad = tmp_path / "bad.paro.safetensors"
+    save_file(tensors, str(bad), metadata={"paro_plan": json.dumps(header)})
+    compiled = torch.compile(toy_model(), backend="paro", options={**EXACT, "plan": str(bad)})
+    with torch.no_grad(), pytest.raises(PlanError) as info:
+        compiled(**toy_calibration_inputs(count=1)[0])
+    message = str(info.value)
+    assert not isinstance(info.value, BackendCompilerFailed)
+    assert message.startswith(f"plan file {bad}: site 'blocks.0.attn#0' (sites[0]): field 'block_size' is 48, the "
+                              "kernel runs token blocks of 16, 32, 64, 128; re-run calibration with one of them"), message
+    assert "TORCHDYNAMO_VERBOSE" not in message and "backend='paro' raised" not in message
+    assert paro_compile.last_report().error.startswith("PlanError: plan file")
+
+
+def test_plan_of_another_model_says_so(tmp_path):
+    from paro_compile.plan import PlanMismatchError
+    from paro_compile.toy.dit import toy_calibration_inputs, toy_model
+
+    path = toy_plan(depth=2).save(tmp_path / "two_blocks.paro.safetensors")
+    compiled = torch.compile(toy_model(depth=3), backend="paro", options={**EXACT, "plan": str(path)})
+    with torch.no_grad(), pytest.raises(PlanMismatchError) as info:
+        compiled(**toy_calibration_inputs(count=1)[0])
+    message = str(info.value)
+    assert message.startswith(f"plan file {path} is for another model at site 'blocks.2.attn#0': graph has attention "
+                              "site(s) the plan does not cover: ['blocks.2.attn#0']. Fix: calibrate this model"), message
+    assert "calibrated on a model with fingerprint" in message
+
+
+def test_paro_compile_checks_the_plan_before_tracing(tmp_path):
+    from paro_compile.plan import PlanMismatchError
+    from paro_compile.toy.dit import toy_calibration_inputs, toy_model
+
+    path = toy_plan(depth=2).save(tmp_path / "two_blocks.paro.safetensors")
+    with pytest.raises(PlanMismatchError) as info:  # raised by the call itself, before any tracing
+        paro_compile.compile(toy_model(depth=1), plan=path, options=EXACT)
+    assert str(info.value).startswith(f"plan file {path} is for another model: its site 'blocks.1.attn#0' names module "
+                                      "'blocks.1.attn', which ToyVideoDiT does not have"), str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        paro_compile.compile(toy_model(), plan=tmp_path / "missing.paro.safetensors")
+    with pytest.raises(ValueError, match="qk_bits"):
+        paro_compile.compile(toy_model(), plan=path, options={"qk_bits": 3})
+    with pytest.raises(ValueError, match="on_missing_shape"):
+        paro_compile.compile(toy_model(), plan=path, options={"on_missing_shape": "sparse"})
+
+    adapted = toy_model(depth=2)  # the same modules, one more parameter: another fingerprint, the plan still fits
+    adapted.blocks[0].attn.register_parameter("lora_scale", torch.nn.Parameter(torch.ones(1)))
+    with pytest.warns(UserWarning, match="calibrated on a model with fingerprint"):
+        compiled = paro_compile.compile(adapted, plan=path, options=EXACT)
+    with torch.no_grad(), pytest.warns(UserWarning, match="its sites fit this graph, so it is used"):
+        compiled(**toy_calibration_inputs(count=1)[0])
+    report = paro_compile.last_report()
+    assert all(s.lowered and s.density < 1.0 for s in report.sites)
+    assert any("calibrated on a model with fingerprint" in note for note in report.notes)

@@ -130,7 +130,7 @@ def test_diff_with_plan_html_and_json(workdir, plan_file):
 
 def test_diff_plan_mismatch_exit_3(workdir, plan_file):
     done = paro(workdir, "diff", MODEL, "--inputs", "cli_fixtures:small_inputs", "-o", "allow_fp32=true",
-                "-o", f"plan={plan_file}", "-q")
+                "-o", f"plan={plan_file}", "-o", "on_missing_shape=error", "-q")  # the default runs the grid dense
     assert done.returncode == 3, done.stderr[-3000:]
     assert "plan does not match" in done.stderr and "seq_len 136" in done.stderr
 

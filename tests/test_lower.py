@@ -239,8 +239,8 @@ def test_plan_for_other_shapes_is_refused():
     model = ToyVideoDiT().eval()
     plan = random_plan()
     inputs = toy_inputs(height=16, width=16)  # 8 + 2*8*8 tokens: the plan was made for 40
-    with pytest.raises(Exception, match="blocks.0.attn#0"):
-        torch.compile(model, backend="paro", options={**EXACT, "plan": plan})(**inputs)
+    with pytest.raises(Exception, match="blocks.0.attn#0"):  # the default, on_missing_shape="dense", warns instead
+        torch.compile(model, backend="paro", options={**EXACT, "plan": plan, "on_missing_shape": "error"})(**inputs)
 
 
 def test_missing_plan_file_says_how_to_make_one(tmp_path):

@@ -1,6 +1,7 @@
 """Hostile plan files: every mutation of a valid plan file either loads and runs exactly as the plan the mutated
 file describes, or raises PlanError. Never another exception, never a large allocation (the address space is
-capped at the current size + 1 GiB while a mutated file is loaded)."""
+capped at the current size + 1 GiB while a mutated file is loaded). The plan holds two token grids for two of its
+sites (format version 2); its header is also fuzzed as a version-1 file of its first entries (read and migrated)."""
 import contextlib
 import copy
 import json
@@ -21,6 +22,7 @@ from paro_compile.plan_file import METADATA_KEY
 
 VIDEO = TokenGrid(frames=2, height=4, width=6, text_tokens=5)  # 53 tokens: 4 blocks of 16, text in block 0
 IMAGE = TokenGrid(frames=None, height=6, width=8, text_tokens=4, text_position="suffix")  # 52 tokens, text in block 3
+SMALL_VIDEO = TokenGrid(frames=2, height=4, width=4, text_tokens=5)  # 37 tokens: 3 blocks of 16
 ADDRESS_SPACE_HEADROOM = 2**30
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -40,7 +42,7 @@ def random_masks(gen, buckets, heads, nb, text_blocks, dense_bucket=None):
     return masks
 
 
-def make_plan() -> Plan:
+def make_plan(with_other_shapes: bool = True) -> Plan:
     gen = torch.Generator().manual_seed(0)
     derived = SitePlan("blocks.0.attn#0", 2, VIDEO.num_tokens, 16, orders_permutation(VIDEO, ["HWF", "FHW"]),
                        random_masks(gen, 2, 2, 4, [0], dense_bucket=0), orders=["HWF", "FHW"], grid=VIDEO,
@@ -49,12 +51,23 @@ def make_plan() -> Plan:
                       random_masks(gen, 2, 2, 3, []))
     identity = SitePlan("blocks.2.attn#0", 1, IMAGE.num_tokens, 16, None, random_masks(gen, 2, 1, 4, [3]),
                         orders=["HW"], grid=IMAGE)
-    return Plan(sites={s.site_id: s for s in (derived, stored, identity)}, step_boundaries=[500.0], timestep_arg="t",
+    plan = Plan(sites={s.site_id: s for s in (derived, stored, identity)}, step_boundaries=[500.0], timestep_arg="t",
                 fingerprint="abc", density=0.3, alpha=0.5, qk_bits=8, pv_dtype="fp8", meta={"note": "fuzz"})
+    if not with_other_shapes:
+        return plan
+    derived_small = SitePlan("blocks.0.attn#0", 2, SMALL_VIDEO.num_tokens, 16,
+                             orders_permutation(SMALL_VIDEO, ["FWH", "HWF"]), random_masks(gen, 2, 2, 3, [0]),
+                             orders=["FWH", "HWF"], grid=SMALL_VIDEO, stats={"shape": "small"})
+    stored_short = SitePlan("blocks.1.attn#0", 2, 24, 16, torch.stack([torch.randperm(24, generator=gen) for _ in range(2)]),
+                            random_masks(gen, 2, 2, 2, []))
+    plan.add_shape([derived_small, stored_short])
+    return plan
 
 
 PLAN = make_plan()
-SITES = list(PLAN.sites.values())
+SITES = PLAN.all_entries()  # the file's entry order
+PLAN_V1 = make_plan(with_other_shapes=False)
+SITES_V1 = PLAN_V1.all_entries()
 
 
 def site_outputs(site: SitePlan) -> list[torch.Tensor]:
@@ -69,14 +82,27 @@ def site_outputs(site: SitePlan) -> list[torch.Tensor]:
 
 
 EXPECTED = [site_outputs(site) for site in SITES]
+EXPECTED_V1 = EXPECTED[:len(SITES_V1)]
+
+
+def _saved(plan: Plan, directory) -> tuple[dict, dict]:
+    path = plan.save(directory / "plan.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return header, tensors
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    path = PLAN.save(tmp_path_factory.mktemp("fuzz") / "plan.safetensors")
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()[METADATA_KEY])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return _saved(PLAN, tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def original_v1(tmp_path_factory):
+    """The single-shape plan's file with its header written as version 1 (the layout version 1 had)."""
+    header, tensors = _saved(PLAN_V1, tmp_path_factory.mktemp("fuzz_v1"))
+    header["version"] = 1
     return header, tensors
 
 
@@ -111,9 +137,16 @@ def load_or_plan_error(path):
 
 
 def runs_as(loaded: Plan, expected_sites: list[SitePlan], expected_outputs=None) -> None:
-    """The loaded plan has the expected sites in order and every site's reference output matches, bucket by bucket."""
-    got = list(loaded.sites.values())
+    """The loaded plan has the expected entries and every entry's reference output matches, bucket by bucket. Entries
+    are paired by (heads, seq_len), unique in the fuzzed plan: a mutated site id may regroup the file's entries into
+    other sites (a valid version-2 file) without changing what any of them runs."""
+    key = lambda site: (site.heads, site.seq_len)  # noqa: E731
+    got = sorted(loaded.all_entries(), key=key)
+    order = sorted(range(len(expected_sites)), key=lambda i: key(expected_sites[i]))
     assert len(got) == len(expected_sites)
+    expected_sites = [expected_sites[i] for i in order]
+    if expected_outputs is not None:
+        expected_outputs = [expected_outputs[i] for i in order]
     for i, (site, want) in enumerate(zip(got, expected_sites)):
         assert (site.heads, site.seq_len, site.block_size, site.num_buckets) == (
             want.heads, want.seq_len, want.block_size, want.num_buckets)
@@ -164,14 +197,17 @@ def get_parent(header, path):
     return node
 
 
-def expected_after_header_edit(path, header) -> list[SitePlan] | None:
+def expected_after_header_edit(path, header, sites: list[SitePlan]) -> list[SitePlan] | None:
     """The sites the edited header describes when the edit is one of the plan's meaningful edits (another order for
     a derived site, the text position of its grid): built in memory from the original site. None: the edit must
     leave the plan running exactly as before."""
-    if len(path) < 3 or path[0] != "sites" or path[1] != 0 or path[2] not in ("orders", "grid"):
+    if len(path) < 3 or path[0] != "sites" or path[2] not in ("orders", "grid"):
         return None
-    entry = header["sites"][0]
-    site = SITES[0]
+    index = path[1]
+    if not isinstance(index, int) or index >= len(sites) or header["sites"][index].get("perm") != "derived":
+        return None
+    entry = header["sites"][index]
+    site = sites[index]
     try:
         grid = TokenGrid(**entry["grid"])
         orders = list(entry["orders"])
@@ -181,13 +217,15 @@ def expected_after_header_edit(path, header) -> list[SitePlan] | None:
                           dense_buckets=list(site.dense_buckets), stats=dict(site.stats))
     except Exception:  # the edit makes a site the in-memory constructor refuses too: the loader must refuse it
         return []
-    return [edited] + SITES[1:]
+    return sites[:index] + [edited] + sites[index + 1:]
 
 
 @FUZZ
 @given(data=st.data())
-def test_header_mutations_load_exactly_or_raise_plan_error(original, tmp_path, data):
-    header0, tensors = original
+@pytest.mark.parametrize("version", [2, 1])
+def test_header_mutations_load_exactly_or_raise_plan_error(original, original_v1, tmp_path, data, version):
+    header0, tensors = original if version == 2 else original_v1
+    sites, expected_outputs = (SITES, EXPECTED) if version == 2 else (SITES_V1, EXPECTED_V1)
     header = copy.deepcopy(header0)
     path = data.draw(st.sampled_from(header_paths(header0)), label="path")
     operation = data.draw(st.sampled_from(["replace", "drop", "add_field"]), label="operation")
@@ -204,9 +242,9 @@ def test_header_mutations_load_exactly_or_raise_plan_error(original, tmp_path, d
     event("refused" if loaded is None else "loaded")
     if loaded is None:
         return
-    expected = expected_after_header_edit(path, header)
+    expected = expected_after_header_edit(path, header, sites)
     if expected is None:
-        runs_as(loaded, SITES, EXPECTED)
+        runs_as(loaded, sites, expected_outputs)
     else:
         assert expected, f"the loader accepted an edit that SitePlan refuses: {path} -> {get_parent(header, path)}"
         runs_as(loaded, expected)
@@ -250,7 +288,8 @@ def test_tensor_mutations_load_exactly_or_raise_plan_error(original, tmp_path, d
     if operation == "drop":
         del tensors[key]
     elif operation == "add":
-        extra = data.draw(st.sampled_from(["0/perm", "2/perm", "3/block_masks", "x", "1/perm_", "0/block_masks/"]))
+        extra = data.draw(st.sampled_from(["0/perm", "2/perm", "3/perm", "5/block_masks", "x", "1/perm_",
+                                           "0/block_masks/"]))
         if extra in tensors:
             return
         tensors[extra] = tensor.clone()
@@ -348,7 +387,7 @@ def test_damaged_bytes_raise_plan_error(original, tmp_path, data):
     assert load_or_plan_error(damaged) is None
 
 
-def test_fuzz_baseline_loads_and_runs_as_saved(original, tmp_path):
+def test_fuzz_baseline_loads_and_runs_as_saved(original, original_v1, tmp_path):
     """The unmutated file loads and runs as the plan it was saved from (what every mutation is compared with)."""
     header, tensors = original
     file = tmp_path / "plan.safetensors"
@@ -356,3 +395,9 @@ def test_fuzz_baseline_loads_and_runs_as_saved(original, tmp_path):
     loaded = load_or_plan_error(file)
     assert loaded is not None and loaded == PLAN
     runs_as(loaded, SITES, EXPECTED)
+    header_v1, tensors_v1 = original_v1
+    file_v1 = tmp_path / "plan_v1.safetensors"
+    write(file_v1, json.dumps(header_v1), tensors_v1)
+    loaded_v1 = load_or_plan_error(file_v1)
+    assert loaded_v1 == PLAN_V1 and loaded_v1.version == 2
+    runs_as(loaded_v1, SITES_V1, EXPECTED_V1)
