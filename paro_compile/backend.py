@@ -222,8 +222,13 @@ def graph_site_shapes(gm: fx.GraphModule, sites: list, plan: Plan) -> dict[str, 
     pass reads their orders."""
     from paro_compile.passes.layout import infer_token_grids
 
+    from paro_compile.passes.context_parallel import detect_site
+
     planned = [s for s in sites if plan.entries(s.site_id)]
-    grids = infer_token_grids(gm, [s for s in planned if static_int(s.seq_len) is not None])
+    # Under context parallelism the layout pass reads the exchanged (rank, local token) axis as a patchify merge and
+    # finds a wrong grid: those sites choose their entry by token count alone.
+    readable = [s for s in planned if static_int(s.seq_len) is not None and detect_site(s).kind == "none"]
+    grids = infer_token_grids(gm, readable)
     return {s.site_id: (static_int(s.seq_len), grids.get(s.site_id)) for s in planned}
 
 

@@ -119,7 +119,7 @@ def paro_passes(options: dict) -> Callable:
     """A Dynamo backend that runs paro's passes (`backend.rewrite_graph`, the context-parallel pass included) and
     then the rewritten graph eagerly: what ``backend="paro"`` hands to Inductor, without Inductor's compile time
     (minutes on a shared CPU for every process). ``tests/parallel/test_ulysses.py`` runs the real backend once."""
-    from paro_compile.backend import load_plan, rewrite_graph
+    from paro_compile.backend import load_plan, prepare_plan, rewrite_graph
     from paro_compile.config import ParoConfig
     from paro_compile.report import new_report
 
@@ -127,7 +127,8 @@ def paro_passes(options: dict) -> Callable:
     plan = load_plan(config.plan)
 
     def backend(gm, example_inputs):
-        return rewrite_graph(gm, config, plan, new_report()).forward
+        prepared = prepare_plan(gm, plan, config) if plan is not None else None  # the plan's entry for this graph
+        return rewrite_graph(gm, config, prepared and prepared.plan, new_report(), prepared and prepared.missing).forward
 
     return backend
 
