@@ -4,7 +4,7 @@ a model.
 - `watch_attention` counts, on a run, the SDPA calls outside the compiled graphs (`AttentionWatch`);
 - `uncovered_attention_modules` finds, from the graphs alone, the attention modules of a model without a site in any
   compiled graph; `dynamo_graph_breaks` gives Dynamo's graph-break reasons and `fix_hints` the known fixes;
-- `build_model_report` puts them together with the `CompileReport`s into an `paro_compile.inspection.InspectionReport`,
+- `build_model_report` puts them together with the `CompileReport`s into a `paro_compile.inspection.InspectionReport`,
   `model_report` does it for the graphs already compiled for a model (``paro_compile.model_report``).
 
 ``paro_compile.model_report`` and ``paro_compile.watch_attention`` are defined here (exported lazily by the package);
