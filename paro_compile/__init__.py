@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": ("paro_compile.backend", "compile"),
     "inspect": ("paro_compile.inspection", "inspect"),
-    "model_report": ("paro_compile.inspection", "model_report"),
-    "watch_attention": ("paro_compile.inspection", "watch_attention"),
+    "model_report": ("paro_compile.model_inspection", "model_report"),
+    "watch_attention": ("paro_compile.model_inspection", "watch_attention"),
     "calibrate": ("paro_compile.calibration", "calibrate"),
     "capture_calls": ("paro_compile.capture", "capture_calls"),
     "Plan": ("paro_compile.plan", "Plan"),

@@ -7,7 +7,9 @@ attention sites `passes.discover.find_attention_sites` found in a graph.
 A plan may hold several entries per site, one per token grid (resolution × frames × text length): ``sites`` holds
 each site's first entry, ``other_shapes`` the others. `Plan.select` picks, for a graph, the entry of each site for the
 graph's token count (and grid, when two entries share a count) and returns a single-shape plan (one entry per site)
-that the passes read; `Plan.add_shape` and `Plan.merge` add the entries of another calibration.
+that the passes read; `Plan.add_shape` and `Plan.merge` add the entries of another calibration. That logic lives in
+`paro_compile.plan_shapes`, the content checks shared with plan files in `paro_compile.plan_checks`; both modules'
+public names are importable from here too.
 
 A `SitePlan` or `Plan` checks itself when it is built (`validate`): every permutation row is a permutation, every
 mask keeps its diagonal blocks and the blocks of text rows and columns (the method always keeps them), dense
@@ -18,7 +20,6 @@ in docs/plan_format.md.
 from __future__ import annotations
 
 import hashlib
-import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -31,13 +32,30 @@ from paro_compile.grid import TokenGrid, orders_permutation
 from paro_compile.kernels.block_mask import block_mask_to_csr, num_blocks
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 from paro_compile.passes.fx_utils import static_int
+from paro_compile.plan_checks import (  # noqa: F401 - VISUAL_AXES, text_block_range: re-exported
+    VISUAL_AXES,
+    is_finite_number,
+    mandatory_blocks_problem,
+    order_problem,
+    permutation_problem,
+    text_block_range,
+)
+from paro_compile.plan_shapes import (  # noqa: F401 - ShapeSelection, describe_grid: re-exported
+    ShapeSelection,
+    add_entries,
+    describe_grid,
+    describe_shape,
+    grid_layout_key,
+    merge_plans,
+    select_entries,
+    shape_conflict,
+)
 
 PLAN_FORMAT = "paro_plan"
 PLAN_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 """Version 1 holds one entry per site; version 2 may hold several per site (one per token grid)."""
 METADATA_KEY = "paro_plan"
-VISUAL_AXES = ("FHW", "HW")
 
 
 class PlanError(ValueError):
@@ -47,28 +65,6 @@ class PlanError(ValueError):
 
 class PlanMismatchError(PlanError):
     """A plan that does not fit the model or graph it is applied to."""
-
-
-def grid_layout_key(grid: Optional[TokenGrid]) -> Optional[tuple]:
-    """What makes two grids the same token layout: a one-frame video and an image are; without text tokens the text
-    position does not matter. None for no grid."""
-    if grid is None:
-        return None
-    return (grid.frames or 1, grid.height, grid.width, grid.text_tokens,
-            grid.text_position if grid.text_tokens else "prefix")
-
-
-def describe_grid(grid: TokenGrid) -> str:
-    """``2×16×16 + 226 text`` (frames×height×width, images height×width; ``(suffix)`` when text follows)."""
-    visual = "×".join(str(n) for n in ((grid.frames,) if grid.frames is not None else ()) + (grid.height, grid.width))
-    if not grid.text_tokens:
-        return visual
-    return f"{visual} + {grid.text_tokens} text" + (" (suffix)" if grid.text_position == "suffix" else "")
-
-
-def describe_shape(seq_len: int, grid: Optional[TokenGrid]) -> str:
-    """``seq_len 1250 (2×16×16 + 226 text)``, or ``seq_len 1250`` without a grid."""
-    return f"seq_len {seq_len}" + (f" ({describe_grid(grid)})" if grid is not None else "")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -111,74 +107,6 @@ def _whole_number(value: Any, what: str, minimum: int) -> int:
     if number < minimum:
         raise PlanError(f"{what} must be an int >= {minimum}, got {number}")
     return number
-
-
-def is_finite_number(value: Any) -> bool:
-    """An int or float (not a bool) that is a finite float: NaN, ±inf and ints beyond the float range are not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-def permutation_problem(perm: torch.Tensor, n: int) -> Optional[str]:
-    """Why ``perm`` [H, n] is not one permutation of range(n) per row, or None. Vectorised: a range check, then
-    one sort per row compared with arange(n); only the first offending row is examined further."""
-    if perm.dtype == torch.bool or perm.dtype.is_floating_point or perm.dtype.is_complex:
-        return f"has dtype {perm.dtype}; token indices need an integer dtype"
-    rows = perm.long()
-    outside = (rows < 0) | (rows >= n)
-    if bool(outside.any()):
-        head, position = (int(i) for i in outside.nonzero()[0])
-        return (f"row {head} holds {int(rows[head, position])} at position {position}, outside range(0, {n}) "
-                "(a token index must name one of the site's tokens)")
-    wrong = rows.sort(dim=-1).values != torch.arange(n, device=rows.device)
-    if bool(wrong.any()):
-        head = int(wrong.any(-1).nonzero()[0])
-        counts = torch.bincount(rows[head], minlength=n)
-        repeated = int((counts > 1).nonzero()[0])
-        missing = int((counts == 0).nonzero()[0])
-        return (f"row {head} is not a permutation of range({n}): token {repeated} appears {int(counts[repeated])} "
-                f"times and token {missing} is missing")
-    return None
-
-
-def text_block_range(grid: TokenGrid, block_size: int) -> range:
-    """Indices of the blocks that hold at least one text token (empty without text)."""
-    if not grid.text_tokens:
-        return range(0)
-    text = grid.text_slice
-    return range(text.start // block_size, (text.stop - 1) // block_size + 1)
-
-
-def mandatory_blocks_problem(masks: torch.Tensor, block_size: int, grid: Optional[TokenGrid]) -> Optional[str]:
-    """Why bool masks [S, H, nb, nb] drop a block the method always keeps (diagonal; rows and columns of text
-    blocks), or None. Without them a query row may keep no block at all, and such a row returns zeros."""
-    diagonal = masks.diagonal(dim1=-2, dim2=-1)
-    if not bool(diagonal.all()):
-        bucket, head, block = (int(i) for i in (~diagonal).nonzero()[0])
-        return f"bucket {bucket}, head {head}: diagonal block ({block}, {block}) is not kept"
-    text = text_block_range(grid, block_size) if grid is not None else range(0)
-    if len(text):
-        for name, part, offset in (("row", masks[..., text.start:text.stop, :], (text.start, 0)),
-                                   ("column", masks[..., :, text.start:text.stop], (0, text.start))):
-            if not bool(part.all()):
-                bucket, head, i, j = (int(x) for x in (~part).nonzero()[0])
-                return (f"bucket {bucket}, head {head}: block ({i + offset[0]}, {j + offset[1]}) in a text {name} "
-                        f"(text tokens {grid.text_slice.start}..{grid.text_slice.stop - 1}) is not kept")
-    return None
-
-
-def order_problem(order: Any, axes: Optional[str]) -> Optional[str]:
-    """Why ``order`` is not an axis order of a grid with ``axes`` (None: of a video or an image grid), or None."""
-    if not isinstance(order, str):
-        return f"{order!r} is a {type(order).__name__}, not an order string such as 'FHW'"
-    allowed = (axes,) if axes is not None else VISUAL_AXES
-    if not any(sorted(order) == sorted(a) for a in allowed):
-        return f"{order!r} is not a permutation of the grid axes {' or '.join(map(repr, allowed))}"
-    return None
 
 
 @dataclass(eq=False)
@@ -355,28 +283,6 @@ class SitePlan:
         return bool((self.perm == ident).all().item())
 
 
-def shape_conflict(entry: SitePlan, existing: Iterable[SitePlan]) -> Optional[str]:
-    """Why ``entry`` cannot be one more entry of its site next to ``existing``, or None: two entries for one grid, or two
-    for one token count that no grid tells apart (the backend could not choose between them)."""
-    for other in existing:
-        if other.shape_key == entry.shape_key:
-            return f"two entries for {entry.shape_description}"
-        if other.seq_len == entry.seq_len and (other.grid is None or entry.grid is None):
-            return (f"entries for {other.shape_description} and {entry.shape_description} have one token count and no "
-                    "grid to tell them apart; give both a grid (calibration records it)")
-    return None
-
-
-@dataclass
-class ShapeSelection:
-    """`Plan.select`'s answer for one graph."""
-
-    plan: "Plan"
-    """A single-shape plan: per site of the graph that has one, the entry for the graph's shape."""
-    missing: dict[str, str]
-    """Site id → why the plan has no entry for the site's shape in this graph."""
-
-
 @dataclass(eq=False)
 class Plan:
     __eq__ = _dataclass_eq
@@ -516,80 +422,14 @@ class Plan:
         grid differs from a known graph grid is not used. A symbolic token count gets the site's first entry (its
         orders are applied to the symbolic grid). Sites the plan lacks are left out (`check_sites` reports them).
         Returns the single-shape plan of the chosen entries and, per site left without one, why."""
-        chosen: dict[str, SitePlan] = {}
-        missing: dict[str, str] = {}
-        for site_id, (seq_len, grid) in graph_shapes.items():
-            entries = self.entries(site_id)
-            if not entries:
-                continue
-            if seq_len is None:
-                chosen[site_id] = entries[0]
-                continue
-            here = describe_shape(seq_len, grid)
-            covered_counts = " or ".join(e.shape_description for e in entries)
-            candidates = [e for e in entries if e.seq_len == seq_len]
-            if grid is not None:
-                layout = grid_layout_key(grid)
-                fitting = [e for e in candidates if e.grid is None or grid_layout_key(e.grid) == layout]
-                if len(fitting) > 1:
-                    fitting = [e for e in fitting if e.grid is not None]
-            else:
-                fitting = candidates if len(candidates) == 1 else []
-            if len(fitting) == 1:
-                chosen[site_id] = fitting[0]
-            elif candidates and grid is None:
-                missing[site_id] = (f"graph has {here}, plan has {covered_counts}: several entries have this "
-                                    "seq_len and the graph's grid could not be inferred to choose one")
-            else:
-                missing[site_id] = f"graph has {here}, plan has {covered_counts} only"
-        view = Plan(sites=chosen, step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
-                    fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
-                    pv_dtype=self.pv_dtype, meta=self.meta, version=self.version, source=self.source)
-        return ShapeSelection(view, missing)
+        return select_entries(self, graph_shapes)
 
     def add_shape(self, sites: Union["Plan", Mapping[str, SitePlan], Iterable[SitePlan]], *, replace: bool = False) -> None:
         """Add, in place, the entries of another token grid: a `Plan`'s entries (only its sites: `merge` also checks
         that the two plans are calibrated alike), a dict of site id → `SitePlan`, or `SitePlan`s. A site the plan lacks
         gets its first entry; an entry for a grid a site already covers raises PlanError unless ``replace``. Every
         entry must have the plan's step-bucket count and its site's heads. Nothing changes when an entry is refused."""
-        if isinstance(sites, Plan):
-            new_entries = sites.all_entries()
-        elif isinstance(sites, Mapping):
-            new_entries = list(sites.values())
-        else:
-            new_entries = list(sites)
-        firsts = dict(self.sites)
-        others = {key: list(entries) for key, entries in self.other_shapes.items()}
-        for entry in new_entries:
-            if not isinstance(entry, SitePlan):
-                raise PlanError(f"Plan.add_shape takes SitePlans, got a {type(entry).__name__}")
-            if entry.num_buckets != self.num_buckets:
-                raise PlanError(f"site {entry.site_id!r} ({entry.shape_description}): {entry.num_buckets} mask "
-                                f"bucket(s), this plan's step_boundaries {list(self.step_boundaries)} make "
-                                f"{self.num_buckets}; calibrate the shape with step_boundaries={list(self.step_boundaries)}")
-            first = firsts.get(entry.site_id)
-            if first is None:
-                firsts[entry.site_id] = entry
-                continue
-            current = [first, *others.get(entry.site_id, [])]
-            same = [i for i, e in enumerate(current) if e.shape_key == entry.shape_key]
-            if same and not replace:
-                raise PlanError(f"site {entry.site_id!r} already has an entry for {entry.shape_description}; pass "
-                                "replace=True to replace it")
-            if same:
-                current[same[0]] = entry
-            else:
-                problem = shape_conflict(entry, current)
-                if problem:
-                    raise PlanError(f"site {entry.site_id!r}: {problem}")
-                current.append(entry)
-            firsts[entry.site_id] = current[0]
-            others[entry.site_id] = current[1:]
-        candidate = Plan(sites=firsts, step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
-                         fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
-                         pv_dtype=self.pv_dtype, meta=self.meta, version=self.version,
-                         other_shapes={key: entries for key, entries in others.items() if entries})
-        self.sites, self.other_shapes = candidate.sites, candidate.other_shapes
+        add_entries(self, sites, replace=replace)
 
     def merge(self, other: "Plan", *, replace: bool = False) -> "Plan":
         """A new plan with this plan's entries and ``other``'s (neither plan changes): one model calibrated at several
@@ -597,32 +437,7 @@ class Plan:
         boundaries, calibration density and α, numerics); PlanError names the field that differs and how to
         calibrate alike. ``other``'s ``meta`` is kept under ``meta["merged"]`` when it differs. ``replace``: ``other``'s
         entry wins where both cover a site's grid (else that is an error)."""
-        if not isinstance(other, Plan):
-            raise TypeError(f"Plan.merge takes a Plan, got {type(other).__name__}")
-        fixes = {
-            "fingerprint": "the plans were calibrated on different models (parameter names/shapes differ)",
-            "timestep_arg": "calibrate with the same timestep_arg",
-            "step_boundaries": f"calibrate with step_boundaries={list(self.step_boundaries)} (paro calibrate "
-                               "--add-to uses the plan's boundaries)",
-            "density": f"calibrate with density={self.density}",
-            "alpha": f"calibrate with alpha={self.alpha}",
-            "qk_bits": "build both plans for the same qk_bits",
-            "pv_dtype": "build both plans for the same pv_dtype",
-        }
-        for name, fix in fixes.items():
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if list(mine) != list(theirs) if name == "step_boundaries" else mine != theirs:
-                names = " and ".join(repr(p.source) for p in (self, other) if p.source) or "the two plans"
-                raise PlanError(f"cannot merge {names}: their {name} differs ({mine!r} vs {theirs!r}); {fix}")
-        meta = dict(self.meta)
-        if other.meta != self.meta:
-            meta["merged"] = list(self.meta.get("merged", [])) + [other.meta]
-        merged = Plan(sites=dict(self.sites), step_boundaries=list(self.step_boundaries), timestep_arg=self.timestep_arg,
-                      fingerprint=self.fingerprint, density=self.density, alpha=self.alpha, qk_bits=self.qk_bits,
-                      pv_dtype=self.pv_dtype, meta=meta, version=self.version,
-                      other_shapes={key: list(entries) for key, entries in self.other_shapes.items()})
-        merged.add_shape(other, replace=replace)
-        return merged
+        return merge_plans(self, other, replace=replace)
 
     # ---- run time ------------------------------------------------------------------------------
     @property

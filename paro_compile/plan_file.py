@@ -45,12 +45,9 @@ from paro_compile.plan import (
     Plan,
     PlanError,
     SitePlan,
-    describe_shape,
-    grid_layout_key,
-    is_finite_number,
-    order_problem,
-    shape_conflict,
 )
+from paro_compile.plan_checks import is_finite_number, order_problem
+from paro_compile.plan_shapes import describe_shape, grid_layout_key, shape_conflict
 from paro_compile.plan_container import Container, ContainerError, read_container
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
