@@ -29,7 +29,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 from unittest import mock
 
 import torch
@@ -101,6 +101,19 @@ def stubbed_launches() -> Iterator[dict[str, LaunchRecorder]]:
         yield recorders
 
 
+def empty_custom_op():
+    """A `torch.library.custom_op` of `paro::attention`'s signature whose body only allocates the output: what the
+    dispatcher and custom_op's wrappers cost per call before any of our code runs."""
+    if not hasattr(torch.ops.paro_bench, "empty_attention"):
+        @torch.library.custom_op("paro_bench::empty_attention", mutates_args=())
+        def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
+                            key_bias: Optional[torch.Tensor], mask_tensors: list[Optional[torch.Tensor]],
+                            mask_sizes: list[int], scale: float, qk_bits: int, pv_dtype: str, compensate: bool,
+                            density: float, impl: str) -> torch.Tensor:
+            return torch.empty_like(q)
+    return torch.ops.paro_bench.empty_attention.default
+
+
 def cpu_us(fn: Callable[[], object], min_run_time: float) -> float:
     """Median µs per call of ``fn`` on the CPU (`torch.utils.benchmark`, one thread)."""
     from torch.utils import benchmark
@@ -169,6 +182,8 @@ def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
                                  "triton"),
         "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
         "prologue": lambda: paro_prologue(q, k, v),
+        "custom op with an empty body (dispatch alone)": lambda: empty_custom_op()(
+            q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density, "triton"),
         "plain torch op (torch.empty_like)": lambda: torch.empty_like(q),
     }
     rows: list[dict] = []
