@@ -14,13 +14,23 @@ its best block size, with the host cost added as it shows up in a model (wall ti
 
     python benchmarks/host_overhead.py --out OUT          (CUDA)
     python benchmarks/host_overhead.py --out OUT --tiny   (CPU smoke run, interpreter; numbers meaningless)
+    python benchmarks/host_overhead.py --out OUT --stub-launches   (CPU: our Python path alone, see below)
+
+``--stub-launches`` measures what is ours, on the CPU: every Triton launch the wrappers make (``kernel[grid](...)``
+of the prologue's three kernels, the attention kernel and its autotuner) is replaced by a `LaunchRecorder` that only
+counts the call, and the op runs on CPU tensors (the Triton interpreter is never entered). What is left per call is
+the dispatcher, the op's Python impl, the wrappers and their tensor allocations: the host cost that is not Triton's
+launcher. Timed with `torch.utils.benchmark`, profiled with cProfile (``stub_profile.txt``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator, Optional
+from unittest import mock
 
 import torch
 
@@ -35,7 +45,82 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", required=True)
     ap.add_argument("--calls", type=int, default=2000, help="back-to-back calls per host-cost measurement")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run under the Triton interpreter")
+    ap.add_argument("--stub-launches", action="store_true",
+                    help="CPU: time our Python path per call with every Triton launch replaced by a no-op recorder")
+    ap.add_argument("--min-run-time", type=float, default=1.0,
+                    help="--stub-launches: seconds torch.utils.benchmark spends per case")
     return ap.parse_args(argv)
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel or autotuner: ``recorder[grid](*args, **kwargs)`` counts the launch and runs
+    nothing. ``best_config`` / ``benchmarked_now`` answer what the attention wrapper asks its autotuner after a
+    launch."""
+
+    def __init__(self, name: str, best_config=None) -> None:
+        self.name = name
+        self.launches = 0
+        self.best_config = best_config
+        self.benchmarked_now = False
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        return self._launch
+
+    def _launch(self, *args, **kwargs) -> None:
+        self.launches += 1
+
+
+# Where the wrappers call the @triton.jit kernels (module globals, looked up at every call).
+STUBBED_KERNELS = {
+    "paro_compile.kernels.prologue": ("_stats_kernel", "_stats_finalize_kernel", "_prologue_kernel"),
+    "paro_compile.kernels.attention": ("_attn_fwd", "_attn_fwd_tuned"),
+}
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[dict[str, LaunchRecorder]]:
+    """Every Triton launch of the prologue and attention wrappers replaced by a `LaunchRecorder` (by kernel name).
+    The attention wrapper's launch cache is emptied on entry and exit, so no config chosen under the stub outlives
+    it."""
+    import importlib
+
+    import triton
+
+    from paro_compile.kernels import attention
+
+    recorders: dict[str, LaunchRecorder] = {}
+    with contextlib.ExitStack() as stack:
+        for module_name, names in STUBBED_KERNELS.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                best = triton.Config({"TILE_M": 64}, num_warps=4, num_stages=1) if name == "_attn_fwd_tuned" else None
+                recorders[name] = LaunchRecorder(name, best)
+                stack.enter_context(mock.patch.object(module, name, recorders[name]))
+        attention.clear_launch_cache()
+        stack.callback(attention.clear_launch_cache)
+        yield recorders
+
+
+def empty_custom_op():
+    """A `torch.library.custom_op` of `paro::attention`'s signature whose body only allocates the output: what the
+    dispatcher and custom_op's wrappers cost per call before any of our code runs."""
+    if not hasattr(torch.ops.paro_bench, "empty_attention"):
+        @torch.library.custom_op("paro_bench::empty_attention", mutates_args=())
+        def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
+                            key_bias: Optional[torch.Tensor], mask_tensors: list[Optional[torch.Tensor]],
+                            mask_sizes: list[int], scale: float, qk_bits: int, pv_dtype: str, compensate: bool,
+                            density: float, impl: str) -> torch.Tensor:
+            return torch.empty_like(q)
+    return torch.ops.paro_bench.empty_attention.default
+
+
+def cpu_us(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median µs per call of ``fn`` on the CPU (`torch.utils.benchmark`, one thread)."""
+    from torch.utils import benchmark
+
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
 def host_us(fn, calls: int, device: torch.device) -> float:
@@ -74,8 +159,53 @@ def profile_calls(fn, calls: int, path: Path) -> None:
     path.write_text(text.getvalue())
 
 
+def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
+    """``--stub-launches``: µs per call of our Python path on CPU tensors, every Triton launch a no-op."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the op runs its Triton path on CPU tensors only under this flag
+    from paro_compile.kernels.attention import paro_attention_triton
+    from paro_compile.kernels.block_mask import BlockMask
+    from paro_compile.kernels.prologue import paro_prologue
+    from paro_compile.kernels.tuning import random_block_mask
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, 128, 64)
+    q, k, v = (torch.randn(*shape, generator=gen).to(torch.float16) for _ in range(3))
+    mask = BlockMask.from_dense(random_block_mask(2, 2, 2, 0.5, generator=gen))
+    tensors, sizes = mask.as_op_args()
+    op = torch.ops.paro.attention.default
+    cases = {
+        "op (sparse mask)": lambda: op(q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density,
+                                       "triton"),
+        "op (dense)": lambda: op(q, k, v, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                                 "triton"),
+        "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
+        "prologue": lambda: paro_prologue(q, k, v),
+        "custom op with an empty body (dispatch alone)": lambda: empty_custom_op()(
+            q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density, "triton"),
+        "plain torch op (torch.empty_like)": lambda: torch.empty_like(q),
+    }
+    rows: list[dict] = []
+    with stubbed_launches() as recorders:
+        for name, fn in cases.items():
+            before = sum(r.launches for r in recorders.values())
+            fn()
+            launches = sum(r.launches for r in recorders.values()) - before
+            us = cpu_us(fn, args.min_run_time)
+            rows.append({"shape": "x".join(map(str, shape)), "case": name, "stubbed_launches_per_call": launches,
+                         "python_us_per_call": round(us, 2)})
+            print(f"{name:40s} {us:8.2f} us/call ({launches} launches stubbed)", flush=True)
+        profile_calls(cases["op (sparse mask)"], 2000, Path(args.out) / "stub_profile.txt")
+    harness.write_results(Path(args.out) / "host_overhead_stub.json", {"rows": rows}, harness.stamp(__file__, argv),
+                          title="our Python path per paro::attention call (us), Triton launches stubbed, CPU")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.stub_launches:
+        return stub_main(args, argv)
     if args.tiny:
         import os
 

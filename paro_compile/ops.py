@@ -16,12 +16,15 @@ Dispatch of ``impl``:
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from paro_compile import envs
-from paro_compile.kernels.block_mask import BlockMask
+from paro_compile.kernels.block_mask import SIZE_FIELDS, TENSOR_FIELDS, BlockMask
 from paro_compile.kernels.reference import paro_attention_reference
 
 IMPLS = ("auto", "reference", "triton", "hopper")
@@ -68,61 +71,144 @@ def paro_attention_op(
     ``key_bias`` [B or 1, H or 1, Nk] (fp32, added to the scores; -inf masks a key): a key-padding mask
     (`kernels.reference`, step 7). ``mask_tensors`` / ``mask_sizes`` / ``density``: a `BlockMask` as
     `BlockMask.as_op_args` gives it. Compiled graphs pass masks and permutations the lowering has validated once; a
-    mask or permutation on the CPU is validated here on every call (cheap, no device sync), and on the GPU the kernels
-    never read or write outside their tensors whatever the indices hold. Head dims the kernels do not tile (e.g. 96)
-    run zero-padded to the next power of two, which leaves every score and output channel unchanged."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    mask = BlockMask.from_op_args(mask_tensors, mask_sizes, density)
+    mask or permutation on the CPU is validated here on its first call, and again whenever one of its tensors has
+    been changed in place (its version counter moved); on the GPU the kernels never read or write outside their
+    tensors whatever the indices hold. Head dims the kernels do not tile (e.g. 96) run zero-padded to the next power
+    of two, which leaves every score and output channel unchanged.
+
+    Which implementation runs a call (and the checks that only depend on shapes, dtypes, devices and options) is
+    decided on the first call of each combination (`_route`)."""
     bsz, heads, n, head_dim = q.shape
     n_kv = k.shape[2]
-    if mask.is_dense:  # a dense mask's block counts follow N (they may be symbolic in the graph: passed as 0)
-        mask = BlockMask.dense(n, mask.block_m, mask.block_n, kv_len=n_kv)
+    route = _route(q, k, mask_sizes, mask_tensors[0] is None, key_bias is None, qk_bits, pv_dtype, compensate, impl)
+    mask = _mask_from_op_args(mask_tensors, mask_sizes, density, n, n_kv)
     if mask.counts is not None and mask.counts.device.type == "cpu":
-        mask.validate(heads, n, kv_len=n_kv)
+        _validate_once((mask.counts, mask.indices, mask.slot_bits, mask.kept_bits), (heads, n, n_kv, *mask_sizes),
+                       lambda: mask.validate(heads, n, kv_len=n_kv))
     if perm is not None and perm.device.type == "cpu":
-        check_permutation(perm, heads, n)
-    kwargs = dict(perm=perm, mask=mask, key_bias=key_bias, scale=scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
-                  compensate=compensate)
+        _validate_once((perm,), (heads, n), lambda: check_permutation(perm, heads, n))
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if scale <= 0:
         # The kernels fold a positive scale into Q's quantization scale; q·k·s = (-q)·k·|s| and s = 0 is uniform
         # attention (every score 0), so both run exactly as a positive scale on a transformed q.
         q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
-        kwargs["scale"] = scale
-    use_kernel = impl in ("triton", "hopper") or (impl == "auto" and q.device.type == "cuda")
-    if use_kernel and kernel_head_dim(head_dim) != head_dim:
-        pad = (0, kernel_head_dim(head_dim) - head_dim)
-        q, k, v = (torch.nn.functional.pad(x, pad) for x in (q, k, v))
-    if impl in ("hopper", "auto") and q.device.type == "cuda":
-        from paro_compile.kernels import attention_hopper
-
-        runs_here = attention_hopper.available(q.device) and key_bias is None and n_kv == n and \
-            attention_hopper.supports(qk_bits, pv_dtype, mask.block_m, mask.block_n, q.shape[-1],
-                                      compensate and not mask.is_dense, dtype=q.dtype)
-        if impl == "hopper" and not runs_here:
-            raise ValueError(f"impl='hopper' cannot run this call (device {q.device}, qk_bits={qk_bits}, "
-                             f"pv_dtype={pv_dtype!r}, blocks {mask.block_m}x{mask.block_n}, head_dim {head_dim}, "
-                             f"compensate={compensate}, key bias={key_bias is not None}, Nk={n_kv} for N={n}, "
-                             f"dtype {q.dtype}); use impl='auto' or 'triton'")
-        if runs_here and (impl == "hopper" or attention_hopper.SELECTED_BY_AUTO):
-            out = attention_hopper.paro_attention_hopper_qkv(q, k, v, perm=perm, mask=mask, scale=scale,
-                                                             pv_dtype=pv_dtype)
-            return out[..., :head_dim].contiguous()
-    if use_kernel:
-        if not triton_available_for(q.device):
-            raise RuntimeError(
-                f"impl='triton' needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
-                "before importing paro_compile, or use impl='reference'"
-            )
-        from paro_compile.kernels.attention import paro_attention_triton
-
-        out = paro_attention_triton(q, k, v, **kwargs)
+    if route.pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, route.pad)) for x in (q, k, v))
+    if route.hopper_runs and (impl == "hopper" or attention_hopper().SELECTED_BY_AUTO):
+        out = attention_hopper().paro_attention_hopper_qkv(q, k, v, perm=perm, mask=mask, scale=scale,
+                                                           pv_dtype=pv_dtype)
+    elif route.triton:
+        out = paro_attention_triton()(q, k, v, perm=perm, mask=mask, key_bias=key_bias, scale=scale, qk_bits=qk_bits,
+                                      pv_dtype=pv_dtype, compensate=compensate)
     else:
-        out = paro_attention_reference(q, k, v, **kwargs)
+        out = paro_attention_reference(q, k, v, perm=perm, mask=mask, key_bias=key_bias, scale=scale,
+                                       qk_bits=qk_bits, pv_dtype=pv_dtype, compensate=compensate)
+    if route.pad:
+        out = out[..., :head_dim]
     # The fake impl promises a contiguous result; Inductor asserts the strides.
-    return out[..., :head_dim].contiguous()
+    return out.contiguous()
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Which implementation runs a call, and the zero padding of its head dim (`_route`)."""
+
+    triton: bool
+    hopper_runs: bool
+    """The Hopper kernel runs this call where chosen (impl="hopper", or "auto" with its SELECTED_BY_AUTO)."""
+    pad: int
+
+
+_ROUTES: dict = {}
+_MAX_ROUTES = 256  # a bound, so that a stream of ever-new shapes cannot grow the cache without limit
+
+
+def _route(q: torch.Tensor, k: torch.Tensor, mask_sizes: list[int], dense: bool, no_key_bias: bool, qk_bits: int,
+           pv_dtype: str, compensate: bool, impl: str) -> _Route:
+    key = (q.shape, q.dtype, q.device, k.shape, tuple(mask_sizes), dense, no_key_bias, qk_bits, pv_dtype,
+           compensate, impl, os.environ.get("TRITON_INTERPRET"))
+    route = _ROUTES.get(key)
+    if route is None:
+        route = _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compensate, impl)
+        if len(_ROUTES) >= _MAX_ROUTES:
+            _ROUTES.clear()
+        _ROUTES[key] = route
+    return route
+
+
+def _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compensate, impl) -> _Route:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    head_dim, n, n_kv = q.shape[-1], q.shape[2], k.shape[2]
+    block_m, block_n = int(mask_sizes[0]), int(mask_sizes[1])
+    use_kernel = impl in ("triton", "hopper") or (impl == "auto" and q.device.type == "cuda")
+    pad = kernel_head_dim(head_dim) - head_dim if use_kernel else 0
+    hopper_runs = False
+    if impl in ("hopper", "auto") and q.device.type == "cuda":
+        hopper = attention_hopper()
+        hopper_runs = hopper.available(q.device) and no_key_bias and n_kv == n and \
+            hopper.supports(qk_bits, pv_dtype, block_m, block_n, head_dim + pad, compensate and not dense,
+                            dtype=q.dtype)
+        if impl == "hopper" and not hopper_runs:
+            raise ValueError(f"impl='hopper' cannot run this call (device {q.device}, qk_bits={qk_bits}, "
+                             f"pv_dtype={pv_dtype!r}, blocks {block_m}x{block_n}, head_dim {head_dim}, "
+                             f"compensate={compensate}, key bias={not no_key_bias}, Nk={n_kv} for N={n}, "
+                             f"dtype {q.dtype}); use impl='auto' or 'triton'")
+    if use_kernel and not (impl == "hopper" and hopper_runs) and not triton_available_for(q.device):
+        raise RuntimeError(
+            f"impl='triton' needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
+            "before importing paro_compile, or use impl='reference'"
+        )
+    return _Route(triton=use_kernel, hopper_runs=hopper_runs, pad=pad)
+
+
+def _mask_from_op_args(tensors: list[Optional[torch.Tensor]], sizes: list[int], density: float, n: int,
+                       n_kv: int) -> BlockMask:
+    """The `BlockMask` of the op's mask arguments; a dense one's block counts follow N and Nk (they may be symbolic
+    in the graph: passed as 0)."""
+    if tensors[0] is None and len(tensors) == len(TENSOR_FIELDS) and len(sizes) == len(SIZE_FIELDS):
+        return BlockMask.dense(n, int(sizes[0]), int(sizes[1]), kv_len=n_kv)
+    mask = BlockMask.from_op_args(tensors, sizes, density)
+    return BlockMask.dense(n, mask.block_m, mask.block_n, kv_len=n_kv) if mask.is_dense else mask
+
+
+_VALIDATED: dict = {}
+_MAX_VALIDATED = 1024
+
+
+def _validate_once(tensors: tuple[Optional[torch.Tensor], ...], context: tuple, validate: Callable[[], object]) -> None:
+    """Run ``validate()`` unless these same tensor objects passed it before for the same ``context`` and none of them
+    has been changed in place since (their version counters, which views share, have not moved). Held by weak
+    references: a tensor that dies takes its entry with it. Inference tensors have no version counter: validated on
+    every call."""
+    present = tuple(t for t in tensors if t is not None)
+    if any(t.is_inference() for t in present):
+        validate()
+        return
+    state = (context, tuple(t._version for t in present))
+    entry = _VALIDATED.get(id(present[0]))
+    if entry is not None and entry[1] == state and len(entry[0]) == len(present) and \
+            all(ref() is t for ref, t in zip(entry[0], present)):
+        return
+    validate()
+    if len(_VALIDATED) >= _MAX_VALIDATED:
+        _VALIDATED.clear()
+    _VALIDATED[id(present[0])] = (tuple(weakref.ref(t) for t in present), state)
+
+
+def attention_hopper():
+    """`paro_compile.kernels.attention_hopper`, imported on first use (it needs Gluon)."""
+    from paro_compile.kernels import attention_hopper as module
+
+    return module
+
+
+def paro_attention_triton():
+    """`paro_compile.kernels.attention.paro_attention_triton`, imported on first use (it needs Triton)."""
+    from paro_compile.kernels.attention import paro_attention_triton as function
+
+    return function
 
 
 @paro_attention_op.register_fake

@@ -43,6 +43,8 @@ through (they add nothing / write nothing), so a malformed mask cannot touch mem
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -51,8 +53,10 @@ import triton.language as tl
 
 from paro_compile import envs
 from paro_compile.kernels import tuning
-from paro_compile.kernels.block_mask import BlockMask, num_blocks
-from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
+from paro_compile.kernels.block_mask import BlockMask, num_blocks, walk_group
+from paro_compile.kernels.prologue import _PLANS as _PROLOGUE_PLANS
+from paro_compile.kernels.prologue import (V_MODES, _prologue_plan, _ProloguePlan, dummy_tensor, fp32_to_bf16,
+                                           fp32_to_fp8e4, run_prologue, tensor_layout_key)
 from paro_compile.kernels.reference import P_LOG2, PV_DTYPES, QK_BITS, check_attention_inputs
 
 EXP2_MODES = (0, 1, 2, 3)
@@ -526,7 +530,147 @@ def paro_attention_triton(
     autotuner and its cache; TILE_M must be block_m·group, or 2·block_m for a dense mask.
     ``variant`` (benchmarks): code-generation switches, see `KERNEL_VARIANT_DEFAULTS`; each combination
     is its own compiled kernel and its own autotune cache entry.
+
+    Everything the static arguments decide (checks, block counts, constexprs, the launch config) is worked out on the
+    first call of each combination of shapes, dtypes, devices, mask layout, modes and PARO_* switches and kept in a
+    small per-process cache (`_launch_plan`); later calls with the same combination only allocate and launch.
     """
+    mask = mask if mask is not None else BlockMask.dense(q.shape[2], kv_len=k.shape[2])
+    plan = _launch_plan(q, k, v, perm, mask, key_bias, qk_bits, pv_dtype, compensate, exp2_mode, config, variant)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
+    device = q.device
+    int32_dummy = dummy_tensor(device, torch.int32)
+    dense, compensate, group = plan.dense, plan.compensate, plan.group
+    if not dense and not plan.mask_ready:
+        mask = _kernel_mask(mask, plan.group, compensate, device)
+    if plan.has_perm and not plan.perm_ready:
+        perm = perm.to(device=device, dtype=torch.int64).contiguous()
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(plan.d)
+    pro = run_prologue(plan.prologue, q, k, v, perm, key_bias, sm_scale)
+    if dense:
+        counts = indices = kept_bits = slot_bits = int32_dummy
+        row_width = plan.nkb
+    else:
+        counts, indices, row_width = mask.counts, mask.indices, int(mask.indices.shape[-1])
+        if not plan.mask_ready:
+            counts, indices = counts.to(torch.int32).contiguous(), _index_tensor(indices)
+        kept_bits = (mask.kept_bits if plan.mask_ready else mask.kept_bits.to(torch.int32).contiguous()) \
+            if compensate else int32_dummy
+        slot_bits = (mask.slot_bits if plan.mask_ready else mask.slot_bits.contiguous()) if group > 1 else int32_dummy
+    args = (
+        pro.q, pro.q_scale, pro.q_bad, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
+        # An int64 placeholder, like a real perm: the autotune key holds the argument dtypes, and a call with a
+        # per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
+        perm if perm is not None else dummy_tensor(device, torch.int64),
+        counts, indices,
+        pro.k_bar if compensate else int32_dummy, pro.v_bar if compensate else int32_dummy,
+        kept_bits, slot_bits,
+        pro.kbias if key_bias is not None else int32_dummy, pro.kbias_flags if key_bias is not None else int32_dummy,
+        plan.n, plan.n_kv, plan.heads, plan.nqb, plan.nkb, row_width, plan.p_log2,
+        *out.stride(),
+        plan.n_bucket, plan.density_bucket,
+    )
+    cfg = plan.config
+    if cfg is None:
+        # Once a key is tuned its config is launched directly: the autotuner rebuilds its own key from ~45 arguments
+        # on every launch (measured host cost: benchmarks/host_overhead.py).
+        cfg = _TUNED.get(plan.tuned_key)
+    if cfg is None:
+        _attn_fwd_tuned[plan.grid](*args, **plan.meta)
+        cfg, tuned_now = _attn_fwd_tuned.best_config, _attn_fwd_tuned.benchmarked_now
+        if plan.tuned_key is not None:
+            _TUNED[plan.tuned_key] = cfg
+    else:
+        launch = plan.launch if cfg is plan.config else _launch_kwargs(cfg, plan.interp)
+        _attn_fwd[plan.grid(cfg.kwargs)](*args, **plan.meta, **launch)
+        tuned_now = False
+    _LAST["cfg"], _LAST["tuned_now"] = cfg, tuned_now
+    return out
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """What one attention call's static arguments decide (`_launch_plan`): checked once, then reused by every call
+    with the same shapes, dtypes, devices, mask layout, modes and switches."""
+
+    prologue: _ProloguePlan
+    bh: int
+    heads: int
+    n: int
+    n_kv: int
+    d: int
+    nqb: int
+    nkb: int
+    block_m: int
+    dense: bool
+    compensate: bool
+    group: int
+    mask_ready: bool
+    """The mask's tensors are what the kernel reads as they are (walk grouping, kept bits, device, dtype, layout)."""
+    has_perm: bool
+    perm_ready: bool
+    interp: bool
+    p_log2: float
+    n_bucket: int
+    density_bucket: int
+    meta: dict
+    tuned_key: Optional[tuple]
+    """The autotuned configs' key in `_TUNED` (None when ``config`` is fixed)."""
+    config: Optional[triton.Config]
+    """The config to launch when it does not come from the autotuner (``config=``, PARO_AUTOTUNE=0, interpreter)."""
+    launch: dict
+    """``config``'s launch keywords (TILE_M, num_warps, num_stages, maxnreg)."""
+
+    def grid(self, cfg: dict) -> tuple[int, int]:
+        return (-(-(self.nqb * self.block_m) // cfg["TILE_M"]), self.bh)
+
+
+_LAUNCH_PLANS: dict = {}
+_MAX_LAUNCH_PLANS = 256  # a bound, so that a stream of ever-new shapes cannot grow the cache without limit
+_SWITCH_VARIABLES = ("PARO_EXP2_MODE", "PARO_KERNEL_VARIANT", "PARO_AUTOTUNE", "TRITON_INTERPRET")
+
+
+def _launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, compensate, exp2_mode, config,
+                 variant) -> _LaunchPlan:
+    # The PARO_* switches are part of the key as their raw text (re-read per call, so that A/B runs can change them
+    # between calls; parsed and checked only when a new combination is planned).
+    environ = os.environ
+    key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+           tensor_layout_key(perm), tensor_layout_key(key_bias),
+           mask.block_m, mask.block_n, mask.num_q_blocks, mask.num_kv_blocks, mask.group, mask.density,
+           tensor_layout_key(mask.counts), tensor_layout_key(mask.indices), tensor_layout_key(mask.slot_bits),
+           tensor_layout_key(mask.kept_bits),
+           qk_bits, pv_dtype, bool(compensate), exp2_mode,
+           None if config is None else tuple(sorted(config.items())),
+           None if variant is None else tuple(sorted(variant.items())),
+           tuple(environ.get(name) for name in _SWITCH_VARIABLES))
+    plan = _LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _make_launch_plan(q, k, v, perm, mask, key_bias, qk_bits, pv_dtype, compensate, exp2_mode, config,
+                                 variant)
+        if len(_LAUNCH_PLANS) >= _MAX_LAUNCH_PLANS:
+            _LAUNCH_PLANS.clear()
+        _LAUNCH_PLANS[key] = plan
+    return plan
+
+
+def _kernel_mask(mask: BlockMask, group: int, compensate: bool, device: torch.device) -> BlockMask:
+    """``mask`` walked with ``group`` query blocks per tile, with kept bits when ``compensate``, on ``device``."""
+    mask = mask.grouped() if group > 1 else mask.ungrouped()
+    if compensate:
+        mask = mask.with_kept_bits()
+    return mask.to(device)
+
+
+def _in_kernel_form(x: Optional[torch.Tensor], dtypes: tuple, device: torch.device) -> bool:
+    return x is not None and x.dtype in dtypes and x.device == device and x.is_contiguous()
+
+
+def _make_launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, compensate, exp2_mode, config,
+                      variant) -> _LaunchPlan:
     knobs = kernel_variant(variant)
     if exp2_mode is None:
         exp2_mode = default_exp2_mode()
@@ -540,48 +684,29 @@ def paro_attention_triton(
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
     bsz, heads, n, d = q.shape
     n_kv = k.shape[2]
-    check_attention_inputs(q, k, v, perm, key_bias, compensate and mask is not None and not mask.is_dense)
-    mask = mask if mask is not None else BlockMask.dense(n, kv_len=n_kv)
+    check_attention_inputs(q, k, v, perm, key_bias, compensate and not mask.is_dense)
     block_m, block_n = mask.block_m, mask.block_n
-    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
     if (mask.num_q_blocks, mask.num_kv_blocks) != (nqb, nkb):
         raise ValueError(f"mask has {mask.num_q_blocks}x{mask.num_kv_blocks} blocks, N={n}, Nk={n_kv} needs "
                          f"{nqb}x{nkb} (block_m={block_m}, block_n={block_n})")
+    device = q.device
     dense = mask.is_dense
     compensate = bool(compensate) and not dense  # a dense row skips nothing
+    mask_ready = True
+    group = 1
     if not dense:
-        mask = mask.grouped() if knobs["group_query_blocks"] else mask.ungrouped()
-        if compensate:
-            mask = mask.with_kept_bits()
-        mask = mask.to(q.device)
-    group = mask.group
-    pro = paro_prologue(q, k, v, perm=perm, scale=sm_scale, qk_bits=qk_bits, pv_dtype=pv_dtype,
-                        block_m=block_m, block_n=block_n, pooled=compensate, key_bias=key_bias)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} {out.device}")
-    int32_dummy = dummy_tensor(q.device, torch.int32)
-    interp = q.device.type == "cpu"
+        group = walk_group(block_m) if knobs["group_query_blocks"] else 1
+        mask_ready = (mask.group == group and _in_kernel_form(mask.counts, (torch.int32,), device)
+                      and _in_kernel_form(mask.indices, (torch.int16, torch.int32), device)
+                      and (not compensate or _in_kernel_form(mask.kept_bits, (torch.int32,), device))
+                      and (group == 1 or _in_kernel_form(mask.slot_bits, (mask.slot_bits.dtype,), device)))
+    perm_ready = perm is None or _in_kernel_form(perm, (torch.int64,), device)
+    kernel_perm = perm if perm_ready else perm.to(device=device, dtype=torch.int64).contiguous()
+    prologue = _prologue_plan(q, k, v, kernel_perm, qk_bits, pv_dtype, block_m, block_n, compensate, key_bias)
+    interp = device.type == "cpu"
     # The interpreter multiplies bf16 bit patterns in tl.dot (DESIGN_NOTES.md): upcast bf16 operands to fp32 there.
     dot_f32 = interp and q.dtype == torch.bfloat16
-    args = (
-        pro.q, pro.q_scale, pro.q_bad, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
-        # An int64 placeholder, like a real perm: the autotune key holds the argument dtypes, and a call with a
-        # per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
-        perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None
-        else dummy_tensor(q.device, torch.int64),
-        int32_dummy if dense else mask.counts.to(torch.int32).contiguous(),
-        int32_dummy if dense else _index_tensor(mask.indices),
-        pro.k_bar if compensate else int32_dummy, pro.v_bar if compensate else int32_dummy,
-        mask.kept_bits.to(torch.int32).contiguous() if compensate else int32_dummy,
-        mask.slot_bits.contiguous() if group > 1 else int32_dummy,
-        pro.kbias if key_bias is not None else int32_dummy, pro.kbias_flags if key_bias is not None else int32_dummy,
-        n, n_kv, heads, nqb, nkb, mask.row_width, P_LOG2[pv_dtype],
-        *out.stride(),
-        tuning.n_bucket(n), 100 if dense else tuning.density_bucket(mask.density),
-    )
     meta = dict(
         BLOCK_M=block_m, BLOCK_N=block_n, D=d, QK_BITS=qk_bits, PV_MODE=V_MODES[pv_dtype],
         HAS_PERM=perm is not None, DENSE=dense,
@@ -600,35 +725,28 @@ def paro_attention_triton(
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
-
-    def grid(cfg):
-        return (triton.cdiv(nqb * block_m, cfg["TILE_M"]), bsz * heads)
-
+    buckets = (tuning.n_bucket(n), 100 if dense else tuning.density_bucket(mask.density))
     tuned_key = None
     if config is not None:
         cfg = _explicit_config(config, block_m, group, dense, interp)
     elif not tuning.autotune_enabled():
         cfg = tuning.fixed_config(meta)
     else:
-        # The autotuner's own key (AUTOTUNE_KEY + argument dtypes) is rebuilt from ~45 arguments on every launch;
-        # once a key is tuned its config is launched directly (measured host cost: benchmarks/host_overhead.py).
-        tuned_key = (args[-2], args[-1], q.dtype, pv_dtype, *(meta[name] for name in AUTOTUNE_KEY if name in meta))
-        cfg = _TUNED.get(tuned_key)
-    if cfg is None:
-        _attn_fwd_tuned[grid](*args, **meta)
-        cfg, tuned_now = _attn_fwd_tuned.best_config, _attn_fwd_tuned.benchmarked_now
-        if tuned_key is not None:
-            _TUNED[tuned_key] = cfg
-    else:
-        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.maxnreg and not interp:
-            launch["maxnreg"] = cfg.maxnreg
-        _attn_fwd[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, **launch)
-        tuned_now = False
-    _LAST.clear()
-    _LAST.update({"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                  "maxnreg": cfg.maxnreg, "tuned_now": tuned_now})
-    return out
+        cfg = None
+        tuned_key = (*buckets, q.dtype, pv_dtype, *(meta[name] for name in AUTOTUNE_KEY if name in meta))
+    return _LaunchPlan(
+        prologue=prologue, bh=bsz * heads, heads=heads, n=n, n_kv=n_kv, d=d, nqb=nqb, nkb=nkb, block_m=block_m,
+        dense=dense, compensate=compensate, group=group, mask_ready=mask_ready, has_perm=perm is not None,
+        perm_ready=perm_ready, interp=interp, p_log2=P_LOG2[pv_dtype], n_bucket=buckets[0],
+        density_bucket=buckets[1], meta=meta, tuned_key=tuned_key, config=cfg,
+        launch={} if cfg is None else _launch_kwargs(cfg, interp))
+
+
+def _launch_kwargs(cfg: triton.Config, interp: bool) -> dict:
+    launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg and not interp:
+        launch["maxnreg"] = cfg.maxnreg
+    return launch
 
 
 def _explicit_config(config: dict, block_m: int, group: int, dense: bool, interp: bool) -> triton.Config:
@@ -646,6 +764,14 @@ def _explicit_config(config: dict, block_m: int, group: int, dense: bool, interp
 _LAST: dict = {}
 _TUNED: dict = {}
 """Configs the autotuner chose in this process, by the autotuner's key (cleared with its cache by `tune(force=True)`)."""
+
+
+def clear_launch_cache() -> None:
+    """Forget the launch plans and configs of this process (the next call of each key is checked and planned again,
+    and asks the autotuner again)."""
+    _TUNED.clear()
+    _LAUNCH_PLANS.clear()
+    _PROLOGUE_PLANS.clear()
 _TMA_ALLOCATOR_SET = False
 
 
@@ -689,7 +815,11 @@ def kernel_variant(variant: Optional[dict] = None) -> dict:
 
 def last_launch_info() -> dict:
     """Config of the most recent attention launch and whether it was tuned by that launch (for `tune`)."""
-    return dict(_LAST)
+    if not _LAST:
+        return {}
+    cfg = _LAST["cfg"]
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "maxnreg": cfg.maxnreg, "tuned_now": _LAST["tuned_now"]}
 
 
 def tune(shapes: Sequence[Sequence[int]], densities: Iterable[float] = (1.0, 0.5, 0.3, 0.2),
@@ -717,7 +847,7 @@ def tune(shapes: Sequence[Sequence[int]], densities: Iterable[float] = (1.0, 0.5
                     mask = BlockMask.from_dense(tuning.random_block_mask(heads, mq, nk, dens, generator=gen), block, block)
                     if force:
                         _attn_fwd_tuned.cache.clear()
-                        _TUNED.clear()
+                        clear_launch_cache()
                     paro_attention_triton(q, k, v, perm=pm, mask=mask.to(device), qk_bits=qk_bits, pv_dtype=pv_dtype)
                     torch.cuda.synchronize()
                     results.append({"shape": [bsz, heads, n, d], "density": dens,

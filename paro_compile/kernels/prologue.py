@@ -203,7 +203,7 @@ def dummy_tensor(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     Empty, so that it owns no memory: a cached 1-element tensor first made inside a CUDA-graph memory pool (the
     warm-up of ``mode="reduce-overhead"``) stayed alive in that pool and made Inductor's CUDA-graph trees refuse
     to record ("tensors in the cudagraph pool not tracked as outputs")."""
-    key = (str(device), dtype)
+    key = (device, dtype)
     hit = _DUMMIES.get(key)
     if hit is None:
         hit = _DUMMIES[key] = torch.empty(0, device=device, dtype=dtype)
@@ -371,32 +371,132 @@ def _prologue_kernel(
                 tl.store(dst, y.to(tl.int8))
 
 
-def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool, v_qmax: float):
-    """(K channel mean [B·H, D] or None, V per-channel scale [B·H, D] or None)."""
-    bsz, heads, n, d = k.shape
-    block_t = 64
-    # ~16 programs per SM (a memory-bound pass needs many loads in flight), at least 1 chunk per (b, h);
-    # chunk a multiple of block_t. A second tiny launch reduces the chunk partials.
-    target = max(1, min(256, (16 * 132) // max(1, bsz * heads)))
-    chunk = triton.cdiv(triton.cdiv(n, target), block_t) * block_t
-    nchunks = triton.cdiv(n, chunk)
-    dev = k.device
+@dataclass(frozen=True)
+class _ProloguePlan:
+    """What one prologue call's static arguments (shapes, dtypes, devices, modes) decide: buffer sizes and dtypes,
+    grids and constexprs of the three launches, and whether perm / key_bias need a conversion. Built and checked on
+    the first call of its key (`_prologue_plan`); every later call with the same key only allocates and launches."""
+
+    bh: int
+    heads: int
+    n: int
+    n_kv: int
+    d: int
+    dq: int
+    nqb: int
+    nkb: int
+    block_m: int
+    block_n: int
+    qk_bits: int
+    pv_dtype: str
+    qk_store: torch.dtype
+    v_store: torch.dtype
+    need_k: bool
+    need_v: bool
+    v_qmax: float
+    chunk: int
+    nchunks: int
+    pooled: bool
+    has_perm: bool
+    perm_ready: bool
+    has_bias: bool
+    bias_ready: bool
+    bias_broadcast: tuple[bool, bool]
+    prologue_meta: dict
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256  # a bound, so that a stream of ever-new shapes cannot grow the cache without limit
+
+
+def tensor_layout_key(x: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What a launch plan depends on of an optional tensor argument: shape, dtype, device, contiguity."""
+    return None if x is None else (x.shape, x.dtype, x.device, x.is_contiguous())
+
+
+def _prologue_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor], qk_bits: int,
+                   pv_dtype: str, block_m: int, block_n: int, pooled: bool,
+                   key_bias: Optional[torch.Tensor]) -> _ProloguePlan:
+    key = (q.shape, q.dtype, q.device, k.shape, k.dtype, v.shape, v.dtype, tensor_layout_key(perm), tensor_layout_key(key_bias),
+           qk_bits, pv_dtype, block_m, block_n, pooled)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_prologue_plan(q, k, v, perm, qk_bits, pv_dtype, block_m, block_n, pooled, key_bias)
+    return plan
+
+
+def _make_prologue_plan(q, k, v, perm, qk_bits, pv_dtype, block_m, block_n, pooled, key_bias) -> _ProloguePlan:
+    if qk_bits not in (4, 8, 16):
+        raise ValueError(f"qk_bits must be 4, 8 or 16, got {qk_bits}")
+    if pv_dtype not in V_MODES:
+        raise ValueError(f"pv_dtype must be one of {tuple(V_MODES)}, got {pv_dtype!r}")
+    bsz, heads, n, d = q.shape
+    n_kv = k.shape[2]
+    if v.shape != k.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
+        raise ValueError(f"k and v must be [B, H, Nk, D] with q's B, H and D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if perm is not None and n_kv != n:
+        raise ValueError(f"a token permutation needs self-attention (Nk == N), got N={n}, Nk={n_kv}")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if perm is not None and tuple(perm.shape) != (heads, n):
+        raise ValueError(f"perm must have shape ({heads}, {n}), got {tuple(perm.shape)}")
+    if key_bias is not None and (key_bias.dim() != 3 or key_bias.shape[0] not in (1, bsz)
+                                 or key_bias.shape[1] not in (1, heads) or key_bias.shape[2] != n_kv):
+        raise ValueError(f"key_bias must be [B or 1, H or 1, Nk] = [{bsz}|1, {heads}|1, {n_kv}], "
+                         f"got {tuple(key_bias.shape)}")
     bh = bsz * heads
+    # Stats pass: ~16 programs per SM (a memory-bound pass needs many loads in flight), at least 1 chunk per (b, h);
+    # chunk a multiple of block_t. A second tiny launch reduces the chunk partials.
+    target = max(1, min(256, (16 * 132) // max(1, bh)))
+    chunk = num_blocks(num_blocks(n_kv, target), STATS_BLOCK_T) * STATS_BLOCK_T
+    if pv_dtype == "fp16":
+        v_store = v.dtype
+    else:
+        v_store = torch.float8_e4m3fn if pv_dtype == "fp8" else torch.int8
+    qk_store, dq = (q.dtype, d) if qk_bits == 16 else (torch.int8, d if qk_bits == 8 else d // 2)
+    dev = q.device
+    return _ProloguePlan(
+        bh=bh, heads=heads, n=n, n_kv=n_kv, d=d, dq=dq, nqb=num_blocks(n, block_m), nkb=num_blocks(n_kv, block_n),
+        block_m=block_m, block_n=block_n, qk_bits=qk_bits, pv_dtype=pv_dtype, qk_store=qk_store, v_store=v_store,
+        need_k=qk_bits != 16, need_v=pv_dtype != "fp16", v_qmax=FP8_MAX if pv_dtype == "fp8" else 127.0,
+        chunk=chunk, nchunks=num_blocks(n_kv, chunk), pooled=pooled,
+        has_perm=perm is not None,
+        perm_ready=perm is None or (perm.dtype == torch.int64 and perm.device == dev and perm.is_contiguous()),
+        has_bias=key_bias is not None,
+        bias_ready=key_bias is None or (key_bias.dtype == torch.float32 and key_bias.device == dev
+                                        and key_bias.is_contiguous()),
+        bias_broadcast=(True, True) if key_bias is None else (key_bias.shape[0] == 1, key_bias.shape[1] == 1),
+        prologue_meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
+                           HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled,
+                           HAS_BIAS=key_bias is not None, num_warps=4),
+    )
+
+
+STATS_BLOCK_T = 64
+
+
+def _stats(plan: _ProloguePlan, k: torch.Tensor, v: torch.Tensor):
+    """(K channel mean [B·H, D] or None, V per-channel scale [B·H, D] or None)."""
+    dev, bh, d, nchunks = k.device, plan.bh, plan.d, plan.nchunks
+    need_k, need_v = plan.need_k, plan.need_v
     dummy = dummy_tensor(dev, torch.float32)
     ksum = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
     kcnt = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
     vamax = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_v else dummy
     _stats_kernel[(nchunks, bh)](
         k, v, ksum, kcnt, vamax,
-        n, heads, chunk,
+        plan.n_kv, plan.heads, plan.chunk,
         *k.stride(), *v.stride(),
-        D=d, BLOCK_T=block_t, NEED_K=need_k, NEED_V=need_v, num_warps=4,
+        D=d, BLOCK_T=STATS_BLOCK_T, NEED_K=need_k, NEED_V=need_v, num_warps=4,
     )
     kmean = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_k else None
     v_scale = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_v else None
     if need_k or need_v:
         _stats_finalize_kernel[(bh,)](
-            ksum, kcnt, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, v_qmax,
+            ksum, kcnt, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, plan.v_qmax,
             D=d, NEED_K=need_k, NEED_V=need_v, num_warps=1,
         )
     return kmean, v_scale
@@ -422,76 +522,54 @@ def paro_prologue(
     ``pooled=True`` also stores each KV block's mean K and V rows (``k_bar``/``v_bar``, fp16, for skipped-block
     compensation; `reference.pooled_blocks` computes the same in fp32). ``key_bias`` [B or 1, H or 1, Nk] (fp32,
     natural-log units): stored per (batch·head) in log2 units and permuted like the keys, with a flag per key
-    block that holds any nonzero bias (``kbias`` / ``kbias_flags``)."""
-    if qk_bits not in (4, 8, 16):
-        raise ValueError(f"qk_bits must be 4, 8 or 16, got {qk_bits}")
-    if pv_dtype not in V_MODES:
-        raise ValueError(f"pv_dtype must be one of {tuple(V_MODES)}, got {pv_dtype!r}")
-    bsz, heads, n, d = q.shape
-    n_kv = k.shape[2]
-    if v.shape != k.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
-        raise ValueError(f"k and v must be [B, H, Nk, D] with q's B, H and D, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if perm is not None and n_kv != n:
-        raise ValueError(f"a token permutation needs self-attention (Nk == N), got N={n}, Nk={n_kv}")
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
-    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    block that holds any nonzero bias (``kbias`` / ``kbias_flags``).
+
+    Shapes, dtypes and modes are checked on the first call of each combination (`_prologue_plan`); later calls with
+    the same ones only allocate and launch."""
+    plan = _prologue_plan(q, k, v, perm, qk_bits, pv_dtype, block_m, block_n, pooled, key_bias)
+    return run_prologue(plan, q, k, v, perm, key_bias, scale if scale is not None else 1.0 / math.sqrt(plan.d))
+
+
+def run_prologue(plan: _ProloguePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 perm: Optional[torch.Tensor], key_bias: Optional[torch.Tensor], sm_scale: float) -> Prologue:
+    """The prologue's allocations and launches for tensors that match ``plan`` (`_prologue_plan` of the same call)."""
     dev = q.device
-    bh = bsz * heads
-    nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
-    if perm is not None:
+    bh, d, nqb, nkb, dq = plan.bh, plan.d, plan.nqb, plan.nkb, plan.dq
+    block_m, block_n = plan.block_m, plan.block_n
+    if not plan.perm_ready:
         perm = perm.to(device=dev, dtype=torch.int64).contiguous()
-        if tuple(perm.shape) != (heads, n):
-            raise ValueError(f"perm must have shape ({heads}, {n}), got {tuple(perm.shape)}")
-
-    v_qmax = FP8_MAX if pv_dtype == "fp8" else 127.0
-    kmean, v_scale = _stats(k, v, need_k=qk_bits != 16, need_v=pv_dtype != "fp16", v_qmax=v_qmax)
-    if pv_dtype == "fp16":
+    kmean, v_scale = _stats(plan, k, v)
+    if not plan.need_v:
         v_scale = torch.ones(bh, d, device=dev, dtype=torch.float32)
-        v_store = v.dtype
-    else:
-        v_store = torch.float8_e4m3fn if pv_dtype == "fp8" else torch.int8
-
-    if qk_bits == 16:
-        qk_store, dq = q.dtype, d
-        q_mult = sm_scale * LOG2E
-    else:
-        qk_store, dq = torch.int8, (d if qk_bits == 8 else d // 2)
-        q_mult = sm_scale * LOG2E
-    qq = torch.empty(bh, nqb * block_m, dq, device=dev, dtype=qk_store)
-    kq = torch.empty(bh, nkb * block_n, dq, device=dev, dtype=qk_store)
+    qq = torch.empty(bh, nqb * block_m, dq, device=dev, dtype=plan.qk_store)
+    kq = torch.empty(bh, nkb * block_n, dq, device=dev, dtype=plan.qk_store)
     qs = torch.empty(bh, nqb, device=dev, dtype=torch.float32)
     q_bad = torch.empty(bh, nqb * block_m, device=dev, dtype=torch.int8)
     ks = torch.empty(bh, nkb, device=dev, dtype=torch.float32)
-    vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=v_store)
+    vt = torch.empty(bh, d, nkb * block_n, device=dev, dtype=plan.v_store)
     dummy = dummy_tensor(dev, torch.float32)
-    k_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
-    v_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16) if pooled else None
-    kbias = kbias_flags = None
+    k_bar = v_bar = kbias = kbias_flags = None
+    if plan.pooled:
+        k_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16)
+        v_bar = torch.empty(bh, nkb, d, device=dev, dtype=torch.float16)
     bias_strides = (0, 0)
-    if key_bias is not None:
-        if key_bias.dim() != 3 or key_bias.shape[0] not in (1, bsz) or key_bias.shape[1] not in (1, heads) \
-                or key_bias.shape[2] != n_kv:
-            raise ValueError(f"key_bias must be [B or 1, H or 1, Nk] = [{bsz}|1, {heads}|1, {n_kv}], "
-                             f"got {tuple(key_bias.shape)}")
-        key_bias = key_bias.to(device=dev, dtype=torch.float32).contiguous()
-        bias_strides = tuple(0 if key_bias.shape[i] == 1 else key_bias.stride(i) for i in (0, 1))
+    if plan.has_bias:
+        if not plan.bias_ready:
+            key_bias = key_bias.to(device=dev, dtype=torch.float32).contiguous()
+        bias_strides = tuple(0 if broadcast else key_bias.stride(i) for i, broadcast in enumerate(plan.bias_broadcast))
         kbias = torch.empty(bh, nkb * block_n, device=dev, dtype=torch.float32)
         kbias_flags = torch.empty(bh, nkb, device=dev, dtype=torch.int32)
     _prologue_kernel[(max(nqb, nkb), bh)](
         q, k, v, perm if perm is not None else dummy,
         kmean if kmean is not None else dummy, v_scale, key_bias if key_bias is not None else dummy,
-        qq, qs, q_bad, kq, ks, vt, k_bar if pooled else dummy, v_bar if pooled else dummy,
+        qq, qs, q_bad, kq, ks, vt, k_bar if k_bar is not None else dummy, v_bar if v_bar is not None else dummy,
         kbias if kbias is not None else dummy, kbias_flags if kbias_flags is not None else dummy,
-        n, n_kv, heads, nqb, nkb, q_mult,
+        plan.n, plan.n_kv, plan.heads, nqb, nkb, sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
-        HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled, HAS_BIAS=kbias is not None,
-        num_warps=4,
+        **plan.prologue_meta,
     )
-    return Prologue(qq, qs, kq, ks, vt, v_scale, qk_bits, pv_dtype, block_m, block_n, n, k_bar, v_bar,
-                    kbias, kbias_flags, n_kv, q_bad)
+    return Prologue(qq, qs, kq, ks, vt, v_scale, plan.qk_bits, plan.pv_dtype, block_m, block_n, plan.n, k_bar, v_bar,
+                    kbias, kbias_flags, plan.n_kv, q_bad)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
