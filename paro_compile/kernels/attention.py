@@ -52,7 +52,9 @@ import triton.language as tl
 from paro_compile import envs
 from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks
-from paro_compile.kernels.prologue import V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue
+from paro_compile.kernels.prologue import (
+    V_MODES, dummy_tensor, fp32_to_bf16, fp32_to_fp8e4, paro_prologue, perm_tensor,
+)
 from paro_compile.kernels.reference import P_LOG2, PV_DTYPES, QK_BITS, check_attention_inputs
 
 EXP2_MODES = (0, 1, 2, 3)
@@ -244,7 +246,7 @@ def _attn_fwd(
         count = NKB
     else:
         # A trimmed CSR (reference.trim_csr) has IDX_STRIDE slots per row; the clamp keeps a malformed one in bounds.
-        count = tl.minimum(tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m), IDX_STRIDE)
+        count = tl.minimum(tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m).to(tl.int32), IDX_STRIDE)  # int16 too
     # GROUP > 1 (sparse, block_m < 64): the tile holds GROUP query blocks and walks the union of their kept blocks
     # (COUNTS / IDX are that union's CSR, ascending); SLOT_BITS says per slot which of the GROUP blocks keep it, and
     # the rows of the others get P = 0 and an unchanged max: exactly their own walk, in 64-row tensor-core tiles.
@@ -464,7 +466,7 @@ def _attn_fwd(
     out = tl.where((q_bad != 0)[:, None], float("nan"), out)
     valid = rm < N
     if HAS_PERM:
-        dst = tl.load(PERM + h * N + rm, mask=valid, other=0)
+        dst = tl.load(PERM + h * N + rm, mask=valid, other=0).to(tl.int64)  # int32 plan constants: 64-bit addresses
         valid = valid & (dst >= 0) & (dst < N)  # a malformed permutation never writes past the output
     else:
         dst = rm
@@ -542,6 +544,7 @@ def paro_attention_triton(
     n_kv = k.shape[2]
     check_attention_inputs(q, k, v, perm, key_bias, compensate and mask is not None and not mask.is_dense)
     mask = mask if mask is not None else BlockMask.dense(n, kv_len=n_kv)
+    perm = perm_tensor(perm, q.device) if perm is not None else None
     block_m, block_n = mask.block_m, mask.block_n
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
@@ -568,11 +571,10 @@ def paro_attention_triton(
     dot_f32 = interp and q.dtype == torch.bfloat16
     args = (
         pro.q, pro.q_scale, pro.q_bad, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
-        # An int64 placeholder, like a real perm: the autotune key holds the argument dtypes, and a call with a
-        # per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
-        perm.to(device=q.device, dtype=torch.int64).contiguous() if perm is not None
-        else dummy_tensor(q.device, torch.int64),
-        int32_dummy if dense else mask.counts.to(torch.int32).contiguous(),
+        # An int32 placeholder, like the lowering's perm constants: the autotune key holds the argument dtypes, and a
+        # call with a per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
+        perm if perm is not None else int32_dummy,
+        int32_dummy if dense else _index_tensor(mask.counts),
         int32_dummy if dense else _index_tensor(mask.indices),
         pro.k_bar if compensate else int32_dummy, pro.v_bar if compensate else int32_dummy,
         mask.kept_bits.to(torch.int32).contiguous() if compensate else int32_dummy,
@@ -650,7 +652,8 @@ _TMA_ALLOCATOR_SET = False
 
 
 def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
-    """CSR indices for the kernel: int16 (compact masks, `block_mask.trim_csr`) or int32 as given, else int32."""
+    """CSR counts or indices for the kernel: int16 (compact masks, `block_mask.trim_csr`) or int32 as given (no copy),
+    else int32."""
     return indices.to(indices.dtype if indices.dtype in (torch.int16, torch.int32) else torch.int32).contiguous()
 
 

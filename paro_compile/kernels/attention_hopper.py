@@ -28,7 +28,7 @@ between the accumulator and the row sum (the row sum adds the unquantized fp32 P
 tail block) are −inf. V's per-channel scale is applied once at the end.
 
 Scope: qk_bits 8, pv_dtype "fp8" or "fp16" (with bf16/fp16 V), 64-token blocks, head_dim 64/128, dense or CSR
-(`kv_counts` [H, NQB] int32, `kv_indices` [H, NQB, W] int16/int32, W ≤ NKB, counts clamped to W), without
+(`kv_counts` [H, NQB] and `kv_indices` [H, NQB, W], int16/int32, W ≤ NKB, counts clamped to W), without
 skipped-block compensation. `supports` says which calls qualify; everything else goes to the Triton kernel.
 `available` is False on a CPU, on GPUs other than sm_90, and where Triton's Gluon Hopper module is missing.
 """
@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from paro_compile.kernels.block_mask import BlockMask
-from paro_compile.kernels.prologue import Prologue
+from paro_compile.kernels.prologue import Prologue, perm_tensor
 from paro_compile.kernels.reference import FP8_MAX
 
 BLOCK = 64
@@ -112,7 +112,7 @@ if _GLUON_ERROR is None:
             # slot, and its result is not stored (its rows are past N).
             count = NKB
         else:
-            count = gl.load(COUNTS + h * NQB + gl.minimum(qb, NQB - 1))
+            count = gl.load(COUNTS + h * NQB + gl.minimum(qb, NQB - 1)).to(gl.int32)  # int16 in compact plans
             count = gl.where(qb < NQB, gl.minimum(count, IDX_STRIDE), 0)
         return count
 
@@ -448,8 +448,8 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
     """The attention of `attention._attn_fwd` on a prologue's output (`prologue.paro_prologue`), into ``out``.
 
     ``out``: contiguous or strided [B, H, N, D] in fp16/bf16/fp32; only rows < N of computed query blocks are written.
-    ``perm``: int64 [H, N] (None = identity), the permutation the prologue gathered by. ``kv_counts`` [H, NQB] int32
-    and ``kv_indices`` [H, NQB, W] int16/int32 (both None = dense), as `attention.paro_attention_triton` takes them.
+    ``perm``: int32/int64 [H, N] (None = identity), the permutation the prologue gathered by. ``kv_counts`` [H, NQB]
+    and ``kv_indices`` [H, NQB, W], int16/int32 (both None = dense), as `attention.paro_attention_triton` takes them.
     ``config``: launch settings overriding `DEFAULT_CONFIG` (benchmarks). Raises ValueError for what `supports`
     rejects and RuntimeError where `available` is False."""
     if not available(out.device):
@@ -481,12 +481,10 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
                 or not 1 <= kv_indices.shape[-1] <= nkb:
             raise ValueError(f"CSR has shapes counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
                              f"expected ({heads}, {nqb}) and ({heads}, {nqb}, W ≤ {nkb})")
-        counts = kv_counts.to(device=dev, dtype=torch.int32).contiguous()
-        index_dtype = kv_indices.dtype if kv_indices.dtype in (torch.int16, torch.int32) else torch.int32
-        indices = kv_indices.to(device=dev, dtype=index_dtype).contiguous()
+        counts, indices = (t.to(device=dev, dtype=t.dtype if t.dtype in (torch.int16, torch.int32) else torch.int32)
+                           .contiguous() for t in (kv_counts, kv_indices))
         idx_stride = indices.shape[-1]
-    perm_arg = perm.to(device=dev, dtype=torch.int64).contiguous() if perm is not None else \
-        torch.empty(0, device=dev, dtype=torch.int64)
+    perm_arg = perm_tensor(perm, dev) if perm is not None else int_dummy
     q_desc = _descriptor(pro.q.view(bh * nqb * BLOCK, d), [BLOCK, d])
     k2d = pro.k.view(bh * nkb * BLOCK, d)
     permuted_k = bool(cfg["permuted_k"]) and pro.pv_dtype == "fp8" and not _PERMUTED_K_REFUSED

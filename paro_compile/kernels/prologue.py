@@ -291,7 +291,7 @@ def _store_scale(XS, ROW_BAD, bad, pid_bh, t, nblk, rows, nrows, scale, POISON_B
 def _permuted_rows(PERM, h, N, rows, rmask):
     """Source tokens of ``rows`` under the head's permutation. Entries outside [0, N) (a malformed permutation, which
     the lowering rejects) read nothing instead of memory past the input."""
-    src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+    src = tl.load(PERM + h * N + rows, mask=rmask, other=0).to(tl.int64)  # int32 plan constants: 64-bit addresses
     in_range = (src >= 0) & (src < N)
     return tl.where(in_range, src, 0), rmask & in_range
 
@@ -402,6 +402,14 @@ def _stats(k: torch.Tensor, v: torch.Tensor, need_k: bool, need_v: bool, v_qmax:
     return kmean, v_scale
 
 
+def perm_tensor(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A permutation [H, N] as the kernels read it: int32 (the lowering's plan constants) or int64 as given, without a
+    copy when it is contiguous on ``device``; other integer dtypes become int32. The kernels widen each loaded entry
+    to int64 before addressing with it."""
+    dtype = perm.dtype if perm.dtype in (torch.int32, torch.int64) else torch.int32
+    return perm.to(device=device, dtype=dtype).contiguous()
+
+
 def paro_prologue(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -441,7 +449,7 @@ def paro_prologue(
     bh = bsz * heads
     nqb, nkb = num_blocks(n, block_m), num_blocks(n_kv, block_n)
     if perm is not None:
-        perm = perm.to(device=dev, dtype=torch.int64).contiguous()
+        perm = perm_tensor(perm, dev)
         if tuple(perm.shape) != (heads, n):
             raise ValueError(f"perm must have shape ({heads}, {n}), got {tuple(perm.shape)}")
 

@@ -34,7 +34,7 @@ def test_trim_csr_round_trip(heads, mq, nk, p, multiple):
     counts, indices = block_mask_to_csr(mask)
     tc, ti = trim_csr(counts, indices, multiple=multiple)
     largest = int(counts.max())
-    assert ti.dtype == torch.int16 and tc.dtype == torch.int32
+    assert ti.dtype == torch.int16 and tc.dtype == torch.int16
     assert ti.shape[-1] == min(nk, max(1, -(-largest // multiple) * multiple)) >= min(largest, nk)
     assert torch.equal(csr_to_block_mask(tc, ti, nk), mask)
     group = 2
