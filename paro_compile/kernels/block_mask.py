@@ -153,7 +153,7 @@ def csr_dtype(num_kv_blocks: int) -> torch.dtype:
 
 
 def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
-             multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
+             multiple: int = INDEX_SLOT_MULTIPLE, num_kv_blocks: Optional[int] = None) -> tuple[torch.Tensor, ...]:
     """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
     largest kept count (rounded up to a multiple of ``multiple``, at most Nk) and the indices stored as int16 when Nk
     allows, and so the counts (`csr_dtype`). ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are
@@ -161,8 +161,10 @@ def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.T
 
     A sparse row keeps a fraction of its Nk blocks, so this is several times smaller than the padded int32 CSR
     (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count;
-    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
-    nk = indices.shape[-1]
+    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly.
+    ``num_kv_blocks`` (Nk; default the indices' width) must be given for rows already cut narrower than Nk: the dtype
+    follows Nk, not the width."""
+    nk = indices.shape[-1] if num_kv_blocks is None else int(num_kv_blocks)
     width = compact_width(counts, nk, multiple)
     index_dtype = csr_dtype(nk)
     trimmed = [indices[..., :width].to(index_dtype).contiguous()]
@@ -224,7 +226,7 @@ class BlockMask:
             counts, indices = block_mask_to_csr(mask, width)
         if compact:
             counts, indices, *rest = trim_csr(counts, indices, *([slot_bits] if slot_bits is not None else []),
-                                              multiple=slot_multiple)
+                                              multiple=slot_multiple, num_kv_blocks=nk)
             slot_bits = rest[0] if rest else None
         return cls(block_m, block_n, mq, nk, counts, indices, group, slot_bits,
                    kept_block_bits(mask) if kept_bits else None, density)

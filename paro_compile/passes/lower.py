@@ -72,16 +72,17 @@ def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
 
 
 def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False,
-                    device: Optional[torch.device] = None) -> BlockMask:
+                    device: Optional[torch.device] = None, validate: bool = True) -> BlockMask:
     """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
     bucket validated once here so that no call has to. Compact CSRs: rows cut to the largest kept count over all
     step buckets, int16 counts and indices; blocks under 64 rows get only the grouped walk of the kernel's shared 64-row tiles
     (the reference path rebuilds the per-block CSR from it). Built on ``device`` (the activations'): a 720p model's
-    masks take seconds per site on a CPU and milliseconds on a GPU."""
+    masks take seconds per site on a CPU and milliseconds on a GPU. ``validate=False`` (size measurements only) skips
+    the checks."""
     if device is not None and device.type == "meta":
         device = None
     mask = BlockMask.from_dense(masks.to(device).bool(), block, block, kept_bits=compensate)
-    for bucket in range(masks.shape[0]):
+    for bucket in range(masks.shape[0] if validate else 0):
         mask.bucket(bucket).validate(heads, seq_len)
     return mask
 
@@ -119,17 +120,19 @@ class SiteConstants:
 
 
 def site_constants(perm: Optional[torch.Tensor], masks: Optional[torch.Tensor], block: int, heads: int, seq_len: int,
-                   compensate: bool = False, device: Optional[torch.device] = None) -> SiteConstants:
+                   compensate: bool = False, device: Optional[torch.device] = None,
+                   validate: bool = True) -> SiteConstants:
     """The device constants of a site: its kernel permutation (`permutation_constant`; None: folded or identity) and
     the `BlockMask` of its sparse masks [S, H, Mq, Nk] (None: dense), identical step buckets stored once
-    (`distinct_step_buckets`). What `lower_attention_sites` registers and counts in ``SiteRecord.plan_bytes``."""
+    (`distinct_step_buckets`). What `lower_attention_sites` registers and counts in ``SiteRecord.plan_bytes``.
+    ``validate=False`` (size measurements only) skips the mask checks `site_block_mask` runs."""
     out = SiteConstants()
     if perm is not None:
         out.tensors["perm"] = permutation_constant(perm, heads, seq_len).to(device)
     if masks is not None:
         masks = distinct_step_buckets(masks.bool())
         out.step_buckets = int(masks.shape[0])
-        out.mask = site_block_mask(masks, block, heads, seq_len, compensate, device)
+        out.mask = site_block_mask(masks, block, heads, seq_len, compensate, device, validate)
         for name, tensor in zip(TENSOR_FIELDS, out.mask.as_op_args()[0]):
             if tensor is not None:
                 out.tensors[name] = tensor if out.step_buckets > 1 else tensor[0]
