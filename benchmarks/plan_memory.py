@@ -8,12 +8,22 @@ tend to). ``--plan`` measures the sites of a saved plan instead.
 
     python benchmarks/plan_memory.py --out OUT            # plan_memory.json + .md; about 4 GB of RAM
     python benchmarks/plan_memory.py --plan my.paro.safetensors
+
+``--models wan720,hunyuan720`` measures whole models instead: the constants the lowering stores for a site
+(`lower.site_constants`: kernel permutation, compact CSRs of every step bucket) of Wan2.1-14B and HunyuanVideo at 720p,
+with calibrated-like masks (mandatory blocks, per-head densities spread over 5x), times the model's attention sites,
+against its bf16 weights; "before" is the same constants at their earlier widths (int64 permutation, int32 counts).
+
+    python benchmarks/plan_memory.py --models wan720,hunyuan720 --out OUT   # plan_memory_models.json + .md
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -22,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
+from paro_compile.grid import TokenGrid  # noqa: E402
 from paro_compile.kernels.block_mask import BlockMask, block_mask_to_csr, grouped_block_csr, num_blocks  # noqa: E402
 from paro_compile.kernels.tuning import random_block_mask, refine_block_mask  # noqa: E402
 
@@ -85,6 +96,124 @@ def measure_plan(path: Path) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention sites of a video transformer at one resolution: every self-attention site has this shape."""
+
+    name: str
+    heads: int
+    grid: TokenGrid
+    layers: int
+    params: float
+
+    @property
+    def weight_bytes(self) -> float:
+        return 2.0 * self.params  # bf16
+
+
+MODELS = {
+    "wan720": ModelShape("Wan2.1-14B 720p", 40, TokenGrid(frames=21, height=45, width=80), 40, 14.0e9),
+    "hunyuan720": ModelShape("HunyuanVideo 720p", 24,
+                             TokenGrid(frames=33, height=45, width=80, text_tokens=256, text_position="suffix"), 60,
+                             12.8e9),
+}
+
+
+def head_densities(heads: int, density: float, generator: torch.Generator, spread: float = 5.0) -> torch.Tensor:
+    """Per-head densities averaging ``density``, log-uniform over a ``spread``-fold range (calibrated plans give some
+    heads several times the blocks of others)."""
+    raw = torch.exp(torch.rand(heads, generator=generator) * math.log(spread))
+    return (raw / raw.mean() * density).clamp(0.02, 1.0)
+
+
+def calibrated_like_masks(grid: TokenGrid, heads: int, density: float, buckets: int, block: int,
+                          generator: torch.Generator) -> torch.Tensor:
+    """bool [S, H, nb, nb]: per step bucket and head, the calibration's mandatory blocks (diagonal; every block of a
+    text row or column) and random blocks at the head's density (`head_densities`, drawn per bucket). Blocks are
+    chosen per head map, as `calibration.masks.select_blocks` does, so kept counts vary from row to row."""
+    from paro_compile.calibration.masks import mandatory_blocks
+
+    nb = num_blocks(grid.num_tokens, block)
+    mandatory = mandatory_blocks(grid, block)
+    masks = torch.empty(buckets, heads, nb, nb, dtype=torch.bool)
+    for s in range(buckets):
+        for h, d in enumerate(head_densities(heads, density, generator).tolist()):
+            masks[s, h] = (torch.rand(nb, nb, generator=generator) < d) | mandatory
+    return masks
+
+
+PREVIOUS_ITEM_BYTES = {"perm": 8, "counts": 4}
+"""Bytes per entry where the lowering's constants were wider before: int64 permutations and int32 counts (indices
+were already int16)."""
+
+
+def previous_bytes(constants, plan_buckets: int) -> int:
+    """What the lowering stored for the same site before int16 counts, int32 permutations and distinct step buckets:
+    from the shapes of the constants it stores now."""
+    total = 0
+    for name, tensor in constants.tensors.items():
+        size = tensor.numel() * PREVIOUS_ITEM_BYTES.get(name, tensor.element_size())
+        total += size if name == "perm" else size * plan_buckets // constants.step_buckets
+    return total
+
+
+def measure_model(model: ModelShape, density: float, buckets: int, block: int = 64, seed: int = 0,
+                  masks: Optional[torch.Tensor] = None) -> dict:
+    """Device bytes of one site's plan constants (`lower.site_constants`, the lowering's own code: kernel permutation
+    of mixed per-head orders and the compact CSR of every step bucket) and of the model's sites, against the bf16
+    weights. ``masks`` [S, H, nb, nb] (default `calibrated_like_masks`) may be passed to reuse them."""
+    from paro_compile.grid import candidate_orders, orders_permutation
+    from paro_compile.passes.lower import site_constants
+
+    generator = torch.Generator().manual_seed(seed)
+    if masks is None:
+        masks = calibrated_like_masks(model.grid, model.heads, density, buckets, block, generator)
+    orders = candidate_orders(model.grid)
+    perm = orders_permutation(model.grid, [orders[int(i)] for i in torch.randint(len(orders), (model.heads,),
+                                                                                  generator=generator)])
+    constants = site_constants(perm, masks, block, model.heads, model.grid.num_tokens, validate=False)
+    perm_bytes = constants.tensors["perm"].numel() * constants.tensors["perm"].element_size()
+    site_bytes = constants.nbytes
+    counts = constants.mask.counts
+    kept = int(masks.sum())
+    site_previous = previous_bytes(constants, buckets)
+    return dict(
+        model=model.name, heads=model.heads, tokens=model.grid.num_tokens, sites=model.layers, density=density,
+        kept=kept / masks.numel(), step_buckets=buckets, kv_blocks=int(masks.shape[-1]), slots=constants.mask.row_width,
+        max_count=int(counts.max()), mean_count=float(counts.float().mean()),
+        dtypes={name: str(t.dtype).replace("torch.", "") for name, t in constants.tensors.items()},
+        perm_mb=perm_bytes / 2**20, mask_mb=(site_bytes - perm_bytes) / 2**20, site_mb=site_bytes / 2**20,
+        previous_site_mb=site_previous / 2**20,
+        model_gb=site_bytes * model.layers / 2**30, folded_model_gb=(site_bytes - perm_bytes) * model.layers / 2**30,
+        previous_model_gb=site_previous * model.layers / 2**30,
+        weights_gb=model.weight_bytes / 2**30,
+        share=site_bytes * model.layers / model.weight_bytes,
+        folded_share=(site_bytes - perm_bytes) * model.layers / model.weight_bytes,
+        previous_share=site_previous * model.layers / model.weight_bytes,
+        # Encodings the kernels do not read, for scale: every kept block listed once (int16, no padding to the widest
+        # row), and one bit per block.
+        ragged_csr_share=(kept * 2 + counts.numel() * 4 * buckets // constants.step_buckets) * model.layers
+        / model.weight_bytes,
+        bitmap_share=masks.numel() / 8 * model.layers / model.weight_bytes,
+    )
+
+
+def measure_models(names: Sequence[str], densities: Sequence[float], bucket_counts: Sequence[int], block: int,
+                   seed: int) -> list[dict]:
+    """`measure_model` for every model, density and step-bucket count; masks are drawn once for the largest count and
+    its first buckets serve the smaller ones."""
+    rows = []
+    for name in names:
+        model = MODELS[name]
+        for density in densities:
+            generator = torch.Generator().manual_seed(seed)
+            masks = calibrated_like_masks(model.grid, model.heads, density, max(bucket_counts), block, generator)
+            for buckets in sorted(bucket_counts):
+                rows.append(measure_model(model, density, buckets, block, seed, masks[:buckets]))
+            del masks
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", type=Path, default=None, help="measure a saved plan (.paro.safetensors)")
@@ -96,13 +225,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kinds", default="coherent,random")
     ap.add_argument("--layers", type=int, default=42, help="sites per model for the model-total column")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="folder for plan_memory.json and plan_memory.md")
+    ap.add_argument("--models", default=None,
+                    help=f"measure whole models instead ({','.join(MODELS)}): every site's plan constants against the "
+                         "bf16 weights, with --densities and --step-buckets")
+    ap.add_argument("--step-buckets", default="1,2", help="step-bucket counts for --models")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for plan_memory.json and plan_memory.md (plan_memory_models.* with --models)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     run_stamp = harness.stamp(__file__, argv)
+    if args.models is not None:
+        rows = measure_models(args.models.split(","), [float(d) for d in args.densities.split(",")],
+                              [int(b) for b in args.step_buckets.split(",")], int(args.blocks.split(",")[0]), args.seed)
+        print(f"{'model':18s} {'density':>7s} {'S':>2s} {'slots/Nk':>10s} {'perm MB':>8s} {'mask MB':>8s} "
+              f"{'model GB':>9s} {'share':>6s} {'folded':>7s} {'before':>7s}")
+        for r in rows:
+            print(f"{r['model']:18s} {r['density']:7.2f} {r['step_buckets']:2d} {r['slots']:>4d}/{r['kv_blocks']:<5d} "
+                  f"{r['perm_mb']:8.2f} {r['mask_mb']:8.2f} {r['model_gb']:9.3f} {r['share']:6.1%} "
+                  f"{r['folded_share']:7.1%} {r['previous_share']:7.1%}")
+        if args.out is not None:
+            harness.write_results(args.out / "plan_memory_models.json", {"rows": rows}, run_stamp,
+                                  title="GPU-resident plan constants of whole models against their bf16 weights",
+                                  table=[{k: v for k, v in r.items() if k != "dtypes"} for r in rows])
+        return rows
     if args.plan is not None:
         rows = measure_plan(args.plan)
         print(f"{'site':40s} {'block':>5s} {'kept':>6s} {'slots/Nk':>10s} {'padded MB':>10s} {'compact MB':>11s} {'ratio':>6s}")

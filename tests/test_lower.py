@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 import paro_compile
 from paro_compile.kernels.block_mask import BlockMask
 from paro_compile.kernels.reference import paro_attention_reference
+from paro_compile.passes.lower import site_constants
 from paro_compile.toy.dit import ToyVideoDiT, toy_inputs
 from paro_compile.plan import Plan, SitePlan
 
@@ -149,9 +150,36 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
     for record in paro_compile.last_report().sites:
         grouped = BlockMask.from_dense(plan.sites[record.site_id].block_masks, BLOCK, BLOCK)
         assert grouped.indices.dtype == torch.int16  # compact: int16, rows cut to the largest count
-        expected = HEADS * N * 8 + grouped.nbytes
+        expected = HEADS * N * 4 + grouped.nbytes  # int32 permutation
         assert record.plan_bytes == expected, (record.plan_bytes, expected)
+        site = plan.sites[record.site_id]
+        assert site_constants(site.perm, site.block_masks, BLOCK, HEADS, N).nbytes == expected
         assert "plan=" in paro_compile.last_report().summary()
+
+
+@torch.no_grad()
+def test_identical_step_buckets_are_stored_once():
+    """A site whose step buckets share one mask stores it once and selects nothing per call; a site whose buckets
+    differ keeps both, and both give the plan's result at every timestep."""
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval()
+    plan = random_plan(buckets=2)
+    same = plan.sites[SITES[0]].block_masks
+    same[1] = same[0]
+    assert not torch.equal(plan.sites[SITES[1]].block_masks[0], plan.sites[SITES[1]].block_masks[1])
+    compiled = torch.compile(model, backend="paro", options={**EXACT, "plan": plan, "fold_permutations": False})
+    for timestep, bucket in [(900.0, 0), (300.0, 1)]:
+        inputs = toy_inputs()
+        inputs["timestep"] = torch.full((1,), timestep)
+        with PlannedAttention(plan, bucket, qk_bits=16, pv_dtype="fp16"):
+            expected = model(**inputs)
+        torch.testing.assert_close(compiled(**inputs), expected, rtol=1e-5, atol=1e-5)
+    records = {r.site_id: r for r in paro_compile.last_report().sites}
+    for site_id, stored in [(SITES[0], same[:1]), (SITES[1], plan.sites[SITES[1]].block_masks)]:
+        masks = BlockMask.from_dense(stored, BLOCK, BLOCK)
+        per_bucket = sum(t.numel() * t.element_size() for t in masks.as_op_args()[0] if t is not None)
+        assert records[site_id].plan_bytes == HEADS * N * 4 + per_bucket, site_id
+        assert records[site_id].step_buckets == 2  # the plan's buckets, whatever is stored
 
 
 @torch.no_grad()

@@ -25,3 +25,29 @@ def test_compact_constants_are_smaller_and_stand_for_the_same_masks(tmp_path):
         constants = BlockMask.from_dense(masks, block, block)
         assert constants.group == (1 if block == 64 else 4)
         assert torch.equal(constants.to_dense(), masks)
+
+
+def test_model_measurement_counts_the_constants_the_lowering_stores():
+    """`measure_model` sizes what `lower.site_constants` builds (the constants the lowering registers and counts in
+    ``plan_bytes``, see tests/test_lower.py): an int32 permutation and the compact CSR of every step bucket, times
+    the model's sites, against its bf16 weights; "previous" is the same shapes at int64 / int32 widths."""
+    from paro_compile.grid import TokenGrid
+
+    bench = load_benchmark("plan_memory")
+    grid = TokenGrid(frames=2, height=4, width=6, text_tokens=5, text_position="suffix")
+    model = bench.ModelShape("tiny", 2, grid, 3, 1.0e6)
+    masks = bench.calibrated_like_masks(grid, 2, 0.3, 2, 16, torch.Generator().manual_seed(0))
+    row = bench.measure_model(model, 0.3, 2, block=16, masks=masks)
+    stored = BlockMask.from_dense(masks, 16, 16)
+    perm_bytes = 2 * grid.num_tokens * 4
+    site = perm_bytes + stored.nbytes
+    assert row["dtypes"] == {"perm": "int32", "counts": "int16", "indices": "int16", "slot_bits": "int8"}
+    assert round(row["site_mb"] * 2**20) == site and round(row["perm_mb"] * 2**20) == perm_bytes
+    assert abs(row["model_gb"] * 2**30 - 3 * site) < 1e-3 and abs(row["share"] - 3 * site / 2.0e6) < 1e-12
+    assert abs(row["folded_share"] - 3 * stored.nbytes / 2.0e6) < 1e-12
+    previous = 2 * grid.num_tokens * 8 + stored.counts.numel() * 4 + stored.indices.numel() * 2 + stored.slot_bits.numel()
+    assert abs(row["previous_share"] - 3 * previous / 2.0e6) < 1e-12
+    # the text rows keep every block (mandatory), so the widest row spans every KV block
+    assert row["slots"] == row["kv_blocks"] == row["max_count"]
+    one = bench.measure_model(model, 0.3, 1, block=16, masks=masks[:1])
+    assert one["step_buckets"] == 1 and one["mask_mb"] < row["mask_mb"]

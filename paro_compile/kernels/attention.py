@@ -56,7 +56,7 @@ from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks, walk_group
 from paro_compile.kernels.prologue import _PLANS as _PROLOGUE_PLANS
 from paro_compile.kernels.prologue import (V_MODES, _prologue_plan, _ProloguePlan, dummy_tensor, fp32_to_bf16,
-                                           fp32_to_fp8e4, run_prologue, tensor_layout_key)
+                                           fp32_to_fp8e4, perm_tensor, run_prologue, tensor_layout_key)
 from paro_compile.kernels.reference import P_LOG2, PV_DTYPES, QK_BITS, check_attention_inputs
 
 EXP2_MODES = (0, 1, 2, 3)
@@ -248,7 +248,7 @@ def _attn_fwd(
         count = NKB
     else:
         # A trimmed CSR (reference.trim_csr) has IDX_STRIDE slots per row; the clamp keeps a malformed one in bounds.
-        count = tl.minimum(tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m), IDX_STRIDE)
+        count = tl.minimum(tl.load(COUNTS + h * tl.cdiv(NQB, GROUP) + pid_m).to(tl.int32), IDX_STRIDE)  # int16 too
     # GROUP > 1 (sparse, block_m < 64): the tile holds GROUP query blocks and walks the union of their kept blocks
     # (COUNTS / IDX are that union's CSR, ascending); SLOT_BITS says per slot which of the GROUP blocks keep it, and
     # the rows of the others get P = 0 and an unchanged max: exactly their own walk, in 64-row tensor-core tiles.
@@ -468,7 +468,7 @@ def _attn_fwd(
     out = tl.where((q_bad != 0)[:, None], float("nan"), out)
     valid = rm < N
     if HAS_PERM:
-        dst = tl.load(PERM + h * N + rm, mask=valid, other=0)
+        dst = tl.load(PERM + h * N + rm, mask=valid, other=0).to(tl.int64)  # int32 plan constants: 64-bit addresses
         valid = valid & (dst >= 0) & (dst < N)  # a malformed permutation never writes past the output
     else:
         dst = rm
@@ -547,7 +547,7 @@ def paro_attention_triton(
     if not dense and not plan.mask_ready:
         mask = _kernel_mask(mask, plan.group, compensate, device)
     if plan.has_perm and not plan.perm_ready:
-        perm = perm.to(device=device, dtype=torch.int64).contiguous()
+        perm = perm_tensor(perm, device)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(plan.d)
     pro = run_prologue(plan.prologue, q, k, v, perm, key_bias, sm_scale)
     if dense:
@@ -556,15 +556,15 @@ def paro_attention_triton(
     else:
         counts, indices, row_width = mask.counts, mask.indices, int(mask.indices.shape[-1])
         if not plan.mask_ready:
-            counts, indices = counts.to(torch.int32).contiguous(), _index_tensor(indices)
+            counts, indices = _index_tensor(counts), _index_tensor(indices)
         kept_bits = (mask.kept_bits if plan.mask_ready else mask.kept_bits.to(torch.int32).contiguous()) \
             if compensate else int32_dummy
         slot_bits = (mask.slot_bits if plan.mask_ready else mask.slot_bits.contiguous()) if group > 1 else int32_dummy
     args = (
         pro.q, pro.q_scale, pro.q_bad, pro.k, pro.k_scale, pro.vt, pro.v_scale, out,
-        # An int64 placeholder, like a real perm: the autotune key holds the argument dtypes, and a call with a
-        # per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
-        perm if perm is not None else dummy_tensor(device, torch.int64),
+        # An int32 placeholder, like the lowering's perm constants: the autotune key holds the argument dtypes, and a
+        # call with a per-head permutation shares the tuned config of the same call without one (see AUTOTUNE_KEY).
+        perm if perm is not None else int32_dummy,
         counts, indices,
         pro.k_bar if compensate else int32_dummy, pro.v_bar if compensate else int32_dummy,
         kept_bits, slot_bits,
@@ -697,12 +697,12 @@ def _make_launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtyp
     group = 1
     if not dense:
         group = walk_group(block_m) if knobs["group_query_blocks"] else 1
-        mask_ready = (mask.group == group and _in_kernel_form(mask.counts, (torch.int32,), device)
+        mask_ready = (mask.group == group and _in_kernel_form(mask.counts, (torch.int16, torch.int32), device)
                       and _in_kernel_form(mask.indices, (torch.int16, torch.int32), device)
                       and (not compensate or _in_kernel_form(mask.kept_bits, (torch.int32,), device))
                       and (group == 1 or _in_kernel_form(mask.slot_bits, (mask.slot_bits.dtype,), device)))
-    perm_ready = perm is None or _in_kernel_form(perm, (torch.int64,), device)
-    kernel_perm = perm if perm_ready else perm.to(device=device, dtype=torch.int64).contiguous()
+    perm_ready = perm is None or _in_kernel_form(perm, (torch.int32, torch.int64), device)
+    kernel_perm = perm if perm_ready else perm_tensor(perm, device)
     prologue = _prologue_plan(q, k, v, kernel_perm, qk_bits, pv_dtype, block_m, block_n, compensate, key_bias)
     interp = device.type == "cpu"
     # The interpreter multiplies bf16 bit patterns in tl.dot (DESIGN_NOTES.md): upcast bf16 operands to fp32 there.
@@ -776,7 +776,8 @@ _TMA_ALLOCATOR_SET = False
 
 
 def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
-    """CSR indices for the kernel: int16 (compact masks, `block_mask.trim_csr`) or int32 as given, else int32."""
+    """CSR counts or indices for the kernel: int16 (compact masks, `block_mask.trim_csr`) or int32 as given (no copy),
+    else int32."""
     return indices.to(indices.dtype if indices.dtype in (torch.int16, torch.int32) else torch.int32).contiguous()
 
 

@@ -481,6 +481,8 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
                 or not 1 <= kv_indices.shape[-1] <= nkb:
             raise ValueError(f"CSR has shapes counts={tuple(kv_counts.shape)} indices={tuple(kv_indices.shape)}, "
                              f"expected ({heads}, {nqb}) and ({heads}, {nqb}, W ≤ {nkb})")
+        # The Gluon kernel was last checked on the GPU with int32 counts and int64 permutations: compact plans'
+        # int16 counts and int32 permutations are widened here (a copy per call on this opt-in path).
         counts = kv_counts.to(device=dev, dtype=torch.int32).contiguous()
         index_dtype = kv_indices.dtype if kv_indices.dtype in (torch.int16, torch.int32) else torch.int32
         indices = kv_indices.to(device=dev, dtype=index_dtype).contiguous()

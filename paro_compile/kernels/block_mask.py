@@ -4,11 +4,12 @@
 (`BlockMask.from_dense`), checked once (`BlockMask.validate`), and only unpacked by the op, the reference and the
 Triton wrapper. Its tensors are what the kernels read:
 
-- ``counts`` [H, R] int32 and ``indices`` [H, R, W] int16/int32: a CSR of kept KV blocks per row, ascending. A row
+- ``counts`` [H, R] and ``indices`` [H, R, W], int16 or int32 (`csr_dtype`): a CSR of kept KV blocks per row, ascending. A row
   is one query block (``group == 1``), or ``group`` consecutive query blocks that share one 64-row tensor-core tile
   (query blocks under 64 tokens: ``group = 64 // block_m``); then the row lists the union of their kept blocks and
   ``slot_bits`` [H, R, W] int8 says, per slot, which of the group's query blocks keep it (bit g = query block
-  group·r + g). Rows may be *compact* (`trim_csr`): cut to the largest count (W ≥ every count), int16 indices.
+  group·r + g). Rows may be *compact* (`trim_csr`): cut to the largest count (W ≥ every count), int16 counts and
+  indices while Nk allows.
 - ``kept_bits`` [H, Mq, ceil(Nk/32)] int32 (optional): bit j % 32 of word j // 32 set when query block i keeps KV
   block j; the kernel's skipped-block compensation reads them to tell kept from skipped blocks.
 
@@ -145,21 +146,30 @@ def csr_to_block_mask(counts: torch.Tensor, indices: torch.Tensor, num_kv_blocks
 INDEX_SLOT_MULTIPLE = 16
 
 
+def csr_dtype(num_kv_blocks: int) -> torch.dtype:
+    """dtype of a compact CSR's counts and indices: int16 while every block index and count fits (Nk ≤ 32,767), else
+    int32. The kernels widen what they load to int32 before any arithmetic."""
+    return torch.int16 if int(num_kv_blocks) <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.Tensor,
-             multiple: int = INDEX_SLOT_MULTIPLE) -> tuple[torch.Tensor, ...]:
+             multiple: int = INDEX_SLOT_MULTIPLE, num_kv_blocks: Optional[int] = None) -> tuple[torch.Tensor, ...]:
     """A CSR (`block_mask_to_csr`, `grouped_block_csr`) in its compact form for plan constants: every row cut to the
     largest kept count (rounded up to a multiple of ``multiple``, at most Nk) and the indices stored as int16 when Nk
-    allows. ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are cut alike, keeping their dtype.
+    allows, and so the counts (`csr_dtype`). ``slot_tensors`` (e.g. grouped slot bits) share the indices' slots and are
+    cut alike, keeping their dtype.
 
     A sparse row keeps a fraction of its Nk blocks, so this is several times smaller than the padded int32 CSR
     (measured sizes in docs/quality_tuning.md). The kernel and the reference read only slots below each row's count;
-    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly."""
-    nk = indices.shape[-1]
+    readers that rebuild the mask (`csr_to_block_mask`, `ungrouped_block_mask`) need Nk passed explicitly.
+    ``num_kv_blocks`` (Nk; default the indices' width) must be given for rows already cut narrower than Nk: the dtype
+    follows Nk, not the width."""
+    nk = indices.shape[-1] if num_kv_blocks is None else int(num_kv_blocks)
     width = compact_width(counts, nk, multiple)
-    index_dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
+    index_dtype = csr_dtype(nk)
     trimmed = [indices[..., :width].to(index_dtype).contiguous()]
     trimmed += [t[..., :width].contiguous() for t in slot_tensors]
-    return (counts.to(torch.int32).contiguous(), *trimmed)
+    return (counts.to(index_dtype).contiguous(), *trimmed)
 
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -216,7 +226,7 @@ class BlockMask:
             counts, indices = block_mask_to_csr(mask, width)
         if compact:
             counts, indices, *rest = trim_csr(counts, indices, *([slot_bits] if slot_bits is not None else []),
-                                              multiple=slot_multiple)
+                                              multiple=slot_multiple, num_kv_blocks=nk)
             slot_bits = rest[0] if rest else None
         return cls(block_m, block_n, mq, nk, counts, indices, group, slot_bits,
                    kept_block_bits(mask) if kept_bits else None, density)
@@ -331,9 +341,12 @@ class BlockMask:
                              f"{num_heads} heads x {rows} rows (N={seq_len}, block_m={self.block_m}, group={self.group})")
         if not 1 <= width <= nk:
             raise ValueError(f"mask rows have {width} slots; expected 1..{nk} (Nk)")
-        if self.counts.dtype != torch.int32 or self.indices.dtype not in (torch.int16, torch.int32):
-            raise ValueError(f"mask counts must be int32 and indices int16/int32, got {self.counts.dtype} / "
+        if self.counts.dtype not in (torch.int16, torch.int32) or self.indices.dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"mask counts must be int16/int32 and indices int16/int32, got {self.counts.dtype} / "
                              f"{self.indices.dtype}")
+        if self.indices.dtype == torch.int16 and nk > torch.iinfo(torch.int16).max:
+            raise ValueError(f"int16 mask indices cannot name {nk} KV blocks; build the mask with int32 indices "
+                             "(BlockMask.from_dense picks the dtype)")
         counts = self.counts.long()
         if bool((counts < 0).any()) or bool((counts > width).any()):
             raise ValueError(f"mask counts must lie in [0, {width}] (the row width), got "

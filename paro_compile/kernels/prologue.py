@@ -291,7 +291,7 @@ def _store_scale(XS, ROW_BAD, bad, pid_bh, t, nblk, rows, nrows, scale, POISON_B
 def _permuted_rows(PERM, h, N, rows, rmask):
     """Source tokens of ``rows`` under the head's permutation. Entries outside [0, N) (a malformed permutation, which
     the lowering rejects) read nothing instead of memory past the input."""
-    src = tl.load(PERM + h * N + rows, mask=rmask, other=0)
+    src = tl.load(PERM + h * N + rows, mask=rmask, other=0).to(tl.int64)  # int32 plan constants: 64-bit addresses
     in_range = (src >= 0) & (src < N)
     return tl.where(in_range, src, 0), rmask & in_range
 
@@ -464,7 +464,8 @@ def _make_prologue_plan(q, k, v, perm, qk_bits, pv_dtype, block_m, block_n, pool
         need_k=qk_bits != 16, need_v=pv_dtype != "fp16", v_qmax=FP8_MAX if pv_dtype == "fp8" else 127.0,
         chunk=chunk, nchunks=num_blocks(n_kv, chunk), pooled=pooled,
         has_perm=perm is not None,
-        perm_ready=perm is None or (perm.dtype == torch.int64 and perm.device == dev and perm.is_contiguous()),
+        perm_ready=perm is None or (perm.dtype in (torch.int32, torch.int64) and perm.device == dev
+                                    and perm.is_contiguous()),
         has_bias=key_bias is not None,
         bias_ready=key_bias is None or (key_bias.dtype == torch.float32 and key_bias.device == dev
                                         and key_bias.is_contiguous()),
@@ -502,6 +503,14 @@ def _stats(plan: _ProloguePlan, k: torch.Tensor, v: torch.Tensor):
     return kmean, v_scale
 
 
+def perm_tensor(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A permutation [H, N] as the kernels read it: int32 (the lowering's plan constants) or int64 as given, without a
+    copy when it is contiguous on ``device``; other integer dtypes become int32. The kernels widen each loaded entry
+    to int64 before addressing with it."""
+    dtype = perm.dtype if perm.dtype in (torch.int32, torch.int64) else torch.int32
+    return perm.to(device=device, dtype=dtype).contiguous()
+
+
 def paro_prologue(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -537,7 +546,7 @@ def run_prologue(plan: _ProloguePlan, q: torch.Tensor, k: torch.Tensor, v: torch
     bh, d, nqb, nkb, dq = plan.bh, plan.d, plan.nqb, plan.nkb, plan.dq
     block_m, block_n = plan.block_m, plan.block_n
     if not plan.perm_ready:
-        perm = perm.to(device=dev, dtype=torch.int64).contiguous()
+        perm = perm_tensor(perm, dev)
     kmean, v_scale = _stats(plan, k, v)
     if not plan.need_v:
         v_scale = torch.ones(bh, d, device=dev, dtype=torch.float32)

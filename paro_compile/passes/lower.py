@@ -7,6 +7,7 @@ buckets the bucket is picked on the device from the timestep input (no host sync
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -71,18 +72,71 @@ def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
 
 
 def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False,
-                    device: Optional[torch.device] = None) -> BlockMask:
+                    device: Optional[torch.device] = None, validate: bool = True) -> BlockMask:
     """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
     bucket validated once here so that no call has to. Compact CSRs: rows cut to the largest kept count over all
-    step buckets, int16 indices; blocks under 64 rows get only the grouped walk of the kernel's shared 64-row tiles
+    step buckets, int16 counts and indices; blocks under 64 rows get only the grouped walk of the kernel's shared 64-row tiles
     (the reference path rebuilds the per-block CSR from it). Built on ``device`` (the activations'): a 720p model's
-    masks take seconds per site on a CPU and milliseconds on a GPU."""
+    masks take seconds per site on a CPU and milliseconds on a GPU. ``validate=False`` (size measurements only) skips
+    the checks."""
     if device is not None and device.type == "meta":
         device = None
     mask = BlockMask.from_dense(masks.to(device).bool(), block, block, kept_bits=compensate)
-    for bucket in range(masks.shape[0]):
+    for bucket in range(masks.shape[0] if validate else 0):
         mask.bucket(bucket).validate(heads, seq_len)
     return mask
+
+
+def permutation_constant(perm: torch.Tensor, heads: int, seq_len: int) -> torch.Tensor:
+    """A site's kernel permutation [H, N] as its plan constant, checked: int32 (every token index fits; int64 only past
+    2^31 tokens). The kernels widen each entry they load to 64 bits before addressing with it."""
+    dtype = torch.int32 if seq_len <= torch.iinfo(torch.int32).max else torch.int64
+    const = perm.to(dtype).contiguous()
+    check_permutation(const, heads, seq_len)
+    return const
+
+
+def distinct_step_buckets(masks: torch.Tensor) -> torch.Tensor:
+    """A site's masks [S, H, Mq, Nk] with identical step buckets stored once: ``masks[:1]`` when every bucket equals
+    the first (the site then needs no per-call bucket selection), else ``masks`` unchanged."""
+    if masks.shape[0] > 1 and bool((masks == masks[:1]).all()):
+        return masks[:1]
+    return masks
+
+
+@dataclass
+class SiteConstants:
+    """What the lowering stores on the device for one site: ``tensors`` maps each constant's name (``perm`` and the
+    `TENSOR_FIELDS` the mask holds) to the tensor registered as a graph buffer; mask tensors keep a leading step-bucket
+    dimension only when ``step_buckets > 1``."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask: Optional[BlockMask] = None
+    step_buckets: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def site_constants(perm: Optional[torch.Tensor], masks: Optional[torch.Tensor], block: int, heads: int, seq_len: int,
+                   compensate: bool = False, device: Optional[torch.device] = None,
+                   validate: bool = True) -> SiteConstants:
+    """The device constants of a site: its kernel permutation (`permutation_constant`; None: folded or identity) and
+    the `BlockMask` of its sparse masks [S, H, Mq, Nk] (None: dense), identical step buckets stored once
+    (`distinct_step_buckets`). What `lower_attention_sites` registers and counts in ``SiteRecord.plan_bytes``.
+    ``validate=False`` (size measurements only) skips the mask checks `site_block_mask` runs."""
+    out = SiteConstants()
+    if perm is not None:
+        out.tensors["perm"] = permutation_constant(perm, heads, seq_len).to(device)
+    if masks is not None:
+        masks = distinct_step_buckets(masks.bool())
+        out.step_buckets = int(masks.shape[0])
+        out.mask = site_block_mask(masks, block, heads, seq_len, compensate, device, validate)
+        for name, tensor in zip(TENSOR_FIELDS, out.mask.as_op_args()[0]):
+            if tensor is not None:
+                out.tensors[name] = tensor if out.step_buckets > 1 else tensor[0]
+    return out
 
 
 def lower_attention_sites(
@@ -128,8 +182,7 @@ def lower_attention_sites(
         if isinstance(perm, fx.Node):  # computed in the graph (order plan on a symbolic grid)
             perm_node = perm
         elif perm is not None:
-            perm_const = perm.to(torch.int64).contiguous()
-            check_permutation(perm_const, int(site.heads), int(site.seq_len))
+            perm_const = site_constants(perm, None, block, int(site.heads), int(site.seq_len)).tensors["perm"]
             perm_node = add_constant(gm, node, _buffer_name(index, site.site_id, "perm"), perm_const, device)
             record.plan_bytes += perm_const.numel() * perm_const.element_size()
         mask_nodes: list[Optional[fx.Node]] = [None] * len(TENSOR_FIELDS)
@@ -147,8 +200,9 @@ def lower_attention_sites(
             masks = site_plan.block_masks.bool()
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            mask = site_block_mask(masks, block, int(site.heads), int(site.seq_len), compensate, device)
-            multi = masks.shape[0] > 1
+            constants = site_constants(None, masks, block, int(site.heads), int(site.seq_len), compensate, device)
+            mask = constants.mask
+            multi = constants.step_buckets > 1  # identical buckets are stored once and need no selection
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)
                 if timestep is None:
@@ -162,11 +216,11 @@ def lower_attention_sites(
                 with graph.inserting_before(node):
                     bucket_node = graph.call_function(step_bucket_index, (bounds_node, timestep))
             # One constant per mask tensor; with step buckets all buckets are stored and one is selected per call.
-            tensors, sizes = mask.as_op_args()
-            for slot, (name, tensor) in enumerate(zip(TENSOR_FIELDS, tensors)):
-                if tensor is None:
+            sizes = mask.as_op_args()[1]
+            for slot, name in enumerate(TENSOR_FIELDS):
+                if name not in constants.tensors:
                     continue
-                value = tensor if multi else tensor[0]
+                value = constants.tensors[name]
                 const = add_constant(gm, node, _buffer_name(index, site.site_id, name), value, device)
                 record.plan_bytes += value.numel() * value.element_size()
                 if multi:

@@ -270,8 +270,9 @@ def test_grouped_and_per_block_walks_agree_through_the_op(seed, gen, block, comp
 
 @pytest.mark.parametrize("block,compensate", [(64, False), (64, True), (32, False), (16, True)])
 def test_compact_csr_matches_full(seed, gen, block, compensate):
-    """Plan constants are compact CSRs (`block_mask.trim_csr`: rows cut to the largest count, int16 indices): the
-    kernel reads the row width from the tensor and gives exactly the result of the padded int32 CSR, per-block
+    """Plan constants are compact CSRs (`block_mask.trim_csr`: rows cut to the largest count, int16 counts and indices)
+    with int32 permutations: the kernel reads the row width from the tensor and gives exactly the result of the padded
+    int32 CSR with an int64 permutation, per-block
     (block 64) and grouped (blocks under 64); a CSR cut below the largest count is refused."""
     n = 64 * 4 + 9
     q, k, v, pm, _ = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, None, block, block)
@@ -284,8 +285,10 @@ def test_compact_csr_matches_full(seed, gen, block, compensate):
     full = block_mask(mask, block, block, q.device, kept_bits=compensate, compact=False)
     compact = block_mask(mask, block, block, q.device, kept_bits=compensate, slot_multiple=1)
     out_full = paro_attention_triton(q, k, v, perm=pm, mask=full, compensate=compensate)
-    out = paro_attention_triton(q, k, v, perm=pm, mask=compact, compensate=compensate)
+    # Lowered plans store int32 permutations and int16 counts: the kernels widen both before any arithmetic.
+    out = paro_attention_triton(q, k, v, perm=pm.to(torch.int32), mask=compact, compensate=compensate)
     assert compact.indices.dtype == torch.int16 and compact.row_width < nk, (compact.indices.shape, nk)
+    assert compact.counts.dtype == torch.int16 and full.counts.dtype == torch.int32 and pm.dtype == torch.int64
     torch.testing.assert_close(out, out_full, rtol=0, atol=0)
     # A CSR cut below a row's count is refused by validation, and walks only the slots it has.
     short = dataclasses.replace(compact, indices=compact.indices[..., :-1].contiguous(),

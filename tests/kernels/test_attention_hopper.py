@@ -2,8 +2,8 @@
 
 Same method as test_attention.py (fresh random inputs per run, seed printed, output poisoned with NaN, the Triton
 kernel's GPU tolerances): INT8 QKᵀ with FP8 or 16-bit PV, head_dim 64 and 128, dense and CSR-sparse masks (int32
-and trimmed int16), with and without a per-head permutation, N not a multiple of 64, B·H > 1, both launch shapes
-(one or two query blocks per CTA). GPU tests need an sm_90 GPU; the CPU tests check the import guard and routing.
+and trimmed int16 counts and indices), with and without a per-head permutation (int64, and int32 as plans store it),
+N not a multiple of 64, B·H > 1, both launch shapes (one or two query blocks per CTA). GPU tests need an sm_90 GPU; the CPU tests check the import guard and routing.
 """
 import pytest
 import torch
@@ -56,6 +56,8 @@ def _inputs(gen, b, h, n, d, dtype, perm, density, empty_row=True):
     k = k + 2.0 * torch.randn(1, 1, 1, d, generator=gen)
     q = q * 1.5
     pm = torch.stack([torch.randperm(n, generator=gen) for _ in range(h)]).cuda() if perm else None
+    if perm == "int32":  # the lowering's plan constants
+        pm = pm.to(torch.int32)
     nb = num_blocks(n, 64)
     mask = None
     if density is not None:
@@ -107,7 +109,7 @@ def _check(seed, q, k, v, pm, mask, pv, *, config=None, trim=False, check_f64=Tr
 
 @pytest.mark.gpu
 @requires_hopper
-@pytest.mark.parametrize("perm", [True, False], ids=["perm", "noperm"])
+@pytest.mark.parametrize("perm", [True, "int32", False], ids=["perm", "perm32", "noperm"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("pv,dtype", [("fp8", torch.bfloat16), ("fp8", torch.float16), ("fp8", torch.float32),
                                       ("fp16", torch.bfloat16), ("fp16", torch.float16)],

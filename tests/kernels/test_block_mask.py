@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from paro_compile.kernels.block_mask import (
-    BlockMask, block_mask_to_csr, csr_to_block_mask, dense_csr, grouped_block_csr, trim_csr, ungrouped_block_mask,
+    BlockMask, block_mask_to_csr, csr_dtype, csr_to_block_mask, dense_csr, grouped_block_csr, trim_csr,
+    ungrouped_block_mask,
 )
 
 
@@ -34,7 +35,7 @@ def test_trim_csr_round_trip(heads, mq, nk, p, multiple):
     counts, indices = block_mask_to_csr(mask)
     tc, ti = trim_csr(counts, indices, multiple=multiple)
     largest = int(counts.max())
-    assert ti.dtype == torch.int16 and tc.dtype == torch.int32
+    assert ti.dtype == torch.int16 and tc.dtype == torch.int16
     assert ti.shape[-1] == min(nk, max(1, -(-largest // multiple) * multiple)) >= min(largest, nk)
     assert torch.equal(csr_to_block_mask(tc, ti, nk), mask)
     group = 2
@@ -42,6 +43,21 @@ def test_trim_csr_round_trip(heads, mq, nk, p, multiple):
     tgc, tgi, tgb = trim_csr(gc, gi, gb, multiple=multiple)
     assert tgb.dtype == torch.int8 and tgb.shape == tgi.shape
     assert torch.equal(ungrouped_block_mask(tgc, tgi, tgb, group, mq, nk), mask)
+
+
+def test_csr_falls_back_to_int32_past_32767_kv_blocks():
+    """int16 holds every block index and count up to Nk = 32,767; one more block and the compact CSR stays int32 (a
+    one-row mask, not a giant one), and int16 indices for such a mask are refused."""
+    assert csr_dtype(32767) == torch.int16 and csr_dtype(32768) == torch.int32
+    for nk, dtype in [(32767, torch.int16), (32768, torch.int32)]:
+        mask = torch.zeros(1, 1, nk, dtype=torch.bool)
+        mask[0, 0, [0, nk - 1]] = True
+        built = BlockMask.from_dense(mask)
+        assert built.counts.dtype == built.indices.dtype == dtype, (nk, built.counts.dtype, built.indices.dtype)
+        assert built.indices[0, 0, :2].tolist() == [0, nk - 1] and torch.equal(built.to_dense(), mask)
+    wide = dataclasses.replace(built, indices=built.indices.to(torch.int16), num_q_blocks=1)
+    with pytest.raises(ValueError, match="int16 mask indices cannot name 32768 KV blocks"):
+        wide.validate(1, 64, kv_len=64 * 32768)
 
 
 def test_grouped_csr_union_and_bits():
