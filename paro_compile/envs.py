@@ -76,6 +76,13 @@ ENVIRONMENT_VARIABLES: dict[str, EnvironmentVariable] = {var.name: var for var i
 )}
 
 
+def raw_values(names: tuple[str, ...]) -> tuple:
+    """The unparsed text of ``names`` (None where unset): a cache key that changes whenever one of them is changed,
+    without parsing them on every call."""
+    environ = os.environ
+    return tuple(environ.get(name) for name in names)
+
+
 def __getattr__(name: str) -> Any:
     var = ENVIRONMENT_VARIABLES.get(name)
     if var is None:

@@ -16,7 +16,6 @@ Dispatch of ``impl``:
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -127,7 +126,7 @@ _MAX_ROUTES = 256  # a bound, so that a stream of ever-new shapes cannot grow th
 def _route(q: torch.Tensor, k: torch.Tensor, mask_sizes: list[int], dense: bool, no_key_bias: bool, qk_bits: int,
            pv_dtype: str, compensate: bool, impl: str) -> _Route:
     key = (q.shape, q.dtype, q.device, k.shape, tuple(mask_sizes), dense, no_key_bias, qk_bits, pv_dtype,
-           compensate, impl, os.environ.get("TRITON_INTERPRET"))
+           compensate, impl, envs.raw_values(("TRITON_INTERPRET",)))
     route = _ROUTES.get(key)
     if route is None:
         route = _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compensate, impl)

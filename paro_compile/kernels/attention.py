@@ -43,7 +43,6 @@ through (they add nothing / write nothing), so a malformed mask cannot touch mem
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -637,7 +636,6 @@ def _launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, co
                  variant) -> _LaunchPlan:
     # The PARO_* switches are part of the key as their raw text (re-read per call, so that A/B runs can change them
     # between calls; parsed and checked only when a new combination is planned).
-    environ = os.environ
     key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
            tensor_layout_key(perm), tensor_layout_key(key_bias),
            mask.block_m, mask.block_n, mask.num_q_blocks, mask.num_kv_blocks, mask.group, mask.density,
@@ -646,7 +644,7 @@ def _launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, co
            qk_bits, pv_dtype, bool(compensate), exp2_mode,
            None if config is None else tuple(sorted(config.items())),
            None if variant is None else tuple(sorted(variant.items())),
-           tuple(environ.get(name) for name in _SWITCH_VARIABLES))
+           envs.raw_values(_SWITCH_VARIABLES))
     plan = _LAUNCH_PLANS.get(key)
     if plan is None:
         plan = _make_launch_plan(q, k, v, perm, mask, key_bias, qk_bits, pv_dtype, compensate, exp2_mode, config,
