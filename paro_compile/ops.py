@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from paro_compile import envs
-from paro_compile.kernels.block_mask import SIZE_FIELDS, TENSOR_FIELDS, BlockMask
-from paro_compile.kernels.reference import paro_attention_reference
+from paro_compile.kernels.block_mask import BLOCK_SIZES, SIZE_FIELDS, TENSOR_FIELDS, BlockMask
+from paro_compile.kernels.reference import LOG2E, check_attention_inputs, paro_attention_reference
 
 IMPLS = ("auto", "reference", "triton", "hopper")
 
@@ -76,10 +76,13 @@ def paro_attention_op(
     of two, which leaves every score and output channel unchanged.
 
     Which implementation runs a call (and the checks that only depend on shapes, dtypes, devices and options) is
-    decided on the first call of each combination (`_route`)."""
+    decided on the first call of each combination (`_route`). An empty call (B, H, N, Nk or D zero) returns zeros,
+    as SDPA does."""
+    route = _route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_dtype, compensate, impl)
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"mask density must be in [0, 1] (kept blocks / all blocks), got {density}")
     bsz, heads, n, head_dim = q.shape
     n_kv = k.shape[2]
-    route = _route(q, k, mask_sizes, mask_tensors[0] is None, key_bias is None, qk_bits, pv_dtype, compensate, impl)
     mask = _mask_from_op_args(mask_tensors, mask_sizes, density, n, n_kv)
     if mask.counts is not None and mask.counts.device.type == "cpu":
         _validate_once((mask.counts, mask.indices, mask.slot_bits, mask.kept_bits), (heads, n, n_kv, *mask_sizes),
@@ -92,6 +95,8 @@ def paro_attention_op(
         # The kernels fold a positive scale into Q's quantization scale; q·k·s = (-q)·k·|s| and s = 0 is uniform
         # attention (every score 0), so both run exactly as a positive scale on a transformed q.
         q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+    if route.empty:
+        return torch.zeros_like(q, memory_format=torch.contiguous_format)
     if route.pad:
         q, k, v = (torch.nn.functional.pad(x, (0, route.pad)) for x in (q, k, v))
     if route.hopper_runs and (impl == "hopper" or attention_hopper().SELECTED_BY_AUTO):
@@ -117,31 +122,47 @@ class _Route:
     hopper_runs: bool
     """The Hopper kernel runs this call where chosen (impl="hopper", or "auto" with its SELECTED_BY_AUTO)."""
     pad: int
+    empty: bool
+    """Nothing to compute (B, H, N, Nk or D is zero): the result is zeros."""
 
 
 _ROUTES: dict = {}
 _MAX_ROUTES = 256  # a bound, so that a stream of ever-new shapes cannot grow the cache without limit
 
 
-def _route(q: torch.Tensor, k: torch.Tensor, mask_sizes: list[int], dense: bool, no_key_bias: bool, qk_bits: int,
-           pv_dtype: str, compensate: bool, impl: str) -> _Route:
-    key = (q.shape, q.dtype, q.device, k.shape, tuple(mask_sizes), dense, no_key_bias, qk_bits, pv_dtype,
-           compensate, impl, envs.raw_values(("TRITON_INTERPRET",)))
+def _tensor_key(x: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if x is None else (x.shape, x.dtype, x.device)
+
+
+def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
+           key_bias: Optional[torch.Tensor], mask_tensors: list[Optional[torch.Tensor]], mask_sizes: list[int],
+           qk_bits: int, pv_dtype: str, compensate: bool, impl: str) -> _Route:
+    key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, _tensor_key(perm),
+           _tensor_key(key_bias), tuple(None if t is None else t.device for t in mask_tensors), tuple(mask_sizes),
+           qk_bits, pv_dtype, compensate, impl, envs.raw_values(("TRITON_INTERPRET",)))
     route = _ROUTES.get(key)
     if route is None:
-        route = _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compensate, impl)
+        route = _make_route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_dtype, compensate, impl)
         if len(_ROUTES) >= _MAX_ROUTES:
             _ROUTES.clear()
         _ROUTES[key] = route
     return route
 
 
-def _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compensate, impl) -> _Route:
+def _make_route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_dtype, compensate, impl) -> _Route:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    dense, no_key_bias = mask_tensors[0] is None, key_bias is None
+    check_attention_inputs(q, k, v, perm, key_bias, compensate and not dense)
     head_dim, n, n_kv = q.shape[-1], q.shape[2], k.shape[2]
     block_m, block_n = int(mask_sizes[0]), int(mask_sizes[1])
+    _check_mask_devices(q, mask_tensors)
     use_kernel = impl in ("triton", "hopper") or (impl == "auto" and q.device.type == "cuda")
+    if block_m <= 0 or block_n <= 0 or (use_kernel and (block_m not in BLOCK_SIZES or block_n not in BLOCK_SIZES)):
+        raise ValueError(f"mask blocks {block_m}x{block_n}: the kernels take block sizes {BLOCK_SIZES} "
+                         "(impl='reference' takes any positive size)")
+    if q.numel() == 0 or n_kv == 0:
+        return _Route(triton=False, hopper_runs=False, pad=0, empty=True)
     pad = kernel_head_dim(head_dim) - head_dim if use_kernel else 0
     hopper_runs = False
     if impl in ("hopper", "auto") and q.device.type == "cuda":
@@ -159,7 +180,13 @@ def _make_route(q, k, mask_sizes, dense, no_key_bias, qk_bits, pv_dtype, compens
             f"impl='triton' needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
             "before importing paro_compile, or use impl='reference'"
         )
-    return _Route(triton=use_kernel, hopper_runs=hopper_runs, pad=pad)
+    return _Route(triton=use_kernel, hopper_runs=hopper_runs, pad=pad, empty=False)
+
+
+def _check_mask_devices(q: torch.Tensor, mask_tensors: list[Optional[torch.Tensor]]) -> None:
+    for name, t in zip(TENSOR_FIELDS, mask_tensors):
+        if t is not None and t.device not in (q.device, torch.device("cpu")):
+            raise ValueError(f"mask {name} is on {t.device}, q on {q.device}: build the mask on q's device (or the CPU)")
 
 
 def _mask_from_op_args(tensors: list[Optional[torch.Tensor]], sizes: list[int], density: float, n: int,
@@ -213,6 +240,9 @@ def paro_attention_triton():
 @paro_attention_op.register_fake
 def _paro_attention_fake(q, k, v, perm, key_bias, mask_tensors, mask_sizes, scale, qk_bits, pv_dtype, compensate,
                          density, impl):
+    # Also the kernel of a call with a meta tensor among real ones (the dispatcher picks Meta): check the devices.
+    check_attention_inputs(q, k, v, perm, key_bias, False)
+    _check_mask_devices(q, mask_tensors)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -243,9 +273,32 @@ def paro_attention(
 ) -> torch.Tensor:
     """`paro::attention` on q [B, H, N, D] and k, v [B, H, Nk, D] (model token order) with a per-head token order
     ``perm`` [H, N], a `BlockMask` (None: dense, 64-token blocks) and a key-padding ``key_bias`` [B|1, H|1, Nk].
-    Same numerics as `kernels.reference` (its docstring)."""
+    Same numerics as `kernels.reference` (its docstring); ``key_bias`` may also be a boolean keep-mask
+    (`additive_key_bias`)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if isinstance(qk_bits, bool) or not isinstance(qk_bits, int):
+        raise ValueError(f"qk_bits must be an int (4, 8 or 16), got {qk_bits!r}")
     mask = mask if mask is not None else BlockMask.dense(q.shape[2], kv_len=k.shape[2])
     tensors, sizes = mask.as_op_args()
+    if key_bias is not None:
+        key_bias = additive_key_bias(key_bias)
     return paro_attention_op(q, k, v, perm, key_bias, tensors, sizes,
-                             float(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])),
+                             float(scale if scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))),
                              qk_bits, pv_dtype, compensate, float(mask.density), impl)
+
+
+# An additive bias below this overflows to -inf once the kernels turn it into log2 units (bias · log2 e).
+MIN_FINITE_BIAS = -torch.finfo(torch.float32).max / LOG2E
+
+
+def additive_key_bias(bias: torch.Tensor) -> torch.Tensor:
+    """The op's key bias of a key-padding mask as SDPA reads it: a boolean one (True keeps a key) as 0 / -inf; an
+    additive one as fp32, its finite values clamped at `MIN_FINITE_BIAS` so that they stay finite in log2 units, as
+    they do in SDPA (a row whose keys all carry ``finfo.min`` then averages V, as in SDPA, instead of returning zeros)."""
+    if bias.dtype == torch.bool:
+        return torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).masked_fill(~bias, float("-inf"))
+    if not bias.is_floating_point():
+        return bias  # `check_attention_inputs` names the dtype
+    bias = bias.float()
+    return torch.where(bias == float("-inf"), bias, bias.clamp(min=MIN_FINITE_BIAS))

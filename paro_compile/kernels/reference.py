@@ -58,6 +58,7 @@ from paro_compile.kernels.block_mask import BlockMask, csr_to_block_mask, dense_
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0
 PV_DTYPES = ("fp8", "int8", "fp16")
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QK_BITS = (4, 8, 16)
 
 
@@ -308,9 +309,18 @@ def blocks_with(rows: torch.Tensor, block: int) -> torch.Tensor:
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
                            key_bias: Optional[torch.Tensor], compensate: bool) -> None:
-    """The shape rules every implementation of the op shares (ValueError naming what does not fit)."""
+    """The shape, dtype and device rules every implementation of the op shares (ValueError naming what does not
+    fit and how to fix it)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in ATTENTION_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {ATTENTION_DTYPES}, got q {q.dtype}, k {k.dtype}, "
+                         f"v {v.dtype}; cast them (e.g. k.to(q.dtype)) before the call")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    for name, x in (("perm", perm), ("key_bias", key_bias)):
+        if x is not None and x.device not in (q.device, torch.device("cpu")):
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}: pass it on q's device (or the CPU)")
     bsz, heads, n, d = q.shape
     if tuple(k.shape) != tuple(v.shape) or k.shape[:2] != q.shape[:2] or k.shape[-1] != d:
         raise ValueError(f"k and v must be [B, H, Nk, D] with q's B, H and D, got q {tuple(q.shape)}, "
@@ -322,6 +332,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe
                 or key_bias.shape[2] != k.shape[2]):
             raise ValueError(f"key_bias must be [B or 1, H or 1, Nk] = [{bsz}|1, {heads}|1, {k.shape[2]}], "
                              f"got {tuple(key_bias.shape)}")
+        if not key_bias.is_floating_point():
+            raise ValueError(f"key_bias must be an additive float tensor (0 keeps a key, -inf removes it), got "
+                             f"{key_bias.dtype}; for a boolean keep-mask pass "
+                             "torch.zeros(mask.shape).masked_fill(~mask, float('-inf')) (paro_attention converts one)")
         if compensate:
             raise ValueError("skipped-block compensation does not take a key bias: pooled keys would mix masked and "
                              "unmasked tokens; call with compensate=False")

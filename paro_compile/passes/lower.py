@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from paro_compile.config import ParoConfig
 from paro_compile.kernels.block_mask import TENSOR_FIELDS, BlockMask
-from paro_compile.ops import check_permutation
+from paro_compile.ops import additive_key_bias, check_permutation
 from paro_compile.passes.discover import AttentionSite
 from paro_compile.passes.fx_utils import fake_value, static_int
 from paro_compile.report import SiteRecord
@@ -62,13 +62,11 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
 
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
     """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, 1, Nk] after broadcasting; discover checked it) as the
-    op's key bias: fp32 [B|1, H|1, Nk], 0 / -inf for a boolean mask, the values themselves for an additive one."""
+    op's key bias: fp32 [B|1, H|1, Nk] (`additive_key_bias`: 0 / -inf for a boolean mask, the values themselves for an
+    additive one, kept finite in log2 units)."""
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    mask = mask[:, :, 0, :]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask.float()
+    return additive_key_bias(mask[:, :, 0, :])
 
 
 def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False,
