@@ -80,6 +80,7 @@ class ParoConfig:
                                             "from `mode`)", shown="{}", default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not 0.0 < float(self.density) <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.qk_bits not in QK_BITS:
@@ -96,6 +97,49 @@ class ParoConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.calibration_calls < 1:
             raise ValueError(f"calibration_calls must be >= 1, got {self.calibration_calls}")
+
+    def _check_types(self) -> None:
+        """Reject values of the wrong type before they are read as something else (the string "False" is true, 8.0
+        is not a qk_bits the op's schema takes, a string density would reach the calibration as a string)."""
+        for name in ("compensate_skipped", "allow_fp32", "fold_permutations", "lower_cross_attention",
+                     "auto_calibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"option {name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("qk_bits", "block_size", "calibration_calls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"option {name} must be an int, got {value!r}")
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise TypeError(f"option density must be a number in (0, 1], got {self.density!r}")
+        self.density = float(self.density)
+        for name in ("pv_dtype", "on_missing_shape", "fallback", "impl"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"option {name} must be a string, got {getattr(self, name)!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, Path)):
+            raise TypeError(f"option cache_dir must be a path (str or pathlib.Path), got {self.cache_dir!r}")
+        if self.plan is not None and not isinstance(self.plan, (str, Path)):
+            from paro_compile.plan import Plan
+
+            if not isinstance(self.plan, Plan):
+                raise TypeError(f"option plan must be a Plan or a path to a plan file, got {type(self.plan).__name__}")
+        if not isinstance(self.inductor, dict):
+            raise TypeError(f"option inductor must be a dict of Inductor config patches, got {self.inductor!r}")
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        heads = self.heads
+        if heads is None or callable(heads) or isinstance(heads, range):
+            return
+        if isinstance(heads, tuple):
+            if len(heads) != 2 or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads) \
+                    or not 0 <= heads[0] < heads[1]:
+                raise ValueError(f"option heads={heads!r}: a tuple is (start, stop) with 0 <= start < stop; give "
+                                 "explicit global head indices as a list")
+            return
+        if isinstance(heads, list) and all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+            return
+        raise TypeError(f"option heads={heads!r}: expected None, (start, stop), a list of global head indices, or a "
+                        "callable (site_id, local_heads) returning one of them")
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -116,7 +160,10 @@ class ParoConfig:
             from torch._inductor import list_mode_options
 
             inductor.update(list_mode_options(mode))
-        inductor.update(options.pop("inductor", {}) or {})
+        patches = options.pop("inductor", {}) or {}
+        if not isinstance(patches, dict):
+            raise TypeError(f"option inductor must be a dict of Inductor config patches, got {patches!r}")
+        inductor.update(patches)
         ours = {key: options.pop(key) for key in list(options) if key in cls.field_names()}
         if options:
             import torch._inductor.config as inductor_config
