@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from paro_compile.calibration.masks import block_priority
 from paro_compile.calibration.options import CalibrationError
 from paro_compile.plan import Plan
 
@@ -32,18 +33,20 @@ def allocate_blocks(
     the remaining blocks of all maps are ranked together by score and kept until ``ceil(density · total
     blocks)`` are kept, or, with ``mass_threshold``, until that share of the summed scores is kept. So each
     map's (and head's) density follows its scores; only the overall density is ``density``. One map = the
-    per-site allocation. Memory: the concatenated scores (4 B/block) and their sort order (8 B/block).
+    per-site allocation. Equal scores go round-robin over heads and query rows (`masks.block_priority`). Memory: the
+    concatenated scores (4 B/block), priorities and their sort order (8 B/block each).
     """
     if not maps:
         return []
+    maps = [score.float().cpu() for score in maps]
+    top = torch.stack([score.amax() if score.numel() else score.new_zeros(()) for score in maps]).amax()
+    columns = max(score.shape[-1] for score in maps)
     keys, values, sizes, n_mand = [], [], [], 0
     for score, mand in zip(maps, mandatory):
-        score = score.float().cpu()
         mand = mand.cpu().expand_as(score)
-        flat = score.reshape(-1)
-        values.append(flat)
-        keys.append(torch.where(mand.reshape(-1), torch.full_like(flat, math.inf), flat))
-        sizes.append(flat.numel())
+        values.append(score.reshape(-1))
+        keys.append(block_priority(score, mand, top, columns).reshape(-1))
+        sizes.append(score.numel())
         n_mand += int(mand.sum())
     key, value = torch.cat(keys), torch.cat(values)
     total = key.numel()

@@ -4,6 +4,11 @@ Per head, in its chosen order, blocks are ranked by calibration mass and kept un
 ``mass_threshold``, until that share of the mass is kept); diagonal blocks and the blocks holding text rows or text
 columns are always kept (`mandatory_blocks`) and count toward the density. Ranking heads or sites together
 (``allocation`` "site" / "global", `budget.allocate_blocks`) compares row-normalised mass (`row_normalized_mass`).
+
+Ties (`block_priority`): blocks whose scores agree within a relative `TIE_RESOLUTION` are taken round-robin
+over query block rows (and heads): each row's best remaining block before any row's next one. A plain stable sort
+would give equal blocks to the first rows (and the first head) in order: a uniform head would keep whole rows at the
+top and only its mandatory blocks below, and of two identical heads ranked together one would get every block.
 """
 from __future__ import annotations
 
@@ -28,6 +33,25 @@ def mandatory_blocks(grid: TokenGrid, block_size: int, device: Optional[Union[st
     return mask
 
 
+TIE_RESOLUTION = 1e-5
+"""Scores within this relative difference of each other are ties (float summation leaves equal blocks ~1e-7 apart)."""
+_LOG_LEVELS = 1.0 / math.log2(1.0 + TIE_RESOLUTION)
+_LOWEST_LEVEL = -round(160 * _LOG_LEVELS)  # below 2**-160 of the top score: zero
+
+
+def block_priority(score: torch.Tensor, mandatory: torch.Tensor, top: torch.Tensor, columns: int) -> torch.Tensor:
+    """int64 [..., nb, nk] priority of every block of ``score`` (higher is kept first): mandatory blocks, then the
+    score on a log scale of relative step `TIE_RESOLUTION` (relative to ``top``, broadcastable to ``score``'s lead
+    dims + [1, 1]), ties broken by the block's rank within its query block row so that tied blocks go round-robin
+    over rows. ``columns`` ≥ nk: the same for every map whose priorities are compared."""
+    ratio = score.float() / top.float().clamp_min(1e-30)
+    level = torch.where(ratio > 0, (ratio.clamp_min(1e-45).log2() * _LOG_LEVELS).floor(), torch.full_like(ratio, -math.inf))
+    level = level.clamp(min=_LOWEST_LEVEL - 1, max=0).long()
+    level = torch.where(mandatory.to(score.device), torch.ones_like(level), level)
+    rank_in_row = level.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return level * columns + (columns - 1 - rank_in_row)
+
+
 def select_blocks(
     mass: torch.Tensor,
     density: float,
@@ -47,7 +71,8 @@ def select_blocks(
         mandatory = torch.zeros(mq, nk, dtype=torch.bool, device=mass.device)
     mand = mandatory.reshape(total).to(mass.device)
     n_mand = int(mand.sum().item())
-    key = torch.where(mand, torch.full_like(flat, math.inf), flat)
+    top = flat.amax(-1)[..., None, None] if total else flat.new_ones(())
+    key = block_priority(mass, mandatory.to(mass.device), top, nk).reshape(*lead, total)
     order = key.argsort(dim=-1, descending=True, stable=True)
     if mass_threshold is not None:
         sorted_mass = flat.gather(-1, order)
