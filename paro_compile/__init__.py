@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="paro")`` — see README.md.
 
-``compile``, ``inspect``, ``model_report``, ``watch_attention``, ``calibrate``, ``Plan``, ``SitePlan``, ``PlanError``,
+``compile``, ``inspect``, ``model_report``, ``watch_attention``, ``watch_qk_outliers``, ``calibrate``, ``Plan``, ``SitePlan``, ``PlanError``,
 ``PlanMismatchError`` and ``TokenGrid`` are imported on first use, so importing paro_compile never imports the
 calibration code or the Triton kernels (which must see TRITON_INTERPRET before they load).
 """
@@ -19,6 +19,7 @@ _LAZY = {
     "inspect": ("paro_compile.inspection", "inspect"),
     "model_report": ("paro_compile.model_inspection", "model_report"),
     "watch_attention": ("paro_compile.model_inspection", "watch_attention"),
+    "watch_qk_outliers": ("paro_compile.qk_outlier_watch", "watch_qk_outliers"),
     "calibrate": ("paro_compile.calibration", "calibrate"),
     "capture_calls": ("paro_compile.capture", "capture_calls"),
     "Plan": ("paro_compile.plan", "Plan"),
@@ -41,5 +42,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
-           "clear_reports", "compile", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "PlanError",
+           "watch_qk_outliers", "clear_reports", "compile", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "PlanError",
            "PlanMismatchError", "TokenGrid", "BlockMask", "__version__"]

@@ -64,6 +64,7 @@ def paro_attention_op(
     compensate: bool,
     density: float,
     impl: str,
+    site: str = "",
 ) -> torch.Tensor:
     """Block-sparse low-bit attention of q [B, H, N, D] over k, v [B, H, Nk, D]; returns [B, H, N, D] in model order.
 
@@ -77,7 +78,10 @@ def paro_attention_op(
 
     Which implementation runs a call (and the checks that only depend on shapes, dtypes, devices and options) is
     decided on the first call of each combination (`_route`). An empty call (B, H, N, Nk or D zero) returns zeros,
-    as SDPA does."""
+    as SDPA does.
+
+    ``site``: the id of the attention site the lowering put this call in place of ("" for a direct call); only a
+    `paro_compile.qk_outlier_watch.watch_qk_outliers` block reads it."""
     route = _route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_dtype, compensate, impl)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"mask density must be in [0, 1] (kept blocks / all blocks), got {density}")
@@ -95,6 +99,9 @@ def paro_attention_op(
         # The kernels fold a positive scale into Q's quantization scale; q·k·s = (-q)·k·|s| and s = 0 is uniform
         # attention (every score 0), so both run exactly as a positive scale on a transformed q.
         q, scale = (-q, -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
+    if ACTIVE_QK_WATCHES and not route.empty:
+        for watch in ACTIVE_QK_WATCHES:
+            watch.observe(site, q, k, v, perm, scale=scale, qk_bits=qk_bits, block=int(mask_sizes[0]))
     if route.empty:
         return torch.zeros_like(q, memory_format=torch.contiguous_format)
     if route.pad:
@@ -112,6 +119,11 @@ def paro_attention_op(
         out = out[..., :head_dim]
     # The fake impl promises a contiguous result; Inductor asserts the strides.
     return out.contiguous()
+
+
+ACTIVE_QK_WATCHES: tuple = ()
+"""The `paro_compile.qk_outlier_watch.QKOutlierWatch`es whose block is running; empty outside every such block, so
+that a call pays one truthiness check for the watch."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +251,7 @@ def paro_attention_triton():
 
 @paro_attention_op.register_fake
 def _paro_attention_fake(q, k, v, perm, key_bias, mask_tensors, mask_sizes, scale, qk_bits, pv_dtype, compensate,
-                         density, impl):
+                         density, impl, site=""):
     # Also the kernel of a call with a meta tensor among real ones (the dispatcher picks Meta): check the devices.
     check_attention_inputs(q, k, v, perm, key_bias, False)
     _check_mask_devices(q, mask_tensors)

@@ -244,7 +244,7 @@ def lower_attention_sites(
                 torch.ops.paro.attention.default,
                 (site.q, site.k, site.v, perm_node, bias_node, mask_nodes, mask_sizes, float(scale),
                  config.qk_bits, config.pv_dtype, compensate and sparse, record.density if sparse else 1.0,
-                 config.impl),
+                 config.impl, site.site_id),
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
