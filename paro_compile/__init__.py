@@ -2,9 +2,10 @@
 
 ``torch.compile(model, backend="paro")`` — see README.md.
 
-``compile``, ``inspect``, ``model_report``, ``watch_attention``, ``watch_qk_outliers``, ``calibrate``, ``Plan``, ``SitePlan``, ``PlanError``,
-``PlanMismatchError`` and ``TokenGrid`` are imported on first use, so importing paro_compile never imports the
-calibration code or the Triton kernels (which must see TRITON_INTERPRET before they load).
+``compile``, ``inspect``, ``model_report``, ``watch_attention``, ``watch_qk_outliers``, ``calibrate``, ``Plan``,
+``SitePlan``, ``PlanError``, ``PlanMismatchError`` and ``TokenGrid`` are imported on first use, so importing
+paro_compile never imports the calibration code or the Triton kernels (which must see TRITON_INTERPRET before they
+load).
 """
 import importlib as _importlib
 
@@ -42,5 +43,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ParoConfig", "paro_attention", "CompileReport", "SiteRecord", "last_report", "model_report", "watch_attention",
-           "watch_qk_outliers", "clear_reports", "compile", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan", "PlanError",
-           "PlanMismatchError", "TokenGrid", "BlockMask", "__version__"]
+           "watch_qk_outliers", "clear_reports", "compile", "inspect", "calibrate", "capture_calls", "Plan", "SitePlan",
+           "PlanError", "PlanMismatchError", "TokenGrid", "BlockMask", "__version__"]
