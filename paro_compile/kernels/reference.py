@@ -193,9 +193,9 @@ def paro_attention_reference(
         raise ValueError(f"qk_bits must be one of {QK_BITS}, got {qk_bits}")
     if pv_dtype not in PV_DTYPES:
         raise ValueError(f"pv_dtype must be one of {PV_DTYPES}, got {pv_dtype!r}")
+    check_attention_inputs(q, k, v, perm, key_bias, compensate, ATTENTION_DTYPES + (torch.float64,))
     bsz, heads, n, d = q.shape
     n_kv = k.shape[2]
-    check_attention_inputs(q, k, v, perm, key_bias, compensate)
     mask = mask if mask is not None else BlockMask.dense(n, kv_len=n_kv)
     block_m, block_n = mask.block_m, mask.block_n
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
@@ -308,13 +308,15 @@ def blocks_with(rows: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[torch.Tensor],
-                           key_bias: Optional[torch.Tensor], compensate: bool) -> None:
+                           key_bias: Optional[torch.Tensor], compensate: bool,
+                           dtypes: tuple = ATTENTION_DTYPES) -> None:
     """The shape, dtype and device rules every implementation of the op shares (ValueError naming what does not
-    fit and how to fix it)."""
+    fit and how to fix it). ``dtypes``: the floating dtypes the caller computes in (the reference also takes
+    float64, the definition the kernels are checked against)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in ATTENTION_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of {ATTENTION_DTYPES}, got q {q.dtype}, k {k.dtype}, "
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        raise ValueError(f"q, k, v must share one dtype of {dtypes}, got q {q.dtype}, k {k.dtype}, "
                          f"v {v.dtype}; cast them (e.g. k.to(q.dtype)) before the call")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
