@@ -159,20 +159,20 @@ def profile_calls(fn, calls: int, path: Path) -> None:
     path.write_text(text.getvalue())
 
 
-def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
-    """``--stub-launches``: µs per call of our Python path on CPU tensors, every Triton launch a no-op."""
-    import os
+SMALL_SHAPE = (1, 2, 128, 64)
+"""B·H·N·D of the host-cost calls: small enough that the GPU is never what a call waits for."""
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the op runs its Triton path on CPU tensors only under this flag
+
+def small_call_cases(device: torch.device, gen: torch.Generator) -> tuple[dict[str, Callable], tuple]:
+    """The calls both modes time on one `SMALL_SHAPE` fp16 input on ``device``: the op with a sparse mask and dense,
+    the Triton wrapper, the prologue. Returns (name → call, (q, k, v, mask))."""
     from paro_compile.kernels.attention import paro_attention_triton
     from paro_compile.kernels.block_mask import BlockMask
     from paro_compile.kernels.prologue import paro_prologue
     from paro_compile.kernels.tuning import random_block_mask
 
-    gen = torch.Generator().manual_seed(0)
-    shape = (1, 2, 128, 64)
-    q, k, v = (torch.randn(*shape, generator=gen).to(torch.float16) for _ in range(3))
-    mask = BlockMask.from_dense(random_block_mask(2, 2, 2, 0.5, generator=gen))
+    q, k, v = (torch.randn(*SMALL_SHAPE, generator=gen).to(device, torch.float16) for _ in range(3))
+    mask = BlockMask.from_dense(random_block_mask(2, 2, 2, 0.5, generator=gen)).to(device)
     tensors, sizes = mask.as_op_args()
     op = torch.ops.paro.attention.default
     cases = {
@@ -182,10 +182,23 @@ def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
                                  "triton"),
         "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
         "prologue": lambda: paro_prologue(q, k, v),
+    }
+    return cases, (q, k, v, mask)
+
+
+def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
+    """``--stub-launches``: µs per call of our Python path on CPU tensors, every Triton launch a no-op."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the op runs its Triton path on CPU tensors only under this flag
+    shape = SMALL_SHAPE
+    cases, (q, k, v, mask) = small_call_cases(torch.device("cpu"), torch.Generator().manual_seed(0))
+    tensors, sizes = mask.as_op_args()
+    cases.update({
         "custom op with an empty body (dispatch alone)": lambda: empty_custom_op()(
             q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density, "triton"),
         "plain torch op (torch.empty_like)": lambda: torch.empty_like(q),
-    }
+    })
     rows: list[dict] = []
     with stubbed_launches() as recorders:
         for name, fn in cases.items():
@@ -212,29 +225,17 @@ def main(argv=None) -> list[dict]:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch.nn.functional as F
 
-    from paro_compile.kernels.attention import paro_attention_triton
     from paro_compile.kernels.block_mask import BlockMask, num_blocks
-    from paro_compile.kernels.prologue import paro_prologue
     from paro_compile.kernels.tuning import random_block_mask
 
     device = torch.device("cpu" if args.tiny else "cuda")
     calls = 3 if args.tiny else args.calls
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
-    tiny_shape = (1, 2, 128, 64)
-    q, k, v = (torch.randn(*tiny_shape, generator=gen).to(device, torch.float16) for _ in range(3))
-    mask = BlockMask.from_dense(random_block_mask(2, 2, 2, 0.5, generator=gen)).to(device)
-    tensors, sizes = mask.as_op_args()
+    tiny_shape = SMALL_SHAPE
+    cases, (q, k, v, _) = small_call_cases(device, gen)
+    cases["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v)
     op = torch.ops.paro.attention.default
-    cases = {
-        "op (sparse mask)": lambda: op(q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density,
-                                       "triton"),
-        "op (dense)": lambda: op(q, k, v, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
-                                 "triton"),
-        "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
-        "prologue": lambda: paro_prologue(q, k, v),
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-    }
     if not args.tiny and torch.cuda.get_device_capability(device) == (9, 0):
         cases["op (dense, impl=auto: Hopper kernel)"] = lambda: op(q, k, v, None, None, [None] * 4,
                                                                     [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
