@@ -173,8 +173,8 @@ def orders_reach_the_kernel(model, inputs_at, grid_at, orders: list[str], sizes:
 
 
 
-class PartialStore(nn.Module):
-    """The toy DiT with a store into a few visual tokens: no layout op can express it in the common order."""
+class EditedTokensDiT(nn.Module):
+    """The toy DiT with an edit of its visual tokens between the patch embedding and the blocks (`edit_tokens`)."""
 
     def __init__(self):
         super().__init__()
@@ -183,12 +183,25 @@ class PartialStore(nn.Module):
         torch.manual_seed(0)
         self.dit = ToyVideoDiT()
 
-    def forward(self, latent, text, timestep):
+    def edit_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blocks_output(self, latent, text, timestep) -> torch.Tensor:
         d = self.dit
-        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
-        tokens[:, 2:5] = 0.0
+        tokens = self.edit_tokens(d.patch_embed(latent).flatten(2).transpose(1, 2))
         x = torch.cat([d.text_proj(text), tokens], dim=1)
         temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
         for block in d.blocks:
             x = block(x, temb)
         return x
+
+    def forward(self, latent, text, timestep):
+        return self.blocks_output(latent, text, timestep)
+
+
+class PartialStore(EditedTokensDiT):
+    """The toy DiT with a store into a few visual tokens: no layout op can express it in the common order."""
+
+    def edit_tokens(self, tokens):
+        tokens[:, 2:5] = 0.0
+        return tokens

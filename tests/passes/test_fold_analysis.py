@@ -1,29 +1,18 @@
 """Folding, analysis phase (`passes/fold_analysis.py`): which nodes carry the tokens and where the boundaries are."""
 import torch
-import torch.nn as nn
 
-from tests.passes.fold_helpers import GRIDS, PartialStore, capture, compile_and_run, make_plan, token_gathers
+from tests.passes.fold_helpers import (GRIDS, EditedTokensDiT, PartialStore, capture, compile_and_run, make_plan,
+                                      token_gathers)
 
 
-class TokenMixing(nn.Module):
+class TokenMixing(EditedTokensDiT):
     """The toy DiT plus ops that read token positions (a flip and a cumulative sum over tokens)."""
 
-    def __init__(self):
-        super().__init__()
-        from paro_compile.toy.dit import ToyVideoDiT
-
-        torch.manual_seed(0)
-        self.dit = ToyVideoDiT()
+    def edit_tokens(self, tokens):
+        return tokens + 0.1 * tokens.flip(1) + 0.01 * tokens.cumsum(1)
 
     def forward(self, latent, text, timestep):
-        d = self.dit
-        tokens = d.patch_embed(latent).flatten(2).transpose(1, 2)
-        tokens = tokens + 0.1 * tokens.flip(1) + 0.01 * tokens.cumsum(1)
-        x = torch.cat([d.text_proj(text), tokens], dim=1)
-        temb = d.time_embed(d.timestep_embedding(timestep, x.shape[-1]))
-        for block in d.blocks:
-            x = block(x, temb)
-        return x.mean(1)
+        return self.blocks_output(latent, text, timestep).mean(1)
 
 
 def test_token_position_ops_get_inverse_layout_ops():
