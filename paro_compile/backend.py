@@ -26,7 +26,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -261,10 +261,10 @@ def calibration_skipped(plan: Optional[Plan]) -> dict[str, list[str]]:
     return {sid: reasons for sid, reasons in skipped_sites(plan).items() if sid not in plan.sites}
 
 
-def sites_the_plan_must_cover(sites: list, plan: Optional[Plan], missing_shapes: Mapping[str, str]) -> list:
+def sites_the_plan_must_cover(sites: list, skipped: Mapping[str, Any], missing_shapes: Mapping[str, str]) -> list:
     """The sites a plan must hold an entry for: not cross-attention (no token order, plans never hold them), not
-    skipped by calibration, not without an entry at this shape (``on_missing_shape="dense"``)."""
-    skipped = calibration_skipped(plan)
+    skipped by calibration (``skipped``: `calibration_skipped`), not without an entry at this shape
+    (``on_missing_shape="dense"``)."""
     return [s for s in sites if not s.is_cross and s.site_id not in skipped and s.site_id not in missing_shapes]
 
 
@@ -287,7 +287,7 @@ def prepare_plan(gm: fx.GraphModule, plan: Plan, config: ParoConfig, origin: Any
     missing = {sid: why for sid, why in selection.missing.items() if sid not in cross and sid not in skipped}
     model = origin.model() if origin is not None and origin.model is not None else None
     mismatch = fingerprint_mismatch(plan, model)
-    checked = sites_the_plan_must_cover(sites, selection.plan, missing)
+    checked = sites_the_plan_must_cover(sites, skipped, missing)
     # under context parallelism a site holds this rank's heads: check them against the plan's rows of those heads
     local_plan = localize_plan(sites, selection.plan, config.heads).plan
     problems = local_plan.site_problems(checked, allow_extra=True)
@@ -360,7 +360,7 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
         )
     skipped = calibration_skipped(plan)
     if plan is not None and hasattr(plan, "check_sites"):
-        plan.check_sites(sites_the_plan_must_cover(sites, plan, missing_shapes), allow_extra=True)
+        plan.check_sites(sites_the_plan_must_cover(sites, skipped, missing_shapes), allow_extra=True)
     from paro_compile.passes import fold
 
     kernel_perms = None

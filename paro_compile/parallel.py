@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from paro_compile.kernels.reference import FP8_MAX, LOG2E, num_blocks, qmax_for_bits
+from paro_compile.kernels.reference import FP8_MAX, LOG2E, num_blocks
 
 V_MODES = {"fp16": 0, "fp8": 1, "int8": 2}
 
