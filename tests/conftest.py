@@ -8,6 +8,17 @@ if not torch.cuda.is_available():
 
 import pytest
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    # Property tests are derandomized by default, like the kernel tests' seeds: a run is reproducible and CI cannot
+    # turn red on an example no one has seen. HYPOTHESIS_PROFILE=explore searches fresh examples.
+    _hypothesis_settings.register_profile("reproducible", derandomize=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
+except ImportError:
+    pass
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")])]
 
 

@@ -44,9 +44,10 @@ INT4_GPU_EXTRA_TOL = 3e-2
 # reference): besides rounding, an FP8/INT8 P value within 7.5e-5 of a rounding boundary moves one step
 # (~1e-3 of the entries, each by ≤ 1/16 relative for e4m3). Measured 0.3-2.1e-3 rel-L2 (N=300, all modes/dtypes); allowed:
 POLY_EXTRA_TOL = 4e-3
-# rel-L2 of (reference vs float64 attention) on Gaussian inputs: the quantization error of each mode.
-QUANT_TOL = {(8, "fp8"): 0.07, (8, "int8"): 0.04, (8, "fp16"): 0.03, (4, "fp8"): 0.4, (4, "int8"): 0.4,
-             (4, "fp16"): 0.4, (16, "fp8"): 0.07, (16, "int8"): 0.04, (16, "fp16"): 0.01}
+# rel-L2 of (reference vs float64 attention) on Gaussian inputs: the quantization error of each mode. INT4 on
+# `test_dense_matches_reference`'s inputs, 300 seeds: mean 0.368, 99th percentile 0.402, max 0.415.
+QUANT_TOL = {(8, "fp8"): 0.07, (8, "int8"): 0.04, (8, "fp16"): 0.03, (4, "fp8"): 0.45, (4, "int8"): 0.45,
+             (4, "fp16"): 0.45, (16, "fp8"): 0.07, (16, "int8"): 0.04, (16, "fp16"): 0.01}
 
 
 def _make(gen, b, h, n, d, dtype, device, perm, density, block_m=64, block_n=64, empty_row=True):
