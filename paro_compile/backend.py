@@ -222,12 +222,10 @@ def graph_site_shapes(gm: fx.GraphModule, sites: list, plan: Plan) -> dict[str, 
     pass reads their orders."""
     from paro_compile.passes.layout import infer_token_grids
 
-    from paro_compile.passes.context_parallel import detect_site
-
     planned = [s for s in sites if plan.entries(s.site_id)]
-    # Under context parallelism the layout pass reads the exchanged (rank, local token) axis as a patchify merge and
-    # finds a wrong grid: those sites choose their entry by token count alone.
-    readable = [s for s in planned if static_int(s.seq_len) is not None and detect_site(s).kind == "none"]
+    # under context parallelism the layout pass follows the tokens through the all-to-all and the sharding chunk
+    # (passes/layout.py); an exchange it cannot read gives no grid, never the exchange's (U, N/U) reshape
+    readable = [s for s in planned if static_int(s.seq_len) is not None]
     grids = infer_token_grids(gm, readable)
     return {s.site_id: (static_int(s.seq_len), grids.get(s.site_id)) for s in planned}
 
@@ -348,6 +346,7 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
             value = getattr(site, name)
             if isinstance(value, torch.SymInt) and static_int(value) is not None:
                 setattr(site, name, static_int(value))
+    global_plan = plan
     parallel = localize_plan(sites, plan, config.heads)  # context parallelism: this rank's heads of the plan
     plan = parallel.plan
     report.context_parallel = parallel.notes()
@@ -366,8 +365,14 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
     kernel_perms = None
     fold_result = None
     if plan is not None and config.fold_permutations:
-        fold_result = fold.fold_permutations(gm, sites, plan, config)
+        # under Ulysses the common order comes from the global plan (every rank folds the same one) and the token
+        # sharding lets the fold follow the tokens through the chunk, the exchanges and the final all-gather
+        sharding = parallel.token_sharding() if parallel.ulysses else None
+        fold_result = fold.fold_permutations(gm, sites, plan, config, order_plan=global_plan,
+                                             sharding=sharding if not isinstance(sharding, str) else None)
         kernel_perms, report.gathers_left = fold_result.kernel_perms, fold_result.gathers
+        if parallel.ulysses:
+            report.context_parallel.append(fold.describe_context_parallel_fold(fold_result, sharding))
         report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
         before = report.passes[-1]["after"]
     report.sites = lower_attention_sites(gm, sites, config, plan, kernel_perms)

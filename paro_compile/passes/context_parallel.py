@@ -134,21 +134,26 @@ class OperandLayout:
     source_shape: tuple[int, ...]
     layout: Layout
     exchanges: list[Exchange]
+    chain: list[fx.Node] = field(default_factory=list)
+    """The shape ops and collectives between ``source`` and the traced node (the traced node first)."""
 
 
 def _input(node: fx.Node) -> Any:
     return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
 
 
-def trace_operand(node: fx.Node) -> OperandLayout:
+def trace_operand(node: fx.Node, stop_at_shared: bool = False) -> OperandLayout:
     """Follow ``node`` back through shape ops and all-to-alls to the tensor they start from, then replay the chain
-    on digits. Raises `LayoutError` where an op of the chain cannot be followed."""
+    on digits. ``stop_at_shared``: start from the first tensor on the way that has other users too (the chain is
+    then used by ``node`` alone). Raises `LayoutError` where an op of the chain cannot be followed."""
     chain: list[fx.Node] = []
     current = node
     while isinstance(current, fx.Node) and current.op in ("call_function", "call_method"):
         name = op_name(current)
         if not (current.target in ALL_TO_ALL or current.target in WAIT or name in IDENTITY_OPS
                 or name in REGROUP_OPS or name in PERMUTE_OPS):
+            break
+        if stop_at_shared and current is not node and len(current.users) > 1:
             break
         chain.append(current)
         current = _input(current)
@@ -178,7 +183,7 @@ def trace_operand(node: fx.Node) -> OperandLayout:
             layout = regroup(layout, out_shape)
         if len(layout) != len(out_shape):
             raise LayoutError(f"{op.name}: layout rank {len(layout)} differs from its shape {out_shape}")
-    return OperandLayout(current, shape, layout, exchanges)
+    return OperandLayout(current, shape, layout, exchanges, chain)
 
 
 def _exchange(op: fx.Node, layout: Layout, exchanges: list[Exchange]) -> list[Factor]:
@@ -331,7 +336,7 @@ def read_ulysses_heads(q: OperandLayout, rank: int) -> tuple[tuple[int, ...], in
     return tuple(heads), global_heads
 
 
-def _exchanged(node: fx.Node, limit: int = 32) -> bool:
+def comes_from_all_to_all(node: fx.Node, limit: int = 32) -> bool:
     """True when ``node`` comes out of an all-to-all through shape ops only."""
     current = node
     for _ in range(limit):
@@ -343,6 +348,86 @@ def _exchanged(node: fx.Node, limit: int = 32) -> bool:
             return False
         current = _input(current)
     return False
+
+
+def is_exchange_chain_op(node: Any) -> bool:
+    """An op diffusers' exchange is made of: a collective's wait, a copy or dtype change, a reshape, a permute."""
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and (
+        node.target in WAIT or node.target in ALL_TO_ALL or op_name(node) in IDENTITY_OPS | REGROUP_OPS | PERMUTE_OPS)
+
+
+def exchange_result(node: fx.Node) -> bool:
+    """True for the last node of an exchange chain: it comes out of an all-to-all through shape ops only, and some
+    user of it is not one more shape op (where the exchanged tensor is used: SDPA, a linear)."""
+    return comes_from_all_to_all(node) and any(not is_exchange_chain_op(user) for user in node.users)
+
+
+@dataclass(frozen=True)
+class TokenSharding:
+    """The token axis split over a Ulysses group: rank ``rank`` holds chunk ``rank`` of ``world`` equal chunks of the
+    sequence (diffusers' ``EquipartitionSharder``: ``chunk(world, dim)[rank]``), and every rank runs the same graph
+    with its own rank in it (Dynamo traces the rank as a constant)."""
+
+    group_name: str
+    world: int
+    rank: int
+
+
+def exchanged_token_axis(traced: OperandLayout, out_dim: int) -> Optional[tuple[int, bool]]:
+    """(axis of the exchanged source, gathers) when axis ``out_dim`` of ``traced``'s node holds the tokens of one
+    source axis, kept in order by its one all-to-all; None otherwise.
+
+    ``gathers``: the axis is (sending rank, the sender's local tokens), i.e. the whole sequence when every rank's
+    source axis holds its chunk of it (the exchange before attention). Not ``gathers``: the exchange routed by the
+    top digit of the source's token axis, so this rank received the chunk ``rank`` of the source's tokens (the
+    exchange after attention)."""
+    if len(traced.exchanges) != 1 or out_dim >= len(traced.layout):
+        return None
+    exchange = traced.exchanges[0]
+    digits = traced.layout[out_dim]
+    if digits and digits[0].source == PEER:
+        local = digits[1:]
+        sources = {d.source for d in local}
+        if digits[0].size != exchange.world_size or len(sources) != 1:
+            return None
+        source = sources.pop()
+        if not isinstance(source, tuple) or sorted(local, key=lambda f: -f.stride) != local:
+            return None
+        return (source[1], True) if _covers(local, traced.source_shape[source[1]]) else None
+    sources = {d.source for d in digits}
+    if len(sources) != 1:
+        return None
+    source = sources.pop()
+    routed = exchange.routed_by
+    if not isinstance(source, tuple) or routed.source != source or sorted(digits, key=lambda f: -f.stride) != digits:
+        return None
+    extent = 1
+    for d in digits:
+        extent *= d.size
+    if routed.size != exchange.world_size or routed.stride != extent or not _covers(digits, extent) \
+            or extent * routed.size != traced.source_shape[source[1]]:
+        return None
+    return source[1], False
+
+
+def trace_exchanged_tokens(node: fx.Node, dim: int) -> tuple[fx.Node, int, int]:
+    """For layout inference, backwards: (the exchanged source, its token axis, the shift of the positions) for axis
+    ``dim`` of ``node``, which comes out of an all-to-all. Position ``i`` of ``node``'s axis is position ``i + shift``
+    of the source's axis read on this rank's sequence: ``+rank·L`` when the exchange gathers every rank's ``L`` local
+    tokens (this rank's own chunk sits at ``rank·L``), ``-rank·L`` when it hands this rank its chunk of ``L``. Raises
+    `LayoutError` when the axis is not a token axis the exchange keeps in order."""
+    traced = trace_operand(node)
+    found = exchanged_token_axis(traced, dim)
+    if found is None:
+        raise LayoutError(f"{node.name}: axis {dim} is not a token axis the exchange keeps in order")
+    source_dim, gathers = found
+    exchange = traced.exchanges[0]
+    rank = int(torch.distributed.get_rank(resolve_group(exchange.group_name)))
+    if gathers:
+        local = traced.source_shape[source_dim]
+        return traced.source, source_dim, rank * local
+    local = traced.source_shape[source_dim] // exchange.world_size
+    return traced.source, source_dim, -rank * local
 
 
 RING_CHAIN_OPS = IDENTITY_OPS | REGROUP_OPS | PERMUTE_OPS | {"getitem", "chunk", "split", "narrow"}
@@ -381,7 +466,7 @@ def detect_site(site: Any) -> ParallelSite:
             "ring attention (context parallelism with ring_degree > 1): keys and values are all-gathered and attended "
             "chunk by chunk with ATen flash/cuDNN returning the log-sum-exp, while a PARO order moves tokens across "
             "every chunk; use ulysses_degree instead (docs/context_parallel.md)"))
-    if not any(_exchanged(n) for n in operands):
+    if not any(comes_from_all_to_all(n) for n in operands):
         return ParallelSite(site.site_id, "none")
     try:
         traced = [trace_operand(n) for n in operands]
@@ -440,6 +525,22 @@ class ContextParallelResult:
     def notes(self) -> list[str]:
         return [f"{s.site_id}: {s.shard.describe() if s.shard else s.kind}{': ' + s.reason if s.reason else ''}"
                 for s in self.sites if s.kind != "none"]
+
+    @property
+    def ulysses(self) -> bool:
+        """Whether some site's heads were read from an all-to-all in the graph."""
+        return any(s.kind == "ulysses" and s.shard is not None and s.shard.group_name for s in self.sites)
+
+    def token_sharding(self) -> TokenSharding | str:
+        """The group the graph's Ulysses sites exchange over, as a `TokenSharding`, or why there is no one such group
+        (no Ulysses site, or sites exchanging over different groups)."""
+        groups = {(s.shard.group_name, s.shard.world_size, s.shard.rank) for s in self.sites
+                  if s.kind == "ulysses" and s.shard is not None and s.shard.group_name}
+        if not groups:
+            return "no attention site exchanges heads for tokens over a process group"
+        if len(groups) > 1:
+            return f"the attention sites exchange over {len(groups)} process groups {sorted(g[0] for g in groups)}"
+        return TokenSharding(*groups.pop())
 
 
 def localize_plan(sites: list[Any], plan: Any, heads_option: HeadsOption = None) -> ContextParallelResult:

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.grid import TokenGrid, candidate_orders, order_permutation
+from paro_compile.passes.context_parallel import TokenSharding
 from paro_compile.passes.fold_analysis import FoldError, Seg, State, TokenRegion, analyse_region
 from paro_compile.passes.fold_rewrite import (
     AppliedOrder, InputSizes, Rewriter, apply_order, common_permutation, residual_permutation,
@@ -119,6 +120,17 @@ def describe_permutations(records: list[SiteRecord], result: Optional[FoldResult
             record.kernel_permutation = "full" if record.permutation == "kernel" else "none"
 
 
+def describe_context_parallel_fold(result: FoldResult, sharding: TokenSharding | str | None) -> str:
+    """One line for the report under Ulysses: the order folded across the token sharding, or why nothing was."""
+    if result.order is not None:
+        exits = ", ".join(result.exits) or "none"
+        return (f"fold: order {result.order} folded into the whole sequence before the token sharding over "
+                f"{sharding.world} ranks (sources {', '.join(result.sources)}; inverse at {exits}); each rank's "
+                "kernels apply their heads' residuals")
+    why = sharding if isinstance(sharding, str) else result.reason
+    return f"fold: nothing folded ({why}); the kernels apply each head's whole order"
+
+
 def site_device(site: AttentionSite) -> Optional[torch.device]:
     """Device of the site's activations (from the graph's fake values), None when unknown."""
     value = fake_value(site.q)
@@ -153,8 +165,15 @@ def _visual_segments(state: Optional[State]) -> int:
 
 
 def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan, config: ParoConfig,
-                      grid: Optional[TokenGrid] = None) -> FoldResult:
+                      grid: Optional[TokenGrid] = None, *, order_plan: Optional[Plan] = None,
+                      sharding: Optional[TokenSharding] = None) -> FoldResult:
     """Fold the plan's per-site permutations into layout ops (see module docstring). Mutates ``gm``.
+
+    Under Ulysses context parallelism ``plan`` holds this rank's heads of every site, ``order_plan`` the global plan
+    (all heads) and ``sharding`` the group the tokens are sharded over. The common order is chosen from
+    ``order_plan``'s heads, so every rank folds the same order into its (identical) graph: the exchange hands each
+    rank the whole sequence in that order only when every rank permuted its chunk alike. Each rank's kernels get the
+    residuals of its own heads (``plan``).
 
     ``config.fold_permutations=False`` leaves the graph alone (the kernels then apply the plan's
     permutations). ``grid`` gives the token grid where the graph does not form the tokens from one and the
@@ -167,14 +186,21 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
     if not config.fold_permutations:
         result.reason = "fold_permutations=False"
         return result
+    order_plan = plan if order_plan is None else order_plan
     by_id = {s.site_id: s for s in sites}
     planned = {s.site_id: plan.sites.get(s.site_id) for s in sites if s.supported and not s.is_cross}
     planned = {k: v for k, v in planned.items() if v is not None and v.perm is not None}
     symbolic_sites = {sid for sid in planned if static_int(by_id[sid].seq_len) is None}
+    if symbolic_sites:
+        sharding = None  # the sharded rules need static sizes; unfolded, the kernels take each site's whole order
+    # sites whose rows are the model's order: nothing for their kernels unless the common order reaches them
+    identity_here: dict[str, SitePlan] = {}
     for sid, sp in list(planned.items()):
         if sp.is_identity_perm():
             result.set_site(sid, None, "none", None)
             del planned[sid]
+            if not symbolic_sites:
+                identity_here[sid] = sp
             continue
         if sid in symbolic_sites and not (sp.orders and len(sp.orders) == sp.heads):
             raise DynamicPlanError(
@@ -183,14 +209,16 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
                 "dynamic=False or use a plan with orders")
         if sid not in symbolic_sites:
             result.set_site(sid, _on_device(sp.perm, site_device(by_id[sid])), "full", None)
-    if not planned:
+    # decided on the global plan: every rank folds, or none does
+    moving = [sid for sid in {**planned, **identity_here} if not order_plan.sites.get(sid, plan.sites[sid]).is_identity_perm()]
+    if not moving:
         result.reason = "no site has a permutation"
         return result
     if symbolic_sites:
         # no [H, N] constant fits a symbolic sequence: the orders are applied to the graph's symbolic grid
         return _fold_symbolic(gm, sites, plan, planned, grid, config, result)
     try:
-        region = analyse_region(gm, sites, plan, grid)
+        region = analyse_region(gm, sites, plan, grid, sharding)
     except FoldError as error:
         result.reason = str(error)
         return result
@@ -199,7 +227,7 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
         return _fold_symbolic(gm, sites, plan, planned, grid, config, result)
     counts: Counter = Counter()
     site_grids: dict[str, TokenGrid] = {}
-    for sid, sp in planned.items():
+    for sid, sp in {**planned, **identity_here}.items():
         st = site_states.get(sid)
         if st is None:
             continue
@@ -208,16 +236,22 @@ def fold_permutations(gm: fx.GraphModule, sites: list[AttentionSite], plan: Plan
         if g is None or _visual_segments(st) != 1 or (sp.grid is not None and sp.grid.sizes != g.sizes):
             continue
         site_grids[sid] = g
-        counts.update(o for o in _head_orders(sp, g) if o is not None)
+        if sid in moving:
+            counts.update(o for o in _head_orders(order_plan.sites.get(sid, sp), g) if o is not None)
     if not counts:
         result.reason = "no planned site is reached from the token sources"
+        return result
+    blind = [sid for sid in {**planned, **identity_here} if site_states.get(sid) is not None and sid not in site_grids]
+    if blind:
+        # a reached site runs in the common order, and without its grid its residual cannot be built
+        result.reason = f"site {blind[0]} is in the token region but its grid is not the region's"
         return result
     order = _most_used_order(counts, region.axes)
     if order == region.axes:
         result.reason = f"most heads use the natural order {region.axes}: nothing to fold"
         return result
     result.record(apply_order(gm, sites, region, order), order)
-    for sid, sp in planned.items():
+    for sid, sp in {**planned, **identity_here}.items():
         st = site_states.get(sid)
         if sid not in site_grids:
             # unreached sites keep the whole permutation in model order; a reached site runs in the common

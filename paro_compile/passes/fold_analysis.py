@@ -7,6 +7,20 @@ c; a `Boundary` is an operand edge where the rewrite inserts a layout op: ``"inv
 the region (an op that is not token-wise, a graph output), ``"fwd"`` where a token-varying operand from
 outside joins it (RoPE tables, positional embeddings). Anything the rewrite could not express (a store into
 part of a segment, a tuple of permuted tensors as an output) raises `FoldError` before the graph is touched.
+
+Under Ulysses context parallelism (a `TokenSharding`) three more rules apply, so that the common order is folded
+into the whole sequence before it is sharded (docs/context_parallel.md, "Folding under context parallelism"):
+
+- ``chunk(U, dim)[rank]`` of the token axis makes the state *sharded* (`State.shard`): this rank's chunk of the
+  permuted sequence, whose segments stay those of the whole sequence;
+- the all-to-all before attention turns this rank's shard into the whole sequence in the common order ((sending
+  rank, local token) is the global order when every rank holds its chunk), the one after attention hands each
+  rank its chunk again, and an all-gather over the group restores the whole sequence (the inverse goes after it);
+- a position-dependent operand that joins a sharded state (RoPE tables) is followed back to its own
+  ``chunk(U)[rank]``: the forward layout op goes on the whole table before that chunk (`ShardedOperand`).
+
+A sharded state cannot be put back in model order on one rank (that needs every rank's tokens): where sharded
+tokens leave the region, the analysis raises `FoldError` and the graph is left alone.
 """
 from __future__ import annotations
 
@@ -17,10 +31,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 import torch.fx as fx
 
 from paro_compile.grid import TokenGrid
+from paro_compile.passes.context_parallel import (
+    ALL_GATHER, IDENTITY_OPS as EXCHANGE_IDENTITY_OPS, PEER, REGROUP_OPS, WAIT, Factor as Digit, LayoutError,
+    OperandLayout, TokenSharding, exchange_result, exchanged_token_axis, regroup, source_layout, trace_operand,
+)
 from paro_compile.passes.discover import sdpa_arguments
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, SIZE_OPS, SPLIT_OPS, VIEW_OPS, SizeLike, arg,
-    getitem_axis_map, index_size_nodes, is_inplace, is_one, known_equal, map_view_forward, meta_value, norm_dim,
+    getitem_axis_map, index_size_nodes, is_inplace, is_one, known_equal, map_view_backward, map_view_forward, meta_value, norm_dim,
     op_name, permute_dims, shape_of, static_int, unit_step,
 )
 from paro_compile.passes.layout import infer_layouts
@@ -47,14 +65,34 @@ class Seg:
 
 @dataclass(frozen=True, eq=False)
 class State:
-    """The token axis of a node and the segments along it."""
+    """The token axis of a node and the segments along it. ``shard``: the axis holds only this rank's chunk of the
+    sequence whose segments are ``segs`` (context parallelism; None: the whole sequence)."""
 
     dim: int
     segs: tuple[Seg, ...]
+    shard: Optional[TokenSharding] = None
 
     def same(self, other: State) -> bool:
-        return len(self.segs) == len(other.segs) and all(
+        return self.shard == other.shard and len(self.segs) == len(other.segs) and all(
             a.kind == b.kind and known_equal(a.length, b.length) for a, b in zip(self.segs, other.segs))
+
+    def at(self, dim: int) -> State:
+        """The same tokens on axis ``dim``."""
+        return State(dim, self.segs, self.shard)
+
+
+@dataclass
+class ShardedOperand:
+    """A position-dependent operand that joins sharded tokens: ``operand`` is computed from ``chunk(U, dim)[rank]``
+    of ``table`` (axis ``dim`` the whole sequence) by ``chain`` (single-input ops that keep the token axis, in graph
+    order, ending at ``operand``; ``split`` and ``piece`` are the chunk and its ``[rank]``). The rewrite applies the
+    forward layout op to ``table`` and replays ``split``, ``piece`` and ``chain`` on it."""
+
+    table: fx.Node
+    dim: int
+    split: fx.Node
+    piece: fx.Node
+    chain: list[fx.Node]
 
 
 class Boundary(NamedTuple):
@@ -92,18 +130,43 @@ def whole_segments(segs: tuple[Seg, ...], start: SizeLike, stop: SizeLike) -> Op
 class Analysis:
     """Forward propagation of the token axis from the sources; fills `state`, `tuple_state` and `boundaries`."""
 
-    def __init__(self, gm: fx.GraphModule, sources: list[tuple[fx.Node, int]]) -> None:
+    def __init__(self, gm: fx.GraphModule, sources: list[tuple[fx.Node, int]],
+                 sharding: Optional[TokenSharding] = None) -> None:
         self.gm = gm
         self.state: dict[fx.Node, State] = {}
         self.tuple_state: dict[fx.Node, list[Optional[State]]] = {}
         self.boundaries: list[Boundary] = []
         self.sources = sources
+        self.sharding = sharding
+        self.sharded_operands: dict[tuple[fx.Node, fx.Node], ShardedOperand] = {}
+        """(user, operand) of a "fwd" boundary on sharded tokens → how the operand is computed from its whole table."""
+        self.skip: set[fx.Node] = set()
+        """Nodes inside an exchange or gather chain: the chain's result gets the state, the chain itself carries none."""
+        self.exchanges: dict[fx.Node, Union[OperandLayout, str]] = {}
+        """Exchange results (`context_parallel.exchange_result`) → their traced layout, or why it cannot be traced."""
         for node, dim in sources:
             self.state[node] = State(dim, (Seg("vis", shape_of(node)[dim]),))
+        if sharding is not None:
+            self._find_exchanges()
+
+    def _find_exchanges(self) -> None:
+        for node in self.gm.graph.nodes:
+            if not exchange_result(node):
+                continue
+            try:
+                traced = trace_operand(node, stop_at_shared=True)
+            except LayoutError as error:
+                self.exchanges[node] = str(error)
+                continue
+            self.exchanges[node] = traced
+            self.skip.update(n for n in traced.chain if n is not node)
 
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
-            if node.op == "placeholder" or node.op == "get_attr":
+            if node.op == "placeholder" or node.op == "get_attr" or node in self.skip:
+                continue
+            if node in self.exchanges:
+                self.visit_exchange(node)
                 continue
             inputs = [a for a in node.all_input_nodes if a in self.state or a in self.tuple_state]
             if not inputs:
@@ -114,6 +177,8 @@ class Analysis:
             if node.op == "output":
                 for a in node.all_input_nodes:
                     if a in self.state:
+                        if self.state[a].shard is not None:
+                            raise FoldError(f"graph output {a.name} is this rank's chunk of the permuted tokens")
                         self.boundaries.append(Boundary(node, a, "inv", self.state[a]))
                     elif a in self.tuple_state:
                         raise FoldError(f"graph output {a.name} is a tuple in permuted order")
@@ -126,6 +191,9 @@ class Analysis:
             raise FoldError(f"in-place op {node.name} ({name}) on permuted tokens cannot take a copy")
         for a in node.all_input_nodes:
             if a in self.state:
+                if self.state[a].shard is not None:
+                    raise FoldError(f"{node.name} ({name}) takes this rank's chunk of the permuted tokens ({a.name}): "
+                                    "putting them back in model order needs every rank's chunk")
                 self.boundaries.append(Boundary(node, a, "inv", self.state[a]))
             elif a in self.tuple_state:
                 raise FoldError(f"{node.name} consumes a tuple of permuted tensors")
@@ -133,7 +201,73 @@ class Analysis:
     def fwd(self, node: fx.Node, operand: fx.Node, state: State) -> None:
         if not any(s.kind == "vis" for s in state.segs):
             return
+        if state.shard is not None:
+            found = self._sharded_operand(operand, state)
+            if isinstance(found, str):
+                raise FoldError(f"{node.name}: operand {operand.name} varies along this rank's chunk of the tokens, "
+                                f"but {found}")
+            self.sharded_operands[(node, operand)] = found
         self.boundaries.append(Boundary(node, operand, "fwd", state))
+
+    def _sharded_operand(self, operand: fx.Node, state: State) -> Union[ShardedOperand, str]:
+        """How ``operand`` (axis ``state.dim`` along this rank's chunk) is cut from a whole-sequence table by
+        ``chunk(U, dim)[rank]``, through single-input ops that keep the axis; or why it is not."""
+        chain: list[fx.Node] = []
+        node, dim = operand, state.dim
+        total = sum(static_int(seg.length) or 0 for seg in state.segs)
+        for _ in range(16):
+            if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+                return f"{getattr(node, 'name', node)} is not cut from a table by chunk(U)[rank]"
+            name = op_name(node)
+            src = node.args[0] if node.args else None
+            if name == "getitem" and isinstance(src, fx.Node) and op_name(src) in ("chunk", "split") \
+                    and isinstance(node.args[1], int) and shape_of(src) is None:
+                return self._table_chunk(src, node, dim, total, chain)
+            if not isinstance(src, fx.Node) or shape_of(src) is None:
+                return f"{node.name} ({name}) is not followed back to a table"
+            others = [a for a in node.all_input_nodes if a is not src]
+            src_shape, shape = shape_of(src), shape_of(node)
+            if name == "getitem" and not others:
+                axes = getitem_axis_map(node.args[1], len(src_shape))
+                if axes is None or dim >= len(axes) or axes[dim][0] != "in" or axes[dim][2] == "dynamic" \
+                        or not unit_step(axes[dim][2]) or axes[dim][2].start not in (None, 0) \
+                        or not (axes[dim][2].stop is None or known_equal(src_shape[axes[dim][1]], shape[dim])):
+                    return f"{node.name} indexes the token axis"
+                dim = axes[dim][1]
+            elif name in PERMUTE_OPS and not others:
+                dims = permute_dims(node, len(shape))
+                if dims is None:
+                    return f"{node.name}: permutation not read"
+                dim = dims[dim]
+            elif (name in VIEW_OPS or name in EXCHANGE_IDENTITY_OPS) and not others:
+                if name in VIEW_OPS and name not in EXCHANGE_IDENTITY_OPS:
+                    if name == "expand":
+                        return f"{node.name} expands the token axis"
+                    mapped = map_view_backward(src_shape, shape, dim)
+                    if mapped is None or mapped[0] != "same":
+                        return f"{node.name} ({name}) reshapes the token axis"
+                    dim = mapped[1]
+            else:
+                return f"{node.name} ({name}) is not an op the rewrite can replay on the whole table"
+            chain.append(node)
+            node = src
+        return "the chain from the table is too long"
+
+    def _table_chunk(self, split: fx.Node, piece: fx.Node, dim: int, total: int,
+                     chain: list[fx.Node]) -> Union[ShardedOperand, str]:
+        sharding = self.sharding
+        table = split.args[0]
+        pieces = meta_value(split)
+        table_shape = shape_of(table)
+        if table_shape is None or not isinstance(pieces, (list, tuple)):
+            return f"{split.name} has no static pieces"
+        split_dim = norm_dim(int(arg(split, 2, "dim", 0)), len(table_shape))
+        if split_dim != dim or len(pieces) != sharding.world or piece.args[1] != sharding.rank \
+                or not known_equal(table_shape[dim], total) \
+                or any(not known_equal(p.shape[dim], pieces[0].shape[dim]) for p in pieces):
+            return (f"{split.name} is not chunk({sharding.world}, dim={dim})[{sharding.rank}] of a table as long as the "
+                    "whole sequence")
+        return ShardedOperand(table, dim, split, piece, list(reversed(chain)))
 
     def _other_inputs_outside(self, node: fx.Node) -> bool:
         return not any(a in self.state for a in node.all_input_nodes[1:])
@@ -144,6 +278,13 @@ class Analysis:
         a0 = node.args[0] if node.args else None
         st0 = self.state.get(a0) if isinstance(a0, fx.Node) else None
         if name in SIZE_OPS:
+            return
+        if name == "type_as":  # the second operand gives only a dtype
+            if st0 is not None:
+                self.state[node] = st0
+            return
+        if node.target in ALL_GATHER and st0 is not None and st0.shard is not None:
+            self.visit_gather(node)
             return
         if name == "getitem" and isinstance(a0, fx.Node) and a0 in self.tuple_state:
             pieces = self.tuple_state[a0]
@@ -175,12 +316,12 @@ class Analysis:
         if name in VIEW_OPS and st0 is not None and self._other_inputs_outside(node):
             j = map_view_forward(shape_of(a0), shape, st0.dim)
             if j is not None:
-                self.state[node] = State(j, st0.segs)
+                self.state[node] = st0.at(j)
                 return
         if name in PERMUTE_OPS and st0 is not None:
             dims = permute_dims(node, rank)
             if dims is not None:
-                self.state[node] = State(dims.index(st0.dim), st0.segs)
+                self.state[node] = st0.at(dims.index(st0.dim))
                 return
         if name in REDUCTIONS and st0 is not None:
             rdim = arg(node, 1, "dim")
@@ -191,7 +332,7 @@ class Analysis:
                 if st0.dim not in dims:
                     keep = bool(arg(node, 2, "keepdim", False)) or name in ("softmax", "log_softmax")
                     out_dim = st0.dim if keep else st0.dim - sum(1 for x in dims if x < st0.dim)
-                    self.state[node] = State(out_dim, st0.segs)
+                    self.state[node] = st0.at(out_dim)
                     return
         if name == "getitem" and st0 is not None and self.visit_getitem(node, st0):
             return
@@ -211,7 +352,7 @@ class Analysis:
         for a in node.all_input_nodes:
             if a in self.state:
                 st = self.state[a]
-                cand = State(st.dim + rank - len(shape_of(a)), st.segs)
+                cand = st.at(st.dim + rank - len(shape_of(a)))
                 if out_state is not None and not (out_state.dim == cand.dim and out_state.same(cand)):
                     self.exit(node)
                     return
@@ -227,7 +368,7 @@ class Analysis:
             a_shape = shape_of(a)
             aligned = out_state.dim - (rank - len(a_shape))
             if aligned >= 0 and not is_one(a_shape[aligned]):
-                self.fwd(node, a, State(aligned, out_state.segs))
+                self.fwd(node, a, out_state.at(aligned))
         self.state[node] = out_state
 
     def _indexed(self, index: Any, in_shape: tuple, st: State) -> Optional[tuple[int, tuple[Seg, ...]]]:
@@ -249,6 +390,8 @@ class Analysis:
                 static_length = static_int(length)
                 if isinstance(stop, int) and static_length is not None and stop > static_length:
                     stop = length
+                if st.shard is not None:  # this rank's chunk: only the whole of it
+                    return (j, st.segs) if known_equal(start, 0) and known_equal(stop, length) else None
                 segs = whole_segments(st.segs, start, stop)
                 if segs is None:
                     return None
@@ -263,7 +406,7 @@ class Analysis:
             return False
         j, segs = indexed
         if any(s.kind == "vis" for s in segs):
-            self.state[node] = State(j, segs)
+            self.state[node] = State(j, segs, st.shard)
         return True
 
     def visit_setitem(self, node: fx.Node) -> None:
@@ -286,7 +429,7 @@ class Analysis:
             return
         v_shape = shape_of(value)
         aligned = j - (sub_rank - len(v_shape))
-        want = State(aligned, segs)
+        want = State(aligned, segs, t_state.shard)
         if v_state is not None:
             if not (v_state.dim == aligned and v_state.same(want)):
                 raise FoldError(f"{node.name}: stored value is permuted differently from its destination")
@@ -304,6 +447,8 @@ class Analysis:
             return False
         d = dims.pop()
         if d == cdim:
+            if any(s is not None and s.shard is not None for s in states):
+                return False  # a chunk of the tokens joined to others: not the sequence the sharding split
             segs: list[Seg] = []
             for t, s in zip(tensors, states):
                 if s is not None:
@@ -333,7 +478,7 @@ class Analysis:
         for t, s in zip(tensors, states):
             if s is None:
                 self.fwd(node, t, ref)
-        self.state[node] = State(out_dim, ref.segs)
+        self.state[node] = ref.at(out_dim)
         return True
 
     def visit_split(self, node: fx.Node, st: State) -> bool:
@@ -346,12 +491,18 @@ class Analysis:
             udim = norm_dim(int(arg(node, 1, "dim", 0)), src_rank)
             if udim == st.dim:
                 return False
-            out = State(st.dim - (1 if udim < st.dim else 0), st.segs)
+            out = st.at(st.dim - (1 if udim < st.dim else 0))
             self.tuple_state[node] = [out] * len(pieces)
             return True
         sdim = norm_dim(int(arg(node, 2, "dim", 0)), src_rank)
         if sdim != st.dim:
             self.tuple_state[node] = [st] * len(pieces)
+            return True
+        if st.shard is not None:
+            return False
+        if self.sharding is not None and name == "chunk" and self._rank_chunk(node, pieces, sdim):
+            shard = State(sdim, st.segs, self.sharding)
+            self.tuple_state[node] = [shard if i == self.sharding.rank else None for i in range(len(pieces))]
             return True
         states: list[Optional[State]] = []
         start: SizeLike = 0
@@ -365,6 +516,101 @@ class Analysis:
         self.tuple_state[node] = states
         return True
 
+    def _rank_chunk(self, node: fx.Node, pieces: Any, dim: int) -> bool:
+        """Whether ``node`` is the token sharding: ``chunk(U, dim)`` into U equal pieces of which this graph uses only
+        piece ``rank`` (every rank's graph takes its own piece)."""
+        sharding = self.sharding
+        if len(pieces) != sharding.world or any(not known_equal(p.shape[dim], pieces[0].shape[dim]) for p in pieces):
+            return False
+        return all(op_name(user) == "getitem" and user.args[1] == sharding.rank for user in node.users)
+
+    def visit_exchange(self, node: fx.Node) -> None:
+        """``node`` comes out of an all-to-all: its tokens are the whole sequence (from this rank's chunk) or this
+        rank's chunk (from the whole sequence), or the graph cannot be folded."""
+        traced = self.exchanges[node]
+        if isinstance(traced, str):
+            if any(a in self.state for a in _chain_inputs(node)):
+                raise FoldError(f"{node.name}: permuted tokens go through an exchange that cannot be traced ({traced})")
+            return
+        st = self.state.get(traced.source)
+        if st is None:
+            return
+        chain = set(traced.chain)
+        for inner in traced.chain:
+            if inner is not node and any(user not in chain for user in inner.users):
+                raise FoldError(f"{inner.name}, inside the exchange of {traced.source.name}, is used outside it")
+        exchange = traced.exchanges[0] if len(traced.exchanges) == 1 else None
+        sharding = self.sharding
+        if exchange is None or (exchange.group_name, exchange.world_size) != (sharding.group_name, sharding.world):
+            raise FoldError(f"{node.name}: permuted tokens go through an exchange over another group than the "
+                            "Ulysses group")
+        for out_dim in range(len(traced.layout)):
+            found = exchanged_token_axis(traced, out_dim)
+            if found is None or found[0] != st.dim:
+                continue
+            gathers = found[1]
+            if gathers and st.shard == sharding:
+                self.state[node] = State(out_dim, st.segs)
+                return
+            if not gathers and st.shard is None:
+                total = sum(static_int(seg.length) or 0 for seg in st.segs)
+                if not known_equal(total, shape_of(traced.source)[st.dim]):
+                    break
+                self.state[node] = State(out_dim, st.segs, sharding)
+                return
+            break
+        raise FoldError(f"{node.name}: the exchange of {traced.source.name} does not keep its tokens as (rank, local "
+                        "token) of the sequence")
+
+    def visit_gather(self, node: fx.Node) -> None:
+        """An all-gather of this rank's chunk of the tokens over the Ulysses group: followed through its wait and
+        reshapes to the node whose axis is (rank, local token), the whole sequence again (diffusers' final
+        ``all_gather`` of the output: ``all_gather_into_tensor`` on dim 0, then a view back to the token axis)."""
+        source = node.args[0]
+        st = self.state[source]
+        sharding = self.sharding
+        group_size, group_name = arg(node, 1, "group_size"), arg(node, 2, "group_name")
+        if st.shard != sharding or (group_name, group_size) != (sharding.group_name, sharding.world):
+            raise FoldError(f"{node.name} gathers permuted tokens over another group than the Ulysses group")
+        shape = shape_of(source)
+        sizes = [static_int(x) for x in shape]
+        if None in sizes:
+            raise FoldError(f"{node.name}: all-gather of tokens with a symbolic shape")
+        layout = source_layout(sizes)
+        token = layout[st.dim]
+        layout = [[Digit(PEER, 1, sharding.world)] + layout[0]] + layout[1:]
+        chain, current = [], node
+        for _ in range(16):
+            users = list(current.users)
+            if len(users) != 1:
+                break
+            user = users[0]
+            name = op_name(user)
+            try:
+                if user.target in WAIT or name in EXCHANGE_IDENTITY_OPS:
+                    pass
+                elif name in PERMUTE_OPS:
+                    dims = permute_dims(user, len(layout))
+                    if dims is None:
+                        break
+                    layout = [layout[d] for d in dims]
+                elif name in REGROUP_OPS and shape_of(user) is not None:
+                    layout = regroup(layout, [static_int(x) for x in shape_of(user)])
+                else:
+                    break
+            except LayoutError:
+                break
+            chain.append(user)
+            current = user
+            wanted = [Digit(PEER, 1, sharding.world)] + token
+            axis = next((j for j, digits in enumerate(layout) if digits == wanted), None)
+            if axis is not None:
+                self.skip.update(chain)
+                self.state[user] = State(axis, st.segs)
+                return
+        raise FoldError(f"{node.name}: the all-gather of the permuted tokens is not followed back to one token axis "
+                        "(a batch of several samples is gathered with chunk + cat, which is not folded)")
+
     def visit_sdpa(self, node: fx.Node) -> bool:
         args = sdpa_arguments(node)
         if args.get("attn_mask") is not None:
@@ -374,6 +620,10 @@ class Analysis:
         for s in (sq, sk, sv):
             if s is not None and s.dim != 2:
                 return False
+        if any(s is not None and s.shard is not None for s in (sk, sv)):
+            return False  # keys of this rank's chunk only: attention over a part of the sequence
+        if sq is not None and sq.shard is not None and known_equal(shape_of(k)[2], shape_of(q)[2]):
+            return False  # self-attention over this rank's chunk
         if sq is not None:
             q_len = shape_of(q)[2]
             for x, s in ((k, sk), (v, sv)):
@@ -391,6 +641,17 @@ class Analysis:
         if sk is not None and sv is not None and sk.same(sv):
             return True  # keys and values permuted alike: softmax over keys is order-invariant
         return False
+
+
+def _chain_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes an exchange chain ending at ``node`` starts from (its shape ops followed back)."""
+    from paro_compile.passes.context_parallel import is_exchange_chain_op
+
+    current, seen = node, 0
+    while is_exchange_chain_op(current) and seen < 32:
+        current = current.args[0] if current.args else None
+        seen += 1
+    return [current] if isinstance(current, fx.Node) else []
 
 
 @dataclass
@@ -416,8 +677,10 @@ class TokenRegion:
 
 
 def analyse_region(gm: fx.GraphModule, sites: list[AttentionSite], plan: Optional[Plan] = None,
-                   grid_hint: Optional[TokenGrid] = None) -> TokenRegion:
-    """Find the token sources of the supported sites and run the forward analysis; raises FoldError."""
+                   grid_hint: Optional[TokenGrid] = None, sharding: Optional[TokenSharding] = None) -> TokenRegion:
+    """Find the token sources of the supported sites and run the forward analysis; raises FoldError. ``sharding``:
+    the graph's Ulysses token sharding (context parallelism), whose chunk, exchanges and gather the analysis then
+    follows (module docstring)."""
     supported = [s for s in sites if s.supported]
     layouts = infer_layouts(gm, supported)
     factors = None
@@ -448,7 +711,7 @@ def analyse_region(gm: fx.GraphModule, sites: list[AttentionSite], plan: Optiona
     visual = math.prod(grid_sizes)
     for lay in layouts.values():
         for src, offset in lay.flat_leaves:
-            if src.node.op == "get_attr" or not known_equal(src.length, visual):
+            if src.node.op == "get_attr" or src.kind == "exchange" or not known_equal(src.length, visual):
                 continue
             # a visual leaf: it occupies the visual range of the site's sequence
             text = lay.seq_len - visual
@@ -458,6 +721,6 @@ def analyse_region(gm: fx.GraphModule, sites: list[AttentionSite], plan: Optiona
                 sources[(src.node.name, src.dim)] = (src.node, src.dim)
     if not sources:
         raise FoldError("no visual token source found")
-    analysis = Analysis(gm, list(sources.values()))
+    analysis = Analysis(gm, list(sources.values()), sharding)
     analysis.run()
     return TokenRegion(axes, grid_factors, list(sources.values()), analysis)

@@ -21,7 +21,7 @@ from torch.utils._sympy.reference import PythonReferenceAnalysis
 
 from paro_compile.grid import TokenGrid, inverse_permutation, order_permutation
 from paro_compile.passes.discover import sdpa_arguments
-from paro_compile.passes.fold_analysis import FoldError, GridFactor, Seg, TokenRegion
+from paro_compile.passes.fold_analysis import FoldError, GridFactor, Seg, ShardedOperand, TokenRegion
 from paro_compile.passes.fold_patch_embed import fold_into_patch_embed
 from paro_compile.passes.fx_utils import SizeLike, fake_value, meta_value, op_name, shape_of, static_int
 
@@ -255,7 +255,16 @@ def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenReg
         current[node] = permuted
         applied.sources.append(f"{op_name(node) if node.op != 'placeholder' else 'input'}({node.name})")
     inserted: dict[tuple[fx.Node, str], fx.Node] = {}
+    table_copies: dict[fx.Node, fx.Node] = {}
     for user, operand, direction, state in analysis.boundaries:
+        if state.shard is not None:  # a table joining this rank's chunk: permute the whole table, then cut it
+            key = (operand, "shard")
+            if key not in inserted:
+                inserted[key] = _replay_on_permuted_table(rw, analysis.sharded_operands[(user, operand)], state, user,
+                                                          table_copies)
+                applied.table_permutes.append(f"{operand.name}->{user.name}")
+            user.replace_input_with(operand, inserted[key])
+            continue
         src = current.get(operand, operand)
         key = (operand, direction)
         if key not in inserted:
@@ -268,6 +277,22 @@ def apply_order(gm: fx.GraphModule, sites: list[AttentionSite], region: TokenReg
         args = sdpa_arguments(site.node)
         site.q, site.k, site.v = args.get("query"), args.get("key"), args.get("value")
     return applied
+
+
+def _replay_on_permuted_table(rw: Rewriter, sharded: ShardedOperand, state: Any, before: fx.Node,
+                              copies: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The operand of ``sharded`` computed from its whole table in the common order: the forward layout op on the
+    table, then the table's ``chunk(U)[rank]`` and the ops after it, copied (``copies``: original → copy, shared by
+    every operand of the graph). Inserted before ``before``, the operand's first user in the region."""
+    if sharded.table not in copies:
+        copies[sharded.table] = rw.reorder(sharded.table, sharded.dim, state.segs, True, before,
+                                           len(shape_of(sharded.table)))
+    with rw.graph.inserting_before(before):
+        for node in [sharded.split, sharded.piece] + sharded.chain:
+            if node not in copies:  # shared by the table's operands: the first copy dominates the later users
+                copies[node] = rw.graph.node_copy(node, lambda a: copies.get(a, a))
+                rw.new_nodes.add(copies[node])
+    return copies[sharded.chain[-1] if sharded.chain else sharded.piece]
 
 
 def common_permutation(segs: tuple[Seg, ...], grid: TokenGrid, order: str) -> torch.Tensor:

@@ -12,6 +12,13 @@ reach the op that *forms* the tokens:
   through): its tokens are visual when they occupy the visual range of the site's sequence; the grid
   then comes from the plan (``SitePlan.grid``) or from the user.
 
+Under Ulysses context parallelism (``passes/context_parallel.py``) the trace crosses the all-to-all: the
+exchanged token axis before attention is (sending rank, local tokens), this rank's local tokens sit at
+``rank·L`` of the site's sequence, and ``chunk(U)[rank]`` of the token sharding takes them back to offset 0 of the
+whole sequence (the exchange after attention, which hands this rank its chunk, shifts the other way). An
+exchange whose token axis cannot be read ends the trace as an opaque leaf (``kind="exchange"``), never as a merge:
+its ``(U, N/U)`` reshape is not a patch grid.
+
 Sizes are the fake tensors' own (ints, or SymInts with ``dynamic=True``), compared without guards
 (`fx_utils.known_equal`), so symbolic shapes are inferred too without specializing them;
 `SiteLayout.symbolic_grid()` gives them as sympy expressions, and `SiteLayout.token_grid()` returns a
@@ -26,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch.fx as fx
 
 from paro_compile.grid import TokenGrid
+from paro_compile.passes.context_parallel import LayoutError, comes_from_all_to_all, trace_exchanged_tokens
 from paro_compile.passes.fx_utils import (
     ELEMENTWISE_OPS, LAST_DIM_OPS, NORM_OPS, PERMUTE_OPS, REDUCTIONS, VIEW_OPS, SizeLike, arg, getitem_axis_map, is_one,
     known_equal, map_view_backward, meta_value, norm_dim, op_name, permute_dims, shape_of, static_int, to_sym,
@@ -57,7 +65,7 @@ class VisualSource:
     length: SizeLike
     factors: Optional[list[Factor]] = None
     """The grid axes, slowest first (None: a flat leaf; the grid must come from elsewhere)."""
-    kind: str = "merge"  # "merge" | "flat"
+    kind: str = "merge"  # "merge" | "flat" | "exchange" (an all-to-all whose token order is not known)
 
     @property
     def label(self) -> str:
@@ -167,6 +175,14 @@ class _Tracer:
             self.layout.flat_leaves.append((VisualSource(node, dim, length, None, "flat"), offset))
             return
         if node.op not in ("call_method", "call_function"):
+            return
+        if comes_from_all_to_all(node):
+            try:
+                source, source_dim, shift = trace_exchanged_tokens(node, dim)
+            except LayoutError:
+                self.layout.flat_leaves.append((VisualSource(node, dim, length, None, "exchange"), offset))
+                return
+            self.visit(source, source_dim, offset + shift, depth + 1)
             return
         args0 = node.args[0] if node.args else None
         src_shape = shape_of(args0) if isinstance(args0, fx.Node) else None
