@@ -364,17 +364,18 @@ def rewrite_graph(gm: fx.GraphModule, config: ParoConfig, plan, report: CompileR
 
     kernel_perms = None
     fold_result = None
+    # under Ulysses the common order comes from the global plan (every rank folds the same one) and the token
+    # sharding lets the fold follow the tokens through the chunk, the exchanges and the final all-gather
+    sharding = parallel.token_sharding() if parallel.ulysses else None
     if plan is not None and config.fold_permutations:
-        # under Ulysses the common order comes from the global plan (every rank folds the same one) and the token
-        # sharding lets the fold follow the tokens through the chunk, the exchanges and the final all-gather
-        sharding = parallel.token_sharding() if parallel.ulysses else None
         fold_result = fold.fold_permutations(gm, sites, plan, config, order_plan=global_plan,
                                              sharding=sharding if not isinstance(sharding, str) else None)
         kernel_perms, report.gathers_left = fold_result.kernel_perms, fold_result.gathers
-        if parallel.ulysses:
-            report.context_parallel.append(fold.describe_context_parallel_fold(fold_result, sharding))
         report.passes.append({"name": "fold_permutations", "before": before, "after": graph_code(gm)})
         before = report.passes[-1]["after"]
+    if parallel.ulysses:  # what the fold did across the exchange, or why it did nothing
+        report.context_parallel_fold = fold.describe_context_parallel_fold(fold_result, sharding)
+        log.info("paro context parallel: %s", report.context_parallel_fold)
     report.sites = lower_attention_sites(gm, sites, config, plan, kernel_perms)
     for record in report.sites:
         if record.lowered and record.site_id in skipped:

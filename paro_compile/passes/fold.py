@@ -120,8 +120,11 @@ def describe_permutations(records: list[SiteRecord], result: Optional[FoldResult
             record.kernel_permutation = "full" if record.permutation == "kernel" else "none"
 
 
-def describe_context_parallel_fold(result: FoldResult, sharding: TokenSharding | str | None) -> str:
-    """One line for the report under Ulysses: the order folded across the token sharding, or why nothing was."""
+def describe_context_parallel_fold(result: Optional[FoldResult], sharding: TokenSharding | str | None) -> str:
+    """One line for the report under Ulysses: the order folded across the token sharding, or why nothing was
+    (``result`` None: the pass did not run)."""
+    if result is None:
+        return "fold: not run (no plan, or fold_permutations=False); the kernels apply each head's whole order"
     if result.order is not None:
         exits = ", ".join(result.exits) or "none"
         return (f"fold: order {result.order} folded into the whole sequence before the token sharding over "

@@ -141,8 +141,9 @@ def test_ulysses_ranks_apply_their_heads_bitwise(ranks, one_process, plan):
         assert record.lowered and record.shape[1] == 2 and record.density < 1.0, record  # the plan's masks, not dense
         assert notes == [f"{WAN_SITE}: ulysses 2 ranks, rank {rank}: heads [{2 * rank}, {2 * rank + 2}) of 4 (graph)"]
         assert record.orders == PLANS[plan][WAN_SITE][2 * rank: 2 * rank + 2]
-        # the fold pass declines under the exchange: the kernel applies the rank's permutation rows
-        assert record.permutation == "kernel", record
+        # every rank folds the order one process folds (chosen from the global plan; test_ulysses_fold.py)
+        assert record.folded_order == one_process[plan + "/record"].folded_order, record
+        assert record.permutation == "kernel" or record.permutation.startswith("folded:"), record
         assert torch.equal(out, one_process[plan]), f"rank {rank}: max diff {(out - one_process[plan]).abs().max()}"
 
 
