@@ -14,16 +14,19 @@ pytestmark = [
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SITE = "blocks.0.attn1#0"
 ORDERS = {SITE: ["FHW", "HWF", "WFH", "HFW"]}
+ONE_ORDER = {SITE: ["HWF"] * 4}
+"""Every head in one order: folded into the patch embed and the RoPE tables before the token sharding, the inverse
+after the final all-gather (docs/context_parallel.md, "Folding under context parallelism")."""
 OPTIONS = {"impl": "triton"}
 
 
-def _run(rank: int, world: int, balanced: bool) -> torch.Tensor:
+def _run(rank: int, world: int, balanced: bool, orders: dict = ORDERS) -> torch.Tensor:
     from paro_compile.backend import registered_backend
     from paro_compile.parallel import balance_heads
 
     device = f"cuda:{rank}"
     model, inputs = cw.tiny_wan(device=device, dtype=torch.bfloat16)
-    plan = cw.wan_plan(ORDERS, density=[0.9, 0.73, 0.22, 0.44])
+    plan = cw.wan_plan(orders, density=[0.9, 0.73, 0.22, 0.44])
     if balanced:
         plan = balance_heads(model, plan, 2)
     if world > 1:
@@ -40,11 +43,14 @@ def _run(rank: int, world: int, balanced: bool) -> torch.Tensor:
     assert SITE in records, report.summary()
     record = records[SITE]
     assert record.lowered and record.shape[1] == 4 // world and record.density < 1.0, record
+    if orders is ONE_ORDER:
+        assert record.folded_order == "HWF" and record.kernel_permutation == "none", record
     return out.float().cpu()
 
 
 def ulysses_worker(rank: int, world: int) -> dict:
-    return {"plain": _run(rank, world, False), "balanced": _run(rank, world, True)}
+    return {"plain": _run(rank, world, False), "balanced": _run(rank, world, True),
+            "folded": _run(rank, world, False, ONE_ORDER)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,7 @@ def outputs():
     return ranks, one
 
 
-@pytest.mark.parametrize("variant", ["plain", "balanced"])
+@pytest.mark.parametrize("variant", ["plain", "balanced", "folded"])
 def test_ulysses_on_nccl_matches_one_gpu(outputs, variant):
     ranks, one = outputs
     for result in ranks:
