@@ -23,10 +23,12 @@ Outputs under --out: results.json (every variant, the per-layer errors, the stam
 samples.png, plans/*.paro.safetensors; with --seeds also pooled.json / pooled.md.
 GPU:  python benchmarks/quality.py --out OUT                      (--max-minutes bounds the run)
 CI:   python benchmarks/quality.py --out OUT --tiny               (CPU, random tiny model, seconds)
+CPU FP8-linear numerics: python benchmarks/quality.py --out OUT --exec eager --variants fp8-linears --fp8-on-cpu
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -34,7 +36,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,10 @@ def parse_args(argv=None):
                    help="compile: torch.compile(backend='paro') per variant (the product path); eager: the same paro op "
                         "called in place of SDPA without compiling (same numerics, no compile time)")
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip remaining variants past this wall time")
+    p.add_argument("--fp8-on-cpu", action="store_true",
+                   help="numerics check on a machine without an FP8 GPU: the model runs in bf16 on the CPU and the "
+                        "fp8-linears variants use torchao's float8 tensors through torch._scaled_mm's CPU kernel "
+                        "(the capability checks are bypassed for this run only; times are meaningless)")
     p.add_argument("--allow-random", action="store_true", help="use a random-init toy model if the fixture is missing")
     args = p.parse_args(argv)
     if not 1 <= args.calib_prompts <= len(CALIB_PROMPTS):
@@ -398,6 +404,25 @@ def main(argv=None) -> dict:
     return run_one(args)
 
 
+@contextlib.contextmanager
+def fp8_capability_bypass(active: bool) -> Iterator[None]:
+    """``--fp8-on-cpu``: let `quantize_linears` and torchao build float8 linears on the CPU. torchao refuses below an
+    FP8 GPU, but its float8 tensors compute through ``torch._scaled_mm``, which has a CPU kernel: the e4m3 rounding and
+    the row-wise scales are the ones the GPU applies, so the PSNR cost of FP8 linears can be measured without one."""
+    if not active:
+        yield
+        return
+    from unittest import mock
+
+    import torchao.quantization.quant_api as torchao_quant_api
+
+    import paro_compile.fp8 as paro_fp8
+
+    with mock.patch.object(paro_fp8, "fp8_unavailable_reason", lambda model=None: None), \
+            mock.patch.object(torchao_quant_api, "_check_hardware_support", lambda *args, **kwargs: None):
+        yield
+
+
 def run_one(args: argparse.Namespace) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -417,7 +442,7 @@ def run_one(args: argparse.Namespace) -> dict:
         eval_prompts = EVAL_PROMPTS[:2]
         wanted = {"paro", "natural", "dynamic"} if args.variants == "all" else set(args.variants.split(","))
     else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" or args.fp8_on_cpu else torch.float32
         path = args.fixture or toy_cog.FIXTURE_DIR
         if toy_cog.fixture_available(path):
             model = toy_cog.load_toy_cogvideox(device=device, dtype=dtype, path=path)
@@ -538,7 +563,7 @@ def run_one(args: argparse.Namespace) -> dict:
             from paro_compile.fp8 import Fp8UnavailableWarning, quantize_linears
 
             quantized = copy.deepcopy(model)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), fp8_capability_bypass(args.fp8_on_cpu and device.type == "cpu"):
                 warnings.simplefilter("ignore", Fp8UnavailableWarning)  # the reason goes into the results
                 result = quantize_linears(quantized)
             print(f"[quality] {result.summary()}", flush=True)

@@ -202,6 +202,8 @@ def graph_dict(report: CompileReport) -> dict[str, Any]:
         "frame": report.frame,
         "error": report.error,
         "notes": list(report.notes),
+        "context_parallel": list(report.context_parallel),
+        "context_parallel_fold": report.context_parallel_fold,
         "gathers_left": int(report.gathers_left),
         "passes": [PassDiff.from_record(report.graph_index, p).to_dict() for p in report.passes],
         "sites": [site_dict(s, report.graph_index) for s in report.sites],

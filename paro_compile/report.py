@@ -94,6 +94,11 @@ class CompileReport(SiteFilters):
     """Set when rewriting or compiling this graph raised: the exception's type and message."""
     notes: list[str] = field(default_factory=list)
     """Options that had no effect on this graph, and why."""
+    context_parallel: list[str] = field(default_factory=list)
+    """Context-parallel sites of this graph, one line each: the heads this rank holds and how they were found, or why
+    the site runs unsharded or on SDPA (empty on one process; `docs/context_parallel.md`)."""
+    context_parallel_fold: str = ""
+    """Under Ulysses: the shared order folded across the token sharding, or why none was ("" without Ulysses)."""
     model: Optional[weakref.ref] = field(default=None, repr=False, compare=False)
     """Weak reference to the compiled model this graph belongs to (None: compiled outside a model call)."""
     attention_sources: list[Optional[tuple[weakref.ref, str]]] = field(default_factory=list, repr=False, compare=False)
@@ -123,6 +128,8 @@ class CompileReport(SiteFilters):
         lines = [f"{self.title()}: {len(self.lowered)}/{len(self.sites)} attention sites lowered, "
                  f"{self.gathers_left} runtime gathers" + ("" if self.sites else " (no attention in this graph)")]
         lines += [f"  note: {note}" for note in self.notes] if notes else []
+        lines += [f"  context parallel: {line}" for line in self.context_parallel]
+        lines += [f"  context parallel {self.context_parallel_fold}"] if self.context_parallel_fold else []
         for s in self.sites:
             if s.lowered:
                 lines.append(f"  {s.site_id:40s} {str(s.shape):28s} density={s.density:.2f} qk={s.qk_bits}b "

@@ -71,7 +71,7 @@ def wan_run(orders: dict, world: int, layers: int = 1) -> dict:
         out = compiled(**inputs)[0]
         report = paro_compile.last_report()
         again = compiled(**inputs)[0]
-    return {"out": out, "again": again, "report": report, "cp": [getattr(report, "context_parallel_fold", "")],
+    return {"out": out, "again": again, "report": report, "cp": [report.context_parallel_fold],
             "shapes": shapes, "graph_breaks": sum(counters["graph_break"].values()),
             "graphs": counters["stats"]["unique_graphs"]}
 
@@ -86,7 +86,7 @@ def toy_run(batch: int) -> dict:
     with torch.no_grad():
         out = torch.compile(toy, backend=recording_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}, shapes))(x)
     report = paro_compile.last_report()
-    return {"out": out, "report": report, "cp": [getattr(report, "context_parallel_fold", "")], "shapes": shapes}
+    return {"out": out, "report": report, "cp": [report.context_parallel_fold], "shapes": shapes}
 
 
 def fold_worker(rank: int, world: int) -> dict:
