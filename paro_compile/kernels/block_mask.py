@@ -309,6 +309,12 @@ class BlockMask:
         A dense mask may carry 0 block counts: the op takes them from the sequence length."""
         return ([getattr(self, name) for name in TENSOR_FIELDS], [int(getattr(self, name)) for name in SIZE_FIELDS])
 
+    @staticmethod
+    def op_args_are_dense(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        """Whether `as_op_args` tensors stand for a dense mask (neither counts nor kept bits)."""
+        fields = dict(zip(TENSOR_FIELDS, tensors))
+        return fields.get("counts") is None and fields.get("kept_bits") is None
+
     @classmethod
     def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], sizes: Sequence[int],
                      density: float = 1.0) -> "BlockMask":
