@@ -297,6 +297,31 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
         torch.testing.assert_close(bitmap, csr, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@torch.no_grad()
+def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
+    """mode="reduce-overhead": the per-call decode of bitmap masks is recorded in the CUDA graph (no host read, torch
+    allocations: no cudagraph skip), and replays at both step buckets give the CSR encoding's output bit for bit."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval().to("cuda", torch.bfloat16)
+    plan = random_plan(buckets=2)
+    options = {"plan": plan, "fold_permutations": False}
+    counters.clear()
+    graphs = torch.compile(model, backend="paro", options={**options, "mode": "reduce-overhead",
+                                                           "mask_encoding": "bitmap"})
+    plain = torch.compile(copy.deepcopy(model), backend="paro", options={**options, "mask_encoding": "csr"})
+    for call in range(4):  # warm-up, record, replays
+        inputs = toy_inputs(device="cuda", dtype=torch.bfloat16, seed=call)
+        inputs["timestep"] = torch.full((1,), (900.0, 300.0)[call % 2], device="cuda")
+        torch.testing.assert_close(graphs(**inputs).clone(), plain(**inputs), rtol=0, atol=0)
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
 @torch.no_grad()
 def test_plan_for_other_shapes_is_refused():
     model = ToyVideoDiT().eval()

@@ -520,7 +520,8 @@ def paro_attention_triton(
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
     ``mask`` (`BlockMask`, None = dense with 64-token blocks): walked in shared 64-row tiles when its blocks are
-    under 64 rows (`BlockMask.grouped`); pass it as `BlockMask.from_dense` builds it and nothing is derived per call.
+    under 64 rows (`BlockMask.grouped`); pass it as `BlockMask.from_dense` builds it and nothing is derived per call
+    but, for a bitmap-form mask, its walk (`mask_decode.decode_walk`: one launch, no host read).
     ``compensate``: skipped-block compensation (reference step 6; sparse masks only; uses the mask's kept bits).
     ``out`` (optional, contiguous [B, H, N, D] of q's dtype) receives the result; rows are only
     written where the kernel computes them (tests poison it with NaN to catch unwritten rows).

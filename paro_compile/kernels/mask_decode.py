@@ -1,7 +1,7 @@
 """Decode a bitmap-form `BlockMask` into the CSR walk the attention kernels read, on the device, in one launch.
 
 A bitmap-form mask (`BlockMask.from_dense(..., encoding="bitmap")`) keeps one bit per block resident instead of the
-CSR, whose rows are as wide as the widest one (`docs/plan_format.md`, "Device memory"). Each call rebuilds the CSR
+CSR, whose rows are as wide as the widest one (`docs/video_720p.md`, "What the plan costs in GPU memory"). Each call rebuilds the CSR
 into fresh tensors: one program per (head, walk row) loads the row's words (the OR over its ``group`` query blocks
 when query blocks share a 64-row tile), expands them to bits, places every kept block at its prefix count
 (``tl.cumsum``), stores the row's count, and fills the slots past the count with block 0 (and block 0's slot bits),
