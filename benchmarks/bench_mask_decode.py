@@ -39,45 +39,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_mask_decode.py needs CUDA")
+def measure_case(model: "plan_memory.ModelShape", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 masks: torch.Tensor, rep_ms: float) -> dict:
+    """One site: both encodings of ``masks`` [H, nb, nb] (on the GPU), their bytes, and the timed calls."""
     from paro_compile.kernels.attention import paro_attention_triton
     from paro_compile.kernels.block_mask import BlockMask
     from paro_compile.kernels.mask_decode import decode_walk
 
+    csr = BlockMask.from_dense(masks, BLOCK, BLOCK, encoding="csr")
+    bitmap = BlockMask.from_dense(masks, BLOCK, BLOCK, encoding="bitmap")
+    same = torch.equal(paro_attention_triton(q, k, v, mask=bitmap), paro_attention_triton(q, k, v, mask=csr))
+    transient = decode_walk(bitmap).nbytes - bitmap.nbytes
+    t_decode = harness.time_ms(lambda: decode_walk(bitmap), rep_ms=rep_ms)
+    t_csr = harness.time_ms(lambda: paro_attention_triton(q, k, v, mask=csr), rep_ms=rep_ms)
+    t_bitmap = harness.time_ms(lambda: paro_attention_triton(q, k, v, mask=bitmap), rep_ms=rep_ms)
+    return dict(model=model.name, heads=model.heads, tokens=q.shape[2], density=round(csr.density, 4),
+                same_output=same, walk_slots=csr.row_width, kv_blocks=csr.num_kv_blocks,
+                csr_mb=csr.nbytes / 2**20, bitmap_mb=bitmap.nbytes / 2**20, transient_mb=transient / 2**20,
+                decode_ms=t_decode.median_ms, csr_call_ms=t_csr.median_ms, bitmap_call_ms=t_bitmap.median_ms,
+                overhead=t_bitmap.median_ms / t_csr.median_ms - 1.0)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mask_decode.py needs CUDA")
     run_stamp = harness.stamp(__file__, argv)
     rows = []
     for name in args.models.split(","):
         model = plan_memory.MODELS[name]
-        n = model.grid.num_tokens
         gen = torch.Generator().manual_seed(args.seed)
-        q, k, v = (torch.randn(1, model.heads, n, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
+        q, k, v = (torch.randn(1, model.heads, model.grid.num_tokens, HEAD_DIM, generator=gen).to("cuda", torch.bfloat16)
                    for _ in range(3))
         for density in (float(d) for d in args.densities.split(",")):
             masks = plan_memory.calibrated_like_masks(model.grid, model.heads, density, 1, BLOCK, gen)[0].cuda()
-            csr = BlockMask.from_dense(masks, BLOCK, BLOCK, encoding="csr")
-            bitmap = BlockMask.from_dense(masks, BLOCK, BLOCK, encoding="bitmap")
-            del masks
-            same = torch.equal(paro_attention_triton(q, k, v, mask=bitmap), paro_attention_triton(q, k, v, mask=csr))
-            decoded = decode_walk(bitmap)
-            transient = decoded.nbytes - bitmap.nbytes
-            del decoded
-            t_decode = harness.time_ms(lambda: decode_walk(bitmap), rep_ms=args.rep_ms)
-            t_csr = harness.time_ms(lambda: paro_attention_triton(q, k, v, mask=csr), rep_ms=args.rep_ms)
-            t_bitmap = harness.time_ms(lambda: paro_attention_triton(q, k, v, mask=bitmap), rep_ms=args.rep_ms)
-            row = dict(model=model.name, heads=model.heads, tokens=n, density=round(csr.density, 4),
-                       same_output=same, walk_slots=csr.row_width, kv_blocks=csr.num_kv_blocks,
-                       csr_mb=csr.nbytes / 2**20, bitmap_mb=bitmap.nbytes / 2**20, transient_mb=transient / 2**20,
-                       decode_ms=t_decode.median_ms, csr_call_ms=t_csr.median_ms, bitmap_call_ms=t_bitmap.median_ms,
-                       overhead=t_bitmap.median_ms / t_csr.median_ms - 1.0)
+            row = measure_case(model, q, k, v, masks, args.rep_ms)
             rows.append(row)
-            print(f"{model.name:18s} d={row['density']:.3f} same={same} csr {row['csr_mb']:.1f} MB / bitmap "
-                  f"{row['bitmap_mb']:.1f} MB (+{row['transient_mb']:.1f} MB per call); decode {t_decode.median_ms:.3f} ms, "
-                  f"call csr {t_csr.median_ms:.2f} ms, bitmap {t_bitmap.median_ms:.2f} ms ({row['overhead']:+.2%})")
-            del csr, bitmap
-        del q, k, v
+            print(f"{model.name:18s} d={row['density']:.3f} same={row['same_output']} csr {row['csr_mb']:.1f} MB / "
+                  f"bitmap {row['bitmap_mb']:.1f} MB (+{row['transient_mb']:.1f} MB per call); decode "
+                  f"{row['decode_ms']:.3f} ms, call csr {row['csr_call_ms']:.2f} ms, bitmap {row['bitmap_call_ms']:.2f} "
+                  f"ms ({row['overhead']:+.2%})")
         torch.cuda.empty_cache()
     if args.out is not None:
         harness.write_results(args.out / "mask_decode.json", {"rows": rows}, run_stamp,
