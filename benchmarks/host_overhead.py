@@ -178,7 +178,7 @@ def small_call_cases(device: torch.device, gen: torch.Generator) -> tuple[dict[s
     cases = {
         "op (sparse mask)": lambda: op(q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density,
                                        "triton"),
-        "op (dense)": lambda: op(q, k, v, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+        "op (dense)": lambda: op(q, k, v, None, None, [None] * 4, [64, 64, 1, 0, 0, 0], 0.125, 8, "fp8", False, 1.0,
                                  "triton"),
         "triton-wrapper (sparse mask)": lambda: paro_attention_triton(q, k, v, mask=mask),
         "prologue": lambda: paro_prologue(q, k, v),
@@ -238,7 +238,7 @@ def main(argv=None) -> list[dict]:
     op = torch.ops.paro.attention.default
     if not args.tiny and torch.cuda.get_device_capability(device) == (9, 0):
         cases["op (dense, impl=auto: Hopper kernel)"] = lambda: op(q, k, v, None, None, [None] * 4,
-                                                                    [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+                                                                    [64, 64, 1, 0, 0, 0], 0.125, 8, "fp8", False, 1.0,
                                                                     "auto")
     for name, fn in cases.items():
         us = host_us(fn, calls, device)

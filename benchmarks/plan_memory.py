@@ -10,9 +10,10 @@ tend to). ``--plan`` measures the sites of a saved plan instead.
     python benchmarks/plan_memory.py --plan my.paro.safetensors
 
 ``--models wan720,hunyuan720`` measures whole models instead: the constants the lowering stores for a site
-(`lower.site_constants`: kernel permutation, compact CSRs of every step bucket) of Wan2.1-14B and HunyuanVideo at 720p,
-with calibrated-like masks (mandatory blocks, per-head densities spread over 5x), times the model's attention sites,
-against its bf16 weights; "before" is the same constants at their earlier widths (int64 permutation, int32 counts).
+(`lower.site_constants`: kernel permutation, the masks of every step bucket in the encoding the lowering picks, a
+bitmap or a compact CSR) of Wan2.1-14B and HunyuanVideo at 720p, with calibrated-like masks (mandatory blocks,
+per-head densities spread over 5x), times the model's attention sites, against its bf16 weights; "csr" is the same
+site with compact CSR masks, "before" the CSR constants at their earlier widths (int64 permutation, int32 counts).
 
     python benchmarks/plan_memory.py --models wan720,hunyuan720 --out OUT   # plan_memory_models.json + .md
 """
@@ -158,10 +159,11 @@ def previous_bytes(constants, plan_buckets: int) -> int:
 
 
 def measure_model(model: ModelShape, density: float, buckets: int, block: int = 64, seed: int = 0,
-                  masks: Optional[torch.Tensor] = None) -> dict:
+                  masks: Optional[torch.Tensor] = None, encoding: str = "auto") -> dict:
     """Device bytes of one site's plan constants (`lower.site_constants`, the lowering's own code: kernel permutation
-    of mixed per-head orders and the compact CSR of every step bucket) and of the model's sites, against the bf16
-    weights. ``masks`` [S, H, nb, nb] (default `calibrated_like_masks`) may be passed to reuse them."""
+    of mixed per-head orders and the masks of every step bucket in ``encoding``, by default the lowering's per-site
+    choice) and of the model's sites, against the bf16 weights; ``csr_*`` the same site with compact CSR masks.
+    ``masks`` [S, H, nb, nb] (default `calibrated_like_masks`) may be passed to reuse them."""
     from paro_compile.grid import candidate_orders, orders_permutation
     from paro_compile.passes.lower import site_constants
 
@@ -171,29 +173,32 @@ def measure_model(model: ModelShape, density: float, buckets: int, block: int = 
     orders = candidate_orders(model.grid)
     perm = orders_permutation(model.grid, [orders[int(i)] for i in torch.randint(len(orders), (model.heads,),
                                                                                   generator=generator)])
-    constants = site_constants(perm, masks, block, model.heads, model.grid.num_tokens, validate=False)
+    tokens = model.grid.num_tokens
+    csr_constants = site_constants(perm, masks, block, model.heads, tokens, validate=False, encoding="csr")
+    constants = csr_constants if encoding == "csr" else \
+        site_constants(perm, masks, block, model.heads, tokens, validate=False, encoding=encoding)
     perm_bytes = constants.tensors["perm"].numel() * constants.tensors["perm"].element_size()
-    site_bytes = constants.nbytes
-    counts = constants.mask.counts
+    site_bytes, csr_bytes = constants.nbytes, csr_constants.nbytes
+    counts = csr_constants.mask.counts
     kept = int(masks.sum())
-    site_previous = previous_bytes(constants, buckets)
+    site_previous = previous_bytes(csr_constants, buckets)
+    share = lambda size: size * model.layers / model.weight_bytes  # noqa: E731
     return dict(
-        model=model.name, heads=model.heads, tokens=model.grid.num_tokens, sites=model.layers, density=density,
-        kept=kept / masks.numel(), step_buckets=buckets, kv_blocks=int(masks.shape[-1]), slots=constants.mask.row_width,
-        max_count=int(counts.max()), mean_count=float(counts.float().mean()),
+        model=model.name, heads=model.heads, tokens=tokens, sites=model.layers, density=density,
+        kept=kept / masks.numel(), step_buckets=buckets, kv_blocks=int(masks.shape[-1]), encoding=constants.mask.encoding,
+        slots=constants.mask.row_width, max_count=int(counts.max()), mean_count=float(counts.float().mean()),
         dtypes={name: str(t.dtype).replace("torch.", "") for name, t in constants.tensors.items()},
         perm_mb=perm_bytes / 2**20, mask_mb=(site_bytes - perm_bytes) / 2**20, site_mb=site_bytes / 2**20,
-        previous_site_mb=site_previous / 2**20,
+        csr_site_mb=csr_bytes / 2**20, previous_site_mb=site_previous / 2**20,
         model_gb=site_bytes * model.layers / 2**30, folded_model_gb=(site_bytes - perm_bytes) * model.layers / 2**30,
-        previous_model_gb=site_previous * model.layers / 2**30,
+        csr_model_gb=csr_bytes * model.layers / 2**30, previous_model_gb=site_previous * model.layers / 2**30,
         weights_gb=model.weight_bytes / 2**30,
-        share=site_bytes * model.layers / model.weight_bytes,
-        folded_share=(site_bytes - perm_bytes) * model.layers / model.weight_bytes,
-        previous_share=site_previous * model.layers / model.weight_bytes,
-        # Encodings the kernels do not read, for scale: every kept block listed once (int16, no padding to the widest
-        # row), and one bit per block.
-        ragged_csr_share=(kept * 2 + counts.numel() * 4 * buckets // constants.step_buckets) * model.layers
-        / model.weight_bytes,
+        share=share(site_bytes), folded_share=share(site_bytes - perm_bytes),
+        csr_share=share(csr_bytes), csr_folded_share=share(csr_bytes - perm_bytes),
+        previous_share=share(site_previous),
+        # An encoding the kernels do not read, for scale: every kept block listed once (int16, no padding to the
+        # widest row).
+        ragged_csr_share=share(kept * 2 + counts.numel() * 4 * buckets // constants.step_buckets),
         bitmap_share=masks.numel() / 8 * model.layers / model.weight_bytes,
     )
 
@@ -240,15 +245,16 @@ def main(argv=None) -> list[dict]:
     if args.models is not None:
         rows = measure_models(args.models.split(","), [float(d) for d in args.densities.split(",")],
                               [int(b) for b in args.step_buckets.split(",")], int(args.blocks.split(",")[0]), args.seed)
-        print(f"{'model':18s} {'density':>7s} {'S':>2s} {'slots/Nk':>10s} {'perm MB':>8s} {'mask MB':>8s} "
-              f"{'model GB':>9s} {'share':>6s} {'folded':>7s} {'before':>7s}")
+        print(f"{'model':18s} {'density':>7s} {'S':>2s} {'masks':>6s} {'slots/Nk':>10s} {'perm MB':>8s} "
+              f"{'mask MB':>8s} {'model GB':>9s} {'share':>6s} {'folded':>7s} {'csr':>6s} {'before':>7s}")
         for r in rows:
-            print(f"{r['model']:18s} {r['density']:7.2f} {r['step_buckets']:2d} {r['slots']:>4d}/{r['kv_blocks']:<5d} "
-                  f"{r['perm_mb']:8.2f} {r['mask_mb']:8.2f} {r['model_gb']:9.3f} {r['share']:6.1%} "
-                  f"{r['folded_share']:7.1%} {r['previous_share']:7.1%}")
+            print(f"{r['model']:18s} {r['density']:7.2f} {r['step_buckets']:2d} {r['encoding']:>6s} "
+                  f"{r['slots']:>4d}/{r['kv_blocks']:<5d} {r['perm_mb']:8.2f} {r['mask_mb']:8.2f} {r['model_gb']:9.3f} "
+                  f"{r['share']:6.1%} {r['folded_share']:7.1%} {r['csr_share']:6.1%} {r['previous_share']:7.1%}")
         if args.out is not None:
             harness.write_results(args.out / "plan_memory_models.json", {"rows": rows}, run_stamp,
-                                  title="GPU-resident plan constants of whole models against their bf16 weights",
+                                  title="GPU-resident plan constants of whole models against their bf16 weights "
+                                        "(CPU-measured byte counts of the lowering's constants)",
                                   table=[{k: v for k, v in r.items() if k != "dtypes"} for r in rows])
         return rows
     if args.plan is not None:

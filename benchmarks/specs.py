@@ -42,6 +42,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("pv-formats", "benchmarks/kernel_variants.py",
          ("--variants", "fp8,bf16,int8 ftz", "--densities", "1.0,0.3,0.2", "--out", "{out}/kernel_variants.json"), 300,
          "PV format speed against accuracy (FP8 / bf16 / INT8 PV), fixed launch configs, CogVideoX-5B shape"),
+    Spec("mask-decode-720p", "benchmarks/bench_mask_decode.py", ("--out", "{out}"), 300,
+         "bitmap-form masks: the walk decode alone and decode + kernel against the CSR-form kernel call, one "
+         "Wan2.1-14B and one HunyuanVideo 720p site at densities 0.2 / 0.3", env={"PARO_AUTOTUNE": "0"}),
     Spec("compensation", "benchmarks/bench_compensation.py",
          ("--blocks", "64,32,16", "--masks", "coherent", "--out", "{out}"), 300,
          "skipped-block compensation: kernel time with and without it at blocks 64 / 32 / 16, FlexAttention with the "

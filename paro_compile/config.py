@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from paro_compile import envs
-from paro_compile.kernels.block_mask import BLOCK_SIZES
+from paro_compile.kernels.block_mask import BLOCK_SIZES, MASK_ENCODINGS
 from paro_compile.kernels.reference import PV_DTYPES, QK_BITS
 from paro_compile.ops import IMPLS
 
@@ -50,6 +50,12 @@ class ParoConfig:
     compensate_skipped: bool = option(False, "skipped-block compensation: every KV block a sparse mask skips still "
                                              "enters the softmax as one pooled key (block-mean K, weight log2(tokens), "
                                              "block-mean V) instead of being lost (`docs/quality_tuning.md`)")
+    mask_encoding: str = option("auto", 'how each site\'s block masks stay on the device: `"csr"` (the kernel\'s walk, '
+                                        'rows as wide as the widest kept row), `"bitmap"` (one bit per block; each '
+                                        "call decodes the walk into a transient CSR, one extra kernel launch), "
+                                        '`"auto"` (per site, whichever takes fewer bytes); the result is the same bit '
+                                        "for bit. The report shows each site's encoding and bytes "
+                                        "(`docs/plan_format.md`)")
     plan: Optional[Union[str, Path, Any]] = option(None, "a `Plan` or a path to a plan file (orders + masks per site); "
                                                          "None = dense, model order")
     on_missing_shape: str = option("dense", "a graph whose token grid (resolution × frames × text length) the plan "
@@ -95,6 +101,8 @@ class ParoConfig:
             raise ValueError(f"fallback must be one of {FALLBACK_POLICIES}, got {self.fallback!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.mask_encoding not in MASK_ENCODINGS:
+            raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {self.mask_encoding!r}")
         if self.calibration_calls < 1:
             raise ValueError(f"calibration_calls must be >= 1, got {self.calibration_calls}")
 
@@ -112,7 +120,7 @@ class ParoConfig:
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
             raise TypeError(f"option density must be a number in (0, 1], got {self.density!r}")
         self.density = float(self.density)
-        for name in ("pv_dtype", "on_missing_shape", "fallback", "impl"):
+        for name in ("pv_dtype", "mask_encoding", "on_missing_shape", "fallback", "impl"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"option {name} must be a string, got {getattr(self, name)!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, Path)):

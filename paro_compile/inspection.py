@@ -192,6 +192,7 @@ def site_dict(site: SiteRecord, graph_index: int) -> dict[str, Any]:
         "step_buckets": int(site.step_buckets),
         "compensated": bool(site.compensated),
         "plan_bytes": int(site.plan_bytes),
+        "mask_encoding": site.mask_encoding,
     }
 
 
@@ -414,7 +415,7 @@ class InspectionReport(SiteFilters):
 
 
 SITE_COLUMNS = ("graph", "site", "shape", "heads", "orders", "density", "bits", "permutation", "folded order",
-                "kernel perm", "status")
+                "kernel perm", "plan memory", "status")
 """The site table's columns (rich and HTML): "folded order" is the order absorbed by layout ops upstream of the
 site, "kernel perm" what the kernel still applies ("none", "residual" per head on top of it, "full")."""
 
@@ -426,7 +427,14 @@ def _site_cells(site: Mapping[str, Any]) -> list[str]:
     return [str(site["graph_index"]), site["site_id"], "×".join(str(x) for x in site["shape"]), str(site["heads"]),
             site["order_summary"] if lowered else "-", f"{site['density']:.3f}" if lowered else "-",
             bits, site["permutation"] if lowered else "-", (site["folded_order"] or "-") if lowered else "-",
-            site["kernel_permutation"] if lowered else "-", status]
+            site["kernel_permutation"] if lowered else "-", _plan_memory_cell(site) if lowered else "-", status]
+
+
+def _plan_memory_cell(site: Mapping[str, Any]) -> str:
+    """Device bytes of the site's plan constants and how its masks are stored (``mask_encoding``)."""
+    encoding = site.get("mask_encoding", "dense")
+    size = f"{site['plan_bytes'] / 2**20:.2f} MiB" if site["plan_bytes"] else "0"
+    return size if encoding == "dense" else f"{size} ({encoding} masks)"
 
 
 # ------------------------------------------------------------------------------------------------------

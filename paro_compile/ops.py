@@ -88,7 +88,8 @@ def paro_attention_op(
     bsz, heads, n, head_dim = q.shape
     n_kv = k.shape[2]
     mask = _mask_from_op_args(mask_tensors, mask_sizes, density, n, n_kv)
-    if mask.counts is not None and mask.counts.device.type == "cpu":
+    stored = next((t for t in (mask.counts, mask.kept_bits) if t is not None), None)
+    if stored is not None and stored.device.type == "cpu":
         _validate_once((mask.counts, mask.indices, mask.slot_bits, mask.kept_bits), (heads, n, n_kv, *mask_sizes),
                        lambda: mask.validate(heads, n, kv_len=n_kv))
     if perm is not None and perm.device.type == "cpu":
@@ -164,7 +165,7 @@ def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: Optional[tor
 def _make_route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_dtype, compensate, impl) -> _Route:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    dense, no_key_bias = mask_tensors[0] is None, key_bias is None
+    dense, no_key_bias = BlockMask.op_args_are_dense(mask_tensors), key_bias is None
     check_attention_inputs(q, k, v, perm, key_bias, compensate and not dense)
     head_dim, n, n_kv = q.shape[-1], q.shape[2], k.shape[2]
     block_m, block_n = int(mask_sizes[0]), int(mask_sizes[1])
@@ -205,7 +206,7 @@ def _mask_from_op_args(tensors: list[Optional[torch.Tensor]], sizes: list[int], 
                        n_kv: int) -> BlockMask:
     """The `BlockMask` of the op's mask arguments; a dense one's block counts follow N and Nk (they may be symbolic
     in the graph: passed as 0)."""
-    if tensors[0] is None and len(tensors) == len(TENSOR_FIELDS) and len(sizes) == len(SIZE_FIELDS):
+    if len(tensors) == len(TENSOR_FIELDS) and len(sizes) == len(SIZE_FIELDS) and BlockMask.op_args_are_dense(tensors):
         return BlockMask.dense(n, int(sizes[0]), int(sizes[1]), kv_len=n_kv)
     mask = BlockMask.from_op_args(tensors, sizes, density)
     return BlockMask.dense(n, mask.block_m, mask.block_n, kv_len=n_kv) if mask.is_dense else mask

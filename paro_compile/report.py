@@ -47,6 +47,9 @@ class SiteRecord:
     """Skipped blocks enter as pooled keys (``compensate_skipped`` and a sparse mask at this site)."""
     plan_bytes: int = 0
     """Device memory of the plan constants lowered for this site (permutation, masks of every step bucket)."""
+    mask_encoding: str = "dense"
+    """How the site's block masks are stored on the device: "dense" (none), "csr" or "bitmap" (the walk decoded per
+    call; `ParoConfig.mask_encoding`)."""
     key_padding: bool = False
     """The site's SDPA mask masks keys only and runs as the op's key bias (exactly, as SDPA applies it)."""
     cross_attention: bool = False
@@ -138,6 +141,7 @@ class CompileReport(SiteFilters):
                              + (f" kernel_perm={s.kernel_permutation}" if s.kernel_permutation != "none" else "")
                              + (" compensated" if s.compensated else "")
                              + (" cross-attention" if s.cross_attention else "") + (" key-padding" if s.key_padding else "")
+                             + (f" mask={s.mask_encoding}" if s.mask_encoding != "dense" else "")
                              + (f" plan={s.plan_bytes / 2**20:.1f}MiB" if s.plan_bytes else "")
                              + (f" degraded: {'; '.join(s.reasons)}" if s.reasons else ""))
             else:

@@ -198,13 +198,13 @@ def test_custom_op_passes_opcheck():
     tensors, sizes = BlockMask.from_dense(mask, kept_bits=True).as_op_args()
     op = torch.ops.paro.attention.default
     bias = torch.zeros(1, 1, 70).masked_fill(torch.rand(1, 1, 70) < 0.2, float("-inf"))
-    torch.library.opcheck(op, (q, k, v, perm, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+    torch.library.opcheck(op, (q, k, v, perm, None, [None] * 4, [64, 64, 1, 0, 0, 0], 0.125, 8, "fp8", False, 1.0,
                                "reference"))
-    torch.library.opcheck(op, (q, k, v, None, bias, [None] * 4, [64, 64, 1, 0, 0], 0.125, 16, "fp16", False, 1.0,
+    torch.library.opcheck(op, (q, k, v, None, bias, [None] * 4, [64, 64, 1, 0, 0, 0], 0.125, 16, "fp16", False, 1.0,
                                "reference"))
     torch.library.opcheck(op, (q, k, v, perm, None, tensors, sizes, 0.125, 8, "fp8", True, 0.7, "reference"))
     kv = torch.randn(1, 2, 33, 64)
-    torch.library.opcheck(op, (q, kv, kv, None, None, [None] * 4, [64, 64, 1, 0, 0], 0.125, 8, "fp8", False, 1.0,
+    torch.library.opcheck(op, (q, kv, kv, None, None, [None] * 4, [64, 64, 1, 0, 0, 0], 0.125, 8, "fp8", False, 1.0,
                                "reference"))
 
 

@@ -110,6 +110,7 @@ def _bad_call(case: str):
     q, k, v = qkv(2, 2, 33, 64)
     perm = torch.stack([torch.randperm(33) for _ in range(2)])
     sparse = BlockMask.from_dense(torch.tensor([[[True, False], [True, True]]] * 2), 32, 32)
+    bitmap = BlockMask.from_dense(torch.tensor([[[True, False], [True, True]]] * 2), 32, 32, encoding="bitmap")
     cases = {
         "mixed dtypes": lambda: ((q.half(), k, v.bfloat16()), {}),
         "integer inputs": lambda: ((q.long(), k.long(), v.long()), {}),
@@ -135,6 +136,14 @@ def _bad_call(case: str):
             sparse, indices=sparse.indices.clone().fill_(5))}),
         "mask count negative": lambda: ((q, k, v), {"mask": dataclasses.replace(
             sparse, counts=sparse.counts.clone().fill_(-1))}),
+        "bitmap bits past Nk": lambda: ((q, k, v), {"mask": dataclasses.replace(bitmap, kept_bits=bitmap.kept_bits | 4)}),
+        "bitmap bits int64": lambda: ((q, k, v), {"mask": dataclasses.replace(bitmap, kept_bits=bitmap.kept_bits.long())}),
+        "bitmap bits shape": lambda: ((q, k, v), {"mask": dataclasses.replace(bitmap, kept_bits=bitmap.kept_bits[:1])}),
+        "bitmap walk width 0": lambda: ((q, k, v), {"mask": dataclasses.replace(bitmap, walk_width=0)}),
+        "bitmap walk width short": lambda: ((q, k, v), {"mask": dataclasses.replace(
+            BlockMask.from_dense(torch.tensor([[[True, True], [False, True]]] * 2), 32, 32, encoding="bitmap"),
+            walk_width=1)}),
+        "bitmap on meta": lambda: ((q, k, v), {"mask": bitmap.to("meta")}),
         "mask density above 1": lambda: ((q, k, v), {"mask": dataclasses.replace(sparse, density=1.5)}),
         "mask density nan": lambda: ((q, k, v), {"mask": dataclasses.replace(sparse, density=math.nan)}),
         "mask block 0": lambda: ((q, k, v), {"mask": BlockMask(0, 0, 0, 0)}),
@@ -153,7 +162,10 @@ BAD_CALLS = {
     "perm on meta": "perm is on meta", "key_bias int": "additive float", "key_bias shape": "key_bias must be",
     "key_bias on meta": "key_bias is on meta", "mask on meta": "is on meta", "mask heads": "do not fit",
     "mask index out of range": "indices", "mask count negative": "counts", "mask density above 1": "density",
-    "mask density nan": "density", "mask block 0": "block", "qk_bits float": "qk_bits", "qk_bits 5": "qk_bits",
+    "mask density nan": "density", "bitmap bits past Nk": "bits past the last KV block",
+    "bitmap bits int64": "kept_bits must be int32", "bitmap bits shape": "kept_bits has shape",
+    "bitmap walk width 0": "walk_width must lie in", "bitmap walk width short": "narrower than the widest walk row",
+    "bitmap on meta": "is on meta", "mask block 0": "block", "qk_bits float": "qk_bits", "qk_bits 5": "qk_bits",
     "pv_dtype": "pv_dtype",
 }
 
@@ -187,7 +199,7 @@ def test_kernels_reject_block_sizes_they_do_not_tile_and_the_reference_runs_them
     ({"auto_calibrate": "true"}, "auto_calibrate"), ({"calibration_calls": 0}, "calibration_calls"),
     ({"calibration_calls": 1.5}, "calibration_calls"), ({"plan": 123}, "plan"), ({"cache_dir": 123}, "cache_dir"),
     ({"on_missing_shape": "Dense"}, "on_missing_shape"), ({"fallback": "SDPA"}, "fallback"),
-    ({"impl": "Triton"}, "impl"), ({"heads": "all"}, "heads"), ({"heads": (3, 1)}, "heads"),
+    ({"impl": "Triton"}, "impl"), ({"mask_encoding": "Bitmap"}, "mask_encoding"), ({"mask_encoding": 1}, "mask_encoding"), ({"heads": "all"}, "heads"), ({"heads": (3, 1)}, "heads"),
     ({"heads": (0, 1, 2)}, "heads"), ({"inductor": "x"}, "inductor"),
 ])
 def test_option_typos_and_wrong_types_are_refused(options, error):

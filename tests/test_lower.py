@@ -263,6 +263,66 @@ def test_compensated_step_buckets_use_the_plans_kept_bits(monkeypatch):
 
 
 @torch.no_grad()
+def test_bitmap_encoded_plan_matches_the_csr_encoding():
+    """``mask_encoding="bitmap"``: the lowering stores one bit per block (every distinct step bucket) and the kernel
+    path decodes the walk per call; the compiled model's output equals the CSR encoding's bit for bit at every step
+    bucket (with skipped-block compensation, which reads the same bits), and the report names each site's encoding
+    and counts the bytes it stores."""
+    compensate = True
+    torch.manual_seed(3)
+    model = ToyVideoDiT().eval()
+    plan = random_plan(buckets=2)
+    calls = []
+    for timestep in (900.0, 300.0):
+        inputs = toy_inputs()
+        inputs["timestep"] = torch.full((1,), timestep)
+        calls.append(inputs)
+    outputs = {}
+    for encoding in ("csr", "bitmap"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="paro", options={
+            **EXACT, "plan": plan, "fold_permutations": False, "impl": "triton", "compensate_skipped": compensate,
+            "mask_encoding": encoding})
+        outputs[encoding] = [compiled(**inputs) for inputs in calls]
+        report = paro_compile.last_report()
+        for record in report.sites:
+            site = plan.sites[record.site_id]
+            stored = site_constants(site.perm, site.block_masks, BLOCK, HEADS, N, compensate, encoding=encoding)
+            assert record.mask_encoding == stored.mask.encoding == encoding and record.step_buckets == 2
+            assert record.plan_bytes == stored.nbytes
+            if encoding == "bitmap":
+                assert set(stored.tensors) == {"perm", "kept_bits"} and stored.tensors["kept_bits"].shape[0] == 2
+        assert f"mask={encoding}" in report.summary()
+    for csr, bitmap in zip(outputs["csr"], outputs["bitmap"]):
+        torch.testing.assert_close(bitmap, csr, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@torch.no_grad()
+def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
+    """mode="reduce-overhead": the per-call decode of bitmap masks is recorded in the CUDA graph (no host read, torch
+    allocations: no cudagraph skip), and replays at both step buckets give the CSR encoding's output bit for bit."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval().to("cuda", torch.bfloat16)
+    plan = random_plan(buckets=2)
+    options = {"plan": plan, "fold_permutations": False}
+    counters.clear()
+    graphs = torch.compile(model, backend="paro", options={**options, "mode": "reduce-overhead",
+                                                           "mask_encoding": "bitmap"})
+    plain = torch.compile(copy.deepcopy(model), backend="paro", options={**options, "mask_encoding": "csr"})
+    for call in range(4):  # warm-up, record, replays
+        inputs = toy_inputs(device="cuda", dtype=torch.bfloat16, seed=call)
+        inputs["timestep"] = torch.full((1,), (900.0, 300.0)[call % 2], device="cuda")
+        torch.testing.assert_close(graphs(**inputs).clone(), plain(**inputs), rtol=0, atol=0)
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
+@torch.no_grad()
 def test_plan_for_other_shapes_is_refused():
     model = ToyVideoDiT().eval()
     plan = random_plan()

@@ -51,3 +51,27 @@ def test_model_measurement_counts_the_constants_the_lowering_stores():
     assert row["slots"] == row["kv_blocks"] == row["max_count"]
     one = bench.measure_model(model, 0.3, 1, block=16, masks=masks[:1])
     assert one["step_buckets"] == 1 and one["mask_mb"] < row["mask_mb"]
+
+
+def test_model_measurement_counts_the_encoding_the_lowering_picks():
+    """Where one bit per block is smaller than the CSR (every row of a site at least ~1/16 of Nk wide), the lowering
+    stores the bitmap and the measurement counts it: kept-bit words of every step bucket, whatever the density, with
+    the compact CSR beside it for comparison."""
+    from paro_compile.grid import TokenGrid
+
+    bench = load_benchmark("plan_memory")
+    grid = TokenGrid(frames=4, height=8, width=16, text_tokens=16, text_position="suffix")
+    model = bench.ModelShape("small", 2, grid, 3, 1.0e6)
+    masks = bench.calibrated_like_masks(grid, 2, 0.3, 2, 16, torch.Generator().manual_seed(0))
+    row = bench.measure_model(model, 0.3, 2, block=16, masks=masks)
+    nb = masks.shape[-1]
+    bits = 2 * 2 * nb * (-(-nb // 32)) * 4
+    perm_bytes = 2 * grid.num_tokens * 4
+    assert row["encoding"] == "bitmap" and row["dtypes"] == {"perm": "int32", "kept_bits": "int32"}
+    assert round(row["mask_mb"] * 2**20) == bits and round(row["site_mb"] * 2**20) == perm_bytes + bits
+    csr = BlockMask.from_dense(masks, 16, 16)
+    assert round(row["csr_site_mb"] * 2**20) == perm_bytes + csr.nbytes > perm_bytes + bits
+    assert abs(row["csr_share"] - 3 * (perm_bytes + csr.nbytes) / 2.0e6) < 1e-12
+    assert row["slots"] == csr.row_width  # the walk the decode rebuilds is the CSR's
+    forced = bench.measure_model(model, 0.3, 2, block=16, masks=masks, encoding="csr")
+    assert forced["encoding"] == "csr" and forced["share"] == forced["csr_share"] == row["csr_share"]

@@ -53,6 +53,7 @@ import triton.language as tl
 from paro_compile import envs
 from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks, walk_group
+from paro_compile.kernels.mask_decode import decode_walk
 from paro_compile.kernels.prologue import _PLANS as _PROLOGUE_PLANS
 from paro_compile.kernels.prologue import (V_MODES, _prologue_plan, _ProloguePlan, dummy_tensor, fp32_to_bf16,
                                            fp32_to_fp8e4, perm_tensor, run_prologue, tensor_layout_key)
@@ -519,7 +520,8 @@ def paro_attention_triton(
     """Triton implementation of `paro_attention_reference` (same arguments, same result).
 
     ``mask`` (`BlockMask`, None = dense with 64-token blocks): walked in shared 64-row tiles when its blocks are
-    under 64 rows (`BlockMask.grouped`); pass it as `BlockMask.from_dense` builds it and nothing is derived per call.
+    under 64 rows (`BlockMask.grouped`); pass it as `BlockMask.from_dense` builds it and nothing is derived per call
+    but, for a bitmap-form mask, its walk (`mask_decode.decode_walk`: one launch, no host read).
     ``compensate``: skipped-block compensation (reference step 6; sparse masks only; uses the mask's kept bits).
     ``out`` (optional, contiguous [B, H, N, D] of q's dtype) receives the result; rows are only
     written where the kernel computes them (tests poison it with NaN to catch unwritten rows).
@@ -545,6 +547,8 @@ def paro_attention_triton(
     dense, compensate, group = plan.dense, plan.compensate, plan.group
     if not dense and not plan.mask_ready:
         mask = _kernel_mask(mask, plan.group, compensate, device)
+    elif not dense:
+        mask = decode_walk(mask)  # a CSR-form mask comes back as it is
     if plan.has_perm and not plan.perm_ready:
         perm = perm_tensor(perm, device)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(plan.d)
@@ -639,6 +643,7 @@ def _launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, co
     key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
            tensor_layout_key(perm), tensor_layout_key(key_bias),
            mask.block_m, mask.block_n, mask.num_q_blocks, mask.num_kv_blocks, mask.group, mask.density,
+           mask.walk_width,
            tensor_layout_key(mask.counts), tensor_layout_key(mask.indices), tensor_layout_key(mask.slot_bits),
            tensor_layout_key(mask.kept_bits),
            qk_bits, pv_dtype, bool(compensate), exp2_mode,
@@ -657,6 +662,8 @@ def _launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtype, co
 
 def _kernel_mask(mask: BlockMask, group: int, compensate: bool, device: torch.device) -> BlockMask:
     """``mask`` walked with ``group`` query blocks per tile, with kept bits when ``compensate``, on ``device``."""
+    if mask.is_bitmap:
+        mask = decode_walk(mask.to(device))
     mask = mask.grouped() if group > 1 else mask.ungrouped()
     if compensate:
         mask = mask.with_kept_bits()
@@ -695,10 +702,13 @@ def _make_launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtyp
     group = 1
     if not dense:
         group = walk_group(block_m) if knobs["group_query_blocks"] else 1
-        mask_ready = (mask.group == group and _in_kernel_form(mask.counts, (torch.int16, torch.int32), device)
-                      and _in_kernel_form(mask.indices, (torch.int16, torch.int32), device)
-                      and (not compensate or _in_kernel_form(mask.kept_bits, (torch.int32,), device))
-                      and (group == 1 or _in_kernel_form(mask.slot_bits, (mask.slot_bits.dtype,), device)))
+        if mask.is_bitmap:  # ready when its bits are: each call decodes them into the kernel's walk, one launch
+            mask_ready = mask.group == group and _in_kernel_form(mask.kept_bits, (torch.int32,), device)
+        else:
+            mask_ready = (mask.group == group and _in_kernel_form(mask.counts, (torch.int16, torch.int32), device)
+                          and _in_kernel_form(mask.indices, (torch.int16, torch.int32), device)
+                          and (not compensate or _in_kernel_form(mask.kept_bits, (torch.int32,), device))
+                          and (group == 1 or _in_kernel_form(mask.slot_bits, (mask.slot_bits.dtype,), device)))
     perm_ready = perm is None or _in_kernel_form(perm, (torch.int32, torch.int64), device)
     kernel_perm = perm if perm_ready else perm_tensor(perm, device)
     prologue = _prologue_plan(q, k, v, kernel_perm, qk_bits, pv_dtype, block_m, block_n, compensate, key_bias)

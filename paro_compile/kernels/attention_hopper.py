@@ -539,7 +539,9 @@ def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scale: Optional[float] = None, pv_dtype: str = "fp8", out: Optional[torch.Tensor] = None,
                               config: Optional[dict] = None) -> torch.Tensor:
     """`attention.paro_attention_triton`'s call (q, k, v [B, H, N, D], INT8 QKᵀ, 64-token blocks: a `BlockMask` with
-    ``group == 1``, None = dense) on this kernel: the fused prologue, then `paro_attention_hopper`."""
+    ``group == 1``, None = dense; a bitmap-form one is decoded first, `mask_decode.decode_walk`) on this kernel: the
+    fused prologue, then `paro_attention_hopper`."""
+    from paro_compile.kernels.mask_decode import decode_walk
     from paro_compile.kernels.prologue import paro_prologue
 
     bsz, heads, n, d = q.shape
@@ -551,6 +553,6 @@ def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if mask.group != 1 or mask.block_m != BLOCK or mask.block_n != BLOCK:
             raise ValueError(f"the Hopper kernel walks 64-token blocks one query block per row, got block "
                              f"({mask.block_m}, {mask.block_n}) with group {mask.group}")
-        mask = mask.to(q.device)
+        mask = decode_walk(mask.to(q.device))
         return paro_attention_hopper(pro, out, perm, mask.counts, mask.indices, n, heads, config=config)
     return paro_attention_hopper(pro, out, perm, None, None, n, heads, config=config)

@@ -13,6 +13,13 @@ Triton wrapper. Its tensors are what the kernels read:
 - ``kept_bits`` [H, Mq, ceil(Nk/32)] int32 (optional): bit j % 32 of word j // 32 set when query block i keeps KV
   block j; the kernel's skipped-block compensation reads them to tell kept from skipped blocks.
 
+Two encodings hold a sparse mask (``encoding``, `MASK_ENCODINGS`): the CSR form above, and the *bitmap* form, which
+stores only ``kept_bits`` (one bit per block, whatever the density) plus ``walk_width``, the slots per row of the
+walk. The kernels still walk the CSR: `paro_compile.kernels.mask_decode` rebuilds it from the bits on the tensors'
+device, one kernel launch per call, exactly as `BlockMask.from_dense` builds it (same counts, indices and slot bits,
+so the attention result is the same bit for bit). The bitmap form is the smaller one unless the widest row keeps only
+a small share of the KV blocks (`encoded_nbytes`).
+
 A dense mask is ``BlockMask.dense(...)`` (no tensors: the kernels walk every block). Tensors built from stacked
 step-bucket masks [S, H, Mq, Nk] carry a leading S dimension; the lowering selects one bucket per call on the
 device and the op receives single-bucket tensors. Only slots below a row's count are ever read, and the kernels
@@ -174,7 +181,43 @@ def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.T
 
 BLOCK_SIZES = (16, 32, 64, 128)
 TENSOR_FIELDS = ("counts", "indices", "slot_bits", "kept_bits")
-SIZE_FIELDS = ("block_m", "block_n", "group", "num_q_blocks", "num_kv_blocks")
+SIZE_FIELDS = ("block_m", "block_n", "group", "num_q_blocks", "num_kv_blocks", "walk_width")
+MASK_ENCODINGS = ("auto", "csr", "bitmap")
+"""How `BlockMask.from_dense` stores a sparse mask: "csr" (counts, indices, slot bits), "bitmap" (kept bits only; the
+walk is decoded per call) or "auto" (the one with fewer bytes, `encoded_nbytes`)."""
+
+
+def bits_to_block_mask(kept_bits: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Inverse of `kept_block_bits`: int32 words [..., Mq, ceil(Nk/32)] → boolean [..., Mq, Nk]."""
+    shifts = torch.arange(32, device=kept_bits.device, dtype=torch.int32)
+    bits = (kept_bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :int(num_kv_blocks)].bool()
+
+
+def walk_unions(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Boolean [..., ⌈Mq/group⌉, Nk]: the blocks any query block of each walk row's group keeps."""
+    *lead, mq, nk = mask.shape
+    rows = -(-mq // group)
+    padded = torch.nn.functional.pad(mask.bool(), (0, 0, 0, rows * group - mq))
+    return padded.view(*lead, rows, group, nk).any(-2)
+
+
+def encoded_nbytes(mask: torch.Tensor, block_m: int, *, kept_bits: bool = False,
+                   slot_multiple: int = INDEX_SLOT_MULTIPLE) -> dict[str, int]:
+    """Bytes of a sparse boolean mask [(S,) H, Mq, Nk] in each stored encoding, without building either:
+    ``{"csr": compact CSR of the kernel's walk (+ kept bits when ``kept_bits``), "bitmap": the kept bits}``."""
+    *lead, mq, nk = (int(x) for x in mask.shape)
+    group = walk_group(block_m)
+    unions = walk_unions(mask, group)
+    width = compact_width(unions.sum(-1), nk, slot_multiple)
+    heads_total = 1
+    for size in lead:
+        heads_total *= size
+    rows = unions.shape[-2]
+    index_bytes = torch.empty((), dtype=csr_dtype(nk)).element_size()
+    bits = heads_total * mq * -(-nk // 32) * 4
+    csr = heads_total * rows * index_bytes * (1 + width) + (heads_total * rows * width if group > 1 else 0)
+    return {"csr": csr + (bits if kept_bits else 0), "bitmap": bits}
 
 
 def walk_group(block_m: int) -> int:
@@ -197,6 +240,9 @@ class BlockMask:
     kept_bits: Optional[torch.Tensor] = None
     density: float = 1.0
     """Kept blocks / all blocks (known when built from a dense mask; picks the kernel's autotune bucket)."""
+    walk_width: int = 0
+    """Bitmap form only: slots per row of the CSR walk decoded from ``kept_bits`` (`compact_width` of the walk rows'
+    kept counts over every head and step bucket, so no call reads the bits to size it); 0 in the other forms."""
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -207,17 +253,33 @@ class BlockMask:
 
     @classmethod
     def from_dense(cls, mask: torch.Tensor, block_m: int = 64, block_n: int = 64, *, kept_bits: bool = False,
-                   compact: bool = True, slot_multiple: int = INDEX_SLOT_MULTIPLE) -> "BlockMask":
+                   compact: bool = True, slot_multiple: int = INDEX_SLOT_MULTIPLE,
+                   encoding: str = "csr") -> "BlockMask":
         """From a boolean mask [(S,) H, Mq, Nk]: the walk the Triton kernel takes (grouped for blocks under 64),
         compact (`trim_csr`, rows rounded up to ``slot_multiple`` slots) unless ``compact=False``, with the kept-block
         words when ``kept_bits``. An all-ones mask gives `BlockMask.dense` (kept bits are never needed there: a dense
-        row skips nothing)."""
+        row skips nothing).
+
+        ``encoding`` (`MASK_ENCODINGS`): "csr" stores that walk; "bitmap" stores only the kept-block words and the
+        walk's row width (``walk_width``), and the walk is decoded from them per call (`mask_decode`), the same
+        tensors as the "csr" form of this ``mask``; "auto" stores whichever is smaller (`encoded_nbytes`)."""
+        if encoding not in MASK_ENCODINGS:
+            raise ValueError(f"encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
         mask = mask.bool()
         mq, nk = int(mask.shape[-2]), int(mask.shape[-1])
         if bool(mask.all()):
             return cls(block_m, block_n, mq, nk)
         group = walk_group(block_m)
         density = float(mask.float().mean())
+        if encoding == "auto":
+            sizes = encoded_nbytes(mask, block_m, kept_bits=kept_bits, slot_multiple=slot_multiple)
+            encoding = "bitmap" if compact and sizes["bitmap"] < sizes["csr"] else "csr"
+        if encoding == "bitmap":
+            if not compact:
+                raise ValueError("the bitmap encoding decodes to the compact walk; pass compact=True")
+            width = compact_width(walk_unions(mask, group).sum(-1), nk, slot_multiple)
+            return cls(block_m, block_n, mq, nk, group=group, kept_bits=kept_block_bits(mask), density=density,
+                       walk_width=width)
         slot_bits = None
         if group > 1:
             counts, indices, slot_bits = grouped_block_csr(mask, group, compact_multiple=slot_multiple if compact else None)
@@ -247,6 +309,12 @@ class BlockMask:
         A dense mask may carry 0 block counts: the op takes them from the sequence length."""
         return ([getattr(self, name) for name in TENSOR_FIELDS], [int(getattr(self, name)) for name in SIZE_FIELDS])
 
+    @staticmethod
+    def op_args_are_dense(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        """Whether `as_op_args` tensors stand for a dense mask (neither counts nor kept bits)."""
+        fields = dict(zip(TENSOR_FIELDS, tensors))
+        return fields.get("counts") is None and fields.get("kept_bits") is None
+
     @classmethod
     def from_op_args(cls, tensors: Sequence[Optional[torch.Tensor]], sizes: Sequence[int],
                      density: float = 1.0) -> "BlockMask":
@@ -259,11 +327,31 @@ class BlockMask:
     # ---- views --------------------------------------------------------------------------------------------
     @property
     def is_dense(self) -> bool:
-        return self.counts is None
+        return self.counts is None and self.kept_bits is None
+
+    @property
+    def is_bitmap(self) -> bool:
+        """Only the kept bits are stored; the walk is decoded per call (`decoded`, `mask_decode.decode_walk`)."""
+        return self.counts is None and self.kept_bits is not None
+
+    @property
+    def encoding(self) -> str:
+        return "dense" if self.is_dense else ("bitmap" if self.is_bitmap else "csr")
 
     @property
     def row_width(self) -> int:
-        return int(self.indices.shape[-1]) if self.indices is not None else self.num_kv_blocks
+        if self.indices is not None:
+            return int(self.indices.shape[-1])
+        return self.walk_width if self.is_bitmap else self.num_kv_blocks
+
+    def decoded(self) -> "BlockMask":
+        """The CSR form of a bitmap-form mask (the same walk `from_dense` builds; kept bits kept), decoded with
+        PyTorch ops (`mask_decode_reference`); other forms unchanged. The kernels use `mask_decode.decode_walk`."""
+        if not self.is_bitmap:
+            return self
+        from paro_compile.kernels.mask_decode_reference import decode_walk_reference
+
+        return decode_walk_reference(self)
 
     def to(self, device: torch.device) -> "BlockMask":
         moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS if getattr(self, name) is not None}
@@ -278,6 +366,8 @@ class BlockMask:
         """Boolean [(S,) H, Mq, Nk] (a dense mask has no tensors: it keeps every block)."""
         if self.is_dense:
             raise ValueError("a dense BlockMask has no tensors to expand; use torch.ones(H, Mq, Nk)")
+        if self.is_bitmap:
+            return bits_to_block_mask(self.kept_bits, self.num_kv_blocks)
         if self.group > 1:
             return ungrouped_block_mask(self.counts, self.indices, self.slot_bits, self.group, self.num_q_blocks,
                                         self.num_kv_blocks)
@@ -287,12 +377,16 @@ class BlockMask:
         """The per-query-block CSR (what the reference walks); rebuilt from the grouped walk when ``group > 1``."""
         if self.is_dense:
             raise ValueError("a dense BlockMask has no CSR")
+        if self.is_bitmap:
+            return self.decoded().block_csr()
         if self.group == 1:
             return self.counts, self.indices
         return block_mask_to_csr(self.to_dense())
 
     def ungrouped(self) -> "BlockMask":
         """The same mask walked one query block per row (``group == 1``)."""
+        if self.is_bitmap:
+            return self.decoded().ungrouped()
         if self.is_dense or self.group == 1:
             return self
         counts, indices = self.block_csr()
@@ -301,6 +395,8 @@ class BlockMask:
     def grouped(self) -> "BlockMask":
         """The same mask walked in shared 64-row tiles (``group = 64 // block_m``) when its blocks are under 64."""
         group = walk_group(self.block_m)
+        if self.is_bitmap:
+            return self.decoded().grouped()
         if self.is_dense or self.group == group:
             return self
         counts, indices, slot_bits = grouped_block_csr(self.to_dense(), group)
@@ -330,10 +426,16 @@ class BlockMask:
                              f"(block_m={self.block_m}, block_n={self.block_n})")
         if self.is_dense:
             return self
-        if self.indices is None:
-            raise ValueError("mask has counts but no indices")
         if self.group not in (1, walk_group(self.block_m)):
             raise ValueError(f"group must be 1 or {walk_group(self.block_m)} for block_m={self.block_m}, got {self.group}")
+        self._validate_kept_bits(num_heads, mq, nk)
+        if self.is_bitmap:
+            return self._validate_bitmap(nk)
+        if self.walk_width:
+            raise ValueError(f"walk_width={self.walk_width} is set but the mask carries its CSR (counts, indices): "
+                             "walk_width belongs to the bitmap form only; pass 0")
+        if self.indices is None:
+            raise ValueError("mask has counts but no indices")
         rows = -(-mq // self.group)
         width = self.row_width
         if tuple(self.counts.shape) != (num_heads, rows) or tuple(self.indices.shape[:2]) != (num_heads, rows):
@@ -367,7 +469,29 @@ class BlockMask:
             bits = self.slot_bits.to(torch.int32) & 0xFF
             if bool((used & (bits >= (1 << limit)[None, :, None])).any()):
                 raise ValueError("mask slot_bits name query blocks past the last one")
-        if self.kept_bits is not None and tuple(self.kept_bits.shape) != (num_heads, mq, -(-nk // 32)):
-            raise ValueError(f"kept_bits has shape {tuple(self.kept_bits.shape)}, expected "
-                             f"({num_heads}, {mq}, {-(-nk // 32)})")
+        return self
+
+    def _validate_kept_bits(self, num_heads: int, mq: int, nk: int) -> None:
+        if self.kept_bits is None:
+            return
+        words = -(-nk // 32)
+        if tuple(self.kept_bits.shape) != (num_heads, mq, words):
+            raise ValueError(f"kept_bits has shape {tuple(self.kept_bits.shape)}, expected ({num_heads}, {mq}, {words})")
+        if self.kept_bits.dtype != torch.int32:
+            raise ValueError(f"kept_bits must be int32 words, got {self.kept_bits.dtype}")
+        if nk % 32 and bool((self.kept_bits[..., -1] >> (nk % 32)).any()):
+            raise ValueError(f"kept_bits sets bits past the last KV block ({nk}): bits {nk % 32}..31 of each row's "
+                             "last word must be 0")
+
+    def _validate_bitmap(self, nk: int) -> "BlockMask":
+        """The bitmap form's own checks: the slot bits / indices it decodes to must fit ``walk_width`` slots."""
+        if self.indices is not None or self.slot_bits is not None:
+            raise ValueError("a bitmap-form mask (kept_bits without counts) carries no indices or slot_bits; "
+                             "pass counts and indices together, or kept_bits alone")
+        if not 1 <= self.walk_width <= nk:
+            raise ValueError(f"walk_width must lie in [1, {nk}] (Nk) for a bitmap-form mask, got {self.walk_width}")
+        widest = int(walk_unions(self.to_dense(), self.group).sum(-1).max())
+        if widest > self.walk_width:
+            raise ValueError(f"walk_width={self.walk_width} is narrower than the widest walk row ({widest} kept "
+                             "blocks); build the mask with BlockMask.from_dense, which sizes it")
         return self

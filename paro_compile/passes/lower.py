@@ -1,6 +1,6 @@
 """Pass 2: replace each supported SDPA site by `paro::attention`, carrying the site's plan.
 
-Plan tensors (permutation, CSR of kept blocks, step-bucket boundaries) become buffers of the graph
+Plan tensors (permutation, kept blocks as a CSR or a bitmap, step-bucket boundaries) become buffers of the graph
 module, referenced by ``get_attr`` nodes, so Inductor sees them as constants. With several step
 buckets the bucket is picked on the device from the timestep input (no host sync, no recompilation).
 """
@@ -70,16 +70,18 @@ def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
 
 
 def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, compensate: bool = False,
-                    device: Optional[torch.device] = None, validate: bool = True) -> BlockMask:
+                    device: Optional[torch.device] = None, validate: bool = True,
+                    encoding: str = "auto") -> BlockMask:
     """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
-    bucket validated once here so that no call has to. Compact CSRs: rows cut to the largest kept count over all
-    step buckets, int16 counts and indices; blocks under 64 rows get only the grouped walk of the kernel's shared 64-row tiles
-    (the reference path rebuilds the per-block CSR from it). Built on ``device`` (the activations'): a 720p model's
-    masks take seconds per site on a CPU and milliseconds on a GPU. ``validate=False`` (size measurements only) skips
-    the checks."""
+    bucket validated once here so that no call has to. ``encoding`` (`MASK_ENCODINGS`; "auto": the smaller one):
+    compact CSRs (rows cut to the largest kept count over all step buckets, int16 counts and indices; blocks under 64
+    rows get only the grouped walk of the kernel's shared 64-row tiles, the reference path rebuilds the per-block CSR
+    from it) or one bit per block, the same walk decoded per call (`mask_decode`). Built on ``device`` (the
+    activations'): a 720p model's masks take seconds per site on a CPU and milliseconds on a GPU. ``validate=False``
+    (size measurements only) skips the checks."""
     if device is not None and device.type == "meta":
         device = None
-    mask = BlockMask.from_dense(masks.to(device).bool(), block, block, kept_bits=compensate)
+    mask = BlockMask.from_dense(masks.to(device).bool(), block, block, kept_bits=compensate, encoding=encoding)
     for bucket in range(masks.shape[0] if validate else 0):
         mask.bucket(bucket).validate(heads, seq_len)
     return mask
@@ -119,18 +121,19 @@ class SiteConstants:
 
 def site_constants(perm: Optional[torch.Tensor], masks: Optional[torch.Tensor], block: int, heads: int, seq_len: int,
                    compensate: bool = False, device: Optional[torch.device] = None,
-                   validate: bool = True) -> SiteConstants:
+                   validate: bool = True, encoding: str = "auto") -> SiteConstants:
     """The device constants of a site: its kernel permutation (`permutation_constant`; None: folded or identity) and
-    the `BlockMask` of its sparse masks [S, H, Mq, Nk] (None: dense), identical step buckets stored once
-    (`distinct_step_buckets`). What `lower_attention_sites` registers and counts in ``SiteRecord.plan_bytes``.
-    ``validate=False`` (size measurements only) skips the mask checks `site_block_mask` runs."""
+    the `BlockMask` of its sparse masks [S, H, Mq, Nk] (None: dense) in ``encoding`` (`site_block_mask`), identical
+    step buckets stored once (`distinct_step_buckets`). What `lower_attention_sites` registers and counts in
+    ``SiteRecord.plan_bytes``. ``validate=False`` (size measurements only) skips the mask checks `site_block_mask`
+    runs."""
     out = SiteConstants()
     if perm is not None:
         out.tensors["perm"] = permutation_constant(perm, heads, seq_len).to(device)
     if masks is not None:
         masks = distinct_step_buckets(masks.bool())
         out.step_buckets = int(masks.shape[0])
-        out.mask = site_block_mask(masks, block, heads, seq_len, compensate, device, validate)
+        out.mask = site_block_mask(masks, block, heads, seq_len, compensate, device, validate, encoding)
         for name, tensor in zip(TENSOR_FIELDS, out.mask.as_op_args()[0]):
             if tensor is not None:
                 out.tensors[name] = tensor if out.step_buckets > 1 else tensor[0]
@@ -198,8 +201,10 @@ def lower_attention_sites(
             masks = site_plan.block_masks.bool()
             record.density = float(masks.float().mean())
             record.step_buckets = masks.shape[0]
-            constants = site_constants(None, masks, block, int(site.heads), int(site.seq_len), compensate, device)
+            constants = site_constants(None, masks, block, int(site.heads), int(site.seq_len), compensate, device,
+                                       encoding=config.mask_encoding)
             mask = constants.mask
+            record.mask_encoding = mask.encoding
             multi = constants.step_buckets > 1  # identical buckets are stored once and need no selection
             if multi and bucket_node is None:
                 timestep = find_timestep_input(gm, plan.timestep_arg)
@@ -233,7 +238,7 @@ def lower_attention_sites(
             # cuDNN time at the CogVideoX shape). Dense sites of fine-block plans quantize per 64 tokens instead.
             block = 64
         if mask_sizes is None:  # dense: only the block sizes matter (quantization groups, tiles)
-            mask_sizes = [block, block, 1, 0, 0]
+            mask_sizes = BlockMask.dense(0, block, block).as_op_args()[1]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             bias_node = None

@@ -300,6 +300,30 @@ def test_compact_csr_matches_full(seed, gen, block, compensate):
         short.to("cpu").validate(2, n)
 
 
+@pytest.mark.parametrize("block,bits,pv,compensate", [(64, 8, "fp8", False), (64, 8, "int8", True),
+                                                       (32, 4, "fp8", True), (128, 16, "fp16", False)])
+def test_bitmap_form_matches_csr_form(seed, gen, block, bits, pv, compensate):
+    """A bitmap-form mask (one bit per block; the walk decoded per call, `mask_decode`) gives exactly the CSR form's
+    result: through the kernel (grouped for blocks under 64, and per block), the op and its reference path."""
+    from paro_compile.ops import paro_attention
+
+    n = 64 * 2 + block + 5
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.float16, kernel_device(), True, 0.4, block, block)
+    mask[0, :, 0] = True  # a full row among sparse ones
+    csr = block_mask(mask, block, block, q.device, kept_bits=compensate)
+    bitmap = block_mask(mask, block, block, q.device, encoding="bitmap")
+    assert bitmap.is_bitmap and bitmap.nbytes < csr.nbytes
+    kw = dict(perm=pm, qk_bits=bits, pv_dtype=pv, compensate=compensate)
+    torch.testing.assert_close(paro_attention_triton(q, k, v, mask=bitmap, **kw),
+                               paro_attention_triton(q, k, v, mask=csr, **kw), rtol=0, atol=0)
+    if block < 64:
+        alone = dict(kw, variant={"group_query_blocks": False})
+        torch.testing.assert_close(paro_attention_triton(q, k, v, mask=bitmap, **alone),
+                                   paro_attention_triton(q, k, v, mask=csr, **alone), rtol=0, atol=0)
+    torch.testing.assert_close(paro_attention(q, k, v, mask=bitmap, scale=0.125, impl="reference", **kw),
+                               paro_attention(q, k, v, mask=csr, scale=0.125, impl="reference", **kw), rtol=0, atol=0)
+
+
 def test_text_prefix_permutation(seed, gen):
     """A text prefix is just part of the permutation (kept in place, video tokens reordered)."""
     h, n_text, f, hh, ww = 2, 13, 2, 6, 10
