@@ -53,7 +53,8 @@ class ParoConfig:
     mask_encoding: str = option("auto", 'how each site\'s block masks stay on the device: `"csr"` (the kernel\'s walk, '
                                         'rows as wide as the widest kept row), `"bitmap"` (one bit per block; each '
                                         "call decodes the walk into a transient CSR, one extra kernel launch), "
-                                        '`"auto"` (per site, whichever takes fewer bytes); the result is the same bit '
+                                        '`"auto"` (per site, the bitmap where it saves at least 1 MiB, else the CSR: small sites keep one launch '
+                                        'per call); the result is the same bit '
                                         "for bit. The report shows each site's encoding and bytes "
                                         "(`docs/plan_format.md`)")
     plan: Optional[Union[str, Path, Any]] = option(None, "a `Plan` or a path to a plan file (orders + masks per site); "

@@ -18,7 +18,7 @@ stores only ``kept_bits`` (one bit per block, whatever the density) plus ``walk_
 walk. The kernels still walk the CSR: `paro_compile.kernels.mask_decode` rebuilds it from the bits on the tensors'
 device, one kernel launch per call, exactly as `BlockMask.from_dense` builds it (same counts, indices and slot bits,
 so the attention result is the same bit for bit). The bitmap form is the smaller one unless the widest row keeps only
-a small share of the KV blocks (`encoded_nbytes`).
+a small share of the KV blocks (`encoded_nbytes`); "auto" takes it where it saves at least `AUTO_BITMAP_MIN_SAVING`.
 
 A dense mask is ``BlockMask.dense(...)`` (no tensors: the kernels walk every block). Tensors built from stacked
 step-bucket masks [S, H, Mq, Nk] carry a leading S dimension; the lowering selects one bucket per call on the
@@ -179,6 +179,11 @@ def trim_csr(counts: torch.Tensor, indices: torch.Tensor, *slot_tensors: torch.T
     return (counts.to(index_dtype).contiguous(), *trimmed)
 
 
+# The bitmap form costs one more launch per call (the walk's decode). Where a site's CSR is small that host cost is
+# what the call is bound by (image-size calls) and the memory saved is negligible, so "auto" keeps the CSR there and
+# takes the bitmap where the saving is worth the device memory (video sites: megabytes per site and step bucket).
+AUTO_BITMAP_MIN_SAVING = 1 << 20
+
 BLOCK_SIZES = (16, 32, 64, 128)
 TENSOR_FIELDS = ("counts", "indices", "slot_bits", "kept_bits")
 SIZE_FIELDS = ("block_m", "block_n", "group", "num_q_blocks", "num_kv_blocks", "walk_width")
@@ -262,7 +267,8 @@ class BlockMask:
 
         ``encoding`` (`MASK_ENCODINGS`): "csr" stores that walk; "bitmap" stores only the kept-block words and the
         walk's row width (``walk_width``), and the walk is decoded from them per call (`mask_decode`), the same
-        tensors as the "csr" form of this ``mask``; "auto" stores whichever is smaller (`encoded_nbytes`)."""
+        tensors as the "csr" form of this ``mask``; "auto" stores the bitmap when it saves at least `AUTO_BITMAP_MIN_SAVING` bytes over the CSR (`encoded_nbytes`),
+        else the CSR."""
         if encoding not in MASK_ENCODINGS:
             raise ValueError(f"encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
         mask = mask.bool()
@@ -273,7 +279,8 @@ class BlockMask:
         density = float(mask.float().mean())
         if encoding == "auto":
             sizes = encoded_nbytes(mask, block_m, kept_bits=kept_bits, slot_multiple=slot_multiple)
-            encoding = "bitmap" if compact and sizes["bitmap"] < sizes["csr"] else "csr"
+            saving = sizes["csr"] - sizes["bitmap"]
+            encoding = "bitmap" if compact and saving >= AUTO_BITMAP_MIN_SAVING else "csr"
         if encoding == "bitmap":
             if not compact:
                 raise ValueError("the bitmap encoding decodes to the compact walk; pass compact=True")

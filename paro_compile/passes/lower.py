@@ -73,7 +73,8 @@ def site_block_mask(masks: torch.Tensor, block: int, heads: int, seq_len: int, c
                     device: Optional[torch.device] = None, validate: bool = True,
                     encoding: str = "auto") -> BlockMask:
     """The `BlockMask` of a site's masks [S, H, Mq, Nk] (one per step bucket; its tensors keep the leading S), every
-    bucket validated once here so that no call has to. ``encoding`` (`MASK_ENCODINGS`; "auto": the smaller one):
+    bucket validated once here so that no call has to. ``encoding`` (`MASK_ENCODINGS`; "auto": the bitmap where it saves
+    `AUTO_BITMAP_MIN_SAVING` bytes):
     compact CSRs (rows cut to the largest kept count over all step buckets, int16 counts and indices; blocks under 64
     rows get only the grouped walk of the kernel's shared 64-row tiles, the reference path rebuilds the per-block CSR
     from it) or one bit per block, the same walk decoded per call (`mask_decode`). Built on ``device`` (the

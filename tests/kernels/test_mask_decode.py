@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from paro_compile.kernels.block_mask import BlockMask, encoded_nbytes, kept_block_bits
+from paro_compile.kernels.block_mask import AUTO_BITMAP_MIN_SAVING, BlockMask, encoded_nbytes, kept_block_bits
 from paro_compile.kernels.mask_decode import decode_walk
 from paro_compile.kernels.mask_decode_reference import decode_walk_reference
 
@@ -84,24 +84,28 @@ def test_decode_property(heads, mq, nk, p, block, seed):
     check_decodes(mask, block)
 
 
-def test_auto_encoding_picks_the_smaller_form(gen):
-    """"auto" keeps the CSR where the widest row keeps few blocks and the bitmap otherwise; `encoded_nbytes` gives the
-    bytes each form would take, exactly."""
+def test_auto_encoding_takes_the_bitmap_where_it_saves_memory(gen):
+    """"auto" keeps the CSR unless the bitmap saves at least `AUTO_BITMAP_MIN_SAVING` bytes (small sites keep one
+    launch per call); `encoded_nbytes` gives the bytes each form would take, exactly."""
     sparse = torch.zeros(2, 40, 400, dtype=torch.bool)
     sparse[..., :3] = True  # rows of 3 kept blocks: a 16-slot CSR row (34 bytes) beats 13 words (52 bytes)
     wide = torch.rand(2, 40, 400, generator=gen) < 0.3
-    for mask, expected in ((sparse, "csr"), (wide, "bitmap")):
+    for mask in (sparse, wide):
         for block, kept in ((64, False), (16, False), (64, True)):
             sizes = encoded_nbytes(mask, block, kept_bits=kept)
             csr = BlockMask.from_dense(mask, block, block, kept_bits=kept, encoding="csr")
             bitmap = BlockMask.from_dense(mask, block, block, kept_bits=kept, encoding="bitmap")
             assert (sizes["csr"], sizes["bitmap"]) == (csr.nbytes, bitmap.nbytes)
             auto = BlockMask.from_dense(mask, block, block, kept_bits=kept, encoding="auto")
-            smaller = "bitmap" if bitmap.nbytes < csr.nbytes else "csr"
-            assert auto.encoding == smaller and auto.nbytes == min(csr.nbytes, bitmap.nbytes)
-        assert BlockMask.from_dense(mask, 64, 64, encoding="auto").encoding == expected
-    # with compensation the CSR form carries the bits too: the bitmap form is never larger
-    assert BlockMask.from_dense(sparse, 64, 64, kept_bits=True, encoding="auto").encoding == "bitmap"
+            expected = "bitmap" if csr.nbytes - bitmap.nbytes >= AUTO_BITMAP_MIN_SAVING else "csr"
+            assert auto.encoding == expected and auto.nbytes == (bitmap if expected == "bitmap" else csr).nbytes
+        # these masks are small: the bitmap saves under a MiB, the CSR stays
+        assert BlockMask.from_dense(mask, 64, 64, encoding="auto").encoding == "csr"
+    # a video-sized site (24 heads, 1,200 x 1,200 blocks, every row wide): the bitmap saves tens of MiB
+    video = torch.rand(24, 1200, 1200, generator=gen) < 0.3
+    sizes = encoded_nbytes(video, 64)
+    assert sizes["csr"] - sizes["bitmap"] >= AUTO_BITMAP_MIN_SAVING
+    assert BlockMask.from_dense(video, 64, 64, encoding="auto").encoding == "bitmap"
     with pytest.raises(ValueError, match="encoding must be one of"):
         BlockMask.from_dense(wide, encoding="bits")
     with pytest.raises(ValueError, match="compact=True"):
