@@ -179,22 +179,30 @@ def measure_model(model: ModelShape, density: float, buckets: int, block: int = 
         site_constants(perm, masks, block, model.heads, tokens, validate=False, encoding=encoding)
     perm_bytes = constants.tensors["perm"].numel() * constants.tensors["perm"].element_size()
     site_bytes, csr_bytes = constants.nbytes, csr_constants.nbytes
+    # The lowering stores a graph's kernel permutations as one table of distinct rows (at most one per candidate
+    # order) plus int64 row ids per site and head (`lower.SharedPermutationRows`), not [H, N] per site.
+    perm_rows = min(len(orders), model.layers * model.heads)
+    perm_model_bytes = perm_rows * tokens * constants.tensors["perm"].element_size() + model.layers * model.heads * 8
+    mask_bytes, csr_mask_bytes = site_bytes - perm_bytes, csr_bytes - perm_bytes
     counts = csr_constants.mask.counts
     kept = int(masks.sum())
     site_previous = previous_bytes(csr_constants, buckets)
     share = lambda size: size * model.layers / model.weight_bytes  # noqa: E731
+    model_bytes, csr_model_bytes = mask_bytes * model.layers + perm_model_bytes, csr_mask_bytes * model.layers + perm_model_bytes
     return dict(
         model=model.name, heads=model.heads, tokens=tokens, sites=model.layers, density=density,
         kept=kept / masks.numel(), step_buckets=buckets, kv_blocks=int(masks.shape[-1]), encoding=constants.mask.encoding,
         slots=constants.mask.row_width, max_count=int(counts.max()), mean_count=float(counts.float().mean()),
         dtypes={name: str(t.dtype).replace("torch.", "") for name, t in constants.tensors.items()},
-        perm_mb=perm_bytes / 2**20, mask_mb=(site_bytes - perm_bytes) / 2**20, site_mb=site_bytes / 2**20,
+        perm_mb=perm_bytes / 2**20, mask_mb=mask_bytes / 2**20, site_mb=site_bytes / 2**20,
+        perm_rows=perm_rows, perm_model_mb=perm_model_bytes / 2**20,
         csr_site_mb=csr_bytes / 2**20, previous_site_mb=site_previous / 2**20,
-        model_gb=site_bytes * model.layers / 2**30, folded_model_gb=(site_bytes - perm_bytes) * model.layers / 2**30,
-        csr_model_gb=csr_bytes * model.layers / 2**30, previous_model_gb=site_previous * model.layers / 2**30,
+        model_gb=model_bytes / 2**30, folded_model_gb=mask_bytes * model.layers / 2**30,
+        csr_model_gb=csr_model_bytes / 2**30, previous_model_gb=site_previous * model.layers / 2**30,
         weights_gb=model.weight_bytes / 2**30,
-        share=share(site_bytes), folded_share=share(site_bytes - perm_bytes),
-        csr_share=share(csr_bytes), csr_folded_share=share(csr_bytes - perm_bytes),
+        share=model_bytes / model.weight_bytes, folded_share=share(mask_bytes),
+        unshared_perm_share=share(site_bytes),
+        csr_share=csr_model_bytes / model.weight_bytes, csr_folded_share=share(csr_mask_bytes),
         previous_share=share(site_previous),
         # An encoding the kernels do not read, for scale: every kept block listed once (int16, no padding to the
         # widest row).

@@ -43,7 +43,14 @@ def test_model_measurement_counts_the_constants_the_lowering_stores():
     site = perm_bytes + stored.nbytes
     assert row["dtypes"] == {"perm": "int32", "counts": "int16", "indices": "int16", "slot_bits": "int8"}
     assert round(row["site_mb"] * 2**20) == site and round(row["perm_mb"] * 2**20) == perm_bytes
-    assert abs(row["model_gb"] * 2**30 - 3 * site) < 1e-3 and abs(row["share"] - 3 * site / 2.0e6) < 1e-12
+    # the permutations of the model's sites share one table of distinct rows (one per candidate order at most)
+    from paro_compile.grid import candidate_orders
+
+    perm_model = min(len(candidate_orders(grid)), 3 * 2) * grid.num_tokens * 4 + 3 * 2 * 8
+    assert row["perm_rows"] == min(len(candidate_orders(grid)), 6)
+    model_bytes = 3 * stored.nbytes + perm_model
+    assert abs(row["model_gb"] * 2**30 - model_bytes) < 1e-3 and abs(row["share"] - model_bytes / 2.0e6) < 1e-12
+    assert abs(row["unshared_perm_share"] - 3 * site / 2.0e6) < 1e-12
     assert abs(row["folded_share"] - 3 * stored.nbytes / 2.0e6) < 1e-12
     previous = 2 * grid.num_tokens * 8 + stored.counts.numel() * 4 + stored.indices.numel() * 2 + stored.slot_bits.numel()
     assert abs(row["previous_share"] - 3 * previous / 2.0e6) < 1e-12
@@ -53,17 +60,16 @@ def test_model_measurement_counts_the_constants_the_lowering_stores():
     assert one["step_buckets"] == 1 and one["mask_mb"] < row["mask_mb"]
 
 
-def test_model_measurement_counts_the_encoding_the_lowering_picks():
-    """Where one bit per block is smaller than the CSR (every row of a site at least ~1/16 of Nk wide), the lowering
-    stores the bitmap and the measurement counts it: kept-bit words of every step bucket, whatever the density, with
-    the compact CSR beside it for comparison."""
+def test_model_measurement_counts_the_bitmap_encoding():
+    """With the bitmap encoding (what "auto" takes at video sizes, where it saves megabytes per site) the measurement
+    counts kept-bit words of every step bucket, whatever the density, with the compact CSR beside it for comparison."""
     from paro_compile.grid import TokenGrid
 
     bench = load_benchmark("plan_memory")
     grid = TokenGrid(frames=4, height=8, width=16, text_tokens=16, text_position="suffix")
     model = bench.ModelShape("small", 2, grid, 3, 1.0e6)
     masks = bench.calibrated_like_masks(grid, 2, 0.3, 2, 16, torch.Generator().manual_seed(0))
-    row = bench.measure_model(model, 0.3, 2, block=16, masks=masks)
+    row = bench.measure_model(model, 0.3, 2, block=16, masks=masks, encoding="bitmap")
     nb = masks.shape[-1]
     bits = 2 * 2 * nb * (-(-nb // 32)) * 4
     perm_bytes = 2 * grid.num_tokens * 4
@@ -71,7 +77,7 @@ def test_model_measurement_counts_the_encoding_the_lowering_picks():
     assert round(row["mask_mb"] * 2**20) == bits and round(row["site_mb"] * 2**20) == perm_bytes + bits
     csr = BlockMask.from_dense(masks, 16, 16)
     assert round(row["csr_site_mb"] * 2**20) == perm_bytes + csr.nbytes > perm_bytes + bits
-    assert abs(row["csr_share"] - 3 * (perm_bytes + csr.nbytes) / 2.0e6) < 1e-12
+    assert abs(row["csr_share"] - (3 * csr.nbytes + row["perm_model_mb"] * 2**20) / 2.0e6) < 1e-12
     assert row["slots"] == csr.row_width  # the walk the decode rebuilds is the CSR's
     forced = bench.measure_model(model, 0.3, 2, block=16, masks=masks, encoding="csr")
     assert forced["encoding"] == "csr" and forced["share"] == forced["csr_share"] == row["csr_share"]

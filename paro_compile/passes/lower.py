@@ -60,6 +60,64 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
         return gm.graph.get_attr(name)
 
 
+class SharedPermutationRows:
+    """The kernel permutations of one graph, stored as the distinct rows of all its sites.
+
+    A site's kernel permutation [H, N] holds, per head, the head's order (or its residual after the shared order is
+    folded). Calibrated plans choose each head's order among a few candidates of one token grid, so over a whole
+    model only a handful of distinct rows exist: storing [H, N] per site would repeat them in every layer (at 720p the
+    int32 permutation of a HunyuanVideo site is the size of its bitmap masks). Each token count gets one table of
+    distinct rows, registered once per graph; a site keeps only its row ids [H] and selects its [H, N] permutation
+    from the table per call (one small gather the graph runs before the op)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.rows: dict[tuple, list[torch.Tensor]] = {}
+        self.row_ids: dict[tuple, dict[bytes, int]] = {}
+        self.table_nodes: dict[tuple, fx.Node] = {}
+
+    def table_name(self, key: tuple) -> str:
+        seq_len, dtype, device = key
+        return f"_paro_perm_rows_{seq_len}_{str(dtype).replace('torch.', '')}_{str(device).replace(':', '')}"
+
+    def add(self, before: fx.Node, ids_name: str, perm: torch.Tensor,
+            device: Optional[torch.device]) -> tuple[fx.Node, int]:
+        """The [H, N] permutation of a site as a node selecting rows of its token count's table; also the bytes this
+        site added to the graph's constants (its row ids and the rows no earlier site had)."""
+        key = (int(perm.shape[1]), perm.dtype, device)
+        rows, ids = self.rows.setdefault(key, []), self.row_ids.setdefault(key, {})
+        site_ids, added = [], 0
+        for row in perm.cpu():
+            digest = row.numpy().tobytes()
+            if digest not in ids:
+                ids[digest] = len(rows)
+                rows.append(row)
+                added += row.numel() * row.element_size()
+            site_ids.append(ids[digest])
+        ids_node = add_constant(self.gm, before, ids_name, torch.tensor(site_ids, dtype=torch.int64), device)
+        if key not in self.table_nodes:
+            name = self.table_name(key)
+            # the rows are only known once every site is lowered: a placeholder now, the table in `finish`
+            self.gm.register_buffer(name, torch.empty(0, int(perm.shape[1]), dtype=perm.dtype, device=device))
+            with self.gm.graph.inserting_before(_after_placeholders(self.gm)):  # before every site that reads it
+                self.table_nodes[key] = self.gm.graph.get_attr(name)
+        with self.gm.graph.inserting_before(before):
+            selected = self.gm.graph.call_function(torch.ops.aten.index_select.default,
+                                                   (self.table_nodes[key], 0, ids_node))
+        return selected, added + len(site_ids) * 8
+
+    def finish(self) -> None:
+        """Register every table with its rows."""
+        for key, rows in self.rows.items():
+            seq_len, dtype, device = key
+            table = torch.stack(rows).to(device) if device is not None else torch.stack(rows)
+            self.gm.register_buffer(self.table_name(key), table.contiguous())
+
+
+def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op != "placeholder")
+
+
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
     """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, 1, Nk] after broadcasting; discover checked it) as the
     op's key bias: fp32 [B|1, H|1, Nk] (`additive_key_bias`: 0 / -inf for a boolean mask, the values themselves for an
@@ -155,6 +213,7 @@ def lower_attention_sites(
     """
     records: list[SiteRecord] = []
     bucket_node: Optional[fx.Node] = None  # one step-bucket index per graph, shared by every site
+    permutations = SharedPermutationRows(gm)
     for index, site in enumerate(sites):
         record = SiteRecord(
             site_id=site.site_id, shape=tuple(int(s) if isinstance(s, int) else str(s) for s in site.shape),
@@ -185,8 +244,9 @@ def lower_attention_sites(
             perm_node = perm
         elif perm is not None:
             perm_const = site_constants(perm, None, block, int(site.heads), int(site.seq_len)).tensors["perm"]
-            perm_node = add_constant(gm, node, _buffer_name(index, site.site_id, "perm"), perm_const, device)
-            record.plan_bytes += perm_const.numel() * perm_const.element_size()
+            perm_node, perm_bytes = permutations.add(node, _buffer_name(index, site.site_id, "perm_rows"), perm_const,
+                                                     device)
+            record.plan_bytes += perm_bytes
         mask_nodes: list[Optional[fx.Node]] = [None] * len(TENSOR_FIELDS)
         mask_sizes: Optional[list[int]] = None
         sparse = False
@@ -263,6 +323,7 @@ def lower_attention_sites(
         record.compensated = compensate and sparse
         record.orders = list(site_plan.orders) if site_plan is not None else []
         record.permutation = "kernel" if perm is not None else ("identity" if site_plan is None or site_plan.perm is None else "folded")
+    permutations.finish()
     gm.graph.lint()
     gm.recompile()
     return records
