@@ -179,10 +179,15 @@ def measure_model(model: ModelShape, density: float, buckets: int, block: int = 
         site_constants(perm, masks, block, model.heads, tokens, validate=False, encoding=encoding)
     perm_bytes = constants.tensors["perm"].numel() * constants.tensors["perm"].element_size()
     site_bytes, csr_bytes = constants.nbytes, csr_constants.nbytes
-    # The lowering stores a graph's kernel permutations as one table of distinct rows (at most one per candidate
-    # order) plus int64 row ids per site and head (`lower.SharedPermutationRows`), not [H, N] per site.
-    perm_rows = min(len(orders), model.layers * model.heads)
-    perm_model_bytes = perm_rows * tokens * constants.tensors["perm"].element_size() + model.layers * model.heads * 8
+    # From `lower.SHARED_PERMUTATION_MIN_BYTES` per site, the lowering stores a graph's kernel permutations as one
+    # table of distinct rows (at most one per candidate order) plus int64 row ids per site and head
+    # (`lower.SharedPermutationRows`); smaller ones stay [H, N] per site.
+    from paro_compile.passes.lower import SHARED_PERMUTATION_MIN_BYTES
+
+    shared = perm_bytes >= SHARED_PERMUTATION_MIN_BYTES
+    perm_rows = min(len(orders), model.layers * model.heads) if shared else model.layers * model.heads
+    perm_model_bytes = (perm_rows * tokens * constants.tensors["perm"].element_size() + model.layers * model.heads * 8
+                        if shared else perm_bytes * model.layers)
     mask_bytes, csr_mask_bytes = site_bytes - perm_bytes, csr_bytes - perm_bytes
     counts = csr_constants.mask.counts
     kept = int(masks.sum())
@@ -195,7 +200,7 @@ def measure_model(model: ModelShape, density: float, buckets: int, block: int = 
         slots=constants.mask.row_width, max_count=int(counts.max()), mean_count=float(counts.float().mean()),
         dtypes={name: str(t.dtype).replace("torch.", "") for name, t in constants.tensors.items()},
         perm_mb=perm_bytes / 2**20, mask_mb=mask_bytes / 2**20, site_mb=site_bytes / 2**20,
-        perm_rows=perm_rows, perm_model_mb=perm_model_bytes / 2**20,
+        perm_shared=shared, perm_rows=perm_rows, perm_model_mb=perm_model_bytes / 2**20,
         csr_site_mb=csr_bytes / 2**20, previous_site_mb=site_previous / 2**20,
         model_gb=model_bytes / 2**30, folded_model_gb=mask_bytes * model.layers / 2**30,
         csr_model_gb=csr_model_bytes / 2**30, previous_model_gb=site_previous * model.layers / 2**30,

@@ -207,7 +207,8 @@ def quantize_linears(model: nn.Module, *, filter: Optional[Filter] = None,
     if chosen:
         quantize_(model, config_cls(granularity=per_row(), set_inductor_config=inductor_tuning),
                   filter_fn=lambda module, name: name in names)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():  # the quantization runs asynchronously on the GPU; time all of it
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     modules = dict(model.named_modules())
     missed = [n for n in chosen if not is_fp8_weight(modules[n].weight)]

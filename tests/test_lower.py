@@ -151,18 +151,21 @@ def test_small_blocks_get_their_grouped_csr_as_plan_constants(monkeypatch):
     for record in paro_compile.last_report().sites:
         grouped = BlockMask.from_dense(plan.sites[record.site_id].block_masks, BLOCK, BLOCK)
         assert grouped.indices.dtype == torch.int16  # compact: int16, rows cut to the largest count
-        # random orders: every row of the int32 permutation is new to the graph's table, plus int64 row ids per head
-        expected = HEADS * N * 4 + HEADS * 8 + grouped.nbytes
+        expected = HEADS * N * 4 + grouped.nbytes  # int32 permutation
         assert record.plan_bytes == expected, (record.plan_bytes, expected)
         site = plan.sites[record.site_id]
-        assert site_constants(site.perm, site.block_masks, BLOCK, HEADS, N).nbytes == expected - HEADS * 8
+        assert site_constants(site.perm, site.block_masks, BLOCK, HEADS, N).nbytes == expected
         assert "plan=" in paro_compile.last_report().summary()
 
 
 @torch.no_grad()
-def test_kernel_permutations_share_one_table_of_distinct_rows():
-    """Sites whose heads use the same orders store each distinct permutation row once per graph: the second site adds
-    only its row ids, the graph holds one [rows, N] table, and every site still runs its own heads' orders."""
+def test_kernel_permutations_share_one_table_of_distinct_rows(monkeypatch):
+    """Permutations of at least `SHARED_PERMUTATION_MIN_BYTES` (video sizes; lowered here to 0) are stored as one
+    table of distinct rows per graph: the second site adds only its row ids, and every site still runs its own heads'
+    orders. Smaller ones stay per-site constants (no gather per call; the other tests here)."""
+    import paro_compile.passes.lower as lower_module
+
+    monkeypatch.setattr(lower_module, "SHARED_PERMUTATION_MIN_BYTES", 0)
     torch.manual_seed(0)
     model = ToyVideoDiT().eval()
     plan = random_plan()
@@ -180,6 +183,8 @@ def test_kernel_permutations_share_one_table_of_distinct_rows():
     assert records[SITES[0]].plan_bytes == HEADS * N * 4 + HEADS * 8 + masks[SITES[0]]
     assert records[SITES[1]].plan_bytes == HEADS * 8 + masks[SITES[1]]
     assert all(r.permutation == "kernel" for r in records.values())
+    graph_constants = [name for r in paro_compile.last_report().passes for name in [r["after"]]]
+    assert any("_paro_perm_rows_" in code for code in graph_constants)  # the graph's table of permutation rows
     # swapping the second site's rows changes the result: each site selects its own heads' rows
     swapped = copy.deepcopy(plan)
     swapped.sites[SITES[1]].perm = shared.clone()
@@ -209,7 +214,7 @@ def test_identical_step_buckets_are_stored_once():
     for site_id, stored in [(SITES[0], same[:1]), (SITES[1], plan.sites[SITES[1]].block_masks)]:
         masks = BlockMask.from_dense(stored, BLOCK, BLOCK)
         per_bucket = sum(t.numel() * t.element_size() for t in masks.as_op_args()[0] if t is not None)
-        assert records[site_id].plan_bytes == HEADS * N * 4 + HEADS * 8 + per_bucket, site_id
+        assert records[site_id].plan_bytes == HEADS * N * 4 + per_bucket, site_id
         assert records[site_id].step_buckets == 2  # the plan's buckets, whatever is stored
 
 
@@ -320,7 +325,7 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
             site = plan.sites[record.site_id]
             stored = site_constants(site.perm, site.block_masks, BLOCK, HEADS, N, compensate, encoding=encoding)
             assert record.mask_encoding == stored.mask.encoding == encoding and record.step_buckets == 2
-            assert record.plan_bytes == stored.nbytes + HEADS * 8  # + the int64 row ids of the permutation table
+            assert record.plan_bytes == stored.nbytes
             if encoding == "bitmap":
                 assert set(stored.tensors) == {"perm", "kept_bits"} and stored.tensors["kept_bits"].shape[0] == 2
         assert f"mask={encoding}" in report.summary()
@@ -389,8 +394,7 @@ def test_plan_constants_live_on_the_activations_device():
     config = ParoConfig(allow_fp32=True, fold_permutations=False)
     rewritten = rewrite_graph(captured["gm"], config, plan, CompileReport(graph_index=0))
     constants = {name: buf for name, buf in rewritten.named_buffers() if name.startswith("_paro_")}
-    assert {n.rsplit("_", 1)[-1] for n in constants} >= {"rows", "bits", "boundaries"}
-    assert any(n.startswith("_paro_perm_rows_") for n in constants)  # the graph's table of permutation rows
+    assert {n.rsplit("_", 1)[-1] for n in constants} >= {"perm", "bits", "boundaries"}
     assert all(buf.device.type == "meta" for buf in constants.values()), {n: b.device for n, b in constants.items()}
 
 

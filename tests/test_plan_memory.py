@@ -42,15 +42,9 @@ def test_model_measurement_counts_the_constants_the_lowering_stores():
     perm_bytes = 2 * grid.num_tokens * 4
     site = perm_bytes + stored.nbytes
     assert row["dtypes"] == {"perm": "int32", "counts": "int16", "indices": "int16", "slot_bits": "int8"}
+    assert not row["perm_shared"]  # a small permutation stays per site (`lower.SHARED_PERMUTATION_MIN_BYTES`)
     assert round(row["site_mb"] * 2**20) == site and round(row["perm_mb"] * 2**20) == perm_bytes
-    # the permutations of the model's sites share one table of distinct rows (one per candidate order at most)
-    from paro_compile.grid import candidate_orders
-
-    perm_model = min(len(candidate_orders(grid)), 3 * 2) * grid.num_tokens * 4 + 3 * 2 * 8
-    assert row["perm_rows"] == min(len(candidate_orders(grid)), 6)
-    model_bytes = 3 * stored.nbytes + perm_model
-    assert abs(row["model_gb"] * 2**30 - model_bytes) < 1e-3 and abs(row["share"] - model_bytes / 2.0e6) < 1e-12
-    assert abs(row["unshared_perm_share"] - 3 * site / 2.0e6) < 1e-12
+    assert abs(row["model_gb"] * 2**30 - 3 * site) < 1e-3 and abs(row["share"] - 3 * site / 2.0e6) < 1e-12
     assert abs(row["folded_share"] - 3 * stored.nbytes / 2.0e6) < 1e-12
     previous = 2 * grid.num_tokens * 8 + stored.counts.numel() * 4 + stored.indices.numel() * 2 + stored.slot_bits.numel()
     assert abs(row["previous_share"] - 3 * previous / 2.0e6) < 1e-12
@@ -58,6 +52,27 @@ def test_model_measurement_counts_the_constants_the_lowering_stores():
     assert row["slots"] == row["kv_blocks"] == row["max_count"]
     one = bench.measure_model(model, 0.3, 1, block=16, masks=masks[:1])
     assert one["step_buckets"] == 1 and one["mask_mb"] < row["mask_mb"]
+
+
+def test_model_measurement_shares_large_permutations(monkeypatch):
+    """From `lower.SHARED_PERMUTATION_MIN_BYTES` per site the model's permutations count as the lowering stores them:
+    one table of distinct rows (at most one per candidate order) and int64 row ids per site and head."""
+    import paro_compile.passes.lower as lower_module
+    from paro_compile.grid import TokenGrid, candidate_orders
+
+    monkeypatch.setattr(lower_module, "SHARED_PERMUTATION_MIN_BYTES", 0)
+    bench = load_benchmark("plan_memory")
+    grid = TokenGrid(frames=2, height=4, width=6, text_tokens=5, text_position="suffix")
+    model = bench.ModelShape("tiny", 2, grid, 3, 1.0e6)
+    masks = bench.calibrated_like_masks(grid, 2, 0.3, 1, 16, torch.Generator().manual_seed(0))
+    row = bench.measure_model(model, 0.3, 1, block=16, masks=masks, encoding="csr")
+    rows = min(len(candidate_orders(grid)), 3 * 2)
+    perm_model = rows * grid.num_tokens * 4 + 3 * 2 * 8
+    stored = BlockMask.from_dense(masks, 16, 16)
+    assert row["perm_shared"] and row["perm_rows"] == rows
+    assert round(row["perm_model_mb"] * 2**20) == perm_model
+    assert abs(row["share"] - (3 * stored.nbytes + perm_model) / 2.0e6) < 1e-12
+    assert abs(row["unshared_perm_share"] - 3 * (2 * grid.num_tokens * 4 + stored.nbytes) / 2.0e6) < 1e-12
 
 
 def test_model_measurement_counts_the_bitmap_encoding():
@@ -77,7 +92,7 @@ def test_model_measurement_counts_the_bitmap_encoding():
     assert round(row["mask_mb"] * 2**20) == bits and round(row["site_mb"] * 2**20) == perm_bytes + bits
     csr = BlockMask.from_dense(masks, 16, 16)
     assert round(row["csr_site_mb"] * 2**20) == perm_bytes + csr.nbytes > perm_bytes + bits
-    assert abs(row["csr_share"] - (3 * csr.nbytes + row["perm_model_mb"] * 2**20) / 2.0e6) < 1e-12
+    assert abs(row["csr_share"] - 3 * (perm_bytes + csr.nbytes) / 2.0e6) < 1e-12
     assert row["slots"] == csr.row_width  # the walk the decode rebuilds is the CSR's
     forced = bench.measure_model(model, 0.3, 2, block=16, masks=masks, encoding="csr")
     assert forced["encoding"] == "csr" and forced["share"] == forced["csr_share"] == row["csr_share"]

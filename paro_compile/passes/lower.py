@@ -60,6 +60,11 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
         return gm.graph.get_attr(name)
 
 
+# A shared permutation table costs one gather per site and call (the site's rows, H x N indices) where a per-site
+# constant costs none; below this size the memory it would save does not matter (image-size sites).
+SHARED_PERMUTATION_MIN_BYTES = 1 << 20
+
+
 class SharedPermutationRows:
     """The kernel permutations of one graph, stored as the distinct rows of all its sites.
 
@@ -68,7 +73,8 @@ class SharedPermutationRows:
     model only a handful of distinct rows exist: storing [H, N] per site would repeat them in every layer (at 720p the
     int32 permutation of a HunyuanVideo site is the size of its bitmap masks). Each token count gets one table of
     distinct rows, registered once per graph; a site keeps only its row ids [H] and selects its [H, N] permutation
-    from the table per call (one small gather the graph runs before the op)."""
+    from the table per call (one small gather the graph runs before the op). Used for permutations of at least
+    `SHARED_PERMUTATION_MIN_BYTES`."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
@@ -244,8 +250,12 @@ def lower_attention_sites(
             perm_node = perm
         elif perm is not None:
             perm_const = site_constants(perm, None, block, int(site.heads), int(site.seq_len)).tensors["perm"]
-            perm_node, perm_bytes = permutations.add(node, _buffer_name(index, site.site_id, "perm_rows"), perm_const,
-                                                     device)
+            perm_bytes = perm_const.numel() * perm_const.element_size()
+            if perm_bytes >= SHARED_PERMUTATION_MIN_BYTES:
+                perm_node, perm_bytes = permutations.add(node, _buffer_name(index, site.site_id, "perm_rows"),
+                                                         perm_const, device)
+            else:
+                perm_node = add_constant(gm, node, _buffer_name(index, site.site_id, "perm"), perm_const, device)
             record.plan_bytes += perm_bytes
         mask_nodes: list[Optional[fx.Node]] = [None] * len(TENSOR_FIELDS)
         mask_sizes: Optional[list[int]] = None
