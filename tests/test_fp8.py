@@ -309,3 +309,27 @@ def test_fp8_linears_then_paro_on_the_gpu_match_eager(device):
     assert len(cross_attention) == 2 and all(s.lowered and s.cross_attention for s in cross_attention), report.summary()
     assert rel_l2(out, ref_fp8) < TOL_VS_EAGER_FP8
     assert rel_l2(out, ref_bf16) < TOL_VS_EAGER_BF16
+
+
+def test_quality_benchmark_fp8_on_cpu_quantizes_through_torchao():
+    """`benchmarks/quality.py --fp8-on-cpu` measures FP8-linear numerics without an FP8 GPU: inside its bypass
+    `quantize_linears` hands the linears to torchao, which computes them through torch._scaled_mm on the CPU; outside
+    it the recipe still refuses the CPU."""
+    pytest.importorskip("torchao", minversion="0.18")
+    from bench_helpers import load_benchmark
+
+    quality = load_benchmark("quality")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    expected = model(x)
+    with quality.fp8_capability_bypass(True):
+        result = fp8.quantize_linears(model, filter=lambda module, name: True)
+    assert result.applied and sorted(result.quantized) == ["0", "2"]
+    assert all(fp8.is_fp8_weight(model[i].weight) for i in (0, 2))
+    with torch.no_grad():
+        out = model(x)
+    error = float((out.float() - expected.float()).norm() / expected.float().norm())
+    assert 0 < error < 0.1  # e4m3 rounding: changed, but close
+    with pytest.warns(fp8.Fp8UnavailableWarning):
+        assert not fp8.quantize_linears(nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)).applied
