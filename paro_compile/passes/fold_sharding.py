@@ -9,7 +9,9 @@ into the whole sequence before it is sharded (docs/context_parallel.md, "Folding
   permuted sequence, whose segments stay those of the whole sequence;
 - the all-to-all before attention turns this rank's shard into the whole sequence in the common order ((sending
   rank, local token) is the global order when every rank holds its chunk), the one after attention hands each
-  rank its chunk again, and an all-gather over the group restores the whole sequence (the inverse goes after it);
+  rank its chunk again, and an all-gather over the group restores the whole sequence (the inverse goes after it):
+  ``all_gather_into_tensor`` stacks the ranks' chunks on dim 0, then a view (one sample) or funcol's
+  ``cat(chunk(U, dim=0), dim=token)`` (a batch) puts the rank in front of the local tokens;
 - a position-dependent operand that joins a sharded state (RoPE tables) is followed back to its own
   ``chunk(U)[rank]``: the forward layout op goes on the whole table before that chunk (`ShardedOperand`).
 
@@ -173,9 +175,11 @@ class ShardedTokenRules:
                         "token) of the sequence")
 
     def visit_gather(self, node: fx.Node) -> None:
-        """An all-gather of this rank's chunk of the tokens over the Ulysses group: followed through its wait and
-        reshapes to the node whose axis is (rank, local token), the whole sequence again (diffusers' final
-        ``all_gather`` of the output: ``all_gather_into_tensor`` on dim 0, then a view back to the token axis)."""
+        """An all-gather of this rank's chunk of the tokens over the Ulysses group: followed through its wait,
+        reshapes and funcol's ``chunk`` + ``cat`` to the node whose axis is (rank, local token), the whole sequence
+        again. diffusers' final ``all_gather`` of the output is ``all_gather_into_tensor``, which stacks the ranks'
+        chunks on dim 0, then funcol's move of the rank to the token axis: a view when the batch is one sample,
+        ``cat(chunk(U, dim=0), dim=token)`` otherwise (`_regather_pieces`)."""
         source = node.args[0]
         st = self.state[source]
         sharding = self.sharding
@@ -196,9 +200,12 @@ class ShardedTokenRules:
                 break
             user = users[0]
             name = op_name(user)
+            steps = [user]
             try:
                 if user.target in WAIT or name in EXCHANGE_IDENTITY_OPS:
                     pass
+                elif name == "chunk":
+                    layout, steps = self._regather_pieces(node, user, layout)
                 elif name in PERMUTE_OPS:
                     dims = permute_dims(user, len(layout))
                     if dims is None:
@@ -210,13 +217,44 @@ class ShardedTokenRules:
                     break
             except LayoutError:
                 break
-            chain.append(user)
-            current = user
+            chain.extend(steps)
+            current = steps[-1]
             wanted = [Digit(PEER, 1, sharding.world)] + token
             axis = next((j for j, digits in enumerate(layout) if digits == wanted), None)
             if axis is not None:
                 self.skip.update(chain)
-                self.state[user] = State(axis, st.segs)
+                self.state[current] = State(axis, st.segs)
                 return
         raise FoldError(f"{node.name}: the all-gather of the permuted tokens is not followed back to one token axis "
-                        "(a batch of several samples is gathered with chunk + cat, which is not folded)")
+                        f"of (rank, local token) (it ends at {current.name}, {op_name(current)})")
+
+    def _regather_pieces(self, gather: fx.Node, split: fx.Node, layout: list) -> tuple[list, list[fx.Node]]:
+        """funcol's ``cat(chunk(U, dim=0), dim=d)`` after the all-gather at ``gather``: the chunk takes off the rank,
+        the slowest digit of the axis the ranks are stacked on, and the cat puts it in front of axis ``d``. The
+        layout after the cat and the nodes from ``split`` to the cat; only that exact pattern (U pieces, each used
+        once, in rank order, by one cat), any other raises `FoldError` with what differs."""
+        world = self.sharding.world
+        peer = Digit(PEER, 1, world)
+        rank = len(layout)
+        split_dim = norm_dim(int(arg(split, 2, "dim", 0)), rank)
+        if arg(split, 1, "chunks") != world or not layout[split_dim] or layout[split_dim][0] != peer:
+            raise FoldError(f"{gather.name}: {split.name} after the all-gather is not chunk({world}) of the axis the "
+                            "ranks are stacked on")
+        pieces: dict[int, fx.Node] = {}
+        for piece in split.users:
+            index = piece.args[1] if op_name(piece) == "getitem" else None
+            if not isinstance(index, int) or not 0 <= index < world or index in pieces:
+                raise FoldError(f"{gather.name}: {piece.name} uses the all-gather's chunk {split.name} otherwise than "
+                                "by taking each rank's piece once")
+            pieces[index] = piece
+        ordered = [pieces.get(r) for r in range(world)]
+        joins = {user for piece in pieces.values() for user in piece.users}
+        join = joins.pop() if len(joins) == 1 else None
+        if None in ordered or join is None or op_name(join) != "cat" \
+                or any(len(piece.users) != 1 for piece in ordered) or list(arg(join, 0, "tensors")) != ordered:
+            raise FoldError(f"{gather.name}: the pieces of the all-gather's chunk {split.name} are not concatenated "
+                            "once each, in rank order, by one cat")
+        cat_dim = norm_dim(int(arg(join, 1, "dim", 0)), rank)
+        layout = [digits[1:] if d == split_dim else digits for d, digits in enumerate(layout)]
+        layout = [[peer] + digits if d == cat_dim else digits for d, digits in enumerate(layout)]
+        return layout, [split, *ordered, join]

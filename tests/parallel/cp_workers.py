@@ -191,8 +191,14 @@ class ExchangedAttention(torch.nn.Module):
             o = got.permute(*axes).reshape(b, s, self.heads, d)
         out = self.out(o.flatten(2))
         if world > 1:
-            out = funcol.all_gather_tensor(out.contiguous(), 1, dist.group.WORLD)
+            out = self.gather_tokens(out.contiguous(), world)
         return out
+
+    def gather_tokens(self, out: torch.Tensor, world: int) -> torch.Tensor:
+        """The whole sequence [B, N, C] from every rank's chunk ``out`` [B, N/U, C], as diffusers gathers it."""
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_gather_tensor(out, 1, dist.group.WORLD)
 
 
 def exchanged_inputs() -> torch.Tensor:

@@ -50,11 +50,14 @@ def recording_passes(options: dict, shapes: list) -> object:
     return backend
 
 
-def wan_run(orders: dict, world: int, layers: int = 1) -> dict:
-    """tiny Wan (under Ulysses when world > 1) compiled with the plan of ``orders``: output, report, grids read."""
+def wan_run(orders: dict, world: int, layers: int = 1, batch: int = 1) -> dict:
+    """tiny Wan (under Ulysses when world > 1) compiled with the plan of ``orders`` on ``batch`` copies of its
+    sample (2: a CFG batch): output, report, grids read."""
     from torch._dynamo.utils import counters
 
     model, inputs = cw.tiny_wan(layers=layers)
+    for name in ("hidden_states", "timestep", "encoder_hidden_states"):
+        inputs[name] = inputs[name].expand(batch, *inputs[name].shape[1:]).contiguous()
     if world > 1:
         cw.enable_ulysses(model, world)
     shapes: list = []
@@ -76,24 +79,43 @@ def wan_run(orders: dict, world: int, layers: int = 1) -> dict:
             "graphs": counters["stats"]["unique_graphs"]}
 
 
-def toy_run(batch: int) -> dict:
-    """The hand-written Ulysses attention (`cw.ExchangedAttention`) on a batch of ``batch``: its tokens are a flat
-    input whose grid comes from the plan."""
+class SwappedGatherAttention(cw.ExchangedAttention):
+    """`cw.ExchangedAttention` whose final all-gather concatenates the ranks' pieces in reverse rank order and then
+    rolls the sequence by one rank's chunk: on 2 ranks the same function, in a pattern the fold does not follow."""
+
+    def gather_tokens(self, out: torch.Tensor, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        pieces = funcol.all_gather_tensor(out, 0, dist.group.WORLD).chunk(world, dim=0)
+        return torch.cat(pieces[::-1], dim=1).roll(out.shape[1], dims=1)
+
+
+def toy_run(batch: int, toy_class: type = cw.ExchangedAttention) -> dict:
+    """The hand-written Ulysses attention (``toy_class``, a `cw.ExchangedAttention`) on a batch of ``batch``: its
+    tokens are a flat input whose grid comes from the plan."""
+    from torch._dynamo.utils import counters
+
     x = cw.exchanged_inputs().expand(batch, -1, -1).contiguous()
-    toy = cw.ExchangedAttention(layout="contiguous").eval()
+    toy = toy_class(layout="contiguous").eval()
     torch._dynamo.reset()
+    counters.clear()
     shapes: list = []
     with torch.no_grad():
         out = torch.compile(toy, backend=recording_passes({**cw.EXACT, "plan": cw.image_plan(TOY_ORDERS)}, shapes))(x)
     report = paro_compile.last_report()
-    return {"out": out, "report": report, "cp": [report.context_parallel_fold], "shapes": shapes}
+    return {"out": out, "report": report, "cp": [report.context_parallel_fold], "shapes": shapes,
+            "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"]}
 
 
 def fold_worker(rank: int, world: int) -> dict:
     results = {name: wan_run(orders, world) for name, orders in WAN_PLANS.items()}
     results["two-blocks"] = wan_run(TWO_BLOCKS, world, layers=2)
+    results["cfg-batch"] = wan_run(WAN_PLANS["global-order"], world, batch=2)
     results["toy"] = toy_run(1)
     results["toy-batch"] = toy_run(2)
+    if world == 2:
+        results["toy-batch-swapped"] = toy_run(2, SwappedGatherAttention)
     for result in results.values():  # reports do not pickle (weak references): keep their records and notes
         report = result.pop("report")
         result["records"] = {s.site_id: s for s in report.sites}
@@ -135,6 +157,24 @@ def test_ranks_fold_the_global_order_bitwise(ranks, one_process, plan):
             assert "inverse at res_1->" in result["cp"][-1]  # after the all-gather, on the whole sequence
         assert torch.equal(result["out"], one_process[plan]["out"]), \
             f"rank {rank}: max diff {(result['out'] - one_process[plan]['out']).abs().max()}"
+        assert torch.equal(result["again"], result["out"])
+        assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
+
+
+@pytest.mark.slow
+def test_a_cfg_batch_folds_bitwise(ranks, one_process):
+    """A batch of 2 samples (classifier-free guidance) through diffusers' Ulysses: its final all-gather rebuilds the
+    token axis with funcol's chunk + cat, after which the inverse goes; every rank matches one process bitwise."""
+    assert one_process["cfg-batch"]["records"][SITE].folded_order == "HWF"
+    for rank, results in enumerate(ranks):
+        result = results["cfg-batch"]
+        record = result["records"][SITE]
+        assert record.lowered and record.shape[0] == 2 and record.folded_order == "HWF", (rank, record, result["cp"])
+        assert record.kernel_permutation == ("none" if rank == 0 else "residual")
+        assert result["cp"][-1].startswith("fold: order HWF folded into the whole sequence before the token sharding "
+                                           "over 2 ranks"), result["cp"]
+        assert torch.equal(result["out"], one_process["cfg-batch"]["out"]), \
+            f"rank {rank}: max diff {(result['out'] - one_process['cfg-batch']['out']).abs().max()}"
         assert torch.equal(result["again"], result["out"])
         assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
 
@@ -182,13 +222,31 @@ def test_flat_input_folds_with_the_inverse_after_the_gather(ranks, one_process):
 
 
 @pytest.mark.slow
-def test_a_graph_the_fold_cannot_follow_keeps_the_kernel_permutation(ranks, one_process):
-    """A batch of 2 is all-gathered with chunk + cat, which the fold does not follow: nothing is folded, the reason
-    is in the report, and the output is still the one-process output."""
+def test_a_batch_gathered_with_chunk_and_cat_folds_bitwise(ranks, one_process):
+    """A batch of 2 is all-gathered with funcol's cat(chunk(U, dim=0), dim=token): the cat's output is the whole
+    sequence in the common order, the inverse goes after it, and the output is the one-process output."""
     assert one_process["toy-batch"]["records"][TOY_SITE].folded_order == "WH"
-    for results in ranks:
+    for rank, results in enumerate(ranks):
         result = results["toy-batch"]
         record = result["records"][TOY_SITE]
+        assert record.lowered and record.folded_order == "WH", (rank, record, result["cp"])
+        assert record.orders == TOY_ORDERS[2 * rank: 2 * rank + 2]
+        assert record.kernel_permutation == ("none" if rank == 0 else "residual")
+        assert result["cp"][-1].startswith("fold: order WH folded into the whole sequence before the token sharding "
+                                           "over 2 ranks"), result["cp"]
+        assert "inverse at res_1->" in result["cp"][-1], result["cp"]  # res_1 is funcol's cat
+        assert torch.equal(result["out"], one_process["toy-batch"]["out"]), \
+            f"rank {rank}: max diff {(result['out'] - one_process['toy-batch']['out']).abs().max()}"
+        assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
+
+
+@pytest.mark.slow
+def test_a_graph_the_fold_cannot_follow_keeps_the_kernel_permutation(ranks, one_process):
+    """The gathered pieces concatenated in another order than the ranks' (then rolled back): the fold does not
+    follow it, nothing is folded, the reason is in the report, and the output is still the one-process output."""
+    for results in ranks:
+        result = results["toy-batch-swapped"]
+        record = result["records"][TOY_SITE]
         assert record.lowered and record.folded_order is None and record.kernel_permutation == "full"
-        assert "fold: nothing folded" in result["cp"][-1] and "all-gather" in result["cp"][-1], result["cp"]
+        assert "fold: nothing folded" in result["cp"][-1] and "in rank order" in result["cp"][-1], result["cp"]
         assert torch.equal(result["out"], one_process["toy-batch"]["out"])
