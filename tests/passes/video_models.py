@@ -21,6 +21,21 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def channels_first_video_inputs(dtype: torch.dtype):
+    """``inputs_at(frames, height, width)`` of models taking [B, C, F, H, W] latents (4 channels) and TEXT text tokens
+    of width 32 (Wan, EasyAnimate), drawn from a seed of the size."""
+
+    def inputs_at(frames: int, height: int, width: int) -> dict:
+        gen = _generator(frames * 1000 + height * 10 + width)
+        return dict(
+            hidden_states=torch.randn(1, 4, frames, height, width, generator=gen).to(dtype),
+            timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen).to(dtype),
+            return_dict=False,
+        )
+
+    return inputs_at
+
+
 def cogvideox(version: str = "1.0", dtype: torch.dtype = torch.float32):
     """CogVideoX 1.0 (Conv2d patch embed, per-frame) or 1.5 (``patch_size_t=2``: Linear patch embed over
     2×2×2 patches, ofs embedding, no learned positional embedding)."""
@@ -94,13 +109,7 @@ def wan(dtype: torch.dtype = torch.float32):
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, rope_max_seq_len=64,
     ).eval().to(dtype)
 
-    def inputs_at(frames: int, height: int, width: int) -> dict:
-        gen = _generator(frames * 1000 + height * 10 + width)
-        return dict(
-            hidden_states=torch.randn(1, 4, frames, height, width, generator=gen).to(dtype),
-            timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen).to(dtype),
-            return_dict=False,
-        )
+    inputs_at = channels_first_video_inputs(dtype)
 
     def grid_at(frames: int, height: int, width: int) -> TokenGrid:
         return TokenGrid(frames, height // 2, width // 2, 0)
@@ -119,13 +128,7 @@ def easyanimate(dtype: torch.dtype = torch.float32):
         enable_text_attention_mask=False,
     ).eval().to(dtype)
 
-    def inputs_at(frames: int, height: int, width: int) -> dict:
-        gen = _generator(frames * 1000 + height * 10 + width)
-        return dict(
-            hidden_states=torch.randn(1, 4, frames, height, width, generator=gen).to(dtype),
-            timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen).to(dtype),
-            return_dict=False,
-        )
+    inputs_at = channels_first_video_inputs(dtype)
 
     def grid_at(frames: int, height: int, width: int) -> TokenGrid:
         return TokenGrid(frames, height // 2, width // 2, TEXT, "prefix")
