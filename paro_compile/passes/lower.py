@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import ParoConfig
-from paro_compile.kernels.block_mask import TENSOR_FIELDS, BlockMask
+from paro_compile.kernels.block_mask import AUTO_BITMAP_MIN_SAVING, TENSOR_FIELDS, BlockMask
 from paro_compile.ops import additive_key_bias, check_permutation
 from paro_compile.passes.discover import AttentionSite
 from paro_compile.passes.fx_utils import fake_value, static_int
@@ -61,8 +61,8 @@ def add_constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Te
 
 
 # A shared permutation table costs one gather per site and call (the site's rows, H x N indices) where a per-site
-# constant costs none; below this size the memory it would save does not matter (image-size sites).
-SHARED_PERMUTATION_MIN_BYTES = 1 << 20
+# constant costs none: the same trade as the bitmap mask form's decode, so the same size decides it.
+SHARED_PERMUTATION_MIN_BYTES = AUTO_BITMAP_MIN_SAVING
 
 
 class SharedPermutationRows:
