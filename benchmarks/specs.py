@@ -141,9 +141,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
               "NVSHMEM_DISABLE_NVLS": "1"}),
     Spec("kernel-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "200", "tests/kernels/test_non_finite.py",
                                     "tests/test_masked_and_cross_attention.py", "tests/kernels/test_attention_hopper.py",
-                                    "tests/kernels/test_attention.py", "-k", "not diffusers and (cuda or hopper or Hopper "
-                                    "or non_finite or bad or key_bias or non_positive or head_dims)"), 250,
-         "kernel numerics on the GPU: both kernels vs the reference, non-finite inputs, key padding, cross-attention",
+                                    "tests/kernels/test_attention.py", "tests/kernels/test_mask_decode.py", "-k",
+                                    "not diffusers and (cuda or hopper or Hopper or non_finite or bad or key_bias or "
+                                    "non_positive or head_dims or bitmap or decode or compact)"), 250,
+         "kernel numerics on the GPU: both kernels vs the reference, non-finite inputs, key padding, cross-attention, "
+         "bitmap-form masks and their decode",
          env={"PARO_AUTOTUNE": "0"}),
     Spec("host-overhead", "benchmarks/host_overhead.py", ("--out", "{out}"), 110,
          "host cost per paro::attention call and the Flux-1024 call against FlexAttention"),

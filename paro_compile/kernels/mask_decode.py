@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from paro_compile.kernels.block_mask import BlockMask, csr_dtype
+from paro_compile.kernels.mask_decode_reference import decode_walk_reference
+from paro_compile.ops import triton_available_for
 
 CHUNK_WORDS = 32
 """Words (32 KV blocks each) one program expands per step of its walk row."""
@@ -78,10 +80,13 @@ def decode_walk(mask: BlockMask) -> BlockMask:
     """The CSR form of a bitmap-form ``mask`` (single-bucket or stacked tensors), decoded on its tensors' device by
     one Triton launch (CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``kept_bits`` stays. Other forms are returned
     unchanged. ``kept_bits`` must be contiguous int32 words (`BlockMask.validate` checks the dtype); nothing is read
-    back to the host."""
+    back to the host. On a device Triton cannot launch on (the CPU without the interpreter) the PyTorch decode
+    (`mask_decode_reference`) gives the same tensors."""
     if not mask.is_bitmap:
         return mask
     kept = mask.kept_bits
+    if not triton_available_for(kept.device):
+        return decode_walk_reference(mask)
     if kept.dtype != torch.int32 or not kept.is_contiguous():
         kept = kept.to(torch.int32).contiguous()
     *lead, mq, words = kept.shape

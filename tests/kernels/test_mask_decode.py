@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from paro_compile.kernels.block_mask import AUTO_BITMAP_MIN_SAVING, BlockMask, encoded_nbytes, kept_block_bits
 from paro_compile.kernels.mask_decode import decode_walk
 from paro_compile.kernels.mask_decode_reference import decode_walk_reference
+from paro_kernel_helpers import kernel_device
 
 WALK_FIELDS = ("counts", "indices", "slot_bits")
 
@@ -25,6 +26,11 @@ def assert_same_walk(decoded: BlockMask, built: BlockMask) -> None:
         assert torch.equal(a, b), (name, a, b)
 
 
+def decode_on_kernel_device(bitmap: BlockMask) -> BlockMask:
+    """The Triton decode where it runs in this session (CUDA, else the CPU interpreter), brought back to the CPU."""
+    return decode_walk(bitmap.to(kernel_device())).to("cpu")
+
+
 def check_decodes(mask: torch.Tensor, block: int) -> BlockMask:
     built = BlockMask.from_dense(mask, block, block, kept_bits=True)
     bitmap = BlockMask.from_dense(mask, block, block, encoding="bitmap")
@@ -32,7 +38,7 @@ def check_decodes(mask: torch.Tensor, block: int) -> BlockMask:
     assert bitmap.counts is None and bitmap.indices is None and bitmap.slot_bits is None
     assert torch.equal(bitmap.kept_bits, built.kept_bits) and bitmap.walk_width == built.row_width
     assert bitmap.density == built.density and torch.equal(bitmap.to_dense(), mask)
-    for decoded in (decode_walk(bitmap), decode_walk_reference(bitmap), bitmap.decoded()):
+    for decoded in (decode_on_kernel_device(bitmap), decode_walk_reference(bitmap), bitmap.decoded()):
         assert_same_walk(decoded, built)
         assert decoded.kept_bits is bitmap.kept_bits or torch.equal(decoded.kept_bits, bitmap.kept_bits)
     return bitmap
@@ -57,9 +63,9 @@ def test_decode_of_stacked_step_buckets(gen, block):
     mask = torch.rand(3, 2, 7, 45, generator=gen) < torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1)
     built = BlockMask.from_dense(mask, block, block)
     bitmap = BlockMask.from_dense(mask, block, block, encoding="bitmap")
-    assert_same_walk(decode_walk(bitmap), built)
+    assert_same_walk(decode_on_kernel_device(bitmap), built)
     for s in range(3):
-        assert_same_walk(decode_walk(bitmap.bucket(s)), built.bucket(s))
+        assert_same_walk(decode_on_kernel_device(bitmap.bucket(s)), built.bucket(s))
 
 
 def test_decode_of_rows_wider_than_one_chunk(gen):
@@ -71,6 +77,18 @@ def test_decode_of_rows_wider_than_one_chunk(gen):
     mask = torch.rand(1, 3, nk, generator=gen) < torch.tensor([0.02, 0.6, 1.0]).view(1, 3, 1)
     check_decodes(mask, 64)
     check_decodes(mask, 32)
+
+
+def test_decode_on_a_device_triton_cannot_launch_on_uses_the_pytorch_decode(gen, monkeypatch):
+    """CPU tensors without the interpreter (a GPU machine's CPU copy of a plan): `decode_walk` gives the PyTorch
+    decode's tensors instead of handing CPU pointers to a CUDA launch."""
+    from paro_compile.kernels import mask_decode
+
+    mask = torch.rand(2, 6, 40, generator=gen) < 0.3
+    bitmap = BlockMask.from_dense(mask, 32, 32, encoding="bitmap")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(mask_decode, "_decode_walk_kernel", None)  # any launch would fail
+    assert_same_walk(decode_walk(bitmap), BlockMask.from_dense(mask, 32, 32))
 
 
 @settings(max_examples=40, deadline=None)
