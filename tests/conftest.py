@@ -1,4 +1,6 @@
 import os
+import random
+import zlib
 
 import torch
 
@@ -40,3 +42,25 @@ def fresh_dynamo():
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# A seed per test, fixed (derived from its node id): a run is reproducible and CI cannot turn red on a seed no one
+# has seen. PARO_TEST_SEED=random draws a fresh seed per test to explore; PARO_TEST_SEED=<n> replays one. The seed
+# is printed, so a failure names its replay. Defined here (not in tests/kernels/) so that a session collecting
+# files from several folders always sees it.
+@pytest.fixture
+def seed(request):
+    chosen = os.environ.get("PARO_TEST_SEED", "")
+    if chosen == "random":
+        s = random.SystemRandom().randrange(2**31)
+    elif chosen:
+        s = int(chosen)
+    else:
+        s = zlib.crc32(request.node.nodeid.encode()) % 2**31
+    print(f"seed={s} (replay with PARO_TEST_SEED={s})")
+    return s
+
+
+@pytest.fixture
+def gen(seed):
+    return torch.Generator().manual_seed(seed)

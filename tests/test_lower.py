@@ -305,13 +305,14 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
     bucket (with skipped-block compensation, which reads the same bits), and the report names each site's encoding
     and counts the bytes it stores."""
     compensate = True
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs impl="triton" under the interpreter
     torch.manual_seed(3)
-    model = ToyVideoDiT().eval()
+    model = ToyVideoDiT().eval().to(device)
     plan = random_plan(buckets=2)
     calls = []
     for timestep in (900.0, 300.0):
-        inputs = toy_inputs()
-        inputs["timestep"] = torch.full((1,), timestep)
+        inputs = toy_inputs(device=device)
+        inputs["timestep"] = torch.full((1,), timestep, device=device)
         calls.append(inputs)
     outputs = {}
     for encoding in ("csr", "bitmap"):
