@@ -339,7 +339,9 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
 @torch.no_grad()
 def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
     """mode="reduce-overhead": the per-call decode of bitmap masks is recorded in the CUDA graph (no host read, torch
-    allocations: no cudagraph skip), and replays at both step buckets give the CSR encoding's output bit for bit."""
+    allocations: no cudagraph skip), and replays at both step buckets give the CSR encoding's graphs' output bit for
+    bit. Against a compile without CUDA graphs the output agrees to the tolerance `test_cuda_graphs_through_the_backend`
+    allows (Inductor's graph-mode code need not round the model's other ops identically)."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -349,13 +351,17 @@ def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
     plan = random_plan(buckets=2)
     options = {"plan": plan, "fold_permutations": False}
     counters.clear()
-    graphs = torch.compile(model, backend="paro", options={**options, "mode": "reduce-overhead",
-                                                           "mask_encoding": "bitmap"})
+    graphs = {encoding: torch.compile(copy.deepcopy(model), backend="paro",
+                                      options={**options, "mode": "reduce-overhead", "mask_encoding": encoding})
+              for encoding in ("bitmap", "csr")}
     plain = torch.compile(copy.deepcopy(model), backend="paro", options={**options, "mask_encoding": "csr"})
     for call in range(4):  # warm-up, record, replays
         inputs = toy_inputs(device="cuda", dtype=torch.bfloat16, seed=call)
         inputs["timestep"] = torch.full((1,), (900.0, 300.0)[call % 2], device="cuda")
-        torch.testing.assert_close(graphs(**inputs).clone(), plain(**inputs), rtol=0, atol=0)
+        bitmap = graphs["bitmap"](**inputs).clone()
+        torch.testing.assert_close(bitmap, graphs["csr"](**inputs).clone(), rtol=0, atol=0)
+        reference = plain(**inputs).float()
+        assert float((bitmap.float() - reference).norm() / reference.norm()) < 1e-2, f"call {call}: replay differs"
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
 
 
