@@ -71,7 +71,9 @@ class AttentionWatch:
             if any(name.startswith(COMPILED_GRAPH_EVENTS) for name in ancestors):
                 continue
             self.eager_calls += 1
-            self.call_sites[_call_site(ancestors)] += 1
+            # Python frames are the op's profiler ancestors in recent torch; some versions give them only as the
+            # event's stack (the test of this on torch 2.11 GPUs found no frame among the ancestors).
+            self.call_sites[_call_site(ancestors + list(getattr(event, "stack", None) or ()))] += 1
 
     def summary(self) -> str:
         text = (f"{self.eager_calls} SDPA call(s) ran outside every compiled graph"
@@ -196,6 +198,11 @@ def fix_hints(model: Any, graph_breaks: Mapping[str, int]) -> list[str]:
     elif any(reason.startswith("Dynamic shape operator") for reason in graph_breaks):
         hints.append("a data-dependent operator (e.g. torch.nonzero) broke the graph: "
                      "torch._dynamo.config.capture_dynamic_output_shape_ops = True lets Dynamo trace it")
+    if any("_maybe_view_chunk_cat" in reason or reason.startswith("logging.Logger method") for reason in graph_breaks):
+        hints.append("Dynamo broke the graph on diffusers' context-parallel path (funcol's all-gather re-concatenation, "
+                     "skipped before torch 2.13, or a logger call such as transformers' Logger.warning_once): the "
+                     "token order cannot fold across the sharding. paro_compile.parallel.make_context_parallel_traceable() "
+                     "before the first call lets Dynamo trace through both")
     return hints
 
 

@@ -8,6 +8,8 @@
   applied by permuting the head blocks of the q/k/v/out projection weights (no run-time cost).
 - `gather_site_statistics`: calibration under context parallelism: every rank observes its heads; the statistics
   are gathered over the group so the plan is the one a single process would build from the same inputs.
+- `make_context_parallel_traceable` (from `parallel_tracing`): lets Dynamo trace diffusers' hooks through the final
+  all-gather on installs where it would break the graph there, so the token order folds across the sharding.
 
 docs/context_parallel.md describes the whole flow.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
+from paro_compile.parallel_tracing import context_parallel_tracing_gaps, make_context_parallel_traceable  # noqa: F401
 from paro_compile.plan import Plan, SitePlan
 
 if TYPE_CHECKING:
@@ -366,3 +369,4 @@ def _permute_model(model: torch.nn.Module, plan: Plan, orders: Mapping[str, Sequ
         except AttributeError as error:
             raise ValueError(f"site {sid}: the model has no module {path!r} to reorder the heads of") from error
         permute_attention_heads(module, order, len(order))
+

@@ -124,6 +124,25 @@ def test_attention_outside_every_compiled_graph_is_warned(device):
 
 
 @torch.no_grad()
+def test_watch_names_the_call_site_from_the_event_stack_when_no_frame_is_an_ancestor():
+    """Where the profiler gives an SDPA call's Python frames only as its stack (not as parent events), the watch
+    still names the module and the frame: the first frame outside torch."""
+    from types import SimpleNamespace
+
+    from paro_compile.model_inspection import AttentionWatch
+
+    outer = SimpleNamespace(name="<built-in method scaled_dot_product_attention>", cpu_parent=None)
+    stack = ["torch/nn/functional.py(5000): scaled_dot_product_attention", "/src/pkg/dit.py(45): forward",
+             "torch/nn/modules/module.py(1782): _call_impl", "nn.Module: ToyAttention_0", "/src/run.py(3): main"]
+    sdpa = SimpleNamespace(name="aten::scaled_dot_product_attention", cpu_parent=outer, stack=stack)
+    kernel = SimpleNamespace(name="aten::_scaled_dot_product_flash_attention", cpu_parent=sdpa, stack=[])
+    bare = SimpleNamespace(name="aten::scaled_dot_product_attention", cpu_parent=None)  # no stack attribute
+    watch = AttentionWatch()
+    watch.count([outer, sdpa, kernel, bare])
+    assert watch.eager_calls == 2
+    assert watch.call_sites == {"ToyAttention: /src/pkg/dit.py(45): forward": 1, "unknown caller": 1}
+
+
 def test_inspect_counts_eager_attention_and_puts_it_in_the_json():
     report = paro_compile.inspect(UnrolledDiT(eager_block=0), toy_inputs(), **EXACT)
     data = report.to_dict()

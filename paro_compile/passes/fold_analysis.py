@@ -39,6 +39,18 @@ GridFactor = Union[int, tuple[fx.Node, int]]
 inputs when the rewrite needs them: `fold_rewrite.InputSizes`)."""
 
 
+def graph_ends_before_the_gather_hint() -> str:
+    """Why a context-parallel graph can end with a rank's chunk: Dynamo broke it before diffusers' final all-gather.
+    Names the known causes present in this process (`parallel_tracing`)."""
+    from paro_compile.parallel_tracing import context_parallel_tracing_gaps
+
+    gaps = context_parallel_tracing_gaps()
+    if not gaps:
+        return " (the graph ends before the final all-gather: a graph break; see TORCH_LOGS=graph_breaks)"
+    return (" (the graph ends before the final all-gather: " + "; ".join(gaps)
+            + "; call paro_compile.parallel.make_context_parallel_traceable() before the first call)")
+
+
 def _is_tensor_node(x: Any) -> bool:
     return isinstance(x, fx.Node) and shape_of(x) is not None
 
@@ -82,7 +94,8 @@ class Analysis(ShardedTokenRules):
                 for a in node.all_input_nodes:
                     if a in self.state:
                         if self.state[a].shard is not None:
-                            raise FoldError(f"graph output {a.name} is this rank's chunk of the permuted tokens")
+                            raise FoldError(f"graph output {a.name} is this rank's chunk of the permuted tokens"
+                                            + graph_ends_before_the_gather_hint())
                         self.boundaries.append(Boundary(node, a, "inv", self.state[a]))
                     elif a in self.tuple_state:
                         raise FoldError(f"graph output {a.name} is a tuple in permuted order")

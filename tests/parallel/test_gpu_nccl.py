@@ -22,7 +22,11 @@ OPTIONS = {"impl": "triton"}
 
 def _run(rank: int, world: int, balanced: bool, orders: dict = ORDERS) -> torch.Tensor:
     from paro_compile.backend import registered_backend
-    from paro_compile.parallel import balance_heads
+    from paro_compile.parallel import balance_heads, make_context_parallel_traceable
+
+    # torch before 2.13 and transformers' Logger.warning_once break the graph before the final all-gather (one run on
+    # 2 H200s with torch 2.11: the fold declined there); docs/context_parallel.md
+    make_context_parallel_traceable()
 
     device = f"cuda:{rank}"
     model, inputs = cw.tiny_wan(device=device, dtype=torch.bfloat16)
@@ -42,9 +46,9 @@ def _run(rank: int, world: int, balanced: bool, orders: dict = ORDERS) -> torch.
     records = {s.site_id: s for s in report.sites}
     assert SITE in records, report.summary()
     record = records[SITE]
-    assert record.lowered and record.shape[1] == 4 // world and record.density < 1.0, record
+    assert record.lowered and record.shape[1] == 4 // world and record.density < 1.0, report.summary()
     if orders is ONE_ORDER:
-        assert record.folded_order == "HWF" and record.kernel_permutation == "none", record
+        assert record.folded_order == "HWF" and record.kernel_permutation == "none", report.summary()
     return out.float().cpu()
 
 

@@ -1,0 +1,75 @@
+"""Let Dynamo trace diffusers' context-parallel hooks whole, so the token order can be folded across the sharding.
+
+Under Ulysses the order paro folds into the sequence before diffusers' token sharding is undone after the final
+all-gather (`docs/context_parallel.md`, "Folding under context parallelism"). Both ends must be in the graph that
+holds the attention. Two things on the hooks' path break that graph on some installs:
+
+- ``funcol.all_gather_tensor`` along a dimension other than 0 (the output projection's gather hook) calls
+  ``torch._utils._maybe_view_chunk_cat``, which Dynamo's trace rules mark as skipped before torch 2.13 (torch 2.13
+  lists it as inlined). The graph then ends with this rank's chunk of the permuted tokens, and the fold declines:
+  the output stays right, but every permutation runs in the kernels.
+- diffusers logs through ``logger.warning_once``, which transformers adds to ``logging.Logger`` (an ``lru_cache``
+  function). Dynamo breaks the graph on logger methods it is not told to ignore.
+
+`make_context_parallel_traceable` applies both fixes through Dynamo's own switches (its trace rules and
+``torch._dynamo.config.ignore_logging_functions``) and says what it changed. Call it once before the first call of
+the compiled model. The logging one drops ``warning_once`` calls inside compiled code only; the eager call that
+diffusers' hooks need before tracing still logs them.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+CHUNK_CAT = "torch._utils._maybe_view_chunk_cat"
+"""funcol's re-concatenation of an all-gather along a dimension other than 0."""
+
+
+def _rules() -> dict:
+    from torch._dynamo import trace_rules
+
+    return trace_rules.manual_torch_name_rule_map
+
+
+def _clear_rule_caches() -> None:
+    from torch._dynamo import trace_rules
+
+    clear = getattr(trace_rules, "clear_lru_cache", None)
+    if clear is not None:
+        clear()
+    else:  # pragma: no cover - torch versions without the helper
+        trace_rules.get_torch_obj_rule_map.cache_clear()
+
+
+def _ignored_logging_functions() -> set:
+    config = torch._dynamo.config
+    return getattr(config, "ignore_logging_functions", None) or getattr(config, "ignore_logger_methods")
+
+
+def context_parallel_tracing_gaps() -> list[str]:
+    """What would break Dynamo's graph on diffusers' context-parallel path in this process (empty: nothing)."""
+    from torch._dynamo.variables import UserFunctionVariable
+
+    gaps = []
+    if _rules().get(CHUNK_CAT) is not UserFunctionVariable:
+        gaps.append(f"Dynamo skips {CHUNK_CAT} (the final all-gather's re-concatenation)")
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None and warning_once not in _ignored_logging_functions():
+        gaps.append("Dynamo breaks the graph on logging.Logger.warning_once (diffusers' hooks log through it)")
+    return gaps
+
+
+def make_context_parallel_traceable() -> list[str]:
+    """Close the gaps `context_parallel_tracing_gaps` lists, for this process; returns what was changed (empty when
+    nothing needed to be). Idempotent."""
+    from torch._dynamo.variables import UserFunctionVariable
+
+    changes = context_parallel_tracing_gaps()
+    if _rules().get(CHUNK_CAT) is not UserFunctionVariable:
+        _rules()[CHUNK_CAT] = UserFunctionVariable
+        _clear_rule_caches()
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None:
+        _ignored_logging_functions().add(warning_once)
+    return changes
