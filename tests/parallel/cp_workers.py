@@ -13,7 +13,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -115,10 +115,11 @@ def enable_ulysses(model, world: int) -> None:
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
 
 
-def paro_passes(options: dict) -> Callable:
+def paro_passes(options: dict, reports: Optional[list] = None) -> Callable:
     """A Dynamo backend that runs paro's passes (`backend.rewrite_graph`, the context-parallel pass included) and
     then the rewritten graph eagerly: what ``backend="paro"`` hands to Inductor, without Inductor's compile time
-    (minutes on a shared CPU for every process). ``tests/parallel/test_ulysses.py`` runs the real backend once."""
+    (minutes on a shared CPU for every process). ``tests/parallel/test_ulysses.py`` runs the real backend once.
+    ``reports``: a list that gets each graph's report."""
     from paro_compile.backend import load_plan, prepare_plan, rewrite_graph
     from paro_compile.config import ParoConfig
     from paro_compile.report import new_report
@@ -128,7 +129,10 @@ def paro_passes(options: dict) -> Callable:
 
     def backend(gm, example_inputs):
         prepared = prepare_plan(gm, plan, config) if plan is not None else None  # the plan's entry for this graph
-        return rewrite_graph(gm, config, prepared and prepared.plan, new_report(), prepared and prepared.missing).forward
+        report = new_report()
+        if reports is not None:
+            reports.append(report)
+        return rewrite_graph(gm, config, prepared and prepared.plan, report, prepared and prepared.missing).forward
 
     return backend
 

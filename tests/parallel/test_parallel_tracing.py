@@ -54,23 +54,6 @@ def older_torch_rules():
         parallel_tracing._clear_rule_caches()
 
 
-def reporting_passes(options: dict, reports: list):
-    """`cw.paro_passes` (paro's passes, then the graph eagerly), keeping each graph's report."""
-    from paro_compile.backend import load_plan, prepare_plan, rewrite_graph
-    from paro_compile.config import ParoConfig
-    from paro_compile.report import new_report
-
-    config = ParoConfig.from_options(options)
-    plan = load_plan(config.plan)
-
-    def backend(gm, example_inputs):
-        prepared = prepare_plan(gm, plan, config)
-        reports.append(new_report())
-        return rewrite_graph(gm, config, prepared.plan, reports[-1], prepared.missing).forward
-
-    return backend
-
-
 def compiled_wan(world: int) -> dict:
     from torch._dynamo.utils import counters
 
@@ -85,7 +68,7 @@ def compiled_wan(world: int) -> dict:
             model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them
         torch._dynamo.reset()
         counters.clear()
-        compiled = torch.compile(model, backend=reporting_passes({**cw.EXACT, "plan": cw.wan_plan(ONE_ORDER)}, reports))
+        compiled = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(ONE_ORDER)}, reports))
         out = compiled(**inputs)[0]
     return {"out": out, "folds": [r.context_parallel_fold for r in reports if r.sites],
             "breaks": dict(counters["graph_break"]), "hints": fix_hints(model, dynamo_graph_breaks()),
