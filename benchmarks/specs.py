@@ -135,8 +135,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("gpu-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "240", "-m", "gpu", "tests"), 540,
          "every GPU-marked test, fixed launch configs", env={"PARO_AUTOTUNE": "0"}),
     Spec("parallel-gpu-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "300", "-m", "gpu",
-                                          "tests/parallel", "tests/passes/test_fold.py", "tests/test_plan_multi_shape.py"),
-         360, "GPU-marked tests of context parallelism (2 GPUs, NCCL), dynamic folding and multi-shape plans",
+                                          "tests/parallel", "tests/passes/test_fold.py", "tests/test_plan_multi_shape.py",
+                                          "tests/kernels/test_device_guard.py"),
+         360, "GPU-marked tests of context parallelism (2 GPUs, NCCL), dynamic folding, multi-shape plans and "
+         "kernels launched on the second GPU",
          env={"PARO_AUTOTUNE": "0", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
               "NVSHMEM_DISABLE_NVLS": "1"}),
     Spec("kernel-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "400", "tests/kernels/test_non_finite.py",

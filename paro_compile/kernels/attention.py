@@ -53,6 +53,7 @@ import triton.language as tl
 from paro_compile import envs
 from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks, walk_group
+from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
 from paro_compile.kernels.mask_decode import decode_walk
 from paro_compile.kernels.prologue import _PLANS as _PROLOGUE_PLANS
 from paro_compile.kernels.prologue import (V_MODES, _prologue_plan, _ProloguePlan, dummy_tensor, fp32_to_bf16,
@@ -500,6 +501,7 @@ AUTOTUNE_KEY = ["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE"
 _attn_fwd_tuned = tuning.autotune(AUTOTUNE_KEY, _prune)(_attn_fwd)
 
 
+@runs_on_device_of(first_tensor_device)
 def paro_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from paro_compile.kernels.block_mask import BlockMask
+from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
 from paro_compile.kernels.prologue import Prologue
 from paro_compile.kernels.reference import FP8_MAX
 
@@ -442,6 +443,7 @@ def _permuted_k_descriptor(k2d: torch.Tensor):
     return TensorDescriptor(k2d, [rows // 16, 2, 4, 2, d], [16 * d, 2 * d, 4 * d, d, 1], block, layout)
 
 
+@runs_on_device_of(first_tensor_device)
 def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch.Tensor],
                           kv_counts: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor], n: int, heads: int,
                           *, config: Optional[dict] = None) -> torch.Tensor:
@@ -534,6 +536,7 @@ def permuted_k_refused() -> Optional[str]:
     return _PERMUTED_K_REFUSED
 
 
+@runs_on_device_of(first_tensor_device)
 def paro_attention_hopper_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                               perm: Optional[torch.Tensor] = None, mask: Optional[BlockMask] = None,
                               scale: Optional[float] = None, pv_dtype: str = "fp8", out: Optional[torch.Tensor] = None,

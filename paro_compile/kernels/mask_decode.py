@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from paro_compile.kernels.block_mask import BlockMask, csr_dtype
+from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
 from paro_compile.kernels.mask_decode_reference import decode_walk_reference
 from paro_compile.ops import triton_available_for
 
@@ -76,6 +77,7 @@ def _decode_walk_kernel(KEPT, COUNTS, IDX, SLOT, MQ, NK, WORDS, ROWS, WIDTH,
                      mask=unused)
 
 
+@runs_on_device_of(first_tensor_device)
 def decode_walk(mask: BlockMask) -> BlockMask:
     """The CSR form of a bitmap-form ``mask`` (single-bucket or stacked tensors), decoded on its tensors' device by
     one Triton launch (CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``kept_bits`` stays. Other forms are returned

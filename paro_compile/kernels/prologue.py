@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
 from paro_compile.kernels.reference import FP8_MAX, LOG2E, num_blocks
 
 V_MODES = {"fp16": 0, "fp8": 1, "int8": 2}
@@ -511,6 +512,7 @@ def perm_tensor(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
     return perm.to(device=device, dtype=dtype).contiguous()
 
 
+@runs_on_device_of(first_tensor_device)
 def paro_prologue(
     q: torch.Tensor,
     k: torch.Tensor,
