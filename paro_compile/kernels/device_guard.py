@@ -40,6 +40,8 @@ def runs_on_device_of(device_of: Callable[..., torch.device]) -> Callable[[F], F
 
 def first_tensor_device(first: Any, *args: Any, **kwargs: Any) -> torch.device:
     """The device of a wrapper's first argument: a tensor (q), or a `Prologue`'s / `BlockMask`'s tensors."""
+    if isinstance(first, torch.Tensor):
+        return first.device
     for holder in (first, *(getattr(first, name, None) for name in ("q", "kept_bits", "counts"))):
         device = getattr(holder, "device", None)
         if isinstance(device, torch.device):
