@@ -151,6 +151,10 @@ def trace_factors(node: fx.Node, dim: int, depth: int = 0) -> list[Factor]:
             dims = permute_dims(node, len(shape))
             if dims is not None:
                 return trace_factors(src, dims[dim], depth + 1)
+        elif name in ELEMENTWISE_OPS and len(src_shape) == len(shape) and known_equal(src_shape[dim], shape[dim]):
+            # an op that keeps the first operand's axes (a dtype cast such as Allegro's `latent.to(dtype)` between
+            # its per-frame (H, W) merge and the (F, HW) merge, a positional-embedding add): the merged axis passes
+            return trace_factors(src, dim, depth + 1)
     return [Factor(shape[dim], node, dim)]
 
 
