@@ -339,19 +339,20 @@ class _TokenStreamTracer(_Tracer):
 
 
 def keys_from_other_tokens(query: fx.Node, key: fx.Node) -> bool:
-    """True when an attention's keys provably are not its queries' tokens: every way back from the key's token axis
-    ends at graph inputs (the text embeddings of a cross-attention), and the query's token stream meets neither those
-    inputs nor any node on the key's way. Self-attention always meets (at the normed hidden states its Q and K are
-    projected from); a key whose way passes a patchify merge or an op the trace cannot see through counts as shared,
-    so a site is never taken for cross-attention on a guess. For sites whose query and key lengths are equal; the
-    lengths tell the others apart."""
+    """True when an attention's keys provably are not its queries' tokens: the query's tokens are formed in the graph
+    (a patchify merge), every way back from the key's token axis ends at graph inputs (the text embeddings of a
+    cross-attention), and the query's token stream meets neither those inputs nor any node on the key's way.
+    Self-attention always meets (at the normed hidden states its Q and K are projected from). Anything less is no
+    proof and keeps the site self-attention: a key whose way passes a merge or an op the trace cannot see through, or a
+    query whose tokens are a graph input as the keys are (two inputs may hold the same tokens: a graph of one attention
+    takes q, k and v as inputs). For sites whose query and key lengths are equal; the lengths tell the others apart."""
     key_trace = _TokenStreamTracer(inputs_only=True)
     key_trace.visit(key, 2, 0)
     if not key_trace.layout.flat_leaves or not key_trace.only_graph_inputs():
         return False
     query_trace = _TokenStreamTracer()
     query_trace.visit(query, 2, 0)
-    return not key_trace.nodes() & query_trace.nodes()
+    return bool(query_trace.layout.merge_sources) and not key_trace.nodes() & query_trace.nodes()
 
 
 def infer_site_layout(site: AttentionSite) -> SiteLayout:
