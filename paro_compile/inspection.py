@@ -218,8 +218,9 @@ def graph_dict(report: CompileReport) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 def linear_attention_note(names: list[str]) -> str:
     """The report's note on attention modules that compute linear attention (`linear_attention_modules`)."""
+    more = f", … ({len(names) - 8} more)" if len(names) > 8 else ""
     return (f"{len(names)} attention module(s) compute linear attention (no softmax, no SDPA): nothing to lower, they "
-            "run as the model wrote them: " + ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else ""))
+            "run as the model wrote them: " + ", ".join(names[:8]) + more)
 
 
 @dataclass

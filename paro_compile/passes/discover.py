@@ -71,7 +71,8 @@ class AttentionSite:
     @property
     def is_cross(self) -> bool:
         """Keys and values from another sequence (e.g. text): no token order or block mask applies."""
-        return self.keys_from_other_tokens or (self.kv_seq_len is not None and not known_equal(self.seq_len, self.kv_seq_len))
+        lengths_differ = self.kv_seq_len is not None and not known_equal(self.seq_len, self.kv_seq_len)
+        return lengths_differ or self.keys_from_other_tokens
 
     @property
     def shape(self) -> tuple:
