@@ -53,6 +53,8 @@ from paro_compile.model_inspection import (  # noqa: F401 - the model-wide names
     covered_module_paths,
     dynamo_graph_breaks,
     fix_hints,
+    is_linear_attention,
+    linear_attention_modules,
     model_report,
     short_break_reason,
     uncovered_attention_modules,
@@ -214,6 +216,13 @@ def graph_dict(report: CompileReport) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------------
+def linear_attention_note(names: list[str]) -> str:
+    """The report's note on attention modules that compute linear attention (`linear_attention_modules`)."""
+    more = f", … ({len(names) - 8} more)" if len(names) > 8 else ""
+    return (f"{len(names)} attention module(s) compute linear attention (no softmax, no SDPA): nothing to lower, they "
+            "run as the model wrote them: " + ", ".join(names[:8]) + more)
+
+
 @dataclass
 class InspectionReport(SiteFilters):
     """Everything the paro backend did while compiling one model (one `CompileReport` per graph), and what ran
@@ -224,6 +233,8 @@ class InspectionReport(SiteFilters):
     model_name: str = "model"
     uncovered_attention_modules: list[str] = field(default_factory=list)
     """Attention modules of the model without a site in any compiled graph (see `uncovered_attention_modules`)."""
+    linear_attention_modules: list[str] = field(default_factory=list)
+    """Attention modules computing linear attention (no softmax, no SDPA): the backend has nothing to lower there."""
     eager_attention: Optional[AttentionWatch] = None
     """SDPA calls counted outside every compiled graph on a run (`watch_attention`); None: not measured."""
     graph_breaks: dict[str, int] = field(default_factory=dict)
@@ -289,6 +300,8 @@ class InspectionReport(SiteFilters):
         if empty:
             lines.append("graphs without attention: " + ", ".join(
                 f"{r.graph_index}" + (f" ({r.frame})" if r.frame else "") for r in empty))
+        if self.linear_attention_modules:
+            lines.append(f"note: {linear_attention_note(self.linear_attention_modules)}")
         lines += [f"warning: {w}" for w in self.warnings]
         if self.graph_breaks and (self.uncovered_attention_modules or (self.eager_attention and self.eager_attention.eager_calls)):
             lines.append("Dynamo graph breaks: " + "; ".join(f"{reason} (×{n})" for reason, n in self.graph_breaks.items()))
@@ -321,6 +334,7 @@ class InspectionReport(SiteFilters):
             },
             "warnings": self.warnings,
             "uncovered_attention_modules": list(self.uncovered_attention_modules),
+            "linear_attention_modules": list(self.linear_attention_modules),
             "eager_sdpa_calls": self.eager_attention.eager_calls if self.eager_attention is not None else None,
             "eager_sdpa_call_sites": (dict(self.eager_attention.call_sites.most_common())
                                       if self.eager_attention is not None else {}),
@@ -394,6 +408,8 @@ class InspectionReport(SiteFilters):
         console.print(table)
         for site in self.degraded:
             console.print(Text(f"degraded: {site.site_id}: {'; '.join(site.reasons)}", style="yellow"))
+        if self.linear_attention_modules:
+            console.print(Text(f"note: {linear_attention_note(self.linear_attention_modules)}"))
         for warning in data["warnings"]:
             console.print(Text(f"warning: {warning}", style="bold yellow"))
         if data["graph_breaks"] and data["warnings"]:
@@ -480,10 +496,12 @@ def render_html(data: Mapping[str, Any]) -> str:
         f"torch {e(data['torch_version'])}, schema {data['schema_version']}</span></p>",
         f"<p>options: <code>{e(json.dumps(data['options']))}</code></p>",
     ]
-    notices = ([("warning", w) for w in data["warnings"]]
-               + ([("graph breaks", "; ".join(f"{r} (×{n})" for r, n in data["graph_breaks"].items()))]
-                  if data["graph_breaks"] and data["warnings"] else [])
-               + [("fix", h) for h in data["hints"]])
+    linear = data.get("linear_attention_modules") or []
+    notices = ([("note", linear_attention_note(linear))] if linear else []) + (
+        [("warning", w) for w in data["warnings"]]
+        + ([("graph breaks", "; ".join(f"{r} (×{n})" for r, n in data["graph_breaks"].items()))]
+           if data["graph_breaks"] and data["warnings"] else [])
+        + [("fix", h) for h in data["hints"]])
     if notices:
         parts.append("<ul>" + "".join(f'<li class="warning"><b>{e(kind)}:</b> {e(text)}</li>' for kind, text in notices)
                      + "</ul>")

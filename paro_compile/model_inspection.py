@@ -115,13 +115,31 @@ def watch_attention() -> Iterator[AttentionWatch]:
     watch.count(profiler.events())
 
 
+LINEAR_ATTENTION_PROCESSOR = re.compile(r"LinearAttnProcessor")
+"""diffusers processors whose attention has no softmax (Sana's ReLU linear attention, its PAG variants): they call no
+SDPA, so their modules never hold a site and there is nothing for the backend to lower."""
+
+
+def is_linear_attention(module: Any) -> bool:
+    """Whether ``module``'s diffusers processor computes linear attention (`LINEAR_ATTENTION_PROCESSOR`)."""
+    processor = getattr(module, "processor", None)
+    return processor is not None and bool(LINEAR_ATTENTION_PROCESSOR.search(type(processor).__name__))
+
+
+def linear_attention_modules(model: Any) -> list[str]:
+    """Names (``named_modules``) of ``model``'s attention modules that compute linear attention (no SDPA to lower)."""
+    return [name for name, module in model.named_modules() if name and is_linear_attention(module)]
+
+
 def attention_module_names(model: Any, covered: set[str]) -> list[str]:
     """Names (``named_modules``) of ``model``'s attention modules: diffusers attention modules (they have a callable
-    ``processor``) and modules of any class that holds a site in ``covered`` (site module paths)."""
+    ``processor``) and modules of any class that holds a site in ``covered`` (site module paths). Modules computing
+    linear attention are not among them: they call no SDPA (`linear_attention_modules`)."""
     modules = dict(model.named_modules())
     site_classes = {type(modules[path]) for path in covered if path in modules}
     return [name for name, module in modules.items()
-            if name and (callable(getattr(module, "processor", None)) or type(module) in site_classes)]
+            if name and (callable(getattr(module, "processor", None)) or type(module) in site_classes)
+            and not is_linear_attention(module)]
 
 
 def covered_module_paths(model: Any, reports: Iterable[CompileReport]) -> set[str]:
@@ -226,6 +244,7 @@ def build_model_report(model: Any, reports: list[CompileReport], *, options: Opt
         inside = {id(sub) for owner in owners for sub in owner.modules() if sub is not owner}
         models = [owner for owner in owners if id(owner) not in inside]
     uncovered: list[str] = []
+    linear: list[str] = []
     hints: list[str] = []
     for each in models:
         if not isinstance(each, torch.nn.Module):
@@ -237,12 +256,14 @@ def build_model_report(model: Any, reports: list[CompileReport], *, options: Opt
         if own:
             prefix = f"{type(each).__name__}: " if model is None and len(models) > 1 else ""
             uncovered += [prefix + name for name in uncovered_attention_modules(each, own)]
+            linear += [prefix + name for name in linear_attention_modules(each)]
         hints += [hint for hint in fix_hints(each, breaks) if hint not in hints]
     if model_name is None:
         model_name = (type(model).__name__ if model is not None
                       else ", ".join(type(m).__name__ for m in models) or "every compiled graph")
     return InspectionReport(reports=list(reports), options=dict(options or {}), model_name=model_name,
-                            uncovered_attention_modules=uncovered, eager_attention=eager_attention, graph_breaks=breaks,
+                            uncovered_attention_modules=uncovered, linear_attention_modules=linear,
+                            eager_attention=eager_attention, graph_breaks=breaks,
                             hints=hints, history_limit_reached=history_limit_reached)
 
 

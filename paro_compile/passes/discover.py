@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from paro_compile.config import MAX_HEAD_DIM, ParoConfig
 from paro_compile.passes.fx_utils import fake_value, known_equal
+from paro_compile.passes.layout import keys_from_other_tokens
 
 SDPA_TARGETS: set[Any] = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 for _name in (
@@ -59,6 +60,9 @@ class AttentionSite:
     reasons: list[str] = field(default_factory=list)
     attn_mask: Optional[fx.Node] = None
     """A key-padding mask (SDPA ``attn_mask`` that only masks keys), lowered as the op's key bias."""
+    keys_from_other_tokens: bool = False
+    """The keys provably come from another sequence although as many as the queries (`layout.keys_from_other_tokens`:
+    e.g. 512 text tokens attended by 512 video tokens)."""
 
     @property
     def supported(self) -> bool:
@@ -67,7 +71,8 @@ class AttentionSite:
     @property
     def is_cross(self) -> bool:
         """Keys and values from another sequence (e.g. text): no token order or block mask applies."""
-        return self.kv_seq_len is not None and not known_equal(self.seq_len, self.kv_seq_len)
+        lengths_differ = self.kv_seq_len is not None and not known_equal(self.seq_len, self.kv_seq_len)
+        return lengths_differ or self.keys_from_other_tokens
 
     @property
     def shape(self) -> tuple:
@@ -309,6 +314,15 @@ def key_padding_reason(mask: Any, q: Optional[torch.Tensor], k: Optional[torch.T
     return None
 
 
+def _keys_from_other_tokens(site: AttentionSite) -> bool:
+    if not isinstance(site.q, fx.Node) or not isinstance(site.k, fx.Node):
+        return False
+    try:
+        return keys_from_other_tokens(site.q, site.k)
+    except Exception:  # the trace must never break discovery: an unreadable site keeps its length verdict
+        return False
+
+
 def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[AttentionSite]:
     """All SDPA calls of ``gm`` in graph order, each with its site id and support verdict."""
     sites: list[AttentionSite] = []
@@ -338,5 +352,7 @@ def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[Attenti
             site.kv_seq_len = kv.shape[2] if kv is not None and kv.dim() == 4 else None
         site.attn_mask = args.get("attn_mask")
         site.reasons = check_support(site, args, config)
+        if site.kv_seq_len is not None and known_equal(site.seq_len, site.kv_seq_len):
+            site.keys_from_other_tokens = _keys_from_other_tokens(site)
         sites.append(site)
     return sites

@@ -151,16 +151,29 @@ def trace_factors(node: fx.Node, dim: int, depth: int = 0) -> list[Factor]:
             dims = permute_dims(node, len(shape))
             if dims is not None:
                 return trace_factors(src, dims[dim], depth + 1)
+        elif name in ELEMENTWISE_OPS and name != "where" and len(src_shape) == len(shape) \
+                and known_equal(src_shape[dim], shape[dim]):
+            # an op that keeps its first operand's axes (a dtype cast such as Allegro's `latent.to(dtype)` between its
+            # per-frame (H, W) merge and the (F, HW) merge, a positional-embedding add); `where`'s first operand is the
+            # condition, not the tokens
+            return trace_factors(src, dim, depth + 1)
     return [Factor(shape[dim], node, dim)]
 
 
 class _Tracer:
+    attention_inputs: tuple[str, ...] = ("query", "key", "value")
+    """The inputs of an attention node the trace follows back from its output."""
+
     def __init__(self, layout: SiteLayout) -> None:
         self.layout = layout
         self.seen: set[tuple[str, int, str]] = set()
 
+    def finished(self) -> bool:
+        """True when the trace has learned what it needs: it visits nothing more."""
+        return False
+
     def visit(self, node: Any, dim: int, offset: SizeLike, depth: int = 0) -> None:
-        if not isinstance(node, fx.Node) or depth > 4000:
+        if not isinstance(node, fx.Node) or depth > 4000 or self.finished():
             return
         shape = shape_of(node)
         if shape is None or dim >= len(shape):
@@ -273,8 +286,9 @@ class _Tracer:
                     self.visit(t, dim - (1 if sdim < dim else 0), offset, depth + 1)
                 return
         if name in ("scaled_dot_product_attention",) and dim == rank - 2:
-            for a in (arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")):
-                self.visit(a, dim, offset, depth + 1)
+            for index, input_name in enumerate(("query", "key", "value")):
+                if input_name in self.attention_inputs:
+                    self.visit(arg(node, index, input_name), dim, offset, depth + 1)
             return
         self._leaf(node, dim, length, offset)
 
@@ -301,6 +315,44 @@ class _Tracer:
 
     def _leaf(self, node: fx.Node, dim: int, length, offset) -> None:
         self.layout.flat_leaves.append((VisualSource(node, dim, length, None, "flat"), offset))
+
+
+class _TokenStreamTracer(_Tracer):
+    """Where a tensor's tokens come from, following an attention output back to its query only (its tokens are the
+    query's, whatever the keys are). With ``inputs_only`` it stops at the first source that is not a graph input."""
+
+    attention_inputs = ("query",)
+
+    def __init__(self, inputs_only: bool = False) -> None:
+        super().__init__(SiteLayout(site_id="", seq_len=None))
+        self.inputs_only = inputs_only
+
+    def finished(self) -> bool:
+        return self.inputs_only and not self.only_graph_inputs()
+
+    def only_graph_inputs(self) -> bool:
+        return not self.layout.merge_sources and all(source.node.op == "placeholder"
+                                                     for source, _ in self.layout.flat_leaves)
+
+    def nodes(self) -> set[str]:
+        return {name for name, _, _ in self.seen}
+
+
+def keys_from_other_tokens(query: fx.Node, key: fx.Node) -> bool:
+    """True when an attention's keys provably are not its queries' tokens: the query's tokens are formed in the graph
+    (a patchify merge), every way back from the key's token axis ends at graph inputs (the text embeddings of a
+    cross-attention), and the query's token stream meets neither those inputs nor any node on the key's way.
+    Self-attention always meets (at the normed hidden states its Q and K are projected from). Anything less is no
+    proof and keeps the site self-attention: a key whose way passes a merge or an op the trace cannot see through, or a
+    query whose tokens are a graph input as the keys are (two inputs may hold the same tokens: a graph of one attention
+    takes q, k and v as inputs). For sites whose query and key lengths are equal; the lengths tell the others apart."""
+    key_trace = _TokenStreamTracer(inputs_only=True)
+    key_trace.visit(key, 2, 0)
+    if not key_trace.layout.flat_leaves or not key_trace.only_graph_inputs():
+        return False
+    query_trace = _TokenStreamTracer()
+    query_trace.visit(query, 2, 0)
+    return bool(query_trace.layout.merge_sources) and not key_trace.nodes() & query_trace.nodes()
 
 
 def infer_site_layout(site: AttentionSite) -> SiteLayout:

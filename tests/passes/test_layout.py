@@ -1,5 +1,7 @@
 """Layout inference (`passes/layout.py`): the token grid of every site, recovered from the graph."""
 import pytest
+import torch
+import torch.nn.functional as F
 import sympy
 
 from paro_compile.passes.layout import infer_layouts, infer_token_grids
@@ -57,3 +59,28 @@ def test_cogvideox_1_5_linear_patch_embed_forms_a_symbolic_grid():
         assert grid["axes"] == "FHW" and grid["text_position"] == "prefix"
         assert all(not sympy.sympify(s).is_number for s in grid["sizes"] + [grid["text_tokens"]])
         assert [f.size.node.hint for f in layout.factors] == [3, 6, 4]  # this call's (6/2, 12/2, 8/2)
+
+
+class CastBetweenMerges(torch.nn.Module):
+    """Allegro's patchify: a Conv2d per frame, ``flatten(2).transpose(1, 2)`` (merges H, W), a dtype cast
+    (``latent.to(latent.dtype)`` in diffusers' PatchEmbed), then ``unflatten(0, (B, -1)).flatten(1, 2)`` (merges F, HW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(4, 128, 2, stride=2)
+        self.qkv = torch.nn.Linear(128, 3 * 128)
+
+    def forward(self, latent):
+        b, c, f, h, w = latent.shape
+        tokens = self.proj(latent.permute(0, 2, 1, 3, 4).flatten(0, 1)).flatten(2).transpose(1, 2)
+        tokens = tokens.to(latent.dtype).unflatten(0, (b, -1)).flatten(1, 2)
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, 2, 64)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_grid_found_through_a_cast_between_two_merges():
+    from paro_compile.grid import TokenGrid
+
+    torch.manual_seed(0)
+    gm, sites = capture(CastBetweenMerges().eval(), {"latent": torch.randn(1, 4, 3, 8, 12)})
+    assert infer_token_grids(gm, sites) == {sites[0].site_id: TokenGrid(3, 4, 6, 0)}
