@@ -115,6 +115,25 @@ def enable_ulysses(model, world: int) -> None:
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
 
 
+def compile_tiny_wan(world: int, orders: dict, reports: list, **compile_kwargs: Any) -> tuple[torch.nn.Module, torch.Tensor]:
+    """tiny Wan (under Ulysses when world > 1) compiled with `paro_passes` and the plan of ``orders`` (exact
+    numerics), called once after a reset of Dynamo and its counters; ``reports`` gets each graph's report. Returns the
+    model and its output."""
+    from torch._dynamo.utils import counters
+
+    model, inputs = tiny_wan()
+    if world > 1:
+        enable_ulysses(model, world)
+    with torch.no_grad():
+        if world > 1:
+            model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=paro_passes({**EXACT, "plan": wan_plan(orders)}, reports),
+                                 **compile_kwargs)
+        return model, compiled(**inputs)[0]
+
+
 def paro_passes(options: dict, reports: Optional[list] = None) -> Callable:
     """A Dynamo backend that runs paro's passes (`backend.rewrite_graph`, the context-parallel pass included) and
     then the rewritten graph eagerly: what ``backend="paro"`` hands to Inductor, without Inductor's compile time

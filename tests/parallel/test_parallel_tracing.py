@@ -59,17 +59,8 @@ def compiled_wan(world: int) -> dict:
 
     from paro_compile.model_inspection import dynamo_graph_breaks, fix_hints
 
-    model, inputs = cw.tiny_wan()
-    if world > 1:
-        cw.enable_ulysses(model, world)
     reports: list = []
-    with torch.no_grad():
-        if world > 1:
-            model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them
-        torch._dynamo.reset()
-        counters.clear()
-        compiled = torch.compile(model, backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(ONE_ORDER)}, reports))
-        out = compiled(**inputs)[0]
+    model, out = cw.compile_tiny_wan(world, ONE_ORDER, reports)
     return {"out": out, "folds": [r.context_parallel_fold for r in reports if r.sites],
             "breaks": dict(counters["graph_break"]), "hints": fix_hints(model, dynamo_graph_breaks()),
             "graphs": counters["stats"]["unique_graphs"]}

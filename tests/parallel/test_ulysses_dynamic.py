@@ -16,17 +16,8 @@ def dynamic_run(rank: int, world: int) -> dict:
     from paro_compile.parallel import make_context_parallel_traceable
 
     make_context_parallel_traceable()
-    model, inputs = cw.tiny_wan()
-    if world > 1:
-        cw.enable_ulysses(model, world)
     reports: list = []
-    with torch.no_grad():
-        if world > 1:
-            model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them
-        torch._dynamo.reset()
-        compiled = torch.compile(model, dynamic=True,
-                                 backend=cw.paro_passes({**cw.EXACT, "plan": cw.wan_plan(ORDERS)}, reports))
-        out = compiled(**inputs)[0]
+    _, out = cw.compile_tiny_wan(world, ORDERS, reports, dynamic=True)
     records = {s.site_id: s for r in reports for s in r.sites}
     return {"out": out, "record": records.get(SITE)}
 
