@@ -15,7 +15,8 @@ ORDERS = {SITE: ["HWF", "HWF", "WFH", "HFW"]}
 def dynamic_run(rank: int, world: int) -> dict:
     from paro_compile.parallel import make_context_parallel_traceable
 
-    make_context_parallel_traceable()
+    if world > 1:  # a spawned rank: the Dynamo switches stay in its process
+        make_context_parallel_traceable()
     reports: list = []
     _, out = cw.compile_tiny_wan(world, ORDERS, reports, dynamic=True)
     records = {s.site_id: s for r in reports for s in r.sites}
