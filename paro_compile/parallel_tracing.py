@@ -19,6 +19,7 @@ diffusers' hooks need before tracing still logs them.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -44,32 +45,40 @@ def _clear_rule_caches() -> None:
 
 def _ignored_logging_functions() -> set:
     config = torch._dynamo.config
-    return getattr(config, "ignore_logging_functions", None) or getattr(config, "ignore_logger_methods")
+    name = "ignore_logging_functions" if hasattr(config, "ignore_logging_functions") else "ignore_logger_methods"
+    return getattr(config, name)
+
+
+def _inline_chunk_cat() -> None:
+    from torch._dynamo.variables import UserFunctionVariable
+
+    _rules()[CHUNK_CAT] = UserFunctionVariable
+    _clear_rule_caches()
+
+
+def _open_gaps() -> list[tuple[str, Callable[[], None]]]:
+    """Each gap open in this process: what breaks the graph, and the Dynamo switch that closes it."""
+    from torch._dynamo.variables import UserFunctionVariable
+
+    gaps: list[tuple[str, Callable[[], None]]] = []
+    if _rules().get(CHUNK_CAT) is not UserFunctionVariable:
+        gaps.append((f"Dynamo skips {CHUNK_CAT} (the final all-gather's re-concatenation)", _inline_chunk_cat))
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None and warning_once not in _ignored_logging_functions():
+        gaps.append(("Dynamo breaks the graph on logging.Logger.warning_once (diffusers' hooks log through it)",
+                     lambda: _ignored_logging_functions().add(warning_once)))
+    return gaps
 
 
 def context_parallel_tracing_gaps() -> list[str]:
     """What would break Dynamo's graph on diffusers' context-parallel path in this process (empty: nothing)."""
-    from torch._dynamo.variables import UserFunctionVariable
-
-    gaps = []
-    if _rules().get(CHUNK_CAT) is not UserFunctionVariable:
-        gaps.append(f"Dynamo skips {CHUNK_CAT} (the final all-gather's re-concatenation)")
-    warning_once = getattr(logging.Logger, "warning_once", None)
-    if warning_once is not None and warning_once not in _ignored_logging_functions():
-        gaps.append("Dynamo breaks the graph on logging.Logger.warning_once (diffusers' hooks log through it)")
-    return gaps
+    return [gap for gap, _ in _open_gaps()]
 
 
 def make_context_parallel_traceable() -> list[str]:
     """Close the gaps `context_parallel_tracing_gaps` lists, for this process; returns what was changed (empty when
     nothing needed to be). Idempotent."""
-    from torch._dynamo.variables import UserFunctionVariable
-
-    changes = context_parallel_tracing_gaps()
-    if _rules().get(CHUNK_CAT) is not UserFunctionVariable:
-        _rules()[CHUNK_CAT] = UserFunctionVariable
-        _clear_rule_caches()
-    warning_once = getattr(logging.Logger, "warning_once", None)
-    if warning_once is not None:
-        _ignored_logging_functions().add(warning_once)
-    return changes
+    gaps = _open_gaps()
+    for _, close in gaps:
+        close()
+    return [gap for gap, _ in gaps]
