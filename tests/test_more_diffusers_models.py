@@ -13,10 +13,11 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map_only
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -328,14 +329,9 @@ def case_params(with_known_failures: bool = False) -> list:
     return params
 
 
-def on_device(value: Any, device: str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(on_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: on_device(v, device) for k, v in value.items()}
-    return value
+def on_device(value, device: str):
+    """``value`` (tensors in tuples, lists and dicts) with every tensor moved to ``device``."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), value)
 
 
 def build(name: str, device: str) -> tuple[torch.nn.Module, dict]:

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map_only
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -342,13 +343,8 @@ def test_dynamic_order_plans_fold_fully_or_not_at_all(name, orders, expected):
 
 
 def on_device(value, device: str):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(on_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: on_device(v, device) for k, v in value.items()}
-    return value
+    """``value`` (tensors in tuples, lists and dicts) with every tensor moved to ``device``."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), value)
 
 
 @torch.no_grad()
