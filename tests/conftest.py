@@ -46,7 +46,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # A seed per test, fixed (derived from its node id): a run is reproducible and CI cannot turn red on a seed no one
 # has seen. PARO_TEST_SEED=random draws a fresh seed per test to explore; PARO_TEST_SEED=<n> replays one. The seed
-# is printed, so a failure names its replay. Defined here (not in tests/kernels/) so that a session collecting
+# is printed, so a failure names its replay. Defined here (not in tests/kernels/) so that a pytest run collecting
 # files from several folders always sees it.
 @pytest.fixture
 def seed(request):

@@ -27,7 +27,7 @@ def assert_same_walk(decoded: BlockMask, built: BlockMask) -> None:
 
 
 def decode_on_kernel_device(bitmap: BlockMask) -> BlockMask:
-    """The Triton decode where it runs in this session (CUDA, else the CPU interpreter), brought back to the CPU."""
+    """The Triton decode where it runs in this process (CUDA, else the CPU interpreter), brought back to the CPU."""
     return decode_walk(bitmap.to(kernel_device())).to("cpu")
 
 
