@@ -98,6 +98,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "Ulysses over 2 GPUs (NCCL) vs 1: paro attention of one Wan-720p layer (H40·N75600·D128, bf16, density 0.2, "
          "mixed orders), all-to-all time, head imbalance in model and balanced order, a model of 4 and 8 GPUs",
          env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}),
+    Spec("cp-wan720-model", "benchmarks/bench_cp_model.py", ("--world", "2", "--out", "{out}"), 540,
+         "the Wan2.1-14B-shaped transformer at 720p (2 blocks, B=1) under diffusers' Ulysses on 2 GPUs (NCCL) against "
+         "one GPU: compile + cuDNN, paro at 0.2, and paro with Inductor's compute/communication reordering",
+         env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}),
     Spec("ring-fragmentation", "benchmarks/ring_fragmentation.py", ("--out", "{out}"), 120,
          "ring shards one PARO block's tokens lie in, per order, at the Wan-720p grid and ring degrees 2 / 4 / 8 (why "
          "ring sites fall back)", gpu=False),
