@@ -128,14 +128,16 @@ def run_variant(model, inputs: dict, variant: str, plans: dict, args, device, wo
     else:
         entry["rel_l2_vs_one_gpu"] = rel_l2(out.float().cpu(), reference[base]) if base in reference else None
         entry["median_ms"] = time_collective(call, args.iters, warmup=1)
-    entry["graph_breaks"] = int(sum(torch._dynamo.utils.counters["graph_break"].values()))
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    entry["graph_breaks"] = int(sum(breaks.values()))
+    entry["graph_break_reasons"] = [str(reason)[:300] for reason in list(breaks)[:4]]
     if bench_e2e.Variant.parse(base).is_paro:
         report = paro_compile.model_report(compiled)
         lowered = [s for s in report.sites if s.lowered]
         entry["sites_lowered"] = f"{len(lowered)}/{len(report.sites)}"
         entry["folded"] = sorted({str(s.folded_order) for s in lowered if getattr(s, "folded_order", None)})
         entry["heads_per_site"] = sorted({int(s.shape[1]) for s in lowered if not getattr(s, "cross_attention", False)})
-    del compiled, out
+    del out
     torch._dynamo.reset()
     return entry
 

@@ -18,7 +18,10 @@ diffusers' hooks need before tracing still logs them.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import sys
 from typing import Callable
 
 import torch
@@ -75,9 +78,23 @@ def context_parallel_tracing_gaps() -> list[str]:
     return [gap for gap, _ in _open_gaps()]
 
 
+def _import_transformers_logging() -> None:
+    """transformers puts ``warning_once`` on ``logging.Logger`` when its logging module is first imported, which can
+    happen after this call (diffusers and torchao import transformers lazily); a method that does not exist yet cannot
+    be named to Dynamo, so import it now where transformers is installed."""
+    if "transformers" not in sys.modules and importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        importlib.import_module("transformers.utils.logging")
+    except ImportError:  # a broken transformers install: diffusers would fail on it too, with its own message
+        pass
+
+
 def make_context_parallel_traceable() -> list[str]:
     """Close the gaps `context_parallel_tracing_gaps` lists, for this process; returns what was changed (empty when
-    nothing needed to be). Idempotent."""
+    nothing needed to be). Idempotent. Where transformers is installed, its ``Logger.warning_once`` is loaded first,
+    so the order of imports does not matter."""
+    _import_transformers_logging()
     gaps = _open_gaps()
     for _, close in gaps:
         close()

@@ -7,6 +7,7 @@ install a `warning_once` the way transformers does (an `lru_cache` function on `
 import contextlib
 import functools
 import logging
+import sys
 
 import pytest
 import torch
@@ -122,3 +123,38 @@ def test_gaps_are_read_without_changing_anything():
         assert (dict(trace_rules.manual_torch_name_rule_map), set(torch._dynamo.config.ignore_logging_functions)) == before
         assert make_context_parallel_traceable() == gaps and make_context_parallel_traceable() == []
     assert context_parallel_tracing_gaps() == outside  # the context put everything back
+
+
+def test_a_warning_once_that_transformers_adds_later_is_ignored_too(tmp_path, monkeypatch):
+    """transformers adds `Logger.warning_once` when its logging module is imported, which diffusers may do after
+    the fix was called; the fix imports it first where transformers is installed (a stand-in package here)."""
+    package = tmp_path / "transformers"
+    (package / "utils").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "utils" / "__init__.py").write_text("")
+    (package / "utils" / "logging.py").write_text(
+        "import functools, logging\n\n\n@functools.lru_cache(None)\ndef warning_once(self, *args, **kwargs):\n"
+        "    self.warning(*args, **kwargs)\n\n\nlogging.Logger.warning_once = warning_once\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved_warning = logging.Logger.__dict__.get("warning_once")
+    saved_ignored = set(torch._dynamo.config.ignore_logging_functions)
+    saved_modules = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "transformers"}
+    if saved_warning is not None:
+        del logging.Logger.warning_once
+    try:
+        for name in saved_modules:
+            del sys.modules[name]
+        changes = make_context_parallel_traceable()
+        assert any("warning_once" in change for change in changes), changes
+        assert logging.Logger.warning_once in torch._dynamo.config.ignore_logging_functions
+        assert not any("warning_once" in gap for gap in context_parallel_tracing_gaps())
+    finally:
+        for name in [k for k in sys.modules if k.split(".")[0] == "transformers"]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
+        if saved_warning is not None:
+            logging.Logger.warning_once = saved_warning
+        elif "warning_once" in logging.Logger.__dict__:
+            del logging.Logger.warning_once
+        torch._dynamo.config.ignore_logging_functions.clear()
+        torch._dynamo.config.ignore_logging_functions.update(saved_ignored)
