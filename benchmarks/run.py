@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,6 +39,7 @@ from specs import SPECS, Spec  # noqa: E402
 REPO = harness.REPO
 DEVICE_CALL_S = 600
 LEFT_OUT_OF_ARCHIVES = ("*.safetensors",)
+ARCHIVE_MARGIN_S = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="scratch folder of the specs' outputs before they are archived")
     ap.add_argument("--folders", action="store_true", help="copy each spec's folder to OUT instead of a tar")
     ap.add_argument("--cpu", action="store_true", help="also run GPU specs where no CUDA device is visible")
+    ap.add_argument("--call-s", type=float, default=None,
+                    help="seconds this whole call may take (the device command's timeout): each spec's budget is cut "
+                         f"to what is left of it, less {ARCHIVE_MARGIN_S} s to archive, so a spec cut short still "
+                         "comes back archived")
     args = ap.parse_args(argv)
     unknown = [name for name in args.specs if name not in SPECS]
     if unknown:
@@ -138,13 +144,15 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def run_spec(spec: Spec, folder: Path, env: dict) -> dict:
-    """Run ``spec`` into ``folder`` under its budget; its output goes to ``folder/<name>.log`` and to stdout."""
+def run_spec(spec: Spec, folder: Path, env: dict, budget_s: Optional[float] = None) -> dict:
+    """Run ``spec`` into ``folder`` under its budget (or ``budget_s`` where given); its output goes to
+    ``folder/<name>.log`` and to stdout."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     argv = command(spec, folder)
-    record = {"spec": spec.name, "command": shlex.join(argv[1:]), "budget_s": spec.budget_s}
-    print(f"[run] {spec.name} (budget {spec.budget_s} s): {record['command']}", flush=True)
+    budget_s = spec.budget_s if budget_s is None else budget_s
+    record = {"spec": spec.name, "command": shlex.join(argv[1:]), "budget_s": round(budget_s, 1)}
+    print(f"[run] {spec.name} (budget {budget_s:.0f} s): {record['command']}", flush=True)
     start = time.perf_counter()
     with open(folder / f"{spec.name}.log", "w") as log:
         spec_env = {k: v for k, v in {**env, **spec.env}.items() if v is not None}
@@ -160,7 +168,7 @@ def run_spec(spec: Spec, folder: Path, env: dict) -> dict:
         reader = threading.Thread(target=copy_output, daemon=True)
         reader.start()
         try:
-            proc.wait(timeout=spec.budget_s)
+            proc.wait(timeout=budget_s)
             record["timed_out"] = False
         except subprocess.TimeoutExpired:
             record["timed_out"] = True
@@ -220,14 +228,21 @@ def main(argv=None) -> int:
     run_stamp = harness.stamp(__file__, argv)
     if args.commit:
         run_stamp["git_commit"] = args.commit
+    deadline = None if args.call_s is None else time.monotonic() + args.call_s - ARCHIVE_MARGIN_S
     for spec in specs:
         if spec.gpu and not torch.cuda.is_available() and not args.cpu:
             summary["specs"].append({"spec": spec.name, "skipped": "needs a CUDA GPU (--cpu runs it anyway)"})
             print(f"[run] {spec.name}: skipped, no CUDA device", flush=True)
             (out / "run.json").write_text(harness.compact_json({"stamp": run_stamp, **summary}))
             continue
+        budget_s = None if deadline is None else min(spec.budget_s, deadline - time.monotonic())
+        if budget_s is not None and budget_s < 1:
+            summary["specs"].append({"spec": spec.name, "skipped": f"no time left of the {args.call_s:.0f} s call"})
+            print(f"[run] {spec.name}: skipped, no time left of the call", flush=True)
+            (out / "run.json").write_text(harness.compact_json({"stamp": run_stamp, **summary}))
+            continue
         folder = args.work / spec.name
-        record = run_spec(spec, folder, env)
+        record = run_spec(spec, folder, env, budget_s)
         record["archive"] = archive(folder, out, spec.name, args.folders)
         summary["specs"].append(record)
         (out / "run.json").write_text(harness.compact_json({"stamp": run_stamp, **summary}))

@@ -67,6 +67,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          (*E2E, "--model", "cog", "--layers", "4", "--iters", "10", "--block", "16", "--coherent",
           "--variants", "compile-cudnn,paro-1.0,paro-0.1765,paro-0.1765+comp", "--max-minutes", "3.8"), 250,
          "speed of the fine-block quality recipe: 4 CogVideoX-5B layers with 16-token coherent synthetic plans"),
+    Spec("e2e-cog8-fp8", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "cog", "--layers", "8", "--iters", "5",
+          "--variants", "compile-cudnn,paro-0.2,compile-cudnn+fp8,paro-0.2+fp8", "--max-minutes", "5.2"), 340,
+         "8 CogVideoX-5B layers (B=2), FP8 linears (torchao row-wise): cuDNN compile and paro at 0.2 without and with "
+         "them (the per-layer ratios of the 42-layer model)"),
     Spec("e2e-flux", "benchmarks/bench_e2e.py",
          (*E2E, "--model", "flux", "--flux-layers", "5,10", "--iters", "10",
           "--variants", "compile-cudnn,compile,paro-0.5,paro-0.2", "--max-minutes", "4.1"), 270,

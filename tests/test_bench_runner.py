@@ -199,3 +199,25 @@ def test_runner_stops_a_spec_at_its_budget(tmp_path, monkeypatch):
     (record,) = json.loads((out / "run.json").read_text())["specs"]
     assert record["timed_out"] is True and record["rc"] != 0
     assert "started" in (out / "sleeper" / "sleeper.log").read_text()
+
+
+def test_call_seconds_cut_the_later_specs_budgets(tmp_path, monkeypatch):
+    """``--call-s``: each spec gets what is left of the call (less the archive margin); one with nothing left is
+    skipped and recorded as such."""
+    run = load_benchmark("run")
+    specs = load_benchmark("specs")
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    first = specs.Spec("first", str(script), (), 300, "sleeps past the call", gpu=False)
+    second = specs.Spec("second", str(script), (), 300, "never starts", gpu=False)
+    monkeypatch.setattr(run, "SPECS", {first.name: first, second.name: second})
+    monkeypatch.setattr(run, "ARCHIVE_MARGIN_S", 1)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    rc = run.main(["first", "second", "--out", str(out), "--site", str(tmp_path / "site"), "--work",
+                   str(tmp_path / "work"), "--folders", "--call-s", "4"])
+    assert time.perf_counter() - start < 30
+    assert rc == 1
+    records = {r["spec"]: r for r in json.loads((out / "run.json").read_text())["specs"]}
+    assert records["first"]["timed_out"] is True and records["first"]["budget_s"] <= 3
+    assert "no time left" in records["second"]["skipped"]
