@@ -123,7 +123,8 @@ def measure_site(site: SiteShape, device: torch.device, dtype: torch.dtype, args
     v = torch.randn(q.shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(2))
     sync()
     build_inputs_s = time.perf_counter() - t0
-    options = CalibrationOptions(density=DENSITIES[0], block_size=args.block, max_chunk_elements=args.chunk_elements)
+    options = CalibrationOptions(density=DENSITIES[0], block_size=args.block, max_chunk_elements=args.chunk_elements,
+                                 stats_kernel=args.stats_kernel)
     stats = SiteStatistics(grid, site.heads, options)
     call_s, peak_gib, increase_gib = [], [], []
     for _ in range(1 + args.repeats):
@@ -143,6 +144,7 @@ def measure_site(site: SiteShape, device: torch.device, dtype: torch.dtype, args
     rows_per_chunk = chunk_rows_for(1, site.heads, n, args.chunk_elements or default_chunk_elements(device))
     common = {
         "site": site.name, "shape": [1, site.heads, n, site.head_dim], "grid": str(grid),
+        "stats_kernel": "triton" if stats.uses_kernel(q) else "torch",
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
         "chunk_rows": rows_per_chunk, "chunks": math.ceil(n / rows_per_chunk), "first_call_s": call_s[0],
         "update_s": update_s, "update_samples_s": steady, "peak_gib": max(peak_gib),
@@ -175,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls after the first (default 1)")
     parser.add_argument("--block", type=int, default=None, help="token block (default 64; 16 with --tiny)")
     parser.add_argument("--chunk-elements", type=int, default=None, help="max B*H*rows*N per chunk (default 2**27)")
+    parser.add_argument("--stats-kernel", default="auto", choices=["auto", "triton", "torch"],
+                        help="CalibrationOptions.stats_kernel (auto: the Triton kernels on CUDA)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="result folder (default $OUT)")
     args = parser.parse_args(argv)

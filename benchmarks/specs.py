@@ -158,6 +158,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "kernel numerics on the GPU: both kernels vs the reference, non-finite inputs, key padding, cross-attention, "
          "bitmap-form masks and their decode",
          env={"PARO_AUTOTUNE": "0"}),
+    Spec("calibration-kernel-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "200",
+                                                "tests/kernels/test_block_stats.py", "tests/calibration/test_statistics.py"),
+         240, "calibration's block-statistics kernels on the GPU against their float64 reference and against the "
+              "PyTorch statistics pass (maps, scores, plan)"),
     Spec("host-overhead", "benchmarks/host_overhead.py", ("--out", "{out}"), 110,
          "host cost per paro::attention call and the Flux-1024 call against FlexAttention"),
     Spec("hopper-kernel", "benchmarks/hopper_kernel.py", ("--out", "{out}", "--budget", "190"), 220,

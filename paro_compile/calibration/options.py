@@ -31,6 +31,7 @@ SPARSITY_METRICS = ("both", "paper", "mass")
 ALLOCATIONS = ("uniform", "site", "global")
 BLOCK_SCORES = ("mass", "output")
 EMPTY_HEAD_POLICIES = ("keep", "minimal")
+STATS_KERNELS = ("auto", "triton", "torch")
 STEP_OPTIONS = ("average_density", "sampling_timesteps", "step_buckets", "dense_steps", "step_boundaries")
 """Options that shape the step buckets of a whole calibration run; a single site (`calibrate_site`) has one bucket."""
 
@@ -139,6 +140,12 @@ class CalibrationOptions:
         None, "query rows per statistics chunk (unset: as many as max_chunk_elements allows)")
     max_chunk_elements: Optional[int] = _option(
         None, "bound on B·H·rows·N of one statistics chunk (unset: 2**27 on CUDA, 2**22 on the CPU)")
+    stats_kernel: str = _option(
+        "auto", "what computes the block maps: the Triton kernels, which recompute scores per order instead of holding "
+                "attention rows (triton), chunked PyTorch (torch), or Triton on CUDA with block_score=mass and "
+                "power-of-two blocks of 16-128, else PyTorch (auto)", choices=STATS_KERNELS)
+    """Both give the same maps up to fp32 rounding (`kernels.block_stats`, tested against one reference). "triton" on
+    a CPU tensor needs the Triton interpreter (TRITON_INTERPRET=1)."""
     stats_device: Optional[str] = _option(
         None, "device of the accumulated [orders, heads, nb, nb] mass maps, e.g. cpu to save GPU memory (unset: "
               "the attention inputs' device)")
@@ -177,7 +184,7 @@ class CalibrationOptions:
                                                                 f"got {self.qk_outlier_error}")
         if self._number("empty_head_tol", float) is not None and self.empty_head_tol < 0:
             raise CalibrationOptionError(("empty_head_tol",), f"{{empty_head_tol}} must be >= 0, got {self.empty_head_tol}")
-        for name in ("allocation", "block_score", "sparsity_metric", "empty_heads"):
+        for name in ("allocation", "block_score", "sparsity_metric", "empty_heads", "stats_kernel"):
             choices = self._field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise CalibrationOptionError((name,), f"{{{name}}} must be one of {choices}, got {getattr(self, name)!r}")

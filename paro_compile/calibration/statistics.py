@@ -8,6 +8,11 @@ So one pass over the attention rows feeds all orders; per order and head the pas
 maps: mass (sum of P), max of P, and the count of entries below ε. Peak memory ≈ 2.3 × ``max_chunk_elements``
 floats + the [O, H, nb, nb] maps. With ``block_score="output"`` the same pass also accumulates each block's
 first-order output change (`CalibrationOptions.block_score`) from P·V per key block.
+
+On CUDA (``stats_kernel``, `CalibrationOptions`) the three maps come from `kernels.block_stats` instead: per order one
+pass that recomputes the scores tile by tile and reduces them in registers, so no attention row is held and memory
+stays at the maps plus one attention output; the chunked pass above remains the CPU path and the one that computes
+``block_score="output"``.
 """
 from __future__ import annotations
 
@@ -16,11 +21,13 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from paro_compile import envs
 from paro_compile.calibration.masks import kept_share, mandatory_blocks, select_blocks
 from paro_compile.calibration.options import CalibrationError, CalibrationOptions
 from paro_compile.calibration.orders import best_orders, combined_scores, order_gains
 from paro_compile.calibration.outliers import OutlierStatistics
 from paro_compile.grid import TokenGrid, candidate_orders, inverse_permutation, order_permutation
+from paro_compile.kernels import block_stats
 from paro_compile.kernels.reference import num_blocks
 from paro_compile.plan import SitePlan
 
@@ -95,11 +102,29 @@ class SiteStatistics:
             self._tables[key] = {
                 "block_of": (positions // bs).to(device),
                 "key_index": key_index.to(device),
+                "perms": perms.to(device=device, dtype=torch.int32),
                 "rows": rows.to(device),
                 "pad": torch.tensor(pad),
                 "mandatory": mandatory_blocks(self.grid, bs, device),
             }
         return self._tables[key]
+
+    def uses_kernel(self, q: torch.Tensor) -> bool:
+        """Whether `update` computes the block maps with the Triton kernels (`CalibrationOptions.stats_kernel`)."""
+        choice = self.options.stats_kernel
+        why_not = block_stats.supported(self.block_size, q.shape[-1])
+        if self.options.block_score != "mass":
+            why_not = why_not or "block_score='output' needs P·V per key block (the PyTorch pass computes it)"
+        if choice == "torch":
+            return False
+        if choice == "auto":
+            return q.is_cuda and why_not is None
+        if why_not is not None:
+            raise CalibrationError(f"stats_kernel='triton': {why_not}; use stats_kernel='torch' or 'auto'")
+        if not q.is_cuda and not envs.TRITON_INTERPRET:
+            raise CalibrationError("stats_kernel='triton' on CPU tensors needs the Triton interpreter: set "
+                                   "TRITON_INTERPRET=1 before paro_compile is imported, or use stats_kernel='torch'")
+        return True
 
     # ---- accumulation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -128,16 +153,13 @@ class SiteStatistics:
         device = q.device
         stats_device = torch.device(opts.stats_device) if opts.stats_device is not None else (self.device or device)
         tab = self.tables(device)
-        n_orders, nb, bs = len(self.orders), self.nb, self.block_size
+        n_orders, nb = len(self.orders), self.nb
         sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         max_elements = opts.max_chunk_elements or default_chunk_elements(device)
         rows_per_chunk = chunk_rows_for(bsz, heads, n, max_elements, opts.chunk_rows)
         if self.outliers is not None:
             self.outliers.update(q, k, v, scale=sm_scale, max_elements=max_elements)
 
-        zero_row = q.new_zeros(bsz, heads, 1, d, dtype=torch.float32)
-        k_ext = torch.cat([k.float(), zero_row], 2)  # the zero key N is masked to -inf: a zero column of P
-        v_ext = torch.cat([v.float(), zero_row[..., : v.shape[-1]]], 2) if v is not None else None
         mass = torch.zeros(n_orders, heads, nb, nb, device=device)
         small = torch.zeros(n_orders, heads, nb, nb, device=device)
         peak = torch.zeros(n_orders, heads, nb, nb, device=device)
@@ -146,9 +168,65 @@ class SiteStatistics:
         if want_output and v is None:
             raise CalibrationError("block_score='output' needs v in the statistics update")
         out_score = torch.zeros(n_orders, heads, nb, nb, device=device) if want_output else None
+        if self.uses_kernel(q):
+            self._kernel_maps(q, k, v, sm_scale, key_bias, tab, (mass, peak, small), out_sq)
+            pad = 0  # the kernels count valid entries only
+        else:
+            self._chunked_maps(q, k, v, sm_scale, key_bias, tab, rows_per_chunk, (mass, peak, small, out_score), out_sq)
+            pad = int(tab["pad"])
+        # The padded key columns are zeros in the last key block: remove them from the "small" counts.
+        if pad:
+            small[..., -1] -= bsz * pad * tab["rows"][None, None, :]
+        valid = bsz * tab["rows"][:, None] * tab["rows"][None, :]  # entries per block
+        scores = {
+            "block_sparsity": (small >= opts.sigma * valid - 0.5).float().mean((-1, -2)),
+            "incoherence": torch.where(mass > 0, peak * valid / mass.clamp_min(1e-30), torch.ones_like(mass)).mean((-1, -2)),
+            # One order at a time: the block sort of all orders at once needs ~12 B per block of every order's map.
+            "kept_mass": torch.stack([kept_share(m, select_blocks(m, opts.mask_density, tab["mandatory"])) for m in mass]),
+        }
+        for name, value in scores.items():
+            value = value.double().cpu()
+            self.score_sums[name] = self.score_sums.get(name, torch.zeros_like(value)) + value
+        mass = mass.to(stats_device)
+        self.mass[bucket] = mass if self.mass[bucket] is None else self.mass[bucket] + mass
+        if out_score is not None:
+            out_score = out_score.to(stats_device)
+            self.output_score[bucket] = out_score if self.output_score[bucket] is None else self.output_score[bucket] + out_score
+        self.out_sq += out_sq.cpu()
+        self.out_count += bsz * n * (v.shape[-1] if v is not None else 0)
+        self.calls += 1
+        self.bucket_calls[bucket] += 1
+
+    def _kernel_maps(self, q, k, v, sm_scale: float, key_bias, tab: dict, maps: tuple, out_sq: torch.Tensor) -> None:
+        """mass, peak, small of every order into ``maps`` with `kernels.block_stats`, and the output's squared norm per
+        head into ``out_sq`` (one SDPA call: the kernels never form the output)."""
+        rows = block_stats.row_stats(q, k, sm_scale, key_bias)
+        for o in range(len(self.orders)):
+            block_stats.block_stats(q, k, rows, tab["perms"][o], self.block_size, self.options.eps, sm_scale,
+                                    key_bias=key_bias, out=tuple(m[o] for m in maps))
+        del rows
+        if v is not None:
+            mask = None
+            if key_bias is not None:
+                mask = key_bias.to(device=q.device, dtype=q.dtype)[:, :, None, :]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=mask, scale=sm_scale)
+            for h in range(out.shape[1]):  # per head: no float64 copy of the whole output
+                out_sq[h] += out[:, h].double().pow(2).sum()
+
+    def _chunked_maps(self, q, k, v, sm_scale: float, key_bias, tab: dict, rows_per_chunk: int, maps: tuple,
+                      out_sq: torch.Tensor) -> None:
+        """The same maps (and the output-change score with ``block_score="output"``) from complete softmax rows,
+        ``rows_per_chunk`` query rows at a time (module docstring)."""
+        mass, peak, small, out_score = maps
+        bsz, heads, n, d = q.shape
+        n_orders, nb, bs = len(self.orders), self.nb, self.block_size
+        opts = self.options
+        want_output = out_score is not None
+        zero_row = q.new_zeros(bsz, heads, 1, d, dtype=torch.float32)
+        k_ext = torch.cat([k.float(), zero_row], 2)  # the zero key N is masked to -inf: a zero column of P
+        v_ext = torch.cat([v.float(), zero_row[..., : v.shape[-1]]], 2) if v is not None else None
         v_blocks = ([v_ext.index_select(2, tab["key_index"][o]).view(bsz, heads, nb, bs, -1) for o in range(n_orders)]
                     if want_output else None)  # values per key block under each order
-
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
             rows = stop - start
@@ -182,29 +260,6 @@ class SiteStatistics:
                 peak[o].scatter_reduce_(1, qb[None, :, None].expand(heads, rows, nb), row_max, "amax")
             del p
 
-        # The padded key columns are zeros in the last key block: remove them from the "small" counts.
-        pad = int(tab["pad"])
-        if pad:
-            small[..., -1] -= bsz * pad * tab["rows"][None, None, :]
-        valid = bsz * tab["rows"][:, None] * tab["rows"][None, :]  # entries per block
-        scores = {
-            "block_sparsity": (small >= opts.sigma * valid - 0.5).float().mean((-1, -2)),
-            "incoherence": torch.where(mass > 0, peak * valid / mass.clamp_min(1e-30), torch.ones_like(mass)).mean((-1, -2)),
-            # One order at a time: the block sort of all orders at once needs ~12 B per block of every order's map.
-            "kept_mass": torch.stack([kept_share(m, select_blocks(m, opts.mask_density, tab["mandatory"])) for m in mass]),
-        }
-        for name, value in scores.items():
-            value = value.double().cpu()
-            self.score_sums[name] = self.score_sums.get(name, torch.zeros_like(value)) + value
-        mass = mass.to(stats_device)
-        self.mass[bucket] = mass if self.mass[bucket] is None else self.mass[bucket] + mass
-        if out_score is not None:
-            out_score = out_score.to(stats_device)
-            self.output_score[bucket] = out_score if self.output_score[bucket] is None else self.output_score[bucket] + out_score
-        self.out_sq += out_sq.cpu()
-        self.out_count += bsz * n * (v.shape[-1] if v is not None else 0)
-        self.calls += 1
-        self.bucket_calls[bucket] += 1
 
     # ---- what the statistics say ---------------------------------------------------------------
     def scores(self) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Block statistics: pooled maps equal the dense reference, chunking never materialises N×N, output scores."""
 import math
+import os
 
 import pytest
 import torch
@@ -143,3 +144,49 @@ def test_block_score_output():
             for i in range(5):
                 ref[:, i, j] = err[:, 16 * i: 16 * (i + 1)].sum(-1)
         torch.testing.assert_close(stats.output_score[0][oi], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_the_triton_statistics_equal_the_pytorch_pass(block, device):
+    """stats_kernel='triton' (`kernels.block_stats`; the interpreter on the CPU) against the chunked PyTorch pass: the
+    same maps, scores, empty heads and plan, with a batch of two, a key-padding bias and a ragged last block."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    grid = TokenGrid(frames=3, height=6, width=10, text_tokens=7)  # 187 tokens
+    n, heads = grid.num_tokens, 3
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, heads, n, 64, generator=gen) * 1.5 for _ in range(3))
+    v[:, 2] *= 1e-4  # an empty head
+    bias = torch.zeros(2, 1, n)
+    bias[1, :, -4:] = -math.inf  # the second sample's last text tokens are padding
+    q, k, v, bias = (t.to(device) for t in (q, k, v, bias))
+    results = {}
+    for kernel in ("torch", "triton"):
+        stats = SiteStatistics(grid, heads, CalibrationOptions(density=0.3, block_size=block, stats_kernel=kernel,
+                                                                empty_head_tol=1e-2, eps=1e-3))
+        assert stats.uses_kernel(q) == (kernel == "triton")
+        for bucket_call in range(2):
+            stats.update(q * (1 + bucket_call), k, v, key_bias=bias)
+        results[kernel] = stats
+    torch_stats, triton_stats = results["torch"], results["triton"]
+    torch.testing.assert_close(triton_stats.mass[0], torch_stats.mass[0], rtol=1e-4, atol=1e-6)
+    for name, value in torch_stats.scores().items():
+        torch.testing.assert_close(triton_stats.scores()[name], value, rtol=1e-4, atol=2e-3, msg=name)
+    assert triton_stats.empty_heads() == torch_stats.empty_heads() == [2]
+    assert triton_stats.choose_orders() == torch_stats.choose_orders()
+    a, b = triton_stats.build_site_plan("s"), torch_stats.build_site_plan("s")
+    assert a.orders == b.orders and torch.equal(a.block_masks, b.block_masks)
+
+
+def test_stats_kernel_choice_and_refusals():
+    q = torch.zeros(1, 4, GRID.num_tokens, 64)
+    auto = SiteStatistics(GRID, 4, CalibrationOptions(block_size=BLOCK))
+    assert auto.uses_kernel(q) is False  # CPU tensors: the PyTorch pass
+    output = SiteStatistics(GRID, 4, CalibrationOptions(block_size=BLOCK, block_score="output", stats_kernel="triton"))
+    with pytest.raises(CalibrationError, match="block_score='output'.*stats_kernel='torch'"):
+        output.uses_kernel(q)
+    odd = SiteStatistics(GRID, 4, CalibrationOptions(block_size=24, stats_kernel="triton"))
+    with pytest.raises(CalibrationError, match="power of two"):
+        odd.uses_kernel(q)
+    with pytest.raises(Exception, match="stats_kernel"):
+        CalibrationOptions(stats_kernel="cuda")
