@@ -51,7 +51,10 @@ class SiteRecord:
     """How the site's block masks are stored on the device: "dense" (none), "csr" or "bitmap" (the walk decoded per
     call; `ParoConfig.mask_encoding`)."""
     key_padding: bool = False
-    """The site's SDPA mask masks keys only and runs as the op's key bias (exactly, as SDPA applies it)."""
+    """The site's SDPA mask is padding and runs as the op's key bias (exactly, as SDPA applies it)."""
+    query_padding: bool = False
+    """The mask also pads query rows (``m_i ∧ m_j``): their output rows are zeroed after the op, as SDPA returns rows
+    whose keys are all masked."""
     cross_attention: bool = False
     """Keys from another sequence (e.g. text): lowered dense, no token order or block mask."""
 
@@ -141,6 +144,7 @@ class CompileReport(SiteFilters):
                              + (f" kernel_perm={s.kernel_permutation}" if s.kernel_permutation != "none" else "")
                              + (" compensated" if s.compensated else "")
                              + (" cross-attention" if s.cross_attention else "") + (" key-padding" if s.key_padding else "")
+                             + (" query-padding" if s.query_padding else "")
                              + (f" mask={s.mask_encoding}" if s.mask_encoding != "dense" else "")
                              + (f" plan={s.plan_bytes / 2**20:.1f}MiB" if s.plan_bytes else "")
                              + (f" degraded: {'; '.join(s.reasons)}" if s.reasons else ""))

@@ -77,7 +77,7 @@ def test_bench_e2e_tiny_video_models(tmp_path):
     self-attention site, and FP8 variants refused on the CPU with the reason. Wan: self-attention lowered with the plan,
     the text cross-attention dense on the op (the default) or on SDPA with its reason (--cross-attention sdpa).
     HunyuanVideo: the joint sites lowered with their key-padding mask; every site left on SDPA names its mask (the token
-    refiner's varies over query rows)."""
+    refiner's is changed in place, so it is not provably padding)."""
     module = load_benchmark("bench_e2e")
     results = module.main(["--tiny", "--model", "video", "--variants", "paro-0.5,eager+fp8", "--iters", "1",
                            "--out", str(tmp_path)])

@@ -136,7 +136,8 @@ def test_dry_run_prints_each_spec_command(capsys):
     assert run.main(["fold-depth2", "gpu-tests", "--dry-run", "--work", "/tmp/w"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[run]")]
     assert lines[0].endswith("benchmarks/bench_fold.py --depth 2 --iters 10 --json /tmp/w/fold-depth2/fold_depth2.json")
-    assert lines[1].endswith(" -m pytest -q -rf -p no:logging --timeout 240 -m gpu tests")
+    assert lines[1].endswith(" -m pytest -q -rf -p no:logging --timeout 240 --durations 15 -m gpu tests --ignore "
+                             "tests/test_more_diffusers_models.py")
 
 
 def test_backend_entry_point_written_from_pyproject(tmp_path):

@@ -1,4 +1,5 @@
-"""Key-padding masks, cross-attention, head dims that are not a power of two and non-positive scales lower to the
+"""Key-padding masks, padding of queries and keys together (``m_i ∧ m_j``), masks that are not provably padding,
+cross-attention, head dims that are not a power of two and non-positive scales lower to the
 paro op and match SDPA (exactly without quantization, within the quantization error with it)."""
 import math
 
@@ -182,3 +183,86 @@ def test_diffusers_masked_sites_lower_and_match_sdpa(make):
     masked = [s for s in sites if s.key_padding]
     assert masked and all(s.lowered for s in masked), [(s.site_id, s.lowered, s.reasons) for s in sites]
     assert rel_l2(out, ref) < 1e-4
+
+
+class PaddedJointAttention(nn.Module):
+    """Self-attention whose mask pads queries and keys together, built the ways models build it: ``repeat`` and its
+    transpose (HunyuanVideo 1.5), broadcast indexing, that mask then changed in place (HunyuanVideo's token refiner),
+    or forms that are not padding."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.attn = MaskedAttention()
+
+    def forward(self, x, valid):  # valid [B, N] bool
+        b, n = valid.shape
+        if self.form == "repeat":
+            rows = valid.view(b, 1, 1, n).repeat(1, 1, n, 1)
+            mask = (rows & rows.transpose(2, 3)).bool()
+        elif self.form == "broadcast":
+            mask = valid[:, None, :, None] & valid[:, None, None, :]
+        elif self.form == "key-repeat":  # key padding repeated over the query rows
+            mask = valid.view(b, 1, 1, n).expand(b, 1, n, n)
+        elif self.form == "per-head":  # diffusers' prepare_attention_mask: batch·heads planes, viewed as [B, H, N, N]
+            rows = valid.view(b, 1, 1, n).repeat(1, 1, n, 1)
+            mask = (rows & rows.transpose(2, 3)).bool()
+            mask = mask.repeat_interleave(self.attn.heads, dim=0).view(b, self.attn.heads, n, n)
+        elif self.form == "mutated-view":  # written through a view of the mask
+            mask = valid[:, None, :, None] & valid[:, None, None, :]
+            mask.transpose(2, 3)[:, :, 0, :] = True
+        elif self.form == "mutated":
+            rows = valid.view(b, 1, 1, n).repeat(1, 1, n, 1)
+            mask = (rows & rows.transpose(2, 3)).bool()
+            mask[:, :, :, 0] = True
+        elif self.form == "outer-or":  # not padding: a row may see keys other rows do not
+            mask = valid[:, None, :, None] | valid[:, None, None, :]
+        else:  # "causal-and": padding AND a causal mask, which varies over both axes
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            mask = valid[:, None, None, :] & causal
+        return self.attn(x, mask=mask)
+
+
+def _valid(lengths, n):
+    return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def _compiled_padded(form: str):
+    """(output of the compiled model, eager output, the site's report record) for 2 × 70 tokens, 41 valid in the
+    second sample."""
+    torch.manual_seed(0)
+    model = PaddedJointAttention(form).eval()
+    x, valid = torch.randn(2, 70, 128), _valid([70, 41], 70)
+    ref = model(x, valid)
+    out = torch.compile(model, backend="paro", options=EXACT)(x, valid)
+    return out, ref, paro_compile.last_report().sites[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", ["repeat", "broadcast", "key-repeat", "per-head"])
+def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
+    out, ref, site = _compiled_padded(form)
+    assert site.lowered and site.key_padding and site.query_padding == (form != "key-repeat"), site
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    if form != "key-repeat":
+        assert torch.equal(out[1, :, 41:], torch.zeros_like(out[1, :, 41:]))  # padded query rows: zeros, as SDPA's
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", ["mutated", "mutated-view", "outer-or", "causal-and"])
+def test_masks_that_are_not_provably_padding_stay_on_sdpa(form):
+    out, ref, site = _compiled_padded(form)
+    assert not site.lowered and any("not provably padding" in r for r in site.reasons), site
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_padded_queries_and_keys_with_quantized_kernels_are_close_to_sdpa():
+    torch.manual_seed(0)
+    model = PaddedJointAttention("repeat").eval()
+    x, valid = torch.randn(2, 150, 128), _valid([150, 77], 150)
+    ref = model(x, valid)
+    out = torch.compile(model, backend="paro", options={**QUANT, "impl": "triton"})(x, valid)
+    assert paro_compile.last_report().sites[0].query_padding
+    assert rel_l2(out, ref) < 5e-2
+    assert torch.equal(out[1, :, 77:], torch.zeros_like(out[1, :, 77:]))

@@ -302,7 +302,7 @@ CASES: dict[str, Case] = {
     "allegro": Case(tiny_allegro, cross_attention=r"\.attn2#"),
     "cogview4": Case(tiny_cogview4),
     "cogview4_text_mask": Case(lambda: tiny_cogview4(masked=True), kept_on_sdpa={r".": QUERY_ROW_MASK}, fast=True),
-    "hunyuan_video15": Case(tiny_hunyuan_video15, kept_on_sdpa={r".": QUERY_ROW_MASK}, graph_breaks=DIFFUSERS_BREAKS),
+    "hunyuan_video15": Case(tiny_hunyuan_video15, graph_breaks=DIFFUSERS_BREAKS),
     "qwenimage": Case(tiny_qwenimage),
     "ltx2": Case(tiny_ltx2, cross_attention=LTX2_CROSS),
     "ltx2_audio_as_long_as_text": Case(

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import MAX_HEAD_DIM, ParoConfig
+from paro_compile.passes.mask_analysis import PaddingForm, padding_form
 from paro_compile.passes.fx_utils import fake_value, known_equal
 from paro_compile.passes.layout import keys_from_other_tokens
 
@@ -59,7 +60,10 @@ class AttentionSite:
     dtype: Optional[torch.dtype] = None
     reasons: list[str] = field(default_factory=list)
     attn_mask: Optional[fx.Node] = None
-    """A key-padding mask (SDPA ``attn_mask`` that only masks keys), lowered as the op's key bias."""
+    """The SDPA ``attn_mask``; a site that lowers with one has it as `padding`."""
+    padding: Optional[PaddingForm] = None
+    """``attn_mask`` read as padding (`mask_analysis.padding_form`): key parts lowered as the op's key bias, query
+    parts (if any) zeroing the padded queries' output rows."""
     keys_from_other_tokens: bool = False
     """The keys provably come from another sequence although as many as the queries (`layout.keys_from_other_tokens`:
     e.g. 512 text tokens attended by 512 video tokens)."""
@@ -292,8 +296,9 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
 
 
 def key_padding_reason(mask: Any, q: Optional[torch.Tensor], k: Optional[torch.Tensor]) -> Optional[str]:
-    """None when ``mask`` is absent or masks keys only ([B|1, H|1, 1, Nk] after SDPA's broadcasting, boolean or
-    additive), which lowers as the op's key bias; else why it stays on SDPA."""
+    """None when ``mask`` is absent or provably padding (`mask_analysis.padding_form`: masking keys only, boolean or
+    additive, or boolean padding of queries and keys together) and broadcasts as [B|1, H|1, Nq|1, Nk]; else why it
+    stays on SDPA."""
     if mask is None:
         return None
     value = fake_value(mask)
@@ -308,9 +313,12 @@ def key_padding_reason(mask: Any, q: Optional[torch.Tensor], k: Optional[torch.T
         return f"attn_mask has {value.dim()} dims"
     batch_ok = known_equal(shape[0], 1) or known_equal(shape[0], q.shape[0])
     heads_ok = known_equal(shape[1], 1) or known_equal(shape[1], q.shape[1])
-    if not (known_equal(shape[2], 1) and batch_ok and heads_ok and known_equal(shape[3], k.shape[2])):
-        return (f"attn_mask of shape {tuple(value.shape)} varies over query rows or does not broadcast as "
-                f"[B|1, H|1, 1, Nk]; only key-padding masks lower")
+    rows_ok = known_equal(shape[2], 1) or known_equal(shape[2], q.shape[2])
+    if not (batch_ok and heads_ok and rows_ok and known_equal(shape[3], k.shape[2])):
+        return f"attn_mask of shape {tuple(value.shape)} does not broadcast as [B|1, H|1, Nq|1, Nk]"
+    if padding_form(mask) is None:
+        return (f"attn_mask of shape {tuple(value.shape)} varies over query rows and is not provably padding (a "
+                "key-padding mask, or a boolean AND of a key mask and a query-row mask); only those lower")
     return None
 
 
@@ -352,6 +360,8 @@ def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[Attenti
             site.kv_seq_len = kv.shape[2] if kv is not None and kv.dim() == 4 else None
         site.attn_mask = args.get("attn_mask")
         site.reasons = check_support(site, args, config)
+        if site.attn_mask is not None and not site.reasons:
+            site.padding = padding_form(site.attn_mask)
         if site.kv_seq_len is not None and known_equal(site.seq_len, site.kv_seq_len):
             site.keys_from_other_tokens = _keys_from_other_tokens(site)
         sites.append(site)

@@ -18,6 +18,7 @@ from paro_compile.kernels.block_mask import AUTO_BITMAP_MIN_SAVING, TENSOR_FIELD
 from paro_compile.ops import additive_key_bias, check_permutation
 from paro_compile.passes.discover import AttentionSite
 from paro_compile.passes.fx_utils import fake_value, static_int
+from paro_compile.passes.mask_analysis import replay, zero_padded_query_rows
 from paro_compile.report import SiteRecord
 
 
@@ -125,7 +126,8 @@ def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
 
 
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
-    """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, 1, Nk] after broadcasting; discover checked it) as the
+    """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, Nq|1, Nk] after broadcasting, constant over query rows;
+    discover proved it) as the
     op's key bias: fp32 [B|1, H|1, Nk] (`additive_key_bias`: 0 / -inf for a boolean mask, the values themselves for an
     additive one, kept finite in log2 units)."""
     while mask.dim() < 4:
@@ -313,9 +315,15 @@ def lower_attention_sites(
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
         with graph.inserting_before(node):
             bias_node = None
-            if site.attn_mask is not None:
-                bias_node = graph.call_function(key_padding_bias, (site.attn_mask,))
+            rows_node = None
+            if site.padding is not None:
+                key_node = site.padding.keys[0]
+                if site.padding.queries:  # each part in the mask's own shape and batch/head layout
+                    key_node = replay(graph, site.padding, site.padding.keys)
+                    rows_node = replay(graph, site.padding, site.padding.queries)
+                bias_node = graph.call_function(key_padding_bias, (key_node,))
                 record.key_padding = True
+                record.query_padding = rows_node is not None
             new = graph.call_function(
                 torch.ops.paro.attention.default,
                 (site.q, site.k, site.v, perm_node, bias_node, mask_nodes, mask_sizes, float(scale),
@@ -324,7 +332,12 @@ def lower_attention_sites(
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val", "source_fn_stack")})
         new.meta["paro_site_id"] = site.site_id
-        node.replace_all_uses_with(new)
+        result = new
+        if rows_node is not None:
+            with graph.inserting_after(new):
+                result = graph.call_function(zero_padded_query_rows, (new, rows_node))
+            result.meta.update({k: v for k, v in new.meta.items() if k in ("example_value", "val")})
+        node.replace_all_uses_with(result)
         graph.erase_node(node)
         site.node = new
         record.lowered = True
