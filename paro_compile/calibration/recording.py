@@ -25,21 +25,24 @@ from paro_compile.calibration.site_plans import build_site_plans
 from paro_compile.calibration.statistics import SiteStatistics
 from paro_compile.grid import TokenGrid
 from paro_compile.passes.fx_utils import static_int
+from paro_compile.passes.mask_analysis import replay
 from paro_compile.plan import Plan
 
 _RECORDERS: dict[int, "Recorder"] = {}
 _RECORDER_IDS = itertools.count()
 
 
-def _observe_sdpa(recorder_id: int, site_id: str, q, k, v, scale=None, attn_mask=None):
-    """What an instrumented graph calls instead of SDPA: dense SDPA (with the site's key-padding mask, if any) plus
-    statistics for ``site_id``."""
+def _observe_sdpa(recorder_id: int, site_id: str, q, k, v, scale=None, attn_mask=None, key_mask=None):
+    """What an instrumented graph calls instead of SDPA: dense SDPA (with the site's mask, if any) plus statistics for
+    ``site_id``, whose rows see the keys of ``key_mask`` (the mask's key part, `mask_analysis.PaddingForm`; the mask
+    itself for key padding). Padded query rows, where the mask has them, count in the statistics like the others."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     recorder = _RECORDERS.get(recorder_id)
     if recorder is not None:
         from paro_compile.passes.lower import key_padding_bias
 
-        recorder.observe(site_id, q, k, v, scale, None if attn_mask is None else key_padding_bias(attn_mask))
+        keys = attn_mask if key_mask is None else key_mask
+        recorder.observe(site_id, q, k, v, scale, None if keys is None else key_padding_bias(keys))
     return out
 
 
@@ -154,8 +157,11 @@ class Recorder:
                 self.head_shards[site.site_id] = shard
             node = site.node
             with gm.graph.inserting_before(node):
+                key_mask = None
+                if site.padding is not None and site.padding.queries:  # m_i ∧ m_j: its key part, in its layout
+                    key_mask = replay(gm.graph, site.padding, site.padding.keys)
                 new = gm.graph.call_function(_observe_sdpa, (self.id, site.site_id, site.q, site.k, site.v, site.scale,
-                                                             site.attn_mask))
+                                                             site.attn_mask, key_mask))
             new.meta = copy.copy(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

@@ -101,3 +101,34 @@ def test_key_padded_sites_calibrate_under_their_mask_and_cross_attention_is_left
         assert float(mass[natural][:, :, 1].abs().max()) == 0.0  # key block 1 = the masked frame
     finally:
         recorder.close()
+
+
+class JointPadded(nn.Module):
+    """Self-attention under an ``m_i ∧ m_j`` mask (HunyuanVideo 1.5's form) whose first tokens are the padding."""
+
+    def forward(self, q, k, v, keep):
+        b, n = keep.shape
+        rows = keep.view(b, 1, 1, n).repeat(1, 1, n, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=rows & rows.transpose(2, 3))
+
+
+def test_padded_queries_and_keys_calibrate_with_the_key_part_of_the_mask():
+    """Statistics see the mask's key part, not its first row (which is all False when the first token is padding)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, GRID.num_tokens, 64, generator=gen) for _ in range(3))
+    keep = torch.ones(1, GRID.num_tokens, dtype=torch.bool)
+    keep[:, :16] = False  # the first frame's tokens are padding, the first query row among them
+    model = JointPadded()
+    gm = capture(model, q, k, v, keep)
+    recorder = Recorder(CalibrationOptions(density=0.5, block_size=16), GridResolver(GRID))
+    try:
+        observed = recorder.instrument(gm)
+        with torch.no_grad():
+            out = observed(keep, q, k, v)
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(q, k, v, keep))
+        stats = recorder.sites["<root>#0"]
+        mass = stats.mass[0][stats.orders.index("FHW")]  # [H, nb, nb]
+        assert float(mass[:, :, 0].abs().max()) == 0.0  # key block 0 = the padded frame: no mass
+        torch.testing.assert_close(mass.sum((1, 2)), torch.full((2,), float(GRID.num_tokens)))  # every row sums to 1
+    finally:
+        recorder.close()
