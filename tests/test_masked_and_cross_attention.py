@@ -208,6 +208,10 @@ class PaddedJointAttention(nn.Module):
             rows = valid.view(b, 1, 1, n).repeat(1, 1, n, 1)
             mask = (rows & rows.transpose(2, 3)).bool()
             mask = mask.repeat_interleave(self.attn.heads, dim=0).view(b, self.attn.heads, n, n)
+        elif self.form == "per-head-core":  # the AND is per head already, then regrouped as diffusers does
+            heads = self.attn.heads
+            core = valid[:, None, None, :] & valid[:, None, :, None].expand(b, heads, n, 1)
+            mask = core.view(b * heads, n, n).view(b, heads, n, n)
         elif self.form == "mutated-view":  # written through a view of the mask
             mask = valid[:, None, :, None] & valid[:, None, None, :]
             mask.transpose(2, 3)[:, :, 0, :] = True
@@ -239,7 +243,7 @@ def _compiled_padded(form: str):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("form", ["repeat", "broadcast", "key-repeat", "per-head"])
+@pytest.mark.parametrize("form", ["repeat", "broadcast", "key-repeat", "per-head", "per-head-core"])
 def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
     out, ref, site = _compiled_padded(form)
     assert site.lowered and site.key_padding and site.query_padding == (form != "key-repeat"), site

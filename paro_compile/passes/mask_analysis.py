@@ -258,6 +258,8 @@ def replay(graph: fx.Graph, form: PaddingForm, parts: tuple[fx.Node, ...]) -> fx
     env = {form.core: node}
     for op in form.chain:
         node = graph.node_copy(op, lambda arg: env.get(arg, arg))
+        if node.op == "call_method" and node.target == "view":
+            node.target = "reshape"  # the expanded part has zero strides that a view cannot always regroup
         env[op] = node
     return node
 
