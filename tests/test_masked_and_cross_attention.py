@@ -219,6 +219,11 @@ class PaddedJointAttention(nn.Module):
             rows = valid.view(b, 1, 1, n).repeat(1, 1, n, 1)
             mask = (rows & rows.transpose(2, 3)).bool()
             mask[:, :, :, 0] = True
+        elif self.form == "not-and":  # ¬(¬q ∧ ¬k) = q ∨ k: an AND under a negation is not padding
+            mask = ~(~valid[:, None, :, None] & ~valid[:, None, None, :])
+        elif self.form == "in-place-and":  # `mask &= causal` after the outer AND
+            mask = valid[:, None, :, None] & valid[:, None, None, :]
+            mask &= torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         elif self.form == "outer-or":  # not padding: a row may see keys other rows do not
             mask = valid[:, None, :, None] | valid[:, None, None, :]
         else:  # "causal-and": padding AND a causal mask, which varies over both axes
@@ -253,7 +258,7 @@ def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("form", ["mutated", "mutated-view", "outer-or", "causal-and"])
+@pytest.mark.parametrize("form", ["mutated", "mutated-view", "not-and", "in-place-and", "outer-or", "causal-and"])
 def test_masks_that_are_not_provably_padding_stay_on_sdpa(form):
     out, ref, site = _compiled_padded(form)
     assert not site.lowered and any("not provably padding" in r for r in site.reasons), site

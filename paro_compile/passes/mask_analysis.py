@@ -40,6 +40,11 @@ _BINARY = {"and_", "__and__", "__rand__", "logical_and", "bitwise_and", "or_", "
            "bitwise_or", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "sub", "__sub__", "eq", "__eq__",
            "ne", "__ne__", "gt", "__gt__", "ge", "__ge__", "lt", "__lt__", "le", "__le__", "where", "masked_fill"}
 _ANDS = {"and_", "__and__", "__rand__", "logical_and", "bitwise_and"}
+_NEGATIONS = {"logical_not", "bitwise_not", "invert", "__invert__", "neg", "__neg__"}
+"""Unary ops that keep constancy but not an AND: ¬(q ∧ k) is ¬q ∨ ¬k."""
+_IN_PLACE_OPERATORS = {"iand", "ior", "ixor", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+                       "ilshift", "irshift"}
+"""``mask &= other`` and the like, as Dynamo records them (operator.iand, ...)."""
 
 
 def _name(node: fx.Node) -> str:
@@ -128,9 +133,11 @@ result may change the input too."""
 
 def _in_place(node: fx.Node) -> bool:
     name = _name(node)
-    if name in ("setitem", "__setitem__"):
+    if name in ("setitem", "__setitem__") or name in _IN_PLACE_OPERATORS:
         return True
-    return name.endswith("_") and not name.endswith("__") and name not in _ANDS | {"or_", "and_"}
+    if name.startswith("__i") and name.endswith("__") and name.strip("_")[1:] in {o[1:] for o in _IN_PLACE_OPERATORS}:
+        return True  # __iand__, __ior__, ...
+    return name.endswith("_") and not name.endswith("__") and name not in _ANDS | {"or_", "xor", "not_"}
 
 
 def mutated(node: fx.Node) -> bool:
@@ -141,6 +148,8 @@ def mutated(node: fx.Node) -> bool:
         current = todo.pop()
         for user in current.users:
             if _in_place(user) and user.args and user.args[0] is current:
+                return True
+            if user.kwargs.get("out") is current:  # torch.<op>(..., out=mask)
                 return True
             if _name(user) in _VIEWS and user not in seen:
                 seen.add(user)
@@ -156,7 +165,7 @@ def and_operands(node: Any, depth: int = 0, read: Optional[set] = None) -> list[
     if read is not None:
         read.add(node)
     name = _name(node)
-    if name in _UNARY - {"logical_not", "bitwise_not", "invert", "__invert__", "neg", "__neg__"} and node.args:
+    if name in _UNARY - _NEGATIONS and node.args:
         value, source = fake_value(node), fake_value(node.args[0])
         if value is not None and source is not None and value.dtype == source.dtype == torch.bool:
             return and_operands(node.args[0], depth + 1, read)  # .bool() / .contiguous() of a boolean AND
@@ -189,7 +198,7 @@ def _plane_preserving(node: fx.Node) -> Optional[fx.Node]:
     name, rank = _name(node), _rank(node)
     if rank is None or _rank(source) is None:
         return None
-    if name in _UNARY and _rank(source) == rank and name not in ("type_as",):
+    if name in _UNARY - _NEGATIONS and _rank(source) == rank and name != "type_as":
         return source
     if name in _REGROUPS and _same_last_two(source, node):
         return source
