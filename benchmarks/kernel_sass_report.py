@@ -55,7 +55,8 @@ def compile_kernel(*, dense: bool, pv: str = "fp8", tile_m: int = 64, warps: int
                   WARP_SPEC=bool(knobs["warp_specialize"]),
                   PREFETCH_QK=(dense if knobs["prefetch_qk"] is None else bool(knobs["prefetch_qk"])),
                   COMPENSATE=compensate and not dense, TMA_KV=bool(knobs["tma_kv"]),
-                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group, HAS_BIAS=False)
+                  FMA_EXP_ARG=bool(knobs["fma_exp_arg"]), GROUP=group, HAS_BIAS=False,
+                  LAZY_RESCALE=bool(knobs["lazy_rescale"]))
     names = A._attn_fwd.arg_names
     missing = [n for n in names if n not in ptrs and n not in consts and n != "P_LOG2" and not n.islower()
                and n not in ("N", "N_K", "H", "NQB", "NKB", "IDX_STRIDE")]

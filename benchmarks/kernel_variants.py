@@ -3,7 +3,7 @@
 One short run that answers "which kernel variant / config is fastest, and is it
 still right":
 
-- shape B2 H48 N17776 D64 bf16 (``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);
+- shape B2 H48 N17776 D64 bf16 (``--shape``; ``--tiny``: B1 H2 N200 on the CPU under TRITON_INTERPRET=1);
 - dense and density 0.2 (random 64×64 block mask keeping the diagonal, `tuning.random_block_mask`);
 - every kernel variant of `KERNEL_VARIANTS` (PV dtype × exp2 mode × code-generation switches of
   `attention.KERNEL_VARIANT_DEFAULTS`) × a few fixed configs (TILE_M / num_warps / num_stages),
@@ -77,6 +77,8 @@ KERNEL_VARIANTS = {
     "fp8 tma": ("fp8", 0, {"tma_kv": True}),
     "fp8 tma prefetch": ("fp8", 0, {"tma_kv": True, "prefetch_qk": True}),
     "fp8 two-step exp-arg": ("fp8", 0, {"fma_exp_arg": False}),
+    "fp8 lazy-rescale": ("fp8", 0, {"lazy_rescale": True}),
+    "fp8 tma lazy-rescale": ("fp8", 0, {"tma_kv": True, "lazy_rescale": True}),
 }
 
 
@@ -138,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compensate", action="store_true", help="skipped-block compensation on the sparse densities")
     ap.add_argument("--densities", default="1.0,0.2", help="comma list; < 1 = random block mask keeping the diagonal")
     ap.add_argument("--int4", action="store_true", help="also run the INT4 diagnostic")
+    ap.add_argument("--shape", default=None,
+                    help="B,H,N,D of the GPU run (default 2,48,17776,64, CogVideoX-5B; 1,40,75600,128 is Wan 720p)")
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in KERNEL_VARIANTS]
@@ -160,7 +164,7 @@ def main(argv=None):
     dev = "cuda" if cuda else "cpu"
     os.environ["PARO_AUTOTUNE"] = "0"  # fixed configs only (config= bypasses it anyway)
     variants = args.variants
-    b, h, n, d = (1, 2, 200, 64) if args.tiny else (2, 48, 17776, 64)
+    b, h, n, d = (1, 2, 200, 64) if args.tiny else tuple(int(x) for x in (args.shape or "2,48,17776,64").split(","))
     dtype = torch.bfloat16
     def bench(fn) -> float:
         return harness.time_ms(fn, dev, warmup_ms=10, rep_ms=args.rep).median_ms

@@ -42,6 +42,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("pv-formats", "benchmarks/kernel_variants.py",
          ("--variants", "fp8,bf16,int8 ftz", "--densities", "1.0,0.3,0.2", "--out", "{out}/kernel_variants.json"), 300,
          "PV format speed against accuracy (FP8 / bf16 / INT8 PV), fixed launch configs, CogVideoX-5B shape"),
+    Spec("lazy-rescale", "benchmarks/kernel_variants.py",
+         ("--variants", "fp8,fp8 lazy-rescale,fp8 tma,fp8 tma lazy-rescale", "--densities", "1.0,0.2", "--shape",
+          "1,40,75600,128", "--no-flex", "--out", "{out}/kernel_variants_lazy_rescale.json"), 420,
+         "the accumulator rescale skipped where no row's max rose (lazy_rescale), Wan-720p shape, dense and 0.2"),
     Spec("mask-decode-720p", "benchmarks/bench_mask_decode.py", ("--out", "{out}"), 300,
          "bitmap-form masks: the walk decode alone and decode + kernel against the CSR-form kernel call, one "
          "Wan2.1-14B and one HunyuanVideo 720p site at densities 0.2 / 0.3", env={"PARO_AUTOTUNE": "0"}),

@@ -191,6 +191,19 @@ def _in_bounds(j, NKB):
 
 
 @triton.jit
+def _rescale(acc, alpha, LAZY: tl.constexpr):
+    """acc · alpha per row. LAZY: skip the multiply when no row's max rose (alpha is exactly 1 in every row, so the
+    result is the same bit for bit); the rescale is a [TILE_M, D] multiply per KV block, as many issue slots as a
+    quarter of the softmax at head_dim 128."""
+    if LAZY:
+        if tl.min(alpha, axis=0) < 1.0:
+            acc = acc * alpha[:, None]
+    else:
+        acc = acc * alpha[:, None]
+    return acc
+
+
+@triton.jit
 def _row_max_step(m_i, row_max, row_keep, P_LOG2, GROUP: tl.constexpr):
     """Running max, rescale factor and exp2 shift (m − log2 of P's factor) after one KV block. In grouped tiles
     (GROUP > 1) rows whose query block does not keep the block keep their max and get shift +inf (P = 0)."""
@@ -215,7 +228,7 @@ def _attn_fwd(
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, EMULATE: tl.constexpr, EXP2_MODE: tl.constexpr,
     FUSED_SOFTMAX: tl.constexpr, P_ROUND_INT: tl.constexpr, WARP_SPEC: tl.constexpr, PREFETCH_QK: tl.constexpr,
     COMPENSATE: tl.constexpr, TMA_KV: tl.constexpr, FMA_EXP_ARG: tl.constexpr, GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -386,21 +399,21 @@ def _attn_fwd(
         if PV_MODE == 1:
             pq = fp32_to_fp8e4(p, EMULATE)
             if BLOCK_N < 32:  # 8-bit MMAs need K >= 32: the same products in fp16 (e4m3 values are exact there)
-                acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
+                acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), _rescale(acc, alpha, LAZY_RESCALE))
             else:
-                acc = tl.dot(pq, v, acc * alpha[:, None])
+                acc = tl.dot(pq, v, _rescale(acc, alpha, LAZY_RESCALE))
         elif PV_MODE == 2 and BLOCK_N < 32:
             # INT8 P·V with K < 32 in fp16 (INT8 values and their 16-term sums are exact in fp16/fp32)
             pq = (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-            acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
+            acc = tl.dot(pq.to(tl.float16), v.to(tl.float16), _rescale(acc, alpha, LAZY_RESCALE))
         elif PV_MODE == 2:
             # round(P·127) to INT8 and the int32 PV partial back to fp32, both through the 1.5·2^23
             # magic number (an FADD / IADD+FADD on the full-rate pipes instead of F2I / I2F):
             # P·127 ≤ 127 and |ΣP·V| ≤ 127²·BLOCK_N < 2^22.
             pq = (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-            acc = acc * alpha[:, None] + _i32_to_f32(tl.dot(pq, v, out_dtype=tl.int32))
+            acc = _rescale(acc, alpha, LAZY_RESCALE) + _i32_to_f32(tl.dot(pq, v, out_dtype=tl.int32))
         else:
-            acc = acc * alpha[:, None]
+            acc = _rescale(acc, alpha, LAZY_RESCALE)
             if VT.dtype.element_ty == tl.bfloat16:
                 if P_ROUND_INT:
                     pq = _bf16_round_bits(p)
@@ -497,7 +510,7 @@ def _prune(configs, named_args, **kwargs):
 # them equal, and separate tunings picked configs that differed by noise; benchmarks/RESULTS.md, "Folding").
 AUTOTUNE_KEY = ["n_bucket", "D", "density_bucket", "QK_BITS", "PV_MODE", "DENSE", "BLOCK_M", "BLOCK_N", "EXP2_MODE",
                 "COMPENSATE", "GROUP", "FUSED_SOFTMAX", "P_ROUND_INT", "WARP_SPEC", "PREFETCH_QK", "TMA_KV",
-                "FMA_EXP_ARG", "HAS_BIAS"]
+                "FMA_EXP_ARG", "HAS_BIAS", "LAZY_RESCALE"]
 _attn_fwd_tuned = tuning.autotune(AUTOTUNE_KEY, _prune)(_attn_fwd)
 
 
@@ -731,7 +744,7 @@ def _make_launch_plan(q, k, v, perm, mask: BlockMask, key_bias, qk_bits, pv_dtyp
         # INT8 QKᵀ only: with INT4 the one-FFMA form disagreed with the reference on the H100 (a 67-token sparse
         # case, not diagnosed), so INT4 keeps the two-step form.
         FMA_EXP_ARG=bool(knobs["fma_exp_arg"]) and qk_bits == 8 and bool(knobs["fused_softmax"]),
-        GROUP=group, HAS_BIAS=key_bias is not None,
+        GROUP=group, HAS_BIAS=key_bias is not None, LAZY_RESCALE=bool(knobs["lazy_rescale"]),
     )
     if meta["TMA_KV"] and not interp:
         _ensure_tma_allocator()
@@ -807,10 +820,12 @@ def _ensure_tma_allocator() -> None:
 # fused_softmax only; None = for dense masks only: it slowed sparse masks, where the next block index is a dependent
 # load); tma_kv = K (INT8 QKᵀ only) and Vᵀ tiles through TMA descriptors instead of pointer tensors; fma_exp_arg =
 # the exp2 argument of the fused softmax in one FFMA (row max folded into the addend; INT8 QKᵀ on the GPU only: the
-# interpreter keeps the exact two-step form); group_query_blocks = query blocks under 64 rows share 64-row tiles.
+# interpreter keeps the exact two-step form); group_query_blocks = query blocks under 64 rows share 64-row tiles;
+# lazy_rescale = skip the accumulator's rescale in KV blocks where no row's max rose (the same bits; not measured on a
+# GPU yet, so off).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
                            "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True,
-                           "group_query_blocks": True}
+                           "group_query_blocks": True, "lazy_rescale": False}
 
 
 def kernel_variant(variant: Optional[dict] = None) -> dict:

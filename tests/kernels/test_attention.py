@@ -162,6 +162,9 @@ def test_exp2_poly_modes(seed, gen, exp2_mode, bits, pv, dtype):
     ({"tma_kv": True}, 8, "fp16", torch.float16),
     ({"fma_exp_arg": False}, 8, "fp8", torch.bfloat16),
     ({"fma_exp_arg": False, "prefetch_qk": True}, 8, "int8", torch.float16),
+    ({"lazy_rescale": True}, 8, "fp8", torch.bfloat16),
+    ({"lazy_rescale": True, "prefetch_qk": True}, 8, "int8", torch.float16),
+    ({"lazy_rescale": True}, 16, "fp16", torch.float16),
 ])
 def test_kernel_variants_match_reference(seed, gen, knobs, bits, pv, dtype):
     """Every code-generation switch computes the same function (sparse with a key tail, dense)."""
@@ -494,3 +497,14 @@ def test_cuda_sparse_is_faster_than_dense_sdpa(gen):
     sdpa = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     print(f"ours(0.2) {ours:.3f} ms, sdpa dense {sdpa:.3f} ms")
     assert ours < sdpa, f"ours {ours:.3f} ms vs SDPA {sdpa:.3f} ms"
+
+
+@pytest.mark.parametrize("pv", ["fp8", "int8", "fp16"])
+def test_lazy_rescale_gives_the_same_bits(gen, pv):
+    """Skipping the accumulator's rescale where every row's alpha is exactly 1 changes no bit of the output."""
+    n = 193
+    q, k, v, pm, mask = _make(gen, 1, 2, n, 64, torch.bfloat16, kernel_device(), True, 0.6)
+    kw = dict(perm=pm, mask=block_mask(mask, 64, 64, q.device), qk_bits=8, pv_dtype=pv)
+    plain = paro_attention_triton(q, k, v, **kw, variant={"lazy_rescale": False})
+    lazy = paro_attention_triton(q, k, v, **kw, variant={"lazy_rescale": True})
+    assert torch.equal(plain, lazy)
