@@ -8,6 +8,7 @@ checked directly there. Where the model's own order already has that block struc
 so orders sharing them tie and any of them is accepted.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -43,9 +44,13 @@ def block_diagonal(mass: torch.Tensor, grid: TokenGrid, block: int) -> torch.Ten
 # and 16 text tokens the sink straddles two key blocks of 5).
 @pytest.mark.parametrize("grid,block,density", [(KNOWN_GRID, 16, 0.35), (NO_TEXT, 16, 0.2), (KNOWN_GRID, 64, 0.8),
                                                 (NO_TEXT, 64, 0.5)], ids=["text-16", "no-text-16", "text-64", "no-text-64"])
-def test_each_head_gets_the_order_and_blocks_its_pattern_calls_for(grid, block, density):
+@pytest.mark.parametrize("stats_kernel", ["torch", "triton"])
+def test_each_head_gets_the_order_and_blocks_its_pattern_calls_for(grid, block, density, stats_kernel):
+    """Both statistics paths (the chunked PyTorch pass, the Triton kernels: the interpreter on the CPU)."""
+    if stats_kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton statistics on CPU tensors need TRITON_INTERPRET=1")
     q, k = known_qk(grid, KINDS, block_size=block)
-    site = calibrate_site(q, k, grid, density=density, block_size=block, scale=1.0)
+    site = calibrate_site(q, k, grid, density=density, block_size=block, scale=1.0, stats_kernel=stats_kernel)
     orders = dict(zip(KINDS, site.orders))
     mass = pooled_mass(q, k, site.perm, block)
     natural_mass = pooled_mass(q, k, torch.arange(grid.num_tokens).expand(len(KINDS), -1), block)
