@@ -2,8 +2,8 @@
 
 Calibration (`calibration.statistics.SiteStatistics`) ranks orders and blocks by three numbers per (order, head, query
 block, key block), summed or maxed over the batch: the block's attention mass (sum of P), its peak (max of P) and how
-many of its valid entries are below ``eps``. `block_stats_reference` computes them from the dense P in PyTorch; this
-module computes the same without P in memory:
+many of its valid entries are below ``eps``. `block_stats_reference.block_stats_reference` computes them from the
+dense P in float64; this module computes the same without P in memory:
 
 - `row_stats`: per (batch, head, query token) the row max m and the sum l of exp2 of the base-2 scores (key bias
   included): the softmax's normalisation, which no order changes. One pass over the keys in model order.
@@ -18,7 +18,6 @@ order. Sub-blocks smaller than 64 tokens share a 64-token tile (tensor cores nee
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -206,26 +205,3 @@ def block_stats(q: torch.Tensor, k: torch.Tensor, rows: tuple[torch.Tensor, torc
         BS=block_size, TILE=tile, D=d, DP=triton.next_power_of_2(max(d, 16)), HAS_BIAS=key_bias is not None,
         FP32_INPUTS=q.dtype == torch.float32, num_warps=8 if tile * max(d, 64) >= 128 * 128 else 4)
     return out
-
-
-def block_stats_reference(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, block_size: int, eps: float,
-                          scale: float, key_bias: Optional[torch.Tensor] = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`block_stats` from the dense softmax in float64 (small inputs only: it holds the [B, H, N, N] map)."""
-    bsz, heads, n, _ = q.shape
-    s = torch.matmul(q.double() * scale, k.double().transpose(-1, -2))
-    if key_bias is not None:
-        s = s + key_bias.double()[:, :, None, :]
-    p = torch.softmax(s, -1)
-    index = perm.long().to(p.device)
-    p = p.index_select(2, index).index_select(3, index)
-    nb = math.ceil(n / block_size)
-    pad = nb * block_size - n
-    valid = torch.nn.functional.pad(torch.ones(n, n, dtype=torch.bool, device=p.device), (0, pad, 0, pad))
-    p = torch.nn.functional.pad(p, (0, pad, 0, pad))
-    blocks = p.reshape(bsz, heads, nb, block_size, nb, block_size)
-    below = ((p < eps) & valid).reshape(bsz, heads, nb, block_size, nb, block_size)
-    mass = blocks.sum((3, 5)).sum(0)
-    peak = blocks.amax((3, 5)).amax(0)
-    small = below.sum((3, 5)).sum(0)
-    return mass.float(), peak.float(), small.float()
