@@ -202,6 +202,8 @@ class PaddedJointAttention(nn.Module):
             mask = (rows & rows.transpose(2, 3)).bool()
         elif self.form == "broadcast":
             mask = valid[:, None, :, None] & valid[:, None, None, :]
+        elif self.form == "bool-product":  # Chroma's form, on a boolean validity vector
+            mask = valid[:, None, None, :] * valid[:, None, :, None]
         elif self.form == "key-repeat":  # key padding repeated over the query rows
             mask = valid.view(b, 1, 1, n).expand(b, 1, n, n)
         elif self.form == "per-head":  # diffusers' prepare_attention_mask: batch·heads planes, viewed as [B, H, N, N]
@@ -224,6 +226,8 @@ class PaddedJointAttention(nn.Module):
         elif self.form == "in-place-and":  # `mask &= causal` after the outer AND
             mask = valid[:, None, :, None] & valid[:, None, None, :]
             mask &= torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        elif self.form == "float-product":  # 0 / 1 floats: SDPA adds them (+1 on valid pairs), not a mask
+            mask = valid[:, None, None, :].float() * valid[:, None, :, None].float()
         elif self.form == "outer-or":  # not padding: a row may see keys other rows do not
             mask = valid[:, None, :, None] | valid[:, None, None, :]
         else:  # "causal-and": padding AND a causal mask, which varies over both axes
@@ -248,7 +252,7 @@ def _compiled_padded(form: str):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("form", ["repeat", "broadcast", "key-repeat", "per-head", "per-head-core"])
+@pytest.mark.parametrize("form", ["repeat", "broadcast", "bool-product", "key-repeat", "per-head", "per-head-core"])
 def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
     out, ref, site = _compiled_padded(form)
     assert site.lowered and site.key_padding and site.query_padding == (form != "key-repeat"), site
@@ -258,7 +262,8 @@ def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("form", ["mutated", "mutated-view", "not-and", "in-place-and", "outer-or", "causal-and"])
+@pytest.mark.parametrize("form", ["mutated", "mutated-view", "not-and", "in-place-and", "float-product", "outer-or",
+                                  "causal-and"])
 def test_masks_that_are_not_provably_padding_stay_on_sdpa(form):
     out, ref, site = _compiled_padded(form)
     assert not site.lowered and any("not provably padding" in r for r in site.reasons), site

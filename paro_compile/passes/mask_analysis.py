@@ -169,9 +169,22 @@ def and_operands(node: Any, depth: int = 0, read: Optional[set] = None) -> list[
         value, source = fake_value(node), fake_value(node.args[0])
         if value is not None and source is not None and value.dtype == source.dtype == torch.bool:
             return and_operands(node.args[0], depth + 1, read)  # .bool() / .contiguous() of a boolean AND
-    if name in _ANDS and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+    if _is_and(node):
         return [x for a in node.args for x in and_operands(a, depth + 1, read)]
     return [node]
+
+
+def _is_and(node: fx.Node) -> bool:
+    """A boolean AND of two tensors: ``&`` / ``logical_and`` / ``bitwise_and``, or ``*`` of two boolean tensors."""
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    name = _name(node)
+    if name in _ANDS:
+        return True
+    if name in ("mul", "__mul__", "__rmul__"):
+        values = [fake_value(a) for a in (node, *node.args)]
+        return all(v is not None and v.dtype == torch.bool for v in values)
+    return False
 
 
 @dataclass(frozen=True)
@@ -215,7 +228,7 @@ def _core_and_chain(mask: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
     chain: list[fx.Node] = []
     node = mask
     for _ in range(MAX_DEPTH):
-        if _name(node) in _ANDS:
+        if _is_and(node):
             return node, tuple(reversed(chain))
         source = _plane_preserving(node)
         if source is None:
