@@ -1,5 +1,6 @@
 """Ulysses on 2 GPUs over NCCL with the Triton kernels and Inductor (``backend="paro"``): each rank's output is the
-one-GPU output. Run on the nvidia-h200-x2 machine: ``python benchmarks/run.py gpu-tests --out $OUT``."""
+one-GPU output, with no graph break (`make_context_parallel_traceable` first). Run on the nvidia-h200-x2 machine:
+``python benchmarks/run.py parallel-gpu-tests --out $OUT``."""
 import os
 
 import pytest
@@ -38,8 +39,11 @@ def _run(rank: int, world: int, balanced: bool, orders: dict = ORDERS) -> torch.
     with torch.no_grad():
         model(**inputs)
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         compiled = torch.compile(model, backend=registered_backend(), options={**OPTIONS, "plan": plan})
         out = compiled(**inputs)[0]
+    breaks = {str(reason)[:300]: count for reason, count in torch._dynamo.utils.counters["graph_break"].items()}
+    assert not breaks, f"rank {rank}: graph breaks under context parallelism: {breaks}"
     import paro_compile
 
     report = paro_compile.model_report(compiled)  # every graph of the model: the site's graph need not be the last
