@@ -189,7 +189,7 @@ def _rank(rank: int, world: int, port: int, args, out_dir: str) -> None:
         for variant in variants:  # one GPU: the model alone on this rank's GPU
             if parse_variant(variant)[1]:
                 continue
-            rows.append(_guarded(run_variant, model, inputs, variant, plans, args, device, 1, reference))
+            rows.append(guarded_variant(model, inputs, variant, plans, args, device, 1, reference))
         from diffusers import ContextParallelConfig
 
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
@@ -197,19 +197,18 @@ def _rank(rank: int, world: int, port: int, args, out_dir: str) -> None:
             model(**inputs)  # diffusers' hooks need one eager call before Dynamo traces them
         for variant in variants:
             dist.barrier()
-            rows.append(_guarded(run_variant, model, inputs, variant, plans, args, device, world, reference))
+            rows.append(guarded_variant(model, inputs, variant, plans, args, device, world, reference))
         rows = [dict(meta, rank=rank, **row) for row in rows]
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(rows))
         dist.destroy_process_group()
 
 
-def _guarded(fn, *args) -> dict:
-    """The variant's entry, or what failed in it (one variant's failure does not cost the others)."""
+def guarded_variant(model, inputs: dict, variant: str, plans: dict, args, device, world: int, reference: dict) -> dict:
+    """`run_variant`'s entry, or what failed in it (one variant's failure does not cost the others)."""
     try:
-        return fn(*args)
+        return run_variant(model, inputs, variant, plans, args, device, world, reference)
     except Exception as error:
-        variant, world = args[2], args[6]
         print(f"[bench_cp_model] {variant} on {world} GPU(s) FAILED: {type(error).__name__}: {error}", flush=True)
         return {"variant": variant, "gpus": world, "error": f"{type(error).__name__}: {error}"[:2000],
                 "traceback": traceback.format_exc()[-3000:]}

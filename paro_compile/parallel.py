@@ -369,4 +369,3 @@ def _permute_model(model: torch.nn.Module, plan: Plan, orders: Mapping[str, Sequ
         except AttributeError as error:
             raise ValueError(f"site {sid}: the model has no module {path!r} to reorder the heads of") from error
         permute_attention_heads(module, order, len(order))
-

@@ -255,7 +255,8 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
     target_name = str(getattr(site.node.target, "__name__", site.node.target))
     if "_scaled_dot_product_" in target_name:
         reasons.append(f"ATen-level SDPA ({target_name}) returns extra outputs; lower at the Dynamo graph instead")
-    mask_reason = key_padding_reason(args.get("attn_mask"), fake_value(args.get("query")), fake_value(args.get("key")))
+    site.padding, mask_reason = mask_padding(args.get("attn_mask"), fake_value(args.get("query")),
+                                             fake_value(args.get("key")))
     if mask_reason:
         reasons.append(mask_reason)
     dropout = args.get("dropout_p", 0.0)
@@ -295,31 +296,33 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
     return reasons
 
 
-def key_padding_reason(mask: Any, q: Optional[torch.Tensor], k: Optional[torch.Tensor]) -> Optional[str]:
-    """None when ``mask`` is absent or provably padding (`mask_analysis.padding_form`: masking keys only, boolean or
-    additive, or boolean padding of queries and keys together) and broadcasts as [B|1, H|1, Nq|1, Nk]; else why it
-    stays on SDPA."""
+def mask_padding(mask: Any, q: Optional[torch.Tensor],
+                 k: Optional[torch.Tensor]) -> tuple[Optional[PaddingForm], Optional[str]]:
+    """(``mask`` read as padding, None) when it is provably padding (`mask_analysis.padding_form`: masking keys only,
+    boolean or additive, or boolean padding of queries and keys together) and broadcasts as [B|1, H|1, Nq|1, Nk];
+    (None, None) without a mask; else (None, why the site stays on SDPA)."""
     if mask is None:
-        return None
+        return None, None
     value = fake_value(mask)
     if value is None:
-        return "attn_mask is not a tensor of known shape"
+        return None, "attn_mask is not a tensor of known shape"
     if q is None or k is None or q.dim() != 4 or k.dim() != 4:
-        return "attn_mask with query/key shapes unknown"
+        return None, "attn_mask with query/key shapes unknown"
     if value.dtype != torch.bool and not value.is_floating_point():
-        return f"attn_mask of dtype {value.dtype} (SDPA takes boolean or additive float masks)"
+        return None, f"attn_mask of dtype {value.dtype} (SDPA takes boolean or additive float masks)"
     shape = (1,) * (4 - value.dim()) + tuple(value.shape) if value.dim() <= 4 else None
     if shape is None:
-        return f"attn_mask has {value.dim()} dims"
+        return None, f"attn_mask has {value.dim()} dims"
     batch_ok = known_equal(shape[0], 1) or known_equal(shape[0], q.shape[0])
     heads_ok = known_equal(shape[1], 1) or known_equal(shape[1], q.shape[1])
     rows_ok = known_equal(shape[2], 1) or known_equal(shape[2], q.shape[2])
     if not (batch_ok and heads_ok and rows_ok and known_equal(shape[3], k.shape[2])):
-        return f"attn_mask of shape {tuple(value.shape)} does not broadcast as [B|1, H|1, Nq|1, Nk]"
-    if padding_form(mask) is None:
-        return (f"attn_mask of shape {tuple(value.shape)} varies over query rows and is not provably padding (a "
-                "key-padding mask, or a boolean AND of a key mask and a query-row mask); only those lower")
-    return None
+        return None, f"attn_mask of shape {tuple(value.shape)} does not broadcast as [B|1, H|1, Nq|1, Nk]"
+    form = padding_form(mask)
+    if form is None:
+        return None, (f"attn_mask of shape {tuple(value.shape)} varies over query rows and is not provably padding (a "
+                      "key-padding mask, or a boolean AND of a key mask and a query-row mask); only those lower")
+    return form, None
 
 
 def _keys_from_other_tokens(site: AttentionSite) -> bool:
@@ -360,8 +363,8 @@ def find_attention_sites(gm: fx.GraphModule, config: ParoConfig) -> list[Attenti
             site.kv_seq_len = kv.shape[2] if kv is not None and kv.dim() == 4 else None
         site.attn_mask = args.get("attn_mask")
         site.reasons = check_support(site, args, config)
-        if site.attn_mask is not None and not site.reasons:
-            site.padding = padding_form(site.attn_mask)
+        if site.reasons:
+            site.padding = None  # a site that stays on SDPA keeps its mask there
         if site.kv_seq_len is not None and known_equal(site.seq_len, site.kv_seq_len):
             site.keys_from_other_tokens = _keys_from_other_tokens(site)
         sites.append(site)

@@ -127,9 +127,8 @@ def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
 
 def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
     """An SDPA ``attn_mask`` that masks keys only ([B|1, H|1, Nq|1, Nk] after broadcasting, constant over query rows;
-    discover proved it) as the
-    op's key bias: fp32 [B|1, H|1, Nk] (`additive_key_bias`: 0 / -inf for a boolean mask, the values themselves for an
-    additive one, kept finite in log2 units)."""
+    discover proved it) as the op's key bias: fp32 [B|1, H|1, Nk] (`additive_key_bias`: 0 / -inf for a boolean mask,
+    the values themselves for an additive one, kept finite in log2 units)."""
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     return additive_key_bias(mask[:, :, 0, :])

@@ -27,7 +27,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from paro_compile.passes.fx_utils import fake_value, known_equal
+from paro_compile.passes.fx_utils import (PERMUTE_OPS, arg, fake_value, is_inplace, known_equal, norm_dim, op_name,
+                                          permute_dims)
 
 QUERY_AXIS, KEY_AXIS = 2, 3
 MAX_DEPTH = 24
@@ -35,24 +36,29 @@ MAX_DEPTH = 24
 _REPEATS = {"repeat", "expand", "expand_as", "broadcast_to"}
 _REGROUPS = {"view", "reshape", "flatten", "unflatten"}
 _UNARY = {"to", "bool", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "logical_not",
-          "bitwise_not", "invert", "__invert__", "neg", "__neg__", "detach"}
-_BINARY = {"and_", "__and__", "__rand__", "logical_and", "bitwise_and", "or_", "__or__", "__ror__", "logical_or",
-           "bitwise_or", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "sub", "__sub__", "eq", "__eq__",
-           "ne", "__ne__", "gt", "__gt__", "ge", "__ge__", "lt", "__lt__", "le", "__le__", "where", "masked_fill"}
-_ANDS = {"and_", "__and__", "__rand__", "logical_and", "bitwise_and"}
-_NEGATIONS = {"logical_not", "bitwise_not", "invert", "__invert__", "neg", "__neg__"}
+          "bitwise_not", "invert", "neg", "detach"}
+_BINARY = {"and_", "logical_and", "bitwise_and", "or_", "logical_or", "bitwise_or", "mul", "add", "sub", "eq", "ne",
+           "gt", "ge", "lt", "le", "where", "masked_fill"}
+_ANDS = {"and_", "logical_and", "bitwise_and"}
+_NEGATIONS = {"logical_not", "bitwise_not", "invert", "neg"}
 """Unary ops that keep constancy but not an AND: ¬(q ∧ k) is ¬q ∨ ¬k."""
 _IN_PLACE_OPERATORS = {"iand", "ior", "ixor", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
                        "ilshift", "irshift"}
-"""``mask &= other`` and the like, as Dynamo records them (operator.iand, ...)."""
+"""``mask &= other`` and the like, as Dynamo records them (operator.iand, ...), also spelled as dunders."""
+
+
+_DUNDERS = {"and": "and_", "rand": "and_", "or": "or_", "ror": "or_", "rmul": "mul", "radd": "add"}
+"""Dunder spellings whose operator name differs from the dunder's core (``__and__`` is ``operator.and_``)."""
 
 
 def _name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        return str(getattr(node.target, "__name__", node.target))
-    return ""
+    """`fx_utils.op_name`, with a dunder (``__and__`` as a method, ``and__`` as a function whose leading underscores
+    op_name dropped) read as the operator it spells."""
+    name = op_name(node)
+    if name.endswith("__"):
+        core = name.strip("_")
+        return _DUNDERS.get(core, core)
+    return name
 
 
 def _rank(node: Any) -> Optional[int]:
@@ -62,7 +68,7 @@ def _rank(node: Any) -> Optional[int]:
 
 def _axis(dim: int, rank: int) -> int:
     """A dim of a rank-``rank`` tensor as its position in the right-aligned 4-D shape."""
-    return (dim % rank) + 4 - rank
+    return norm_dim(dim, rank) + 4 - rank
 
 
 def _same_last_two(source: fx.Node, node: fx.Node) -> bool:
@@ -73,7 +79,7 @@ def _same_last_two(source: fx.Node, node: fx.Node) -> bool:
 
 def _interleaves_leading_axis(node: fx.Node, rank: int) -> bool:
     """``repeat_interleave`` along an axis before the last two (the query and key axes keep their planes)."""
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+    dim = arg(node, 2, "dim")
     return isinstance(dim, int) and rank >= 2 and _axis(dim, rank) < QUERY_AXIS
 
 
@@ -84,10 +90,6 @@ def constant_axes(node: Any, depth: int = 0, read: Optional[set] = None) -> froz
         return frozenset()
     if read is not None:
         read.add(node)
-    return _constant_axes(node, depth, read)
-
-
-def _constant_axes(node: fx.Node, depth: int, read: Optional[set]) -> frozenset[int]:
     value = fake_value(node)
     if value is None or value.dim() > 4:
         return frozenset()
@@ -105,15 +107,9 @@ def _constant_axes(node: fx.Node, depth: int, read: Optional[set]) -> frozenset[
         axes |= constant_axes(source, depth + 1, read) & {QUERY_AXIS, KEY_AXIS}
     elif name == "repeat_interleave" and isinstance(source, fx.Node) and _interleaves_leading_axis(node, rank):
         axes |= constant_axes(source, depth + 1, read) & {QUERY_AXIS, KEY_AXIS}
-    elif name in ("transpose", "swapaxes") and isinstance(source, fx.Node) and len(args) >= 3 and rank:
-        a, b = _axis(int(args[1]), rank), _axis(int(args[2]), rank)
-        swap = {a: b, b: a}
-        axes |= {swap.get(x, x) for x in constant_axes(source, depth + 1, read) if x >= 4 - rank}
-    elif name == "permute" and isinstance(source, fx.Node) and rank:
-        dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        if len(dims) == rank:
-            inner = constant_axes(source, depth + 1, read)
-            axes |= {_axis(new, rank) for new, old in enumerate(dims) if _axis(int(old), rank) in inner}
+    elif name in PERMUTE_OPS and isinstance(source, fx.Node) and rank and (dims := permute_dims(node, rank)):
+        inner = constant_axes(source, depth + 1, read)
+        axes |= {_axis(new, rank) for new, old in enumerate(dims) if _axis(old, rank) in inner}
     elif name in _UNARY and isinstance(source, fx.Node) and _rank(source) == rank:
         axes |= constant_axes(source, depth + 1, read)
     elif name in _BINARY:
@@ -132,12 +128,12 @@ result may change the input too."""
 
 
 def _in_place(node: fx.Node) -> bool:
+    """`fx_utils.is_inplace`, without the operator functions spelled with a trailing underscore (``operator.and_``),
+    and with the in-place operators (``mask &= other``)."""
     name = _name(node)
-    if name in ("setitem", "__setitem__") or name in _IN_PLACE_OPERATORS:
+    if name in _IN_PLACE_OPERATORS:
         return True
-    if name.startswith("__i") and name.endswith("__") and name.strip("_")[1:] in {o[1:] for o in _IN_PLACE_OPERATORS}:
-        return True  # __iand__, __ior__, ...
-    return name.endswith("_") and not name.endswith("__") and name not in _ANDS | {"or_", "xor", "not_"}
+    return is_inplace(name) and name not in _ANDS | {"or_", "not_"}
 
 
 def mutated(node: fx.Node) -> bool:
@@ -181,7 +177,7 @@ def _is_and(node: fx.Node) -> bool:
     name = _name(node)
     if name in _ANDS:
         return True
-    if name in ("mul", "__mul__", "__rmul__"):
+    if name == "mul":
         values = [fake_value(a) for a in (node, *node.args)]
         return all(v is not None and v.dtype == torch.bool for v in values)
     return False
