@@ -193,8 +193,7 @@ def _in_bounds(j, NKB):
 @triton.jit
 def _rescale(acc, alpha, LAZY: tl.constexpr):
     """acc · alpha per row. LAZY: skip the multiply when no row's max rose (alpha is exactly 1 in every row, so the
-    result is the same bit for bit); the rescale is a [TILE_M, D] multiply per KV block, as many issue slots as a
-    quarter of the softmax at head_dim 128."""
+    result is the same bit for bit); the rescale is a [TILE_M, D] multiply per KV block in an issue-bound loop."""
     if LAZY:
         if tl.min(alpha, axis=0) < 1.0:
             acc = acc * alpha[:, None]
