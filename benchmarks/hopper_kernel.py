@@ -1,5 +1,6 @@
 """The Gluon Hopper attention kernel (`paro_compile.kernels.attention_hopper`): correctness check and timing against
-the Triton kernel, cuDNN SDPA and FlexAttention, or (``--sass``, no GPU needed) its offline code report.
+the Triton kernel and the peers (cuDNN SDPA, SageAttention, FlashAttention-4, FlexAttention) in one run, or
+(``--sass``, no GPU needed) its offline code report.
 
 On an H100/H200:
 
@@ -16,9 +17,14 @@ On an H100/H200:
    - ``triton``: `attention.paro_attention_triton` (config=None: autotuned, winners cached on disk) and
      ``triton_kernel`` = triton − ``prologue`` (the prologue alone);
    - ``cudnn``: SDPA under ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)`` (dense bf16);
+   - ``triton_lazy``: the Triton kernel with its ``lazy_rescale`` switch (autotuned the same way);
    - ``flex``: FlexAttention with a BlockMask of the same kept blocks (full blocks, no mask_mod), kernel tiles
      64×64 and, at head_dim 128, 128×64 over the union of two query-block rows (a superset of the work); the faster
-     is reported. Dense: no block mask.
+     is reported. Dense: no block mask. ``flex_128``: its best block size at head_dim 128, 128-token blocks of its
+     own random mask at the same density (equal kept area, coarser blocks);
+   - ``sage``: SageAttention (``sageattn``, INT8 QKᵀ, fp16 PV) where it imports, dense;
+   - ``fa4`` / ``fa4_128``: FlashAttention-4 (``flash_attn.cute``, bf16; its Hopper path) where it imports: dense, and
+     block-sparse with the same 64-token kept blocks / its own 128-token mask (`fa4_block_sparse`).
    Dense-equivalent TFLOP/s = 4·B·H·N²·D / t for every method. Each variant is timed in its own try block; a failure
    is recorded and the run goes on. A time budget (``--budget``, seconds) skips what is left when it runs out.
 
@@ -32,7 +38,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import re
 import subprocess
@@ -50,8 +55,7 @@ SHAPES = {"cogvideox": (2, 48, 17776, 64), "wan720p": (1, 40, 75600, 128)}
 DENSITIES = (1.0, 0.2)
 # Launch configs timed per case (the first is attention_hopper.DEFAULT_CONFIG; one consumer per CTA at maxnreg 128
 # fits two CTAs per SM).
-CONFIGS = [{}, {"permuted_k": False}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 2},
-           {"stages": 4}]
+CONFIGS = [{}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 4}]
 
 
 # ------------------------------------------------------------------------------------------------ offline report
@@ -182,6 +186,37 @@ def _flex_block_mask(mask, n, block):
                                     seq_lengths=(n, n))
 
 
+def block_sparse_lists(mask: torch.Tensor, batch: int) -> dict:
+    """FlashAttention-4's block-sparse fields for a [H, Mq, Nk] bool mask whose kept blocks are all full blocks: every
+    kept block in the full-block lists (no mask_mod runs), empty partial-block lists. Counts [B, H, Mq] int32, indices
+    [B, H, Mq, Nk] int32 (kept blocks first, ascending; the rest padding), broadcast over the batch."""
+    heads, mq, nk = mask.shape
+    counts = mask.sum(-1, dtype=torch.int32)
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    expand = lambda t: t[None].expand(batch, *t.shape).contiguous()  # noqa: E731
+    return {"mask_block_cnt": expand(torch.zeros_like(counts)), "mask_block_idx": expand(torch.zeros_like(order)),
+            "full_block_cnt": expand(counts), "full_block_idx": expand(order)}
+
+
+def import_fa4():
+    """(flash_attn_func, BlockSparseTensorsTorch) of FlashAttention-4's CuTe package, or the reason it is missing."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except Exception as exc:  # noqa: BLE001  (not installed, or its CUDA DSL does not load)
+        return None, f"{type(exc).__name__}: {str(exc)[:300]}"
+    return (flash_attn_func, BlockSparseTensorsTorch), None
+
+
+def import_sage():
+    """SageAttention's ``sageattn``, or the reason it is missing."""
+    try:
+        from sageattention import sageattn
+    except Exception as exc:  # noqa: BLE001
+        return None, f"{type(exc).__name__}: {str(exc)[:300]}"
+    return sageattn, None
+
+
 def correctness_checks() -> list[dict]:
     """Gluon kernel vs the reference on small inputs (the tests' tolerances: bf16 rel-L2 1e-2)."""
     from paro_compile.kernels import attention_hopper as AH
@@ -261,6 +296,19 @@ def run_benchmark(args) -> dict:
             torch.cuda.synchronize()
             return None
 
+    fa4, why = (None, "not asked for (--no-fa4)") if args.no_fa4 else import_fa4()
+    results["meta"]["fa4"] = "importable" if fa4 else why
+    sage, why = (None, "not asked for (--no-sage)") if args.no_sage else import_sage()
+    results["meta"]["sageattention"] = "importable" if sage else why
+    print(f"peers: FlashAttention-4 {results['meta']['fa4']}; SageAttention {results['meta']['sageattention']}",
+          flush=True)
+
+    def fa4_call(qt, kt, vt, lists=None, block=None):
+        func, sparse_type = fa4
+        tensors = None if lists is None else sparse_type(**lists, block_size=(block, block))
+        r = func(qt, kt, vt, block_sparse_tensors=tensors)
+        return (r[0] if isinstance(r, tuple) else r).transpose(1, 2)
+
     flex = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -279,6 +327,18 @@ def run_benchmark(args) -> dict:
         if pro_ms is not None:
             record(name, shape, 1.0, "prologue", pro_ms)
         pro = paro_prologue(q, k, v)
+        qt, kt, vt = ((x.transpose(1, 2).contiguous() for x in (q, k, v)) if fa4 else (None, None, None))
+        if sage is not None:
+            attempt(f"{name} sage", lambda: record(name, shape, 1.0, "sage", _bench(
+                lambda: sage(q, k, v, tensor_layout="HND", is_causal=False), args.rep)))
+        if fa4 is not None:
+            def fa4_dense_run():
+                o = fa4_call(qt, kt, vt)
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                record(name, shape, 1.0, "fa4", _bench(lambda: fa4_call(qt, kt, vt), args.rep),
+                       rel_l2_vs_cudnn=round(_rel_l2(o, ref), 6))
+            attempt(f"{name} fa4", fa4_dense_run)
         for density in args.densities:
             if density >= 1.0:
                 mask, bm = None, None
@@ -301,6 +361,16 @@ def run_benchmark(args) -> dict:
                     record(name, shape, density, "triton_kernel", ms - pro_ms, derived="triton - prologue")
                 return ref
             triton_out = attempt(f"{name} {density} triton", triton_run)
+
+            def triton_lazy_run():
+                lazy = dict(kw, variant={"lazy_rescale": True})
+                o = paro_attention_triton(q, k, v, **lazy)
+                extra = {"kept": round(kept, 4)}
+                if triton_out is not None:
+                    extra["max_abs_diff_vs_triton"] = float((o.float() - triton_out.float()).abs().max())
+                record(name, shape, density, "triton_lazy", _bench(lambda: paro_attention_triton(q, k, v, **lazy),
+                                                                   args.rep), **extra)
+            attempt(f"{name} {density} triton lazy_rescale", triton_lazy_run)
 
             for cfg in CONFIGS:
                 label = "gluon" + "".join(f" {k}={v}" for k, v in cfg.items())
@@ -349,8 +419,34 @@ def run_benchmark(args) -> dict:
                     if best is not None:
                         record(name, shape, density, "flex", best[0], kept=round(kept, 4), setting=best[1])
                 attempt(f"{name} {density} flex", flex_run)
+            nb128 = num_blocks(n, 128)
+            mask128 = None if mask is None else tuning.random_block_mask(h, nb128, nb128, density, generator=gen)
+            if flex is not None and mask128 is not None:
+                def flex128_run():
+                    bm128 = _flex_block_mask(mask128.cuda(), n, 128)
+                    fn = lambda: flex(q, k, v, block_mask=bm128)  # noqa: E731
+                    fn()
+                    record(name, shape, density, "flex_128", _bench(fn, args.rep),
+                           kept=round(float(mask128.float().mean()), 4), setting="128-token blocks, own mask")
+                attempt(f"{name} {density} flex 128", flex128_run)
+            if fa4 is not None and mask is not None:
+                for method, m, block in (("fa4", mask, 64), ("fa4_128", mask128, 128)):
+                    def fa4_sparse_run(m=m, block=block, method=method):
+                        lists = {key: t.cuda() for key, t in block_sparse_lists(m, b).items()}
+                        o = fa4_call(qt, kt, vt, lists, block)
+                        extra = {"kept": round(float(m.float().mean()), 4), "block": block}
+                        if block == 64 and flex is not None:
+                            try:  # the same kept blocks in bf16: the two should agree to bf16 rounding
+                                ref = flex(q, k, v, block_mask=_flex_block_mask(mask.cuda(), n, 64),
+                                           kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
+                                extra["rel_l2_vs_flex"] = round(_rel_l2(o, ref), 6)
+                            except Exception as exc:  # noqa: BLE001
+                                extra["rel_l2_vs_flex"] = f"flex failed: {type(exc).__name__}"
+                        record(name, shape, density, method, _bench(lambda: fa4_call(qt, kt, vt, lists, block),
+                                                                    args.rep), **extra)
+                    attempt(f"{name} {density} {method}", fa4_sparse_run)
             torch.cuda.empty_cache()
-        del q, k, v, pro
+        q = k = v = pro = qt = kt = vt = None  # free the shape's tensors before the next one
         torch.cuda.empty_cache()
     results["meta"]["permuted_k_refused"] = AH.permuted_k_refused()
     results["summary"] = _summary(results["timings"])
@@ -376,11 +472,21 @@ def _summary(timings: list[dict]) -> list[dict]:
             kernels = {m: t for m, t in get.items() if m.startswith("gluon_kernel")}
             best_name, best = min(kernels.items(), key=lambda kv: kv[1]["ms"]) if kernels else (None, None)
             row = {"shape": shape, "density": density, "best_gluon_config": best_name}
+            dense_peer = {m: next((t for t in timings if t["shape"] == shape and t["method"] == m
+                                   and t["density"] == 1.0), None) for m in ("sage", "fa4")}
             for key, t in (("gluon_ms", get.get("gluon")), ("gluon_kernel_ms", get.get("gluon_kernel")),
                            ("best_gluon_kernel_ms", best), ("triton_ms", get.get("triton")),
-                           ("triton_kernel_ms", get.get("triton_kernel")), ("flex_ms", get.get("flex")),
-                           ("cudnn_dense_ms", cudnn)):
+                           ("triton_kernel_ms", get.get("triton_kernel")), ("triton_lazy_ms", get.get("triton_lazy")),
+                           ("flex_ms", get.get("flex")), ("flex_128_ms", get.get("flex_128")),
+                           ("fa4_ms", get.get("fa4")), ("fa4_128_ms", get.get("fa4_128")),
+                           ("cudnn_dense_ms", cudnn), ("sage_dense_ms", dense_peer["sage"]),
+                           ("fa4_dense_ms", dense_peer["fa4"])):
                 row[key] = t["ms"] if t else None
+            ours = [row[k] for k in ("triton_ms", "triton_lazy_ms", "gluon_ms") if row.get(k)]
+            peers = [row[k] for k in ("flex_ms", "flex_128_ms", "fa4_ms", "fa4_128_ms") if row.get(k)]
+            if density >= 1.0:
+                peers += [row[k] for k in ("cudnn_dense_ms", "sage_dense_ms", "fa4_dense_ms") if row.get(k)]
+            row["best_ours/best_peer"] = round(min(ours) / min(peers), 3) if ours and peers else None
             if get.get("gluon_kernel"):
                 row["gluon_kernel_tflops"] = get["gluon_kernel"]["dense_equiv_tflops"]
 
@@ -391,6 +497,7 @@ def _summary(timings: list[dict]) -> list[dict]:
             row["gluon/flex"] = ratio("gluon_ms", "flex_ms")
             row["gluon_kernel/triton_kernel"] = ratio("gluon_kernel_ms", "triton_kernel_ms")
             row["gluon/triton"] = ratio("gluon_ms", "triton_ms")
+            row["triton_lazy/triton"] = ratio("triton_lazy_ms", "triton_ms")
             rows.append(row)
     return rows
 
@@ -404,6 +511,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rep", type=int, default=60, help="do_bench rep (ms)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; variants past it are skipped")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even where it imports")
+    ap.add_argument("--no-sage", action="store_true", help="leave SageAttention out even where it imports")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -427,9 +536,10 @@ def main(argv=None) -> int:
     path = out_dir / "hopper_kernel.json"
     path.write_text(json.dumps(results, indent=1))
     print("\nsummary (ms; ratios < 1 mean the Gluon kernel is faster)")
-    cols = ["shape", "density", "gluon_ms", "gluon_kernel_ms", "best_gluon_kernel_ms", "best_gluon_config", "triton_ms",
-            "triton_kernel_ms", "cudnn_dense_ms", "flex_ms", "gluon_kernel_tflops", "gluon/cudnn", "gluon_kernel/cudnn",
-            "gluon/flex", "gluon_kernel/triton_kernel"]
+    cols = ["shape", "density", "gluon_ms", "best_gluon_kernel_ms", "best_gluon_config", "triton_ms",
+            "triton_lazy_ms", "triton_kernel_ms", "cudnn_dense_ms", "sage_dense_ms", "fa4_dense_ms", "flex_ms",
+            "flex_128_ms", "fa4_ms", "fa4_128_ms", "gluon_kernel_tflops", "gluon_kernel/triton_kernel",
+            "triton_lazy/triton", "best_ours/best_peer"]
     print(" | ".join(cols))
     for row in results["summary"]:
         print(" | ".join(str(row.get(c)) for c in cols))

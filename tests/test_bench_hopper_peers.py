@@ -1,0 +1,50 @@
+"""The Hopper-kernel benchmark's peer plumbing on the CPU: FlashAttention-4's block-sparse lists and the summary."""
+from __future__ import annotations
+
+import torch
+
+from bench_helpers import load_benchmark
+
+hk = load_benchmark("hopper_kernel")
+
+
+def test_block_sparse_lists_hold_exactly_the_kept_blocks():
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(3, 5, 7, generator=gen) < 0.4
+    mask[1, 2] = False  # a query block that keeps nothing
+    mask[2, 4] = True  # one that keeps everything
+    lists = hk.block_sparse_lists(mask, batch=2)
+    assert lists["full_block_cnt"].shape == (2, 3, 5) and lists["full_block_idx"].shape == (2, 3, 5, 7)
+    assert all(t.dtype == torch.int32 and t.is_contiguous() for t in lists.values())
+    assert int(lists["mask_block_cnt"].abs().sum()) == 0  # nothing goes through a mask_mod
+    for b in range(2):
+        for h in range(3):
+            for m in range(5):
+                count = int(lists["full_block_cnt"][b, h, m])
+                kept = lists["full_block_idx"][b, h, m, :count].tolist()
+                assert kept == torch.nonzero(mask[h, m]).flatten().tolist()  # ascending, no repeats, no others
+
+
+def test_summary_compares_ours_with_the_fastest_peer():
+    rows = [
+        {"shape": "s", "density": 1.0, "method": "cudnn", "ms": 10.0},
+        {"shape": "s", "density": 1.0, "method": "sage", "ms": 9.0},
+        {"shape": "s", "density": 1.0, "method": "fa4", "ms": 8.0},
+        {"shape": "s", "density": 1.0, "method": "triton", "ms": 12.0},
+        {"shape": "s", "density": 1.0, "method": "triton_lazy", "ms": 11.0},
+        {"shape": "s", "density": 0.2, "method": "triton", "ms": 3.0},
+        {"shape": "s", "density": 0.2, "method": "flex", "ms": 6.0},
+        {"shape": "s", "density": 0.2, "method": "fa4_128", "ms": 4.0},
+    ]
+    summary = {row["density"]: row for row in hk._summary(rows)}
+    assert summary[1.0]["best_ours/best_peer"] == round(11.0 / 8.0, 3)
+    assert summary[1.0]["triton_lazy/triton"] == round(11.0 / 12.0, 3)
+    # Sparse rows are judged against the sparse peers only (a dense peer does more work).
+    assert summary[0.2]["best_ours/best_peer"] == round(3.0 / 4.0, 3)
+    assert summary[0.2]["sage_dense_ms"] == 9.0 and summary[0.2]["fa4_ms"] is None
+
+
+def test_missing_peers_say_why():
+    fa4, why = hk.import_fa4()
+    if fa4 is None:
+        assert why and ":" in why
