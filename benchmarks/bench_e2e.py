@@ -16,7 +16,8 @@ Models (diffusers classes, random weights, bf16, inference; --layers reduces the
   RoPE axes (16, 56, 56); 720p, 129 frames → latent 33×90×160 → 33·45·80 = 118,800 video tokens + 256 text = 119,056.
 Variants (--variants, comma list; default all):
   eager | compile (Inductor, default SDPA) | compile-flash | compile-cudnn | compile-efficient (sdpa_kernel around
-  compile and every run) | paro-<density> (backend="paro" with a synthetic plan: per site and head the diagonal, text
+  compile and every run) | compile-fa4 (SDPA's flash backend routed to FlashAttention-4 through torch's
+  activate_flash_attention_impl("FA4"), where flash-attn-4 is installed; process-wide, so these variants run last) | paro-<density> (backend="paro" with a synthetic plan: per site and head the diagonal, text
   blocks, --local-blocks neighbours of the diagonal and random blocks up to the density, the PARO order drawn per head
   among the candidates; INT8/FP8), each optionally followed by +comp (paro: compensate_skipped), +fp8 (FP8 linears:
   paro_compile.fp8.quantize_linears) or +fp8cd (the same with torchao's Inductor settings, coordinate-descent tuning
@@ -63,9 +64,9 @@ from paro_compile.plan import Plan, SitePlan  # noqa: E402
 
 MODELS = ("cog", "flux", "wan", "hunyuan")
 MODEL_GROUPS = {"both": ("cog", "flux"), "video": ("wan", "hunyuan")}
-SDPA_VARIANTS = ("compile", "compile-flash", "compile-cudnn", "compile-efficient")
+SDPA_VARIANTS = ("compile", "compile-flash", "compile-cudnn", "compile-efficient", "compile-fa4")
 DEFAULT_DENSITIES = (0.5, 0.3, 0.2)
-VARIANT_NAME = re.compile(r"^(?P<base>eager|compile|compile-flash|compile-cudnn|compile-efficient"
+VARIANT_NAME = re.compile(r"^(?P<base>eager|compile|compile-flash|compile-cudnn|compile-efficient|compile-fa4"
                           r"|paro-(?P<density>\d+\.?\d*|\.\d+)(?P<comp>\+comp)?)(?P<fp8>\+fp8(?:cd)?)?(?P<cg>\+cg)?$")
 # Depth of the full models: blocks, or (dual/double, single) blocks.
 FULL_DEPTH = {"cog": (42,), "flux": (19, 38), "wan": (40,), "hunyuan": (20, 40)}
@@ -608,7 +609,19 @@ def sdpa_context(base: str):
                 "compile-efficient": SDPBackend.EFFICIENT_ATTENTION}
     if base in backends:
         return lambda: sdpa_kernel([backends[base]])
+    if base == "compile-fa4":
+        activate_fa4()
+        return lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     return nullcontext
+
+
+def activate_fa4() -> None:
+    """Route SDPA's flash backend to FlashAttention-4 (``flash_attn.cute``). Torch keeps it for the rest of the process
+    (there is no deactivation), so `order_runs` puts the variants that need it last."""
+    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+
+    if current_flash_attention_impl() != "FA4":
+        activate_flash_attention_impl("FA4")
 
 
 class torchao_inductor_settings:
@@ -729,8 +742,11 @@ def apply_fp8(model, name: str) -> dict[str, Any]:
 def order_runs(variants: list[str], batches: list[int]) -> list[tuple[str, int]]:
     """(variant, batch) in run order: variants without FP8 first (the model is quantized in place once, between the
     two groups), each variant at every batch size before the next variant."""
-    plain = [v for v in variants if Variant.parse(v).fp8 is None]
-    quantized = [v for v in variants if Variant.parse(v).fp8 is not None]
+    def fa4_last(variant: str) -> bool:  # FlashAttention-4 stays SDPA's flash backend once a variant turns it on
+        return Variant.parse(variant).base == "compile-fa4"
+
+    plain = sorted((v for v in variants if Variant.parse(v).fp8 is None), key=fa4_last)
+    quantized = sorted((v for v in variants if Variant.parse(v).fp8 is not None), key=fa4_last)
     return [(v, b) for v in plain + quantized for b in batches]
 
 

@@ -4,7 +4,9 @@
     python benchmarks/run.py attention e2e-flux --out $OUT [--commit SHA]
 
 Set-up, once per call: wheels carried in ``.whl/`` whose distributions are not installed go into ``--site`` (pip
-``--target``, offline), which goes on ``PYTHONPATH`` with the repository root; where no installed distribution declares
+``--target``, offline), which goes on ``PYTHONPATH`` with the repository root and the folders its ``.pth`` files add
+(pip ``--target`` does not run them; e.g. the CUDA DSL under FlashAttention-4 puts its packages on the path through
+one); where no installed distribution declares
 the ``paro`` torch.compile backend, a metadata-only ``paro_compile`` distribution declaring it (from pyproject.toml) is
 written there too, so ``backend="paro"`` works without installing the checkout; Python output is unbuffered.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import shlex
 import shutil
@@ -93,6 +96,21 @@ def missing_wheels(wheel_dir: Path) -> list[Path]:
     return wanted
 
 
+def pth_paths(site: Path) -> list[str]:
+    """The folders ``site``'s ``.pth`` files put on ``sys.path``, as Python's ``site.addsitedir`` runs them (with ``site``
+    importable, as their ``import`` lines may need)."""
+    if not any(site.glob("*.pth")):
+        return []
+    code = ("import json, site, sys; before = set(sys.path); site.addsitedir(sys.argv[1]); "
+            "print(json.dumps([p for p in sys.path if p not in before and p != sys.argv[1]]))")
+    run = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(site)))
+    if run.returncode != 0:
+        print(f"[run] the .pth files of {site} failed: {run.stderr.strip()[-300:]}", flush=True)
+        return []
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def backend_declared() -> bool:
     return any(ep.name == "paro" for ep in importlib.metadata.entry_points(group="torch_dynamo_backends"))
 
@@ -128,7 +146,8 @@ def set_up(site: Path, commit: str | None) -> dict:
         print(f"[run] wheels {', '.join(w.name for w in wheels)}: {status}", flush=True)
     if not backend_declared():
         print(f"[run] backend entry point: {write_backend_entry_point(site)}", flush=True)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *pth_paths(site), str(REPO),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
     if commit:
         env["PARO_GIT_COMMIT"] = commit
     return env

@@ -166,6 +166,10 @@ def test_variant_names_with_fp8_and_run_order():
         module.parse_args(["--out", "x", "--variants", "paro-0.2+fp8+comp"])
     assert module.order_runs(["paro-0.2+fp8", "compile", "paro-0.2"], [1, 2]) == [
         ("compile", 1), ("compile", 2), ("paro-0.2", 1), ("paro-0.2", 2), ("paro-0.2+fp8", 1), ("paro-0.2+fp8", 2)]
+    # FlashAttention-4 stays SDPA's flash backend once on: its variants run last in their group.
+    assert module.Variant.parse("compile-fa4+fp8").sdpa_only
+    assert module.order_runs(["compile-fa4", "compile-flash", "paro-0.2", "compile-fa4+fp8", "paro-0.2+fp8"], [1]) == [
+        ("compile-flash", 1), ("paro-0.2", 1), ("compile-fa4", 1), ("paro-0.2+fp8", 1), ("compile-fa4+fp8", 1)]
 
 
 def test_depth_parsing_and_full_depth_extrapolation():

@@ -157,6 +157,19 @@ def test_only_wheels_of_missing_distributions_are_installed(tmp_path):
     assert [w.name for w in run.missing_wheels(tmp_path)] == ["no_such_distribution_paro-1.0-py3-none-any.whl"]
 
 
+def test_pth_files_of_the_target_folder_reach_the_path(tmp_path):
+    """pip --target installs .pth files without running them; the runner runs them as Python's site would: a plain
+    folder line, and an import line that needs a package of the same folder (the CUDA DSL under FlashAttention-4)."""
+    run = load_benchmark("run")
+    assert run.pth_paths(tmp_path) == []
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "dsl_pkg" / "inner").mkdir(parents=True)
+    (tmp_path / "dsl_pkg" / "__init__.py").write_text("")
+    (tmp_path / "a.pth").write_text("plain\n")
+    (tmp_path / "b.pth").write_text("import sys, os, dsl_pkg; sys.path.insert(0, os.path.join(dsl_pkg.__path__[0], 'inner'))\n")
+    assert sorted(run.pth_paths(tmp_path)) == sorted([str(tmp_path / "plain"), str(tmp_path / "dsl_pkg" / "inner")])
+
+
 def test_runner_archives_a_spec_and_records_its_exit(tmp_path, monkeypatch):
     run = load_benchmark("run")
     specs = load_benchmark("specs")

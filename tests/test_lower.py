@@ -334,6 +334,51 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
         torch.testing.assert_close(bitmap, csr, rtol=0, atol=0)
 
 
+class _LaunchRecorder:
+    """Stands in for the attention kernel (`_attn_fwd`, `_attn_fwd_tuned`): records a copy of every argument of each
+    launch (the arguments' buffers may be reused by the compiled graph afterwards), then launches."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append([a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+@torch.no_grad()
+def test_bitmap_and_csr_encodings_launch_the_kernel_with_the_same_walk(device, monkeypatch):
+    """bf16, the default INT8 / FP8 numerics, 16-token blocks walked in shared tiles, two step buckets: at every site
+    and bucket the attention kernel gets the same arguments from a bitmap-encoded plan (decoded per call) as from the
+    CSR encoding: the same walk (counts, indices, slot bits), the same quantized inputs, the same scalars."""
+    from paro_compile.kernels import attention
+
+    launches = {}
+    torch.manual_seed(0)
+    model = ToyVideoDiT().eval().to(device, torch.bfloat16)
+    plan = random_plan(buckets=2)
+    for encoding in ("csr", "bitmap"):
+        torch._dynamo.reset()
+        launches[encoding] = []
+        for name in ("_attn_fwd", "_attn_fwd_tuned"):
+            monkeypatch.setattr(attention, name, _LaunchRecorder(getattr(attention, name), launches[encoding]))
+        compiled = torch.compile(model, backend="paro", options={"plan": plan, "fold_permutations": False,
+                                                                 "impl": "triton", "mask_encoding": encoding})
+        for call, timestep in enumerate((900.0, 300.0)):
+            inputs = toy_inputs(device=device, dtype=torch.bfloat16, seed=call)
+            inputs["timestep"] = torch.full((1,), timestep, device=device)
+            compiled(**inputs)
+        monkeypatch.undo()
+    names = attention._attn_fwd.arg_names
+    assert len(launches["csr"]) == len(launches["bitmap"]) == 2 * len(SITES), {k: len(v) for k, v in launches.items()}
+    for index, (csr, bitmap) in enumerate(zip(launches["csr"], launches["bitmap"])):
+        differ = [name for name, a, b in zip(names, csr, bitmap) if name != "OUT" and (
+            (a.dtype, a.shape, a.tolist()) != (b.dtype, b.shape, b.tolist()) if isinstance(a, torch.Tensor) else a != b)]
+        assert not differ, f"launch {index} (site {index % len(SITES)}, bucket {index // len(SITES)}): {differ} differ"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 @torch.no_grad()

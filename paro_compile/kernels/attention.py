@@ -820,8 +820,8 @@ def _ensure_tma_allocator() -> None:
 # load); tma_kv = K (INT8 QKᵀ only) and Vᵀ tiles through TMA descriptors instead of pointer tensors; fma_exp_arg =
 # the exp2 argument of the fused softmax in one FFMA (row max folded into the addend; INT8 QKᵀ on the GPU only: the
 # interpreter keeps the exact two-step form); group_query_blocks = query blocks under 64 rows share 64-row tiles;
-# lazy_rescale = skip the accumulator's rescale in KV blocks where no row's max rose (the same bits; not measured on a
-# GPU yet, so off).
+# lazy_rescale = skip the accumulator's rescale in KV blocks where no row's max rose (the same bits, but 1.1-1.3x the
+# time on the H200: the tile-wide test costs more than the multiply it skips; benchmarks/RESULTS.md, so off).
 KERNEL_VARIANT_DEFAULTS = {"fused_softmax": True, "p_round_int": False, "warp_specialize": False,
                            "prefetch_qk": None, "tma_kv": False, "fma_exp_arg": True,
                            "group_query_blocks": True, "lazy_rescale": False}
