@@ -334,6 +334,10 @@ def test_bitmap_encoded_plan_matches_the_csr_encoding():
         torch.testing.assert_close(bitmap, csr, rtol=0, atol=0)
 
 
+_ACTIVATION_ARGS = {"QQ", "QS", "Q_BAD", "KQ", "KS", "VT", "VS", "OUT", "KBAR", "VBAR", "KBIAS", "KBIAS_FLAGS"}
+"""Arguments of `_attn_fwd` computed from the activations (the prologue's outputs and the result)."""
+
+
 class _LaunchRecorder:
     """Stands in for the attention kernel (`_attn_fwd`, `_attn_fwd_tuned`): records a copy of every argument of each
     launch (the arguments' buffers may be reused by the compiled graph afterwards), then launches."""
@@ -351,8 +355,10 @@ class _LaunchRecorder:
 @torch.no_grad()
 def test_bitmap_and_csr_encodings_launch_the_kernel_with_the_same_walk(device, monkeypatch):
     """bf16, the default INT8 / FP8 numerics, 16-token blocks walked in shared tiles, two step buckets: at every site
-    and bucket the attention kernel gets the same arguments from a bitmap-encoded plan (decoded per call) as from the
-    CSR encoding: the same walk (counts, indices, slot bits), the same quantized inputs, the same scalars."""
+    and bucket the attention kernel gets the same walk from a bitmap-encoded plan (decoded per call) as from the CSR
+    encoding (counts, indices, slot bits, kept bits), the same permutation and the same scalars. The quantized
+    activations are left out: the two encodings compile to two graphs, and Inductor may round the ops before
+    attention differently in each."""
     from paro_compile.kernels import attention
 
     launches = {}
@@ -374,7 +380,7 @@ def test_bitmap_and_csr_encodings_launch_the_kernel_with_the_same_walk(device, m
     names = attention._attn_fwd.arg_names
     assert len(launches["csr"]) == len(launches["bitmap"]) == 2 * len(SITES), {k: len(v) for k, v in launches.items()}
     for index, (csr, bitmap) in enumerate(zip(launches["csr"], launches["bitmap"])):
-        differ = [name for name, a, b in zip(names, csr, bitmap) if name != "OUT" and (
+        differ = [name for name, a, b in zip(names, csr, bitmap) if name not in _ACTIVATION_ARGS and (
             (a.dtype, a.shape, a.tolist()) != (b.dtype, b.shape, b.tolist()) if isinstance(a, torch.Tensor) else a != b)]
         assert not differ, f"launch {index} (site {index % len(SITES)}, bucket {index // len(SITES)}): {differ} differ"
 
@@ -384,9 +390,12 @@ def test_bitmap_and_csr_encodings_launch_the_kernel_with_the_same_walk(device, m
 @torch.no_grad()
 def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
     """mode="reduce-overhead": the per-call decode of bitmap masks is recorded in the CUDA graph (no host read, torch
-    allocations: no cudagraph skip), and replays at both step buckets give the CSR encoding's graphs' output bit for
-    bit. Against a compile without CUDA graphs the output agrees to the tolerance `test_cuda_graphs_through_the_backend`
-    allows (Inductor's graph-mode code need not round the model's other ops identically)."""
+    allocations: no cudagraph skip), and replays at both step buckets give the output of the same model compiled
+    without CUDA graphs bit for bit. The CSR encoding's graphs agree to the tolerance
+    `test_cuda_graphs_through_the_backend` allows: each encoding is its own Inductor graph, whose other kernels need
+    not round identically (on the H200 the two differed by one bf16 step at one of the two timesteps, in graph and
+    plain mode alike); that both launch the kernel with the same walk is
+    `test_bitmap_and_csr_encodings_launch_the_kernel_with_the_same_walk`."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -399,14 +408,14 @@ def test_cuda_graphs_replay_bitmap_masks_as_the_csr_encoding():
     graphs = {encoding: torch.compile(copy.deepcopy(model), backend="paro",
                                       options={**options, "mode": "reduce-overhead", "mask_encoding": encoding})
               for encoding in ("bitmap", "csr")}
-    plain = torch.compile(copy.deepcopy(model), backend="paro", options={**options, "mask_encoding": "csr"})
+    plain = torch.compile(copy.deepcopy(model), backend="paro", options={**options, "mask_encoding": "bitmap"})
     for call in range(4):  # warm-up, record, replays
         inputs = toy_inputs(device="cuda", dtype=torch.bfloat16, seed=call)
         inputs["timestep"] = torch.full((1,), (900.0, 300.0)[call % 2], device="cuda")
         bitmap = graphs["bitmap"](**inputs).clone()
-        torch.testing.assert_close(bitmap, graphs["csr"](**inputs).clone(), rtol=0, atol=0)
-        reference = plain(**inputs).float()
-        assert float((bitmap.float() - reference).norm() / reference.norm()) < 1e-2, f"call {call}: replay differs"
+        torch.testing.assert_close(bitmap, plain(**inputs), rtol=0, atol=0, msg=lambda m: f"call {call}: {m}")
+        csr = graphs["csr"](**inputs).float()
+        assert float((bitmap.float() - csr).norm() / csr.norm()) < 1e-2, f"call {call}: the CSR encoding differs"
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
 
 
