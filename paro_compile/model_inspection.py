@@ -71,8 +71,8 @@ class AttentionWatch:
             if any(name.startswith(COMPILED_GRAPH_EVENTS) for name in ancestors):
                 continue
             self.eager_calls += 1
-            # Python frames are the op's profiler ancestors in recent torch; some versions give them only as the
-            # event's stack (the test of this on torch 2.11 GPUs found no frame among the ancestors).
+            # Python frames are the op's profiler ancestors in recent torch; torch 2.11 keeps them out of the events
+            # and gives them only as the event's stack (innermost first), and only when the profiler is verbose.
             self.call_sites[_call_site(ancestors + list(getattr(event, "stack", None) or ()))] += 1
 
     def summary(self) -> str:
@@ -107,10 +107,12 @@ def watch_attention() -> Iterator[AttentionWatch]:
     not inside a compiled graph's scope; nothing is installed outside the block, so compiled graphs are never
     slowed. Watch a warm call: compiling under the profiler is slow, and ops traced during compilation are not
     counted. An SDPA that Inductor keeps inside a compiled graph is not counted: the report lists those sites."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
 
     watch = AttentionWatch()
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as profiler:
+    # verbose: torch 2.11 fills an op's Python stack only then (and has no Python-frame events to look up instead)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True,
+                 experimental_config=_ExperimentalConfig(verbose=True)) as profiler:
         yield watch
     watch.count(profiler.events())
 
