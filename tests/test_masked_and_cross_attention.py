@@ -265,8 +265,12 @@ def test_padding_of_queries_and_keys_lowers_and_matches_sdpa(form):
 @pytest.mark.parametrize("form", ["mutated", "mutated-view", "not-and", "in-place-and", "float-product", "outer-or",
                                   "causal-and"])
 def test_masks_that_are_not_provably_padding_stay_on_sdpa(form):
+    """The reason names the in-place write where the mask is built as padding and then changed (HunyuanVideo's and
+    HunyuanImage's token refiners), so the user need not read the model's code to learn why."""
     out, ref, site = _compiled_padded(form)
     assert not site.lowered and any("not provably padding" in r for r in site.reasons), site
+    written = any("an in-place op" in r for r in site.reasons)
+    assert written == form.startswith("mutated"), (form, site.reasons)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 

@@ -272,6 +272,22 @@ def tiny_cosmos(size: tuple[int, int, int] = (2, 8, 8)):
                        attention_mask=text_mask().bool(), fps=24, return_dict=False)
 
 
+def tiny_hunyuanimage():
+    """HunyuanImage 2.1: a token refiner over the text whose ``m_i ∧ m_j`` mask is then written in place
+    (``mask[:, :, :, 0] = True``), joint and single-stream blocks with the text padding as a key mask."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32, rope_axes_dim=(32, 32),
+    ).eval()
+    gen = _generator()
+    return model, dict(hidden_states=torch.randn(1, 4, 4, 4, generator=gen), timestep=torch.tensor([500.0]),
+                       encoder_hidden_states=torch.randn(1, TEXT, 32, generator=gen),
+                       encoder_attention_mask=text_mask(), return_dict=False)
+
+
 # ---- what each model must show --------------------------------------------------------------------------------
 QUERY_ROW_MASK = "varies over query rows"
 DIFFUSERS_BREAKS = ("Data-dependent branching", "Dynamic shape operator", "graph break in loop")
@@ -316,6 +332,7 @@ CASES: dict[str, Case] = {
     "auraflow": Case(tiny_auraflow),
     "sana": Case(tiny_sana, cross_attention=r"\.attn2#", fast=True),
     "cosmos": Case(tiny_cosmos, cross_attention=r"\.attn2#"),
+    "hunyuanimage": Case(tiny_hunyuanimage, kept_on_sdpa={r"token_refiner": "an in-place op"}),
 }
 
 

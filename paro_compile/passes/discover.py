@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from paro_compile.config import MAX_HEAD_DIM, ParoConfig
-from paro_compile.passes.mask_analysis import PaddingForm, padding_form
+from paro_compile.passes.mask_analysis import PaddingForm, padding_analysis
 from paro_compile.passes.fx_utils import fake_value, known_equal
 from paro_compile.passes.layout import keys_from_other_tokens
 
@@ -298,8 +298,8 @@ def check_support(site: AttentionSite, args: dict[str, Any], config: ParoConfig)
 
 def mask_padding(mask: Any, q: Optional[torch.Tensor],
                  k: Optional[torch.Tensor]) -> tuple[Optional[PaddingForm], Optional[str]]:
-    """(``mask`` read as padding, None) when it is provably padding (`mask_analysis.padding_form`: masking keys only,
-    boolean or additive, or boolean padding of queries and keys together) and broadcasts as [B|1, H|1, Nq|1, Nk];
+    """(``mask`` read as padding, None) when it is provably padding (`mask_analysis.padding_analysis`: masking keys
+    only, boolean or additive, or boolean padding of queries and keys together) and broadcasts as [B|1, H|1, Nq|1, Nk];
     (None, None) without a mask; else (None, why the site stays on SDPA)."""
     if mask is None:
         return None, None
@@ -318,10 +318,12 @@ def mask_padding(mask: Any, q: Optional[torch.Tensor],
     rows_ok = known_equal(shape[2], 1) or known_equal(shape[2], q.shape[2])
     if not (batch_ok and heads_ok and rows_ok and known_equal(shape[3], k.shape[2])):
         return None, f"attn_mask of shape {tuple(value.shape)} does not broadcast as [B|1, H|1, Nq|1, Nk]"
-    form = padding_form(mask)
+    form, written = padding_analysis(mask)
     if form is None:
-        return None, (f"attn_mask of shape {tuple(value.shape)} varies over query rows and is not provably padding (a "
-                      "key-padding mask, or a boolean AND of a key mask and a query-row mask); only those lower")
+        why = (": it is built as padding, but an in-place op (e.g. `mask[..., 0] = True`) writes it afterwards"
+               if written else " (a key-padding mask, or a boolean AND of a key mask and a query-row mask); only those "
+               "lower")
+        return None, f"attn_mask of shape {tuple(value.shape)} varies over query rows and is not provably padding{why}"
     return form, None
 
 

@@ -236,18 +236,26 @@ def _core_and_chain(mask: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
 
 def padding_form(mask: Any) -> Optional[PaddingForm]:
     """``mask`` as key padding, or as boolean padding of queries and keys together; None where not provable."""
+    return padding_analysis(mask)[0]
+
+
+def padding_analysis(mask: Any) -> tuple[Optional[PaddingForm], bool]:
+    """(`padding_form` of ``mask``, whether the ops read had the form of padding but an in-place op may write one of
+    their tensors afterwards). The flag lets a refusal say why: such a mask looks like padding in the graph (e.g.
+    HunyuanVideo's and HunyuanImage's token refiners build ``m_i ∧ m_j``, then set ``mask[:, :, :, 0] = True``), so
+    "not padding" alone would leave the user reading the model's code for the reason."""
     if not isinstance(mask, fx.Node):
-        return None
+        return None, False
     value = fake_value(mask)
     if value is None:
-        return None
+        return None, False
     if value.dim() < 2 or known_equal(value.shape[-2], 1):
-        return PaddingForm(keys=(mask,))  # one row for every query: its values do not matter to the form
+        return PaddingForm(keys=(mask,)), False  # one row for every query: its values do not matter to the form
     read: set = set()
     if QUERY_AXIS in constant_axes(mask, read=read):
-        return None if any(mutated(node) for node in read) else PaddingForm(keys=(mask,))
+        return _unless_written(PaddingForm(keys=(mask,)), read)
     if value.dtype != torch.bool:
-        return None  # additive masks: only a key-padding bias is a bias the op can take
+        return None, False  # additive masks: only a key-padding bias is a bias the op can take
     core, chain = _core_and_chain(mask)
     read |= {mask, core, *chain}
     keys, queries = [], []
@@ -255,18 +263,21 @@ def padding_form(mask: Any) -> Optional[PaddingForm]:
         axes = constant_axes(operand, read=read)
         operand_value = fake_value(operand)
         if operand_value is None or operand_value.dtype != torch.bool:
-            return None
+            return None, False
         if QUERY_AXIS in axes:
             keys.append(operand)
         elif KEY_AXIS in axes:
             queries.append(operand)
         else:
-            return None
-    if any(mutated(node) for node in read):
-        return None
+            return None, False
     if not keys or not queries:
-        return None
-    return PaddingForm(keys=tuple(keys), queries=tuple(queries), core=core, chain=chain)
+        return None, False
+    return _unless_written(PaddingForm(keys=tuple(keys), queries=tuple(queries), core=core, chain=chain), read)
+
+
+def _unless_written(form: PaddingForm, read: set) -> tuple[Optional[PaddingForm], bool]:
+    """(``form``, False), or (None, True) when an in-place op may write a tensor the proof read."""
+    return (None, True) if any(mutated(node) for node in read) else (form, False)
 
 
 def replay(graph: fx.Graph, form: PaddingForm, parts: tuple[fx.Node, ...]) -> fx.Node:

@@ -3,7 +3,8 @@ padding, and which in-place writes void the proof."""
 import torch
 import torch.fx as fx
 
-from paro_compile.passes.mask_analysis import KEY_AXIS, QUERY_AXIS, constant_axes, mutated, padding_form
+from paro_compile.passes.mask_analysis import (KEY_AXIS, QUERY_AXIS, constant_axes, mutated, padding_analysis,
+                                                padding_form)
 
 
 def traced(fn, *inputs) -> dict[str, fx.Node]:
@@ -79,5 +80,14 @@ def test_in_place_writes_through_views_void_the_proof():
     and_node = next(n for n in nodes.values() if n.op == "call_function" and "and" in str(n.target))
     assert mutated(and_node)
     assert padding_form(mask) is None
+    assert padding_analysis(mask) == (None, True)  # padding in form, voided by the write: the refusal can say so
     nodes = traced(untouched, VALID)
     assert not any(mutated(n) for n in nodes.values() if n.op != "output")
+    assert padding_analysis(output_of(nodes))[1] is False
+
+
+def test_refusals_that_are_not_written_in_place_say_so():
+    def causal(valid):
+        return valid[:, None, None, :] & torch.ones(12, 12, dtype=torch.bool).tril()
+
+    assert padding_analysis(output_of(traced(causal, VALID))) == (None, False)
