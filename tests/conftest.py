@@ -21,6 +21,24 @@ try:
 except ImportError:
     pass
 
+
+def cpu_rowwise_scaled_mm() -> bool:
+    """Whether torch._scaled_mm takes row-wise scales on the CPU, as torchao's row-wise Float8Tensor needs there: torch
+    2.13 does; torch 2.11's CPU kernel asserts per-tensor scales (its CUDA kernel, the one FP8 users run, takes both)."""
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+CPU_ROWWISE_FP8 = pytest.mark.skipif(
+    not torch.cuda.is_available() and not cpu_rowwise_scaled_mm(),
+    reason="this torch's CPU torch._scaled_mm takes per-tensor scales only (torch < 2.13); row-wise FP8 linears run "
+           "on the GPU")
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")])]
 
 

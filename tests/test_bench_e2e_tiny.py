@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench_helpers import load_benchmark
+from tests.conftest import CPU_ROWWISE_FP8
 
 pytest.importorskip("diffusers")
 
@@ -133,6 +134,7 @@ def torchao_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
 
 
+@CPU_ROWWISE_FP8
 def test_fp8_variants_run_after_the_plain_ones_on_one_quantized_model(tmp_path, torchao_on_cpu, monkeypatch):
     module = load_benchmark("bench_e2e")
     monkeypatch.setattr(module, "default_dtype", lambda device: torch.bfloat16)  # row-wise FP8 takes bf16 weights

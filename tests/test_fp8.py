@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import paro_compile
 from paro_compile import fp8
-from tests.conftest import rel_l2
+from tests.conftest import CPU_ROWWISE_FP8, rel_l2
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -192,6 +192,7 @@ def graph_signature(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in gm.graph.nodes]
 
 
+@CPU_ROWWISE_FP8
 def test_quantize_linears_quantizes_the_chosen_layers_and_leaves_inductor_config(torchao_on_cpu):
     model, inputs = tiny_wan(layers=1)
     expected, _ = fp8.choose_linears(model)
@@ -219,6 +220,7 @@ def test_inductor_tuning_applies_torchaos_settings(torchao_on_cpu):
         assert result.inductor_tuning and torch._inductor.config.coordinate_descent_tuning
 
 
+@CPU_ROWWISE_FP8
 def test_fp8_linears_leave_the_dynamo_graph_and_the_attention_sites_unchanged(torchao_on_cpu):
     from paro_compile.config import ParoConfig
     from paro_compile.passes.discover import find_attention_sites
@@ -233,6 +235,7 @@ def test_fp8_linears_leave_the_dynamo_graph_and_the_attention_sites_unchanged(to
 
 
 @pytest.mark.slow
+@CPU_ROWWISE_FP8
 def test_paro_compile_of_an_fp8_model_lowers_every_site_with_the_same_report(torchao_on_cpu):
     """backend="paro" (Inductor included) on FP8 linears: no graph break, the same report as the bf16 model's, output
     close to the eager FP8 model. Inductor's vectorized CPU code for a bf16 amax fused with float8 casts does not
@@ -311,6 +314,7 @@ def test_fp8_linears_then_paro_on_the_gpu_match_eager(device):
     assert rel_l2(out, ref_bf16) < TOL_VS_EAGER_BF16
 
 
+@CPU_ROWWISE_FP8
 def test_quality_benchmark_fp8_on_cpu_quantizes_through_torchao():
     """`benchmarks/quality.py --fp8-on-cpu` measures FP8-linear numerics without an FP8 GPU: inside its bypass
     `quantize_linears` hands the linears to torchao, which computes them through torch._scaled_mm on the CPU; outside

@@ -24,6 +24,9 @@ def _site(report, site_id):
 
 
 def ulysses_worker(rank: int, world: int) -> dict:
+    from paro_compile.parallel import make_context_parallel_traceable
+
+    make_context_parallel_traceable()  # torch < 2.13: Dynamo skips funcol's chunk-cat, the graph ends before the gather
     results = {}
     model, inputs = cw.tiny_wan()
     cw.enable_ulysses(model, world)

@@ -109,6 +109,10 @@ def toy_run(batch: int, toy_class: type = cw.ExchangedAttention) -> dict:
 
 
 def fold_worker(rank: int, world: int) -> dict:
+    from paro_compile.parallel import make_context_parallel_traceable
+
+    if world > 1:  # a spawned rank: the Dynamo switches stay in its process (torch < 2.13 skips funcol's chunk-cat)
+        make_context_parallel_traceable()
     results = {name: wan_run(orders, world) for name, orders in WAN_PLANS.items()}
     results["two-blocks"] = wan_run(TWO_BLOCKS, world, layers=2)
     results["cfg-batch"] = wan_run(WAN_PLANS["global-order"], world, batch=2)
