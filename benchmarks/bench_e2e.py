@@ -17,9 +17,10 @@ Models (diffusers classes, random weights, bf16, inference; --layers reduces the
 Variants (--variants, comma list; default all):
   eager | compile (Inductor, default SDPA) | compile-flash | compile-cudnn | compile-efficient (sdpa_kernel around
   compile and every run) | compile-fa4 (SDPA's flash backend routed to FlashAttention-4 through torch's
-  activate_flash_attention_impl("FA4"), where flash-attn-4 is installed; process-wide, so these variants run last) | paro-<density> (backend="paro" with a synthetic plan: per site and head the diagonal, text
-  blocks, --local-blocks neighbours of the diagonal and random blocks up to the density, the PARO order drawn per head
-  among the candidates; INT8/FP8), each optionally followed by +comp (paro: compensate_skipped), +fp8 (FP8 linears:
+  activate_flash_attention_impl("FA4"), where flash-attn-4 is installed; process-wide, so these variants run last) |
+  paro-<density> (backend="paro" with a synthetic plan: per site and head the diagonal, text blocks, --local-blocks
+  neighbours of the diagonal and random blocks up to the density, the PARO order drawn per head among the candidates;
+  INT8/FP8), each optionally followed by +comp (paro: compensate_skipped), +fp8 (FP8 linears:
   paro_compile.fp8.quantize_linears) or +fp8cd (the same with torchao's Inductor settings, coordinate-descent tuning
   included, restored afterwards), +cg (CUDA graphs). Variants without FP8 run first, then the model's linears are
   quantized once, in place, and the FP8 variants run. --batch 1,2 runs every variant at each batch size.

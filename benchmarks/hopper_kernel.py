@@ -24,7 +24,7 @@ On an H100/H200:
      own random mask at the same density (equal kept area, coarser blocks);
    - ``sage``: SageAttention (``sageattn``, INT8 QKᵀ, fp16 PV) where it imports, dense;
    - ``fa4`` / ``fa4_128``: FlashAttention-4 (``flash_attn.cute``, bf16; its Hopper path) where it imports: dense, and
-     block-sparse with the same 64-token kept blocks / its own 128-token mask (`fa4_block_sparse`).
+     block-sparse with the same 64-token kept blocks / its own 128-token mask (`block_sparse_lists`).
    Dense-equivalent TFLOP/s = 4·B·H·N²·D / t for every method. Each variant is timed in its own try block; a failure
    is recorded and the run goes on. A time budget (``--budget``, seconds) skips what is left when it runs out.
 
@@ -50,6 +50,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_attention import flex_block_mask  # noqa: E402
 
 SHAPES = {"cogvideox": (2, 48, 17776, 64), "wan720p": (1, 40, 75600, 128)}
 DENSITIES = (1.0, 0.2)
@@ -172,18 +175,6 @@ def _bench(fn, rep: int) -> float:
 
 def _rel_l2(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
-def _flex_block_mask(mask, n, block):
-    """BlockMask whose kept blocks are full blocks (no mask_mod evaluation), from a [H, Mq, Nk] bool mask."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from paro_compile.kernels.block_mask import block_mask_to_csr
-
-    counts, indices = block_mask_to_csr(mask)
-    counts, indices = counts[None].contiguous(), indices[None].contiguous()
-    return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices.clone(), counts, indices, BLOCK_SIZE=block,
-                                    seq_lengths=(n, n))
 
 
 def block_sparse_lists(mask: torch.Tensor, batch: int) -> dict:
@@ -401,10 +392,10 @@ def run_benchmark(args) -> dict:
                             if block is None:
                                 bm = None
                             elif block == 64:
-                                bm = _flex_block_mask(mask.cuda(), n, 64)
+                                bm = flex_block_mask(mask.cuda(), n, 64)
                             else:
                                 m2 = torch.cat([mask, torch.zeros(h, nb % 2, nb, dtype=torch.bool)], 1)
-                                bm = _flex_block_mask(m2.view(h, -1, 2, nb).any(2).cuda(), n, block)
+                                bm = flex_block_mask(m2.view(h, -1, 2, nb).any(2).cuda(), n, block)
                             fn = (lambda bm=bm, options=options:
                                   flex(q, k, v, block_mask=bm, kernel_options=options))
                             fn()
@@ -423,7 +414,7 @@ def run_benchmark(args) -> dict:
             mask128 = None if mask is None else tuning.random_block_mask(h, nb128, nb128, density, generator=gen)
             if flex is not None and mask128 is not None:
                 def flex128_run():
-                    bm128 = _flex_block_mask(mask128.cuda(), n, 128)
+                    bm128 = flex_block_mask(mask128.cuda(), n, 128)
                     fn = lambda: flex(q, k, v, block_mask=bm128)  # noqa: E731
                     fn()
                     record(name, shape, density, "flex_128", _bench(fn, args.rep),
@@ -437,7 +428,7 @@ def run_benchmark(args) -> dict:
                         extra = {"kept": round(float(m.float().mean()), 4), "block": block}
                         if block == 64 and flex is not None:
                             try:  # the same kept blocks in bf16: the two should agree to bf16 rounding
-                                ref = flex(q, k, v, block_mask=_flex_block_mask(mask.cuda(), n, 64),
+                                ref = flex(q, k, v, block_mask=flex_block_mask(mask.cuda(), n, 64),
                                            kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
                                 extra["rel_l2_vs_flex"] = round(_rel_l2(o, ref), 6)
                             except Exception as exc:  # noqa: BLE001

@@ -6,9 +6,9 @@
 Set-up, once per call: wheels carried in ``.whl/`` whose distributions are not installed go into ``--site`` (pip
 ``--target``, offline), which goes on ``PYTHONPATH`` with the repository root and the folders its ``.pth`` files add
 (pip ``--target`` does not run them; e.g. the CUDA DSL under FlashAttention-4 puts its packages on the path through
-one); where no installed distribution declares
-the ``paro`` torch.compile backend, a metadata-only ``paro_compile`` distribution declaring it (from pyproject.toml) is
-written there too, so ``backend="paro"`` works without installing the checkout; Python output is unbuffered.
+one); where no installed distribution declares the ``paro`` torch.compile backend, a metadata-only ``paro_compile``
+distribution declaring it (from pyproject.toml) is written there too, so ``backend="paro"`` works without installing
+the checkout; Python output is unbuffered.
 
 Each spec writes into its own folder and its output (stdout and stderr) goes to ``<spec>.log`` there and to this
 process's stdout. Afterwards the folder becomes ``OUT/<spec>.tar`` (plan files left out); ``OUT/run.json`` records the
