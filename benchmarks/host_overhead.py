@@ -224,6 +224,36 @@ def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def fast_launch(enabled: bool) -> Iterator[None]:
+    """``PARO_FAST_LAUNCH`` set to ``enabled`` inside the block (read per launch), restored after."""
+    import os
+
+    before = os.environ.get("PARO_FAST_LAUNCH")
+    os.environ["PARO_FAST_LAUNCH"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PARO_FAST_LAUNCH")
+        else:
+            os.environ["PARO_FAST_LAUNCH"] = before
+
+
+def cuda_graph_of(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` recorded in a CUDA graph (after warm-up calls on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.stub_launches:
@@ -249,10 +279,15 @@ def main(argv=None) -> list[dict]:
         cases["op (dense, impl=auto: Hopper kernel)"] = lambda: op(q, k, v, None, None, [None] * 4,
                                                                     [64, 64, 1, 0, 0, 0], 0.125, 8, "fp8", False, 1.0,
                                                                     "auto")
-    for name, fn in cases.items():
-        us = host_us(fn, calls, device)
-        rows.append({"shape": "x".join(map(str, tiny_shape)), "case": name, "host_us_per_call": round(us, 2)})
-        print(f"{name:40s} {us:8.2f} us/call", flush=True)
+    for fast in (False, True):
+        # Same run, both launch paths: Triton's `kernel[grid](...)` and the direct launch (`kernels.launch`).
+        with fast_launch(fast):
+            for name, fn in cases.items():
+                fn()
+                us = host_us(fn, calls, device)
+                rows.append({"shape": "x".join(map(str, tiny_shape)), "case": name, "fast_launch": fast,
+                             "host_us_per_call": round(us, 2)})
+                print(f"{name:40s} fast_launch={int(fast)} {us:8.2f} us/call", flush=True)
     profile_calls(cases["op (sparse mask)"], 5 if args.tiny else 300, Path(args.out) / "host_profile.txt")
     if not args.tiny:
         from torch.nn.attention.flex_attention import flex_attention
@@ -280,14 +315,26 @@ def main(argv=None) -> list[dict]:
                 print(f"flex {block}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call", flush=True)
             except Exception as error:  # noqa: BLE001  (a peer failing must not lose our numbers)
                 print(f"flex {block} failed: {type(error).__name__}: {str(error)[:200]}")
-        for impl in ("triton", "auto"):
+        for impl, fast in (("triton", False), ("triton", True), ("auto", True)):
             fn = lambda: op(q, k, v, None, None, tensors, sizes, 1 / d ** 0.5, 8, "fp8", False, ours.density, impl)  # noqa: E731
-            fn()
-            t = harness.time_ms(fn, device)
-            wall = host_us(fn, 200, device)
-            rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": f"ours impl={impl} @0.2", "device_ms": t.median_ms,
-                         "host_us_per_call": round(wall, 2)})
-            print(f"ours {impl}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call", flush=True)
+            with fast_launch(fast):
+                fn()
+                t = harness.time_ms(fn, device)
+                wall = host_us(fn, 200, device)
+            rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": f"ours impl={impl} @0.2", "fast_launch": fast,
+                         "device_ms": t.median_ms, "host_us_per_call": round(wall, 2)})
+            print(f"ours {impl} fast_launch={int(fast)}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call",
+                  flush=True)
+        # The call's GPU time without any host cost: the op recorded once in a CUDA graph, replayed.
+        try:
+            fn = lambda: op(q, k, v, None, None, tensors, sizes, 1 / d ** 0.5, 8, "fp8", False, ours.density,  # noqa: E731
+                            "triton")
+            graph_ms = harness.time_ms(cuda_graph_of(fn), device).median_ms
+            rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": "ours impl=triton @0.2, CUDA graph replay",
+                         "device_ms": graph_ms})
+            print(f"ours triton in a CUDA graph: {graph_ms:.4f} ms", flush=True)
+        except Exception as error:  # noqa: BLE001
+            print(f"CUDA graph replay failed: {type(error).__name__}: {str(error)[:200]}")
     harness.write_results(Path(args.out) / "host_overhead.json", {"rows": rows}, harness.stamp(__file__, argv),
                           title="host cost per paro::attention call (us) and the Flux-1024 call against FlexAttention")
     return rows

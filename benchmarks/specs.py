@@ -161,9 +161,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
               "NVSHMEM_DISABLE_NVLS": "1"}),
     Spec("kernel-tests", "pytest", ("-q", "-rf", "-p", "no:logging", "--timeout", "400", "tests/kernels/test_non_finite.py",
                                     "tests/test_masked_and_cross_attention.py", "tests/kernels/test_attention_hopper.py",
-                                    "tests/kernels/test_attention.py", "tests/kernels/test_mask_decode.py", "-k",
+                                    "tests/kernels/test_attention.py", "tests/kernels/test_mask_decode.py",
+                                    "tests/kernels/test_launch.py", "-k",
                                     "not diffusers and (cuda or hopper or Hopper or non_finite or bad or key_bias or "
-                                    "non_positive or head_dims or bitmap or decode or compact)"), 450,
+                                    "non_positive or head_dims or bitmap or decode or compact or direct_launches)"), 450,
          "kernel numerics on the GPU: both kernels vs the reference, non-finite inputs, key padding, cross-attention, "
          "bitmap-form masks and their decode",
          env={"PARO_AUTOTUNE": "0"}),

@@ -63,6 +63,9 @@ ENVIRONMENT_VARIABLES: dict[str, EnvironmentVariable] = {var.name: var for var i
                         "plan and autotune cache when `options={'cache_dir': ...}` is not given"),
     EnvironmentVariable("PARO_AUTOTUNE", True, _flag,
                         "0: launch the attention kernel with a fixed config instead of autotuning"),
+    EnvironmentVariable("PARO_FAST_LAUNCH", True, _flag,
+                        "0: launch every Triton kernel through `kernel[grid](...)` instead of directly through the "
+                        "compiled kernel kept from its first launch (`paro_compile.kernels.launch`)"),
     EnvironmentVariable("PARO_EXP2_MODE", None, _exp2_mode,
                         "exp2 of P in the kernel: 0 MUFU, 1/2 polynomial, 3 inline `ex2.approx.ftz` (A/B runs)"),
     EnvironmentVariable("PARO_KERNEL_VARIANT", {}, _kernel_variant,

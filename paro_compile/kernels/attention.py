@@ -43,7 +43,7 @@ through (they add nothing / write nothing), so a malformed mask cannot touch mem
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -54,6 +54,7 @@ from paro_compile import envs
 from paro_compile.kernels import tuning
 from paro_compile.kernels.block_mask import BlockMask, num_blocks, walk_group
 from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
+from paro_compile.kernels.launch import launch as launch_compiled
 from paro_compile.kernels.mask_decode import decode_walk
 from paro_compile.kernels.prologue import _PLANS as _PROLOGUE_PLANS
 from paro_compile.kernels.prologue import (V_MODES, _prologue_plan, _ProloguePlan, dummy_tensor, fp32_to_bf16,
@@ -601,8 +602,11 @@ def paro_attention_triton(
         if plan.tuned_key is not None:
             _TUNED[plan.tuned_key] = cfg
     else:
-        launch = plan.launch if cfg is plan.config else _launch_kwargs(cfg, plan.interp)
-        _attn_fwd[plan.grid(cfg.kwargs)](*args, **plan.meta, **launch)
+        items = plan.launch_items.get(cfg)
+        if items is None:
+            launch = plan.launch if cfg is plan.config else _launch_kwargs(cfg, plan.interp)
+            items = plan.launch_items[cfg] = (*plan.meta.items(), *launch.items())
+        launch_compiled(_attn_fwd, plan.grid(cfg.kwargs), args, items, device)
         tuned_now = False
     _LAST["cfg"], _LAST["tuned_now"] = cfg, tuned_now
     return out
@@ -640,6 +644,8 @@ class _LaunchPlan:
     """The config to launch when it does not come from the autotuner (``config=``, PARO_AUTOTUNE=0, interpreter)."""
     launch: dict
     """``config``'s launch keywords (TILE_M, num_warps, num_stages, maxnreg)."""
+    launch_items: dict = field(default_factory=dict)
+    """Per launched config, the constexpr and launch keywords as the (name, value) pairs `launch.launch` keys on."""
 
     def grid(self, cfg: dict) -> tuple[int, int]:
         return (-(-(self.nqb * self.block_m) // cfg["TILE_M"]), self.bh)

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from paro_compile.kernels.block_mask import BlockMask, csr_dtype
 from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
+from paro_compile.kernels.launch import launch
 from paro_compile.kernels.mask_decode_reference import decode_walk_reference
 from paro_compile.ops import triton_available_for
 
@@ -102,8 +103,8 @@ def decode_walk(mask: BlockMask) -> BlockMask:
     indices = torch.empty((*lead, rows, width), dtype=dtype, device=kept.device)
     slot_bits = torch.empty((*lead, rows, width), dtype=torch.int8, device=kept.device) if group > 1 else None
     if heads and rows and width:
-        _decode_walk_kernel[(rows, heads)](
-            kept, counts, indices, slot_bits if slot_bits is not None else indices,
-            int(mq), int(mask.num_kv_blocks), int(words), rows, width,
-            GROUP=group, CHUNK=CHUNK_WORDS, FILL=FILL_SLOTS, num_warps=4)
+        launch(_decode_walk_kernel, (rows, heads),
+               (kept, counts, indices, slot_bits if slot_bits is not None else indices,
+                int(mq), int(mask.num_kv_blocks), int(words), rows, width),
+               (("GROUP", group), ("CHUNK", CHUNK_WORDS), ("FILL", FILL_SLOTS), ("num_warps", 4)), kept.device)
     return replace(mask, counts=counts, indices=indices, slot_bits=slot_bits, kept_bits=kept, walk_width=0)

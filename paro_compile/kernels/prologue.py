@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from paro_compile.kernels.device_guard import first_tensor_device, runs_on_device_of
+from paro_compile.kernels.launch import launch
 from paro_compile.kernels.reference import FP8_MAX, LOG2E, num_blocks
 
 V_MODES = {"fp16": 0, "fp8": 1, "int8": 2}
@@ -403,7 +404,10 @@ class _ProloguePlan:
     has_bias: bool
     bias_ready: bool
     bias_broadcast: tuple[bool, bool]
-    prologue_meta: dict
+    prologue_items: tuple
+    """The prologue kernel's constexpr and launch keywords as (name, value) pairs (`launch.launch`)."""
+    stats_meta: tuple
+    finalize_meta: tuple
 
 
 _PLANS: dict = {}
@@ -471,9 +475,12 @@ def _make_prologue_plan(q, k, v, perm, qk_bits, pv_dtype, block_m, block_n, pool
         bias_ready=key_bias is None or (key_bias.dtype == torch.float32 and key_bias.device == dev
                                         and key_bias.is_contiguous()),
         bias_broadcast=(True, True) if key_bias is None else (key_bias.shape[0] == 1, key_bias.shape[1] == 1),
-        prologue_meta=dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
-                           HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled,
-                           HAS_BIAS=key_bias is not None, num_warps=4),
+        prologue_items=tuple(dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_BITS=qk_bits, V_MODE=V_MODES[pv_dtype],
+                                  HAS_PERM=perm is not None, EMULATE=dev.type == "cpu", POOLED=pooled,
+                                  HAS_BIAS=key_bias is not None, num_warps=4).items()),
+        stats_meta=tuple(dict(D=d, BLOCK_T=STATS_BLOCK_T, NEED_K=qk_bits != 16, NEED_V=pv_dtype != "fp16",
+                              num_warps=4).items()),
+        finalize_meta=tuple(dict(D=d, NEED_K=qk_bits != 16, NEED_V=pv_dtype != "fp16", num_warps=1).items()),
     )
 
 
@@ -488,19 +495,15 @@ def _stats(plan: _ProloguePlan, k: torch.Tensor, v: torch.Tensor):
     ksum = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
     kcnt = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_k else dummy
     vamax = torch.empty(bh, nchunks, d, device=dev, dtype=torch.float32) if need_v else dummy
-    _stats_kernel[(nchunks, bh)](
-        k, v, ksum, kcnt, vamax,
-        plan.n_kv, plan.heads, plan.chunk,
-        *k.stride(), *v.stride(),
-        D=d, BLOCK_T=STATS_BLOCK_T, NEED_K=need_k, NEED_V=need_v, num_warps=4,
-    )
+    launch(_stats_kernel, (nchunks, bh),
+           (k, v, ksum, kcnt, vamax, plan.n_kv, plan.heads, plan.chunk, *k.stride(), *v.stride()),
+           plan.stats_meta, dev)
     kmean = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_k else None
     v_scale = torch.empty(bh, d, device=dev, dtype=torch.float32) if need_v else None
     if need_k or need_v:
-        _stats_finalize_kernel[(bh,)](
-            ksum, kcnt, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, plan.v_qmax,
-            D=d, NEED_K=need_k, NEED_V=need_v, num_warps=1,
-        )
+        launch(_stats_finalize_kernel, (bh,),
+               (ksum, kcnt, vamax, kmean if need_k else dummy, v_scale if need_v else dummy, nchunks, plan.v_qmax),
+               plan.finalize_meta, dev)
     return kmean, v_scale
 
 
@@ -570,15 +573,14 @@ def run_prologue(plan: _ProloguePlan, q: torch.Tensor, k: torch.Tensor, v: torch
         bias_strides = tuple(0 if broadcast else key_bias.stride(i) for i, broadcast in enumerate(plan.bias_broadcast))
         kbias = torch.empty(bh, nkb * block_n, device=dev, dtype=torch.float32)
         kbias_flags = torch.empty(bh, nkb, device=dev, dtype=torch.int32)
-    _prologue_kernel[(max(nqb, nkb), bh)](
+    launch(_prologue_kernel, (max(nqb, nkb), bh), (
         q, k, v, perm if perm is not None else dummy,
         kmean if kmean is not None else dummy, v_scale, key_bias if key_bias is not None else dummy,
         qq, qs, q_bad, kq, ks, vt, k_bar if k_bar is not None else dummy, v_bar if v_bar is not None else dummy,
         kbias if kbias is not None else dummy, kbias_flags if kbias_flags is not None else dummy,
         plan.n, plan.n_kv, plan.heads, nqb, nkb, sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        **plan.prologue_meta,
-    )
+    ), plan.prologue_items, dev)
     return Prologue(qq, qs, kq, ks, vt, v_scale, plan.qk_bits, plan.pv_dtype, block_m, block_n, plan.n, k_bar, v_bar,
                     kbias, kbias_flags, plan.n_kv, q_bad)
 
