@@ -8,8 +8,8 @@ benchmarks/RESULTS.md). `launch` does the first launch of each combination throu
 
 Its key is at least as fine as Triton's specialisation, so it never launches a binary compiled for other arguments:
 per tensor its dtype and whether its address is a multiple of 16 bytes, every other argument by value, the constexpr
-and option keywords, the device. Anything it does not recognise (an argument of another type, a launch hook set for a
-profiler, a Triton whose launch contract differs from the one checked in `_launch_contract_ok`, the interpreter)
+and option keywords, the device. Anything it does not recognise (an argument of another type, a
+Triton whose launch contract differs from the one checked in `_launch_contract_ok`, the interpreter)
 takes Triton's own path. ``PARO_FAST_LAUNCH=0`` turns it off.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _launch_contract_ok() -> bool:
             _CONTRACT_OK = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
                             "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
                             "*bound_args.values())") in source and "bound_args, specialization, options = binder(" \
-                in source
+                in source and "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())" in source
         except (ImportError, OSError, TypeError, AttributeError):
             _CONTRACT_OK = False
     return _CONTRACT_OK
@@ -52,10 +52,17 @@ def fast_launch_enabled() -> bool:
     return bool(envs.PARO_FAST_LAUNCH) and not envs.TRITON_INTERPRET
 
 
-def _hooks_set() -> bool:
+def _launch_hooks() -> tuple[Optional[Callable], Optional[Callable]]:
+    """Triton's launch hooks, None where none is set: since Triton 3.4 each is a `HookChain`, never None, and an
+    empty chain calls nothing (passing None skips building the launch metadata it would be handed)."""
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return (None if _empty_chain(enter) else enter), (None if _empty_chain(leave) else leave)
+
+
+def _empty_chain(hook: Any) -> bool:
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
 def specialisation_key(args: tuple) -> Optional[tuple]:
@@ -99,7 +106,7 @@ def launch(kernel: Any, grid: tuple, args: tuple, meta: tuple, device: torch.dev
     """``kernel[grid](*args, **dict(meta))`` for tensors on ``device``, directly through the compiled kernel once
     this combination has been launched through Triton. ``meta``: the constexpr and option keywords as a tuple of
     (name, value) pairs (hashable; built once by the caller's launch plan)."""
-    if device.type != "cuda" or not fast_launch_enabled() or not _launch_contract_ok() or _hooks_set():
+    if device.type != "cuda" or not fast_launch_enabled() or not _launch_contract_ok():
         kernel[grid](*args, **dict(meta))
         return
     # Triton launches on the current device (the callers set it to the tensors' one): key and stream follow it.
@@ -129,8 +136,13 @@ def launch_cached(kernel: Any, grid: tuple, args: tuple, meta: tuple, device_ind
     compiled, tail, _ = entry
     grid_y = grid[1] if len(grid) > 1 else 1
     grid_z = grid[2] if len(grid) > 2 else 1
-    compiled.run(grid[0], grid_y, grid_z, current_stream(device_index), compiled.function, compiled.packed_metadata,
-                 None, None, None, *args, *tail)
+    stream = current_stream(device_index)
+    bound = (*args, *tail)
+    # Launch hooks (profilers set them) see the same launch metadata as from Triton's own path.
+    enter_hook, exit_hook = _launch_hooks()
+    launch_metadata = compiled.launch_metadata(grid, stream, *bound) if enter_hook is not None else None
+    compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, launch_metadata,
+                 enter_hook, exit_hook, *bound)
 
 
 def clear_launch_cache() -> None:

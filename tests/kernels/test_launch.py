@@ -20,6 +20,9 @@ class FakeCompiled:
     def run(self, *args):
         self.direct_calls.append(args)
 
+    def launch_metadata(self, grid, stream, *args):
+        return ("launch metadata", grid, stream, args)
+
 
 class FakeKernel:
     """Stands in for a `JITFunction`: `kernel[grid](*args, **meta)` records the call and returns its compiled kernel."""
@@ -71,6 +74,25 @@ def test_second_launch_goes_direct_with_every_parameter_in_signature_order():
     assert call[:9] == (3, 2, 1, 1000, "fn", ("meta",), None, None, None)
     assert call[9] is x and call[10:] == (5, 0.5, 64, True)
     assert launch_module.compiled_count() == 1
+
+
+def test_direct_launches_call_the_launch_hooks_as_triton_does(monkeypatch):
+    from triton import knobs
+
+    hook = lambda metadata: None  # noqa: E731
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if hasattr(enter, "calls"):  # Triton >= 3.4: each hook is a chain, empty by default (then None is passed)
+        monkeypatch.setattr(enter, "calls", [hook])
+        monkeypatch.setattr(leave, "calls", [hook])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+        monkeypatch.setattr(knobs.runtime, "launch_exit_hook", hook)
+        enter = leave = hook
+    kernel, x = FakeKernel(), torch.zeros(8)
+    for _ in range(2):
+        launch_cached(kernel, (3,), (x, 5, 0.5), (("BLOCK", 64),), 0, streams)
+    (call,) = kernel.compiled[0].direct_calls
+    assert call[6] == ("launch metadata", (3,), 1000, (x, 5, 0.5, 64, True)) and call[7] is enter and call[8] is leave
 
 
 @pytest.mark.parametrize("change", ["alignment", "dtype", "int value", "float type", "meta", "device"])
