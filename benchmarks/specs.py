@@ -86,6 +86,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
           "--variants", "compile,compile-cudnn,paro-0.2,paro-0.3,compile-flash,paro-0.5", "--max-minutes", "8.6"), 570,
          "Wan2.1-14B-shaped transformer at 720p (75,600 tokens), 2 of 40 blocks, B=1 and the CFG batch B=2: compile with "
          "the default / cuDNN / flash SDPA against paro at 0.2 / 0.3 / 0.5"),
+    Spec("e2e-wan720-fa4", "benchmarks/bench_e2e.py",
+         (*E2E, "--model", "wan", "--layers", "2", "--batch", "1", "--iters", "5",
+          "--variants", "compile-cudnn,paro-0.2,compile-fa4", "--max-minutes", "6"), 400,
+         "Wan2.1-14B-shaped 720p, 2 blocks, B1: paro at 0.2 against compile with cuDNN and with FlashAttention-4 "
+         "(needs the flash-attn-4 wheels carried)"),
     Spec("e2e-wan720-fp8", "benchmarks/bench_e2e.py",
          (*E2E, "--model", "wan", "--layers", "2", "--batch", "1", "--iters", "5",
           "--variants", "compile-cudnn,paro-0.2,compile-cudnn+fp8,paro-0.2+fp8,paro-0.2+fp8cd,paro-0.3+fp8,paro-0.5+fp8",
