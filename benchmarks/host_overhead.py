@@ -325,16 +325,21 @@ def main(argv=None) -> list[dict]:
                          "device_ms": t.median_ms, "host_us_per_call": round(wall, 2)})
             print(f"ours {impl} fast_launch={int(fast)}: {t.median_ms:.4f} ms device, {wall:.1f} us wall per call",
                   flush=True)
-        # The call's GPU time without any host cost: the op recorded once in a CUDA graph, replayed.
-        try:
-            fn = lambda: op(q, k, v, None, None, tensors, sizes, 1 / d ** 0.5, 8, "fp8", False, ours.density,  # noqa: E731
-                            "triton")
-            graph_ms = harness.time_ms(cuda_graph_of(fn), device).median_ms
-            rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": "ours impl=triton @0.2, CUDA graph replay",
-                         "device_ms": graph_ms})
-            print(f"ours triton in a CUDA graph: {graph_ms:.4f} ms", flush=True)
-        except Exception as error:  # noqa: BLE001
-            print(f"CUDA graph replay failed: {type(error).__name__}: {str(error)[:200]}")
+        # The call's GPU time without any host cost: the op recorded once in a CUDA graph, replayed; with our
+        # 64-token blocks and with the 128-token blocks of the same mask (the block size Flex runs best at).
+        coarse_ours = BlockMask.from_dense(coarse, 128, 128).to(device)
+        for block, mask in ((64, ours), (128, coarse_ours)):
+            mask_tensors, mask_sizes = mask.as_op_args()
+            try:
+                fn = lambda: op(q, k, v, None, None, mask_tensors, mask_sizes, 1 / d ** 0.5, 8, "fp8", False,  # noqa: E731
+                                mask.density, "triton")
+                fn()
+                graph_ms = harness.time_ms(cuda_graph_of(fn), device).median_ms
+                rows.append({"shape": f"{b}x{h}x{n}x{d}", "case": f"ours impl=triton block {block} @0.2, CUDA graph "
+                             "replay", "device_ms": graph_ms})
+                print(f"ours triton block {block} in a CUDA graph: {graph_ms:.4f} ms", flush=True)
+            except Exception as error:  # noqa: BLE001
+                print(f"CUDA graph replay failed: {type(error).__name__}: {str(error)[:200]}")
     harness.write_results(Path(args.out) / "host_overhead.json", {"rows": rows}, harness.stamp(__file__, argv),
                           title="host cost per paro::attention call (us) and the Flux-1024 call against FlexAttention")
     return rows
