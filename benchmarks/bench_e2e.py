@@ -616,13 +616,51 @@ def sdpa_context(base: str):
     return nullcontext
 
 
+FA4_CALLS = {"forward": 0}
+"""Calls of FlashAttention-4's forward since `activate_fa4` (counted, so that a variant proves it ran it)."""
+
+
 def activate_fa4() -> None:
-    """Route SDPA's flash backend to FlashAttention-4 (``flash_attn.cute``). Torch keeps it for the rest of the process
-    (there is no deactivation), so `order_runs` puts the variants that need it last."""
-    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+    """Route SDPA's flash backend to FlashAttention-4 (``flash_attn.cute``), count its forward calls, and check on a
+    small eager call that the route works. Torch keeps it for the rest of the process (there is no deactivation), so
+    `order_runs` puts the variants that need it last."""
+    import importlib
+
+    import torch.nn.functional as F
+    from torch.nn.attention import (SDPBackend, activate_flash_attention_impl, current_flash_attention_impl,
+                                    sdpa_kernel)
 
     if current_flash_attention_impl() != "FA4":
         activate_flash_attention_impl("FA4")
+        from torch.nn.attention import _fa4
+
+        module = importlib.import_module(getattr(_fa4, "_FA4_MODULE_PATH", "flash_attn.cute.interface"))
+        forward = module._flash_attn_fwd
+
+        def counted_forward(*args, **kwargs):
+            FA4_CALLS["forward"] += 1
+            return forward(*args, **kwargs)
+
+        module._flash_attn_fwd = counted_forward
+    q, k, v = (torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v)
+    except Exception as error:
+        raise RuntimeError(f"FlashAttention-4 is active but torch {torch.__version__}'s route to it fails on this "
+                           f"install ({type(error).__name__}: {error}): the installed flash-attn-4 does not match "
+                           "the interface this torch calls") from error
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    if not torch.allclose(out.float(), expected, atol=2e-2, rtol=2e-2):
+        raise RuntimeError("FlashAttention-4 through SDPA disagrees with the math backend on a small call")
+
+
+def check_fa4_ran(calls_before: int) -> None:
+    """Raise unless FlashAttention-4's forward ran since ``calls_before`` (SDPA may have chosen another kernel)."""
+    if FA4_CALLS["forward"] == calls_before:
+        raise RuntimeError("compile-fa4: FlashAttention-4 never ran in the compiled model (SDPA chose another "
+                           "kernel), so the time would not be its")
 
 
 class torchao_inductor_settings:
@@ -692,10 +730,13 @@ def run_variant(model, inputs: dict, variant: str, device, args, plans: dict, al
         with torch.no_grad(), ctx():
             return fn_model(**inputs)
 
+    fa4_calls = FA4_CALLS["forward"]
     t = time.perf_counter()
     out = call()
     harness.synchronize(device)
     entry["first_call_s"] = time.perf_counter() - t
+    if spec.base == "compile-fa4":
+        check_fa4_ran(fa4_calls)
     metrics = compile_metrics()
     first = out[0] if isinstance(out, (tuple, list)) else out
     entry["output_finite"] = bool(torch.isfinite(first).all())

@@ -203,3 +203,15 @@ def test_synthetic_plan_keeps_local_blocks_and_covers_other_self_attention_dense
     found = [module.FoundSite("blocks.0.attn1#0", 2, 520, 520, ()), module.FoundSite("refiner.0.attn#0", 2, 8, 8, ())]
     ids = [s.site_id for s in module.extrapolate_site_ids(found, {"blocks": 3})]
     assert ids == ["blocks.0.attn1#0", "blocks.1.attn1#0", "blocks.2.attn1#0", "refiner.0.attn#0"]
+
+
+def test_a_flash_attention_4_variant_that_never_ran_it_is_refused():
+    module = load_benchmark("bench_e2e")
+    before = module.FA4_CALLS["forward"]
+    with pytest.raises(RuntimeError, match="never ran"):
+        module.check_fa4_ran(before)
+    module.FA4_CALLS["forward"] += 1
+    try:
+        module.check_fa4_ran(before)
+    finally:
+        module.FA4_CALLS["forward"] -= 1
