@@ -84,7 +84,8 @@ class ParoConfig:
     cache_dir: Optional[str] = option(None, "plan and autotune cache (else `PARO_CACHE_DIR`, else "
                                             "`~/.cache/paro_compile`)", shown="`~/.cache/paro_compile`")
     inductor: dict[str, Any] = option(None, "Inductor config patches (also filled from unknown `options` keys and "
-                                            "from `mode`)", shown="{}", default_factory=dict)
+                                            "from `mode`); Inductor's `benchmark_harness` is off unless set here",
+                                      shown="{}", default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_types()
