@@ -69,8 +69,40 @@ def _open_gaps() -> list[tuple[str, Callable[[], None]]]:
     warning_once = getattr(logging.Logger, "warning_once", None)
     if warning_once is not None and warning_once not in _ignored_logging_functions():
         gaps.append(("Dynamo breaks the graph on logging.Logger.warning_once (diffusers' hooks log through it)",
-                     lambda: _ignored_logging_functions().add(warning_once)))
+                     lambda: _ignore_logging_function(warning_once)))
     return gaps
+
+
+def _ignore_logging_function(function: Callable) -> None:
+    _ignored_logging_functions().add(function)
+    _keep_compile_metrics_loggable()
+
+
+def _keep_compile_metrics_loggable() -> None:
+    """Torch 2.11 records Dynamo's config with each compile's metrics as JSON and leaves
+    ``ignore_logging_functions`` (a set of functions, not JSON) in it: every compile then logs a TypeError once the set
+    holds a function (torch 2.13 leaves the set out, in ``torch._dynamo.utils._get_dynamo_config_for_logging``).
+    Where that function fails, it is wrapped to log the config without the set; elsewhere nothing changes."""
+    from torch._dynamo import utils as dynamo_utils
+
+    original = getattr(dynamo_utils, "_get_dynamo_config_for_logging", None)
+    if original is None or getattr(original, "_paro_without_logging_functions", False):
+        return
+    try:
+        original()
+        return
+    except TypeError:
+        pass
+
+    def config_for_logging():
+        try:
+            return original()
+        except TypeError:
+            with torch._dynamo.config.patch(ignore_logging_functions=set()):
+                return original()
+
+    config_for_logging._paro_without_logging_functions = True
+    dynamo_utils._get_dynamo_config_for_logging = config_for_logging
 
 
 def context_parallel_tracing_gaps() -> list[str]:

@@ -158,3 +158,18 @@ def test_a_warning_once_that_transformers_adds_later_is_ignored_too(tmp_path, mo
             del logging.Logger.warning_once
         torch._dynamo.config.ignore_logging_functions.clear()
         torch._dynamo.config.ignore_logging_functions.update(saved_ignored)
+
+
+def test_dynamo_config_stays_loggable_after_the_fix():
+    """Dynamo records its config as JSON with every compile's metrics; after the fix adds `warning_once` to
+    `ignore_logging_functions` that record must still encode (torch 2.11 kept the set in it: a TypeError logged per
+    compile), and the set keeps the function."""
+    import json
+
+    from torch._dynamo import utils as dynamo_utils
+
+    with older_torch_rules():
+        make_context_parallel_traceable()
+        record = dynamo_utils._get_dynamo_config_for_logging()
+        assert record is None or isinstance(json.loads(record), dict)
+        assert logging.Logger.warning_once in torch._dynamo.config.ignore_logging_functions
