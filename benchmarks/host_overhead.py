@@ -224,20 +224,11 @@ def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def fast_launch(enabled: bool) -> Iterator[None]:
+def fast_launch(enabled: bool) -> contextlib.AbstractContextManager:
     """``PARO_FAST_LAUNCH`` set to ``enabled`` inside the block (read per launch), restored after."""
     import os
 
-    before = os.environ.get("PARO_FAST_LAUNCH")
-    os.environ["PARO_FAST_LAUNCH"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("PARO_FAST_LAUNCH")
-        else:
-            os.environ["PARO_FAST_LAUNCH"] = before
+    return mock.patch.dict(os.environ, {"PARO_FAST_LAUNCH": "1" if enabled else "0"})
 
 
 def cuda_graph_of(fn: Callable[[], object]) -> Callable[[], None]:

@@ -19,11 +19,27 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from paro_compile import envs
+
+try:
+    from triton import knobs
+except ImportError:  # a Triton before `knobs`: its launch contract differs, so `_launch_contract_ok` is False
+    knobs = None
+
 _COMPILED: dict = {}
 _MAX_COMPILED = 4096  # a bound: a stream of ever-new scalar values cannot grow the cache without limit
 _SLOW = object()
 """The cache entry of a combination Triton's path must launch (its first launch did not give a usable kernel)."""
 _CONTRACT_OK: Optional[bool] = None
+
+
+_CONTRACT_FRAGMENTS = (
+    "bound_args, specialization, options = binder(",
+    "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+)
+"""What `JITFunction.run`'s source must contain for `launch` to launch a compiled kernel the same way."""
 
 
 def _launch_contract_ok() -> bool:
@@ -36,10 +52,7 @@ def _launch_contract_ok() -> bool:
             from triton.runtime.jit import JITFunction
 
             source = " ".join(inspect.getsource(JITFunction.run).split())
-            _CONTRACT_OK = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
-                            "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
-                            "*bound_args.values())") in source and "bound_args, specialization, options = binder(" \
-                in source and "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())" in source
+            _CONTRACT_OK = knobs is not None and all(fragment in source for fragment in _CONTRACT_FRAGMENTS)
         except (ImportError, OSError, TypeError, AttributeError):
             _CONTRACT_OK = False
     return _CONTRACT_OK
@@ -47,16 +60,12 @@ def _launch_contract_ok() -> bool:
 
 def fast_launch_enabled() -> bool:
     """``PARO_FAST_LAUNCH`` (read per call; default on) and not under the Triton interpreter."""
-    from paro_compile import envs
-
     return bool(envs.PARO_FAST_LAUNCH) and not envs.TRITON_INTERPRET
 
 
 def _launch_hooks() -> tuple[Optional[Callable], Optional[Callable]]:
     """Triton's launch hooks, None where none is set: since Triton 3.4 each is a `HookChain`, never None, and an
     empty chain calls nothing (passing None skips building the launch metadata it would be handed)."""
-    from triton import knobs
-
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return (None if _empty_chain(enter) else enter), (None if _empty_chain(leave) else leave)
 
@@ -115,7 +124,7 @@ def launch(kernel: Any, grid: tuple, args: tuple, meta: tuple, device: torch.dev
 
 def launch_cached(kernel: Any, grid: tuple, args: tuple, meta: tuple, device_index: int,
                   current_stream: Callable[[int], int]) -> None:
-    """`launch` past its checks of the device, the switch, Triton's launch contract and its hooks."""
+    """`launch` past its checks of the device, the switch and Triton's launch contract."""
     spec = specialisation_key(args)
     key = None if spec is None else (id(kernel), device_index, meta, spec)
     entry = None if key is None else _COMPILED.get(key)
