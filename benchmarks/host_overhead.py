@@ -116,6 +116,21 @@ def empty_custom_op():
     return torch.ops.paro_bench.empty_attention.default
 
 
+_LIBRARIES: list = []  # a `torch.library.Library` keeps its registrations only while it lives
+
+
+def empty_library_op():
+    """The same op with the same empty body, registered through a plain `torch.library.Library` (schema and one
+    CompositeExplicitAutograd kernel): the dispatcher without custom_op's Python autograd and aliasing wrappers."""
+    if not hasattr(torch.ops.paro_bench, "empty_attention_library"):
+        library = torch.library.Library("paro_bench", "FRAGMENT")
+        schema = str(empty_custom_op()._schema).split("(", 1)[1]
+        library.define(f"empty_attention_library({schema}")
+        library.impl("empty_attention_library", lambda q, *args: torch.empty_like(q), "CompositeExplicitAutograd")
+        _LIBRARIES.append(library)
+    return torch.ops.paro_bench.empty_attention_library.default
+
+
 def cpu_us(fn: Callable[[], object], min_run_time: float) -> float:
     """Median µs per call of ``fn`` on the CPU (`torch.utils.benchmark`, one thread)."""
     from torch.utils import benchmark
@@ -198,6 +213,8 @@ def stub_main(args: argparse.Namespace, argv=None) -> list[dict]:
     tensors, sizes = mask.as_op_args()
     cases.update({
         "custom op with an empty body (dispatch alone)": lambda: empty_custom_op()(
+            q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density, "triton"),
+        "torch.library.Library op with an empty body": lambda: empty_library_op()(
             q, k, v, None, None, tensors, sizes, 0.125, 8, "fp8", False, mask.density, "triton"),
         "plain torch op (torch.empty_like)": lambda: torch.empty_like(q),
     })
