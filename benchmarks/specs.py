@@ -182,6 +182,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("hopper-kernel", "benchmarks/hopper_kernel.py", ("--out", "{out}", "--budget", "450"), 500,
          "both kernels (Gluon and Triton, with and without lazy_rescale) beside cuDNN, SageAttention, FlashAttention-4 "
          "(where it imports) and FlexAttention at 64- and 128-token blocks (CogVideoX and Wan-720p shapes)"),
+    Spec("kernel-profile", "benchmarks/kernel_profile.py", ("--out", "{out}", "--max-minutes", "9.2"), 580,
+         "Nsight Compute on one call of each kernel (Triton, Gluon, cuDNN dense) at the Wan-720p and CogVideoX "
+         "shapes with fewer heads, dense and 0.2: pipe utilisation, issue slots, warp stall reasons per SASS line"),
     Spec("quantization-floor", "benchmarks/quantization_floor.py", ("--out", "{out}"), 240,
          "each quantization step's error alone against float64 (the FP8 PV floor)", gpu=False),
     Spec("plan-memory", "benchmarks/plan_memory.py", ("--out", "{out}"), 240,
