@@ -57,8 +57,9 @@ from bench_attention import flex_block_mask  # noqa: E402
 SHAPES = {"cogvideox": (2, 48, 17776, 64), "wan720p": (1, 40, 75600, 128)}
 DENSITIES = (1.0, 0.2)
 # Launch configs timed per case (the first is attention_hopper.DEFAULT_CONFIG; one consumer per CTA at maxnreg 128
-# fits two CTAs per SM).
-CONFIGS = [{}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 4}]
+# fits two CTAs per SM, and so do two consumers at maxnreg 80, which only head_dim 64 fits without spilling).
+CONFIGS = [{}, {"defer_pv_wait": False}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 4}]
+CONFIGS_D64 = [{"consumer_regs": 104, "maxnreg": 80, "stages": 2}]
 
 
 # ------------------------------------------------------------------------------------------------ offline report
@@ -84,7 +85,7 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": f"*{out_dtype}", "PERM": "*i64", "COUNTS": "*i32",
             "IDX": "*i16", "Q_BAD": "*i8"}
     consts = dict(D=d, STAGES=cfg["stages"], CONSUMERS=cfg["consumers"], DENSE=dense, HAS_PERM=True,
-                  CONSUMER_REGS=cfg["consumer_regs"])
+                  CONSUMER_REGS=cfg["consumer_regs"], DEFER_PV_WAIT=AH._defers_pv_wait(cfg, d, pv))
     sig = {}
     for name in fn.arg_names:
         if name == "q_desc":
@@ -106,8 +107,8 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
                           options=dict(num_warps=4, maxnreg=cfg["maxnreg"]))
 
 
-def _loops(sass: str) -> list[tuple[int, collections.Counter]]:
-    """(instruction count, opcode histogram) of every loop (label .. its backward branch) in the SASS."""
+def _loops(sass: str) -> list[tuple[int, collections.Counter, list[str]]]:
+    """(instruction count, opcode histogram, opcodes in order) of every loop (label .. its backward branch)."""
     lines = sass.splitlines()
     found = []
     for i, line in enumerate(lines):
@@ -117,13 +118,29 @@ def _loops(sass: str) -> list[tuple[int, collections.Counter]]:
         start = next((k for k in range(i) if lines[k].startswith(m.group(1) + ":")), None)
         if start is None:
             continue
-        ops = collections.Counter()
+        ops, seq = collections.Counter(), []
         for body in lines[start:i + 1]:
-            ins = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)", body)
+            ins = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*)", body)
             if ins:
                 ops[ins.group(1)] += 1
-        found.append((sum(ops.values()), ops))
+                seq.append("".join(ins.group(1, 2)) + " " + ins.group(3))
+        found.append((sum(ops.values()), ops, seq))
     return found
+
+
+def exp2_under_pv(seq: list[str]) -> int:
+    """How many MUFU.EX2 of a KV loop (opcodes in order) run while the loop's P·V wgmma is in flight: those between
+    its issue (the last FP8 / 16-bit GMMA of the loop) and the wait that retires every group (``WARPGROUP.DEPBAR.LE
+    gsb0, 0x0``), in loop order (past the backward branch, round to the top)."""
+    pv = [i for i, op in enumerate(seq) if op.startswith(("QGMMA", "HGMMA"))]
+    if not pv:
+        return 0
+    count = 0
+    for op in seq[pv[-1] + 1:] + seq[:pv[-1]]:
+        if op.startswith("WARPGROUP.DEPBAR.LE") and op.replace(" ", "").endswith("gsb0,0x0"):
+            break
+        count += op.startswith("MUFU.EX2")
+    return count
 
 
 def sass_report(cases=None) -> list[dict]:
@@ -156,8 +173,10 @@ def sass_report(cases=None) -> list[dict]:
             # The consumer's KV loop: the loop that holds the wgmmas (the smallest such loop).
             mma_loops = [lp for lp in _loops(sass) if lp[1]["IGMMA"] and (lp[1]["QGMMA"] or lp[1]["HGMMA"])]
             if mma_loops:
-                total, hist = min(mma_loops, key=lambda lp: lp[0])
+                total, hist, seq = min(mma_loops, key=lambda lp: lp[0])
                 row["kv_loop_instructions"] = total
+                # FlashAttention-3's intra-warpgroup overlap, as compiled: exp2s issued while P·V runs.
+                row["kv_loop_exp2_under_pv"] = exp2_under_pv(seq)
                 row["kv_loop_top"] = dict(hist.most_common(14))
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
@@ -363,7 +382,7 @@ def run_benchmark(args) -> dict:
                                                                    args.rep), **extra)
             attempt(f"{name} {density} triton lazy_rescale", triton_lazy_run)
 
-            for cfg in CONFIGS:
+            for cfg in CONFIGS + (CONFIGS_D64 if d == 64 else []):
                 label = "gluon" + "".join(f" {k}={v}" for k, v in cfg.items())
 
                 def gluon_run(cfg=cfg, label=label):

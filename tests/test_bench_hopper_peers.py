@@ -48,3 +48,16 @@ def test_missing_peers_say_why():
     fa4, why = hk.import_fa4()
     if fa4 is None:
         assert why and ":" in why
+
+
+def test_exp2_under_pv_counts_the_softmax_that_overlaps_the_pv_wgmma():
+    # Wait right after the issue (the exp2s follow it): nothing overlaps.
+    hoisted = ["IGMMA.64x64x32.S8.S8 R24", "QGMMA.64x64x32.F32.E4M3.E4M3 R56", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+               "FMNMX R1", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R2", "MUFU.EX2 R3", "BRA L"]
+    assert hk.exp2_under_pv(hoisted) == 0
+    # Wait at the top of the next step: every exp2 after the issue, round the back edge, counts.
+    deferred = ["WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R56", "IGMMA.64x64x32.S8.S8 R24", "MUFU.EX2 R0",
+                "QGMMA.64x64x32.F32.E4M3.E4M3 R56", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R2", "MUFU.EX2 R3",
+                "BRA L"]
+    assert hk.exp2_under_pv(deferred) == 2
+    assert hk.exp2_under_pv(["IGMMA.64x64x32.S8.S8 R24", "MUFU.EX2 R1"]) == 0  # no P·V wgmma in the loop

@@ -250,7 +250,7 @@ if _GLUON_ERROR is None:
                   N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                   CONSUMER: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr, HAS_PERM: gl.constexpr,
-                  PV_FP8: gl.constexpr, PERMUTED_K: gl.constexpr):
+                  PV_FP8: gl.constexpr, PERMUTED_K: gl.constexpr, DEFER_PV_WAIT: gl.constexpr):
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         h = pid_bh % H
@@ -286,9 +286,10 @@ if _GLUON_ERROR is None:
         if count > 0:
             # Block 0's scores and P; then per block s: issue Q·Kᵀ of block s and P·V of block s−1, wait for the
             # scores only (wgmma groups retire in issue order), run the softmax of block s while P·V of s−1 is in
-            # flight (FlashAttention-3's intra-warpgroup overlap), wait for it, release its slot, rescale O. P
-            # crosses the loop edge in fp32 and is converted right before its wgmma, in the same basic block, so the
-            # four e4m3 bytes of each A register are packed once (carried as bytes they were unpacked and repacked).
+            # flight (FlashAttention-3's intra-warpgroup overlap), wait for it, release its slot, rescale O (with
+            # DEFER_PV_WAIT those last three open step s+1 instead, `_defers_pv_wait`). P crosses the loop edge in
+            # fp32 and is converted right before its wgmma, in the same basic block, so the four e4m3 bytes of each A
+            # register are packed once (carried as bytes they were unpacked and repacked).
             if DENSE:
                 j_nxt = gl.minimum(1, count - 1)
                 keys_nxt = N
@@ -308,9 +309,18 @@ if _GLUON_ERROR is None:
             s_i32 = warpgroup_mma_wait(0, deps=(s_tok, ))
             m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, _round_scale_22bits(qs * gl.load(ks_base + j0)),
                                                    j0, keys0, P_LOG2, BLOCK_N, s_layout, p_layout, PERMUTED_K)
+            if DEFER_PV_WAIT:
+                # P·V with P = 0 puts an accumulator in flight, as the loop carries one from step to step.
+                acc = warpgroup_mma(gl.zeros([BLOCK_M, BLOCK_N], P_DTYPE, p_layout),
+                                    v_smem.index(ring).permute((1, 0)), acc, use_acc=False, is_async=True)
             for s in range(1, count):
                 slot = s % STAGES
                 prev = (s - 1) % STAGES
+                if DEFER_PV_WAIT:
+                    # P·V of block s−2, issued one iteration ago, ran under the softmax of block s−1.
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    mbarrier.arrive(empty_bars.index(ring + (s + STAGES - 2) % STAGES), pred=s > 1)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
                 j = j_nxt
                 keys = keys_nxt
                 c = _round_scale_22bits(qs * ks_nxt)
@@ -330,8 +340,15 @@ if _GLUON_ERROR is None:
                 s_i32 = warpgroup_mma_wait(1, deps=(s_tok, ))
                 m_i, alpha, l_i, p_f32 = _softmax_step(s_i32, m_i, l_i, c, j, keys, P_LOG2, BLOCK_N, s_layout,
                                                        p_layout, PERMUTED_K)
-                acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-                mbarrier.arrive(empty_bars.index(ring + prev))
+                if DEFER_PV_WAIT:
+                    acc = acc_tok
+                else:
+                    acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+                    mbarrier.arrive(empty_bars.index(ring + prev))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
+            if DEFER_PV_WAIT:
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                mbarrier.arrive(empty_bars.index(ring + (count + STAGES - 2) % STAGES), pred=count > 1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
             last = (count - 1) % STAGES
             acc_tok = warpgroup_mma(_p_operand(p_f32, p_layout, P_DTYPE, PERMUTED_K),
@@ -366,7 +383,7 @@ if _GLUON_ERROR is None:
     def _paro_fwd_hopper(q_desc, k_desc, v_desc, QS, KS, VS, OUT, PERM, COUNTS, IDX, Q_BAD,
                          N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                          D: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DENSE: gl.constexpr,
-                         HAS_PERM: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                         HAS_PERM: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEFER_PV_WAIT: gl.constexpr):
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[0]
         PERMUTED_K: gl.constexpr = len(k_desc.block_type.shape) == 5
@@ -394,7 +411,7 @@ if _GLUON_ERROR is None:
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
-                             PERMUTED_K)),
+                             PERMUTED_K, DEFER_PV_WAIT)),
             ], [4], [CONSUMER_REGS])
         else:
             gl.warp_specialize([
@@ -404,20 +421,36 @@ if _GLUON_ERROR is None:
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              0, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
-                             PERMUTED_K)),
+                             PERMUTED_K, DEFER_PV_WAIT)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bars, ready_bars, empty_bars, QS, KS, VS, OUT, PERM, COUNTS,
                              IDX, Q_BAD, N, H, NQB, NKB, IDX_STRIDE, P_LOG2, sob, soh, son, sod,
                              1, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, DENSE, HAS_PERM, PV_FP8,
-                             PERMUTED_K)),
+                             PERMUTED_K, DEFER_PV_WAIT)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 # Launch settings: CONSUMERS query blocks per CTA (2: 8 consumer warps + the producer warpgroup, one CTA per SM at
 # the register split below), STAGES ring slots, the consumer warpgroups' register budget (setmaxnreg) and the
 # kernel's maxnreg (the producer warpgroup gets what is left of 3 warpgroups × maxnreg); permuted_k (FP8 PV only):
-# K tiles loaded with permuted rows so P needs no layout conversion (`_permuted_k_descriptor`).
-DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168, "permuted_k": True}
+# K tiles loaded with permuted rows so P needs no layout conversion (`_permuted_k_descriptor`); defer_pv_wait: wait
+# for the P·V wgmma of a block at the top of the next step, not right after the softmax (`_defers_pv_wait`).
+DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168, "permuted_k": True,
+                  "defer_pv_wait": "auto"}
 CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
+
+
+def _defers_pv_wait(config: dict, head_dim: int, pv_dtype: str) -> bool:
+    """Whether the consumer waits for block s's P·V at the top of step s+1 (True) or right after the softmax of s+1.
+
+    Waited right after the softmax, ptxas hoists the wait above the softmax's exp2s (to the start of its basic block),
+    so P·V never runs under the softmax; at the top of the next step the wait is where the code puts it. The deferred
+    wait keeps the accumulator and P in flight through the softmax: at head_dim 128, or with 16-bit P, or below
+    168 registers, ptxas then runs out of registers and serializes every wgmma (its C7512 notice;
+    `benchmarks/hopper_kernel.py --sass` reports it), so "auto" defers at head_dim 64 with FP8 P only."""
+    value = config["defer_pv_wait"]
+    if value == "auto":
+        return head_dim == 64 and pv_dtype == "fp8" and int(config["maxnreg"]) >= 168
+    return bool(value)
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -506,7 +539,8 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
             q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices, pro.q_bad,
             n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
             D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
-            CONSUMER_REGS=int(cfg["consumer_regs"]), num_warps=4, maxnreg=int(cfg["maxnreg"]))
+            CONSUMER_REGS=int(cfg["consumer_regs"]), DEFER_PV_WAIT=_defers_pv_wait(cfg, d, pro.pv_dtype),
+            num_warps=4, maxnreg=int(cfg["maxnreg"]))
 
     if permuted_k:
         try:

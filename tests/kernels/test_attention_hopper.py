@@ -30,6 +30,17 @@ def test_module_imports_and_is_unavailable_without_hopper():
         assert AH.available() is False
 
 
+def test_deferred_pv_wait_is_chosen_where_ptxas_keeps_the_wgmmas_asynchronous():
+    """"auto" defers the P·V wait at head_dim 64 with FP8 P and the default register budget only (elsewhere ptxas
+    serializes the wgmmas: `benchmarks/hopper_kernel.py --sass`); an explicit setting wins."""
+    auto = dict(AH.DEFAULT_CONFIG, defer_pv_wait="auto")
+    assert AH._defers_pv_wait(auto, 64, "fp8")
+    assert not AH._defers_pv_wait(auto, 128, "fp8") and not AH._defers_pv_wait(auto, 64, "fp16")
+    assert not AH._defers_pv_wait(dict(auto, maxnreg=128), 64, "fp8")
+    assert AH._defers_pv_wait(dict(auto, defer_pv_wait=True), 128, "fp8")
+    assert not AH._defers_pv_wait(dict(auto, defer_pv_wait=False), 64, "fp8")
+
+
 def test_supports_routes_only_the_implemented_cases():
     assert AH.supports(8, "fp8", 64, 64, 64) and AH.supports(8, "fp8", 64, 64, 128)
     assert AH.supports(8, "fp16", 64, 64, 128, dtype=torch.bfloat16)
@@ -128,8 +139,11 @@ def test_hopper_matches_reference(seed, gen, pv, dtype, d, perm):
 @requires_hopper
 @pytest.mark.parametrize("config", [{"consumers": 1}, {"consumers": 2, "stages": 2}, {"consumers": 2, "stages": 4},
                                     {"consumers": 1, "stages": 2, "consumer_regs": 208, "maxnreg": 128},
-                                    {"permuted_k": False}, {"permuted_k": False, "consumers": 1}],
-                         ids=["one-consumer", "stages2", "stages4", "one-consumer-small", "plain-k", "plain-k-one"])
+                                    {"permuted_k": False}, {"permuted_k": False, "consumers": 1},
+                                    {"defer_pv_wait": False}, {"defer_pv_wait": True, "consumers": 1},
+                                    {"consumer_regs": 104, "maxnreg": 80, "stages": 2}],
+                         ids=["one-consumer", "stages2", "stages4", "one-consumer-small", "plain-k", "plain-k-one",
+                              "wait-in-step", "deferred-wait-one", "two-ctas"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_hopper_launch_configs(seed, gen, config, d):
     """Every launch shape computes the same function (sparse with trimmed int16 CSR, and dense with an odd number of
