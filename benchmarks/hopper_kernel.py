@@ -56,10 +56,11 @@ from bench_attention import flex_block_mask  # noqa: E402
 
 SHAPES = {"cogvideox": (2, 48, 17776, 64), "wan720p": (1, 40, 75600, 128)}
 DENSITIES = (1.0, 0.2)
-# Launch configs timed per case (the first is attention_hopper.DEFAULT_CONFIG; one consumer per CTA at maxnreg 128
-# fits two CTAs per SM, and so do two consumers at maxnreg 80, which only head_dim 64 fits without spilling).
-CONFIGS = [{}, {"defer_pv_wait": False}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 4}]
-CONFIGS_D64 = [{"consumer_regs": 104, "maxnreg": 80, "stages": 2}]
+# Launch configs timed per case, over attention_hopper.default_config (the first: the default itself). At head_dim 64
+# the default fits two CTAs per SM; the others are one CTA per SM (maxnreg 168) and variations of the two-CTA split.
+CONFIGS = [{}, {"defer_pv_wait": True}, {"consumers": 1, "maxnreg": 128, "consumer_regs": 208}, {"stages": 4}]
+CONFIGS_D64 = [{"consumer_regs": 232, "maxnreg": 168, "stages": 3}, {"stages": 3},
+               {"consumers": 1, "consumer_regs": 120, "maxnreg": 80, "stages": 3}, {"permuted_k": False}]
 
 
 # ------------------------------------------------------------------------------------------------ offline report
@@ -74,7 +75,7 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
 
     from paro_compile.kernels import attention_hopper as AH
 
-    cfg = dict(AH.DEFAULT_CONFIG, **config)
+    cfg = dict(AH.default_config(d, pv), **config)
     qk = torch.zeros(4 * 64, d, dtype=torch.int8)
     vt = torch.zeros(4 * d, 4 * 64, dtype=torch.float8_e4m3fn if pv == "fp8" else torch.bfloat16)
     qk_desc = TensorDescriptor.from_tensor(qk, [64, d], gl.NVMMASharedLayout.get_default_for([64, d], gl.int8))
@@ -85,7 +86,7 @@ def _offline_compile(d: int, pv: str, dense: bool, config: dict, out_dtype: str 
     ptrs = {"QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": f"*{out_dtype}", "PERM": "*i64", "COUNTS": "*i32",
             "IDX": "*i16", "Q_BAD": "*i8"}
     consts = dict(D=d, STAGES=cfg["stages"], CONSUMERS=cfg["consumers"], DENSE=dense, HAS_PERM=True,
-                  CONSUMER_REGS=cfg["consumer_regs"], DEFER_PV_WAIT=AH._defers_pv_wait(cfg, d, pv))
+                  CONSUMER_REGS=cfg["consumer_regs"], DEFER_PV_WAIT=cfg["defer_pv_wait"])
     sig = {}
     for name in fn.arg_names:
         if name == "q_desc":
@@ -276,7 +277,8 @@ def run_benchmark(args) -> dict:
     deadline = t_start + args.budget
     results = {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                         "cuda": torch.version.cuda, "hopper_available": AH.available(),
-                        "default_config": AH.DEFAULT_CONFIG, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+                        "default_config": {hd: AH.default_config(hd, "fp8") for hd in (64, 128)},
+                        "time": time.strftime("%Y-%m-%d %H:%M:%S")},
                "checks": [], "timings": [], "failures": []}
     print(json.dumps(results["meta"]), flush=True)
     if not args.no_check:
@@ -388,7 +390,7 @@ def run_benchmark(args) -> dict:
                 def gluon_run(cfg=cfg, label=label):
                     AH.paro_attention_hopper(pro, out, None, counts, indices, n, h, config=cfg)
                     torch.cuda.synchronize()
-                    extra = {"kept": round(kept, 4), "config": dict(AH.DEFAULT_CONFIG, **cfg)}
+                    extra = {"kept": round(kept, 4), "config": dict(AH.default_config(d, "fp8"), **cfg)}
                     if triton_out is not None:
                         extra["rel_l2_vs_triton"] = round(_rel_l2(out, triton_out), 6)
                     ms = _bench(lambda: AH.paro_attention_hopper(pro, out, None, counts, indices, n, h, config=cfg),

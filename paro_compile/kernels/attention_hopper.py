@@ -287,7 +287,7 @@ if _GLUON_ERROR is None:
             # Block 0's scores and P; then per block s: issue Q·Kᵀ of block s and P·V of block s−1, wait for the
             # scores only (wgmma groups retire in issue order), run the softmax of block s while P·V of s−1 is in
             # flight (FlashAttention-3's intra-warpgroup overlap), wait for it, release its slot, rescale O (with
-            # DEFER_PV_WAIT those last three open step s+1 instead, `_defers_pv_wait`). P crosses the loop edge in
+            # DEFER_PV_WAIT those last three open step s+1 instead, see DEFAULT_CONFIG). P crosses the loop edge in
             # fp32 and is converted right before its wgmma, in the same basic block, so the four e4m3 bytes of each A
             # register are packed once (carried as bytes they were unpacked and repacked).
             if DENSE:
@@ -429,28 +429,29 @@ if _GLUON_ERROR is None:
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch settings: CONSUMERS query blocks per CTA (2: 8 consumer warps + the producer warpgroup, one CTA per SM at
-# the register split below), STAGES ring slots, the consumer warpgroups' register budget (setmaxnreg) and the
-# kernel's maxnreg (the producer warpgroup gets what is left of 3 warpgroups × maxnreg); permuted_k (FP8 PV only):
-# K tiles loaded with permuted rows so P needs no layout conversion (`_permuted_k_descriptor`); defer_pv_wait: wait
-# for the P·V wgmma of a block at the top of the next step, not right after the softmax (`_defers_pv_wait`).
+# Launch settings: CONSUMERS query blocks per CTA (2: 8 consumer warps + the producer warpgroup), STAGES ring slots,
+# the consumer warpgroups' register budget (setmaxnreg) and the kernel's maxnreg (the producer warpgroup gets what is
+# left of 3 warpgroups × maxnreg; at 168 one CTA fits an SM, at 80 two do); permuted_k (FP8 PV only): K tiles loaded
+# with permuted rows so P needs no layout conversion (`_permuted_k_descriptor`); defer_pv_wait: wait for the P·V
+# wgmma of block s at the top of step s+1 instead of right after the softmax of s+1.
+#
+# Why defer_pv_wait exists and is off: waited right after the softmax, ptxas hoists the wait to the start of the
+# softmax's basic block (above the exp2s), so P·V never runs under the softmax; deferred, the exp2s do run under it
+# (`benchmarks/hopper_kernel.py --sass`: kv_loop_exp2_under_pv), but the kernel measured slower at head_dim 64, and at
+# head_dim 128, with 16-bit P or below 168 registers ptxas serializes every wgmma (its C7512 notice).
 DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 168, "permuted_k": True,
-                  "defer_pv_wait": "auto"}
+                  "defer_pv_wait": False}
+# head_dim 64 with FP8 P fits the consumer in 104 registers without spilling, so two CTAs share an SM (16 consumer
+# warps instead of 8); 16-bit P (twice its registers) and head_dim 128 spill there.
+TWO_CTAS_PER_SM = {"consumer_regs": 104, "maxnreg": 80, "stages": 2}
 CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 
-def _defers_pv_wait(config: dict, head_dim: int, pv_dtype: str) -> bool:
-    """Whether the consumer waits for block s's P·V at the top of step s+1 (True) or right after the softmax of s+1.
-
-    Waited right after the softmax, ptxas hoists the wait above the softmax's exp2s (to the start of its basic block),
-    so P·V never runs under the softmax; at the top of the next step the wait is where the code puts it. The deferred
-    wait keeps the accumulator and P in flight through the softmax: at head_dim 128, or with 16-bit P, or below
-    168 registers, ptxas then runs out of registers and serializes every wgmma (its C7512 notice;
-    `benchmarks/hopper_kernel.py --sass` reports it), so "auto" defers at head_dim 64 with FP8 P only."""
-    value = config["defer_pv_wait"]
-    if value == "auto":
-        return head_dim == 64 and pv_dtype == "fp8" and int(config["maxnreg"]) >= 168
-    return bool(value)
+def default_config(head_dim: int, pv_dtype: str) -> dict:
+    """The launch settings used where a call passes none (measured: benchmarks/RESULTS.md, "Gluon Hopper kernel")."""
+    if head_dim == 64 and pv_dtype == "fp8":
+        return dict(DEFAULT_CONFIG, **TWO_CTAS_PER_SM)
+    return dict(DEFAULT_CONFIG)
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -485,7 +486,7 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
     ``out``: contiguous or strided [B, H, N, D] in fp16/bf16/fp32; only rows < N of computed query blocks are written.
     ``perm``: int64 [H, N] (None = identity), the permutation the prologue gathered by. ``kv_counts`` [H, NQB] int32
     and ``kv_indices`` [H, NQB, W] int16/int32 (both None = dense), as `attention.paro_attention_triton` takes them.
-    ``config``: launch settings overriding `DEFAULT_CONFIG` (benchmarks). Raises ValueError for what `supports`
+    ``config``: launch settings overriding `default_config` (benchmarks). Raises ValueError for what `supports`
     rejects and RuntimeError where `available` is False."""
     if not available(out.device):
         raise RuntimeError("the Gluon Hopper attention kernel needs an sm_90 GPU and Triton's Gluon Hopper API"
@@ -501,11 +502,14 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
         raise ValueError(f"out must be [B, {heads}, {n}, {d}] with B·H = {bh}, got {tuple(out.shape)}")
     if pro.n != n or nqb * BLOCK < n or nkb * BLOCK < n:
         raise ValueError(f"prologue for N={pro.n} ({nqb} / {nkb} blocks) used with N={n}")
-    cfg = dict(DEFAULT_CONFIG)
+    cfg = default_config(d, pro.pv_dtype)
     unknown = set(config or {}) - CONFIG_KEYS
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
     cfg.update(config or {})
+    if d > 64 and int(cfg["maxnreg"]) < 128:
+        # ptxas fails on (or spills heavily in) the head_dim-128 consumer below that budget.
+        raise ValueError(f"config maxnreg={cfg['maxnreg']} is too few registers for head_dim {d}; use ≥ 128")
     dense = kv_counts is None or kv_indices is None
     dev = out.device
     int_dummy = torch.empty(0, device=dev, dtype=torch.int32)
@@ -539,7 +543,7 @@ def paro_attention_hopper(pro: Prologue, out: torch.Tensor, perm: Optional[torch
             q_desc, k_desc, v_desc, pro.q_scale, pro.k_scale, pro.v_scale, out, perm_arg, counts, indices, pro.q_bad,
             n, heads, nqb, nkb, idx_stride, p_log2, *out.stride(),
             D=d, STAGES=int(cfg["stages"]), CONSUMERS=consumers, DENSE=dense, HAS_PERM=perm is not None,
-            CONSUMER_REGS=int(cfg["consumer_regs"]), DEFER_PV_WAIT=_defers_pv_wait(cfg, d, pro.pv_dtype),
+            CONSUMER_REGS=int(cfg["consumer_regs"]), DEFER_PV_WAIT=bool(cfg["defer_pv_wait"]),
             num_warps=4, maxnreg=int(cfg["maxnreg"]))
 
     if permuted_k:

@@ -30,15 +30,12 @@ def test_module_imports_and_is_unavailable_without_hopper():
         assert AH.available() is False
 
 
-def test_deferred_pv_wait_is_chosen_where_ptxas_keeps_the_wgmmas_asynchronous():
-    """"auto" defers the P·V wait at head_dim 64 with FP8 P and the default register budget only (elsewhere ptxas
-    serializes the wgmmas: `benchmarks/hopper_kernel.py --sass`); an explicit setting wins."""
-    auto = dict(AH.DEFAULT_CONFIG, defer_pv_wait="auto")
-    assert AH._defers_pv_wait(auto, 64, "fp8")
-    assert not AH._defers_pv_wait(auto, 128, "fp8") and not AH._defers_pv_wait(auto, 64, "fp16")
-    assert not AH._defers_pv_wait(dict(auto, maxnreg=128), 64, "fp8")
-    assert AH._defers_pv_wait(dict(auto, defer_pv_wait=True), 128, "fp8")
-    assert not AH._defers_pv_wait(dict(auto, defer_pv_wait=False), 64, "fp8")
+def test_default_config_fits_two_ctas_per_sm_only_at_head_dim_64_with_fp8_p():
+    two = AH.default_config(64, "fp8")
+    assert two["maxnreg"] * 3 * 128 * 2 <= 65536 and two["consumer_regs"] * 2 + 24 <= two["maxnreg"] * 3
+    for d, pv in ((128, "fp8"), (64, "fp16"), (128, "fp16")):
+        assert AH.default_config(d, pv) == AH.DEFAULT_CONFIG
+    assert set(two) == AH.CONFIG_KEYS and not two["defer_pv_wait"]
 
 
 def test_supports_routes_only_the_implemented_cases():
@@ -148,9 +145,13 @@ def test_hopper_matches_reference(seed, gen, pv, dtype, d, perm):
 def test_hopper_launch_configs(seed, gen, config, d):
     """Every launch shape computes the same function (sparse with trimmed int16 CSR, and dense with an odd number of
     query blocks, so the last CTA of two consumers has one past the end), with K tiles in permuted row order (the
-    default for FP8 PV) or plain."""
+    default for FP8 PV) or plain. Head_dim 128 refuses a register budget it cannot run in."""
     n = 64 * 9 + 1 + int(torch.randint(0, 62, (1,), generator=gen))
     q, k, v, pm, mask = _inputs(gen, 1, 3, n, d, torch.bfloat16, True, 0.4)
+    if d > 64 and config.get("maxnreg", 168) < 128:
+        with pytest.raises(ValueError, match="maxnreg=80 is too few registers for head_dim 128"):
+            AH.paro_attention_hopper_qkv(q, k, v, perm=pm, config=config)
+        return
     _check(seed, q, k, v, pm, mask, "fp8", config=config, trim=True, check_f64=False)
     q, k, v, pm, _ = _inputs(gen, 2, 1, n, d, torch.bfloat16, True, None)
     _check(seed, q, k, v, pm, None, "fp8", config=config, check_f64=False)
