@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,23 +43,30 @@ CASES = {
     for shape in ("wan", "cog") for density in (1.0, 0.2) for impl in ("triton", "gluon", "cudnn")
     if not (impl == "cudnn" and density < 1.0)
 }
-# Metrics of the summary (ncu's names; the raw CSV holds the rest). Percentages are of the peak sustained rate over
-# the cycles the SMs were active.
+# Metrics of the summary: ncu's names, the first one the report holds (names differ between ncu versions and
+# sections; the raw CSV holds the rest). Percentages are of the peak sustained rate over the cycles the SMs were active.
 SUMMARY_METRICS = {
-    "duration_ms": "gpu__time_duration.sum",
-    "sm_active_cycles": "sm__cycles_active.avg",
-    "issue_slots_busy_pct": "sm__inst_issued.avg.pct_of_peak_sustained_active",
-    "instructions_per_cycle_per_sm": "sm__inst_executed.avg.per_cycle_active",
-    "tensor_pipe_pct": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
-    "xu_pipe_pct": "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
-    "fma_pipe_pct": "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
-    "alu_pipe_pct": "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",
-    "registers_per_thread": "launch__registers_per_thread",
-    "warps_active_per_scheduler": "smsp__warps_active.avg.per_cycle_active",
-    "eligible_warps_per_scheduler": "smsp__warps_eligible.avg.per_cycle_active",
-    "l2_hit_pct": "lts__t_sector_hit_rate.pct",
-    "dram_read_gbytes": "dram__bytes_read.sum",
+    "duration_ms": ("gpu__time_duration.sum",),
+    "sm_active_cycles": ("sm__cycles_active.avg",),
+    "issue_slots_busy_pct": ("smsp__issue_active.avg.pct_of_peak_sustained_active",
+                             "sm__inst_issued.avg.pct_of_peak_sustained_active",
+                             "smsp__inst_issued.avg.pct_of_peak_sustained_active"),
+    "instructions_per_cycle_per_sm": ("sm__inst_executed.avg.per_cycle_active",),
+    "tensor_pipe_pct": ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+                        "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+                        "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active",
+                        "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"),
+    "xu_pipe_pct": ("sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",),
+    "fma_pipe_pct": ("sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",),
+    "alu_pipe_pct": ("sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",),
+    "registers_per_thread": ("launch__registers_per_thread",),
+    "warps_active_per_scheduler": ("smsp__warps_active.avg.per_cycle_active",),
+    "eligible_warps_per_scheduler": ("smsp__warps_eligible.avg.per_cycle_active",),
+    "l2_hit_pct": ("lts__t_sector_hit_rate.pct",),
+    "dram_read_gbytes": ("dram__bytes_read.sum",),
 }
+# Every pipe's utilisation the report holds, whatever the version names it: kept beside the summary (small).
+PIPE_METRIC = re.compile(r"^sm[sp]*__(pipe_\w+_cycles_active|inst_executed_pipe_\w+)\.avg\.pct_of_peak_sustained_active$")
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
 
@@ -135,8 +143,11 @@ def _number(text: str):
 
 def summarise(kernel: dict) -> dict:
     row = {"kernel": kernel.get("Kernel Name", "")[:120]}
-    for key, metric in SUMMARY_METRICS.items():
-        row[key] = _number(kernel.get(metric, ""))
+    for key, names in SUMMARY_METRICS.items():
+        values = [_number(kernel.get(name, "")) for name in names]
+        row[key] = next((value for value in values if value is not None), None)
+    pipes = {name: _number(value) for name, value in kernel.items() if PIPE_METRIC.match(name)}
+    row["pipes_pct"] = {name: round(value, 2) for name, value in sorted(pipes.items()) if value}
     stalls = {name[len(STALL_PREFIX):-len(STALL_SUFFIX)]: _number(value) for name, value in kernel.items()
               if name.startswith(STALL_PREFIX) and name.endswith(STALL_SUFFIX)}
     top = sorted(((k, v) for k, v in stalls.items() if v), key=lambda kv: -kv[1])[:8]
@@ -158,7 +169,8 @@ def profile(case: str, out: Path, ncu: str, timeout_s: int) -> dict:
         return result
     raw = subprocess.run([ncu, "-i", str(report.with_suffix(".ncu-rep")), "--page", "raw", "--csv"],
                          capture_output=True, text=True)
-    (out / f"{case}_raw.csv").write_text(raw.stdout)
+    with gzip.open(out / f"{case}_raw.csv.gz", "wt") as fh:
+        fh.write(raw.stdout)
     kernels = _metric_rows(raw.stdout)
     result["kernels"] = [summarise(k) for k in kernels]
     source = subprocess.run([ncu, "-i", str(report.with_suffix(".ncu-rep")), "--page", "source", "--csv",
@@ -168,6 +180,8 @@ def profile(case: str, out: Path, ncu: str, timeout_s: int) -> dict:
             fh.write(source.stdout)
     else:
         result["sass_export_error"] = source.stderr[-500:]
+    # The report itself (tens of MB) stays behind: the summary, raw CSV and SASS table carry what it measured.
+    report.with_suffix(".ncu-rep").unlink()
     return result
 
 

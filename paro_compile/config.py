@@ -67,9 +67,11 @@ class ParoConfig:
                                             "compiles its own graph (`docs/calibration.md`)")
     fallback: str = option("sdpa", 'unsupported site: `"sdpa"` keeps it and records why; `"error"` stops with the '
                                    "reasons")
-    impl: str = option("auto", '`"auto"` (the Triton kernels on CUDA, the PyTorch reference elsewhere), `"triton"`, '
-                               '`"hopper"` (the Gluon kernel for sm_90: same numerics, INT8 QK with FP8/16-bit PV at '
-                               '64-token blocks; `benchmarks/RESULTS.md` compares the two), `"reference"`')
+    impl: str = option("auto", '`"auto"` (on CUDA the Triton kernels, and on sm_90 the Gluon kernel for the calls it '
+                               'measured faster on: head_dim 64 with FP8 PV at 64-token blocks; the PyTorch reference '
+                               'elsewhere), `"triton"`, `"hopper"` (the Gluon kernel for sm_90: same numerics, INT8 QK '
+                               'with FP8/16-bit PV at 64-token blocks; `benchmarks/RESULTS.md` compares the two), '
+                               '`"reference"`')
     allow_fp32: bool = option(False, "also lower fp32 sites (reference numerics in fp32); the kernels take fp16/bf16 "
                                      "and an fp32 model usually wants full precision")
     heads: Any = option(None, "global heads of this rank's attention sites under context parallelism: None = read "

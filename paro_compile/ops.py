@@ -10,8 +10,8 @@ Dispatch of ``impl``:
 - ``"reference"``: `paro_compile.kernels.reference` (pure PyTorch; any device).
 - ``"triton"``: the portable Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1).
 - ``"hopper"``: the Gluon kernel for sm_90 (`kernels.attention_hopper`; an error where it does not run the call).
-- ``"auto"``: on CUDA the Triton kernels (the Hopper kernel too where `attention_hopper.SELECTED_BY_AUTO` is set
-  and it runs the call); the reference elsewhere.
+- ``"auto"``: on CUDA the Triton kernels, or the Hopper kernel where it runs the call and
+  `attention_hopper.selected_by_auto` picks it; the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def paro_attention_op(
         return torch.zeros_like(q, memory_format=torch.contiguous_format)
     if route.pad:
         q, k, v = (torch.nn.functional.pad(x, (0, route.pad)) for x in (q, k, v))
-    if route.hopper_runs and (impl == "hopper" or attention_hopper().SELECTED_BY_AUTO):
+    if route.hopper:
         out = attention_hopper().paro_attention_hopper_qkv(q, k, v, perm=perm, mask=mask, scale=scale,
                                                            pv_dtype=pv_dtype)
     elif route.triton:
@@ -132,8 +132,8 @@ class _Route:
     """Which implementation runs a call, and the zero padding of its head dim (`_route`)."""
 
     triton: bool
-    hopper_runs: bool
-    """The Hopper kernel runs this call where chosen (impl="hopper", or "auto" with its SELECTED_BY_AUTO)."""
+    hopper: bool
+    """The Gluon Hopper kernel runs this call: impl="hopper", or "auto" where `attention_hopper.selected_by_auto`."""
     pad: int
     empty: bool
     """Nothing to compute (B, H, N, Nk or D is zero): the result is zeros."""
@@ -175,7 +175,7 @@ def _make_route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_d
         raise ValueError(f"mask blocks {block_m}x{block_n}: the kernels take block sizes {BLOCK_SIZES} "
                          "(impl='reference' takes any positive size)")
     if q.numel() == 0 or n_kv == 0:
-        return _Route(triton=False, hopper_runs=False, pad=0, empty=True)
+        return _Route(triton=False, hopper=False, pad=0, empty=True)
     pad = kernel_head_dim(head_dim) - head_dim if use_kernel else 0
     hopper_runs = False
     if impl in ("hopper", "auto") and q.device.type == "cuda":
@@ -193,7 +193,8 @@ def _make_route(q, k, v, perm, key_bias, mask_tensors, mask_sizes, qk_bits, pv_d
             f"impl='triton' needs CUDA tensors (got {q.device}); on the CPU set TRITON_INTERPRET=1 "
             "before importing paro_compile, or use impl='reference'"
         )
-    return _Route(triton=use_kernel, hopper_runs=hopper_runs, pad=pad, empty=False)
+    hopper_chosen = hopper_runs and (impl == "hopper" or attention_hopper().selected_by_auto(head_dim + pad, pv_dtype))
+    return _Route(triton=use_kernel, hopper=hopper_chosen, pad=pad, empty=False)
 
 
 def _check_mask_devices(q: torch.Tensor, mask_tensors: list[Optional[torch.Tensor]]) -> None:

@@ -61,3 +61,15 @@ def test_exp2_under_pv_counts_the_softmax_that_overlaps_the_pv_wgmma():
                 "BRA L"]
     assert hk.exp2_under_pv(deferred) == 2
     assert hk.exp2_under_pv(["IGMMA.64x64x32.S8.S8 R24", "MUFU.EX2 R1"]) == 0  # no P·V wgmma in the loop
+
+
+def test_configs_for_times_the_default_first_and_no_config_twice():
+    from paro_compile.kernels import attention_hopper as AH
+
+    for d in (64, 128):
+        configs = hk.configs_for(d)
+        assert configs[0] == {}
+        effective = [tuple(sorted(dict(AH.default_config(d, "fp8"), **cfg).items())) for cfg in configs]
+        assert len(set(effective)) == len(effective), d
+    assert {"consumer_regs": 232, "maxnreg": 168, "stages": 3} in hk.configs_for(64)
+    assert {"consumer_regs": 232, "maxnreg": 168, "stages": 3} not in hk.configs_for(128)

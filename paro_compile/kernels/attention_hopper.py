@@ -64,10 +64,11 @@ except Exception as exc:  # noqa: BLE001  (ImportError, or an API mismatch raise
     _GLUON_ERROR = exc
 
 
-# Whether impl="auto" picks this kernel where it runs the call (else the portable Triton kernel). It is correct on
-# the H200 but not faster than the Triton kernel at the shapes that matter (benchmarks/RESULTS.md, "Gluon Hopper
-# kernel"), so "auto" keeps the Triton kernel; impl="hopper" selects it.
-SELECTED_BY_AUTO = False
+def selected_by_auto(head_dim: int, pv_dtype: str) -> bool:
+    """Whether impl="auto" runs a call this kernel `supports` here rather than on the portable Triton kernel: where
+    it measured faster in the same run (benchmarks/RESULTS.md, "Gluon Hopper kernel"): head_dim 64 with FP8 P, whose
+    consumers fit two CTAs per SM. At head_dim 128 and with 16-bit P it is not faster, and "auto" keeps Triton."""
+    return head_dim == 64 and pv_dtype == "fp8"
 
 
 def available(device=None) -> bool:
@@ -443,7 +444,7 @@ DEFAULT_CONFIG = {"consumers": 2, "stages": 3, "consumer_regs": 232, "maxnreg": 
                   "defer_pv_wait": False}
 # head_dim 64 with FP8 P fits the consumer in 104 registers without spilling, so two CTAs share an SM (16 consumer
 # warps instead of 8); 16-bit P (twice its registers) and head_dim 128 spill there.
-TWO_CTAS_PER_SM = {"consumer_regs": 104, "maxnreg": 80, "stages": 2}
+TWO_CTAS_PER_SM = {"consumer_regs": 104, "maxnreg": 80, "stages": 4}
 CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 

@@ -38,6 +38,12 @@ def test_default_config_fits_two_ctas_per_sm_only_at_head_dim_64_with_fp8_p():
     assert set(two) == AH.CONFIG_KEYS and not two["defer_pv_wait"]
 
 
+def test_auto_selects_the_gluon_kernel_only_at_head_dim_64_with_fp8_p():
+    assert AH.selected_by_auto(64, "fp8")
+    for d, pv in ((128, "fp8"), (64, "fp16"), (128, "fp16")):
+        assert not AH.selected_by_auto(d, pv), (d, pv)
+
+
 def test_supports_routes_only_the_implemented_cases():
     assert AH.supports(8, "fp8", 64, 64, 64) and AH.supports(8, "fp8", 64, 64, 128)
     assert AH.supports(8, "fp16", 64, 64, 128, dtype=torch.bfloat16)
@@ -199,3 +205,25 @@ def test_hopper_rejects_unsupported_prologue(gen):
         AH.paro_attention_hopper(pro, out, None, None, None, 100, 2)
     with pytest.raises(ValueError, match="config"):
         AH.paro_attention_hopper_qkv(q, q, q, config={"warps": 8})
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("d,expected", [(64, "hopper"), (48, "hopper"), (128, "triton")])
+def test_auto_dispatch_runs_the_selected_kernel(seed, gen, monkeypatch, d, expected):
+    """impl="auto" runs the Gluon kernel where `selected_by_auto` picks it (head_dim 64, also reached by padding 48)
+    and the Triton kernel elsewhere: its output equals that implementation's bit for bit, and the Gluon entry point
+    is (or is not) called."""
+    from paro_compile import ops
+
+    n = 64 * 5 + 7
+    q, k, v, pm, mask = _inputs(gen, 1, 2, n, d, torch.bfloat16, "int32", 0.5)
+    bm = BlockMask.from_dense(mask, compact=True).to("cuda")
+    calls = []
+    real = AH.paro_attention_hopper_qkv
+    monkeypatch.setattr(AH, "paro_attention_hopper_qkv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ops._ROUTES.clear()
+    auto = ops.paro_attention(q, k, v, perm=pm, mask=bm, impl="auto")
+    assert bool(calls) == (expected == "hopper"), f"seed={seed} d={d}: Gluon kernel called {len(calls)} times"
+    chosen = ops.paro_attention(q, k, v, perm=pm, mask=bm, impl=expected)
+    assert torch.equal(auto, chosen), f"seed={seed} d={d}: impl='auto' differs from impl={expected!r}"
